@@ -1,0 +1,324 @@
+"""Typed recipe schema: one YAML file holds everything a run needs.
+
+Why dataclasses and a hand-written validator instead of a generic dict: every knob that a paper
+ablates must be a named, typed field, and a typo in a recipe (``num_generation: 8``) must stop the
+run with the field's full path and the closest valid name, not be silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe that does not fit the schema; the message names the offending field."""
+
+
+@dataclass
+class ModelConfig:
+    """The policy (and its reference copy) and how it is loaded."""
+
+    name_or_path: str = "tiny:qwen2_5_vl"  # hub id, local folder, or tiny:<family>[:small] for built-ins
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    trust_remote_code: bool = False
+    freeze_vision_tower: bool = False
+    gradient_checkpointing: bool = False
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    tiny_seed: int = 0  # seed for built-in tiny models (tiny:...)
+
+
+@dataclass
+class MediaConfig:
+    """Frame and pixel budgets: the same decoded media feed rollout, learner and critic."""
+
+    min_pixels: int = 28 * 28 * 4  # per image
+    max_pixels: int = 28 * 28 * 64  # per image
+    video_min_pixels: int = 28 * 28 * 4  # per frame
+    video_max_pixels: int = 28 * 28 * 16  # per frame
+    video_total_pixels: int = 28 * 28 * 16 * 16  # whole video; frames shrink to fit
+    nframes: int | None = None  # fixed frame count; when None, frames come from fps
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 16
+    frame_factor: int = 2  # frame counts are multiples of this (Qwen's temporal patch size)
+    on_bad_media: Literal["error", "skip"] = "error"
+
+
+@dataclass
+class DataConfig:
+    """Where rows come from and how prompts are built from them."""
+
+    train_path: str = ""
+    eval_path: str | None = None
+    media_root: str | None = None  # relative media paths resolve here (default: the data file's folder)
+    system_prompt: str | None = None
+    format_instruction: str | None = (
+        "Think step by step inside <think></think> tags, then give the final answer inside "
+        "<answer></answer> tags."
+    )
+    max_prompt_length: int = 2048  # in tokens, visual tokens included
+    on_long_prompt: Literal["drop", "error"] = "drop"
+    max_rows: int | None = None
+    shuffle: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    """How completions are sampled."""
+
+    engine: str = "hf"
+    num_generations: int = 4
+    max_completion_length: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class RewardSpec:
+    """One reward: a registered name, a dotted path ``pkg.mod:fn`` or a file path ``file.py:fn``."""
+
+    name: str = ""
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RewardsConfig:
+    functions: list[RewardSpec] = field(default_factory=list)
+    on_error: Literal["raise", "none"] = "raise"  # a raising reward stops the run, or scores None
+
+
+@dataclass
+class AlgorithmConfig:
+    """Policy-optimisation knobs; names follow TRL's GRPOConfig where both have them."""
+
+    name: Literal["grpo", "dpo", "tpo"] = "grpo"
+    beta: float = 0.04
+    loss_type: str = "dapo"
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    num_iterations: int = 1
+    mask_truncated_completions: bool = False
+    dynamic_sampling: bool = False
+    max_resample_rounds: int = 3
+    ref_sync_steps: int | None = None
+    ref_sync_mix_alpha: float = 1.0
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    max_steps: int = 10
+    prompts_per_step: int = 2  # per process
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    max_grad_norm: float = 1.0
+    use_cpu: bool = True
+    save_steps: int | None = None
+    save_total_limit: int = 2
+    max_nonfinite_steps: int = 3
+
+
+@dataclass
+class LoggingConfig:
+    report_to: list[str] = field(default_factory=list)  # e.g. [wandb]
+    project: str = "r1-mm"
+    run_name: str | None = None
+    group: str | None = None
+    logging_steps: int = 1
+    progress_bar: bool = True
+
+
+@dataclass
+class RecipeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Building a typed config from plain data
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(choices))}"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; returns the (possibly converted) value.
+
+    Conversions are the ones YAML and ``key=value`` overrides make necessary: ints where floats are
+    expected, and a lone value where a list is expected is *not* accepted (ambiguous in sweeps).
+    """
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: must be one of {list(args)}, got {value!r}" + (
+                _suggest(str(value), [str(a) for a in args]) if isinstance(value, str) else ""))
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, str) and tp is RewardSpec:
+            value = {"name": value}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return build_dataclass(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{path}: unsupported type {tp}")
+
+
+def build_dataclass(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Instantiate ``cls`` from a mapping, rejecting unknown keys with a suggestion."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in hints:
+            raise ConfigError(f"unknown key '{full}'" + _suggest(str(key), names))
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides to nested plain data (values parsed as YAML scalars/lists)."""
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{key}' is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def validate(cfg: RecipeConfig) -> RecipeConfig:
+    """Cross-field checks that the type system cannot express."""
+    problems = []
+    if cfg.rollout.num_generations < 2 and cfg.algorithm.name == "grpo":
+        problems.append("rollout.num_generations must be >= 2 for GRPO (group advantages need a group)")
+    if cfg.media.min_frames > cfg.media.max_frames:
+        problems.append("media.min_frames must be <= media.max_frames")
+    if cfg.media.min_pixels > cfg.media.max_pixels:
+        problems.append("media.min_pixels must be <= media.max_pixels")
+    if cfg.media.video_min_pixels > cfg.media.video_max_pixels:
+        problems.append("media.video_min_pixels must be <= media.video_max_pixels")
+    if cfg.media.nframes is not None and cfg.media.nframes < 1:
+        problems.append("media.nframes must be >= 1")
+    if cfg.media.fps <= 0:
+        problems.append("media.fps must be > 0")
+    if cfg.algorithm.epsilon_high is not None and cfg.algorithm.epsilon_high < cfg.algorithm.epsilon:
+        problems.append("algorithm.epsilon_high must be >= algorithm.epsilon")
+    if cfg.algorithm.beta < 0:
+        problems.append("algorithm.beta must be >= 0")
+    if cfg.data.max_prompt_length < 1:
+        problems.append("data.max_prompt_length must be >= 1")
+    for i, spec in enumerate(cfg.rewards.functions):
+        if not spec.name:
+            problems.append(f"rewards.functions[{i}].name is empty")
+    if problems:
+        raise ConfigError("invalid recipe: " + "; ".join(problems))
+    return cfg
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> RecipeConfig:
+    """Read a recipe YAML (or start from defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"recipe file not found: {path}")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    cfg = build_dataclass(RecipeConfig, data)
+    return validate(cfg)
+
+
+def dump_recipe(cfg: RecipeConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,277 @@
+"""Images and videos in, pixel-budgeted PIL images and frame arrays out.
+
+One decoder serves rollout, learner and critic, so all three see the same pixels: budgets are
+applied here, explicitly, from recipe fields (never constants hidden in a processor), and the
+sizes produced are already multiples of the model's patch factor so the processor's own resize
+is a no-op.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from r1_mm.config import MediaConfig
+
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+class MediaError(ValueError):
+    """A media reference that cannot be decoded; the message names the row and the file."""
+
+    def __init__(self, reason: str, *, source: str, row: str | int | None = None):
+        self.reason, self.source, self.row = reason, source, row
+        where = f"row {row}: " if row is not None else ""
+        super().__init__(f"{where}cannot load media '{source}': {reason}")
+
+
+@dataclass
+class Video:
+    """Sampled frames of one video plus the timing the model needs (M-RoPE uses seconds per frame)."""
+
+    frames: np.ndarray  # (T, H, W, 3) uint8
+    timestamps: list[float]  # seconds, one per frame
+    sample_fps: float  # frames kept per second of video
+    source_fps: float
+    duration: float  # seconds
+    source: str = "<frames>"
+    source_indices: list[int] = field(default_factory=list)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    def metadata(self) -> dict[str, Any]:
+        """Metadata in the form transformers' video processors and vLLM accept."""
+        return {
+            "fps": self.source_fps,
+            "duration": self.duration,
+            "total_num_frames": int(round(self.duration * self.source_fps)) or self.num_frames,
+            "frames_indices": list(self.source_indices) or list(range(self.num_frames)),
+            "video_backend": "pyav",
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Pixel budgets
+
+
+def fit_to_budget(height: int, width: int, *, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Size closest to (height, width) with both sides multiples of ``factor`` and area in budget.
+
+    The aspect ratio is kept as far as rounding allows. Patch-aligned sizes mean the processor
+    does not resize again, so the learner and vLLM see identical pixels.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image has an empty side: {height}x{width}")
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio over 200 ({height}x{width})")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        scale = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / scale / factor) * factor)
+        w = max(factor, math.floor(width / scale / factor) * factor)
+    elif h * w < min_pixels:
+        scale = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * scale / factor) * factor
+        w = math.ceil(width * scale / factor) * factor
+    return h, w
+
+
+def resize_image(img: Image.Image, *, factor: int, min_pixels: int, max_pixels: int) -> Image.Image:
+    h, w = fit_to_budget(img.height, img.width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    if (h, w) == (img.height, img.width):
+        return img
+    return img.resize((w, h), Image.Resampling.BICUBIC)
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+
+
+def _resolve(ref: str, root: Path | None) -> Path:
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and root is not None:
+        path = root / path
+    return path
+
+
+def open_image(ref: Any, *, root: Path | None = None, row: str | int | None = None) -> Image.Image:
+    """Decode an image reference: a path, PIL image, raw bytes, base64 data URI or {"bytes"/"path"}."""
+    source = "<image>"
+    try:
+        if isinstance(ref, Image.Image):
+            img = ref
+        elif isinstance(ref, (bytes, bytearray)):
+            source = "<bytes>"
+            img = Image.open(io.BytesIO(ref))
+        elif isinstance(ref, dict):
+            if ref.get("bytes") is not None:
+                return open_image(ref["bytes"], root=root, row=row)
+            if ref.get("path"):
+                return open_image(ref["path"], root=root, row=row)
+            raise MediaError("mapping has neither 'bytes' nor 'path'", source=str(ref)[:80], row=row)
+        elif isinstance(ref, str) and ref.startswith("data:image"):
+            source = ref[:40] + "..."
+            img = Image.open(io.BytesIO(base64.b64decode(ref.split(",", 1)[1])))
+        elif isinstance(ref, (str, Path)):
+            path = _resolve(str(ref), root)
+            source = str(path)
+            if not path.exists():
+                raise MediaError("file not found", source=source, row=row)
+            img = Image.open(path)
+        else:
+            raise MediaError(f"unsupported image reference of type {type(ref).__name__}", source=str(ref)[:80], row=row)
+        img.load()
+        return img.convert("RGB")
+    except MediaError:
+        raise
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise MediaError(f"{type(exc).__name__}: {exc}", source=source, row=row) from exc
+
+
+def load_image(ref: Any, cfg: MediaConfig, *, factor: int, root: Path | None = None,
+               row: str | int | None = None) -> Image.Image:
+    img = open_image(ref, root=root, row=row)
+    try:
+        return resize_image(img, factor=factor, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    except ValueError as exc:
+        raise MediaError(str(exc), source=str(ref)[:200], row=row) from exc
+
+
+# ----------------------------------------------------------------------------------------------
+# Videos
+
+
+def choose_frame_count(total_frames: int, source_fps: float, cfg: MediaConfig) -> int:
+    """Frames to keep: ``nframes`` if set, else ``fps`` x duration, clamped to [min_frames, max_frames].
+
+    Rounded to a multiple of ``frame_factor`` (Qwen merges frame pairs into one temporal patch);
+    never more than the video has, except that a video shorter than one temporal patch is padded
+    by repeating frames.
+    """
+    ff = max(1, cfg.frame_factor)
+    if cfg.nframes is not None:
+        n = cfg.nframes
+    else:
+        duration = total_frames / source_fps if source_fps > 0 else total_frames
+        n = duration * cfg.fps
+        n = min(max(n, cfg.min_frames), cfg.max_frames)
+    n = min(n, max(total_frames, ff))
+    n = max(ff, int(math.floor(n / ff)) * ff)
+    return n
+
+
+def sample_indices(total_frames: int, n: int) -> list[int]:
+    """Evenly spaced frame indices, first and last frame included."""
+    if total_frames <= 0:
+        raise ValueError("video has no frames")
+    return [int(round(x)) for x in np.linspace(0, total_frames - 1, n)]
+
+
+def _video_pixel_range(n: int, cfg: MediaConfig) -> tuple[int, int]:
+    per_frame = cfg.video_total_pixels // max(n, 1)
+    max_px = max(cfg.video_min_pixels, min(cfg.video_max_pixels, per_frame))
+    return cfg.video_min_pixels, max_px
+
+
+def _decode_mp4(path: Path) -> tuple[list[np.ndarray], float]:
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0) or 0.0
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    if not frames:
+        raise ValueError("no decodable video frames")
+    if fps <= 0:
+        fps = 1.0
+    return frames, fps
+
+
+def _frames_from_refs(refs: Sequence[Any], root: Path | None, row: str | int | None) -> list[np.ndarray]:
+    out = []
+    for ref in refs:
+        if isinstance(ref, np.ndarray):
+            arr = ref
+            if arr.ndim != 3 or arr.shape[-1] != 3:
+                raise MediaError(f"frame array must be (H, W, 3), got {arr.shape}", source="<frames>", row=row)
+            out.append(arr.astype(np.uint8))
+        else:
+            out.append(np.asarray(open_image(ref, root=root, row=row)))
+    return out
+
+
+def load_video(ref: Any, cfg: MediaConfig, *, factor: int, root: Path | None = None,
+               row: str | int | None = None, frames_fps: float | None = None) -> Video:
+    """Decode a video (mp4 path, folder of frames, list of frames or (T,H,W,3) array) and sample it.
+
+    ``frames_fps`` is the frame rate of a folder or list of frames (they carry none); it defaults
+    to ``cfg.fps``, i.e. the frames are taken to be already sampled at the recipe's rate.
+    """
+    source = "<frames>"
+    try:
+        if isinstance(ref, (str, Path)) and not str(ref).startswith("data:"):
+            path = _resolve(str(ref), root)
+            source = str(path)
+            if not path.exists():
+                raise MediaError("file not found", source=source, row=row)
+            if path.is_dir():
+                files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+                if not files:
+                    raise MediaError("folder holds no image frames", source=source, row=row)
+                frames = _frames_from_refs(files, None, row)
+                fps = frames_fps or cfg.fps
+            else:
+                frames, fps = _decode_mp4(path)
+        elif isinstance(ref, np.ndarray) and ref.ndim == 4:
+            frames, fps = list(ref), frames_fps or cfg.fps
+        elif isinstance(ref, (list, tuple)):
+            if not ref:
+                raise MediaError("empty frame list", source=source, row=row)
+            frames, fps = _frames_from_refs(ref, root, row), frames_fps or cfg.fps
+        else:
+            raise MediaError(f"unsupported video reference of type {type(ref).__name__}", source=str(ref)[:80], row=row)
+    except MediaError:
+        raise
+    except Exception as exc:  # PyAV / PIL errors on corrupt data
+        raise MediaError(f"{type(exc).__name__}: {exc}", source=source, row=row) from exc
+
+    total = len(frames)
+    n = choose_frame_count(total, fps, cfg)
+    idx = sample_indices(total, n)
+    min_px, max_px = _video_pixel_range(n, cfg)
+    h0, w0 = frames[0].shape[:2]
+    try:
+        h, w = fit_to_budget(h0, w0, factor=factor, min_pixels=min_px, max_pixels=max_px)
+    except ValueError as exc:
+        raise MediaError(str(exc), source=source, row=row) from exc
+    kept = []
+    for i in idx:
+        frame = frames[i]
+        if frame.shape[:2] != (h, w):
+            frame = np.asarray(Image.fromarray(frame).resize((w, h), Image.Resampling.BICUBIC))
+        kept.append(frame)
+    duration = total / fps
+    return Video(
+        frames=np.stack(kept).astype(np.uint8),
+        timestamps=[i / fps for i in idx],
+        sample_fps=n / duration if duration > 0 else fps,
+        source_fps=fps,
+        duration=duration,
+        source=source,
+        source_indices=idx,
+    )
+
+
+def is_video_path(ref: Any) -> bool:
+    return isinstance(ref, (str, Path)) and Path(str(ref)).suffix.lower() in VIDEO_SUFFIXES

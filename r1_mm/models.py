@@ -1,0 +1,105 @@
+"""Load the policy, its frozen reference and the processor; apply freezing, LoRA and dtype.
+
+Model names are whatever ``from_pretrained`` accepts (hub id or local folder), plus the built-in
+``tiny:<family>[:small]`` models that ``r1_mm.testing`` builds offline.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r1_mm.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """Built-in tiny names become a cached local folder (built on first use); others pass through."""
+    if cfg.name_or_path.startswith("tiny:"):
+        from r1_mm.testing.tiny_models import parse_tiny_name, tiny_model_path
+
+        return str(tiny_model_path(parse_tiny_name(cfg.name_or_path, seed=cfg.tiny_seed)))
+    return cfg.name_or_path
+
+
+def load_processor(cfg: ModelConfig) -> Any:
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(resolve_model_path(cfg), trust_remote_code=cfg.trust_remote_code)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return processor
+
+
+def vision_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The vision tower (and its projector), found by module role rather than by model-id checks."""
+    inner = getattr(model, "model", model)
+    found = []
+    for name in ("visual", "vision_tower", "vision_model", "multi_modal_projector"):
+        module = getattr(inner, name, None) or getattr(model, name, None)
+        if isinstance(module, torch.nn.Module):
+            found.append(module)
+    return found
+
+
+def load_model(cfg: ModelConfig, *, trainable: bool = True) -> torch.nn.Module:
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        resolve_model_path(cfg), dtype=_DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    if not trainable:
+        model.eval()
+        model.requires_grad_(False)
+        return model
+    if cfg.freeze_vision_tower:
+        towers = vision_modules(model)
+        if not towers:
+            raise ValueError(f"model.freeze_vision_tower is set but no vision tower was found in "
+                             f"{type(model).__name__}")
+        for tower in towers:
+            tower.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora:
+        model = apply_lora(model, cfg)
+    return model
+
+
+def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
+    """Wrap the language model's linear layers with LoRA adapters (the vision tower is left out)."""
+    from peft import LoraConfig, get_peft_model
+
+    vision_prefixes = tuple(n for n, m in model.named_modules() if any(m is t for t in vision_modules(model)))
+    targets = [n for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in cfg.lora_target_modules
+               and not n.startswith(vision_prefixes)]
+    if not targets:
+        raise ValueError(f"model.lora_target_modules={cfg.lora_target_modules} matched no linear layer")
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, bias="none")
+    return get_peft_model(model, lora)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def export_pretrained(model: torch.nn.Module, processor: Any, out_dir: str | Path) -> Path:
+    """A plain transformers folder (LoRA merged) that ``from_pretrained`` and lmms-eval can load."""
+    out_dir = Path(out_dir)
+    to_save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    to_save.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,92 @@
+"""The rollout engine interface: prompts (messages + decoded media) in, G completions each out.
+
+Engines receive :class:`~r1_mm.data.prompts.Sample` objects (raw media plus messages), never
+pre-tokenised ids with images, so no engine can re-process images differently from the learner.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from r1_mm.config import RolloutConfig
+from r1_mm.data.prompts import Sample
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Per-call sampling knobs, named as in vLLM's SamplingParams."""
+
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: RolloutConfig, seed: int | None = None) -> "SamplingSettings":
+        return cls(max_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
+                   top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty, seed=seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+@dataclass
+class Completion:
+    """One sampled completion of one prompt."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None  # the sampler's logprob of each token (None if the engine has none)
+    truncated: bool  # hit max_tokens without an end-of-sequence token
+
+
+@dataclass
+class PromptCompletions:
+    sample: Sample
+    completions: list[Completion] = field(default_factory=list)
+
+
+class RolloutEngine(ABC):
+    """Generates completions and receives new policy weights after each optimizer step."""
+
+    name: str = "base"
+
+    @abstractmethod
+    def generate(self, batch: list[Sample], n: int, sampling: SamplingSettings) -> list[PromptCompletions]:
+        """G = ``n`` completions for every prompt of ``batch``, in order."""
+
+    @abstractmethod
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Make the next ``generate`` use ``model``'s current weights."""
+
+    def close(self) -> None:  # engines holding servers or processes release them here
+        return None
+
+
+ENGINES: dict[str, Callable[..., RolloutEngine]] = {}
+
+
+def register_engine(name: str) -> Callable[[Callable[..., RolloutEngine]], Callable[..., RolloutEngine]]:
+    def wrap(factory: Callable[..., RolloutEngine]) -> Callable[..., RolloutEngine]:
+        ENGINES[name] = factory
+        return factory
+    return wrap
+
+
+def make_engine(name: str, **kwargs: Any) -> RolloutEngine:
+    import difflib
+
+    import r1_mm.rollout.hf  # noqa: F401  (registers the built-in engine)
+
+    if name not in ENGINES:
+        close = difflib.get_close_matches(name, list(ENGINES), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(ENGINES))}"
+        raise ValueError(f"unknown rollout.engine '{name}'" + hint)
+    return ENGINES[name](**kwargs)

@@ -1,0 +1,77 @@
+"""The ``hf`` rollout engine: transformers ``generate`` on the learner's own model (CPU default).
+
+It needs no weight transfer (it samples from the live policy), which makes it the reference every
+other engine is compared with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from r1_mm.data.prompts import Sample
+from r1_mm.rollout.base import Completion, PromptCompletions, RolloutEngine, SamplingSettings, register_engine
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
+    return {i for i in ids if i is not None}
+
+
+@register_engine("hf")
+class HFRolloutEngine(RolloutEngine):
+    name = "hf"
+
+    def __init__(self, model: torch.nn.Module, processor: Any, **_: Any):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        self.model = model  # same process, same tensors: nothing to copy
+
+    @torch.no_grad()
+    def generate(self, batch: list[Sample], n: int, sampling: SamplingSettings) -> list[PromptCompletions]:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        eos = _eos_ids(model, self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_tokens, num_return_sequences=n,
+                                      return_dict_in_generate=True, output_scores=True, pad_token_id=pad,
+                                      eos_token_id=sorted(eos), use_cache=True)
+        if sampling.greedy:
+            kwargs.update(do_sample=False)
+        else:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                          top_k=sampling.top_k if sampling.top_k is not None else 0,
+                          repetition_penalty=sampling.repetition_penalty)
+        results = []
+        try:
+            for sample in batch:
+                inputs = sample.inputs.to(next(model.parameters()).device)
+                out = model.generate(**inputs, **kwargs)
+                prompt_len = inputs["input_ids"].shape[1]
+                sequences = out.sequences[:, prompt_len:]
+                logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)
+                token_logprobs = logprobs.gather(-1, sequences.unsqueeze(-1)).squeeze(-1)
+                completions = []
+                for row in range(sequences.shape[0]):
+                    ids = sequences[row].tolist()
+                    end = next((i for i, t in enumerate(ids) if t in eos), None)
+                    kept = ids if end is None else ids[: end + 1]
+                    completions.append(Completion(
+                        text=self.tokenizer.decode(kept, skip_special_tokens=True),
+                        token_ids=kept,
+                        logprobs=token_logprobs[row, : len(kept)].tolist(),
+                        truncated=end is None,
+                    ))
+                results.append(PromptCompletions(sample=sample, completions=completions))
+        finally:
+            model.train(was_training)
+        return results

@@ -1,0 +1,205 @@
+"""Synthetic image and video tasks with exact ground truth, written as real files.
+
+Why real files: the data pipeline, the media decoder (PIL, PyAV) and the rollout engines must be
+exercised exactly as with user data. Each task writes media under ``out_dir`` and a ``.jsonl`` whose
+rows follow the documented schema (docs/data.md), with media paths relative to the jsonl's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230), "yellow": (240, 220, 30),
+    "white": (245, 245, 245), "orange": (250, 140, 20), "purple": (150, 40, 200),
+}
+BACKGROUND = (0, 0, 0)
+
+
+def _write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def _place_boxes(rng: random.Random, n: int, size: int, box: int, gap: int = 2) -> list[tuple[int, int]]:
+    """Top-left corners of ``n`` non-overlapping ``box`` x ``box`` squares on a ``size`` canvas."""
+    cells = size // (box + gap)
+    slots = [(r, c) for r in range(cells) for c in range(cells)]
+    if n > len(slots):
+        raise ValueError(f"{n} squares of {box}px do not fit a {size}px image")
+    chosen = rng.sample(slots, n)
+    return [(c * (box + gap) + gap // 2, r * (box + gap) + gap // 2) for r, c in chosen]
+
+
+def counting_image(n: int, *, seed: int, size: int = 112, box: int = 16, colour: str | None = None) -> Image.Image:
+    """An image with exactly ``n`` filled squares (one colour per image) on black."""
+    rng = random.Random(seed)
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    rgb = COLOURS[colour or rng.choice(list(COLOURS))]
+    for x, y in _place_boxes(rng, n, size, box):
+        draw.rectangle([x, y, x + box - 1, y + box - 1], fill=rgb)
+    return img
+
+
+def make_counting_task(out_dir: str | Path, num_rows: int, *, seed: int = 0, min_count: int = 1,
+                       max_count: int = 5, size: int = 112, box: int = 16, name: str = "counting") -> Path:
+    """Counting: "How many squares?" -> solution is the count (problem_type ``counting``)."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows = []
+    for i in range(num_rows):
+        n = rng.randint(min_count, max_count)
+        rel = f"images/{name}_{i:05d}.png"
+        counting_image(n, seed=rng.randrange(2**31), size=size, box=box).save(out_dir / rel)
+        rows.append({"id": f"{name}-{i}", "image": rel, "prompt": "How many squares are in the image?",
+                     "solution": str(n), "problem_type": "counting"})
+    return _write_jsonl(rows, out_dir / f"{name}.jsonl")
+
+
+@dataclass
+class SpatialScene:
+    circle_x: int
+    square_x: int
+    circle_size: int
+    square_size: int
+
+    @property
+    def left(self) -> str:
+        return "circle" if self.circle_x < self.square_x else "square"
+
+    @property
+    def nearer(self) -> str:
+        """Bigger means nearer: the only depth cue a flat synthetic image has."""
+        return "circle" if self.circle_size > self.square_size else "square"
+
+
+def spatial_image(scene: SpatialScene, size: int = 112) -> Image.Image:
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    cy = size // 2
+    r = scene.circle_size // 2
+    draw.ellipse([scene.circle_x - r, cy - r, scene.circle_x + r, cy + r], fill=COLOURS["red"])
+    s = scene.square_size // 2
+    draw.rectangle([scene.square_x - s, cy - s, scene.square_x + s, cy + s], fill=COLOURS["blue"])
+    return img
+
+
+def make_spatial_task(out_dir: str | Path, num_rows: int, *, seed: int = 0, size: int = 112,
+                      name: str = "spatial") -> Path:
+    """Two objects: which is on the left / which is nearer (multiple choice, problem_type ``mcq``)."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows = []
+    for i in range(num_rows):
+        sizes = rng.sample([12, 18, 26, 34], 2)
+        xs = [size // 4, 3 * size // 4]
+        rng.shuffle(xs)
+        scene = SpatialScene(circle_x=xs[0], square_x=xs[1], circle_size=sizes[0], square_size=sizes[1])
+        rel = f"images/{name}_{i:05d}.png"
+        spatial_image(scene, size).save(out_dir / rel)
+        question = rng.choice(["left", "nearer"])
+        answer = scene.left if question == "left" else scene.nearer
+        text = ("Which object is on the left?" if question == "left"
+                else "Which object is nearer to the camera?")
+        rows.append({"id": f"{name}-{i}", "image": rel, "prompt": text, "options": ["A. circle", "B. square"],
+                     "solution": "A" if answer == "circle" else "B", "problem_type": "mcq"})
+    return _write_jsonl(rows, out_dir / f"{name}.jsonl")
+
+
+def write_mp4(frames: np.ndarray, path: str | Path, fps: int) -> Path:
+    """Encode (T, H, W, 3) uint8 frames to an H.264 mp4 with PyAV (even sides required)."""
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18", "preset": "ultrafast"}
+        for arr in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def event_video(duration_s: float, fps: int, start_s: float, end_s: float, *, colour: str = "red",
+                size: int = 112, box: int = 32) -> np.ndarray:
+    """Frames of a black scene where a square is visible exactly during [start_s, end_s)."""
+    n = int(round(duration_s * fps))
+    frames = np.zeros((n, size, size, 3), dtype=np.uint8)
+    lo = size // 2 - box // 2
+    for i in range(n):
+        t = i / fps
+        if start_s <= t < end_s:
+            frames[i, lo:lo + box, lo:lo + box] = COLOURS[colour]
+    return frames
+
+
+def make_event_video_task(out_dir: str | Path, num_rows: int, *, seed: int = 0, duration_s: float = 8.0,
+                          fps: int = 4, size: int = 112, name: str = "events") -> Path:
+    """Videos where a square appears during a known segment.
+
+    Two question kinds: ``temporal`` (when does it appear? solution "[start, end]" in seconds) and
+    ``mcq`` about the square's colour, which only the event segment can answer (the localized
+    questions TPO builds preference pairs from). Every row carries ``segment: [start, end]``.
+    """
+    out_dir = Path(out_dir)
+    rng = random.Random(seed)
+    rows = []
+    colours = list(COLOURS)
+    for i in range(num_rows):
+        length = rng.choice([1.0, 1.5, 2.0])
+        start = round(rng.uniform(0.5, duration_s - length - 0.5) * 2) / 2
+        end = start + length
+        colour = rng.choice(colours)
+        rel = f"videos/{name}_{i:05d}.mp4"
+        write_mp4(event_video(duration_s, fps, start, end, colour=colour, size=size), out_dir / rel, fps)
+        row = {"id": f"{name}-{i}", "video": rel, "segment": [start, end]}
+        if i % 2 == 0:
+            row.update(prompt="When does the square appear in the video? Answer with [start, end] in seconds.",
+                       solution=f"[{start}, {end}]", problem_type="temporal")
+        else:
+            options = [colour] + rng.sample([c for c in colours if c != colour], 3)
+            rng.shuffle(options)
+            letters = "ABCD"
+            row.update(prompt="What colour is the square that appears in the video?",
+                       options=[f"{letters[j]}. {c}" for j, c in enumerate(options)],
+                       solution=letters[options.index(colour)], problem_type="mcq")
+        rows.append(row)
+    return _write_jsonl(rows, out_dir / f"{name}.jsonl")
+
+
+def make_multi_image_task(out_dir: str | Path, num_rows: int, *, seed: int = 0, size: int = 56,
+                          name: str = "multi_image") -> Path:
+    """Two counting images per row: how many squares in both together? (problem_type ``counting``)."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows = []
+    for i in range(num_rows):
+        counts = [rng.randint(1, 3), rng.randint(1, 3)]
+        rels = []
+        for j, n in enumerate(counts):
+            rel = f"images/{name}_{i:05d}_{j}.png"
+            counting_image(n, seed=rng.randrange(2**31), size=size, box=12).save(out_dir / rel)
+            rels.append(rel)
+        rows.append({"id": f"{name}-{i}", "images": rels,
+                     "prompt": "How many squares are there in the two images together?",
+                     "solution": str(sum(counts)), "problem_type": "counting"})
+    return _write_jsonl(rows, out_dir / f"{name}.jsonl")

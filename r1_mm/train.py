@@ -1,0 +1,54 @@
+"""Training entry point shared by ``r1-mm train`` and ``accelerate launch -m r1_mm.train``.
+
+Both routes call :func:`main` with the same argument list, so a recipe and its overrides resolve
+identically however the run is launched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from r1_mm.config import ConfigError, RecipeConfig, dump_recipe, load_recipe
+
+# Learners register here by algorithm name (r1_mm.trainers adds to it as they land).
+TRAINERS: dict[str, Callable[[RecipeConfig], object]] = {}
+
+
+def parser(prog: str = "r1-mm train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Train a policy from a recipe YAML.")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. algorithm.beta=0.0")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    return p
+
+
+def resolve(argv: list[str] | None, prog: str = "r1-mm train") -> tuple[RecipeConfig, argparse.Namespace]:
+    args = parser(prog).parse_args(argv)
+    return load_recipe(args.recipe, args.overrides), args
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m r1_mm.train") -> int:
+    try:
+        cfg, args = resolve(argv, prog)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump_recipe(cfg), end="")
+        return 0
+    import r1_mm.trainers  # noqa: F401  (registers the learners)
+
+    trainer = TRAINERS.get(cfg.algorithm.name)
+    if trainer is None:
+        print(f"error: no learner is registered for algorithm.name={cfg.algorithm.name!r} in this version "
+              f"(available: {', '.join(sorted(TRAINERS)) or 'none'}); `r1-mm rollout RECIPE` runs the "
+              "rollout-only job", file=sys.stderr)
+        return 2
+    trainer(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

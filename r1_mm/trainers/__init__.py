@@ -1,0 +1,1 @@
+"""Learners (GRPO, DPO, TPO) register themselves in r1_mm.train.TRAINERS on import."""
