@@ -22,7 +22,7 @@ def _cmd_rollout(argv: list[str]) -> int:
     from r1_mm.train import resolve
 
     try:
-        cfg, args = resolve(argv, prog="r1-mm rollout")
+        cfg, _ = resolve(argv, prog="r1-mm rollout")
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

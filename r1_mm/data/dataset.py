@@ -60,7 +60,7 @@ class PromptStream:
 
     @classmethod
     def from_config(cls, processor: Any, data_cfg: DataConfig, media_cfg: MediaConfig, *, path: str | None = None,
-                    seed: int = 0, shard: tuple[int, int] = (0, 1)) -> "PromptStream":
+                    seed: int = 0, shard: tuple[int, int] = (0, 1)) -> PromptStream:
         path = path or data_cfg.train_path
         if not path:
             raise DataError("data.train_path is empty: set it in the recipe or with data.train_path=FILE")

@@ -7,8 +7,9 @@ pre-tokenised ids with images, so no engine can re-process images differently fr
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ class SamplingSettings:
     seed: int | None = None
 
     @classmethod
-    def from_config(cls, cfg: RolloutConfig, seed: int | None = None) -> "SamplingSettings":
+    def from_config(cls, cfg: RolloutConfig, seed: int | None = None) -> SamplingSettings:
         return cls(max_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
                    top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty, seed=seed)
 

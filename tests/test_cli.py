@@ -1,0 +1,47 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from r1_mm.cli import main
+
+BIN = Path(sys.executable).parent
+
+
+def test_help_lists_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ["train", "rollout", "demo", "make-tiny", "make-data"]:
+        assert command in out
+
+
+def test_console_script_help_and_unknown_command():
+    ok = subprocess.run([str(BIN / "r1-mm"), "--help"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "usage: r1-mm" in ok.stdout
+    bad = subprocess.run([str(BIN / "r1-mm"), "trian"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "did you mean 'train'" in bad.stderr
+
+
+def test_train_rejects_bad_recipe_with_field_name(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("rollout:\n  temprature: 0.7\n")
+    assert main(["train", str(recipe)]) == 2
+    assert "unknown key 'rollout.temprature'; did you mean 'temperature'" in capsys.readouterr().err
+
+
+def test_make_tiny_and_make_data(tmp_path):
+    assert main(["make-tiny", "qwen2_vl", str(tmp_path / "m"), "--small-vocab"]) == 0
+    assert (tmp_path / "m" / "config.json").exists() and (tmp_path / "m" / "processor_config.json").exists()
+    assert main(["make-data", "events", str(tmp_path / "d"), "--rows", "2"]) == 0
+    assert len((tmp_path / "d" / "events.jsonl").read_text().splitlines()) == 2
+
+
+def test_demo_runs_rollouts_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--rows", "8", "training.max_steps=2", "logging.progress_bar=false"]) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1]
+    assert metrics[-1]["data/rows_prepared"] == 4
+    completions = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert len(completions) == 2 * 2 * 4  # steps x prompts x G
+    assert (out / "recipe.resolved.yaml").exists()
