@@ -21,7 +21,9 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsLogger:
-    def __init__(self, cfg: RecipeConfig, run_dir: str | Path, *, is_main_process: bool = True):
+    def __init__(self, cfg: RecipeConfig, run_dir: str | Path, *, is_main_process: bool = True,
+                 resume: bool = False):
+        """``resume=False`` starts a new metrics file; a resumed run appends to the existing one."""
         self.run_dir = Path(run_dir)
         self.enabled = is_main_process
         self.path = self.run_dir / "metrics.jsonl"
@@ -30,6 +32,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            self.path.unlink(missing_ok=True)
         if "wandb" in cfg.logging.report_to:
             import wandb
 

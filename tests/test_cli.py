@@ -45,3 +45,10 @@ def test_demo_runs_rollouts_end_to_end(tmp_path):
     completions = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert len(completions) == 2 * 2 * 4  # steps x prompts x G
     assert (out / "recipe.resolved.yaml").exists()
+
+
+def test_demo_rerun_starts_fresh_metrics(tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--rows", "4", "training.max_steps=1", "logging.progress_bar=false"]
+    assert main(args) == 0 and main(args) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1

@@ -10,7 +10,7 @@ from r1_mm.data.loading import default_media_root, read_rows
 from r1_mm.rollout import SamplingSettings, make_engine
 from r1_mm.testing.tiny_models import TAG_TOKENS, TinySpec, build_tiny_model, parse_tiny_name
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision"]
 
 
 def weights_digest(folder):
@@ -31,21 +31,24 @@ def test_loads_like_a_hub_model(tiny_path, family):
     model = AutoModelForImageTextToText.from_pretrained(path)
     processor = AutoProcessor.from_pretrained(path)
     assert model.config.model_type == family
-    assert type(processor).__name__ == {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}[family]
+    assert type(processor).__name__ == {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+                                        "llava_onevision": "LlavaOnevisionProcessor"}[family]
     assert processor.video_processor is not None and processor.image_processor is not None
     tok = processor.tokenizer
-    for special in ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]:
+    image_token, video_token = ("<image>", "<video>") if family == "llava_onevision" else ("<|image_pad|>", "<|video_pad|>")
+    for special in ["<|im_start|>", "<|im_end|>", image_token, video_token]:
         assert len(tok.tokenize(special)) == 1
-    assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
-    assert model.config.video_token_id == tok.convert_tokens_to_ids("<|video_pad|>")
+    assert model.config.image_token_id == tok.convert_tokens_to_ids(image_token)
+    assert model.config.video_token_id == tok.convert_tokens_to_ids(video_token)
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     head_dim = model.config.text_config.hidden_size // model.config.text_config.num_attention_heads
     assert head_dim >= 32  # vLLM's CPU attention needs it
     rendered = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
         tokenize=False, add_generation_prompt=True)
+    media = "<image>\n" if family == "llava_onevision" else "<|vision_start|><|image_pad|><|vision_end|>"
     assert rendered == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                        "<|vision_start|><|image_pad|><|vision_end|>Hi<|im_end|>\n<|im_start|>assistant\n")
+                        f"{media}Hi<|im_end|>\n<|im_start|>assistant\n")
 
 
 @pytest.mark.parametrize("small", [False, True])
@@ -90,9 +93,11 @@ def test_round_trip_processor_generate(tiny_path, synthetic_data, family, task):
     c = comps[0]
     full = torch.cat([sample.inputs["input_ids"], torch.tensor([c.token_ids])], dim=1)
     inputs = {k: v for k, v in sample.inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    mm = torch.cat([sample.inputs["mm_token_type_ids"], torch.zeros(1, len(c.token_ids), dtype=torch.long)], 1)
+    if "mm_token_type_ids" in sample.inputs:
+        inputs["mm_token_type_ids"] = torch.cat(
+            [sample.inputs["mm_token_type_ids"], torch.zeros(1, len(c.token_ids), dtype=torch.long)], 1)
     with torch.no_grad():
-        logits = model(input_ids=full, attention_mask=torch.ones_like(full), mm_token_type_ids=mm, **inputs).logits
+        logits = model(input_ids=full, attention_mask=torch.ones_like(full), **inputs).logits
     p = sample.inputs["input_ids"].shape[1]
     lp = torch.log_softmax(logits[0, p - 1:-1].float(), -1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
     assert torch.allclose(lp, torch.tensor(c.logprobs), atol=1e-4)

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -51,6 +51,26 @@ QWEN_VL_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
+
+
+# LLaVA-OneVision (Qwen2 language model): the same turns, media as "<image>\n" / "<video>\n".
+LLAVA_OV_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<image>\\n' }}"
+    "{%- elif part['type'] == 'video' -%}{{ '<video>\\n' }}"
+    "{%- elif 'text' in part -%}{{ part['text'] }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+LLAVA_MEDIA_TOKENS = ("<image>", "<video>")
 
 
 @dataclass(frozen=True)
@@ -102,6 +122,9 @@ def _training_corpus() -> list[str]:
 
 def build_tokenizer(spec: TinySpec):
     """Train a byte-level BPE with digits split one per token, wrapped as a fast HF tokenizer."""
+    llava = spec.family == "llava_onevision"
+    extra_special_tokens = LLAVA_MEDIA_TOKENS if llava else ()
+    specials = QWEN_SPECIAL_TOKENS[1:] + list(extra_special_tokens)
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -112,7 +135,7 @@ def build_tokenizer(spec: TinySpec):
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=spec.vocab_size - len(QWEN_SPECIAL_TOKENS) - len(TAG_TOKENS),
+        vocab_size=spec.vocab_size - len(QWEN_SPECIAL_TOKENS) - len(TAG_TOKENS) - len(extra_special_tokens),
         min_frequency=2,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
@@ -124,18 +147,20 @@ def build_tokenizer(spec: TinySpec):
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,
-        additional_special_tokens=QWEN_SPECIAL_TOKENS[1:],
+        additional_special_tokens=specials,
         model_max_length=32768,
         clean_up_tokenization_spaces=False,
     )
-    fast.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
+    fast.add_special_tokens({"additional_special_tokens": specials})
     fast.add_tokens(TAG_TOKENS)  # ordinary (decoded) tokens, but never split
-    fast.chat_template = QWEN_VL_CHAT_TEMPLATE
+    fast.chat_template = LLAVA_OV_CHAT_TEMPLATE if llava else QWEN_VL_CHAT_TEMPLATE
     fast.padding_side = "left"
     return fast
 
 
 def _build_processor(spec: TinySpec, tokenizer):
+    if spec.family == "llava_onevision":
+        return _build_llava_processor(spec, tokenizer)
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     size = {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}
@@ -148,6 +173,39 @@ def _build_processor(spec: TinySpec, tokenizer):
         from transformers import Qwen2VLProcessor as Proc
     return Proc(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
                 chat_template=QWEN_VL_CHAT_TEMPLATE)
+
+
+_LLAVA_TILE = 56  # SigLIP input side: 4x4 patches of 14 px -> 16 tokens per tile
+_LLAVA_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
+
+
+def _build_llava_processor(spec: TinySpec, tokenizer):
+    from transformers import (
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    tile = {"height": _LLAVA_TILE, "width": _LLAVA_TILE}
+    image_processor = LlavaOnevisionImageProcessor(size=tile, crop_size=tile, image_grid_pinpoints=_LLAVA_PINPOINTS)
+    video_processor = LlavaOnevisionVideoProcessor(size=tile, crop_size=tile)
+    return LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+                                   num_image_tokens=(_LLAVA_TILE // 14) ** 2, vision_feature_select_strategy="full",
+                                   chat_template=LLAVA_OV_CHAT_TEMPLATE)
+
+
+def _build_llava_config(spec: TinySpec, tokenizer, text: dict):
+    from transformers import LlavaOnevisionConfig
+
+    text = {k: v for k, v in text.items() if k != "rope_parameters"} | {"model_type": "qwen2"}
+    vision = {"model_type": "siglip_vision_model", "hidden_size": spec.vision_hidden_size,
+              "intermediate_size": spec.vision_hidden_size * 2, "num_hidden_layers": spec.vision_depth,
+              "num_attention_heads": spec.vision_heads, "image_size": _LLAVA_TILE, "patch_size": 14}
+    return LlavaOnevisionConfig(
+        text_config=text, vision_config=vision, image_grid_pinpoints=_LLAVA_PINPOINTS,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_select_strategy="full", vision_feature_layer=-1, tie_word_embeddings=False)
 
 
 def _build_config(spec: TinySpec, tokenizer):
@@ -167,6 +225,8 @@ def _build_config(spec: TinySpec, tokenizer):
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=False,
     )
+    if spec.family == "llava_onevision":
+        return _build_llava_config(spec, tokenizer, text)
     common = dict(
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
