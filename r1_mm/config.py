@@ -122,6 +122,15 @@ class AlgorithmConfig:
     max_resample_rounds: int = 3
     ref_sync_steps: int | None = None
     ref_sync_mix_alpha: float = 1.0
+    advantage_estimator: str = "grpo"
+    # T-GRPO (Video-R1): extra samples on shuffled frames; correct answers earn a bonus only when
+    # ordered frames beat shuffled ones (ordered accuracy >= temporal_margin x shuffled accuracy).
+    temporal_contrast: bool = False
+    temporal_num_shuffled: int | None = None  # completions on shuffled frames (default: G // 2)
+    temporal_bonus: float = 0.3
+    temporal_margin: float = 0.8
+    temporal_reward: str = "accuracy"  # the reward whose value decides "correct"
+    temporal_correct_threshold: float = 0.5
 
 
 @dataclass
@@ -138,7 +147,8 @@ class TrainingConfig:
     use_cpu: bool = True
     save_steps: int | None = None
     save_total_limit: int = 2
-    max_nonfinite_steps: int = 3
+    max_nonfinite_steps: int = 3  # consecutive non-finite losses before the run saves and stops
+    forward_mode: Literal["grouped", "naive"] = "grouped"  # naive = G repeated sequences (library way)
 
 
 @dataclass

@@ -71,6 +71,18 @@ class RolloutEngine(ABC):
         return None
 
 
+def media_token_ids(config: Any) -> list[int]:
+    """Placeholder tokens a completion must never contain.
+
+    A sampled ``<|image_pad|>`` in a completion makes the learner's forward count more image tokens
+    than image features and crash, so every engine suppresses these tokens when sampling.
+    """
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+             "image_token_index", "video_token_index")
+    ids = {getattr(config, n, None) for n in names}
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0)
+
+
 ENGINES: dict[str, Callable[..., RolloutEngine]] = {}
 
 

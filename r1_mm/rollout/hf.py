@@ -11,7 +11,14 @@ from typing import Any
 import torch
 
 from r1_mm.data.prompts import Sample
-from r1_mm.rollout.base import Completion, PromptCompletions, RolloutEngine, SamplingSettings, register_engine
+from r1_mm.rollout.base import (
+    Completion,
+    PromptCompletions,
+    RolloutEngine,
+    SamplingSettings,
+    media_token_ids,
+    register_engine,
+)
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
@@ -24,6 +31,7 @@ def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
 @register_engine("hf")
 class HFRolloutEngine(RolloutEngine):
     name = "hf"
+    samples_from_policy = True  # the learner lends its (gathered) model for each generate call
 
     def __init__(self, model: torch.nn.Module, processor: Any, **_: Any):
         self.model = model
@@ -44,7 +52,8 @@ class HFRolloutEngine(RolloutEngine):
             torch.manual_seed(sampling.seed)
         kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_tokens, num_return_sequences=n,
                                       return_dict_in_generate=True, output_scores=True, pad_token_id=pad,
-                                      eos_token_id=sorted(eos), use_cache=True)
+                                      eos_token_id=sorted(eos), use_cache=True,
+                                      suppress_tokens=media_token_ids(model.config) or None)
         if sampling.greedy:
             kwargs.update(do_sample=False)
         else:

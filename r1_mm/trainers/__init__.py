@@ -1,1 +1,3 @@
-"""Learners (GRPO, DPO, TPO) register themselves in r1_mm.train.TRAINERS on import."""
+"""Learners (GRPO, DPO, TPO); importing this package registers them in r1_mm.train.TRAINERS."""
+
+from r1_mm.trainers import grpo  # noqa: F401

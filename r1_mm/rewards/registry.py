@@ -1,0 +1,190 @@
+"""Reward plugins: registration, lookup and the batch runner.
+
+A reward follows TRL's convention: ``fn(prompts=..., completions=..., completion_ids=..., **columns)``
+returns one ``float | None`` per completion (None = not applicable: left out of the weighted sum and
+of that reward's mean). Rewards are found by registered name, by entry point (group
+``r1_mm.rewards``), by dotted path ``pkg.module:fn`` or by file path ``path/to/file.py:fn``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import inspect
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[..., Any]
+REGISTRY: dict[str, RewardFn] = {}
+SOURCES: dict[str, str] = {}
+ENTRY_POINT_GROUP = "r1_mm.rewards"
+
+
+class RewardError(RuntimeError):
+    """A reward function that failed or broke the protocol; names the function and the row."""
+
+
+def reward(name: str | None = None) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: ``@reward("my_reward")`` registers a function under that name."""
+
+    def wrap(fn: RewardFn) -> RewardFn:
+        key = name or fn.__name__
+        REGISTRY[key] = fn
+        SOURCES[key] = f"{fn.__module__}:{fn.__qualname__}"
+        fn.__name__ = getattr(fn, "__name__", key)
+        return fn
+
+    return wrap
+
+
+_builtins_loaded = False
+_entry_points_loaded = False
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        importlib.import_module("r1_mm.rewards.verifiable")
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            fn = ep.load()
+        except Exception as exc:  # a broken plugin must not hide the others, but must be visible
+            log.error("reward entry point %s (%s) failed to load: %s", ep.name, ep.value, exc)
+            continue
+        REGISTRY.setdefault(ep.name, fn)
+        SOURCES.setdefault(ep.name, f"entry point {ep.value} ({ep.dist.name if ep.dist else '?'})")
+
+
+def _load_from_file(path: str, attr: str) -> RewardFn:
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise RewardError(f"reward file not found: {file}")
+    spec = importlib.util.spec_from_file_location(f"r1_mm_user_reward_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, attr):
+        raise RewardError(f"{file} has no function '{attr}'")
+    return getattr(module, attr)
+
+
+def get(name: str) -> RewardFn:
+    """The reward callable for a registered name, dotted path or file path."""
+    _load_builtins()
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if ":" in name:
+        target, attr = name.rsplit(":", 1)
+        if target.endswith(".py"):
+            return _load_from_file(target, attr)
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise RewardError(f"reward '{name}': cannot import module '{target}' ({exc})") from exc
+        if not hasattr(module, attr):
+            raise RewardError(f"reward '{name}': module '{target}' has no attribute '{attr}'")
+        return getattr(module, attr)
+    _load_entry_points()
+    if name in REGISTRY:
+        return REGISTRY[name]
+    import difflib
+
+    close = difflib.get_close_matches(name, list(REGISTRY), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; registered: {', '.join(sorted(REGISTRY))}"
+    raise RewardError(f"unknown reward '{name}'" + hint)
+
+
+def available() -> dict[str, str]:
+    """Every registered reward and where it comes from."""
+    _load_builtins()
+    _load_entry_points()
+    return dict(sorted(SOURCES.items()))
+
+
+def call_reward(fn: RewardFn, **kwargs: Any) -> list[Any]:
+    """Call a sync or async reward with TRL's keyword arguments."""
+    result = fn(**kwargs)
+    if inspect.isawaitable(result):
+        result = asyncio.run(_await(result))
+    return list(result)
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+@dataclass
+class RewardBatch:
+    """Rewards of N completions: per function (NaN = None) and the weighted total."""
+
+    per_function: torch.Tensor  # (N, F)
+    total: torch.Tensor  # (N,) weighted sum ignoring NaN; NaN where every reward is None
+    names: list[str]
+    failures: dict[str, int] = field(default_factory=dict)
+
+
+class RewardRunner:
+    """Calls every configured reward on a batch, applies weights and the error policy."""
+
+    def __init__(self, specs: list[Any], on_error: str = "raise"):
+        self.names = [s.name for s in specs]
+        self.weights = torch.tensor([float(s.weight) for s in specs])
+        self.fns = []
+        for spec in specs:
+            fn = get(spec.name)
+            if spec.kwargs:
+                base = fn
+                fn = lambda _base=base, _kw=dict(spec.kwargs), **kw: _base(**kw, **_kw)  # noqa: E731
+            self.fns.append(fn)
+        self.on_error = on_error
+        self.failure_counts = dict.fromkeys(self.names, 0)
+
+    def __call__(self, *, prompts: list[Any], completions: list[str], completion_ids: list[list[int]],
+                 rows: list[dict[str, Any]], row_ids: list[str]) -> RewardBatch:
+        n = len(completions)
+        columns: dict[str, list[Any]] = {}
+        for key in {k for r in rows for k in r}:
+            columns[key] = [r.get(key) for r in rows]
+        out = torch.full((n, len(self.fns)), float("nan"))
+        failures: dict[str, int] = {}
+        for j, (name, fn) in enumerate(zip(self.names, self.fns, strict=True)):
+            try:
+                values = call_reward(fn, prompts=prompts, completions=completions, completion_ids=completion_ids,
+                                     **columns)
+                if len(values) != n:
+                    raise RewardError(f"returned {len(values)} values for {n} completions")
+                for i, v in enumerate(values):
+                    if v is None:
+                        continue
+                    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+                        raise RewardError(f"value {v!r} for row {row_ids[i]} is not a finite number or None")
+                    out[i, j] = float(v)
+            except Exception as exc:
+                rows_named = ", ".join(dict.fromkeys(row_ids))
+                message = f"reward '{name}' failed on rows [{rows_named}]: {type(exc).__name__}: {exc}"
+                if self.on_error == "raise":
+                    raise RewardError(message) from exc
+                self.failure_counts[name] += 1
+                failures[name] = failures.get(name, 0) + 1
+                log.warning("%s (rewards.on_error=none: scored None)", message)
+        weighted = out * self.weights[None, :]
+        total = torch.nansum(weighted, dim=1)
+        total[torch.isnan(out).all(dim=1)] = float("nan")
+        return RewardBatch(per_function=out, total=total, names=list(self.names), failures=failures)

@@ -1,0 +1,127 @@
+"""Learner back-ends through accelerate: single process, DDP, DeepSpeed ZeRO-2/3 (all over gloo on CPU).
+
+The launch config (``accelerate launch --config_file recipes/accelerate/*.yaml``) picks the back-end;
+the recipe never does. What accelerate does not cover is delegated to TRL (a chosen dependency):
+its DeepSpeed preparation of the frozen reference model and its parameter gathering for generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from r1_mm.config import RecipeConfig
+from r1_mm.models import load_model, load_processor
+
+
+@dataclass
+class Learner:
+    accelerator: Accelerator
+    processor: Any
+    policy: torch.nn.Module  # wrapped (DDP / DeepSpeed engine) when distributed
+    reference: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.policy)
+
+    @property
+    def is_deepspeed(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    @property
+    def zero_stage(self) -> int:
+        if not self.is_deepspeed:
+            return 0
+        return int(self.accelerator.state.deepspeed_plugin.zero_stage)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: RecipeConfig) -> Any:
+    from transformers import get_scheduler
+
+    return get_scheduler(cfg.training.lr_scheduler, optimizer, num_warmup_steps=cfg.training.warmup_steps,
+                         num_training_steps=max(1, cfg.training.max_steps * cfg.algorithm.num_iterations))
+
+
+def build_learner(cfg: RecipeConfig, *, need_reference: bool) -> Learner:
+    accelerator = Accelerator(cpu=cfg.training.use_cpu or not torch.cuda.is_available())
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # no dataloader is prepared, so accelerate cannot resolve "auto" batch sizes by itself
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds_config.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+            ds_config["train_micro_batch_size_per_gpu"] = cfg.training.prompts_per_step
+        if ds_config.get("gradient_accumulation_steps") in (None, "auto"):
+            ds_config["gradient_accumulation_steps"] = 1
+    processor = load_processor(cfg.model)
+    policy = load_model(cfg.model, trainable=True)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters (frozen vision tower + no LoRA targets?)")
+    optimizer = torch.optim.AdamW(params, lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
+    scheduler = _scheduler(optimizer, cfg)
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    reference = None
+    if need_reference:
+        if cfg.model.lora:
+            reference = None  # the adapter-disabled policy is the reference: no second copy
+        else:
+            reference = load_model(cfg.model, trainable=False)
+            if accelerator.distributed_type == DistributedType.DEEPSPEED:
+                from trl.models.utils import prepare_deepspeed
+
+                reference = prepare_deepspeed(reference, accelerator)
+            else:
+                reference = reference.to(accelerator.device)
+    return Learner(accelerator=accelerator, processor=processor, policy=policy, reference=reference,
+                   optimizer=optimizer, scheduler=scheduler)
+
+
+@contextlib.contextmanager
+def generation_model(learner: Learner) -> Iterator[torch.nn.Module]:
+    """The plain model for sampling; under ZeRO-3 its parameters are gathered for the duration.
+
+    Gathering matters beyond speed: with partitioned weights every generated token is a collective,
+    and ranks whose completions end at different lengths would wait on each other forever.
+    """
+    from trl.models.utils import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(learner.policy, learner.accelerator) as model:
+        yield model
+
+
+@contextlib.contextmanager
+def reference_model(learner: Learner) -> Iterator[torch.nn.Module]:
+    """The frozen reference: a separate copy, or the policy with its LoRA adapter disabled."""
+    if learner.reference is not None:
+        yield learner.reference
+        return
+    peft_model = learner.unwrapped
+    if not hasattr(peft_model, "disable_adapter"):
+        raise RuntimeError("no reference model: beta > 0 needs a reference copy or a LoRA policy")
+    with peft_model.disable_adapter():
+        yield learner.policy
+
+
+def sync_reference(learner: Learner, alpha: float) -> None:
+    """ref <- alpha * policy + (1 - alpha) * ref (TR-DPO style periodic reference refresh)."""
+    if learner.reference is None:
+        return
+    policy_params = dict(learner.unwrapped.named_parameters())
+    ref = learner.accelerator.unwrap_model(learner.reference)
+    gather = contextlib.nullcontext()
+    if learner.zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(policy_params.values()) + list(ref.parameters()),
+                                                   modifier_rank=0)
+    with gather, torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.mul_(1 - alpha).add_(policy_params[name].detach().to(p.dtype), alpha=alpha)

@@ -1,0 +1,332 @@
+"""GRPO for image and video prompts: rollouts -> rewards -> group advantages -> mu updates -> weights.
+
+One learner serves every back-end (single process, DDP, ZeRO-2/3, LoRA); the math lives in
+``losses.py``, the scoring in ``grouped_forward.py``, the back-end plumbing in ``backend.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from r1_mm.checkpoint import CheckpointManager
+from r1_mm.config import RecipeConfig, RewardSpec, dump_recipe
+from r1_mm.data import PromptStream, Sample
+from r1_mm.rewards.registry import RewardBatch, RewardRunner
+from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, make_engine
+from r1_mm.tracking import MetricsLogger
+from r1_mm.train import TRAINERS
+from r1_mm.trainers import temporal_contrast
+from r1_mm.trainers.backend import Learner, build_learner, generation_model, reference_model, sync_reference
+from r1_mm.trainers.grouped_forward import grouped_logprobs, naive_logprobs, pack_groups
+from r1_mm.trainers.losses import ADVANTAGE_ESTIMATORS, LossSettings, masked_mean, policy_loss
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses; a checkpoint was saved before stopping."""
+
+
+@dataclass
+class Experience:
+    """One step's rollouts, grouped by prompt: completions[i*G:(i+1)*G] belong to samples[i]."""
+
+    samples: list[Sample]
+    completions: list[Completion]
+    rewards: RewardBatch
+    advantages: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    group_std_zero: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def score_completions(model: torch.nn.Module, samples: list[Sample], completion_ids: list[list[int]], g: int,
+                      pad_id: int, *, temperature: float, mode: str, with_entropy: bool = False):
+    """Per-token logprobs (B*G, C) and completion mask, by the grouped or the naive forward."""
+    device = next(model.parameters()).device
+    prompts = [{k: v.to(device) if hasattr(v, "to") else v for k, v in s.inputs.items()} for s in samples]
+    if mode == "grouped":
+        packed = pack_groups(model, prompts, completion_ids, g, pad_id)
+        logps, entropy = grouped_logprobs(model, packed, temperature=temperature, with_entropy=with_entropy)
+        return logps, entropy, packed.completion_mask
+    from r1_mm.trainers.grouped_forward import pad_completions
+
+    logps, entropy = naive_logprobs(model, prompts, completion_ids, g, pad_id, temperature=temperature,
+                                    with_entropy=with_entropy)
+    return logps, entropy, pad_completions(completion_ids, pad_id, device)[1]
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: RecipeConfig):
+        self.cfg = cfg
+        torch.manual_seed(cfg.training.seed)
+        self.learner: Learner = build_learner(cfg, need_reference=cfg.algorithm.beta != 0.0)
+        acc = self.learner.accelerator
+        self.processor = self.learner.processor
+        self.pad_id = self.processor.tokenizer.pad_token_id
+        self.stream = PromptStream.from_config(self.processor, cfg.data, cfg.media, seed=cfg.training.seed,
+                                               shard=(acc.process_index, acc.num_processes))
+        self.rewards = RewardRunner(cfg.rewards.functions, on_error=cfg.rewards.on_error)
+        if not cfg.rewards.functions:
+            raise ValueError("rewards.functions is empty: GRPO needs at least one reward")
+        self.engine: RolloutEngine = make_engine(cfg.rollout.engine, model=self.learner.unwrapped,
+                                                 processor=self.processor, cfg=cfg)
+        self.temporal_rewards = None
+        if cfg.algorithm.temporal_contrast:
+            self.temporal_rewards = RewardRunner([RewardSpec(name=cfg.algorithm.temporal_reward)],
+                                                 on_error=cfg.rewards.on_error)
+        a = cfg.algorithm
+        self.loss_settings = LossSettings(
+            loss_type=a.loss_type, epsilon_low=a.epsilon,
+            epsilon_high=a.epsilon_high if a.epsilon_high is not None else a.epsilon, beta=a.beta,
+            importance_sampling_level=a.importance_sampling_level,
+            max_completion_length=cfg.rollout.max_completion_length)
+        if a.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"unknown algorithm.advantage_estimator {a.advantage_estimator!r}; "
+                             f"known: {', '.join(ADVANTAGE_ESTIMATORS)}")
+        self.run_dir = Path(cfg.training.output_dir)
+        self.checkpoints = CheckpointManager(self.run_dir, keep=cfg.training.save_total_limit)
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "recipe.resolved.yaml").write_text(dump_recipe(cfg))
+        self.metrics = MetricsLogger(cfg, self.run_dir, is_main_process=acc.is_main_process)
+
+    # -- rollouts ---------------------------------------------------------------------------------
+    def _sampling(self, salt: int = 0) -> SamplingSettings:
+        seed = self.cfg.training.seed * 100_003 + self.step * 101 + salt
+        seed = seed * 7919 + self.learner.accelerator.process_index
+        return SamplingSettings.from_config(self.cfg.rollout, seed=seed)
+
+    def _generate(self, samples: list[Sample], n: int, salt: int = 0) -> list[list[Completion]]:
+        if getattr(self.engine, "samples_from_policy", False):
+            with generation_model(self.learner) as model:
+                self.engine.update_weights(model)
+                results = self.engine.generate(samples, n, self._sampling(salt))
+        else:
+            results = self.engine.generate(samples, n, self._sampling(salt))
+        return [r.completions for r in results]
+
+    def _score_rewards(self, runner: RewardRunner, samples: list[Sample], groups: list[list[Completion]]) -> RewardBatch:
+        prompts, completions, ids, rows, row_ids = [], [], [], [], []
+        for sample, group in zip(samples, groups, strict=True):
+            for c in group:
+                prompts.append(sample.messages)
+                completions.append(c.text)
+                ids.append(c.token_ids)
+                rows.append(sample.row)
+                row_ids.append(sample.row_id)
+        return runner(prompts=prompts, completions=completions, completion_ids=ids, rows=rows, row_ids=row_ids)
+
+    def _temporal_bonus(self, samples: list[Sample], groups: list[list[Completion]], batch: RewardBatch) -> dict[str, float]:
+        a = self.cfg.algorithm
+        g = self.cfg.rollout.num_generations
+        n_shuffled = a.temporal_num_shuffled or max(1, g // 2)
+        col = batch.names.index(a.temporal_reward) if a.temporal_reward in batch.names else None
+        bonus_total, video_prompts, earned = torch.zeros(len(samples) * g), 0, 0
+        for i, sample in enumerate(samples):
+            if not temporal_contrast.has_video(sample):
+                continue
+            video_prompts += 1
+            shuffled = temporal_contrast.shuffled_frames_sample(sample, self.processor, seed=self.step * 1000 + i)
+            shuffled_group = self._generate([shuffled], n_shuffled, salt=1000 + i)[0]
+            shuffled_scores = self._score_rewards(self.temporal_rewards, [shuffled], [shuffled_group]).per_function[:, 0]
+            ordered_scores = (batch.per_function[i * g:(i + 1) * g, col] if col is not None else
+                              self._score_rewards(self.temporal_rewards, [sample], [groups[i]]).per_function[:, 0])
+            thr = a.temporal_correct_threshold
+            bonus = temporal_contrast.temporal_bonus(torch.nan_to_num(ordered_scores) >= thr,
+                                                     torch.nan_to_num(shuffled_scores) >= thr,
+                                                     bonus=a.temporal_bonus, margin=a.temporal_margin)
+            earned += int(bonus.sum() > 0)
+            bonus_total[i * g:(i + 1) * g] = bonus
+        batch.total = torch.where(torch.isnan(batch.total), batch.total, batch.total + bonus_total)
+        return {"temporal/video_prompts": video_prompts,
+                "temporal/bonus_rate": earned / video_prompts if video_prompts else 0.0}
+
+    def _rollout(self, samples: list[Sample]) -> tuple[list[list[Completion]], RewardBatch, dict[str, float]]:
+        groups = self._generate(samples, self.cfg.rollout.num_generations)
+        batch = self._score_rewards(self.rewards, samples, groups)
+        stats: dict[str, float] = {}
+        if self.temporal_rewards is not None:
+            stats = self._temporal_bonus(samples, groups, batch)
+        return groups, batch, stats
+
+    def collect(self) -> Experience:
+        """Sample a batch; with dynamic sampling, replace groups whose rewards all agree (DAPO)."""
+        cfg = self.cfg
+        g = cfg.rollout.num_generations
+        samples = self.stream.next_batch(cfg.training.prompts_per_step)
+        groups, batch, stats = self._rollout(samples)
+        resampled = 0
+        if cfg.algorithm.dynamic_sampling:
+            for _ in range(cfg.algorithm.max_resample_rounds):
+                totals = batch.total.view(-1, g)
+                flat = [bool(torch.nan_to_num(t, nan=0.0).std() == 0) for t in totals]
+                if not any(flat):
+                    break
+                drop = [i for i, f in enumerate(flat) if f]
+                new_samples = self.stream.next_batch(len(drop))
+                new_groups, new_batch, _ = self._rollout(new_samples)
+                resampled += len(drop)
+                new_flat = [bool(torch.nan_to_num(t, nan=0.0).std() == 0) for t in new_batch.total.view(-1, g)]
+                # informative new groups replace flat old ones; the rest keep the old (flat) groups
+                replacements = [j for j, f in enumerate(new_flat) if not f]
+                for slot, j in zip(drop, replacements, strict=False):
+                    samples[slot], groups[slot] = new_samples[j], new_groups[j]
+                    batch.per_function[slot * g:(slot + 1) * g] = new_batch.per_function[j * g:(j + 1) * g]
+                    batch.total[slot * g:(slot + 1) * g] = new_batch.total[j * g:(j + 1) * g]
+        stats["dynamic_sampling/resampled_groups"] = resampled
+        return Experience(samples=samples, completions=[c for grp in groups for c in grp], rewards=batch, stats=stats)
+
+    def compute_advantages(self, exp: Experience) -> None:
+        acc = self.learner.accelerator
+        g = self.cfg.rollout.num_generations
+        totals = exp.rewards.total.to(acc.device)
+        gathered = acc.gather(totals)  # groups never span processes; "batch" scaling needs every process
+        est = ADVANTAGE_ESTIMATORS[self.cfg.algorithm.advantage_estimator]
+        adv = est(gathered.cpu(), g, scale=self.cfg.algorithm.scale_rewards)
+        n = totals.numel()
+        lo = acc.process_index * n
+        exp.advantages = adv.values[lo:lo + n]
+        exp.group_std_zero = adv.group_std_zero[lo:lo + n]
+        exp.stats["rewards/gathered_mean"] = float(torch.nanmean(gathered.cpu()))
+
+    # -- update -------------------------------------------------------------------------------------
+    def _score(self, model: torch.nn.Module, exp: Experience, with_entropy: bool = False):
+        return score_completions(model, exp.samples, [c.token_ids for c in exp.completions],
+                                 self.cfg.rollout.num_generations, self.pad_id,
+                                 temperature=max(self.cfg.rollout.temperature, 1e-6),
+                                 mode=self.cfg.training.forward_mode, with_entropy=with_entropy)
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=self.learner.accelerator.device)
+        return float(self.learner.accelerator.reduce(flag, reduction="sum")) == 0.0
+
+    def update(self, exp: Experience) -> dict[str, float]:
+        cfg, learner = self.cfg, self.learner
+        acc = learner.accelerator
+        policy = learner.policy
+        old_logps = ref_logps = None
+        truncated = torch.tensor([c.truncated for c in exp.completions], device=acc.device)
+        with torch.no_grad():
+            if cfg.algorithm.num_iterations > 1:
+                old_logps, _, _ = self._score(policy, exp)
+            if cfg.algorithm.beta != 0.0:
+                with reference_model(learner) as ref:
+                    ref_logps, _, _ = self._score(ref, exp)
+        metrics: dict[str, float] = {}
+        advantages = exp.advantages.to(acc.device)
+        for iteration in range(cfg.algorithm.num_iterations):
+            policy.train()
+            logps, entropy, mask = self._score(policy, exp, with_entropy=True)
+            if cfg.algorithm.mask_truncated_completions:
+                mask = mask * (~truncated).long().unsqueeze(1)
+            local_tokens = mask.sum().float()
+            num_items = float(acc.gather(local_tokens.reshape(1)).sum()) / acc.num_processes
+            out = policy_loss(logps, old_logps if old_logps is not None else logps.detach(), advantages, mask,
+                              self.loss_settings, ref_logps=ref_logps, num_items=num_items)
+            if not self._all_finite(out.loss):
+                self.nonfinite_in_a_row += 1
+                learner.optimizer.zero_grad(set_to_none=True)
+                log.warning("step %d: non-finite loss (%d in a row); update skipped", self.step, self.nonfinite_in_a_row)
+                metrics["train/nonfinite_skipped"] = 1.0
+                if self.nonfinite_in_a_row >= cfg.training.max_nonfinite_steps:
+                    path = self.save()
+                    raise NonFiniteLossError(f"{self.nonfinite_in_a_row} consecutive non-finite losses at step "
+                                             f"{self.step}; checkpoint saved to {path}")
+                break
+            self.nonfinite_in_a_row = 0
+            acc.backward(out.loss)
+            grad_norm = None
+            if cfg.training.max_grad_norm and not learner.is_deepspeed:
+                grad_norm = acc.clip_grad_norm_(policy.parameters(), cfg.training.max_grad_norm)
+            learner.optimizer.step()
+            learner.scheduler.step()
+            learner.optimizer.zero_grad(set_to_none=True)
+            if iteration == 0:
+                m = mask.bool()
+                metrics.update({
+                    "train/loss": float(out.loss.detach()),
+                    "train/entropy": masked_mean(entropy, mask),
+                    "train/kl": masked_mean(out.per_token_kl, mask) if out.per_token_kl is not None else 0.0,
+                    "train/clip_ratio_low": float(out.clipped_low.sum() / m.sum().clamp(min=1)),
+                    "train/clip_ratio_high": float(out.clipped_high.sum() / m.sum().clamp(min=1)),
+                    "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "train/lr": float(learner.scheduler.get_last_lr()[0]),
+                })
+        self.engine.update_weights(learner.unwrapped)
+        if cfg.algorithm.ref_sync_steps and (self.step + 1) % cfg.algorithm.ref_sync_steps == 0:
+            sync_reference(learner, cfg.algorithm.ref_sync_mix_alpha)
+        return metrics
+
+    # -- loop -----------------------------------------------------------------------------------
+    def rollout_metrics(self, exp: Experience) -> dict[str, float]:
+        lengths = torch.tensor([len(c.token_ids) for c in exp.completions], dtype=torch.float)
+        per_fn = exp.rewards.per_function
+        out = {
+            "rewards/total": float(torch.nanmean(exp.rewards.total)),
+            "rewards/total_std": float(torch.nan_to_num(exp.rewards.total).std()) if len(exp.completions) > 1 else 0.0,
+            "rewards/frac_zero_std_groups": float(exp.group_std_zero.float().mean()),
+            "completions/mean_length": float(lengths.mean()),
+            "completions/min_length": float(lengths.min()),
+            "completions/max_length": float(lengths.max()),
+            "completions/truncated_ratio": sum(c.truncated for c in exp.completions) / len(exp.completions),
+        }
+        for j, name in enumerate(exp.rewards.names):
+            col = per_fn[:, j]
+            out[f"rewards/{name}/mean"] = float(torch.nanmean(col)) if (~torch.isnan(col)).any() else float("nan")
+            out[f"rewards/{name}/applicable"] = float((~torch.isnan(col)).float().mean())
+        for name, count in self.rewards.failure_counts.items():
+            if count:
+                out[f"rewards/{name}/failures"] = count
+        return out
+
+    def save(self) -> Path:
+        return self.checkpoints.save(self.learner, self.step, {"data": self.stream.state_dict(),
+                                                               "nonfinite_in_a_row": self.nonfinite_in_a_row})
+
+    def train(self) -> Path:
+        cfg = self.cfg
+        acc = self.learner.accelerator
+        bar = tqdm(range(self.step, cfg.training.max_steps), desc="grpo",
+                   disable=not (cfg.logging.progress_bar and acc.is_main_process))
+        try:
+            for self.step in bar:
+                t0 = time.time()
+                exp = self.collect()
+                self.compute_advantages(exp)
+                t_rollout = time.time() - t0
+                metrics = self.rollout_metrics(exp)
+                metrics.update(exp.stats)
+                metrics.update(self.update(exp))
+                seconds = time.time() - t0
+                tokens = sum(len(c.token_ids) for c in exp.completions)
+                metrics.update({"time/step_s": seconds, "time/rollout_s": t_rollout,
+                                "throughput/completion_tokens_per_s": tokens / max(seconds, 1e-9),
+                                **self.stream.report.counts()})
+                if self.step % cfg.logging.logging_steps == 0 or self.step == cfg.training.max_steps - 1:
+                    self.metrics.log(metrics, self.step)
+                bar.set_postfix(reward=f"{metrics['rewards/total']:.3f}", kl=f"{metrics.get('train/kl', 0.0):.4f}")
+                if cfg.training.save_steps and (self.step + 1) % cfg.training.save_steps == 0:
+                    self.save()
+            self.step = cfg.training.max_steps
+            final = self.save()
+        finally:
+            self.metrics.close()
+            self.engine.close()
+        if acc.is_main_process:
+            log.info("training finished; last checkpoint %s", final)
+        return self.run_dir
+
+
+def train_grpo(cfg: RecipeConfig) -> Path:
+    return GRPOTrainer(cfg).train()
+
+
+TRAINERS["grpo"] = train_grpo

@@ -1,0 +1,153 @@
+"""GRPO math as pure functions: advantages, the k3 KL estimator, clipped surrogates, loss aggregation.
+
+Pure so they test without a model. Names and definitions follow TRL's GRPOTrainer where both have a
+variant (tests assert equal values): loss types grpo / bnpo / dr_grpo / dapo, token- or
+sequence-level importance sampling (GSPO), clip-higher (``epsilon_high``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+STD_EPS = 1e-4  # added to the std before dividing, as TRL does
+
+
+def nan_std(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Unbiased std ignoring NaNs (NaN when fewer than two values)."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    count = (~torch.isnan(x)).sum(dim=dim, keepdim=True)
+    var = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True) * count / (count - 1).clamp(min=1)
+    var = torch.where(count > 1, var, torch.full_like(var, float("nan")))
+    std = var.sqrt()
+    return std if dim is None else std.squeeze(dim)
+
+
+@dataclass
+class Advantages:
+    values: torch.Tensor  # (N,)
+    group_std_zero: torch.Tensor  # (N,) bool: the completion's group had identical rewards
+
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Advantages]] = {}
+
+
+def register_advantage(name: str):
+    def wrap(fn):
+        ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+    return wrap
+
+
+@register_advantage("grpo")
+def grpo_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "group") -> Advantages:
+    """reward - group mean, divided by the group std (``group``), the batch std (``batch``) or 1 (``none``).
+
+    NaN rewards (no reward applied) are left out of means and stds and get advantage 0.
+    """
+    grouped = rewards.view(-1, num_generations)
+    mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)
+    group_std = nan_std(grouped, dim=1).repeat_interleave(num_generations)
+    if scale == "batch":
+        std = nan_std(rewards).expand_as(rewards)
+    elif scale in ("group", "none"):
+        std = group_std
+    else:
+        raise ValueError(f"scale_rewards must be group, batch or none, got {scale!r}")
+    adv = rewards - mean
+    if scale != "none":
+        adv = adv / (std + STD_EPS)
+    adv = torch.nan_to_num(adv, nan=0.0)
+    zero = torch.isclose(torch.nan_to_num(group_std, nan=0.0), torch.zeros_like(group_std))
+    return Advantages(values=adv, group_std_zero=zero)
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(policy || reference): exp(r) - r - 1 with r = ref - policy."""
+    r = ref_logps - logps
+    return torch.exp(r) - r - 1
+
+
+@dataclass
+class LossSettings:
+    loss_type: str = "dapo"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    beta: float = 0.0
+    importance_sampling_level: str = "token"
+    max_completion_length: int = 64
+
+
+def _agg_grpo(per_token: torch.Tensor, mask: torch.Tensor, s: LossSettings, num_items: float) -> torch.Tensor:
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+
+
+def _agg_bnpo(per_token: torch.Tensor, mask: torch.Tensor, s: LossSettings, num_items: float) -> torch.Tensor:
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _agg_dr_grpo(per_token: torch.Tensor, mask: torch.Tensor, s: LossSettings, num_items: float) -> torch.Tensor:
+    return (per_token * mask).sum() / (per_token.size(0) * s.max_completion_length)
+
+
+def _agg_dapo(per_token: torch.Tensor, mask: torch.Tensor, s: LossSettings, num_items: float) -> torch.Tensor:
+    """Token-level mean over the whole (global) batch: ``num_items`` is its token count per process."""
+    return (per_token * mask).sum() / max(num_items, 1.0)
+
+
+LOSS_AGGREGATORS: dict[str, Callable[[torch.Tensor, torch.Tensor, LossSettings, float], torch.Tensor]] = {
+    "grpo": _agg_grpo, "bnpo": _agg_bnpo, "dr_grpo": _agg_dr_grpo, "dapo": _agg_dapo,
+}
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    per_token_kl: torch.Tensor | None
+    clipped_low: torch.Tensor  # (N, T) bool: ratio below 1-eps with negative advantage
+    clipped_high: torch.Tensor  # (N, T) bool: ratio above 1+eps_high with positive advantage
+
+
+def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                settings: LossSettings, *, ref_logps: torch.Tensor | None = None,
+                num_items: float | None = None, token_weights: torch.Tensor | None = None) -> LossOutput:
+    """Clipped surrogate + beta * k3 KL, aggregated by ``settings.loss_type``.
+
+    ``token_weights`` multiplies the surrogate per token (truncated importance sampling between the
+    rollout engine's and the learner's logprobs).
+    """
+    if settings.loss_type not in LOSS_AGGREGATORS:
+        raise ValueError(f"unknown loss_type {settings.loss_type!r}; known: {', '.join(LOSS_AGGREGATORS)}")
+    mask = mask.to(logps.dtype)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    log_ratio = logps - old_logps
+    if settings.importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    elif settings.importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level must be token or sequence, got {settings.importance_sampling_level!r}")
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1 - settings.epsilon_low, 1 + settings.epsilon_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    if token_weights is not None:
+        per_token = per_token * token_weights
+    kl = None
+    if settings.beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("beta != 0 needs reference logprobs")
+        kl = k3_kl(logps, ref_logps)
+        per_token = per_token + settings.beta * kl
+    if num_items is None:
+        num_items = float(mask.sum())
+    loss = LOSS_AGGREGATORS[settings.loss_type](per_token, mask, settings, num_items)
+    ratio_full = ratio.expand_as(logps)
+    adv_full = adv.expand_as(logps)
+    low = (ratio_full < 1 - settings.epsilon_low) & (adv_full < 0) & mask.bool()
+    high = (ratio_full > 1 + settings.epsilon_high) & (adv_full > 0) & mask.bool()
+    return LossOutput(loss=loss, per_token_kl=kl, clipped_low=low, clipped_high=high)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    mask = mask.to(x.dtype)
+    return float((x * mask).sum() / mask.sum().clamp(min=1.0))
