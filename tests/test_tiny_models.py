@@ -8,6 +8,7 @@ from r1_mm.config import DataConfig, MediaConfig
 from r1_mm.data import PromptBuilder
 from r1_mm.data.loading import default_media_root, read_rows
 from r1_mm.rollout import SamplingSettings, make_engine
+from r1_mm.rollout.base import media_token_ids
 from r1_mm.testing.tiny_models import TAG_TOKENS, TinySpec, build_tiny_model, parse_tiny_name
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision"]
@@ -89,7 +90,10 @@ def test_round_trip_processor_generate(tiny_path, synthetic_data, family, task):
         assert 1 <= len(c.token_ids) <= 6 and len(c.logprobs) == len(c.token_ids)
         assert all(lp <= 0 for lp in c.logprobs)
         assert c.truncated == (c.token_ids[-1] != processor.tokenizer.eos_token_id)
-    # sampling logprobs agree with a teacher-forced forward of the same model (temperature 1)
+    # sampling logprobs agree with a teacher-forced forward of the same model (temperature 1), under the
+    # same distribution: media placeholder tokens are suppressed when sampling
+    banned = media_token_ids(model.config)
+    assert banned and not any(t in banned for comp in comps for t in comp.token_ids)
     c = comps[0]
     full = torch.cat([sample.inputs["input_ids"], torch.tensor([c.token_ids])], dim=1)
     inputs = {k: v for k, v in sample.inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
@@ -99,5 +103,6 @@ def test_round_trip_processor_generate(tiny_path, synthetic_data, family, task):
     with torch.no_grad():
         logits = model(input_ids=full, attention_mask=torch.ones_like(full), **inputs).logits
     p = sample.inputs["input_ids"].shape[1]
+    logits[..., banned] = float("-inf")
     lp = torch.log_softmax(logits[0, p - 1:-1].float(), -1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
     assert torch.allclose(lp, torch.tensor(c.logprobs), atol=1e-4)
