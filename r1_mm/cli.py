@@ -34,7 +34,8 @@ def _cmd_rollout(argv: list[str]) -> int:
 def make_demo_data(out: Path, rows: int, seed: int) -> Path:
     from r1_mm.testing.synthetic import make_counting_task
 
-    return make_counting_task(out, rows, seed=seed, min_count=1, max_count=4)
+    # squares aligned to the 28-px visual-token grid: one square per visual token at most
+    return make_counting_task(out, rows, seed=seed, min_count=1, max_count=4, size=112, box=20, gap=8)
 
 
 def _cmd_demo(argv: list[str]) -> int:

@@ -115,6 +115,8 @@ class AlgorithmConfig:
     epsilon: float = 0.2
     epsilon_high: float | None = None
     importance_sampling_level: Literal["token", "sequence"] = "token"
+    # weight the k3 KL term by the importance ratio pi/pi_old (TRL's use_bias_correction_kl, its default)
+    kl_importance_weighting: bool = True
     scale_rewards: Literal["group", "batch", "none"] = "group"
     num_iterations: int = 1
     mask_truncated_completions: bool = False

@@ -85,3 +85,39 @@ def format_reward(completions: list[Any], *, think_tag: str = "think", answer_ta
     think = rf"<{re.escape(think_tag)}>.*?</{re.escape(think_tag)}>\s*" if require_think else ""
     pattern = re.compile(rf"^\s*{think}<{re.escape(answer_tag)}>.*?</{re.escape(answer_tag)}>\s*$", re.DOTALL)
     return [1.0 if pattern.match(completion_text(c)) else 0.0 for c in completions]
+
+
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def first_number(text: str) -> float | None:
+    """The first number written in ``text`` (commas as thousands separators allowed), else None."""
+    match = _NUMBER.search(text.replace(",", ""))
+    if match is None:
+        return None
+    try:
+        return float(match.group(0))
+    except ValueError:
+        return None
+
+
+@reward("numeric")
+def numeric(completions: list[Any], solution: list[Any] | None = None, *, tag: str = "answer",
+            require_tag: bool = True, abs_tol: float = 0.0, rel_tol: float = 0.0, **_: Any) -> list[float | None]:
+    """1.0 when the first number of the answer equals the solution within tolerance, else 0.0."""
+    if solution is None:
+        raise KeyError("reward 'numeric' needs a 'solution' column")
+    out: list[float | None] = []
+    for completion, sol in zip(completions, solution, strict=True):
+        gold = first_number(str(sol)) if sol is not None else None
+        if gold is None:
+            out.append(None)
+            continue
+        text = completion_text(completion)
+        answer = extract_answer(text, tag)
+        if answer is None and not require_tag:
+            answer = text
+        pred = first_number(answer) if answer is not None else None
+        ok = pred is not None and abs(pred - gold) <= max(abs_tol, rel_tol * abs(gold))
+        out.append(float(ok))
+    return out

@@ -41,19 +41,25 @@ def _place_boxes(rng: random.Random, n: int, size: int, box: int, gap: int = 2) 
     return [(c * (box + gap) + gap // 2, r * (box + gap) + gap // 2) for r, c in chosen]
 
 
-def counting_image(n: int, *, seed: int, size: int = 112, box: int = 16, colour: str | None = None) -> Image.Image:
-    """An image with exactly ``n`` filled squares (one colour per image) on black."""
+def counting_image(n: int, *, seed: int, size: int = 112, box: int = 16, gap: int = 2,
+                   colour: str | None = None) -> Image.Image:
+    """An image with exactly ``n`` filled squares (one colour per image) on black.
+
+    Squares sit in a grid of ``box + gap`` cells; with ``box + gap = 28`` each cell is exactly one
+    Qwen-VL visual token (the demo's easy setting).
+    """
     rng = random.Random(seed)
     img = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(img)
     rgb = COLOURS[colour or rng.choice(list(COLOURS))]
-    for x, y in _place_boxes(rng, n, size, box):
+    for x, y in _place_boxes(rng, n, size, box, gap):
         draw.rectangle([x, y, x + box - 1, y + box - 1], fill=rgb)
     return img
 
 
 def make_counting_task(out_dir: str | Path, num_rows: int, *, seed: int = 0, min_count: int = 1,
-                       max_count: int = 5, size: int = 112, box: int = 16, name: str = "counting") -> Path:
+                       max_count: int = 5, size: int = 112, box: int = 16, gap: int = 2,
+                       name: str = "counting") -> Path:
     """Counting: "How many squares?" -> solution is the count (problem_type ``counting``)."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -62,7 +68,7 @@ def make_counting_task(out_dir: str | Path, num_rows: int, *, seed: int = 0, min
     for i in range(num_rows):
         n = rng.randint(min_count, max_count)
         rel = f"images/{name}_{i:05d}.png"
-        counting_image(n, seed=rng.randrange(2**31), size=size, box=box).save(out_dir / rel)
+        counting_image(n, seed=rng.randrange(2**31), size=size, box=box, gap=gap).save(out_dir / rel)
         rows.append({"id": f"{name}-{i}", "image": rel, "prompt": "How many squares are in the image?",
                      "solution": str(n), "problem_type": "counting"})
     return _write_jsonl(rows, out_dir / f"{name}.jsonl")

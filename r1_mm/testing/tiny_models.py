@@ -93,14 +93,14 @@ class TinySpec:
 
     @property
     def vocab_size(self) -> int:
-        return 320 if self.small_vocab else 1024
+        return 96 if self.small_vocab else 1024
 
     def key(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True) + _BUILDER_VERSION
         return f"{self.family}{'-small' if self.small_vocab else ''}-s{self.seed}-{hashlib.sha1(blob.encode()).hexdigest()[:8]}"
 
 
-_BUILDER_VERSION = "1"
+_BUILDER_VERSION = "2"
 
 
 def _training_corpus() -> list[str]:
@@ -137,7 +137,9 @@ def build_tokenizer(spec: TinySpec):
     trainer = trainers.BpeTrainer(
         vocab_size=spec.vocab_size - len(QWEN_SPECIAL_TOKENS) - len(TAG_TOKENS) - len(extra_special_tokens),
         min_frequency=2,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        # small vocab: only the corpus's own characters (digits are then ~1/8 of the vocabulary, which
+        # makes answers reachable by a random policy); text outside that alphabet is dropped.
+        initial_alphabet=[] if spec.small_vocab else pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
         show_progress=False,
     )

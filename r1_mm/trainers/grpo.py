@@ -85,7 +85,8 @@ class GRPOTrainer:
             loss_type=a.loss_type, epsilon_low=a.epsilon,
             epsilon_high=a.epsilon_high if a.epsilon_high is not None else a.epsilon, beta=a.beta,
             importance_sampling_level=a.importance_sampling_level,
-            max_completion_length=cfg.rollout.max_completion_length)
+            max_completion_length=cfg.rollout.max_completion_length,
+            kl_importance_weighting=a.kl_importance_weighting)
         if a.advantage_estimator not in ADVANTAGE_ESTIMATORS:
             raise ValueError(f"unknown algorithm.advantage_estimator {a.advantage_estimator!r}; "
                              f"known: {', '.join(ADVANTAGE_ESTIMATORS)}")

@@ -78,6 +78,7 @@ class LossSettings:
     beta: float = 0.0
     importance_sampling_level: str = "token"
     max_completion_length: int = 64
+    kl_importance_weighting: bool = True  # KL x pi/pi_old (unbiased under off-policy samples)
 
 
 def _agg_grpo(per_token: torch.Tensor, mask: torch.Tensor, s: LossSettings, num_items: float) -> torch.Tensor:
@@ -137,7 +138,8 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
         if ref_logps is None:
             raise ValueError("beta != 0 needs reference logprobs")
         kl = k3_kl(logps, ref_logps)
-        per_token = per_token + settings.beta * kl
+        weighted_kl = kl * ratio if settings.kl_importance_weighting else kl
+        per_token = per_token + settings.beta * weighted_kl
     if num_items is None:
         num_items = float(mask.sum())
     loss = LOSS_AGGREGATORS[settings.loss_type](per_token, mask, settings, num_items)

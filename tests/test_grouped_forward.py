@@ -1,0 +1,108 @@
+"""The grouped forward equals the library's naive forward over G repeated sequences (float32, 1e-5)."""
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from r1_mm.config import DataConfig, MediaConfig
+from r1_mm.data import PromptBuilder
+from r1_mm.data.loading import default_media_root, read_rows
+from r1_mm.testing import synthetic
+from r1_mm.trainers.grouped_forward import grouped_logprobs, naive_logprobs, pack_groups
+
+G = 3
+# completion lengths differ so completions are right-padded inside the packed rows
+LENGTHS = [5, 9, 3, 7, 1, 4]
+
+
+@pytest.fixture(scope="module")
+def long_video_task(tmp_path_factory):
+    """80 s videos sampled at 4 frames: 20 s per frame, so M-RoPE temporal ids jump far past the text."""
+    return synthetic.make_event_video_task(tmp_path_factory.mktemp("long"), 2, seed=9, duration_s=80.0, fps=1,
+                                           size=56)
+
+
+def load(tiny_path, family, attn="sdpa", checkpointing=False):
+    path = tiny_path(family)
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, AutoProcessor.from_pretrained(path)
+
+
+def prompts_for(processor, data_path, media=None, vary_length=True):
+    rows = read_rows(data_path)
+    builder = PromptBuilder(processor, DataConfig(), media or MediaConfig(), default_media_root(data_path))
+    if vary_length:  # prompts of different lengths -> left padding in the batch
+        rows[1] = dict(rows[1], prompt=rows[1]["prompt"] + " Look carefully, then answer with one number only.")
+    return [builder.prepare(rows[i], i).inputs for i in range(2)]
+
+
+def completions(vocab):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def compare(model, processor, prompts, temperature=0.7):
+    comps = completions(len(processor.tokenizer) - 16)  # ordinary tokens (specials sit at the end)
+    pad = processor.tokenizer.pad_token_id
+    packed = pack_groups(model, [dict(p) for p in prompts], comps, G, pad)
+    lp_g, ent_g = grouped_logprobs(model, packed, temperature=temperature, with_entropy=True)
+    weights = torch.linspace(0.5, 1.5, lp_g.numel()).reshape(lp_g.shape)  # a loss that touches every token
+    (lp_g * weights).sum().backward()
+    g_grouped = grads(model)
+    model.zero_grad()
+    lp_n, ent_n = naive_logprobs(model, [dict(p) for p in prompts], comps, G, pad, temperature=temperature,
+                                 with_entropy=True)
+    (lp_n * weights).sum().backward()
+    g_naive = grads(model)
+    model.zero_grad()
+    mask = packed.completion_mask.bool()
+    assert mask.sum(-1).tolist() == LENGTHS
+    torch.testing.assert_close(lp_g[mask], lp_n[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent_g[mask], ent_n[mask], atol=1e-4, rtol=0)
+    assert set(g_grouped) == set(g_naive) and len(g_naive) > 10
+    for name, g in g_naive.items():
+        scale = g.abs().max().clamp(min=1e-8)
+        assert (g_grouped[name] - g).abs().max() / scale < 1e-4, name
+    # the vision tower received gradient through the grouped route too
+    assert any("visual" in n and g.abs().sum() > 0 for n, g in g_grouped.items())
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("task", ["counting", "multi_image", "events"])
+def test_grouped_equals_naive(tiny_path, synthetic_data, family, task):
+    model, processor = load(tiny_path, family)
+    compare(model, processor, prompts_for(processor, synthetic_data[task]))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_grouped_equals_naive_with_gradient_checkpointing(tiny_path, synthetic_data, family):
+    model, processor = load(tiny_path, family, checkpointing=True)
+    compare(model, processor, prompts_for(processor, synthetic_data["events"]))
+    compare(model, processor, prompts_for(processor, synthetic_data["multi_image"]))
+
+
+def test_grouped_equals_naive_eager_attention(tiny_path, synthetic_data):
+    model, processor = load(tiny_path, "qwen2_5_vl", attn="eager")
+    compare(model, processor, prompts_for(processor, synthetic_data["counting"]))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_long_video_temporal_positions_past_the_text(tiny_path, long_video_task, family):
+    model, processor = load(tiny_path, family)
+    media = MediaConfig(nframes=4, video_total_pixels=10**9)
+    prompts = prompts_for(processor, long_video_task, media)
+    if family == "qwen2_5_vl":
+        from r1_mm.trainers.grouped_forward import prompt_positions
+
+        p = prompts[0]
+        positions = prompt_positions(model, {k: v for k, v in p.items()})
+        # positions run past the prompt's own length: "P + rope_deltas" shortcuts would be wrong here
+        assert int(positions.max()) > p["input_ids"].shape[1] + 16
+    compare(model, processor, prompts)

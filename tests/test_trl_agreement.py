@@ -1,0 +1,128 @@
+"""Identical inputs through TRL's GRPOTrainer loss and ours give the same loss and per-token logprobs."""
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from trl import GRPOConfig, GRPOTrainer
+
+from r1_mm.config import DataConfig, MediaConfig
+from r1_mm.data import PromptBuilder
+from r1_mm.data.loading import default_media_root, read_rows
+from r1_mm.trainers.grouped_forward import grouped_logprobs, pack_groups, pad_completions
+from r1_mm.trainers.losses import LossSettings, grpo_advantages, policy_loss
+
+G = 3
+TEMPERATURE = 0.9
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_path, synthetic_data, tmp_path_factory):
+    path = tiny_path("qwen2_5_vl")
+    processor = AutoProcessor.from_pretrained(path)
+    data = synthetic_data["counting"]
+    builder = PromptBuilder(processor, DataConfig(), MediaConfig(), default_media_root(data))
+    rows = read_rows(data)
+    rows[1] = dict(rows[1], prompt=rows[1]["prompt"] + " Answer with a single number, nothing else.")
+    prompts = [builder.prepare(rows[i], i).inputs for i in range(2)]
+    gen = torch.Generator().manual_seed(1)
+    completions = [torch.randint(0, 400, (n,), generator=gen).tolist() for n in [4, 7, 2, 6, 3, 5]]
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0])
+    return path, processor, prompts, completions, rewards, tmp_path_factory.mktemp("trl")
+
+
+def trl_inputs(processor, prompts, completions, advantages, old, ref):
+    """TRL's per-completion layout: left-padded prompts repeated G times, media repeated per row."""
+    pad = processor.tokenizer.pad_token_id
+    p_max = max(p["input_ids"].shape[1] for p in prompts)
+    rows = len(completions)
+    prompt_ids = torch.full((rows, p_max), pad, dtype=torch.long)
+    prompt_mask = torch.zeros((rows, p_max), dtype=torch.long)
+    mm = torch.zeros((rows, p_max), dtype=torch.long)
+    pixel_values, grids = [], []
+    for i, p in enumerate(prompts):
+        n = p["input_ids"].shape[1]
+        for j in range(G):
+            r = i * G + j
+            prompt_ids[r, p_max - n:] = p["input_ids"][0]
+            prompt_mask[r, p_max - n:] = 1
+            mm[r, p_max - n:] = p["mm_token_type_ids"][0]
+            pixel_values.append(p["pixel_values"])
+            grids.append(p["image_grid_thw"])
+    completion_ids, completion_mask = pad_completions(completions, pad, torch.device("cpu"))
+    return {
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids, "completion_mask": completion_mask,
+        "pixel_values": torch.cat(pixel_values), "image_grid_thw": torch.cat(grids), "num_images": [1] * rows,
+        "mm_token_type_ids": torch.cat([mm, torch.zeros_like(completion_ids)], dim=1),
+        "advantages": advantages, "old_per_token_logps": old, "ref_per_token_logps": ref,
+        "num_items_in_batch": completion_mask.sum(),
+    }
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("is_level", ["token", "sequence"])
+@pytest.mark.parametrize("kl_weighting", [True, False])
+def test_loss_and_logprobs_equal_trl(setup, loss_type, is_level, kl_weighting):
+    path, processor, prompts, completions, rewards, tmp = setup
+    beta, eps_low, eps_high, max_len = 0.04, 0.2, 0.28, 8
+    config = GRPOConfig(output_dir=str(tmp / f"{loss_type}-{is_level}-{kl_weighting}"), use_cpu=True, bf16=False, report_to=[],
+                        loss_type=loss_type, beta=beta, epsilon=eps_low, epsilon_high=eps_high,
+                        importance_sampling_level=is_level, num_generations=G, per_device_train_batch_size=G,
+                        max_completion_length=max_len, temperature=TEMPERATURE,
+                        use_bias_correction_kl=kl_weighting)
+    trl_model = AutoModelForImageTextToText.from_pretrained(path)
+    trainer = GRPOTrainer(model=trl_model, reward_funcs=[lambda completions, **_: [0.0] * len(completions)],
+                          args=config, train_dataset=Dataset.from_list([{"prompt": "x"}] * 4),
+                          processing_class=processor)
+    trainer.current_gradient_accumulation_steps = 1
+    ours = AutoModelForImageTextToText.from_pretrained(path)
+
+    packed = pack_groups(ours, [dict(p) for p in prompts], completions, G, processor.tokenizer.pad_token_id)
+    logps, _ = grouped_logprobs(ours, packed, temperature=TEMPERATURE)
+    mask = packed.completion_mask
+    gen = torch.Generator().manual_seed(2)
+    shift = torch.tensor([0.5, -0.5, 0.0, 0.4, -0.4, 0.1])[:, None]  # moves sequence-level ratios out of the clip
+    old = (logps.detach() + shift + 0.3 * torch.randn(logps.shape, generator=gen)) * mask  # exercises both clips
+    ref = (logps.detach() + 0.2 * torch.randn(logps.shape, generator=gen)) * mask
+    advantages = grpo_advantages(rewards, G, scale="group").values
+
+    inputs = trl_inputs(processor, prompts, completions, advantages, old, ref)
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    trl_logps, _, _ = trainer._get_per_token_logps_and_entropies(
+        trainer.model, input_ids, attention, inputs["completion_ids"].shape[1], pixel_values=inputs["pixel_values"],
+        image_grid_thw=inputs["image_grid_thw"], num_images=inputs["num_images"],
+        mm_token_type_ids=inputs["mm_token_type_ids"])
+    m = mask.bool()
+    torch.testing.assert_close(logps[m], trl_logps[m], atol=1e-5, rtol=0)
+
+    trl_loss = trainer._compute_loss(trainer.model, inputs)
+    settings = LossSettings(loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, beta=beta,
+                            importance_sampling_level=is_level, max_completion_length=max_len,
+                            kl_importance_weighting=kl_weighting)
+    # the loss formula alone: our policy_loss on TRL's own logprobs reproduces TRL's loss
+    on_trl = policy_loss(trl_logps.detach(), old, advantages, mask, settings, ref_logps=ref, num_items=float(mask.sum()))
+    torch.testing.assert_close(on_trl.loss, trl_loss.detach(), atol=1e-7, rtol=1e-6)
+    # the whole pipeline (grouped forward + loss) agrees to float32 forward noise
+    our = policy_loss(logps, old, advantages, mask, settings, ref_logps=ref, num_items=float(mask.sum()))
+    torch.testing.assert_close(our.loss, trl_loss.detach(), atol=1e-5, rtol=0)
+    assert abs(float(our.loss.detach())) > 1e-4  # a loss that is not trivially zero
+    assert our.clipped_low.any() or our.clipped_high.any()
+
+
+def test_advantages_match_trl_definition():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 2.0, 2.0, 2.0, float("nan"), 1.0, 3.0])
+    adv = grpo_advantages(rewards, 3, scale="group")
+    grouped = rewards.view(-1, 3)
+    g0 = (grouped[0] - grouped[0].mean()) / (grouped[0].std() + 1e-4)
+    torch.testing.assert_close(adv.values[:3], g0)
+    assert adv.values[3:6].abs().max() == 0 and adv.group_std_zero[3:6].all()
+    assert adv.values[6] == 0  # None rewards get no advantage and do not shift the baseline
+    torch.testing.assert_close(adv.values[7:], torch.tensor([-1.0, 1.0]) / (torch.tensor([1.0, 3.0]).std() + 1e-4))
+    batch = grpo_advantages(torch.tensor([1.0, 0.0, 3.0, 3.0]), 2, scale="batch")
+    std = torch.tensor([1.0, 0.0, 3.0, 3.0]).std()
+    torch.testing.assert_close(batch.values, torch.tensor([0.5, -0.5, 0.0, 0.0]) / (std + 1e-4))
+    none = grpo_advantages(torch.tensor([1.0, 0.0]), 2, scale="none")
+    torch.testing.assert_close(none.values, torch.tensor([0.5, -0.5]))
