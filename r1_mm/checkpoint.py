@@ -16,6 +16,28 @@ from typing import Any
 STATE_FILE = "trainer_state.json"
 
 
+def export_model(model: Any, full_state_dict: dict[str, Any], out_dir: Path) -> None:
+    """Save a plain transformers folder from a full (gathered) state dict; LoRA adapters are merged.
+
+    The live model may hold ZeRO-3 partitions (empty tensors), so a LoRA model is rebuilt on the
+    CPU from its config, loaded with the gathered weights, and merged there.
+    """
+    if hasattr(model, "merge_and_unload"):
+        from peft import get_peft_model
+        from transformers import AutoModelForImageTextToText
+
+        base = model.get_base_model()
+        fresh = AutoModelForImageTextToText.from_config(base.config, dtype=next(iter(full_state_dict.values())).dtype)
+        fresh = get_peft_model(fresh, model.peft_config["default"])
+        missing, unexpected = fresh.load_state_dict(full_state_dict, strict=False)
+        if unexpected or [k for k in missing if "lora_" in k or "base_layer" in k]:
+            raise RuntimeError(f"LoRA export: state dict does not fit the model (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})")
+        fresh.merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
+        return
+    model.save_pretrained(out_dir, state_dict=full_state_dict, safe_serialization=True)
+
+
 class CheckpointManager:
     def __init__(self, run_dir: str | Path, keep: int = 2):
         self.root = Path(run_dir) / "checkpoints"
@@ -41,14 +63,7 @@ class CheckpointManager:
         acc.save_state(output_dir=str(tmp))
         state_dict = acc.get_state_dict(learner.policy)  # gathers ZeRO-3 shards (collective)
         if acc.is_main_process:
-            model = acc.unwrap_model(learner.policy)
-            export = model
-            if hasattr(model, "merge_and_unload"):
-                import copy
-
-                export = copy.deepcopy(model).merge_and_unload()
-                state_dict = None
-            export.save_pretrained(tmp / "model", state_dict=state_dict, safe_serialization=True)
+            export_model(acc.unwrap_model(learner.policy), state_dict, tmp / "model")
             learner.processor.save_pretrained(tmp / "model")
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
             if final.exists():

@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 
 from r1_mm.config import ConfigError, RecipeConfig, dump_recipe, load_recipe
-
-# Learners register here by algorithm name (r1_mm.trainers adds to it as they land).
-TRAINERS: dict[str, Callable[[RecipeConfig], object]] = {}
 
 
 def parser(prog: str = "r1-mm train") -> argparse.ArgumentParser:
@@ -39,6 +35,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m r1_mm.train") -> 
         print(dump_recipe(cfg), end="")
         return 0
     import r1_mm.trainers  # noqa: F401  (registers the learners)
+    from r1_mm.trainers.registry import TRAINERS
 
     trainer = TRAINERS.get(cfg.algorithm.name)
     if trainer is None:

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("tiny_models")
+    """R1MM_CACHE/tiny_models of the test session (subprocesses get R1MM_CACHE=tiny_cache.parent)."""
+    return tmp_path_factory.mktemp("r1mm_cache") / "tiny_models"
 
 
 @pytest.fixture(scope="session")

@@ -182,33 +182,43 @@ def pack_groups(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]], 
                         completion_ids=comp_ids, completion_mask=comp_mask, num_generations=g)
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
-                   with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(target) under softmax(logits / temperature), and optionally the entropy, in float32."""
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
+                   suppressed_ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) under softmax(logits / temperature), and optionally the entropy, in float32.
+
+    ``suppressed_ids`` are tokens the rollout engines never sample (media placeholders): the policy
+    is the distribution without them, so the learner must normalise without them too. Otherwise
+    their probability, never sampled and so never penalised, drifts up and every sampled token's
+    logprob sinks by log(1 - p_suppressed).
+    """
     logits = logits.float() / temperature
+    if suppressed_ids:
+        logits[..., suppressed_ids] = float("-inf")
     logp_all = torch.log_softmax(logits, dim=-1)
     logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = None
     if with_entropy:
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        finite = torch.nan_to_num(logp_all, neginf=0.0)
+        entropy = -(logp_all.exp() * finite).sum(-1)
     return logps, entropy
 
 
 def grouped_logprobs(model: torch.nn.Module, packed: PackedGroups, *, temperature: float = 1.0,
-                     with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     with_entropy: bool = False,
+                     suppressed_ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token logprobs (B*G, C) of the packed completions (zero where masked)."""
     out = model(**packed.model_kwargs(), logits_to_keep=packed.logits_index, use_cache=False)
     b, g = packed.input_ids.shape[0], packed.num_generations
     c = packed.completion_ids.shape[1]
     logits = out.logits.reshape(b * g, c, -1)
-    logps, entropy = token_logprobs(logits, packed.completion_ids, temperature, with_entropy)
+    logps, entropy = token_logprobs(logits, packed.completion_ids, temperature, with_entropy, suppressed_ids)
     mask = packed.completion_mask.to(logps.dtype)
     return logps * mask, (entropy * mask if entropy is not None else None)
 
 
 def naive_logprobs(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]], completions: list[list[int]],
-                   num_generations: int, pad_id: int, *, temperature: float = 1.0,
-                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   num_generations: int, pad_id: int, *, temperature: float = 1.0, with_entropy: bool = False,
+                   suppressed_ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The library way: B*G full sequences (left-padded prompt + right-padded completion), media repeated."""
     g = num_generations
     device = prompts[0]["input_ids"].device
@@ -236,6 +246,6 @@ def naive_logprobs(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]
     if has_types:
         kwargs["mm_token_type_ids"] = mm_types
     out = model(**kwargs, logits_to_keep=c + 1, use_cache=False)
-    logps, entropy = token_logprobs(out.logits[:, :-1], comp_ids, temperature, with_entropy)
+    logps, entropy = token_logprobs(out.logits[:, :-1], comp_ids, temperature, with_entropy, suppressed_ids)
     mask = comp_mask.to(logps.dtype)
     return logps * mask, (entropy * mask if entropy is not None else None)

@@ -6,6 +6,7 @@ One learner serves every back-end (single process, DDP, ZeRO-2/3, LoRA); the mat
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,9 +19,9 @@ from r1_mm.checkpoint import CheckpointManager
 from r1_mm.config import RecipeConfig, RewardSpec, dump_recipe
 from r1_mm.data import PromptStream, Sample
 from r1_mm.rewards.registry import RewardBatch, RewardRunner
-from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, make_engine
+from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, make_engine, media_token_ids
 from r1_mm.tracking import MetricsLogger
-from r1_mm.train import TRAINERS
+from r1_mm.trainers.registry import register_trainer
 from r1_mm.trainers import temporal_contrast
 from r1_mm.trainers.backend import Learner, build_learner, generation_model, reference_model, sync_reference
 from r1_mm.trainers.grouped_forward import grouped_logprobs, naive_logprobs, pack_groups
@@ -46,18 +47,23 @@ class Experience:
 
 
 def score_completions(model: torch.nn.Module, samples: list[Sample], completion_ids: list[list[int]], g: int,
-                      pad_id: int, *, temperature: float, mode: str, with_entropy: bool = False):
-    """Per-token logprobs (B*G, C) and completion mask, by the grouped or the naive forward."""
+                      pad_id: int, *, temperature: float, mode: str, with_entropy: bool = False,
+                      suppressed_ids: list[int] | None = None):
+    """Per-token logprobs (B*G, C) and completion mask, by the grouped or the naive forward.
+
+    Scored under the rollout engines' distribution: ``suppressed_ids`` are masked as when sampling.
+    """
     device = next(model.parameters()).device
     prompts = [{k: v.to(device) if hasattr(v, "to") else v for k, v in s.inputs.items()} for s in samples]
     if mode == "grouped":
         packed = pack_groups(model, prompts, completion_ids, g, pad_id)
-        logps, entropy = grouped_logprobs(model, packed, temperature=temperature, with_entropy=with_entropy)
+        logps, entropy = grouped_logprobs(model, packed, temperature=temperature, with_entropy=with_entropy,
+                                          suppressed_ids=suppressed_ids)
         return logps, entropy, packed.completion_mask
     from r1_mm.trainers.grouped_forward import pad_completions
 
     logps, entropy = naive_logprobs(model, prompts, completion_ids, g, pad_id, temperature=temperature,
-                                    with_entropy=with_entropy)
+                                    with_entropy=with_entropy, suppressed_ids=suppressed_ids)
     return logps, entropy, pad_completions(completion_ids, pad_id, device)[1]
 
 
@@ -69,6 +75,7 @@ class GRPOTrainer:
         acc = self.learner.accelerator
         self.processor = self.learner.processor
         self.pad_id = self.processor.tokenizer.pad_token_id
+        self.suppressed_ids = media_token_ids(self.learner.unwrapped.config)
         self.stream = PromptStream.from_config(self.processor, cfg.data, cfg.media, seed=cfg.training.seed,
                                                shard=(acc.process_index, acc.num_processes))
         self.rewards = RewardRunner(cfg.rewards.functions, on_error=cfg.rewards.on_error)
@@ -203,7 +210,8 @@ class GRPOTrainer:
         return score_completions(model, exp.samples, [c.token_ids for c in exp.completions],
                                  self.cfg.rollout.num_generations, self.pad_id,
                                  temperature=max(self.cfg.rollout.temperature, 1e-6),
-                                 mode=self.cfg.training.forward_mode, with_entropy=with_entropy)
+                                 mode=self.cfg.training.forward_mode, with_entropy=with_entropy,
+                                 suppressed_ids=self.suppressed_ids)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=self.learner.accelerator.device)
@@ -288,6 +296,18 @@ class GRPOTrainer:
                 out[f"rewards/{name}/failures"] = count
         return out
 
+    def log_completions(self, exp: Experience) -> None:
+        """The first prompt's group, for reading what the policy writes (main process only)."""
+        if not self.learner.accelerator.is_main_process:
+            return
+        g = self.cfg.rollout.num_generations
+        sample = exp.samples[0]
+        with (self.run_dir / "completions.jsonl").open("a") as f:
+            for j, c in enumerate(exp.completions[:g]):
+                f.write(json.dumps({"step": self.step, "row_id": sample.row_id, "solution": sample.row.get("solution"),
+                                    "completion": c.text, "reward": float(exp.rewards.total[j]),
+                                    "advantage": float(exp.advantages[j])}) + "\n")
+
     def save(self) -> Path:
         return self.checkpoints.save(self.learner, self.step, {"data": self.stream.state_dict(),
                                                                "nonfinite_in_a_row": self.nonfinite_in_a_row})
@@ -313,6 +333,7 @@ class GRPOTrainer:
                                 **self.stream.report.counts()})
                 if self.step % cfg.logging.logging_steps == 0 or self.step == cfg.training.max_steps - 1:
                     self.metrics.log(metrics, self.step)
+                    self.log_completions(exp)
                 bar.set_postfix(reward=f"{metrics['rewards/total']:.3f}", kl=f"{metrics.get('train/kl', 0.0):.4f}")
                 if cfg.training.save_steps and (self.step + 1) % cfg.training.save_steps == 0:
                     self.save()
@@ -326,8 +347,6 @@ class GRPOTrainer:
         return self.run_dir
 
 
+@register_trainer("grpo")
 def train_grpo(cfg: RecipeConfig) -> Path:
     return GRPOTrainer(cfg).train()
-
-
-TRAINERS["grpo"] = train_grpo

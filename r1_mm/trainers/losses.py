@@ -151,5 +151,6 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    x = x.detach()
     mask = mask.to(x.dtype)
     return float((x * mask).sum() / mask.sum().clamp(min=1.0))
