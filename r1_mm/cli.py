@@ -34,22 +34,30 @@ def _cmd_rollout(argv: list[str]) -> int:
 def make_demo_data(out: Path, rows: int, seed: int) -> Path:
     from r1_mm.testing.synthetic import make_counting_task
 
-    # squares aligned to the 28-px visual-token grid: one square per visual token at most
-    return make_counting_task(out, rows, seed=seed, min_count=1, max_count=4, size=112, box=20, gap=8)
+    # 56x56 images: 1-4 squares, each on one of the 2x2 visual tokens (28-px cells)
+    return make_counting_task(out, rows, seed=seed, min_count=1, max_count=4, size=56, box=20, gap=8)
 
 
 def _cmd_demo(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="r1-mm demo", description=(
         "Build the tiny offline model and synthetic counting data, then run the demo recipe."))
     p.add_argument("--out", default="runs/demo", help="run folder (data, metrics, checkpoints)")
-    p.add_argument("--recipe", default=str(REPO_RECIPES / "demo_rollout.yaml"))
-    p.add_argument("--rows", type=int, default=64, help="synthetic rows to generate")
+    p.add_argument("--recipe", default=str(REPO_RECIPES / "demo_counting_grpo.yaml"))
+    p.add_argument("--rows", type=int, default=512, help="synthetic rows to generate")
     p.add_argument("overrides", nargs="*", help="key.sub=value recipe overrides")
     args = p.parse_args(argv)
     out = Path(args.out)
     data = make_demo_data(out / "data", args.rows, seed=0)
     print(f"demo: synthetic data in {data}")
-    return _cmd_rollout([args.recipe, f"data.train_path={data}", f"training.output_dir={out}", *args.overrides])
+    overrides = [f"data.train_path={data}", f"training.output_dir={out}", *args.overrides]
+    if "rollout" in Path(args.recipe).stem:
+        return _cmd_rollout([args.recipe, *overrides])
+    code = _cmd_train([args.recipe, *overrides])
+    if code == 0:
+        from r1_mm.plotting import plot_run
+
+        print(f"demo: curves in {plot_run(out)}")
+    return code
 
 
 def _cmd_make_tiny(argv: list[str]) -> int:
@@ -81,10 +89,23 @@ def _cmd_make_data(argv: list[str]) -> int:
     return 0
 
 
+def _cmd_plot(argv: list[str]) -> int:
+    from r1_mm.plotting import plot_run
+
+    p = argparse.ArgumentParser(prog="r1-mm plot", description="Draw a run's metrics.jsonl to a PNG.")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
+    p.add_argument("--smooth", type=int, default=20, help="moving-average window in steps")
+    args = p.parse_args(argv)
+    print(plot_run(args.run_dir, args.out, smooth=args.smooth))
+    return 0
+
+
 COMMANDS = {
     "train": (_cmd_train, "train a policy from a recipe (same as accelerate launch -m r1_mm.train)"),
     "rollout": (_cmd_rollout, "sample completions for a recipe's data without training"),
     "demo": (_cmd_demo, "build the tiny model and synthetic data, then run the demo recipe"),
+    "plot": (_cmd_plot, "draw a run's metrics to a PNG"),
     "make-tiny": (_cmd_make_tiny, "build a tiny offline Qwen2-VL / Qwen2.5-VL"),
     "make-data": (_cmd_make_data, "write a synthetic image/video task"),
 }

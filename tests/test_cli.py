@@ -5,6 +5,8 @@ from pathlib import Path
 
 from r1_mm.cli import main
 
+from .conftest import REPO
+
 BIN = Path(sys.executable).parent
 
 
@@ -36,9 +38,10 @@ def test_make_tiny_and_make_data(tmp_path):
     assert len((tmp_path / "d" / "events.jsonl").read_text().splitlines()) == 2
 
 
-def test_demo_runs_rollouts_end_to_end(tmp_path):
+def test_demo_rollout_recipe_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--rows", "8", "training.max_steps=2", "logging.progress_bar=false"]) == 0
+    assert main(["demo", "--out", str(out), "--rows", "8", "--recipe", str(REPO / "recipes" / "demo_rollout.yaml"),
+                 "training.max_steps=2", "logging.progress_bar=false"]) == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1]
     assert metrics[-1]["data/rows_prepared"] == 4
@@ -47,8 +50,20 @@ def test_demo_runs_rollouts_end_to_end(tmp_path):
     assert (out / "recipe.resolved.yaml").exists()
 
 
+def test_demo_grpo_runs_and_plots(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--rows", "16", "training.max_steps=3", "training.save_steps=null",
+                 "logging.progress_bar=false"]) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    assert {"rewards/numeric/mean", "rewards/format/mean", "train/kl", "train/loss"} <= set(metrics[0])
+    assert (out / "curves.png").stat().st_size > 1000
+    assert (out / "checkpoints" / "step-000003" / "model" / "config.json").exists()
+
+
 def test_demo_rerun_starts_fresh_metrics(tmp_path):
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--rows", "4", "training.max_steps=1", "logging.progress_bar=false"]
+    args = ["demo", "--out", str(out), "--rows", "4", "--recipe", str(REPO / "recipes" / "demo_rollout.yaml"),
+            "training.max_steps=1", "logging.progress_bar=false"]
     assert main(args) == 0 and main(args) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1

@@ -80,11 +80,18 @@ def accuracy(completions: list[Any], solution: list[Any] | None = None, *, tag: 
 
 @reward("format")
 def format_reward(completions: list[Any], *, think_tag: str = "think", answer_tag: str = "answer",
-                  require_think: bool = True, **_: Any) -> list[float]:
-    """1.0 for exactly ``<think>...</think><answer>...</answer>`` (whitespace between allowed)."""
+                  require_think: bool = True, pattern: str | None = None, **_: Any) -> list[float]:
+    """1.0 for exactly ``<think>...</think><answer>...</answer>`` (whitespace between allowed).
+
+    ``pattern``: a regular expression the whole (stripped) completion must match instead, e.g.
+    ``"\\d+"`` for a bare number.
+    """
+    if pattern is not None:
+        custom = re.compile(pattern, re.DOTALL)
+        return [1.0 if custom.fullmatch(completion_text(c).strip()) else 0.0 for c in completions]
     think = rf"<{re.escape(think_tag)}>.*?</{re.escape(think_tag)}>\s*" if require_think else ""
-    pattern = re.compile(rf"^\s*{think}<{re.escape(answer_tag)}>.*?</{re.escape(answer_tag)}>\s*$", re.DOTALL)
-    return [1.0 if pattern.match(completion_text(c)) else 0.0 for c in completions]
+    tagged = re.compile(rf"^\s*{think}<{re.escape(answer_tag)}>.*?</{re.escape(answer_tag)}>\s*$", re.DOTALL)
+    return [1.0 if tagged.match(completion_text(c)) else 0.0 for c in completions]
 
 
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")

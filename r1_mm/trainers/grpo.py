@@ -21,11 +21,11 @@ from r1_mm.data import PromptStream, Sample
 from r1_mm.rewards.registry import RewardBatch, RewardRunner
 from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, make_engine, media_token_ids
 from r1_mm.tracking import MetricsLogger
-from r1_mm.trainers.registry import register_trainer
 from r1_mm.trainers import temporal_contrast
 from r1_mm.trainers.backend import Learner, build_learner, generation_model, reference_model, sync_reference
 from r1_mm.trainers.grouped_forward import grouped_logprobs, naive_logprobs, pack_groups
 from r1_mm.trainers.losses import ADVANTAGE_ESTIMATORS, LossSettings, masked_mean, policy_loss
+from r1_mm.trainers.registry import register_trainer
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,229 @@
+"""One GRPO learner step on identical inputs: r1-mm vs TRL's GRPOTrainer, same model and device.
+
+A step = reference logprobs (no grad) + policy logprobs + loss + backward + optimizer step, given
+the same prompts, completions and advantages (generation is benchmarked in bench/rollout.py).
+
+Cases:
+  long   one image prompt with >= 1024 visual tokens, G = 8, 64-token completions
+  short  a text-only prompt, G = 8, 64-token completions
+
+Each (case, implementation) runs in its own process, so peak memory (RSS, sampled every 2 ms)
+is not polluted by the other. Usage:
+
+    .venv/bin/python bench/grpo_step.py            # all cases, prints a markdown table
+    .venv/bin/python bench/grpo_step.py --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+G = 8
+COMPLETION_TOKENS = 64
+BETA = 0.04
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread; ``peak`` is the maximum seen (MiB)."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss / 2**20)
+            time.sleep(0.002)
+
+    def __enter__(self):
+        self.peak = self.proc.memory_info().rss / 2**20
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def bench_model_path() -> Path:
+    from r1_mm.testing.tiny_models import TinySpec, tiny_model_path
+
+    spec = TinySpec(hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=4, intermediate_size=512,
+                    vision_hidden_size=128, vision_depth=4, vision_heads=4, max_pixels=28 * 28 * 1280)
+    return tiny_model_path(spec)
+
+
+def make_inputs(case: str, processor, tmp: Path):
+    """Prompt inputs (our Sample.inputs form), completions and advantages, seeded."""
+    import torch
+    from PIL import Image
+
+    from r1_mm.config import DataConfig, MediaConfig
+    from r1_mm.data import PromptBuilder
+
+    if case == "long":
+        img = Image.new("RGB", (896, 896))
+        img.paste((200, 30, 30), (100, 100, 400, 400))
+        img.save(tmp / "big.png")
+        row = {"image": "big.png", "prompt": "How many squares are in the image?"}
+        media = MediaConfig(min_pixels=896 * 896, max_pixels=896 * 896)
+    else:
+        row = {"prompt": "What is the capital of France? Answer in one word."}
+        media = MediaConfig()
+    builder = PromptBuilder(processor, DataConfig(max_prompt_length=4096), media, tmp)
+    sample = builder.prepare(row, 0)
+    gen = torch.Generator().manual_seed(0)
+    completions = [torch.randint(0, 400, (COMPLETION_TOKENS,), generator=gen).tolist() for _ in range(G)]
+    advantages = torch.randn(G, generator=gen)
+    return sample, completions, advantages
+
+
+def run_ours(model, ref, processor, sample, completions, advantages, optimizer):
+    import torch
+
+    from r1_mm.trainers.grouped_forward import grouped_logprobs, pack_groups
+    from r1_mm.trainers.losses import LossSettings, policy_loss
+
+    pad = processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        ref_logps, _ = grouped_logprobs(ref, pack_groups(ref, [dict(sample.inputs)], completions, G, pad))
+    packed = pack_groups(model, [dict(sample.inputs)], completions, G, pad)
+    logps, _ = grouped_logprobs(model, packed, with_entropy=True)
+    settings = LossSettings(loss_type="dapo", beta=BETA, epsilon_high=0.28, max_completion_length=COMPLETION_TOKENS)
+    out = policy_loss(logps, logps.detach(), advantages, packed.completion_mask, settings, ref_logps=ref_logps)
+    out.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def trl_setup(model, processor, tmp: Path):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    config = GRPOConfig(output_dir=str(tmp / "trl"), use_cpu=True, bf16=False, report_to=[], loss_type="dapo",
+                        beta=BETA, epsilon_high=0.28, num_generations=G, per_device_train_batch_size=G,
+                        max_completion_length=COMPLETION_TOKENS)
+    trainer = GRPOTrainer(model=model, reward_funcs=[lambda completions, **_: [0.0] * len(completions)],
+                          args=config, train_dataset=Dataset.from_list([{"prompt": "x"}] * G),
+                          processing_class=processor)
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+def trl_inputs(sample, completions, advantages, processor):
+    import torch
+
+    from r1_mm.trainers.grouped_forward import pad_completions
+
+    p = sample.inputs
+    prompt_ids = p["input_ids"].repeat(G, 1)
+    prompt_mask = p["attention_mask"].repeat(G, 1)
+    completion_ids, completion_mask = pad_completions(completions, processor.tokenizer.pad_token_id,
+                                                      torch.device("cpu"))
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+              "completion_mask": completion_mask, "advantages": advantages,
+              "num_items_in_batch": completion_mask.sum()}
+    if "pixel_values" in p:
+        inputs.update(pixel_values=p["pixel_values"].repeat(G, 1), image_grid_thw=p["image_grid_thw"].repeat(G, 1),
+                      num_images=[1] * G)
+    if "mm_token_type_ids" in p:
+        inputs["mm_token_type_ids"] = torch.cat([p["mm_token_type_ids"].repeat(G, 1),
+                                                 torch.zeros_like(completion_ids)], dim=1)
+    return inputs
+
+
+def run_trl(trainer, ref, inputs, optimizer):
+    import torch
+
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    extra = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "num_images", "mm_token_type_ids") if k in inputs}
+    with torch.no_grad():  # TRL computes reference logprobs with the same helper, on the reference model
+        ref_logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            ref, input_ids, attention, inputs["completion_ids"].shape[1], **extra)
+    loss = trainer._compute_loss(trainer.model, dict(inputs, ref_per_token_logps=ref_logps))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def worker(case: str, impl: str, repeats: int) -> dict:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch.manual_seed(0)
+    path = bench_model_path()
+    processor = AutoProcessor.from_pretrained(path)
+    tmp = Path(tempfile.mkdtemp())
+    sample, completions, advantages = make_inputs(case, processor, tmp)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    ref = AutoModelForImageTextToText.from_pretrained(path).eval().requires_grad_(False)
+    if impl == "trl":
+        trainer = trl_setup(model, processor, tmp)
+        inputs = trl_inputs(sample, completions, advantages, processor)
+        from trl.models.utils import add_fused_lm_head  # TRL scores the reference with its fused head too
+
+        add_fused_lm_head(ref, temperature=1.0)
+        step = lambda opt: run_trl(trainer, ref, inputs, opt)  # noqa: E731
+        params = trainer.model.parameters()
+    else:
+        step = lambda opt: run_ours(model, ref, processor, sample, completions, advantages, opt)  # noqa: E731
+        params = model.parameters()
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    step(optimizer)  # warm-up (allocations, kernels)
+    times = []
+    with PeakRSS() as mem:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step(optimizer)
+            times.append(time.perf_counter() - t0)
+    return {"case": case, "impl": impl, "seconds": sorted(times)[len(times) // 2], "peak_rss_mib": mem.peak,
+            "prompt_tokens": int(sample.num_prompt_tokens),
+            "visual_tokens": int(sample.inputs["image_grid_thw"].prod() // 4) if "image_grid_thw" in sample.inputs else 0,
+            "torch_threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cases", default="long,short")
+    ap.add_argument("--worker", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker[0], args.worker[1], args.repeats)))
+        return
+    bench_model_path()  # build once before the workers race for it
+    results = {}
+    for case in args.cases.split(","):
+        for impl in ("trl", "r1-mm"):
+            out = subprocess.run([sys.executable, __file__, "--worker", case, impl, "--repeats", str(args.repeats)],
+                                 capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode != 0 or not line:
+                sys.exit(f"worker {case}/{impl} failed:\n{out.stderr[-3000:]}")
+            results[(case, impl)] = json.loads(line[0][7:])
+    print(f"GRPO learner step, G={G}, {COMPLETION_TOKENS}-token completions, beta={BETA}, median of "
+          f"{args.repeats}, {results[next(iter(results))]['torch_threads']} torch threads, CPU")
+    print()
+    print("| case | prompt tokens (visual) | TRL s | r1-mm s | speed-up | TRL peak RSS MiB | r1-mm peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for case in args.cases.split(","):
+        t, o = results[(case, "trl")], results[(case, "r1-mm")]
+        print(f"| {case} | {o['prompt_tokens']} ({o['visual_tokens']}) | {t['seconds']:.3f} | {o['seconds']:.3f} | "
+              f"{t['seconds'] / o['seconds']:.2f}x | {t['peak_rss_mib']:.0f} | {o['peak_rss_mib']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
