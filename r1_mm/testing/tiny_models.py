@@ -26,10 +26,9 @@ QWEN_SPECIAL_TOKENS = [
 # Reasoning/answer tags are single tokens so that an RL demo can reach the answer format.
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 
-# The Qwen2-VL chat format (the same rendering as the family's hub template), written for r1-mm:
-# a default system turn, media placeholders wrapped in vision start/end, and the generation prompt.
-QWEN_VL_CHAT_TEMPLATE = (
-    "{%- set image_count = namespace(value=0) -%}{%- set video_count = namespace(value=0) -%}"
+# Turn scaffolding shared by both families' templates: a default system turn, role headers,
+# string or part-list content, and the generation prompt. Each family fills in how parts render.
+_TURNS_HEAD = (
     "{%- for message in messages -%}"
     "{%- if loop.first and message['role'] != 'system' -%}"
     "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
@@ -37,6 +36,19 @@ QWEN_VL_CHAT_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\\n' }}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for part in message['content'] -%}"
+)
+_TURNS_TAIL = (
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+# The Qwen2-VL chat format (the same rendering as the family's hub template), written for r1-mm:
+# a default system turn, media placeholders wrapped in vision start/end, and the generation prompt.
+QWEN_VL_CHAT_TEMPLATE = (
+    "{%- set image_count = namespace(value=0) -%}{%- set video_count = namespace(value=0) -%}"
+    + _TURNS_HEAD + (
     "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
     "{%- set image_count.value = image_count.value + 1 -%}"
     "{%- if add_vision_id -%}{{ 'Picture ' + image_count.value|string + ': ' }}{%- endif -%}"
@@ -46,29 +58,17 @@ QWEN_VL_CHAT_TEMPLATE = (
     "{%- if add_vision_id -%}{{ 'Video ' + video_count.value|string + ': ' }}{%- endif -%}"
     "{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
     "{%- elif 'text' in part -%}{{ part['text'] }}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    ) + _TURNS_TAIL
 )
 
 
 # LLaVA-OneVision (Qwen2 language model): the same turns, media as "<image>\n" / "<video>\n".
 LLAVA_OV_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if loop.first and message['role'] != 'system' -%}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
+    _TURNS_HEAD + (
     "{%- if part['type'] == 'image' -%}{{ '<image>\\n' }}"
     "{%- elif part['type'] == 'video' -%}{{ '<video>\\n' }}"
     "{%- elif 'text' in part -%}{{ part['text'] }}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    ) + _TURNS_TAIL
 )
 LLAVA_MEDIA_TOKENS = ("<image>", "<video>")
 
