@@ -173,7 +173,7 @@ def worker(case: str, impl: str, repeats: int) -> dict:
     if impl == "trl":
         trainer = trl_setup(model, processor, tmp)
         inputs = trl_inputs(sample, completions, advantages, processor)
-        from trl.models.utils import add_fused_lm_head  # TRL scores the reference with its fused head too
+        from trl.trainer.utils import add_fused_lm_head  # TRL scores the reference with its fused head too
 
         add_fused_lm_head(ref, temperature=1.0)
         step = lambda opt: run_trl(trainer, ref, inputs, opt)  # noqa: E731
