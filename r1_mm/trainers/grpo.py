@@ -46,6 +46,11 @@ class Experience:
     stats: dict[str, float] = field(default_factory=dict)
 
 
+def flat_groups(totals: torch.Tensor, g: int) -> list[bool]:
+    """Per group: do all G rewards agree (None counted as 0)? Such groups carry no GRPO signal."""
+    return [bool(torch.nan_to_num(t, nan=0.0).std() == 0) for t in totals.view(-1, g)]
+
+
 def score_completions(model: torch.nn.Module, samples: list[Sample], completion_ids: list[list[int]], g: int,
                       pad_id: int, *, temperature: float, mode: str, with_entropy: bool = False,
                       suppressed_ids: list[int] | None = None):
@@ -174,15 +179,14 @@ class GRPOTrainer:
         resampled = 0
         if cfg.algorithm.dynamic_sampling:
             for _ in range(cfg.algorithm.max_resample_rounds):
-                totals = batch.total.view(-1, g)
-                flat = [bool(torch.nan_to_num(t, nan=0.0).std() == 0) for t in totals]
+                flat = flat_groups(batch.total, g)
                 if not any(flat):
                     break
                 drop = [i for i, f in enumerate(flat) if f]
                 new_samples = self.stream.next_batch(len(drop))
                 new_groups, new_batch, _ = self._rollout(new_samples)
                 resampled += len(drop)
-                new_flat = [bool(torch.nan_to_num(t, nan=0.0).std() == 0) for t in new_batch.total.view(-1, g)]
+                new_flat = flat_groups(new_batch.total, g)
                 # informative new groups replace flat old ones; the rest keep the old (flat) groups
                 replacements = [j for j, f in enumerate(new_flat) if not f]
                 for slot, j in zip(drop, replacements, strict=False):
