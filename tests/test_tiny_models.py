@@ -106,3 +106,31 @@ def test_round_trip_processor_generate(tiny_path, synthetic_data, family, task):
     logits[..., banned] = float("-inf")
     lp = torch.log_softmax(logits[0, p - 1:-1].float(), -1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
     assert torch.allclose(lp, torch.tensor(c.logprobs), atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_engine_prefills_once_per_prompt(tiny_path, synthetic_data, family):
+    """G samples of a video prompt run the vision tower once and decode exactly as plain ``generate``."""
+    path = tiny_path(family)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    data = synthetic_data["events"]
+    builder = PromptBuilder(processor, DataConfig(), MediaConfig(), default_media_root(data))
+    sample = builder.prepare(read_rows(data)[0], 0)
+    tower = getattr(model.model, "visual", None) or model.model.vision_tower
+    calls = []
+    handle = tower.register_forward_hook(lambda mod, args, kwargs, out: calls.append(
+        (args[0] if args else next(iter(kwargs.values()))).shape[0]), with_kwargs=True)
+    engine = make_engine("hf", model=model, processor=processor)
+    greedy = SamplingSettings(max_tokens=5, temperature=0.0)
+    out = engine.generate([sample], 4, greedy)[0].completions
+    with torch.no_grad():
+        model(**sample.inputs)  # one plain forward of the prompt: what the tower sees for one copy
+    handle.remove()
+    assert len(calls) == 2 and calls[0] == calls[1]  # not G copies of the pixels
+    with torch.no_grad():
+        ref = model.generate(**sample.inputs, max_new_tokens=5, do_sample=False,
+                             suppress_tokens=media_token_ids(model.config))
+    expected = ref[0, sample.inputs["input_ids"].shape[1]:].tolist()
+    for c in out:
+        assert c.token_ids == expected[: len(c.token_ids)]

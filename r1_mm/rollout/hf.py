@@ -1,7 +1,9 @@
 """The ``hf`` rollout engine: transformers ``generate`` on the learner's own model (CPU default).
 
 It needs no weight transfer (it samples from the live policy), which makes it the reference every
-other engine is compared with.
+other engine is compared with. The G samples of one prompt share one prefill: the vision tower and the
+prompt run once, and the resulting KV cache is repeated G times before decoding (``num_return_sequences``
+would instead repeat the pixels and prefill G times, which dominates a long video prompt).
 """
 
 from __future__ import annotations
@@ -28,6 +30,24 @@ def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+def _shared_prefill(model: torch.nn.Module, inputs: Any, n: int) -> Any:
+    """Prefill all prompt tokens but the last once and return that KV cache repeated ``n`` times.
+
+    ``generate`` then only feeds the last prompt token for each of the n rows and decodes from there.
+    The last token is text (the chat template's assistant header), so the media inputs are consumed
+    here and never again. Qwen-VL models keep the M-RoPE offset of this prefill in
+    ``model.model.rope_deltas``, which ``generate`` uses for the continued positions.
+    """
+    head = {k: (v[:, :-1] if k in _PER_TOKEN_KEYS else v) for k, v in inputs.items()}
+    out = model(**head, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)
+    return cache
+
+
+_PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
 @register_engine("hf")
 class HFRolloutEngine(RolloutEngine):
     name = "hf"
@@ -50,7 +70,7 @@ class HFRolloutEngine(RolloutEngine):
         pad = self.tokenizer.pad_token_id
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_tokens, num_return_sequences=n,
+        kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_tokens,
                                       return_dict_in_generate=True, output_scores=True, pad_token_id=pad,
                                       eos_token_id=sorted(eos), use_cache=True,
                                       suppress_tokens=media_token_ids(model.config) or None)
@@ -64,8 +84,11 @@ class HFRolloutEngine(RolloutEngine):
         try:
             for sample in batch:
                 inputs = sample.inputs.to(next(model.parameters()).device)
-                out = model.generate(**inputs, **kwargs)
-                prompt_len = inputs["input_ids"].shape[1]
+                ids, mask = inputs["input_ids"], inputs["attention_mask"]
+                cache = _shared_prefill(model, inputs, n)
+                out = model.generate(input_ids=ids.repeat(n, 1), attention_mask=mask.repeat(n, 1),
+                                     past_key_values=cache, **kwargs)
+                prompt_len = ids.shape[1]
                 sequences = out.sequences[:, prompt_len:]
                 logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)
                 token_logprobs = logprobs.gather(-1, sequences.unsqueeze(-1)).squeeze(-1)
