@@ -43,6 +43,16 @@ def test_wrong_types_name_the_field(tmp_path):
         load_recipe(None, ["model.lora=3"])
     with pytest.raises(ConfigError, match=r"logging.report_to: expected a list"):
         load_recipe(None, ["logging.report_to=wandb"])
+    with pytest.raises(ConfigError, match=r"training.learning_rate: expected a number, got 'fast'"):
+        load_recipe(None, ["training.learning_rate=fast"])
+
+
+def test_exponent_floats_without_dot(tmp_path):
+    """YAML 1.1 (PyYAML) reads `1e-5` as a string; researchers write it that way all the time."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("training:\n  learning_rate: 1e-5\n")
+    assert load_recipe(recipe).training.learning_rate == 1e-5
+    assert load_recipe(None, ["algorithm.beta=4e-2"]).algorithm.beta == 0.04
 
 
 def test_cross_field_validation():
