@@ -101,6 +101,64 @@ def _cmd_plot(argv: list[str]) -> int:
     return 0
 
 
+def _cmd_rewards(argv: list[str]) -> int:
+    import json
+
+    from r1_mm.rewards.check import check_reward
+    from r1_mm.rewards.registry import available
+
+    p = argparse.ArgumentParser(prog="r1-mm rewards", description="List rewards or check one on sample rows.")
+    sub = p.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="every registered reward and where it comes from")
+    check = sub.add_parser("check", help="run a reward on sample rows and report problems in plain words")
+    check.add_argument("spec", help="name, pkg.module:fn or path/to/file.py:fn")
+    check.add_argument("--data", required=True, help="a jsonl/json/csv data file")
+    check.add_argument("--rows", type=int, default=4)
+    check.add_argument("--kwargs", default="{}", help='JSON object of the reward\'s recipe kwargs, e.g. \'{"tag": "ans"}\'')
+    args = p.parse_args(argv)
+    if args.action == "list":
+        for name, source in available().items():
+            print(f"{name:<18} {source}")
+        return 0
+    report = check_reward(args.spec, args.data, rows=args.rows, kwargs=json.loads(args.kwargs))
+    print("\n".join(report.lines))
+    for problem in report.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    print("ok" if report.ok else f"{len(report.problems)} problem(s)")
+    return 0 if report.ok else 1
+
+
+def _cmd_serve(argv: list[str]) -> int:
+    from r1_mm.config import ModelConfig
+    from r1_mm.models import resolve_model_path
+    from r1_mm.serving import ServerSpec
+
+    p = argparse.ArgumentParser(prog="r1-mm serve", description=(
+        "Run vLLM's OpenAI-compatible server for a judge model (the `critic` reward's openai back-end)."))
+    p.add_argument("role", choices=["critic"])
+    p.add_argument("--model", required=True, help="path, hub id or tiny:... name of the judge")
+    p.add_argument("--host", default="127.0.0.1", help="loopback by default: the server has no auth unless --api-key")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-images", type=int, default=16, help="images (or video frames) per request")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU only: KV-cache memory")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--dry-run", action="store_true", help="print the server command and exit")
+    args, extra = p.parse_known_args(argv)
+    spec = ServerSpec(model=resolve_model_path(ModelConfig(name_or_path=args.model)), host=args.host,
+                      port=args.port, served_model_name=args.served_model_name, max_model_len=args.max_model_len,
+                      max_images_per_prompt=args.max_images, kv_cache_gib=args.kv_cache_gib, api_key=args.api_key,
+                      extra_args=extra)
+    print(" ".join(spec.command()), flush=True)
+    if args.dry_run:
+        return 0
+    print(f"critic server: {spec.base_url} (set the critic reward's base_url to this)", flush=True)
+    import subprocess
+
+    return subprocess.call(spec.command(), env=spec.environment())
+
+
 COMMANDS = {
     "train": (_cmd_train, "train a policy from a recipe (same as accelerate launch -m r1_mm.train)"),
     "rollout": (_cmd_rollout, "sample completions for a recipe's data without training"),
@@ -108,6 +166,8 @@ COMMANDS = {
     "plot": (_cmd_plot, "draw a run's metrics to a PNG"),
     "make-tiny": (_cmd_make_tiny, "build a tiny offline Qwen2-VL / Qwen2.5-VL"),
     "make-data": (_cmd_make_data, "write a synthetic image/video task"),
+    "rewards": (_cmd_rewards, "list rewards, or check one on sample rows"),
+    "serve": (_cmd_serve, "run a vLLM server for the critic (OpenAI-compatible, loopback)"),
 }
 
 

@@ -9,6 +9,7 @@ of that reward's mean). Rewards are found by registered name, by entry point (gr
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib
 import importlib.util
 import inspect
@@ -51,11 +52,15 @@ _builtins_loaded = False
 _entry_points_loaded = False
 
 
+BUILTIN_MODULES = ("verifiable", "spatiotemporal", "text_similarity", "shaping", "routing", "critic.reward")
+
+
 def _load_builtins() -> None:
     global _builtins_loaded
     if not _builtins_loaded:
         _builtins_loaded = True
-        importlib.import_module("r1_mm.rewards.verifiable")
+        for module in BUILTIN_MODULES:
+            importlib.import_module(f"r1_mm.rewards.{module}")
 
 
 def _load_entry_points() -> None:
@@ -118,12 +123,34 @@ def available() -> dict[str, str]:
     return dict(sorted(SOURCES.items()))
 
 
+def accepts_keyword(fn: RewardFn, name: str) -> bool:
+    """Does ``fn`` take ``name`` as a keyword (by name or through ``**kwargs``)?"""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is p.VAR_KEYWORD or (p.name == name and p.kind is not p.POSITIONAL_ONLY) for p in params)
+
+
 def call_reward(fn: RewardFn, **kwargs: Any) -> list[Any]:
-    """Call a sync or async reward with TRL's keyword arguments."""
+    """Call a sync or async reward with TRL's keyword arguments.
+
+    An async reward runs on its own event loop (see :func:`run_sync`).
+    """
     result = fn(**kwargs)
     if inspect.isawaitable(result):
-        result = asyncio.run(_await(result))
+        result = run_sync(_await(result))
     return list(result)
+
+
+def run_sync(coro: Any) -> Any:
+    """Run a coroutine to completion from sync code, even inside an already running event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 async def _await(awaitable: Any) -> Any:
@@ -143,25 +170,35 @@ class RewardBatch:
 class RewardRunner:
     """Calls every configured reward on a batch, applies weights and the error policy."""
 
-    def __init__(self, specs: list[Any], on_error: str = "raise"):
+    def __init__(self, specs: list[Any], on_error: str = "raise", context: dict[str, Any] | None = None):
+        """``context``: run-level keyword arguments every reward receives (e.g. max_completion_length);
+        a spec's own kwargs override them."""
+        self.context = dict(context or {})
         self.names = [s.name for s in specs]
         self.weights = torch.tensor([float(s.weight) for s in specs])
         self.fns = []
+        self.originals = []
         for spec in specs:
             fn = get(spec.name)
-            if spec.kwargs:
+            self.originals.append(fn)
+            context = {k: v for k, v in self.context.items() if accepts_keyword(fn, k)}
+            fixed = {**context, **(spec.kwargs or {})}
+            if fixed:
                 base = fn
-                fn = lambda _base=base, _kw=dict(spec.kwargs), **kw: _base(**kw, **_kw)  # noqa: E731
+                fn = lambda _base=base, _kw=fixed, **kw: _base(**{**kw, **_kw})  # noqa: E731
             self.fns.append(fn)
         self.on_error = on_error
         self.failure_counts = dict.fromkeys(self.names, 0)
 
     def __call__(self, *, prompts: list[Any], completions: list[str], completion_ids: list[list[int]],
-                 rows: list[dict[str, Any]], row_ids: list[str]) -> RewardBatch:
+                 rows: list[dict[str, Any]], row_ids: list[str], media: list[Any] | None = None) -> RewardBatch:
+        """``media``: per completion, the decoded images/frames the policy saw (passed as ``prompt_media``)."""
         n = len(completions)
         columns: dict[str, list[Any]] = {}
         for key in {k for r in rows for k in r}:
             columns[key] = [r.get(key) for r in rows]
+        if media is not None:
+            columns["prompt_media"] = media
         out = torch.full((n, len(self.fns)), float("nan"))
         failures: dict[str, int] = {}
         for j, (name, fn) in enumerate(zip(self.names, self.fns, strict=True)):
@@ -177,7 +214,9 @@ class RewardRunner:
                         raise RewardError(f"value {v!r} for row {row_ids[i]} is not a finite number or None")
                     out[i, j] = float(v)
             except Exception as exc:
-                rows_named = ", ".join(dict.fromkeys(row_ids))
+                index = getattr(exc, "index", None)  # RowError: the reward says which completion failed
+                failed = [row_ids[index]] if isinstance(index, int) and 0 <= index < n else row_ids
+                rows_named = ", ".join(dict.fromkeys(failed))
                 message = f"reward '{name}' failed on rows [{rows_named}]: {type(exc).__name__}: {exc}"
                 if self.on_error == "raise":
                     raise RewardError(message) from exc
@@ -188,3 +227,12 @@ class RewardRunner:
         total = torch.nansum(weighted, dim=1)
         total[torch.isnan(out).all(dim=1)] = float("nan")
         return RewardBatch(per_function=out, total=total, names=list(self.names), failures=failures)
+
+    def metrics(self) -> dict[str, float]:
+        """Counters that rewards expose through a ``metrics()`` attribute (e.g. the critic's unparsable)."""
+        out: dict[str, float] = {}
+        for name, fn in zip(self.names, self.originals, strict=True):
+            report = getattr(fn, "metrics", None)
+            if callable(report):
+                out.update({f"rewards/{name}/{k}": float(v) for k, v in report().items()})
+        return out

@@ -1,6 +1,7 @@
-"""Verifiable rewards: answers checked against the row's ``solution``.
+"""Verifiable rewards that check an answer against the row's ``solution``.
 
-Every reward takes TRL's keyword arguments and returns one ``float | None`` per completion.
+Every reward takes TRL's keyword arguments and returns one ``float | None`` per completion: None when
+the row has no solution (not applicable), 0.0 for a missing or unparsable answer.
 """
 
 from __future__ import annotations
@@ -8,123 +9,147 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import numpy as np
+
+from r1_mm.rewards.math_check import checker
+from r1_mm.rewards.parsing import first_number, normalise, score_each
 from r1_mm.rewards.registry import reward
 
-_TAG_CACHE: dict[str, re.Pattern[str]] = {}
 
-
-def _tag_pattern(tag: str) -> re.Pattern[str]:
-    if tag not in _TAG_CACHE:
-        _TAG_CACHE[tag] = re.compile(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", re.DOTALL)
-    return _TAG_CACHE[tag]
-
-
-def completion_text(completion: Any) -> str:
-    """Completions arrive as strings, or as conversational [{"role": "assistant", "content": ...}]."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        content = completion[-1].get("content", "")
-        if isinstance(content, list):
-            return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        return str(content)
-    return str(completion)
-
-
-def extract_answer(text: str, tag: str = "answer") -> str | None:
-    """The content of the last ``<tag>...</tag>``, stripped; None when there is none."""
-    found = _tag_pattern(tag).findall(text)
-    return found[-1].strip() if found else None
-
-
-def _normalise(s: str) -> str:
-    return re.sub(r"\s+", " ", s.strip().strip(".").lower())
-
-
-def answers_match(prediction: str, solution: str, timeout_seconds: int = 5) -> bool:
-    """Normalised string equality, else math-verify equivalence (bounded by ``timeout_seconds``)."""
-    if _normalise(prediction) == _normalise(solution):
+def answers_match(prediction: str, solution: str, timeout_seconds: float = 5.0) -> bool:
+    """Normalised string equality, else math-verify equivalence within a hard time limit."""
+    if normalise(prediction) == normalise(solution):
         return True
-    from math_verify import parse, verify
-
-    try:
-        gold = parse(solution, parsing_timeout=timeout_seconds)
-        pred = parse(prediction, parsing_timeout=timeout_seconds)
-        return bool(gold and pred and verify(gold, pred, timeout_seconds=timeout_seconds))
-    except Exception:  # math-verify raises on pathological input; that is a wrong answer, not a crash
+    if not prediction.strip() or not solution.strip():
         return False
+    return checker().equivalent(prediction, solution, timeout_seconds)
 
 
 @reward("accuracy")
 def accuracy(completions: list[Any], solution: list[Any] | None = None, *, tag: str = "answer",
-             require_tag: bool = True, timeout_seconds: int = 5, **_: Any) -> list[float | None]:
-    """1.0 when the tagged answer equals the solution (string or math equivalence), else 0.0.
-
-    With ``require_tag=False`` an untagged completion is compared as a whole. Rows without a
-    solution get None.
-    """
-    if solution is None:
-        raise KeyError("reward 'accuracy' needs a 'solution' column")
-    out: list[float | None] = []
-    for completion, sol in zip(completions, solution, strict=True):
-        if sol is None:
-            out.append(None)
-            continue
-        text = completion_text(completion)
-        answer = extract_answer(text, tag)
-        if answer is None:
-            answer = None if require_tag else text
-        out.append(float(answer is not None and answers_match(answer, str(sol), timeout_seconds)))
-    return out
-
-
-@reward("format")
-def format_reward(completions: list[Any], *, think_tag: str = "think", answer_tag: str = "answer",
-                  require_think: bool = True, pattern: str | None = None, **_: Any) -> list[float]:
-    """1.0 for exactly ``<think>...</think><answer>...</answer>`` (whitespace between allowed).
-
-    ``pattern``: a regular expression the whole (stripped) completion must match instead, e.g.
-    ``"\\d+"`` for a bare number.
-    """
-    if pattern is not None:
-        custom = re.compile(pattern, re.DOTALL)
-        return [1.0 if custom.fullmatch(completion_text(c).strip()) else 0.0 for c in completions]
-    think = rf"<{re.escape(think_tag)}>.*?</{re.escape(think_tag)}>\s*" if require_think else ""
-    tagged = re.compile(rf"^\s*{think}<{re.escape(answer_tag)}>.*?</{re.escape(answer_tag)}>\s*$", re.DOTALL)
-    return [1.0 if tagged.match(completion_text(c)) else 0.0 for c in completions]
-
-
-_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
-
-
-def first_number(text: str) -> float | None:
-    """The first number written in ``text`` (commas as thousands separators allowed), else None."""
-    match = _NUMBER.search(text.replace(",", ""))
-    if match is None:
-        return None
-    try:
-        return float(match.group(0))
-    except ValueError:
-        return None
+             require_tag: bool = True, timeout_seconds: float = 5.0, **_: Any) -> list[float | None]:
+    """1.0 when the tagged answer equals the solution as a string or as mathematics (LaTeX, numbers,
+    expressions, via math-verify), else 0.0. Each math check is killed after ``timeout_seconds``."""
+    return score_each("accuracy", completions, solution,
+                       lambda a, s, _: answers_match(a, str(s), timeout_seconds), tag=tag, require_tag=require_tag)
 
 
 @reward("numeric")
 def numeric(completions: list[Any], solution: list[Any] | None = None, *, tag: str = "answer",
             require_tag: bool = True, abs_tol: float = 0.0, rel_tol: float = 0.0, **_: Any) -> list[float | None]:
-    """1.0 when the first number of the answer equals the solution within tolerance, else 0.0."""
-    if solution is None:
-        raise KeyError("reward 'numeric' needs a 'solution' column")
-    out: list[float | None] = []
-    for completion, sol in zip(completions, solution, strict=True):
-        gold = first_number(str(sol)) if sol is not None else None
+    """1.0 when the answer's first number equals the solution's within ``abs_tol`` / ``rel_tol``."""
+
+    def score(answer: str, sol: Any, _: int) -> float:
+        gold, pred = first_number(str(sol)), first_number(answer)
         if gold is None:
-            out.append(None)
-            continue
-        text = completion_text(completion)
-        answer = extract_answer(text, tag)
-        if answer is None and not require_tag:
-            answer = text
-        pred = first_number(answer) if answer is not None else None
-        ok = pred is not None and abs(pred - gold) <= max(abs_tol, rel_tol * abs(gold))
-        out.append(float(ok))
+            raise ValueError(f"solution {sol!r} holds no number")
+        return float(pred is not None and abs(pred - gold) <= max(abs_tol, rel_tol * abs(gold)))
+
+    return score_each("numeric", completions, solution, score, tag=tag, require_tag=require_tag)
+
+
+# -- VSI-Bench Mean Relative Accuracy -----------------------------------------------------------------
+
+def vsi_parse_number(answer: str) -> float | None:
+    """VSI-Bench's parsing: the first space-separated word, trailing '.' removed, through ``float``.
+
+    So "3.5" and "3.5." parse, while "about 3.5" and "3.5m" do not (they score 0 there, and here).
+    """
+    word = answer.split(" ")[0].rstrip(".").strip()
+    try:
+        return float(word)
+    except (ValueError, OverflowError):
+        return None
+
+
+_MRA_THRESHOLDS = np.linspace(0.5, 0.95, int((0.95 - 0.5) / 0.05 + 2))  # built the way VSI-Bench does: 10 points
+
+
+def mean_relative_accuracy(pred: float, gold: float) -> float:
+    """Mean over theta in {0.50, ..., 0.95} of 1[|pred - gold| / |gold| <= 1 - theta] (<=, as VSI-Bench).
+
+    VSI-Bench divides by zero for gold = 0; here that case scores 1 for an exact 0 and 0 otherwise.
+    """
+    if gold == 0:
+        return float(pred == 0)
+    distance = abs(pred - gold) / abs(gold)
+    return float((distance <= 1 - _MRA_THRESHOLDS).mean())
+
+
+@reward("mra")
+def mra(completions: list[Any], solution: list[Any] | None = None, *, tag: str = "answer",
+        require_tag: bool = True, **_: Any) -> list[float | None]:
+    """VSI-Bench Mean Relative Accuracy of a numeric answer (distances, sizes, counts); 0 if unparsable."""
+
+    def score(answer: str, sol: Any, _: int) -> float:
+        gold = float(sol) if isinstance(sol, (int, float)) else vsi_parse_number(str(sol).strip())
+        if gold is None:
+            raise ValueError(f"solution {sol!r} is not a number")
+        pred = vsi_parse_number(answer)
+        if pred is None or pred != pred or abs(pred) == float("inf"):
+            return 0.0
+        return mean_relative_accuracy(pred, gold)
+
+    return score_each("mra", completions, solution, score, tag=tag, require_tag=require_tag)
+
+
+# -- multiple choice and yes/no ------------------------------------------------------------------------
+
+_OPTION_PREFIX = re.compile(r"^\s*\(?([A-Z])[.):]\s*(.*)$", re.DOTALL)
+_LONE_LETTER = re.compile(r"(?<![A-Za-z])\(?([A-Z])\)?(?![A-Za-z])")
+
+
+def option_letters(options: list[Any] | None) -> dict[str, str]:
+    """{"A": "circle", ...} from options written "A. circle" (or a bare list, lettered in order)."""
+    out: dict[str, str] = {}
+    for i, opt in enumerate(options or []):
+        text = str(opt)
+        m = _OPTION_PREFIX.match(text)
+        if m:
+            out[m.group(1)] = normalise(m.group(2))
+        elif i < 26:
+            out[chr(ord("A") + i)] = normalise(text)
     return out
+
+
+def chosen_options(answer: str, options: dict[str, str]) -> set[str]:
+    """Every option the answer names: by letter ("B", "(B)", "B. square") or by the option's text."""
+    valid = set(options) or {chr(ord("A") + i) for i in range(26)}
+    letters = {m.group(1) for m in _LONE_LETTER.finditer(answer) if m.group(1) in valid}
+    if letters:
+        return letters
+    said = normalise(answer)
+    return {letter for letter, text in options.items() if text and text == said}
+
+
+@reward("mcq")
+def mcq(completions: list[Any], solution: list[Any] | None = None, options: list[Any] | None = None, *,
+        tag: str = "answer", require_tag: bool = True, **_: Any) -> list[float | None]:
+    """1.0 when the answer names exactly the correct option; naming several ("A or B") scores 0."""
+    option_rows = options if options is not None else [None] * len(completions)
+
+    def score(answer: str, sol: Any, i: int) -> float:
+        table = option_letters(option_rows[i])
+        gold = chosen_options(str(sol), table)
+        if len(gold) != 1:
+            raise ValueError(f"solution {sol!r} does not name exactly one option")
+        return float(chosen_options(answer, table) == gold)
+
+    return score_each("mcq", completions, solution, score, tag=tag, require_tag=require_tag)
+
+
+_YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+
+
+@reward("yes_no")
+def yes_no(completions: list[Any], solution: list[Any] | None = None, *, tag: str = "answer",
+           require_tag: bool = True, **_: Any) -> list[float | None]:
+    """1.0 when the answer says only the correct one of yes / no; saying both or neither scores 0."""
+
+    def score(answer: str, sol: Any, _: int) -> float:
+        gold = {w.lower() for w in _YES_NO.findall(str(sol))}
+        if len(gold) != 1:
+            raise ValueError(f"solution {sol!r} is not yes or no")
+        return float({w.lower() for w in _YES_NO.findall(answer)} == gold)
+
+    return score_each("yes_no", completions, solution, score, tag=tag, require_tag=require_tag)

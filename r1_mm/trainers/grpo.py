@@ -83,7 +83,8 @@ class GRPOTrainer:
         self.suppressed_ids = media_token_ids(self.learner.unwrapped.config)
         self.stream = PromptStream.from_config(self.processor, cfg.data, cfg.media, seed=cfg.training.seed,
                                                shard=(acc.process_index, acc.num_processes))
-        self.rewards = RewardRunner(cfg.rewards.functions, on_error=cfg.rewards.on_error)
+        context = {"max_completion_length": cfg.rollout.max_completion_length}
+        self.rewards = RewardRunner(cfg.rewards.functions, on_error=cfg.rewards.on_error, context=context)
         if not cfg.rewards.functions:
             raise ValueError("rewards.functions is empty: GRPO needs at least one reward")
         self.engine: RolloutEngine = make_engine(cfg.rollout.engine, model=self.learner.unwrapped,
@@ -91,7 +92,7 @@ class GRPOTrainer:
         self.temporal_rewards = None
         if cfg.algorithm.temporal_contrast:
             self.temporal_rewards = RewardRunner([RewardSpec(name=cfg.algorithm.temporal_reward)],
-                                                 on_error=cfg.rewards.on_error)
+                                                 on_error=cfg.rewards.on_error, context=context)
         a = cfg.algorithm
         self.loss_settings = LossSettings(
             loss_type=a.loss_type, epsilon_low=a.epsilon,
@@ -127,15 +128,17 @@ class GRPOTrainer:
         return [r.completions for r in results]
 
     def _score_rewards(self, runner: RewardRunner, samples: list[Sample], groups: list[list[Completion]]) -> RewardBatch:
-        prompts, completions, ids, rows, row_ids = [], [], [], [], []
+        prompts, completions, ids, rows, row_ids, media = [], [], [], [], [], []
         for sample, group in zip(samples, groups, strict=True):
             for c in group:
+                media.append(sample)  # a Sample carries .images and .videos: what the critic must see
                 prompts.append(sample.messages)
                 completions.append(c.text)
                 ids.append(c.token_ids)
                 rows.append(sample.row)
                 row_ids.append(sample.row_id)
-        return runner(prompts=prompts, completions=completions, completion_ids=ids, rows=rows, row_ids=row_ids)
+        return runner(prompts=prompts, completions=completions, completion_ids=ids, rows=rows, row_ids=row_ids,
+                      media=media)
 
     def _temporal_bonus(self, samples: list[Sample], groups: list[list[Completion]], batch: RewardBatch) -> dict[str, float]:
         a = self.cfg.algorithm
@@ -298,6 +301,7 @@ class GRPOTrainer:
         for name, count in self.rewards.failure_counts.items():
             if count:
                 out[f"rewards/{name}/failures"] = count
+        out.update(self.rewards.metrics())
         return out
 
     def log_completions(self, exp: Experience) -> None:

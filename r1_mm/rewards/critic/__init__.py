@@ -1,0 +1,1 @@
+"""LMM-critic rewards (LLaVA-Critic style): a judge model scores or compares responses, media included."""

@@ -1,0 +1,47 @@
+"""``by_problem_type``: one run mixes counting, MCQ, numeric and temporal questions, each row scored by
+the reward its ``problem_type`` column names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from r1_mm.rewards.parsing import RowError, require_column
+from r1_mm.rewards.registry import call_reward, get, reward
+
+DEFAULT_ROUTES: dict[str, str] = {
+    "mcq": "mcq", "multiple_choice": "mcq", "multiple choice": "mcq",
+    "numeric": "numeric", "numerical": "numeric", "counting": "numeric",
+    "regression": "mra", "mra": "mra", "distance": "mra", "size": "mra",
+    "temporal": "temporal_iou", "grounding": "bbox_iou", "bbox": "bbox_iou",
+    "yes_no": "yes_no", "ocr": "ocr", "free_form": "free_form", "free-form": "free_form", "math": "accuracy",
+}
+
+
+@reward("by_problem_type")
+def by_problem_type(completions: list[Any], problem_type: list[Any] | None = None, *,
+                    routes: dict[str, str] | None = None, reward_kwargs: dict[str, dict[str, Any]] | None = None,
+                    **columns: Any) -> list[float | None]:
+    """Score each row with ``routes[problem_type]`` (defaults: :data:`DEFAULT_ROUTES`, extended or
+    overridden by ``routes``); ``reward_kwargs`` holds per-reward keyword arguments."""
+    types = require_column("by_problem_type", "problem_type", problem_type)
+    table = {**DEFAULT_ROUTES, **(routes or {})}
+    by_reward: dict[str, list[int]] = {}
+    for i, kind in enumerate(types):
+        if kind not in table:
+            raise RowError(i, f"problem_type {kind!r} has no reward; known: {', '.join(sorted(table))} "
+                              "(add it under the reward's kwargs.routes)")
+        by_reward.setdefault(table[kind], []).append(i)
+    out: list[float | None] = [None] * len(completions)
+    for name, indices in by_reward.items():
+        subset = {k: [v[i] for i in indices] for k, v in columns.items()
+                  if isinstance(v, list) and len(v) == len(types)}
+        extras = {k: v for k, v in columns.items() if k not in subset}
+        try:
+            values = call_reward(get(name), completions=[completions[i] for i in indices],
+                                 problem_type=[types[i] for i in indices], **subset, **extras,
+                                 **(reward_kwargs or {}).get(name, {}))
+        except RowError as exc:
+            raise RowError(indices[exc.index], f"{name}: {exc}") from exc
+        for i, v in zip(indices, values, strict=True):
+            out[i] = v
+    return out
