@@ -142,7 +142,7 @@ def _cmd_serve(argv: list[str]) -> int:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-images", type=int, default=16, help="images (or video frames) per request")
-    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU only: KV-cache memory")
+    p.add_argument("--kv-cache-gib", type=int, default=1, help="CPU only: KV-cache memory in GiB")
     p.add_argument("--api-key", default=None)
     p.add_argument("--dry-run", action="store_true", help="print the server command and exit")
     args, extra = p.parse_known_args(argv)

@@ -41,7 +41,7 @@ class ServerSpec:
     served_model_name: str | None = None
     max_model_len: int = 4096
     max_images_per_prompt: int = 16
-    kv_cache_gib: float = 1.0  # CPU only: VLLM_CPU_KVCACHE_SPACE
+    kv_cache_gib: int = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE (whole GiB)
     api_key: str | None = None
     extra_args: list[str] = field(default_factory=list)
     dev_mode: bool = False  # VLLM_SERVER_DEV_MODE=1: /collective_rpc for weight reloads

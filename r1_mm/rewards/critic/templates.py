@@ -44,9 +44,10 @@ Explain your judgement in at most three sentences, then give the verdict on its 
 
 REFERENCE_BLOCK = "\n\nA reference answer is given; use it to check correctness: {reference}"
 
-# regular expressions a server with structured outputs (vLLM) can constrain the judge to
-POINTWISE_OUTPUT_REGEX = r"[^\n]{0,300}\nScore: (10|[1-9])"
-PAIRWISE_OUTPUT_REGEX = r"[^\n]{0,300}\nBetter: (A|B|tie)"
+# regular expressions a server with structured outputs (vLLM) can constrain the judge to; the
+# rationale is capped at 200 characters, so max_tokens >= 210 always reaches the verdict
+POINTWISE_OUTPUT_REGEX = r"[^\n]{0,200}\nScore: (10|[1-9])"
+PAIRWISE_OUTPUT_REGEX = r"[^\n]{0,200}\nBetter: (A|B|tie)"
 
 _SCORE = re.compile(r"(?:score|rating)\s*[:=]?\s*\[*\s*(10|[1-9])(?:\.0)?\s*\]*(?:\s*/\s*10)?(?!\d)", re.IGNORECASE)
 _BETTER = re.compile(r"better\s*[:=]\s*\[*\s*(a|b|tie)\b", re.IGNORECASE)
