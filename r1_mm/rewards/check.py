@@ -92,7 +92,7 @@ def check_reward(name: str, data: str | Path, *, rows: int = 4, kwargs: dict[str
         batch = runner(prompts=prompts, completions=completions, completion_ids=ids, rows=sample_rows,
                        row_ids=row_ids)
     except RewardError as exc:
-        report.problems.append(str(exc.__cause__ or exc) if "failed on rows" not in str(exc) else str(exc))
+        report.problems.append(str(exc))
         return report
     for rid, kind, value in zip(row_ids, kinds, batch.per_function[:, 0].tolist(), strict=True):
         shown = "None" if value != value else f"{value:.3f}"
