@@ -88,6 +88,21 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int | None = None
     repetition_penalty: float = 1.0
+    # vLLM engines (vllm_colocate, vllm_pool)
+    vllm_dtype: str = "auto"  # "float32" on CPU makes sampler and learner numerics closest
+    vllm_max_model_len: int = 8192
+    vllm_max_images_per_prompt: int = 8
+    vllm_max_videos_per_prompt: int = 1
+    vllm_gpu_memory_utilization: float = 0.3  # colocate: the rollout engine's share of each GPU
+    vllm_sleep_mode: bool = True  # colocate on GPU: free the KV cache and weights between rollouts
+    vllm_tensor_parallel_size: int = 1
+    vllm_data_parallel_size: int = 1  # pool servers only
+    weight_sync_bucket_mb: int = 256  # ZeRO-3: parameters are gathered and sent in buckets this large
+    pool_servers: list[str] = field(default_factory=list)  # base URLs of running `r1-mm serve rollout`s
+    pool_size: int = 2  # servers the pool starts itself on 127.0.0.1 when pool_servers is empty
+    pool_on_server_failure: Literal["restart", "fail"] = "restart"
+    pool_request_timeout_s: float = 600.0
+    pool_startup_timeout_s: float = 600.0
 
 
 @dataclass
@@ -133,6 +148,12 @@ class AlgorithmConfig:
     temporal_margin: float = 0.8
     temporal_reward: str = "accuracy"  # the reward whose value decides "correct"
     temporal_correct_threshold: float = 0.5
+    # off-policy correction between the rollout engine's sampling logprobs and the learner's (TRL's modes):
+    # token_/sequence_ x truncate (weights capped at rollout_is_cap) or mask (tokens/sequences outside
+    # [rollout_is_floor, rollout_is_cap] are dropped); "none" turns it off
+    rollout_is: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "token_truncate"
+    rollout_is_cap: float = 3.0
+    rollout_is_floor: float | None = None
 
 
 @dataclass

@@ -93,13 +93,19 @@ def register_engine(name: str) -> Callable[[Callable[..., RolloutEngine]], Calla
     return wrap
 
 
+LAZY_ENGINES = {"vllm_colocate": "r1_mm.rollout.vllm_colocate", "vllm_pool": "r1_mm.rollout.vllm_pool"}
+
+
 def make_engine(name: str, **kwargs: Any) -> RolloutEngine:
     import difflib
+    import importlib
 
     import r1_mm.rollout.hf  # noqa: F401  (registers the built-in engine)
 
+    if name in LAZY_ENGINES and name not in ENGINES:
+        importlib.import_module(LAZY_ENGINES[name])  # vLLM is imported only when asked for
     if name not in ENGINES:
-        close = difflib.get_close_matches(name, list(ENGINES), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(ENGINES))}"
+        close = difflib.get_close_matches(name, list(set(ENGINES) | set(LAZY_ENGINES)), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(set(ENGINES) | set(LAZY_ENGINES)))}"
         raise ValueError(f"unknown rollout.engine '{name}'" + hint)
     return ENGINES[name](**kwargs)

@@ -26,6 +26,7 @@ from r1_mm.trainers.backend import Learner, build_learner, generation_model, ref
 from r1_mm.trainers.grouped_forward import grouped_logprobs, naive_logprobs, pack_groups
 from r1_mm.trainers.losses import ADVANTAGE_ESTIMATORS, LossSettings, masked_mean, policy_loss
 from r1_mm.trainers.registry import register_trainer
+from r1_mm.trainers.rollout_correction import importance_weights, sampling_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class GRPOTrainer:
         self.checkpoints = CheckpointManager(self.run_dir, keep=cfg.training.save_total_limit)
         self.step = 0
         self.nonfinite_in_a_row = 0
+        self._warned_no_sampler_logprobs = False
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.resolved.yaml").write_text(dump_recipe(cfg))
@@ -224,6 +226,21 @@ class GRPOTrainer:
         flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=self.learner.accelerator.device)
         return float(self.learner.accelerator.reduce(flag, reduction="sum")) == 0.0
 
+    def _rollout_correction(self, exp: Experience, learner_logps: torch.Tensor,
+                            mask: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """Truncated IS weights between the engine's sampling logprobs and the learner's (None = off)."""
+        a = self.cfg.algorithm
+        if a.rollout_is == "none":
+            return None, {}
+        sampler = sampling_logprobs([c.logprobs for c in exp.completions], learner_logps.shape[1], learner_logps.device)
+        if sampler is None:
+            if not self._warned_no_sampler_logprobs:
+                log.warning("rollout engine %s returns no sampling logprobs: rollout_is correction is off",
+                            self.engine.name)
+                self._warned_no_sampler_logprobs = True
+            return None, {}
+        return importance_weights(learner_logps, sampler, mask, a.rollout_is, a.rollout_is_cap, a.rollout_is_floor)
+
     def update(self, exp: Experience) -> dict[str, float]:
         cfg, learner = self.cfg, self.learner
         acc = learner.accelerator
@@ -245,8 +262,12 @@ class GRPOTrainer:
                 mask = mask * (~truncated).long().unsqueeze(1)
             local_tokens = mask.sum().float()
             num_items = float(acc.gather(local_tokens.reshape(1)).sum()) / acc.num_processes
-            out = policy_loss(logps, old_logps if old_logps is not None else logps.detach(), advantages, mask,
-                              self.loss_settings, ref_logps=ref_logps, num_items=num_items)
+            behaviour = old_logps if old_logps is not None else logps.detach()
+            if iteration == 0:
+                is_weights, is_stats = self._rollout_correction(exp, behaviour, mask)
+                metrics.update(is_stats)
+            out = policy_loss(logps, behaviour, advantages, mask, self.loss_settings, ref_logps=ref_logps,
+                              num_items=num_items, token_weights=is_weights)
             if not self._all_finite(out.loss):
                 self.nonfinite_in_a_row += 1
                 learner.optimizer.zero_grad(set_to_none=True)

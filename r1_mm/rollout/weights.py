@@ -1,0 +1,93 @@
+"""The policy's weights as (name, tensor) pairs in Hugging Face naming, ready for vLLM's loader.
+
+Under ZeRO-3 parameters are gathered in buckets of ``bucket_mb`` (every rank must iterate: the
+gather is collective), so no process ever holds the whole model for a sync. LoRA deltas are merged
+on the fly (W + scale * B @ A); the adapter modules themselves are never sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+def _is_zero3(param: torch.nn.Parameter) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def _size_bytes(param: torch.nn.Parameter) -> int:
+    numel = param.ds_numel if _is_zero3(param) else param.numel()
+    return numel * param.element_size()
+
+
+def hf_name(name: str) -> str:
+    """PEFT and wrapper prefixes removed: the name the base model's state dict uses."""
+    for prefix in ("module.", "base_model.model."):
+        name = name.removeprefix(prefix)
+    name = name.replace(".base_layer.", ".")
+    if ".modules_to_save." in name:
+        head, _, tail = name.partition(".modules_to_save.")
+        name = head + "." + tail.split(".", 1)[1]
+    return name
+
+
+def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Parameter name of each LoRA-wrapped base weight -> its LoRA layer (empty without peft)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return {}
+    return {f"{name}.base_layer.weight": module for name, module in model.named_modules()
+            if isinstance(module, LoraLayer)}
+
+
+def _lora_params(layer: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in layer.named_parameters() if "lora_" in n]
+
+
+def _merged(weight: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+    if getattr(layer, "merged", False):
+        return weight
+    for adapter in layer.active_adapters:
+        if adapter in getattr(layer, "lora_A", {}):
+            weight = weight + layer.get_delta_weight(adapter).to(weight.dtype)
+    return weight
+
+
+def iter_policy_weights(model: torch.nn.Module, bucket_mb: int = 256) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every base-model weight once (tied ones under each name), LoRA merged, gathered bucket by bucket."""
+    lora = _lora_layers(model)
+    params = [(n, p) for n, p in model.named_parameters(remove_duplicate=False)
+              if "lora_" not in n and ".original_module." not in n]
+    limit = bucket_mb * 2**20
+    bucket: list[tuple[str, torch.nn.Parameter]] = []
+    size = 0
+    for item in params:
+        bucket.append(item)
+        size += _size_bytes(item[1])
+        if size >= limit:
+            yield from _emit(bucket, lora)
+            bucket, size = [], 0
+    if bucket:
+        yield from _emit(bucket, lora)
+
+
+def _emit(bucket: list[tuple[str, torch.nn.Parameter]], lora: dict[str, torch.nn.Module]) -> Iterator[tuple[str, torch.Tensor]]:
+    to_gather = [p for _, p in bucket]
+    for name, _ in bucket:
+        if name in lora:
+            to_gather += _lora_params(lora[name])
+    context = contextlib.nullcontext()
+    if any(_is_zero3(p) for p in to_gather):
+        import deepspeed
+
+        context = deepspeed.zero.GatheredParameters(to_gather, modifier_rank=None)
+    with context, torch.no_grad():
+        for name, param in bucket:
+            tensor = param.detach()
+            if name in lora:
+                tensor = _merged(tensor, lora[name])
+            # a copy: gathered storage is released when the bucket's context closes
+            yield hf_name(name), tensor.clone()
