@@ -129,13 +129,18 @@ def _cmd_rewards(argv: list[str]) -> int:
 
 
 def _cmd_serve(argv: list[str]) -> int:
+    if argv[:1] == ["rollout"]:
+        from r1_mm.rollout.server import main as serve_rollout
+
+        return serve_rollout(argv[1:])
     from r1_mm.config import ModelConfig
     from r1_mm.models import resolve_model_path
     from r1_mm.serving import ServerSpec
 
     p = argparse.ArgumentParser(prog="r1-mm serve", description=(
-        "Run vLLM's OpenAI-compatible server for a judge model (the `critic` reward's openai back-end)."))
-    p.add_argument("role", choices=["critic"])
+        "`serve critic`: vLLM's OpenAI-compatible server for a judge model (the critic reward). "
+        "`serve rollout --help`: a rollout server for the vllm_pool engine."))
+    p.add_argument("role", choices=["critic", "rollout"])
     p.add_argument("--model", required=True, help="path, hub id or tiny:... name of the judge")
     p.add_argument("--host", default="127.0.0.1", help="loopback by default: the server has no auth unless --api-key")
     p.add_argument("--port", type=int, default=8000)
@@ -167,7 +172,7 @@ COMMANDS = {
     "make-tiny": (_cmd_make_tiny, "build a tiny offline Qwen2-VL / Qwen2.5-VL"),
     "make-data": (_cmd_make_data, "write a synthetic image/video task"),
     "rewards": (_cmd_rewards, "list rewards, or check one on sample rows"),
-    "serve": (_cmd_serve, "run a vLLM server for the critic (OpenAI-compatible, loopback)"),
+    "serve": (_cmd_serve, "run a vLLM server: critic (OpenAI-compatible) or rollout (vllm_pool)"),
 }
 
 

@@ -52,6 +52,7 @@ class Completion:
 class PromptCompletions:
     sample: Sample
     completions: list[Completion] = field(default_factory=list)
+    prompt_token_ids: list[int] | None = None  # as the engine tokenised the prompt (vLLM engines report it)
 
 
 class RolloutEngine(ABC):

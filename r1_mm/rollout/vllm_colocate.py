@@ -24,7 +24,13 @@ from r1_mm.rollout.base import (
     media_token_ids,
     register_engine,
 )
-from r1_mm.rollout.vllm_common import completion_from_vllm, sampling_params, set_cpu_defaults, vllm_request
+from r1_mm.rollout.vllm_common import (
+    completion_from_vllm,
+    reset_caches,
+    sampling_params,
+    set_cpu_defaults,
+    vllm_request,
+)
 from r1_mm.rollout.weights import iter_policy_weights
 
 log = logging.getLogger(__name__)
@@ -81,7 +87,7 @@ class VLLMColocateEngine(RolloutEngine):
         self._wake()
         weights = iter_policy_weights(model, self.cfg.rollout.weight_sync_bucket_mb)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-        self.llm.reset_prefix_cache()
+        reset_caches(self.llm)
         self._sleep()
         self.last_sync_s = time.perf_counter() - t0
 
@@ -92,12 +98,6 @@ class VLLMColocateEngine(RolloutEngine):
             outputs = self.llm.generate([vllm_request(s) for s in batch], params, use_tqdm=False)
         finally:
             self._sleep()
-        return [PromptCompletions(sample=s, completions=[completion_from_vllm(c, self.tokenizer) for c in out.outputs])
+        return [PromptCompletions(sample=s, completions=[completion_from_vllm(c, self.tokenizer) for c in out.outputs],
+                                  prompt_token_ids=list(out.prompt_token_ids))
                 for s, out in zip(batch, outputs, strict=True)]
-
-    def prompt_token_ids(self, batch: list[Sample]) -> list[list[int]]:
-        """The prompt tokens vLLM builds for each sample (tests compare them with the learner's)."""
-        from vllm import SamplingParams
-
-        outs = self.llm.generate([vllm_request(s) for s in batch], SamplingParams(max_tokens=1), use_tqdm=False)
-        return [list(o.prompt_token_ids) for o in outs]

@@ -26,26 +26,42 @@ def set_cpu_defaults() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # weights are loaded through the engine object
 
 
-def vllm_request(sample: Sample) -> dict[str, Any]:
-    """The prompt as vLLM's ``generate`` takes it: text + the learner's decoded images and frames."""
+def media_request(prompt: str, images: list[Any], videos: list[tuple[Any, dict[str, Any]]]) -> dict[str, Any]:
+    """The prompt as vLLM's ``generate`` takes it: text + decoded images + (frames, metadata) videos."""
     media: dict[str, Any] = {}
-    if sample.images:
-        media["image"] = list(sample.images)
-    if sample.videos:
-        media["video"] = [(v.frames, v.metadata()) for v in sample.videos]
-    request: dict[str, Any] = {"prompt": sample.prompt_text}
+    if images:
+        media["image"] = list(images)
+    if videos:
+        media["video"] = list(videos)
+    request: dict[str, Any] = {"prompt": prompt}
     if media:
         request["multi_modal_data"] = media
         request["mm_processor_kwargs"] = {"do_resize": False}  # pixels are already within the recipe's budget
     return request
 
 
+def vllm_request(sample: Sample) -> dict[str, Any]:
+    return media_request(sample.prompt_text, sample.images, [(v.frames, v.metadata()) for v in sample.videos])
+
+
 def sampling_params(settings: SamplingSettings, n: int, suppressed_ids: list[int], prompt_index: int = 0) -> Any:
-    """vLLM SamplingParams for one prompt. A seed is per request in vLLM, so each prompt of a batch
-    gets its own (else every prompt would replay the same random stream)."""
     from vllm import SamplingParams
 
-    seed = None if settings.seed is None else (settings.seed * 1_000_003 + prompt_index) % 2**63
+    return SamplingParams(**sampling_kwargs(settings, n, suppressed_ids, prompt_index))
+
+
+def _prompt_seed(seed: int, prompt_index: int) -> int:
+    """Unrelated seeds per prompt: vLLM derives its n samples' streams from one seed, so nearby seeds
+    (seed + i) would make prompt i+1 replay prompt i's second sample."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_index}".encode()).digest()[:7], "little")
+
+
+def sampling_kwargs(settings: SamplingSettings, n: int, suppressed_ids: list[int], prompt_index: int = 0) -> dict[str, Any]:
+    """vLLM SamplingParams arguments for one prompt. A seed is per request in vLLM, so each prompt of a
+    batch gets its own (else every prompt would replay the same random stream)."""
+    seed = None if settings.seed is None else _prompt_seed(settings.seed, prompt_index)
     kwargs: dict[str, Any] = dict(n=n, max_tokens=settings.max_tokens, logprobs=0, seed=seed,
                                   repetition_penalty=settings.repetition_penalty,
                                   logit_bias={i: SUPPRESS_BIAS for i in suppressed_ids} or None)
@@ -55,7 +71,7 @@ def sampling_params(settings: SamplingSettings, n: int, suppressed_ids: list[int
         kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
         if settings.top_k is not None:
             kwargs["top_k"] = settings.top_k
-    return SamplingParams(**kwargs)
+    return kwargs
 
 
 def completion_from_vllm(output: Any, tokenizer: Any) -> Completion:
@@ -66,3 +82,12 @@ def completion_from_vllm(output: Any, tokenizer: Any) -> Completion:
         logprobs = [float(step[token].logprob) for step, token in zip(output.logprobs, ids, strict=True)]
     return Completion(text=tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids, logprobs=logprobs,
                       truncated=output.finish_reason == "length")
+
+
+def reset_caches(llm: Any) -> None:
+    """After new weights: cached prefixes, vision-encoder outputs and the front-end's media cache hold the
+    old model's results. ``reload_weights`` clears the runner's encoder cache but not the scheduler's
+    record of it, which then asks for encoder outputs that are gone ("Encoder cache miss")."""
+    llm.reset_prefix_cache()
+    llm.llm_engine.reset_encoder_cache()
+    llm.reset_mm_cache()

@@ -1,0 +1,265 @@
+"""``vllm_pool``: rollouts on N `r1-mm serve rollout` servers, weights pushed after every update.
+
+Each learner rank shards its prompts across the servers and gathers the completions back in order.
+Weight sync on one machine goes through shared memory: rank 0 writes the gathered weights as
+safetensors buckets under /dev/shm and every server reloads them in place (tested here on CPU).
+A server that dies is detected on the next request; ``rollout.pool_on_server_failure`` either
+restarts it (servers this engine started: same port, current weights) or stops the run naming it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from r1_mm.config import RecipeConfig
+from r1_mm.data.prompts import Sample
+from r1_mm.rollout.base import (
+    Completion,
+    PromptCompletions,
+    RolloutEngine,
+    SamplingSettings,
+    media_token_ids,
+    register_engine,
+)
+from r1_mm.rollout.transport import encode_sample
+from r1_mm.rollout.vllm_common import sampling_kwargs
+from r1_mm.rollout.weights import iter_policy_weights
+from r1_mm.serving import free_port
+
+log = logging.getLogger(__name__)
+
+
+class ServerDied(RuntimeError):
+    """A rollout server stopped answering (connection refused or its process exited)."""
+
+
+class ManagedServer:
+    """A `r1-mm serve rollout` process this engine started (and may restart)."""
+
+    def __init__(self, cfg: RecipeConfig, port: int, log_dir: Path):
+        self.cfg, self.port, self.log_path = cfg, port, log_dir / f"rollout-server-{port}.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        r = self.cfg.rollout
+        return [sys.executable, "-m", "r1_mm.cli", "serve", "rollout", "--model", self.cfg.model.name_or_path,
+                "--port", str(self.port), "--dtype", r.vllm_dtype, "--max-model-len", str(r.vllm_max_model_len),
+                "--max-images", str(r.vllm_max_images_per_prompt), "--max-videos", str(r.vllm_max_videos_per_prompt),
+                "--tensor-parallel-size", str(r.vllm_tensor_parallel_size),
+                "--data-parallel-size", str(r.vllm_data_parallel_size), "--seed", str(self.cfg.training.seed)]
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command(), stdout=self.log_path.open("a"), stderr=subprocess.STDOUT,
+                                        start_new_session=True, preexec_fn=_die_with_parent)
+        atexit.register(self.stop)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.alive():
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.process = None
+
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when the learner process dies, even by SIGKILL (no orphans)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def wait_healthy(url: str, timeout_s: float, server: ManagedServer | None = None) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if server is not None and not server.alive():
+            tail = server.log_path.read_text()[-2000:] if server.log_path.exists() else ""
+            raise RuntimeError(f"rollout server {url} exited during start-up; log {server.log_path}:\n{tail}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"rollout server {url} not healthy after {timeout_s:.0f} s")
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _dist()[1] > 1:
+        torch.distributed.barrier()
+
+
+@register_engine("vllm_pool")
+class VLLMPoolEngine(RolloutEngine):
+    name = "vllm_pool"
+    samples_from_policy = False
+
+    def __init__(self, model: torch.nn.Module, processor: Any, cfg: RecipeConfig, **_: Any):
+        self.cfg = cfg
+        r = cfg.rollout
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.suppressed_ids = media_token_ids(model.config)
+        self.rank, self.world = _dist()
+        self.managed: list[ManagedServer] = []
+        self.version = 0
+        self.last_sync_s = 0.0
+        self.restarts = 0
+        shm = Path("/dev/shm")
+        self.weights_root = Path(tempfile.mkdtemp(prefix="r1mm-weights-", dir=shm if shm.is_dir() else None))
+        urls = [u.rstrip("/").removesuffix("/v1") for u in r.pool_servers]
+        if not urls:
+            urls = self._start_own_servers() if self.rank == 0 else []
+            if self.world > 1:
+                shared = [urls]
+                torch.distributed.broadcast_object_list(shared, src=0)
+                urls = shared[0]
+        for url in urls:
+            wait_healthy(url, r.pool_startup_timeout_s)
+        self.urls = urls
+        self.client = httpx.Client(timeout=r.pool_request_timeout_s)
+        self.update_weights(model)  # the policy may differ from the checkpoint (LoRA, resumed run)
+
+    def _start_own_servers(self) -> list[str]:
+        log_dir = Path(self.cfg.training.output_dir) / "rollout_servers"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.managed = [ManagedServer(self.cfg, free_port(), log_dir) for _ in range(self.cfg.rollout.pool_size)]
+        for server in self.managed:
+            server.start()
+        for server in self.managed:
+            wait_healthy(server.url, self.cfg.rollout.pool_startup_timeout_s, server)
+        return [s.url for s in self.managed]
+
+    # -- weights --------------------------------------------------------------------------------
+    def _write_weights(self, model: torch.nn.Module) -> Path | None:
+        """All ranks gather (collective under ZeRO-3); rank 0 writes safetensors buckets to shared memory."""
+        from safetensors.torch import save_file
+
+        folder = self.weights_root / f"v{self.version + 1}"
+        if self.rank == 0:
+            folder.mkdir(parents=True)
+        limit = self.cfg.rollout.weight_sync_bucket_mb * 2**20
+        bucket: dict[str, torch.Tensor] = {}
+        size, part = 0, 0
+        for name, tensor in iter_policy_weights(model, self.cfg.rollout.weight_sync_bucket_mb):
+            if self.rank != 0:
+                continue
+            bucket[name] = tensor.contiguous().cpu()
+            size += tensor.numel() * tensor.element_size()
+            if size >= limit:
+                save_file(bucket, str(folder / f"part-{part:05d}.safetensors"))
+                bucket, size, part = {}, 0, part + 1
+        if self.rank == 0 and bucket:
+            save_file(bucket, str(folder / f"part-{part:05d}.safetensors"))
+        return folder if self.rank == 0 else None
+
+    def _push(self, url: str, folder: Path, version: int) -> None:
+        reply = self.client.post(f"{url}/update_weights", json={"path": str(folder), "version": version})
+        reply.raise_for_status()
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        t0 = time.perf_counter()
+        folder = self._write_weights(model)
+        if self.rank == 0:
+            version = self.version + 1
+            with ThreadPoolExecutor(len(self.urls)) as pool:
+                list(pool.map(lambda i: self._call(i, lambda url: self._push(url, folder, version)),
+                              range(len(self.urls))))
+            for old in self.weights_root.glob("v*"):
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)  # keep only the current weights (restarts need them)
+        self.version += 1
+        _barrier()  # no rank samples before every server holds the new weights
+        self.last_sync_s = time.perf_counter() - t0
+
+    # -- failures -------------------------------------------------------------------------------
+    def _call(self, index: int, fn: Any) -> Any:
+        """Run ``fn(url)``; on a dead server apply the failure policy, then try once more."""
+        url = self.urls[index]
+        try:
+            return fn(url)
+        except (httpx.TransportError, ServerDied) as exc:
+            self._recover(index, exc)
+            return fn(self.urls[index])
+
+    def _recover(self, index: int, cause: Exception) -> None:
+        url = self.urls[index]
+        server = next((s for s in self.managed if s.url == url), None)
+        if self.cfg.rollout.pool_on_server_failure == "fail" or server is None:
+            why = "rollout.pool_on_server_failure=fail" if server is not None else \
+                "it was not started by this run, so it cannot be restarted"
+            raise RuntimeError(f"rollout server {url} died ({type(cause).__name__}: {cause}); {why}") from cause
+        log.warning("rollout server %s died (%s); restarting it with the current weights", url, cause)
+        server.stop()
+        server.start()
+        wait_healthy(url, self.cfg.rollout.pool_startup_timeout_s, server)
+        current = self.weights_root / f"v{self.version}"
+        if current.exists():
+            self._push(url, current, self.version)
+        self.restarts += 1
+
+    # -- generation -----------------------------------------------------------------------------
+    def _generate_on(self, url: str, items: list[tuple[int, Sample]], n: int,
+                     sampling: SamplingSettings) -> dict[str, Any]:
+        body = {"prompts": [encode_sample(s) for _, s in items],
+                "sampling": [sampling_kwargs(sampling, n, self.suppressed_ids, i) for i, _ in items]}
+        reply = self.client.post(f"{url}/generate", json=body)
+        if reply.status_code != 200:
+            raise RuntimeError(f"rollout server {url} refused a generate request: HTTP {reply.status_code} "
+                               f"{reply.text[:300]}")
+        return reply.json()
+
+    def generate(self, batch: list[Sample], n: int, sampling: SamplingSettings) -> list[PromptCompletions]:
+        for server in self.managed:
+            if not server.alive():
+                self._recover(self.urls.index(server.url), ServerDied("process exited"))
+        shards: dict[int, list[tuple[int, Sample]]] = {}
+        for i, sample in enumerate(batch):
+            shards.setdefault((i + self.rank) % len(self.urls), []).append((i, sample))
+        results: dict[int, PromptCompletions] = {}
+        with ThreadPoolExecutor(len(shards)) as pool:
+            futures = {k: pool.submit(self._call, k, lambda url, items=items: self._generate_on(url, items, n, sampling))
+                       for k, items in shards.items()}
+            for k, future in futures.items():
+                reply = future.result()
+                for (i, sample), out in zip(shards[k], reply["outputs"], strict=True):
+                    results[i] = PromptCompletions(sample=sample, completions=[Completion(
+                        text=self.tokenizer.decode(c["token_ids"], skip_special_tokens=True), token_ids=c["token_ids"],
+                        logprobs=c["logprobs"], truncated=c["finish_reason"] == "length") for c in out["completions"]],
+                        prompt_token_ids=out["prompt_token_ids"])
+        return [results[i] for i in range(len(batch))]
+
+    def close(self) -> None:
+        for server in self.managed:
+            server.stop()
+        self.client.close()
+        shutil.rmtree(self.weights_root, ignore_errors=True)
