@@ -191,9 +191,7 @@ class VLLMPoolEngine(RolloutEngine):
         folder = self._write_weights(model)
         if self.rank == 0:
             version = self.version + 1
-            with ThreadPoolExecutor(len(self.urls)) as pool:
-                list(pool.map(lambda i: self._call(i, lambda url: self._push(url, folder, version)),
-                              range(len(self.urls))))
+            self._on_all(list(range(len(self.urls))), lambda url: self._push(url, folder, version))
             for old in self.weights_root.glob("v*"):
                 if old != folder:
                     shutil.rmtree(old, ignore_errors=True)  # keep only the current weights (restarts need them)
@@ -202,21 +200,30 @@ class VLLMPoolEngine(RolloutEngine):
         self.last_sync_s = time.perf_counter() - t0
 
     # -- failures -------------------------------------------------------------------------------
-    def _call(self, index: int, fn: Any) -> Any:
-        """Run ``fn(url)``; on a dead server apply the failure policy, then try once more."""
-        url = self.urls[index]
-        try:
-            return fn(url)
-        except (httpx.TransportError, ServerDied) as exc:
-            self._recover(index, exc)
-            return fn(self.urls[index])
+    def _on_all(self, indices: list[int], fn: Any) -> dict[int, Any]:
+        """``fn(url)`` for each server index, concurrently. A dead server gets the failure policy and one
+        more try. Recovery runs on this (the calling) thread: a restarted server's death signal is tied
+        to the thread that started it, so it must not be a short-lived worker thread."""
+        results: dict[int, Any] = {}
+        failed: dict[int, Exception] = {}
+        with ThreadPoolExecutor(max(1, len(indices))) as pool:
+            futures = {i: pool.submit(fn, self.urls[i]) for i in indices}
+            for i, future in futures.items():
+                try:
+                    results[i] = future.result()
+                except (httpx.TransportError, ServerDied) as exc:
+                    failed[i] = exc
+        for i, exc in failed.items():
+            self._recover(i, exc)
+            results[i] = fn(self.urls[i])
+        return results
 
     def _recover(self, index: int, cause: Exception) -> None:
         url = self.urls[index]
         server = next((s for s in self.managed if s.url == url), None)
         if self.cfg.rollout.pool_on_server_failure == "fail" or server is None:
-            why = "rollout.pool_on_server_failure=fail" if server is not None else \
-                "it was not started by this run, so it cannot be restarted"
+            why = "rollout.pool_on_server_failure=fail" if self.cfg.rollout.pool_on_server_failure == "fail" else \
+                "it was not started by this run, so it cannot be restarted (restart it, or list only servers you manage)"
             raise RuntimeError(f"rollout server {url} died ({type(cause).__name__}: {cause}); {why}") from cause
         log.warning("rollout server %s died (%s); restarting it with the current weights", url, cause)
         server.stop()
@@ -245,17 +252,15 @@ class VLLMPoolEngine(RolloutEngine):
         shards: dict[int, list[tuple[int, Sample]]] = {}
         for i, sample in enumerate(batch):
             shards.setdefault((i + self.rank) % len(self.urls), []).append((i, sample))
+        url_index = {url: k for k, url in enumerate(self.urls)}
+        replies = self._on_all(sorted(shards), lambda url: self._generate_on(url, shards[url_index[url]], n, sampling))
         results: dict[int, PromptCompletions] = {}
-        with ThreadPoolExecutor(len(shards)) as pool:
-            futures = {k: pool.submit(self._call, k, lambda url, items=items: self._generate_on(url, items, n, sampling))
-                       for k, items in shards.items()}
-            for k, future in futures.items():
-                reply = future.result()
-                for (i, sample), out in zip(shards[k], reply["outputs"], strict=True):
-                    results[i] = PromptCompletions(sample=sample, completions=[Completion(
-                        text=self.tokenizer.decode(c["token_ids"], skip_special_tokens=True), token_ids=c["token_ids"],
-                        logprobs=c["logprobs"], truncated=c["finish_reason"] == "length") for c in out["completions"]],
-                        prompt_token_ids=out["prompt_token_ids"])
+        for k, reply in replies.items():
+            for (i, sample), out in zip(shards[k], reply["outputs"], strict=True):
+                results[i] = PromptCompletions(sample=sample, completions=[Completion(
+                    text=self.tokenizer.decode(c["token_ids"], skip_special_tokens=True), token_ids=c["token_ids"],
+                    logprobs=c["logprobs"], truncated=c["finish_reason"] == "length") for c in out["completions"]],
+                    prompt_token_ids=out["prompt_token_ids"])
         return [results[i] for i in range(len(batch))]
 
     def close(self) -> None:

