@@ -144,3 +144,17 @@ def test_lora_ddp(setup, initial_weights):
     out = root / "lora_ddp"
     metrics = launch(REPO / "recipes" / "accelerate" / "ddp.yaml", recipe, out, data, cache, "model.lora=true")
     check_run(metrics, out, initial_weights)
+
+
+@pytest.mark.slow
+def test_lora_zero3_weight_sync_to_vllm_pool(setup, initial_weights):
+    """ZeRO-3 + LoRA + a vLLM rollout server: merged weights gathered in buckets by both ranks reach the
+    server after every step, so its sampling logprobs keep matching the learner's."""
+    root, recipe, z3, data, cache = setup
+    out = root / "lora_zero3_pool"
+    metrics = launch(z3, recipe, out, data, cache, "model.lora=true", "rollout.engine=vllm_pool",
+                     "rollout.pool_size=1", "rollout.vllm_dtype=float32", "rollout.vllm_max_model_len=2048",
+                     "rollout.weight_sync_bucket_mb=1", "training.learning_rate=1.0e-2")
+    check_run(metrics, out, initial_weights)
+    for m in metrics:
+        assert m["rollout/logprob_abs_diff_mean"] < 0.05 and m["rollout/is_dropped_frac"] == 0.0
