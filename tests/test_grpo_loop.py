@@ -125,3 +125,28 @@ def test_wandb_offline_writes_run_files(tmp_path, synthetic_data, monkeypatch):
     GRPOTrainer(cfg).train()
     runs = list((Path(cfg.training.output_dir) / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_image_multi_image_and_video_prompts_in_one_run(tmp_path, synthetic_data):
+    """One data file mixing single images, image pairs and videos; by_problem_type scores each row."""
+    rows = []
+    for task in ("counting", "multi_image", "events"):
+        path = synthetic_data[task]
+        for line in path.read_text().splitlines()[:2]:
+            row = json.loads(line)
+            for key in ("image", "video"):
+                if isinstance(row.get(key), str):
+                    row[key] = str(path.parent / row[key])
+            if isinstance(row.get("images"), list):
+                row["images"] = [str(path.parent / p) for p in row["images"]]
+            rows.append(row)
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(json.dumps(r) for r in rows) + "\n")  # 2 rows of each kind
+    cfg = recipe(tmp_path, mixed, "training.prompts_per_step=6", "training.max_steps=2", "media.max_frames=4",
+                 "rewards.functions=[{name: by_problem_type, kwargs: {require_tag: false}}]", "data.shuffle=false")
+    trainer = GRPOTrainer(cfg)
+    exp = trainer.collect()
+    kinds = {("video" if s.videos else "images" if len(s.images) > 1 else "image") for s in exp.samples}
+    assert kinds == {"image", "images", "video"}
+    trainer.train()
+    assert [m["step"] for m in read_metrics(cfg.training.output_dir)] == [0, 1]
