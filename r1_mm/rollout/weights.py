@@ -56,11 +56,20 @@ def _merged(weight: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
     return weight
 
 
+def _base_params(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters(remove_duplicate=False)
+            if "lora_" not in n and ".original_module." not in n]
+
+
+def policy_weight_specs(model: torch.nn.Module) -> list[tuple[str, list[int], str]]:
+    """(name, shape, dtype) of what :func:`iter_policy_weights` yields, in the same order (no gather)."""
+    return [(hf_name(n), list(p.ds_shape if _is_zero3(p) else p.shape), str(p.dtype)) for n, p in _base_params(model)]
+
+
 def iter_policy_weights(model: torch.nn.Module, bucket_mb: int = 256) -> Iterator[tuple[str, torch.Tensor]]:
     """Every base-model weight once (tied ones under each name), LoRA merged, gathered bucket by bucket."""
     lora = _lora_layers(model)
-    params = [(n, p) for n, p in model.named_parameters(remove_duplicate=False)
-              if "lora_" not in n and ".original_module." not in n]
+    params = _base_params(model)
     limit = bucket_mb * 2**20
     bucket: list[tuple[str, torch.nn.Parameter]] = []
     size = 0

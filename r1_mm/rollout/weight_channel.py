@@ -1,0 +1,79 @@
+"""Weights broadcast from learner rank 0 to rollout-server workers over a process group of their own.
+
+NCCL on GPU (vLLM's ``PyNcclCommunicator`` over a ``StatelessProcessGroup``: the learner's own
+process group stays untouched), gloo on CPU (a standalone ``ProcessGroupGloo`` on a TCP store). The
+server side is a vLLM worker extension, so every worker of a tensor-parallel server joins and loads
+the full tensors itself (vLLM shards them). Order and shapes come from a spec list sent over HTTP;
+the tensors then travel over the group in that order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import timedelta
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {str(t): t for t in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32,
+                              torch.uint8, torch.bool)}
+
+
+class WeightChannel:
+    """One member of a learner -> servers broadcast group (rank 0 is the learner)."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, device: torch.device,
+                 timeout_s: float = 600.0):
+        self.rank, self.world_size, self.device = rank, world_size, device
+        if device.type == "cuda":
+            from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+            from vllm.distributed.utils import StatelessProcessGroup
+
+            group = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size,
+                                                 store_timeout=int(timeout_s))
+            self._nccl = PyNcclCommunicator(group, device=device)
+            self._gloo = None
+        else:
+            from torch.distributed import ProcessGroupGloo, TCPStore
+
+            store = TCPStore(host, port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout_s))
+            options = ProcessGroupGloo._Options()
+            options._timeout = timedelta(seconds=timeout_s)
+            options._devices = [ProcessGroupGloo.create_device(hostname=host)]
+            self._gloo = ProcessGroupGloo(store, rank, world_size, options)
+            self._nccl = None
+
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0 sends ``tensor``; the others receive into it (same shape and dtype)."""
+        if self._nccl is not None:
+            self._nccl.broadcast(tensor, src=0)
+            torch.cuda.current_stream(self.device).synchronize()
+        else:
+            opts = torch.distributed.BroadcastOptions()
+            opts.rootRank = 0
+            self._gloo.broadcast([tensor], opts).wait()
+        return tensor
+
+    def receive(self, specs: list[tuple[str, list[int], str]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, shape, dtype in specs:
+            yield name, self.broadcast(torch.empty(shape, dtype=DTYPES[dtype], device=self.device))
+
+
+class WeightReceiverExtension:
+    """Mixed into every vLLM worker of a rollout server (``worker_extension_cls``)."""
+
+    r1mm_channel: WeightChannel | None = None
+
+    def r1mm_open_channel(self, host: str, port: int, world_size: int, rank_offset: int) -> int:
+        rank = rank_offset + int(getattr(self, "rank", 0))
+        device = getattr(self, "device", None) or torch.device("cpu")
+        self.r1mm_channel = WeightChannel(host, port, rank, world_size, torch.device(device))
+        return rank
+
+    def r1mm_receive_weights(self, specs: list[tuple[str, list[int], str]]) -> int:
+        if self.r1mm_channel is None:
+            raise RuntimeError("weight channel not open: POST /open_weight_channel first")
+        self.reload_weights(weights_iterator=self.r1mm_channel.receive(specs), is_checkpoint_format=True)
+        return len(specs)
