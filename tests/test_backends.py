@@ -158,3 +158,16 @@ def test_lora_zero3_weight_sync_to_vllm_pool(setup, initial_weights):
     check_run(metrics, out, initial_weights)
     for m in metrics:
         assert m["rollout/logprob_abs_diff_mean"] < 0.05 and m["rollout/is_dropped_frac"] == 0.0
+
+
+@pytest.mark.slow
+def test_zero3_lora_with_colocated_vllm(setup, initial_weights):
+    """One vLLM engine per ZeRO-3 rank: both ranks gather the LoRA-merged weights bucket by bucket and load them."""
+    root, recipe, z3, data, cache = setup
+    out = root / "zero3_colocate"
+    metrics = launch(z3, recipe, out, data, cache, "model.lora=true", "rollout.engine=vllm_colocate",
+                     "rollout.vllm_dtype=float32", "rollout.vllm_max_model_len=2048",
+                     "rollout.weight_sync_bucket_mb=1", "training.learning_rate=1.0e-2")
+    check_run(metrics, out, initial_weights)
+    for m in metrics:
+        assert m["rollout/logprob_abs_diff_mean"] < 0.05 and m["rollout/is_dropped_frac"] == 0.0
