@@ -164,6 +164,41 @@ def _cmd_serve(argv: list[str]) -> int:
     return subprocess.call(spec.command(), env=spec.environment())
 
 
+def _cmd_tpo(argv: list[str]) -> int:
+    from r1_mm.config import ConfigError, load_recipe
+    from r1_mm.data.tpo_builder import TPOSettings, build_tpo_pairs
+
+    p = argparse.ArgumentParser(prog="r1-mm tpo", description=(
+        "Temporal Preference Optimization: `build` writes preference pairs from a recipe's video rows "
+        "(the policy answers from a segment vs the video without it, and from all frames vs a sparse subset)."))
+    sub = p.add_subparsers(dest="action", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("recipe", help="recipe YAML (model, data.train_path, media, rollout engine)")
+    b.add_argument("--out", required=True, help="output jsonl of preference pairs")
+    b.add_argument("--kinds", default="localized,comprehensive")
+    b.add_argument("--degrade", choices=["sparse", "shuffle"], default="sparse")
+    b.add_argument("--keep-fraction", type=float, default=0.25)
+    b.add_argument("--agreement", choices=["rule", "critic"], default="rule")
+    b.add_argument("--critic-url", default="http://127.0.0.1:8000/v1", help="with --agreement critic")
+    b.add_argument("overrides", nargs="*", help="key.sub=value recipe overrides")
+    args, extra = p.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-")]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        cfg = load_recipe(args.recipe, args.overrides + extra)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    settings = TPOSettings(kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), degrade=args.degrade,
+                           keep_fraction=args.keep_fraction, agreement=args.agreement,
+                           critic_kwargs={"base_url": args.critic_url} if args.agreement == "critic" else {},
+                           seed=cfg.training.seed)
+    report = build_tpo_pairs(cfg, args.out, settings)
+    print(f"{report.written} pairs written to {args.out} ({dict(report.counts)})")
+    return 0
+
+
 COMMANDS = {
     "train": (_cmd_train, "train a policy from a recipe (same as accelerate launch -m r1_mm.train)"),
     "rollout": (_cmd_rollout, "sample completions for a recipe's data without training"),
@@ -172,6 +207,7 @@ COMMANDS = {
     "make-tiny": (_cmd_make_tiny, "build a tiny offline Qwen2-VL / Qwen2.5-VL"),
     "make-data": (_cmd_make_data, "write a synthetic image/video task"),
     "rewards": (_cmd_rewards, "list rewards, or check one on sample rows"),
+    "tpo": (_cmd_tpo, "build Temporal Preference Optimization pairs from video rows"),
     "serve": (_cmd_serve, "run a vLLM server: critic (OpenAI-compatible) or rollout (vllm_pool)"),
 }
 

@@ -158,6 +158,12 @@ class AlgorithmConfig:
     rollout_is: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "token_truncate"
     rollout_is_cap: float = 3.0
     rollout_is_floor: float | None = None
+    # preference learning (dpo, tpo): rows carry `chosen` and `rejected` responses
+    dpo_loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    dpo_beta: float = 0.1
+    label_smoothing: float = 0.0  # robust DPO: assumed share of flipped preference labels, in [0, 0.5)
+    nll_weight: float = 0.0  # weight of the NLL (SFT) term on chosen responses: TPO's and RPO's extra loss
+    precomputed_reference: bool = False  # read ref_chosen_logps / ref_rejected_logps columns instead of a forward
 
 
 @dataclass

@@ -13,20 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from r1_mm.checkpoint import CheckpointManager
-from r1_mm.config import RecipeConfig, RewardSpec, dump_recipe
-from r1_mm.data import PromptStream, Sample
+from r1_mm.config import RecipeConfig, RewardSpec
+from r1_mm.data import Sample
 from r1_mm.rewards.registry import RewardBatch, RewardRunner
 from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, make_engine, media_token_ids
-from r1_mm.tracking import MetricsLogger
 from r1_mm.trainers import temporal_contrast
-from r1_mm.trainers.backend import Learner, build_learner, generation_model, reference_model, sync_reference
-from r1_mm.trainers.grouped_forward import grouped_logprobs, naive_logprobs, pack_groups
+from r1_mm.trainers.backend import generation_model, reference_model, sync_reference
+from r1_mm.trainers.base import BaseTrainer
 from r1_mm.trainers.losses import ADVANTAGE_ESTIMATORS, LossSettings, masked_mean, policy_loss
 from r1_mm.trainers.registry import register_trainer
 from r1_mm.trainers.rollout_correction import importance_weights, sampling_logprobs
+from r1_mm.trainers.scoring import score_completions
 
 log = logging.getLogger(__name__)
 
@@ -52,42 +50,17 @@ def flat_groups(totals: torch.Tensor, g: int) -> list[bool]:
     return [bool(torch.nan_to_num(t, nan=0.0).std() == 0) for t in totals.view(-1, g)]
 
 
-def score_completions(model: torch.nn.Module, samples: list[Sample], completion_ids: list[list[int]], g: int,
-                      pad_id: int, *, temperature: float, mode: str, with_entropy: bool = False,
-                      suppressed_ids: list[int] | None = None):
-    """Per-token logprobs (B*G, C) and completion mask, by the grouped or the naive forward.
+class GRPOTrainer(BaseTrainer):
+    name = "grpo"
 
-    Scored under the rollout engines' distribution: ``suppressed_ids`` are masked as when sampling.
-    """
-    device = next(model.parameters()).device
-    prompts = [{k: v.to(device) if hasattr(v, "to") else v for k, v in s.inputs.items()} for s in samples]
-    if mode == "grouped":
-        packed = pack_groups(model, prompts, completion_ids, g, pad_id)
-        logps, entropy = grouped_logprobs(model, packed, temperature=temperature, with_entropy=with_entropy,
-                                          suppressed_ids=suppressed_ids)
-        return logps, entropy, packed.completion_mask
-    from r1_mm.trainers.grouped_forward import pad_completions
-
-    logps, entropy = naive_logprobs(model, prompts, completion_ids, g, pad_id, temperature=temperature,
-                                    with_entropy=with_entropy, suppressed_ids=suppressed_ids)
-    return logps, entropy, pad_completions(completion_ids, pad_id, device)[1]
-
-
-class GRPOTrainer:
     def __init__(self, cfg: RecipeConfig):
-        self.cfg = cfg
         torch.manual_seed(cfg.training.seed)
-        self.learner: Learner = build_learner(cfg, need_reference=cfg.algorithm.beta != 0.0)
-        acc = self.learner.accelerator
-        self.processor = self.learner.processor
-        self.pad_id = self.processor.tokenizer.pad_token_id
-        self.suppressed_ids = media_token_ids(self.learner.unwrapped.config)
-        self.stream = PromptStream.from_config(self.processor, cfg.data, cfg.media, seed=cfg.training.seed,
-                                               shard=(acc.process_index, acc.num_processes))
-        context = {"max_completion_length": cfg.rollout.max_completion_length}
-        self.rewards = RewardRunner(cfg.rewards.functions, on_error=cfg.rewards.on_error, context=context)
         if not cfg.rewards.functions:
             raise ValueError("rewards.functions is empty: GRPO needs at least one reward")
+        super().__init__(cfg, need_reference=cfg.algorithm.beta != 0.0)
+        self.suppressed_ids = media_token_ids(self.learner.unwrapped.config)
+        context = {"max_completion_length": cfg.rollout.max_completion_length}
+        self.rewards = RewardRunner(cfg.rewards.functions, on_error=cfg.rewards.on_error, context=context)
         self.engine: RolloutEngine = make_engine(cfg.rollout.engine, model=self.learner.unwrapped,
                                                  processor=self.processor, cfg=cfg)
         self.temporal_rewards = None
@@ -104,15 +77,9 @@ class GRPOTrainer:
         if a.advantage_estimator not in ADVANTAGE_ESTIMATORS:
             raise ValueError(f"unknown algorithm.advantage_estimator {a.advantage_estimator!r}; "
                              f"known: {', '.join(ADVANTAGE_ESTIMATORS)}")
-        self.run_dir = Path(cfg.training.output_dir)
-        self.checkpoints = CheckpointManager(self.run_dir, keep=cfg.training.save_total_limit)
-        self.step = 0
         self.nonfinite_in_a_row = 0
         self._warned_no_sampler_logprobs = False
-        if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "recipe.resolved.yaml").write_text(dump_recipe(cfg))
-        self.metrics = MetricsLogger(cfg, self.run_dir, is_main_process=acc.is_main_process)
+        self._last_exp: Experience | None = None
 
     # -- rollouts ---------------------------------------------------------------------------------
     def _sampling(self, salt: int = 0) -> SamplingSettings:
@@ -337,43 +304,33 @@ class GRPOTrainer:
                                     "completion": c.text, "reward": float(exp.rewards.total[j]),
                                     "advantage": float(exp.advantages[j])}) + "\n")
 
-    def save(self) -> Path:
-        return self.checkpoints.save(self.learner, self.step, {"data": self.stream.state_dict(),
-                                                               "nonfinite_in_a_row": self.nonfinite_in_a_row})
+    def trainer_state(self) -> dict:
+        return {"data": self.stream.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row}
 
-    def train(self) -> Path:
-        cfg = self.cfg
-        acc = self.learner.accelerator
-        bar = tqdm(range(self.step, cfg.training.max_steps), desc="grpo",
-                   disable=not (cfg.logging.progress_bar and acc.is_main_process))
-        try:
-            for self.step in bar:
-                t0 = time.time()
-                exp = self.collect()
-                self.compute_advantages(exp)
-                t_rollout = time.time() - t0
-                metrics = self.rollout_metrics(exp)
-                metrics.update(exp.stats)
-                metrics.update(self.update(exp))
-                seconds = time.time() - t0
-                tokens = sum(len(c.token_ids) for c in exp.completions)
-                metrics.update({"time/step_s": seconds, "time/rollout_s": t_rollout,
-                                "throughput/completion_tokens_per_s": tokens / max(seconds, 1e-9),
-                                **self.stream.report.counts()})
-                if self.step % cfg.logging.logging_steps == 0 or self.step == cfg.training.max_steps - 1:
-                    self.metrics.log(metrics, self.step)
-                    self.log_completions(exp)
-                bar.set_postfix(reward=f"{metrics['rewards/total']:.3f}", kl=f"{metrics.get('train/kl', 0.0):.4f}")
-                if cfg.training.save_steps and (self.step + 1) % cfg.training.save_steps == 0:
-                    self.save()
-            self.step = cfg.training.max_steps
-            final = self.save()
-        finally:
-            self.metrics.close()
-            self.engine.close()
-        if acc.is_main_process:
-            log.info("training finished; last checkpoint %s", final)
-        return self.run_dir
+    def train_step(self) -> dict[str, float]:
+        t0 = time.time()
+        exp = self.collect()
+        self.compute_advantages(exp)
+        t_rollout = time.time() - t0
+        metrics = self.rollout_metrics(exp)
+        metrics.update(exp.stats)
+        metrics.update(self.update(exp))
+        seconds = time.time() - t0
+        tokens = sum(len(c.token_ids) for c in exp.completions)
+        metrics.update({"time/step_s": seconds, "time/rollout_s": t_rollout,
+                        "throughput/completion_tokens_per_s": tokens / max(seconds, 1e-9)})
+        self._last_exp = exp
+        return metrics
+
+    def on_logged(self) -> None:
+        if self._last_exp is not None:
+            self.log_completions(self._last_exp)
+
+    def progress(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"reward": f"{metrics['rewards/total']:.3f}", "kl": f"{metrics.get('train/kl', 0.0):.4f}"}
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 @register_trainer("grpo")

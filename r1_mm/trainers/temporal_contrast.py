@@ -7,13 +7,12 @@ completions earn ``bonus``. Image prompts are untouched.
 
 from __future__ import annotations
 
-import copy
 import random
 
-import numpy as np
 import torch
 
-from r1_mm.data.prompts import Sample, encode_prompts
+from r1_mm.data.frame_views import select_frames, with_videos
+from r1_mm.data.prompts import Sample
 
 
 def has_video(sample: Sample) -> bool:
@@ -30,13 +29,8 @@ def shuffled_frames_sample(sample: Sample, processor, seed: int) -> Sample:
             rng.shuffle(order)
             if order != sorted(order) or len(order) < 2:
                 break
-        shuffled = copy.copy(video)
-        shuffled.frames = video.frames[np.array(order)]
-        videos.append(shuffled)
-    out = copy.copy(sample)
-    out.videos = videos
-    out.inputs = encode_prompts(processor, [sample.prompt_text], sample.images, videos)
-    return out
+        videos.append(select_frames(video, order, frame_factor=1))
+    return with_videos(sample, processor, videos)
 
 
 def temporal_bonus(correct_ordered: torch.Tensor, correct_shuffled: torch.Tensor, *, bonus: float,

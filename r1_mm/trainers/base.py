@@ -1,0 +1,86 @@
+"""What every trainer shares: the learner, the prompt stream, the run folder, metrics, checkpoints
+and the step loop. Subclasses implement ``train_step`` (one optimizer step, returns its metrics)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from r1_mm.checkpoint import CheckpointManager
+from r1_mm.config import RecipeConfig, dump_recipe
+from r1_mm.data import PromptStream
+from r1_mm.tracking import MetricsLogger
+from r1_mm.trainers.backend import Learner, build_learner
+
+log = logging.getLogger(__name__)
+
+
+class BaseTrainer:
+    name = "base"
+
+    def __init__(self, cfg: RecipeConfig, *, need_reference: bool):
+        self.cfg = cfg
+        self.learner: Learner = build_learner(cfg, need_reference=need_reference)
+        acc = self.learner.accelerator
+        self.processor = self.learner.processor
+        self.pad_id = self.processor.tokenizer.pad_token_id
+        self.stream = PromptStream.from_config(self.processor, cfg.data, cfg.media, seed=cfg.training.seed,
+                                               shard=(acc.process_index, acc.num_processes))
+        self.run_dir = Path(cfg.training.output_dir)
+        self.checkpoints = CheckpointManager(self.run_dir, keep=cfg.training.save_total_limit)
+        self.step = 0
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "recipe.resolved.yaml").write_text(dump_recipe(cfg))
+        self.metrics = MetricsLogger(cfg, self.run_dir, is_main_process=acc.is_main_process)
+
+    # -- subclass hooks -------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def progress(self, metrics: dict[str, float]) -> dict[str, str]:
+        """What the progress bar shows after each step."""
+        return {}
+
+    def on_logged(self) -> None:
+        """Called after a step's metrics were written (e.g. to dump sample completions)."""
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {"data": self.stream.state_dict()}
+
+    def close(self) -> None:
+        return None
+
+    # -- loop -----------------------------------------------------------------------------------
+    def save(self) -> Path:
+        return self.checkpoints.save(self.learner, self.step, self.trainer_state())
+
+    def train(self) -> Path:
+        cfg = self.cfg
+        acc = self.learner.accelerator
+        bar = tqdm(range(self.step, cfg.training.max_steps), desc=self.name,
+                   disable=not (cfg.logging.progress_bar and acc.is_main_process))
+        try:
+            for self.step in bar:
+                t0 = time.time()
+                metrics = self.train_step()
+                metrics.setdefault("time/step_s", time.time() - t0)
+                metrics.update(self.stream.report.counts())
+                if self.step % cfg.logging.logging_steps == 0 or self.step == cfg.training.max_steps - 1:
+                    self.metrics.log(metrics, self.step)
+                    self.on_logged()
+                bar.set_postfix(**self.progress(metrics))
+                if cfg.training.save_steps and (self.step + 1) % cfg.training.save_steps == 0:
+                    self.save()
+            self.step = cfg.training.max_steps
+            final = self.save()
+        finally:
+            self.metrics.close()
+            self.close()
+        if acc.is_main_process:
+            log.info("training finished; last checkpoint %s", final)
+        return self.run_dir

@@ -1,0 +1,114 @@
+"""Preference learning on image, multi-image and video rows: DPO and TPO (Temporal Preference
+Optimization; not TRL's "Triple Preference Optimization").
+
+A row holds a prompt with its media plus ``chosen`` and ``rejected`` responses. Both responses of a
+pair share one grouped forward of the prompt and media (G = 2). TPO is this trainer with its data
+(``r1-mm tpo build``) and, as in the paper, an NLL term on the chosen response (algorithm.nll_weight).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r1_mm.config import RecipeConfig
+from r1_mm.data import Sample
+from r1_mm.trainers.backend import reference_model
+from r1_mm.trainers.base import BaseTrainer
+from r1_mm.trainers.losses import masked_mean
+from r1_mm.trainers.preference_losses import PreferenceLossSettings, preference_loss
+from r1_mm.trainers.registry import register_trainer
+from r1_mm.trainers.scoring import score_completions
+
+
+class PreferenceDataError(ValueError):
+    """A preference row without usable chosen/rejected responses (names the row and the field)."""
+
+
+def response_ids(tokenizer: Any, text: Any, row_id: str, field: str) -> list[int]:
+    """A response's token ids followed by end-of-sequence, as the policy would have ended it."""
+    if not isinstance(text, str) or not text.strip():
+        raise PreferenceDataError(f"row {row_id}: field '{field}' must be a non-empty string, got {text!r}")
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+class PreferenceTrainer(BaseTrainer):
+    name = "dpo"
+
+    def __init__(self, cfg: RecipeConfig):
+        torch.manual_seed(cfg.training.seed)
+        a = cfg.algorithm
+        super().__init__(cfg, need_reference=not a.precomputed_reference)
+        self.name = a.name
+        self.settings = PreferenceLossSettings(loss_type=a.dpo_loss_type, beta=a.dpo_beta,
+                                               label_smoothing=a.label_smoothing, nll_weight=a.nll_weight)
+        self.tokenizer = self.processor.tokenizer
+
+    def pairs(self, samples: list[Sample]) -> list[list[int]]:
+        out = []
+        for s in samples:
+            out.append(response_ids(self.tokenizer, s.row.get("chosen"), s.row_id, "chosen"))
+            out.append(response_ids(self.tokenizer, s.row.get("rejected"), s.row_id, "rejected"))
+        return out
+
+    def reference_logps(self, samples: list[Sample], completions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.learner.accelerator.device
+        if self.cfg.algorithm.precomputed_reference:
+            try:
+                chosen = [float(s.row["ref_chosen_logps"]) for s in samples]
+                rejected = [float(s.row["ref_rejected_logps"]) for s in samples]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise PreferenceDataError(f"algorithm.precomputed_reference needs ref_chosen_logps and "
+                                          f"ref_rejected_logps on every row ({exc})") from exc
+            return torch.tensor(chosen, device=device), torch.tensor(rejected, device=device)
+        with torch.no_grad(), reference_model(self.learner) as ref:
+            logps, _, mask = self._score(ref, samples, completions)
+        seq = (logps * mask).sum(-1)
+        return seq[0::2], seq[1::2]
+
+    def _score(self, model: torch.nn.Module, samples: list[Sample], completions: list[list[int]], entropy: bool = False):
+        return score_completions(model, samples, completions, 2, self.pad_id, temperature=1.0,
+                                 mode=self.cfg.training.forward_mode, with_entropy=entropy)
+
+    def train_step(self) -> dict[str, float]:
+        learner = self.learner
+        samples = self.stream.next_batch(self.cfg.training.prompts_per_step)
+        completions = self.pairs(samples)
+        ref_chosen, ref_rejected = self.reference_logps(samples, completions)
+        learner.policy.train()
+        logps, entropy, mask = self._score(learner.policy, samples, completions, entropy=True)
+        out = preference_loss(logps, mask, ref_chosen, ref_rejected, self.settings)
+        learner.accelerator.backward(out.loss)
+        if self.cfg.training.max_grad_norm and not learner.is_deepspeed:
+            learner.accelerator.clip_grad_norm_(learner.policy.parameters(), self.cfg.training.max_grad_norm)
+        learner.optimizer.step()
+        learner.scheduler.step()
+        learner.optimizer.zero_grad(set_to_none=True)
+        acc = learner.accelerator
+        chosen, rejected = acc.gather(out.chosen_rewards), acc.gather(out.rejected_rewards)
+        metrics = {
+            "train/loss": float(out.loss.detach()),
+            "rewards/chosen": float(chosen.mean()), "rewards/rejected": float(rejected.mean()),
+            "rewards/margins": float((chosen - rejected).mean()),
+            "rewards/accuracies": float((chosen > rejected).float().mean()),
+            "train/entropy": masked_mean(entropy, mask),
+            "train/lr": float(learner.scheduler.get_last_lr()[0]),
+        }
+        if out.nll is not None:
+            metrics["train/nll"] = float(out.nll)
+        return metrics
+
+    def progress(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{metrics['train/loss']:.3f}", "margin": f"{metrics['rewards/margins']:.3f}"}
+
+
+@register_trainer("dpo")
+def train_dpo(cfg: RecipeConfig) -> Path:
+    return PreferenceTrainer(cfg).train()
+
+
+@register_trainer("tpo")
+def train_tpo(cfg: RecipeConfig) -> Path:
+    return PreferenceTrainer(cfg).train()

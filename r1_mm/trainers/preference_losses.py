@@ -1,0 +1,66 @@
+"""DPO-family losses on sequence logprobs, with the NLL term TPO and RPO add on chosen responses.
+
+Formulas follow TRL's DPOTrainer (tested against it): sigmoid -log s(b*d); hinge relu(1 - b*d);
+ipo (d_avg - 1/(2b))^2 on per-token averages; robust ((1-e)(-log s(b*d)) - e(-log s(-b*d))) / (1-2e),
+where d = (pi_c - ref_c) - (pi_r - ref_r).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+@dataclass(frozen=True)
+class PreferenceLossSettings:
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    nll_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"algorithm.dpo_loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.loss_type == "robust" and not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"robust DPO needs 0 <= algorithm.label_smoothing < 0.5, got {self.label_smoothing}")
+
+
+@dataclass
+class PreferenceLossOutput:
+    loss: torch.Tensor
+    chosen_rewards: torch.Tensor  # beta * (pi_c - ref_c), detached
+    rejected_rewards: torch.Tensor
+    nll: torch.Tensor | None
+
+
+def preference_loss(token_logps: torch.Tensor, mask: torch.Tensor, ref_chosen: torch.Tensor,
+                    ref_rejected: torch.Tensor, settings: PreferenceLossSettings) -> PreferenceLossOutput:
+    """``token_logps``/``mask``: (2B, C) rows ordered chosen, rejected per pair (pair i = rows 2i, 2i+1)."""
+    m = mask.to(token_logps.dtype)
+    seq = (token_logps * m).sum(-1)
+    lengths = m.sum(-1).clamp(min=1.0)
+    chosen, rejected = seq[0::2], seq[1::2]
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    delta = chosen_ratio - rejected_ratio
+    b, eps = settings.beta, settings.label_smoothing
+    if settings.loss_type == "sigmoid":
+        per_pair = -F.logsigmoid(b * delta)
+    elif settings.loss_type == "hinge":
+        per_pair = torch.relu(1 - b * delta)
+    elif settings.loss_type == "ipo":
+        avg = chosen_ratio / lengths[0::2] - rejected_ratio / lengths[1::2]
+        per_pair = (avg - 1 / (2 * b)) ** 2
+    else:
+        per_pair = ((1 - eps) * -F.logsigmoid(b * delta) - eps * -F.logsigmoid(-b * delta)) / (1 - 2 * eps)
+    loss = per_pair.mean()
+    nll = None
+    if settings.nll_weight:
+        chosen_mask = m[0::2]
+        nll = -(token_logps[0::2] * chosen_mask).sum() / chosen_mask.sum().clamp(min=1.0)
+        loss = loss + settings.nll_weight * nll
+    return PreferenceLossOutput(loss=loss, chosen_rewards=(b * chosen_ratio).detach(),
+                                rejected_rewards=(b * rejected_ratio).detach(), nll=None if nll is None else nll.detach())

@@ -1,0 +1,160 @@
+"""Preference learning: DPO losses equal TRL's DPOTrainer on identical image batches; DPO and TPO
+train end to end on image and video rows; `r1-mm tpo build` makes pairs from the synthetic event videos."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from r1_mm.config import DataConfig, MediaConfig, load_recipe
+from r1_mm.data import PromptBuilder
+from r1_mm.data.loading import default_media_root, read_rows
+from r1_mm.tracking import read_metrics
+from r1_mm.trainers.preference import PreferenceDataError, PreferenceTrainer
+from r1_mm.trainers.preference_losses import PreferenceLossSettings, preference_loss
+from r1_mm.trainers.scoring import score_completions
+
+CASES = [("sigmoid", 0.0, 0.0), ("hinge", 0.0, 0.0), ("ipo", 0.0, 0.0), ("robust", 0.2, 0.0), ("sigmoid", 0.0, 0.5)]
+
+
+@pytest.fixture(scope="module")
+def image_pairs(tiny_path, synthetic_data):
+    path = tiny_path("qwen2_5_vl")
+    processor = AutoProcessor.from_pretrained(path)
+    data = synthetic_data["counting"]
+    builder = PromptBuilder(processor, DataConfig(), MediaConfig(), default_media_root(data))
+    samples = [builder.prepare(row, i) for i, row in enumerate(read_rows(data)[:2])]
+    gen = torch.Generator().manual_seed(0)
+    completions = [torch.randint(0, 400, (n,), generator=gen).tolist() for n in (5, 3, 4, 6)]  # c0, r0, c1, r1
+    return path, processor, samples, completions
+
+
+def trl_inputs(processor, samples, completions):
+    """TRL's DPO batch: rows [chosen_0, chosen_1, rejected_0, rejected_1] = prompt + completion, right-padded."""
+    order = [(0, 0), (1, 2), (0, 1), (1, 3)]  # (sample, completion) for chosen rows then rejected rows
+    rows = [torch.cat([samples[s].inputs["input_ids"][0], torch.tensor(completions[c])]) for s, c in order]
+    width = max(len(r) for r in rows)
+    pad = processor.tokenizer.pad_token_id
+    input_ids = torch.full((4, width), pad)
+    attention, completion, mm = (torch.zeros((4, width), dtype=torch.long) for _ in range(3))
+    for i, ((s, _), row) in enumerate(zip(order, rows, strict=True)):
+        p = samples[s].inputs["input_ids"].shape[1]
+        input_ids[i, :len(row)] = row
+        attention[i, :len(row)] = 1
+        completion[i, p:len(row)] = 1
+        mm[i, :p] = samples[s].inputs["mm_token_type_ids"][0]
+    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion,
+            "mm_token_type_ids": mm,
+            "pixel_values": torch.cat([samples[s].inputs["pixel_values"] for s, _ in order]),
+            "image_grid_thw": torch.cat([samples[s].inputs["image_grid_thw"] for s, _ in order])}
+
+
+@pytest.mark.parametrize(("loss_type", "smoothing", "nll"), CASES)
+def test_dpo_losses_equal_trl(image_pairs, tmp_path, loss_type, smoothing, nll):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    path, processor, samples, completions = image_pairs
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    with torch.no_grad():  # policy != reference, so the log-ratios are not all zero
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ref = AutoModelForImageTextToText.from_pretrained(path)
+    beta = 0.3
+    losses = [loss_type] + (["sft"] if nll else [])
+    config = DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], beta=beta, loss_type=losses,
+                       loss_weights=[1.0] + ([nll] if nll else []), label_smoothing=smoothing, max_length=None)
+    trainer = DPOTrainer(model=model, ref_model=ref, args=config, processing_class=processor,
+                         train_dataset=Dataset.from_list([{"prompt": "x", "chosen": "a", "rejected": "b"}] * 2))
+    trl_loss = trainer._compute_loss(trainer.model, trl_inputs(processor, samples, completions), False)
+    mode = "train" if trainer.model.training else "eval"
+    trl_metrics = {k: v[-1] for k, v in trainer._metrics[mode].items()}
+
+    pad = processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        ref_logps, _, mask = score_completions(ref, samples, completions, 2, pad, temperature=1.0, mode="grouped")
+    seq = (ref_logps * mask).sum(-1)
+    logps, _, mask = score_completions(trainer.model, samples, completions, 2, pad, temperature=1.0, mode="grouped")
+    ours = preference_loss(logps, mask, seq[0::2], seq[1::2],
+                           PreferenceLossSettings(loss_type=loss_type, beta=beta, label_smoothing=smoothing,
+                                                  nll_weight=nll))
+    assert ours.loss.item() == pytest.approx(trl_loss.item(), abs=1e-5)
+    assert ours.chosen_rewards.mean().item() == pytest.approx(trl_metrics["rewards/chosen"], abs=1e-5)
+    assert ours.rejected_rewards.mean().item() == pytest.approx(trl_metrics["rewards/rejected"], abs=1e-5)
+    margins = (ours.chosen_rewards - ours.rejected_rewards).mean().item()
+    assert margins == pytest.approx(trl_metrics["rewards/margins"], abs=1e-5)
+
+
+def preference_file(tmp_path: Path, synthetic_data, kinds=("counting", "events")) -> Path:
+    rows = []
+    for task in kinds:
+        path = synthetic_data[task]
+        for i, line in enumerate(path.read_text().splitlines()[:3]):
+            row = json.loads(line)
+            key = "image" if "image" in row else "video"
+            row[key] = str(path.parent / row[key])
+            row.update(chosen=f"<answer>{row.get('solution', 'x')}</answer>", rejected=f"<answer>no {i}</answer>")
+            rows.append(row)
+    out = tmp_path / "pairs.jsonl"
+    out.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return out
+
+
+def recipe(tmp_path, data, *overrides):
+    return load_recipe(None, ["model.name_or_path=tiny:qwen2_5_vl:small", f"data.train_path={data}",
+                              f"training.output_dir={tmp_path / 'run'}", "media.max_pixels=3136", "media.max_frames=4",
+                              "training.prompts_per_step=2", "training.max_steps=4", "training.learning_rate=1e-3",
+                              "logging.progress_bar=false", *overrides])
+
+
+@pytest.fixture(autouse=True)
+def _cache(tiny_cache, monkeypatch):
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+
+
+def test_dpo_trains_on_image_and_video_pairs(tmp_path, synthetic_data):
+    cfg = recipe(tmp_path, preference_file(tmp_path, synthetic_data), "algorithm.name=dpo", "data.shuffle=false")
+    PreferenceTrainer(cfg).train()
+    metrics = read_metrics(cfg.training.output_dir)
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    assert metrics[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at the start
+    assert metrics[-1]["rewards/margins"] > 0  # it learned to prefer the chosen answers
+    assert (Path(cfg.training.output_dir) / "checkpoints" / "step-000004" / "model" / "config.json").exists()
+
+
+def test_tpo_adds_the_nll_term_and_bad_rows_are_named(tmp_path, synthetic_data):
+    data = preference_file(tmp_path, synthetic_data, kinds=("events",))
+    cfg = recipe(tmp_path, data, "algorithm.name=tpo", "algorithm.nll_weight=1.0", "training.max_steps=1")
+    PreferenceTrainer(cfg).train()
+    assert read_metrics(cfg.training.output_dir)[0]["train/nll"] > 0
+    broken = tmp_path / "broken.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[0]["rejected"] = ""
+    broken.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = recipe(tmp_path, broken, "algorithm.name=dpo", "data.shuffle=false", "training.max_steps=1")
+    with pytest.raises(PreferenceDataError, match="row events-0: field 'rejected' must be a non-empty string"):
+        PreferenceTrainer(cfg).train()
+
+
+def test_tpo_build_on_event_videos_then_train(tmp_path, synthetic_data):
+    from r1_mm.cli import main
+
+    recipe_file = tmp_path / "tpo.yaml"
+    recipe_file.write_text("model:\n  name_or_path: tiny:qwen2_5_vl:small\nmedia:\n  max_frames: 8\n"
+                           "rollout:\n  max_completion_length: 6\n")
+    out = tmp_path / "tpo_pairs.jsonl"
+    assert main(["tpo", "build", str(recipe_file), "--out", str(out), f"data.train_path={synthetic_data['events']}",
+                 f"training.output_dir={tmp_path / 'build'}"]) == 0
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {p["tpo_kind"] for p in pairs} == {"localized", "comprehensive"}
+    for p in pairs:
+        assert p["chosen"] != p["rejected"] and Path(p["video"]).is_absolute() and Path(p["video"]).exists()
+        assert p["id"] == f"{p['source_id']}-{p['tpo_kind']}"
+    cfg = recipe(tmp_path, out, "algorithm.name=tpo", "algorithm.nll_weight=0.5", "training.max_steps=2")
+    PreferenceTrainer(cfg).train()
+    assert len(read_metrics(cfg.training.output_dir)) == 2
