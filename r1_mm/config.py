@@ -128,7 +128,7 @@ class RewardsConfig:
 class AlgorithmConfig:
     """Policy-optimisation knobs; names follow TRL's GRPOConfig where both have them."""
 
-    name: Literal["grpo", "dpo", "tpo"] = "grpo"
+    name: Literal["grpo", "dpo", "tpo", "iterative_dpo"] = "grpo"
     beta: float = 0.04
     loss_type: str = "dapo"
     epsilon: float = 0.2
@@ -164,6 +164,11 @@ class AlgorithmConfig:
     label_smoothing: float = 0.0  # robust DPO: assumed share of flipped preference labels, in [0, 0.5)
     nll_weight: float = 0.0  # weight of the NLL (SFT) term on chosen responses: TPO's and RPO's extra loss
     precomputed_reference: bool = False  # read ref_chosen_logps / ref_rejected_logps columns instead of a forward
+    # iterative DPO (LLaVA-OneVision-Chat with LLaVA-Critic): each round samples rollout.num_generations
+    # responses for round_prompts prompts, scores them with rewards.functions (e.g. critic), pairs best vs
+    # worst (ties skipped) and trains one DPO pass over them; the reference restarts from the policy
+    round_prompts: int = 16
+    reference_from_policy_each_round: bool = True
 
 
 @dataclass

@@ -195,3 +195,39 @@ def test_critic_reward_against_vllm_cpu_server(tmp_path, tiny_cache, synthetic_d
     finally:
         server.terminate()
         server.wait(30)
+
+
+class LengthJudge(FlakyJudge):
+    """A deterministic judge over real HTTP: longer responses score higher (Score = 1 + length, max 10)."""
+
+    failures = 0
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        text = body["messages"][0]["content"][-1]["text"]
+        response = text.split("[The Start of the Assistant's Response]\n", 1)[1].split("\n[The End", 1)[0]
+        self._send(200, {"choices": [{"message": {"content": f"ok\nScore: {min(10, 1 + len(response))}"}}]})
+
+
+def test_critic_driven_iterative_dpo(tmp_path, synthetic_data, tiny_cache, monkeypatch):
+    """LLaVA-OneVision-Chat style: k samples per prompt, critic-scored, best vs worst, one DPO pass per round."""
+    from r1_mm.trainers.iterative_dpo import IterativeDPOTrainer
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    server = QuietServer(("127.0.0.1", 0), LengthJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        cfg = load_recipe(None, [
+            "model.name_or_path=tiny:qwen2_5_vl:small", f"data.train_path={synthetic_data['counting']}",
+            f"training.output_dir={tmp_path / 'run'}", "media.max_pixels=3136", "algorithm.name=iterative_dpo",
+            "algorithm.round_prompts=2", "rollout.num_generations=4", "rollout.max_completion_length=6",
+            "rollout.temperature=1.0", "training.prompts_per_step=2", "training.max_steps=2",
+            "logging.progress_bar=false", f"rewards.functions=[{{name: critic, kwargs: {{base_url: '{base}'}}}}]"])
+        IterativeDPOTrainer(cfg).train()
+        metrics = read_metrics(cfg.training.output_dir)
+        assert [m["iterative/round"] for m in metrics] == [1.0, 2.0]
+        assert all(m["iterative/pairs"] >= 1 for m in metrics)  # groups whose lengths tie are skipped
+        assert metrics[-1]["rewards/critic/judgements"] >= 16 and metrics[-1]["rewards/critic/unparsable"] == 0
+    finally:
+        server.shutdown()

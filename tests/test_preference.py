@@ -158,3 +158,31 @@ def test_tpo_build_on_event_videos_then_train(tmp_path, synthetic_data):
     cfg = recipe(tmp_path, out, "algorithm.name=tpo", "algorithm.nll_weight=0.5", "training.max_steps=2")
     PreferenceTrainer(cfg).train()
     assert len(read_metrics(cfg.training.output_dir)) == 2
+
+
+def test_best_and_worst_skips_ties_and_unscored():
+    from r1_mm.trainers.iterative_dpo import best_and_worst
+
+    assert best_and_worst(torch.tensor([0.2, 0.9, float("nan"), 0.1])) == (1, 3)
+    assert best_and_worst(torch.tensor([0.5, 0.5, 0.5])) is None
+    assert best_and_worst(torch.tensor([float("nan"), 0.3, float("nan")])) is None
+
+
+def test_iterative_dpo_rounds_with_rewards(tmp_path, synthetic_data):
+    from r1_mm.trainers.iterative_dpo import IterativeDPOTrainer
+
+    plugin = Path(__file__).parent / "plugins" / "faulty.py"
+    cfg = recipe(tmp_path, synthetic_data["counting"], "algorithm.name=iterative_dpo", "algorithm.round_prompts=4",
+                 "rollout.num_generations=4", "rollout.max_completion_length=4", "data.format_instruction=null",
+                 f"rewards.functions=[{{name: '{plugin}:alternating'}}]")
+    IterativeDPOTrainer(cfg).train()
+    metrics = read_metrics(cfg.training.output_dir)
+    assert [m["iterative/round"] for m in metrics] == [1.0, 1.0, 2.0, 2.0]  # 4 pairs per round, 2 per step
+    assert all(m["iterative/pairs"] == 4 and m["iterative/skipped_ties"] == 0 for m in metrics)
+    assert metrics[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics[2]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # the reference restarted from the policy
+    cfg = recipe(tmp_path, synthetic_data["counting"], "algorithm.name=iterative_dpo", "algorithm.round_prompts=2",
+                 "rollout.num_generations=2", "rollout.max_completion_length=2", f"training.output_dir={tmp_path / 'ties'}",
+                 "rewards.functions=[{name: format, kwargs: {pattern: 'never'}}]")  # every response scores 0: ties
+    with pytest.raises(RuntimeError, match="every response group tied on its rewards in 5 rounds"):
+        IterativeDPOTrainer(cfg).train()

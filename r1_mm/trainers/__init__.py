@@ -2,5 +2,6 @@
 
 from r1_mm.trainers import (
     grpo,  # noqa: F401
+    iterative_dpo,  # noqa: F401
     preference,  # noqa: F401
 )

@@ -72,10 +72,17 @@ class PreferenceTrainer(BaseTrainer):
         return score_completions(model, samples, completions, 2, self.pad_id, temperature=1.0,
                                  mode=self.cfg.training.forward_mode, with_entropy=entropy)
 
-    def train_step(self) -> dict[str, float]:
-        learner = self.learner
+    def next_pairs(self) -> tuple[list[Sample], list[list[int]]]:
+        """The next batch: samples and their [chosen, rejected] token ids, interleaved per sample."""
         samples = self.stream.next_batch(self.cfg.training.prompts_per_step)
-        completions = self.pairs(samples)
+        return samples, self.pairs(samples)
+
+    def train_step(self) -> dict[str, float]:
+        samples, completions = self.next_pairs()
+        return self.dpo_update(samples, completions)
+
+    def dpo_update(self, samples: list[Sample], completions: list[list[int]]) -> dict[str, float]:
+        learner = self.learner
         ref_chosen, ref_rejected = self.reference_logps(samples, completions)
         learner.policy.train()
         logps, entropy, mask = self._score(learner.policy, samples, completions, entropy=True)

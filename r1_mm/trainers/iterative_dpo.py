@@ -1,0 +1,121 @@
+"""Critic-driven iterative DPO (the LLaVA-OneVision-Chat recipe with LLaVA-Critic).
+
+Round after round: sample k responses per prompt from the current policy (rollout engine, recipe
+temperature), score them with the recipe's rewards (the ``critic`` reward, or any other), pair the
+best with the worst (groups whose scores tie are skipped), train one DPO pass over those pairs, and
+start the next round from the updated policy (and, by default, a reference reset to it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from r1_mm.config import RecipeConfig
+from r1_mm.data import Sample
+from r1_mm.rewards.registry import RewardRunner
+from r1_mm.rollout.base import SamplingSettings, make_engine
+from r1_mm.trainers.backend import generation_model, sync_reference
+from r1_mm.trainers.preference import PreferenceTrainer
+from r1_mm.trainers.registry import register_trainer
+
+MAX_EMPTY_ROUNDS = 5
+
+
+def best_and_worst(scores: torch.Tensor) -> tuple[int, int] | None:
+    """Indices of the best and worst scored responses of a group; None when they tie or none is scored."""
+    valid = ~torch.isnan(scores)
+    if valid.sum() < 2:
+        return None
+    masked_hi = torch.where(valid, scores, torch.tensor(float("-inf")))
+    masked_lo = torch.where(valid, scores, torch.tensor(float("inf")))
+    best, worst = int(masked_hi.argmax()), int(masked_lo.argmin())
+    return None if scores[best] == scores[worst] else (best, worst)
+
+
+class IterativeDPOTrainer(PreferenceTrainer):
+    name = "iterative_dpo"
+
+    def __init__(self, cfg: RecipeConfig):
+        if not cfg.rewards.functions:
+            raise ValueError("iterative_dpo ranks responses with rewards.functions (e.g. the critic); it is empty")
+        super().__init__(cfg)
+        self.rewards = RewardRunner(cfg.rewards.functions, on_error=cfg.rewards.on_error,
+                                    context={"max_completion_length": cfg.rollout.max_completion_length})
+        self.engine = make_engine(cfg.rollout.engine, model=self.learner.unwrapped, processor=self.processor, cfg=cfg)
+        self.buffer: list[tuple[Sample, list[int], list[int]]] = []
+        self.round = 0
+        self.round_stats: dict[str, float] = {}
+
+    def new_round(self) -> None:
+        cfg = self.cfg
+        if self.round > 0:
+            self.engine.update_weights(self.learner.unwrapped)
+            if cfg.algorithm.reference_from_policy_each_round:
+                sync_reference(self.learner, 1.0)
+        k = cfg.rollout.num_generations
+        for _attempt in range(MAX_EMPTY_ROUNDS):  # a round where every group ties yields nothing: sample again
+            if self._fewest_pairs_on_any_rank() > 0:
+                break
+            samples = self.stream.next_batch(cfg.algorithm.round_prompts)
+            seed = cfg.training.seed * 100_003 + self.round * 7919 + self.learner.accelerator.process_index
+            sampling = SamplingSettings.from_config(cfg.rollout, seed=seed)
+            if getattr(self.engine, "samples_from_policy", False):
+                with generation_model(self.learner) as model:  # ZeRO-3: gathered for generate
+                    self.engine.update_weights(model)
+                    results = self.engine.generate(samples, k, sampling)
+            else:
+                results = self.engine.generate(samples, k, sampling)
+            groups = [r.completions for r in results]
+            batch = self.rewards(prompts=[s.messages for s in samples for _ in range(k)],
+                                 completions=[c.text for g in groups for c in g],
+                                 completion_ids=[c.token_ids for g in groups for c in g],
+                                 rows=[s.row for s in samples for _ in range(k)],
+                                 row_ids=[s.row_id for s in samples for _ in range(k)],
+                                 media=[s for s in samples for _ in range(k)])
+            ties = 0
+            for i, (sample, group) in enumerate(zip(samples, groups, strict=True)):
+                pick = best_and_worst(batch.total[i * k:(i + 1) * k])
+                if pick is None:
+                    ties += 1
+                    continue
+                self.buffer.append((sample, group[pick[0]].token_ids, group[pick[1]].token_ids))
+            self.round += 1
+            self.round_stats = {"iterative/round": float(self.round), "iterative/pairs": float(len(self.buffer)),
+                                "iterative/skipped_ties": float(ties),
+                                "iterative/reward_mean": float(torch.nanmean(batch.total)), **self.rewards.metrics()}
+        fewest = self._fewest_pairs_on_any_rank()
+        if fewest > 0:
+            # every rank trains the same number of steps per round (their collectives must line up)
+            per_step = cfg.training.prompts_per_step
+            target = max(per_step, fewest // per_step * per_step)
+            self.buffer = (self.buffer * (target // len(self.buffer) + 1))[:target]
+            return
+        raise RuntimeError(f"iterative DPO: every response group tied on its rewards in {MAX_EMPTY_ROUNDS} rounds of "
+                           f"{cfg.algorithm.round_prompts} prompts, so there is no preference to learn; check the "
+                           "rewards (rewards/*) or raise rollout.temperature / rollout.num_generations")
+
+    def _fewest_pairs_on_any_rank(self) -> int:
+        acc = self.learner.accelerator
+        count = torch.tensor([len(self.buffer)], device=acc.device)
+        return int(acc.gather(count).min())
+
+    def next_pairs(self) -> tuple[list[Sample], list[list[int]]]:
+        if not self.buffer:
+            self.new_round()
+        take, self.buffer = self.buffer[:self.cfg.training.prompts_per_step], self.buffer[self.cfg.training.prompts_per_step:]
+        return [s for s, _, _ in take], [ids for _, c, r in take for ids in (c, r)]
+
+    def train_step(self) -> dict[str, float]:
+        metrics = super().train_step()
+        metrics.update(self.round_stats)
+        return metrics
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+@register_trainer("iterative_dpo")
+def train_iterative_dpo(cfg: RecipeConfig) -> Path:
+    return IterativeDPOTrainer(cfg).train()
