@@ -171,3 +171,22 @@ def test_zero3_lora_with_colocated_vllm(setup, initial_weights):
     check_run(metrics, out, initial_weights)
     for m in metrics:
         assert m["rollout/logprob_abs_diff_mean"] < 0.05 and m["rollout/is_dropped_frac"] == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["zero3_partitioned", "ddp"])
+def test_dpo_with_lora_on_two_processes(setup, initial_weights, config):
+    root, recipe, z3, data, cache = setup
+    pairs = root / f"pairs_{config}.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row.update(image=str(data.parent / row["image"]), chosen=str(row["solution"]), rejected=str(i % 3 + 5))
+    pairs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = root / f"dpo_{config}"
+    launcher = z3 if config == "zero3_partitioned" else REPO / "recipes" / "accelerate" / "ddp.yaml"
+    metrics = launch(launcher, recipe, out, pairs, cache, "algorithm.name=dpo", "model.lora=true",
+                     "algorithm.nll_weight=0.5")
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    assert metrics[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6) and metrics[-1]["rewards/margins"] > 0
+    exported = load_file(out / "checkpoints" / "step-000003" / "model" / "model.safetensors")
+    assert set(exported) == set(initial_weights)
