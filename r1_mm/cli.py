@@ -164,6 +164,27 @@ def _cmd_serve(argv: list[str]) -> int:
     return subprocess.call(spec.command(), env=spec.environment())
 
 
+def _cmd_dpo(argv: list[str]) -> int:
+    from r1_mm.config import ConfigError, load_recipe
+    from r1_mm.trainers.preference import precompute_reference
+
+    p = argparse.ArgumentParser(prog="r1-mm dpo", description="Preference-data tools.")
+    sub = p.add_subparsers(dest="action", required=True)
+    pre = sub.add_parser("precompute-ref", help="store the reference model's logprobs with the data (once)")
+    pre.add_argument("recipe")
+    pre.add_argument("--out", required=True)
+    pre.add_argument("overrides", nargs="*")
+    args, extra = p.parse_known_args(argv)
+    try:
+        cfg = load_recipe(args.recipe, args.overrides + extra)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    n = precompute_reference(cfg, args.out)
+    print(f"{n} rows with reference logprobs written to {args.out}; train with algorithm.precomputed_reference=true")
+    return 0
+
+
 def _cmd_tpo(argv: list[str]) -> int:
     from r1_mm.config import ConfigError, load_recipe
     from r1_mm.data.tpo_builder import TPOSettings, build_tpo_pairs
@@ -207,6 +228,7 @@ COMMANDS = {
     "make-tiny": (_cmd_make_tiny, "build a tiny offline Qwen2-VL / Qwen2.5-VL"),
     "make-data": (_cmd_make_data, "write a synthetic image/video task"),
     "rewards": (_cmd_rewards, "list rewards, or check one on sample rows"),
+    "dpo": (_cmd_dpo, "preference-data tools (precompute-ref)"),
     "tpo": (_cmd_tpo, "build Temporal Preference Optimization pairs from video rows"),
     "serve": (_cmd_serve, "run a vLLM server: critic (OpenAI-compatible) or rollout (vllm_pool)"),
 }

@@ -186,3 +186,25 @@ def test_iterative_dpo_rounds_with_rewards(tmp_path, synthetic_data):
                  "rewards.functions=[{name: format, kwargs: {pattern: 'never'}}]")  # every response scores 0: ties
     with pytest.raises(RuntimeError, match="every response group tied on its rewards in 5 rounds"):
         IterativeDPOTrainer(cfg).train()
+
+
+def test_precomputed_reference_matches_on_the_fly(tmp_path, synthetic_data):
+    from r1_mm.cli import main
+
+    data = preference_file(tmp_path, synthetic_data)
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("model:\n  name_or_path: tiny:qwen2_5_vl:small\nmedia:\n  max_pixels: 3136\n  max_frames: 4\n")
+    out = tmp_path / "with_ref.jsonl"
+    assert main(["dpo", "precompute-ref", str(recipe_file), "--out", str(out), f"data.train_path={data}"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 and all(r["ref_chosen_logps"] < 0 and r["ref_rejected_logps"] < 0 for r in rows)
+    live = recipe(tmp_path, data, "algorithm.name=dpo", "data.shuffle=false", "training.max_steps=2")
+    PreferenceTrainer(live).train()
+    stored = recipe(tmp_path, out, "algorithm.name=dpo", "data.shuffle=false", "training.max_steps=2",
+                    "algorithm.precomputed_reference=true", f"training.output_dir={tmp_path / 'stored'}")
+    trainer = PreferenceTrainer(stored)
+    assert trainer.learner.reference is None  # no reference model in memory
+    trainer.train()
+    a, b = read_metrics(live.training.output_dir), read_metrics(stored.training.output_dir)
+    for m_live, m_stored in zip(a, b, strict=True):
+        assert m_stored["train/loss"] == pytest.approx(m_live["train/loss"], abs=1e-4)

@@ -111,6 +111,36 @@ class PreferenceTrainer(BaseTrainer):
         return {"loss": f"{metrics['train/loss']:.3f}", "margin": f"{metrics['rewards/margins']:.3f}"}
 
 
+def precompute_reference(cfg: RecipeConfig, out_path: str | Path) -> int:
+    """Write the data file again with ref_chosen_logps / ref_rejected_logps from the reference model,
+    so training with algorithm.precomputed_reference=true needs no reference forward (or memory)."""
+    import json
+
+    from r1_mm.data.loading import default_media_root, read_rows
+    from r1_mm.data.prompts import PromptBuilder
+    from r1_mm.models import load_model, load_processor
+
+    processor = load_processor(cfg.model)
+    model = load_model(cfg.model, trainable=False).eval()
+    data = Path(cfg.data.train_path)
+    builder = PromptBuilder(processor, cfg.data, cfg.media,
+                            Path(cfg.data.media_root) if cfg.data.media_root else default_media_root(data))
+    tokenizer = processor.tokenizer
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with out_path.open("w") as out, torch.no_grad():
+        for index, row in enumerate(read_rows(data)):
+            sample = builder.prepare(row, index)
+            ids = [response_ids(tokenizer, row.get(f), sample.row_id, f) for f in ("chosen", "rejected")]
+            logps, _, mask = score_completions(model, [sample], ids, 2, tokenizer.pad_token_id, temperature=1.0,
+                                               mode=cfg.training.forward_mode)
+            seq = (logps * mask).sum(-1)
+            out.write(json.dumps({**row, "ref_chosen_logps": float(seq[0]), "ref_rejected_logps": float(seq[1])}) + "\n")
+            written += 1
+    return written
+
+
 @register_trainer("dpo")
 def train_dpo(cfg: RecipeConfig) -> Path:
     return PreferenceTrainer(cfg).train()
