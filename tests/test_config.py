@@ -95,3 +95,9 @@ def test_same_resolution_under_cli_and_accelerate_launch(tmp_path):
          str(recipe), *overrides, "--print-config"], tmp_path)
     assert "num_generations: 6" in via_cli and "beta: 0.02" in via_cli
     assert via_cli == via_accelerate
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(path):
+    cfg = load_recipe(path)
+    assert cfg.algorithm.name in ("grpo", "dpo", "tpo", "iterative_dpo")
