@@ -16,11 +16,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from grpo_step import PeakRSS, bench_model_path, make_inputs  # noqa: E402
+from grpo_step import bench_model_path, make_inputs, time_steps  # noqa: E402
 
 RESPONSE_TOKENS = 64
 BETA = 0.1
@@ -90,15 +89,8 @@ def worker(impl: str, repeats: int) -> dict:
             preference_loss(logps, mask, seq[0::2], seq[1::2], settings).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    step(optimizer)  # warm-up
-    times = []
-    with PeakRSS() as mem:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            step(optimizer)
-            times.append(time.perf_counter() - t0)
-    return {"impl": impl, "seconds": sorted(times)[len(times) // 2], "peak_rss_mib": mem.peak,
+    seconds, peak = time_steps(step, params, repeats)
+    return {"impl": impl, "seconds": seconds, "peak_rss_mib": peak,
             "prompt_tokens": int(sample.num_prompt_tokens)}
 
 

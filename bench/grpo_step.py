@@ -57,6 +57,21 @@ class PeakRSS:
         self._thread.join()
 
 
+def time_steps(step, params, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``step(optimizer)`` after one warm-up step, and the peak RSS (MiB) meanwhile."""
+    import torch
+
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    step(optimizer)  # warm-up (allocations, kernels)
+    times = []
+    with PeakRSS() as mem:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step(optimizer)
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], mem.peak
+
+
 def bench_model_path() -> Path:
     from r1_mm.testing.tiny_models import TinySpec, tiny_model_path
 
@@ -181,15 +196,8 @@ def worker(case: str, impl: str, repeats: int) -> dict:
     else:
         step = lambda opt: run_ours(model, ref, processor, sample, completions, advantages, opt)  # noqa: E731
         params = model.parameters()
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    step(optimizer)  # warm-up (allocations, kernels)
-    times = []
-    with PeakRSS() as mem:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            step(optimizer)
-            times.append(time.perf_counter() - t0)
-    return {"case": case, "impl": impl, "seconds": sorted(times)[len(times) // 2], "peak_rss_mib": mem.peak,
+    seconds, peak = time_steps(step, params, repeats)
+    return {"case": case, "impl": impl, "seconds": seconds, "peak_rss_mib": peak,
             "prompt_tokens": int(sample.num_prompt_tokens),
             "visual_tokens": int(sample.inputs["image_grid_thw"].prod() // 4) if "image_grid_thw" in sample.inputs else 0,
             "torch_threads": torch.get_num_threads()}
