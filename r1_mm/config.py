@@ -185,6 +185,7 @@ class TrainingConfig:
     use_cpu: bool = True
     save_steps: int | None = None
     save_total_limit: int = 2
+    resume_from: str | None = None  # "latest" (this run's newest checkpoint, if any) or a checkpoint folder
     max_nonfinite_steps: int = 3  # consecutive non-finite losses before the run saves and stops
     forward_mode: Literal["grouped", "naive"] = "grouped"  # naive = G repeated sequences (library way)
 

@@ -33,10 +33,41 @@ class BaseTrainer:
         self.run_dir = Path(cfg.training.output_dir)
         self.checkpoints = CheckpointManager(self.run_dir, keep=cfg.training.save_total_limit)
         self.step = 0
+        self.resume_path = self._resume_path()
+        self.resumed_state: dict[str, Any] = {}
+        if self.resume_path is not None:
+            self.resumed_state = CheckpointManager.read_state(self.resume_path)
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.resolved.yaml").write_text(dump_recipe(cfg))
-        self.metrics = MetricsLogger(cfg, self.run_dir, is_main_process=acc.is_main_process)
+        self.metrics = MetricsLogger(cfg, self.run_dir, is_main_process=acc.is_main_process,
+                                     resume=self.resume_path is not None,
+                                     start_step=self.resumed_state.get("step"))
+
+    # -- resume ---------------------------------------------------------------------------------
+    def _resume_path(self) -> Path | None:
+        want = self.cfg.training.resume_from
+        if not want:
+            return None
+        if want == "latest":
+            return self.checkpoints.latest()  # None: a fresh run (first launch of a resumable job)
+        path = Path(want)
+        if not (path / "trainer_state.json").exists():
+            raise FileNotFoundError(f"training.resume_from: {path} is not a checkpoint (no trainer_state.json)")
+        return path
+
+    def _resume(self) -> None:
+        """Model, optimizer, scheduler and RNG states (accelerate), then data position and trainer state."""
+        acc = self.learner.accelerator
+        acc.load_state(str(self.resume_path))
+        self.step = int(self.resumed_state["step"])
+        self.stream.load_state_dict(self.resumed_state["data"])
+        self.after_resume(self.resumed_state)
+        if acc.is_main_process:
+            log.info("resumed from %s at step %d", self.resume_path, self.step)
+
+    def after_resume(self, state: dict[str, Any]) -> None:
+        """Subclasses restore their own state (counters, engines holding weights)."""
 
     # -- subclass hooks -------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -56,12 +87,16 @@ class BaseTrainer:
         return None
 
     # -- loop -----------------------------------------------------------------------------------
-    def save(self) -> Path:
-        return self.checkpoints.save(self.learner, self.step, self.trainer_state())
+    def save(self, steps_done: int | None = None) -> Path:
+        """A checkpoint named by the number of completed steps: resuming from it starts at that step."""
+        done = self.step if steps_done is None else steps_done
+        return self.checkpoints.save(self.learner, done, self.trainer_state())
 
     def train(self) -> Path:
         cfg = self.cfg
         acc = self.learner.accelerator
+        if self.resume_path is not None:
+            self._resume()
         bar = tqdm(range(self.step, cfg.training.max_steps), desc=self.name,
                    disable=not (cfg.logging.progress_bar and acc.is_main_process))
         try:
@@ -75,7 +110,7 @@ class BaseTrainer:
                     self.on_logged()
                 bar.set_postfix(**self.progress(metrics))
                 if cfg.training.save_steps and (self.step + 1) % cfg.training.save_steps == 0:
-                    self.save()
+                    self.save(self.step + 1)
             self.step = cfg.training.max_steps
             final = self.save()
         finally:

@@ -305,7 +305,16 @@ class GRPOTrainer(BaseTrainer):
                                     "advantage": float(exp.advantages[j])}) + "\n")
 
     def trainer_state(self) -> dict:
-        return {"data": self.stream.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row}
+        return {"data": self.stream.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "reward_failures": dict(self.rewards.failure_counts)}
+
+    def after_resume(self, state: dict) -> None:
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        for name, count in state.get("reward_failures", {}).items():
+            if name in self.rewards.failure_counts:
+                self.rewards.failure_counts[name] = count
+        if not getattr(self.engine, "samples_from_policy", False):
+            self.engine.update_weights(self.learner.unwrapped)  # the engine still holds the starting weights
 
     def train_step(self) -> dict[str, float]:
         t0 = time.time()
