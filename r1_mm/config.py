@@ -197,6 +197,7 @@ class LoggingConfig:
     run_name: str | None = None
     group: str | None = None
     logging_steps: int = 1
+    table_steps: int = 10  # W&B completions table (with images / frames) every this many steps
     progress_bar: bool = True
 
 

@@ -62,10 +62,38 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
+    def log_completions_table(self, rows: list[dict[str, Any]], step: int) -> None:
+        """A W&B table of sample completions, with the prompt's image or a strip of its sampled frames."""
+        if not self.enabled or self.wandb_run is None or not rows:
+            return
+        import wandb
+
+        columns = ["step", "row_id", "media", "prompt", "completion", "solution", "reward", "advantage"]
+        table = wandb.Table(columns=columns)
+        for r in rows:
+            media = wandb.Image(r["media"]) if r.get("media") is not None else None
+            table.add_data(step, r["row_id"], media, r["prompt"], r["completion"], str(r.get("solution")),
+                           r["reward"], r["advantage"])
+        self.wandb_run.log({"completions": table}, step=step)
+
     def close(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+def media_preview(sample: Any, max_frames: int = 4) -> Any:
+    """The prompt's first image, or a strip of up to ``max_frames`` evenly spaced video frames (PIL)."""
+    import numpy as np
+    from PIL import Image
+
+    if getattr(sample, "images", None):
+        return sample.images[0]
+    if getattr(sample, "videos", None):
+        frames = sample.videos[0].frames
+        pick = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).astype(int)
+        return Image.fromarray(np.concatenate([frames[i] for i in pick], axis=1))
+    return None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

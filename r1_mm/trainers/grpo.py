@@ -16,8 +16,10 @@ import torch
 
 from r1_mm.config import RecipeConfig, RewardSpec
 from r1_mm.data import Sample
+from r1_mm.rewards.critic.reward import question_text
 from r1_mm.rewards.registry import RewardBatch, RewardRunner
 from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, make_engine, media_token_ids
+from r1_mm.tracking import media_preview
 from r1_mm.trainers import temporal_contrast
 from r1_mm.trainers.backend import generation_model, reference_model, sync_reference
 from r1_mm.trainers.base import BaseTrainer
@@ -298,11 +300,15 @@ class GRPOTrainer(BaseTrainer):
             return
         g = self.cfg.rollout.num_generations
         sample = exp.samples[0]
+        rows = [{"row_id": sample.row_id, "solution": sample.row.get("solution"), "completion": c.text,
+                 "reward": float(exp.rewards.total[j]), "advantage": float(exp.advantages[j])}
+                for j, c in enumerate(exp.completions[:g])]
         with (self.run_dir / "completions.jsonl").open("a") as f:
-            for j, c in enumerate(exp.completions[:g]):
-                f.write(json.dumps({"step": self.step, "row_id": sample.row_id, "solution": sample.row.get("solution"),
-                                    "completion": c.text, "reward": float(exp.rewards.total[j]),
-                                    "advantage": float(exp.advantages[j])}) + "\n")
+            for row in rows:
+                f.write(json.dumps({"step": self.step, **row}) + "\n")
+        if self.step % self.cfg.logging.table_steps == 0:
+            picture, prompt = media_preview(sample), question_text(sample.messages)
+            self.metrics.log_completions_table([{**r, "media": picture, "prompt": prompt} for r in rows], self.step)
 
     def trainer_state(self) -> dict:
         return {"data": self.stream.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row,
