@@ -164,6 +164,27 @@ def _cmd_serve(argv: list[str]) -> int:
     return subprocess.call(spec.command(), env=spec.environment())
 
 
+def _cmd_eval(argv: list[str]) -> int:
+    import json
+
+    from r1_mm.config import ConfigError, load_recipe
+    from r1_mm.evaluation import evaluate_checkpoint
+
+    p = argparse.ArgumentParser(prog="r1-mm eval", description=(
+        "Score a checkpoint on the recipe's data.eval_path with its rewards (greedy, or training.eval_samples)."))
+    p.add_argument("recipe")
+    p.add_argument("--checkpoint", required=True, help="RUN/checkpoints/step-N (or any transformers model folder)")
+    p.add_argument("overrides", nargs="*")
+    args, extra = p.parse_known_args(argv)
+    try:
+        cfg = load_recipe(args.recipe, args.overrides + extra)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(evaluate_checkpoint(cfg, args.checkpoint), indent=1))
+    return 0
+
+
 def _cmd_dpo(argv: list[str]) -> int:
     from r1_mm.config import ConfigError, load_recipe
     from r1_mm.trainers.preference import precompute_reference
@@ -228,6 +249,7 @@ COMMANDS = {
     "make-tiny": (_cmd_make_tiny, "build a tiny offline Qwen2-VL / Qwen2.5-VL"),
     "make-data": (_cmd_make_data, "write a synthetic image/video task"),
     "rewards": (_cmd_rewards, "list rewards, or check one on sample rows"),
+    "eval": (_cmd_eval, "score a checkpoint on the eval split with the recipe's rewards"),
     "dpo": (_cmd_dpo, "preference-data tools (precompute-ref)"),
     "tpo": (_cmd_tpo, "build Temporal Preference Optimization pairs from video rows"),
     "serve": (_cmd_serve, "run a vLLM server: critic (OpenAI-compatible) or rollout (vllm_pool)"),

@@ -185,6 +185,10 @@ class TrainingConfig:
     use_cpu: bool = True
     save_steps: int | None = None
     save_total_limit: int = 2
+    eval_steps: int | None = None  # score data.eval_path every this many steps (and after the last)
+    eval_samples: int = 1  # completions per eval prompt: 1 = greedy; k > 1 = k samples at rollout.temperature
+    eval_max_rows: int | None = None
+    eval_batch_size: int = 8
     resume_from: str | None = None  # "latest" (this run's newest checkpoint, if any) or a checkpoint folder
     max_nonfinite_steps: int = 3  # consecutive non-finite losses before the run saves and stops
     forward_mode: Literal["grouped", "naive"] = "grouped"  # naive = G repeated sequences (library way)

@@ -169,3 +169,22 @@ def test_image_multi_image_and_video_prompts_in_one_run(tmp_path, synthetic_data
     assert kinds == {"image", "images", "video"}
     trainer.train()
     assert [m["step"] for m in read_metrics(cfg.training.output_dir)] == [0, 1]
+
+
+def test_eval_in_the_loop_and_offline_eval_agree(tmp_path, synthetic_data):
+    from r1_mm.cli import main
+
+    data = synthetic_data["counting"]
+    cfg = recipe(tmp_path, data, f"data.eval_path={data}", "training.eval_steps=2", "training.max_steps=4",
+                 "training.eval_max_rows=4")
+    GRPOTrainer(cfg).train()
+    metrics = read_metrics(cfg.training.output_dir)
+    evals = [m for m in metrics if "eval/rewards/total" in m]
+    assert [m["step"] for m in evals] == [1, 3] and all(m["eval/prompts"] == 4 for m in evals)
+    recipe_file = Path(cfg.training.output_dir) / "recipe.resolved.yaml"
+    checkpoint = Path(cfg.training.output_dir) / "checkpoints" / "step-000004"
+    assert main(["eval", str(recipe_file), "--checkpoint", str(checkpoint)]) == 0
+    offline = json.loads((checkpoint / "eval.json").read_text())
+    # greedy decoding of the same weights: the offline score equals the last in-run score
+    assert offline["eval/rewards/total"] == pytest.approx(evals[-1]["eval/rewards/total"])
+    assert offline["eval/completions/mean_length"] == pytest.approx(evals[-1]["eval/completions/mean_length"])

@@ -119,6 +119,10 @@ class PromptStream:
             batch.append(sample)
         return batch
 
+    def each_once(self) -> list[Sample]:
+        """Every usable row of this shard once, in order, without moving the stream (evaluation)."""
+        return [s for s in (self.prepare(i) for i in self._epoch_order(0)) if s is not None]
+
     def __iter__(self):
         while True:
             yield self.next_batch(1)[0]

@@ -82,6 +82,7 @@ class GRPOTrainer(BaseTrainer):
         self.nonfinite_in_a_row = 0
         self._warned_no_sampler_logprobs = False
         self._last_exp: Experience | None = None
+        self._eval_samples: list[Sample] | None = None
 
     # -- rollouts ---------------------------------------------------------------------------------
     def _sampling(self, salt: int = 0) -> SamplingSettings:
@@ -322,6 +323,19 @@ class GRPOTrainer(BaseTrainer):
         if not getattr(self.engine, "samples_from_policy", False):
             self.engine.update_weights(self.learner.unwrapped)  # the engine still holds the starting weights
 
+    def run_eval(self) -> dict[str, float]:
+        """The eval split with the training rewards (greedy unless training.eval_samples > 1)."""
+        from r1_mm.evaluation import eval_rows, evaluate
+
+        acc = self.learner.accelerator
+        if self._eval_samples is None:
+            self._eval_samples = eval_rows(self.cfg, self.processor, shard=(acc.process_index, acc.num_processes))
+        if getattr(self.engine, "samples_from_policy", False):
+            with generation_model(self.learner) as model:
+                self.engine.update_weights(model)
+                return evaluate(self.engine, self._eval_samples, self.rewards, self.cfg)
+        return evaluate(self.engine, self._eval_samples, self.rewards, self.cfg)
+
     def train_step(self) -> dict[str, float]:
         t0 = time.time()
         exp = self.collect()
@@ -335,6 +349,10 @@ class GRPOTrainer(BaseTrainer):
         metrics.update({"time/step_s": seconds, "time/rollout_s": t_rollout,
                         "throughput/completion_tokens_per_s": tokens / max(seconds, 1e-9)})
         self._last_exp = exp
+        every = self.cfg.training.eval_steps
+        if every and self.cfg.data.eval_path and ((self.step + 1) % every == 0
+                                                  or self.step + 1 == self.cfg.training.max_steps):
+            metrics.update(self.run_eval())
         return metrics
 
     def on_logged(self) -> None:

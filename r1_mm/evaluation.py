@@ -1,0 +1,80 @@
+"""Evaluation: the eval split scored with the training rewards, greedy (or k samples per prompt).
+
+Used every ``training.eval_steps`` inside a run and by ``r1-mm eval RECIPE --checkpoint DIR``
+offline; both report ``eval/...`` metrics of the same names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r1_mm.config import ModelConfig, RecipeConfig
+from r1_mm.data import PromptStream
+from r1_mm.rewards.registry import RewardRunner
+from r1_mm.rollout.base import RolloutEngine, SamplingSettings
+
+
+def eval_rows(cfg: RecipeConfig, processor: Any, shard: tuple[int, int] = (0, 1)) -> list:
+    """Every usable eval prompt of this shard, once, in file order (bad rows follow the data policies)."""
+    if not cfg.data.eval_path:
+        raise ValueError("evaluation needs data.eval_path")
+    data_cfg = type(cfg.data)(**{**cfg.data.__dict__, "shuffle": False, "max_rows": cfg.training.eval_max_rows})
+    stream = PromptStream.from_config(processor, data_cfg, cfg.media, path=cfg.data.eval_path, shard=shard)
+    return stream.each_once()
+
+
+def evaluate(engine: RolloutEngine, samples: list, rewards: RewardRunner, cfg: RecipeConfig) -> dict[str, float]:
+    k = cfg.training.eval_samples
+    settings = SamplingSettings.from_config(cfg.rollout, seed=cfg.training.seed)
+    if k == 1:
+        settings = SamplingSettings(max_tokens=settings.max_tokens, temperature=0.0, seed=settings.seed)
+    totals, per_fn, lengths = [], [], []
+    for start in range(0, len(samples), cfg.training.eval_batch_size):
+        batch = samples[start:start + cfg.training.eval_batch_size]
+        groups = [r.completions for r in engine.generate(batch, k, settings)]
+        scored = rewards(prompts=[s.messages for s in batch for _ in range(k)],
+                         completions=[c.text for g in groups for c in g],
+                         completion_ids=[c.token_ids for g in groups for c in g],
+                         rows=[s.row for s in batch for _ in range(k)], row_ids=[s.row_id for s in batch for _ in range(k)],
+                         media=[s for s in batch for _ in range(k)])
+        totals.append(scored.total)
+        per_fn.append(scored.per_function)
+        lengths += [len(c.token_ids) for g in groups for c in g]
+    out = {"eval/prompts": float(len(samples))}
+    if not samples:
+        return out
+    total, table = torch.cat(totals), torch.cat(per_fn)
+    out["eval/rewards/total"] = float(torch.nanmean(total))
+    for j, name in enumerate(rewards.names):
+        col = table[:, j]
+        out[f"eval/rewards/{name}/mean"] = float(torch.nanmean(col)) if (~torch.isnan(col)).any() else math.nan
+    out["eval/completions/mean_length"] = sum(lengths) / len(lengths)
+    return out
+
+
+def evaluate_checkpoint(cfg: RecipeConfig, checkpoint: str | Path) -> dict[str, float]:
+    """Score a checkpoint's exported model (CHECKPOINT/model, or a plain transformers folder)."""
+    from r1_mm.models import load_model, load_processor
+    from r1_mm.rollout import make_engine
+
+    folder = Path(checkpoint)
+    folder = folder / "model" if (folder / "model" / "config.json").exists() else folder
+    model_cfg = ModelConfig(**{**cfg.model.__dict__, "name_or_path": str(folder), "lora": False})
+    cfg = type(cfg)(**{**cfg.__dict__, "model": model_cfg})
+    processor = load_processor(model_cfg)
+    model = load_model(model_cfg, trainable=False).eval()
+    engine = make_engine(cfg.rollout.engine, model=model, processor=processor, cfg=cfg)
+    try:
+        runner = RewardRunner(cfg.rewards.functions, on_error=cfg.rewards.on_error,
+                              context={"max_completion_length": cfg.rollout.max_completion_length})
+        with torch.no_grad():
+            metrics = evaluate(engine, eval_rows(cfg, processor), runner, cfg)
+    finally:
+        engine.close()
+    (folder.parent / "eval.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
