@@ -164,6 +164,29 @@ def _cmd_serve(argv: list[str]) -> int:
     return subprocess.call(spec.command(), env=spec.environment())
 
 
+def _cmd_sweep(argv: list[str]) -> int:
+    from r1_mm.sweep import run_sweep
+
+    p = argparse.ArgumentParser(prog="r1-mm sweep", description=(
+        "Run (or --print the launch commands of) every grid combination x seed, each its own W&B-grouped run."))
+    p.add_argument("recipe")
+    p.add_argument("--grid", action="append", default=[], help="key.sub=v1,v2 (repeatable)")
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    p.add_argument("--group", default=None, help="W&B group and sweep folder name (default: the recipe's name)")
+    p.add_argument("--out", default=None, help="sweep folder (default runs/sweeps/GROUP)")
+    p.add_argument("--launcher", default=f"{sys.executable} -m r1_mm.train",
+                   help="command that takes RECIPE OVERRIDES..., e.g. 'accelerate launch --config_file X -m r1_mm.train'")
+    p.add_argument("--print", action="store_true", dest="print_only", help="print the commands, run nothing")
+    args, extra = p.parse_known_args(argv)
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        return run_sweep(args.recipe, args.grid, seeds, out_root=args.out, group=args.group, launcher=args.launcher,
+                         extra=extra, print_only=args.print_only)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def _cmd_eval(argv: list[str]) -> int:
     import json
 
@@ -249,6 +272,7 @@ COMMANDS = {
     "make-tiny": (_cmd_make_tiny, "build a tiny offline Qwen2-VL / Qwen2.5-VL"),
     "make-data": (_cmd_make_data, "write a synthetic image/video task"),
     "rewards": (_cmd_rewards, "list rewards, or check one on sample rows"),
+    "sweep": (_cmd_sweep, "run every combination of a grid of overrides x seeds"),
     "eval": (_cmd_eval, "score a checkpoint on the eval split with the recipe's rewards"),
     "dpo": (_cmd_dpo, "preference-data tools (precompute-ref)"),
     "tpo": (_cmd_tpo, "build Temporal Preference Optimization pairs from video rows"),
