@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -187,10 +188,25 @@ def _cmd_sweep(argv: list[str]) -> int:
         return 2
 
 
+def _recipe_and_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, Any]:
+    """Parse a command whose arguments are RECIPE, options and key=value overrides in any order;
+    the recipe is None (the error printed) when it does not load."""
+    from r1_mm.config import ConfigError, load_recipe
+
+    args, extra = parser.parse_known_args(argv)  # overrides after options land in `extra`
+    unknown = [a for a in extra if a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        return args, load_recipe(args.recipe, args.overrides + extra)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return args, None
+
+
 def _cmd_eval(argv: list[str]) -> int:
     import json
 
-    from r1_mm.config import ConfigError, load_recipe
     from r1_mm.evaluation import evaluate_checkpoint
 
     p = argparse.ArgumentParser(prog="r1-mm eval", description=(
@@ -198,18 +214,14 @@ def _cmd_eval(argv: list[str]) -> int:
     p.add_argument("recipe")
     p.add_argument("--checkpoint", required=True, help="RUN/checkpoints/step-N (or any transformers model folder)")
     p.add_argument("overrides", nargs="*")
-    args, extra = p.parse_known_args(argv)
-    try:
-        cfg = load_recipe(args.recipe, args.overrides + extra)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    args, cfg = _recipe_and_overrides(p, argv)
+    if cfg is None:
         return 2
     print(json.dumps(evaluate_checkpoint(cfg, args.checkpoint), indent=1))
     return 0
 
 
 def _cmd_dpo(argv: list[str]) -> int:
-    from r1_mm.config import ConfigError, load_recipe
     from r1_mm.trainers.preference import precompute_reference
 
     p = argparse.ArgumentParser(prog="r1-mm dpo", description="Preference-data tools.")
@@ -218,11 +230,8 @@ def _cmd_dpo(argv: list[str]) -> int:
     pre.add_argument("recipe")
     pre.add_argument("--out", required=True)
     pre.add_argument("overrides", nargs="*")
-    args, extra = p.parse_known_args(argv)
-    try:
-        cfg = load_recipe(args.recipe, args.overrides + extra)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    args, cfg = _recipe_and_overrides(p, argv)
+    if cfg is None:
         return 2
     n = precompute_reference(cfg, args.out)
     print(f"{n} rows with reference logprobs written to {args.out}; train with algorithm.precomputed_reference=true")
@@ -230,7 +239,6 @@ def _cmd_dpo(argv: list[str]) -> int:
 
 
 def _cmd_tpo(argv: list[str]) -> int:
-    from r1_mm.config import ConfigError, load_recipe
     from r1_mm.data.tpo_builder import TPOSettings, build_tpo_pairs
 
     p = argparse.ArgumentParser(prog="r1-mm tpo", description=(
@@ -246,14 +254,8 @@ def _cmd_tpo(argv: list[str]) -> int:
     b.add_argument("--agreement", choices=["rule", "critic"], default="rule")
     b.add_argument("--critic-url", default="http://127.0.0.1:8000/v1", help="with --agreement critic")
     b.add_argument("overrides", nargs="*", help="key.sub=value recipe overrides")
-    args, extra = p.parse_known_args(argv)
-    unknown = [a for a in extra if a.startswith("-")]
-    if unknown:
-        p.error(f"unrecognized arguments: {' '.join(unknown)}")
-    try:
-        cfg = load_recipe(args.recipe, args.overrides + extra)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    args, cfg = _recipe_and_overrides(p, argv)
+    if cfg is None:
         return 2
     settings = TPOSettings(kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), degrade=args.degrade,
                            keep_fraction=args.keep_fraction, agreement=args.agreement,
