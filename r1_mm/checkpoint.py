@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 STATE_FILE = "trainer_state.json"
+REFERENCE_FILE = "reference.safetensors"
 
 
 def export_model(model: Any, full_state_dict: dict[str, Any], out_dir: Path) -> None:
@@ -52,7 +53,12 @@ class CheckpointManager:
         found = self.all()
         return found[-1] if found else None
 
-    def save(self, learner: Any, step: int, trainer_state: dict[str, Any]) -> Path:
+    def save(self, learner: Any, step: int, trainer_state: dict[str, Any], *, save_reference: bool = False) -> Path:
+        """``save_reference``: also store the reference weights (only needed once they moved)."""
+        from safetensors.torch import save_file
+
+        from r1_mm.trainers.backend import reference_state_dict
+
         acc = learner.accelerator
         final = self.root / f"step-{step:06d}"
         tmp = self.root / f".tmp-step-{step:06d}"
@@ -62,7 +68,10 @@ class CheckpointManager:
         acc.wait_for_everyone()
         acc.save_state(output_dir=str(tmp))
         state_dict = acc.get_state_dict(learner.policy)  # gathers ZeRO-3 shards (collective)
+        reference = reference_state_dict(learner) if save_reference and learner.reference is not None else None
         if acc.is_main_process:
+            if reference is not None:
+                save_file(reference, str(tmp / REFERENCE_FILE))
             export_model(acc.unwrap_model(learner.policy), state_dict, tmp / "model")
             learner.processor.save_pretrained(tmp / "model")
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))

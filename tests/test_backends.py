@@ -113,8 +113,13 @@ def test_ddp_two_processes(setup, initial_weights):
 def test_zero3_two_processes_with_reference(setup, initial_weights):
     root, recipe, z3, data, cache = setup
     out = root / "zero3"
-    metrics = launch(z3, recipe, out, data, cache)
+    metrics = launch(z3, recipe, out, data, cache, "algorithm.ref_sync_steps=3")  # synced after the last step
     check_run(metrics, out, initial_weights)
+    # the synced reference moved, so the checkpoint carries it, gathered to full shapes
+    reference = load_file(out / "checkpoints" / "step-000003" / "reference.safetensors")
+    assert all(v.numel() > 0 for v in reference.values())  # full tensors, not empty ZeRO-3 partitions
+    ref_numel, initial_numel = sum(v.numel() for v in reference.values()), sum(v.numel() for v in initial_weights.values())
+    assert ref_numel in (initial_numel, initial_numel - initial_weights["lm_head.weight"].numel())  # tied head once
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ PLUGIN = Path(__file__).parent / "plugins" / "faulty.py"
 COMPARED = ("rewards/total", "train/loss", "train/kl", "train/entropy", "completions/mean_length", "data/rows_prepared")
 
 
-def command(recipe: Path, data: Path, out: Path, *extra: str) -> list[str]:
+def command(recipe: Path, data: Path, out: Path, extra: list[str]) -> list[str]:
     return [str(BIN / "r1-mm"), "train", str(recipe), f"data.train_path={data}", f"training.output_dir={out}", *extra]
 
 
@@ -29,7 +29,9 @@ def read(out: Path) -> tuple[list[dict], list[tuple[int, str]]]:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, synthetic_data, tiny_cache):
+@pytest.mark.parametrize("extra", [[], ["algorithm.ref_sync_steps=3"]], ids=["fixed_reference", "synced_reference"])
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, synthetic_data, tiny_cache, extra):
+    """With ref_sync_steps the reference moves (synced after step 3), so checkpoints must carry it."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""
 model: {{name_or_path: "tiny:qwen2_5_vl:small"}}
@@ -45,10 +47,10 @@ logging: {{progress_bar: false}}
     env = {**os.environ, "R1MM_CACHE": str(tiny_cache.parent)}
     data = synthetic_data["counting"]  # 8 rows: the 8 steps x 2 prompts cross an epoch boundary
     full = tmp_path / "full"
-    subprocess.run(command(recipe, data, full), env=env, check=True, capture_output=True, timeout=600)
+    subprocess.run(command(recipe, data, full, extra), env=env, check=True, capture_output=True, timeout=600)
 
     crashed = tmp_path / "crashed"
-    proc = subprocess.Popen(command(recipe, data, crashed), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(command(recipe, data, crashed, extra), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     metrics_file = crashed / "metrics.jsonl"
     deadline = time.time() + 600
@@ -63,7 +65,7 @@ logging: {{progress_bar: false}}
     checkpoints = sorted(p.name for p in (crashed / "checkpoints").glob("step-*"))
     assert checkpoints[-1] in ("step-000004", "step-000006")
 
-    resumed = subprocess.run(command(recipe, data, crashed), env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(command(recipe, data, crashed, extra), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {crashed / 'checkpoints' / checkpoints[-1]}" in resumed.stderr
 

@@ -125,3 +125,29 @@ def sync_reference(learner: Learner, alpha: float) -> None:
     with gather, torch.no_grad():
         for name, p in ref.named_parameters():
             p.mul_(1 - alpha).add_(policy_params[name].detach().to(p.dtype), alpha=alpha)
+
+
+def _reference_gather(learner: Learner, modifier_rank: int | None) -> tuple[torch.nn.Module, Any]:
+    ref = learner.accelerator.unwrap_model(learner.reference)
+    if learner.zero_stage == 3:
+        import deepspeed
+
+        return ref, deepspeed.zero.GatheredParameters(list(ref.parameters()), modifier_rank=modifier_rank)
+    return ref, contextlib.nullcontext()
+
+
+def reference_state_dict(learner: Learner) -> dict[str, torch.Tensor] | None:
+    """The reference's full weights on the main process (collective under ZeRO-3); None elsewhere."""
+    ref, gather = _reference_gather(learner, None)
+    with gather:
+        if not learner.accelerator.is_main_process:
+            return None
+        return {n: p.detach().cpu().clone() for n, p in ref.named_parameters()}
+
+
+def load_reference_state(learner: Learner, tensors: dict[str, torch.Tensor]) -> None:
+    """Put saved reference weights back (a reference moved by ref_sync_steps or iterative rounds)."""
+    ref, gather = _reference_gather(learner, 0)
+    with gather, torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.copy_(tensors[name].to(p.dtype))

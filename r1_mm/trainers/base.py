@@ -10,11 +10,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from r1_mm.checkpoint import CheckpointManager
+from r1_mm.checkpoint import REFERENCE_FILE, CheckpointManager
 from r1_mm.config import RecipeConfig, dump_recipe
 from r1_mm.data import PromptStream
 from r1_mm.tracking import MetricsLogger
-from r1_mm.trainers.backend import Learner, build_learner
+from r1_mm.trainers.backend import Learner, build_learner, load_reference_state
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,11 @@ class BaseTrainer:
         """Model, optimizer, scheduler and RNG states (accelerate), then data position and trainer state."""
         acc = self.learner.accelerator
         acc.load_state(str(self.resume_path))
+        reference_file = self.resume_path / REFERENCE_FILE
+        if reference_file.exists() and self.learner.reference is not None:
+            from safetensors.torch import load_file
+
+            load_reference_state(self.learner, load_file(str(reference_file)))
         self.step = int(self.resumed_state["step"])
         self.stream.load_state_dict(self.resumed_state["data"])
         self.after_resume(self.resumed_state)
@@ -90,7 +95,13 @@ class BaseTrainer:
     def save(self, steps_done: int | None = None) -> Path:
         """A checkpoint named by the number of completed steps: resuming from it starts at that step."""
         done = self.step if steps_done is None else steps_done
-        return self.checkpoints.save(self.learner, done, self.trainer_state())
+        return self.checkpoints.save(self.learner, done, self.trainer_state(), save_reference=self.reference_moves)
+
+    @property
+    def reference_moves(self) -> bool:
+        """Does the reference change during the run (then checkpoints must carry it)?"""
+        a = self.cfg.algorithm
+        return bool(a.ref_sync_steps) or (a.name == "iterative_dpo" and a.reference_from_policy_each_round)
 
     def train(self) -> Path:
         cfg = self.cfg
