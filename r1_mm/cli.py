@@ -160,9 +160,11 @@ def _cmd_serve(argv: list[str]) -> int:
     if args.dry_run:
         return 0
     print(f"critic server: {spec.base_url} (set the critic reward's base_url to this)", flush=True)
-    import subprocess
+    import os
 
-    return subprocess.call(spec.command(), env=spec.environment())
+    command = spec.command()
+    os.execve(command[0], command, spec.environment())  # become the server: signals reach vLLM itself
+    return 0  # not reached
 
 
 def _cmd_sweep(argv: list[str]) -> int:

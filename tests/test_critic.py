@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -193,8 +194,12 @@ def test_critic_reward_against_vllm_cpu_server(tmp_path, tiny_cache, synthetic_d
         assert m["rewards/critic/applicable"] == 1.0 and 0.0 <= m["rewards/critic/mean"] <= 1.0
         assert m["rewards/critic/judgements"] >= 4
     finally:
-        server.terminate()
-        server.wait(30)
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)  # never leave a vLLM server behind
+            server.wait(10)
 
 
 class LengthJudge(FlakyJudge):
