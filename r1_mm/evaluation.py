@@ -28,7 +28,11 @@ def eval_rows(cfg: RecipeConfig, processor: Any, shard: tuple[int, int] = (0, 1)
     return stream.each_once()
 
 
-def evaluate(engine: RolloutEngine, samples: list, rewards: RewardRunner, cfg: RecipeConfig) -> dict[str, float]:
+def evaluate(engine: RolloutEngine, samples: list, rewards: RewardRunner, cfg: RecipeConfig,
+             learner: Any = None) -> dict[str, float]:
+    """``learner``: inside a run, so an engine sampling from the live policy gets it (gathered)."""
+    from r1_mm.trainers.backend import generate_groups
+
     k = cfg.training.eval_samples
     settings = SamplingSettings.from_config(cfg.rollout, seed=cfg.training.seed)
     if k == 1:
@@ -36,12 +40,9 @@ def evaluate(engine: RolloutEngine, samples: list, rewards: RewardRunner, cfg: R
     totals, per_fn, lengths = [], [], []
     for start in range(0, len(samples), cfg.training.eval_batch_size):
         batch = samples[start:start + cfg.training.eval_batch_size]
-        groups = [r.completions for r in engine.generate(batch, k, settings)]
-        scored = rewards(prompts=[s.messages for s in batch for _ in range(k)],
-                         completions=[c.text for g in groups for c in g],
-                         completion_ids=[c.token_ids for g in groups for c in g],
-                         rows=[s.row for s in batch for _ in range(k)], row_ids=[s.row_id for s in batch for _ in range(k)],
-                         media=[s for s in batch for _ in range(k)])
+        groups = (generate_groups(learner, engine, batch, k, settings) if learner is not None
+                  else [r.completions for r in engine.generate(batch, k, settings)])
+        scored = rewards.score_groups(batch, groups)
         totals.append(scored.total)
         per_fn.append(scored.per_function)
         lengths += [len(c.token_ids) for g in groups for c in g]

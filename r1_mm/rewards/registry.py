@@ -236,3 +236,11 @@ class RewardRunner:
             if callable(report):
                 out.update({f"rewards/{name}/{k}": float(v) for k, v in report().items()})
         return out
+
+    def score_groups(self, samples: list[Any], groups: list[list[Any]]) -> RewardBatch:
+        """Rewards of each sample's group of completions (objects with .text and .token_ids), flattened
+        in order; the samples themselves go along as ``prompt_media`` (their decoded images / frames)."""
+        pairs = [(s, c) for s, group in zip(samples, groups, strict=True) for c in group]
+        return self(prompts=[s.messages for s, _ in pairs], completions=[c.text for _, c in pairs],
+                    completion_ids=[c.token_ids for _, c in pairs], rows=[s.row for s, _ in pairs],
+                    row_ids=[s.row_id for s, _ in pairs], media=[s for s, _ in pairs])

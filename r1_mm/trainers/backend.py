@@ -151,3 +151,15 @@ def load_reference_state(learner: Learner, tensors: dict[str, torch.Tensor]) -> 
     with gather, torch.no_grad():
         for name, p in ref.named_parameters():
             p.copy_(tensors[name].to(p.dtype))
+
+
+def generate_groups(learner: Learner, engine: Any, samples: list, n: int, sampling: Any) -> list[list]:
+    """G completions per sample. An engine that samples from the live policy (hf) gets the model
+    gathered for the call (ZeRO-3); the others already hold the synced weights."""
+    if getattr(engine, "samples_from_policy", False):
+        with generation_model(learner) as model:
+            engine.update_weights(model)
+            results = engine.generate(samples, n, sampling)
+    else:
+        results = engine.generate(samples, n, sampling)
+    return [r.completions for r in results]

@@ -21,7 +21,7 @@ from r1_mm.rewards.registry import RewardBatch, RewardRunner
 from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, make_engine, media_token_ids
 from r1_mm.tracking import media_preview
 from r1_mm.trainers import temporal_contrast
-from r1_mm.trainers.backend import generation_model, reference_model, sync_reference
+from r1_mm.trainers.backend import generate_groups, reference_model, sync_reference
 from r1_mm.trainers.base import BaseTrainer
 from r1_mm.trainers.losses import ADVANTAGE_ESTIMATORS, LossSettings, masked_mean, policy_loss
 from r1_mm.trainers.registry import register_trainer
@@ -91,26 +91,7 @@ class GRPOTrainer(BaseTrainer):
         return SamplingSettings.from_config(self.cfg.rollout, seed=seed)
 
     def _generate(self, samples: list[Sample], n: int, salt: int = 0) -> list[list[Completion]]:
-        if getattr(self.engine, "samples_from_policy", False):
-            with generation_model(self.learner) as model:
-                self.engine.update_weights(model)
-                results = self.engine.generate(samples, n, self._sampling(salt))
-        else:
-            results = self.engine.generate(samples, n, self._sampling(salt))
-        return [r.completions for r in results]
-
-    def _score_rewards(self, runner: RewardRunner, samples: list[Sample], groups: list[list[Completion]]) -> RewardBatch:
-        prompts, completions, ids, rows, row_ids, media = [], [], [], [], [], []
-        for sample, group in zip(samples, groups, strict=True):
-            for c in group:
-                media.append(sample)  # a Sample carries .images and .videos: what the critic must see
-                prompts.append(sample.messages)
-                completions.append(c.text)
-                ids.append(c.token_ids)
-                rows.append(sample.row)
-                row_ids.append(sample.row_id)
-        return runner(prompts=prompts, completions=completions, completion_ids=ids, rows=rows, row_ids=row_ids,
-                      media=media)
+        return generate_groups(self.learner, self.engine, samples, n, self._sampling(salt))
 
     def _temporal_bonus(self, samples: list[Sample], groups: list[list[Completion]], batch: RewardBatch) -> dict[str, float]:
         a = self.cfg.algorithm
@@ -124,9 +105,9 @@ class GRPOTrainer(BaseTrainer):
             video_prompts += 1
             shuffled = temporal_contrast.shuffled_frames_sample(sample, self.processor, seed=self.step * 1000 + i)
             shuffled_group = self._generate([shuffled], n_shuffled, salt=1000 + i)[0]
-            shuffled_scores = self._score_rewards(self.temporal_rewards, [shuffled], [shuffled_group]).per_function[:, 0]
+            shuffled_scores = self.temporal_rewards.score_groups([shuffled], [shuffled_group]).per_function[:, 0]
             ordered_scores = (batch.per_function[i * g:(i + 1) * g, col] if col is not None else
-                              self._score_rewards(self.temporal_rewards, [sample], [groups[i]]).per_function[:, 0])
+                              self.temporal_rewards.score_groups([sample], [groups[i]]).per_function[:, 0])
             thr = a.temporal_correct_threshold
             bonus = temporal_contrast.temporal_bonus(torch.nan_to_num(ordered_scores) >= thr,
                                                      torch.nan_to_num(shuffled_scores) >= thr,
@@ -139,7 +120,7 @@ class GRPOTrainer(BaseTrainer):
 
     def _rollout(self, samples: list[Sample]) -> tuple[list[list[Completion]], RewardBatch, dict[str, float]]:
         groups = self._generate(samples, self.cfg.rollout.num_generations)
-        batch = self._score_rewards(self.rewards, samples, groups)
+        batch = self.rewards.score_groups(samples, groups)
         stats: dict[str, float] = {}
         if self.temporal_rewards is not None:
             stats = self._temporal_bonus(samples, groups, batch)
@@ -330,11 +311,7 @@ class GRPOTrainer(BaseTrainer):
         acc = self.learner.accelerator
         if self._eval_samples is None:
             self._eval_samples = eval_rows(self.cfg, self.processor, shard=(acc.process_index, acc.num_processes))
-        if getattr(self.engine, "samples_from_policy", False):
-            with generation_model(self.learner) as model:
-                self.engine.update_weights(model)
-                return evaluate(self.engine, self._eval_samples, self.rewards, self.cfg)
-        return evaluate(self.engine, self._eval_samples, self.rewards, self.cfg)
+        return evaluate(self.engine, self._eval_samples, self.rewards, self.cfg, learner=self.learner)
 
     def train_step(self) -> dict[str, float]:
         t0 = time.time()

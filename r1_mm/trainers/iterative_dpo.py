@@ -16,7 +16,7 @@ from r1_mm.config import RecipeConfig
 from r1_mm.data import Sample
 from r1_mm.rewards.registry import RewardRunner
 from r1_mm.rollout.base import SamplingSettings, make_engine
-from r1_mm.trainers.backend import generation_model, sync_reference
+from r1_mm.trainers.backend import generate_groups, sync_reference
 from r1_mm.trainers.preference import PreferenceTrainer
 from r1_mm.trainers.registry import register_trainer
 
@@ -60,20 +60,9 @@ class IterativeDPOTrainer(PreferenceTrainer):
                 break
             samples = self.stream.next_batch(cfg.algorithm.round_prompts)
             seed = cfg.training.seed * 100_003 + self.round * 7919 + self.learner.accelerator.process_index
-            sampling = SamplingSettings.from_config(cfg.rollout, seed=seed)
-            if getattr(self.engine, "samples_from_policy", False):
-                with generation_model(self.learner) as model:  # ZeRO-3: gathered for generate
-                    self.engine.update_weights(model)
-                    results = self.engine.generate(samples, k, sampling)
-            else:
-                results = self.engine.generate(samples, k, sampling)
-            groups = [r.completions for r in results]
-            batch = self.rewards(prompts=[s.messages for s in samples for _ in range(k)],
-                                 completions=[c.text for g in groups for c in g],
-                                 completion_ids=[c.token_ids for g in groups for c in g],
-                                 rows=[s.row for s in samples for _ in range(k)],
-                                 row_ids=[s.row_id for s in samples for _ in range(k)],
-                                 media=[s for s in samples for _ in range(k)])
+            groups = generate_groups(self.learner, self.engine, samples, k,
+                                     SamplingSettings.from_config(cfg.rollout, seed=seed))
+            batch = self.rewards.score_groups(samples, groups)
             ties = 0
             for i, (sample, group) in enumerate(zip(samples, groups, strict=True)):
                 pick = best_and_worst(batch.total[i * k:(i + 1) * k])
