@@ -71,6 +71,8 @@ class DataConfig:
         "Think step by step inside <think></think> tags, then give the final answer inside "
         "<answer></answer> tags."
     )
+    # appended after format_instruction when the row's problem_type is a key (Video-R1's per-type answer hints)
+    format_instruction_by_type: dict[str, str] = field(default_factory=dict)
     max_prompt_length: int = 2048  # in tokens, visual tokens included
     on_long_prompt: Literal["drop", "error"] = "drop"
     max_rows: int | None = None
@@ -152,6 +154,14 @@ class AlgorithmConfig:
     temporal_margin: float = 0.8
     temporal_reward: str = "accuracy"  # the reward whose value decides "correct"
     temporal_correct_threshold: float = 0.5
+    # Video-R1's length control: when more than one completion of a group is correct
+    # (length_bonus_reward > length_bonus_threshold), the correct ones whose token count lies in
+    # [length_bonus_min_tokens, length_bonus_max_tokens] earn length_bonus; 0 turns it off
+    length_bonus: float = 0.0
+    length_bonus_min_tokens: int = 320
+    length_bonus_max_tokens: int = 512
+    length_bonus_reward: str = "accuracy"
+    length_bonus_threshold: float = 0.1
     # off-policy correction between the rollout engine's sampling logprobs and the learner's (TRL's modes):
     # token_/sequence_ x truncate (weights capped at rollout_is_cap) or mask (tokens/sequences outside
     # [rollout_is_floor, rollout_is_cap] are dropped); "none" turns it off

@@ -27,7 +27,7 @@ def tagged(*answers: str) -> list[str]:
 
 def test_get_returns_registered_callables():
     for name in ["accuracy", "mcq", "numeric", "mra", "temporal_iou", "bbox_iou", "yes_no", "ocr", "free_form",
-                 "format", "overlong", "repetition", "by_problem_type", "critic"]:
+                 "format", "overlong", "repetition", "by_problem_type", "critic", "relative_accuracy"]:
         assert callable(get(name))
     with pytest.raises(RewardError, match="unknown reward 'acuracy'; did you mean 'accuracy'"):
         get("acuracy")
@@ -102,6 +102,23 @@ def test_yes_no_ocr_free_form():
         [1.0, pytest.approx(2 / 3), 0.0]
     ff = call("free_form", tagged("a red square appears", "nothing"), solution=["a red square appears"] * 2)
     assert ff[0] == 1.0 and ff[1] == 0.0
+
+
+def test_relative_accuracy_is_one_minus_clipped_relative_error():
+    got = call("relative_accuracy", tagged("8", "10", "25", "none"), solution=["10"] * 4)
+    assert got[0] == pytest.approx(0.8) and got[1] == pytest.approx(1.0)
+    assert got[2] == 0.0 and got[3] == 0.0  # error above 100% clips; no number scores 0
+
+
+def test_free_form_averages_the_requested_rouge_types():
+    from rouge_score import rouge_scorer
+
+    pred, ref = "a red square appears on the left", "a red square appears"
+    types = ["rouge1", "rouge2", "rougeL"]
+    expected = rouge_scorer.RougeScorer(types, use_stemmer=True).score(ref, pred)
+    got = call("free_form", tagged(pred), solution=[ref], rouge_types=types)[0]
+    assert got == pytest.approx(sum(expected[t].fmeasure for t in types) / 3)
+    assert got != pytest.approx(call("free_form", tagged(pred), solution=[ref])[0])
 
 
 def test_format_overlong_repetition():

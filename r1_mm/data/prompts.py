@@ -134,9 +134,10 @@ def build_messages(row: dict[str, Any], index: int, cfg: DataConfig) -> list[dic
                             f"{len(images)} image(s) and {len(videos)} video(s)")
     else:
         raise DataError(f"row {rid}: prompt must be a string or a list of {{role, content}} messages")
-    if cfg.format_instruction:
+    instruction = (cfg.format_instruction or "") + cfg.format_instruction_by_type.get(str(row.get("problem_type")), "")
+    if instruction:
         last_user = [m for m in messages if m["role"] == "user"][-1]
-        last_user["content"] = last_user["content"] + [{"type": "text", "text": "\n" + cfg.format_instruction}]
+        last_user["content"] = last_user["content"] + [{"type": "text", "text": "\n" + instruction}]
     if cfg.system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": [{"type": "text", "text": cfg.system_prompt}]})
     return messages

@@ -35,17 +35,27 @@ def ocr(completions: list[Any], solution: list[Any] | None = None, *, tag: str =
     return score_each("ocr", completions, solution, score, tag=tag, require_tag=require_tag)
 
 
-@lru_cache(maxsize=4)
-def _rouge(use_stemmer: bool):
+@lru_cache(maxsize=8)
+def _rouge(use_stemmer: bool, rouge_types: tuple[str, ...]):
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
+    return rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=use_stemmer)
+
+
+def mean_rouge_f1(prediction: str, reference: str, rouge_types: tuple[str, ...] = ("rougeL",),
+                  use_stemmer: bool = True) -> float:
+    """F1 averaged over ``rouge_types`` (Video-R1 averages rouge1, rouge2 and rougeL)."""
+    scores = _rouge(use_stemmer, tuple(rouge_types)).score(reference, prediction)
+    return sum(scores[t].fmeasure for t in rouge_types) / len(rouge_types)
 
 
 @reward("free_form")
 def free_form(completions: list[Any], solution: list[Any] | None = None, *, tag: str = "answer",
-              require_tag: bool = True, use_stemmer: bool = True, **_: Any) -> list[float | None]:
-    """ROUGE-L F1 of the answer against the solution (rouge-score's tokenizer keeps ASCII letters/digits)."""
+              require_tag: bool = True, use_stemmer: bool = True, rouge_types: list[str] | None = None,
+              **_: Any) -> list[float | None]:
+    """ROUGE F1 of the answer against the solution, averaged over ``rouge_types`` (default rougeL;
+    rouge-score's tokenizer keeps ASCII letters/digits)."""
+    types = tuple(rouge_types or ("rougeL",))
     return score_each("free_form", completions, solution,
-                      lambda a, s, _: float(_rouge(use_stemmer).score(str(s), a)["rougeL"].fmeasure), tag=tag,
+                      lambda a, s, _: float(mean_rouge_f1(a, str(s), types, use_stemmer)), tag=tag,
                       require_tag=require_tag)

@@ -48,6 +48,26 @@ def numeric(completions: list[Any], solution: list[Any] | None = None, *, tag: s
     return score_each("numeric", completions, solution, score, tag=tag, require_tag=require_tag)
 
 
+@reward("relative_accuracy")
+def relative_accuracy(completions: list[Any], solution: list[Any] | None = None, *, tag: str = "answer",
+                      require_tag: bool = True, **_: Any) -> list[float | None]:
+    """1 - |pred - gold| / |gold|, clipped to [0, 1]: Video-R1's reward for "regression" answers.
+
+    Unlike VSI-Bench's MRA (a step function over ten thresholds) this is smooth in the error, so a
+    group of near misses still gets distinct advantages."""
+
+    def score(answer: str, sol: Any, _: int) -> float:
+        gold, pred = first_number(str(sol)), first_number(answer)
+        if gold is None:
+            raise ValueError(f"solution {sol!r} holds no number")
+        if pred is None:
+            return 0.0
+        rel = (abs(pred - gold) + 1e-9) / (abs(gold) + 1e-9)
+        return 1.0 - min(1.0, max(0.0, rel))
+
+    return score_each("relative_accuracy", completions, solution, score, tag=tag, require_tag=require_tag)
+
+
 # -- VSI-Bench Mean Relative Accuracy -----------------------------------------------------------------
 
 def vsi_parse_number(answer: str) -> float | None:

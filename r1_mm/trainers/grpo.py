@@ -21,6 +21,7 @@ from r1_mm.rewards.registry import RewardBatch, RewardRunner
 from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, make_engine, media_token_ids
 from r1_mm.tracking import media_preview
 from r1_mm.trainers import temporal_contrast
+from r1_mm.trainers.length_bonus import length_band_bonus
 from r1_mm.trainers.backend import generate_groups, reference_model, sync_reference
 from r1_mm.trainers.base import BaseTrainer
 from r1_mm.trainers.losses import ADVANTAGE_ESTIMATORS, LossSettings, masked_mean, policy_loss
@@ -67,8 +68,15 @@ class GRPOTrainer(BaseTrainer):
                                                  processor=self.processor, cfg=cfg)
         self.temporal_rewards = None
         if cfg.algorithm.temporal_contrast:
-            self.temporal_rewards = RewardRunner([RewardSpec(name=cfg.algorithm.temporal_reward)],
+            # the shuffled group is scored by the recipe's own spec of that reward (kwargs included)
+            spec = next((f for f in cfg.rewards.functions if f.name == cfg.algorithm.temporal_reward),
+                        RewardSpec(name=cfg.algorithm.temporal_reward))
+            self.temporal_rewards = RewardRunner([RewardSpec(name=spec.name, kwargs=spec.kwargs)],
                                                  on_error=cfg.rewards.on_error, context=context)
+        if cfg.algorithm.length_bonus and cfg.algorithm.length_bonus_reward not in [
+                f.name for f in cfg.rewards.functions]:
+            raise ValueError(f"algorithm.length_bonus_reward {cfg.algorithm.length_bonus_reward!r} is not one of "
+                             f"rewards.functions ({', '.join(f.name for f in cfg.rewards.functions)})")
         a = cfg.algorithm
         self.loss_settings = LossSettings(
             loss_type=a.loss_type, epsilon_low=a.epsilon,
@@ -124,7 +132,25 @@ class GRPOTrainer(BaseTrainer):
         stats: dict[str, float] = {}
         if self.temporal_rewards is not None:
             stats = self._temporal_bonus(samples, groups, batch)
+        if self.cfg.algorithm.length_bonus:
+            stats.update(self._length_bonus(groups, batch))
         return groups, batch, stats
+
+    def _length_bonus(self, groups: list[list[Completion]], batch: RewardBatch) -> dict[str, float]:
+        """Video-R1's length control, added to the total after the rewards (and T-GRPO's bonus)."""
+        a = self.cfg.algorithm
+        col = batch.names.index(a.length_bonus_reward)
+        bonus = torch.zeros_like(batch.total)
+        start = 0
+        for group in groups:
+            scores = torch.nan_to_num(batch.per_function[start:start + len(group), col])
+            lengths = torch.tensor([len(c.token_ids) for c in group])
+            bonus[start:start + len(group)] = length_band_bonus(
+                scores > a.length_bonus_threshold, lengths, bonus=a.length_bonus,
+                min_tokens=a.length_bonus_min_tokens, max_tokens=a.length_bonus_max_tokens)
+            start += len(group)
+        batch.total = torch.where(torch.isnan(batch.total), batch.total, batch.total + bonus)
+        return {"length_bonus/rate": float((bonus > 0).float().mean())}
 
     def collect(self) -> Experience:
         """Sample a batch; with dynamic sampling, replace groups whose rewards all agree (DAPO)."""
