@@ -190,6 +190,7 @@ class TrainingConfig:
     learning_rate: float = 1e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # fraction of max_steps, used when warmup_steps is 0 (TRL / HF Trainer's name)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     max_grad_norm: float = 1.0
     use_cpu: bool = True
@@ -373,17 +374,35 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     return cfg
 
 
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def read_recipe_data(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file as plain data. ``extends: other.yaml`` (relative to this file) starts from that
+    recipe and deep-merges this one over it, so a model-size variant states only what differs."""
+    path = Path(path).resolve()
+    if not path.exists():
+        raise ConfigError(f"recipe file not found: {path}")
+    if path in _seen:
+        raise ConfigError(f"recipe {path} extends itself (through {' -> '.join(p.name for p in _seen)})")
+    loaded = yaml.safe_load(path.read_text())
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(loaded).__name__}")
+    data = loaded or {}
+    base = data.pop("extends", None)
+    if base is not None:
+        data = _deep_merge(read_recipe_data(path.parent / str(base), (*_seen, path)), data)
+    return data
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> RecipeConfig:
     """Read a recipe YAML (or start from defaults when ``path`` is None) and apply overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"recipe file not found: {path}")
-        loaded = yaml.safe_load(path.read_text())
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(loaded).__name__}")
-        data = loaded or {}
+    data: dict[str, Any] = read_recipe_data(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     cfg = build_dataclass(RecipeConfig, data)
     return validate(cfg)

@@ -75,3 +75,33 @@ logging: {{progress_bar: false}}
         for key in COMPARED:
             assert mb[key] == pytest.approx(ma[key], abs=1e-5), (ma["step"], key)
     assert rows_b == rows_a  # same prompts at every step: no data repeated or skipped
+
+
+def test_iterative_dpo_resumed_mid_round_trains_the_saved_pairs(tmp_path, synthetic_data, tiny_cache, monkeypatch):
+    """A checkpoint taken mid-round carries the round's remaining pairs: the resumed run trains on the
+    same pairs with the same weights as the run that never stopped (same losses), instead of sampling
+    a new round (which would change the pairs, and the round counter)."""
+    from r1_mm.config import load_recipe
+    from r1_mm.trainers.iterative_dpo import IterativeDPOTrainer
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+
+    def run(out: Path, *extra: str) -> list[dict]:
+        cfg = load_recipe(None, [
+            "model.name_or_path=tiny:qwen2_5_vl:small", f"data.train_path={synthetic_data['counting']}",
+            f"training.output_dir={out}", "media.max_pixels=3136", "algorithm.name=iterative_dpo",
+            "algorithm.round_prompts=4", "rollout.num_generations=4", "rollout.max_completion_length=6",
+            "training.prompts_per_step=1", "training.max_steps=4", "training.save_steps=2",
+            "training.learning_rate=1.0e-3", "logging.progress_bar=false",
+            f"rewards.functions=[{{name: '{PLUGIN}:alternating'}}]", *extra])
+        IterativeDPOTrainer(cfg).train()
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    full = run(tmp_path / "full")
+    assert [m["iterative/round"] for m in full] == [1.0] * 4  # one round of 4 pairs covers all 4 steps
+    resumed = run(tmp_path / "resumed", f"training.resume_from={tmp_path / 'full' / 'checkpoints' / 'step-000002'}")
+    tail = [m for m in resumed if m["step"] >= 2]  # metrics count steps from 0: steps 2 and 3 come after the save
+    assert [m["step"] for m in tail] == [2, 3]
+    for a, b in zip(full[2:], tail, strict=True):
+        assert a["iterative/round"] == b["iterative/round"] == 1.0
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5, abs=1e-7)

@@ -110,6 +110,11 @@ def test_relative_accuracy_is_one_minus_clipped_relative_error():
     assert got[2] == 0.0 and got[3] == 0.0  # error above 100% clips; no number scores 0
 
 
+def test_solutions_written_in_answer_tags_are_unwrapped():
+    assert call("accuracy", tagged("3", "4"), solution=["<answer> 3 </answer>"] * 2) == [1.0, 0.0]
+    assert call("mcq", tagged("B"), solution=["<answer>B</answer>"], options=[["A. x", "B. y"]]) == [1.0]
+
+
 def test_free_form_averages_the_requested_rouge_types():
     from rouge_score import rouge_scorer
 

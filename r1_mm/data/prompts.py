@@ -53,7 +53,8 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def media_refs(row: dict[str, Any]) -> tuple[list[Any], list[Any]]:
-    """Image and video references of a row, from ``image``/``images`` and ``video``/``videos``."""
+    """Image and video references of a row, from ``image``/``images`` and ``video``/``videos``, or from
+    ``path`` + ``data_type`` (Video-R1-260k's columns)."""
     images = _as_list(row.get("image")) + _as_list(row.get("images"))
     video = row.get("video")
     if video is None:
@@ -63,6 +64,16 @@ def media_refs(row: dict[str, Any]) -> tuple[list[Any], list[Any]]:
     else:
         videos = _as_list(video)
     videos += _as_list(row.get("videos"))
+    if not images and not videos and row.get("path") is not None:
+        # Video-R1's schema: one file in `path`, its kind in `data_type`
+        kind = row.get("data_type")
+        if kind == "image":
+            images = [row["path"]]
+        elif kind == "video":
+            videos = [row["path"]]
+        else:
+            raise DataError(f"row {row.get('id', row.get('problem_id', '?'))}: column 'path' needs "
+                            f"data_type 'image' or 'video', got {kind!r}")
     return images, videos
 
 

@@ -102,6 +102,8 @@ def score_each(name: str, completions: list[Any], solution: list[Any] | None,
             out.append(None)
             continue
         answer = answer_or_text(completion, tag, require_tag)
+        if isinstance(sol, str):  # R1-V / Video-R1 data write solutions as "<answer> 3 </answer>"
+            sol = extract_answer(sol, tag) or sol
         try:
             out.append(0.0 if answer is None else float(score(answer, sol, i)))
         except (ValueError, TypeError, KeyError) as exc:

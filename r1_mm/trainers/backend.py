@@ -8,6 +8,7 @@ its DeepSpeed preparation of the frozen reference model and its parameter gather
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -44,10 +45,15 @@ class Learner:
         return int(self.accelerator.state.deepspeed_plugin.zero_stage)
 
 
+def warmup_steps(training: Any) -> int:
+    """``warmup_steps`` when set, else ``ceil(warmup_ratio * max_steps)`` (the HF Trainer's rounding)."""
+    return training.warmup_steps or math.ceil(training.warmup_ratio * training.max_steps)
+
+
 def _scheduler(optimizer: torch.optim.Optimizer, cfg: RecipeConfig) -> Any:
     from transformers import get_scheduler
 
-    return get_scheduler(cfg.training.lr_scheduler, optimizer, num_warmup_steps=cfg.training.warmup_steps,
+    return get_scheduler(cfg.training.lr_scheduler, optimizer, num_warmup_steps=warmup_steps(cfg.training),
                          num_training_steps=max(1, cfg.training.max_steps * cfg.algorithm.num_iterations))
 
 

@@ -9,6 +9,7 @@ start the next round from the updated policy (and, by default, a reference reset
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -100,6 +101,30 @@ class IterativeDPOTrainer(PreferenceTrainer):
         metrics = super().train_step()
         metrics.update(self.round_stats)
         return metrics
+
+    def trainer_state(self) -> dict[str, Any]:
+        """The round counter and every rank's pairs still to train on (as row index + token ids), so a
+        run resumed mid-round finishes that round's pairs instead of sampling a new round."""
+        from accelerate.utils import gather_object
+
+        mine = [[sample.index, chosen, rejected] for sample, chosen, rejected in self.buffer]
+        return {**super().trainer_state(), "iterative": {
+            "round": self.round, "round_stats": self.round_stats, "pairs_by_rank": gather_object([mine])}}
+
+    def after_resume(self, state: dict[str, Any]) -> None:
+        saved = state.get("iterative")
+        if saved is None:
+            return
+        self.round, self.round_stats = int(saved["round"]), dict(saved["round_stats"])
+        rank, by_rank = self.learner.accelerator.process_index, saved["pairs_by_rank"]
+        if len(by_rank) != self.learner.accelerator.num_processes:
+            raise RuntimeError(f"iterative DPO checkpoint holds pairs of {len(by_rank)} processes but this run has "
+                               f"{self.learner.accelerator.num_processes}; resume with the same number of processes")
+        self.buffer = []
+        for index, chosen, rejected in by_rank[rank]:
+            # built straight from the row: these rows were already prepared (and counted) before the save
+            sample = self.stream.builder.prepare(self.stream.rows[int(index)], int(index))
+            self.buffer.append((sample, list(chosen), list(rejected)))
 
     def close(self) -> None:
         self.engine.close()
