@@ -1,0 +1,152 @@
+"""Every shipped recipe loads, validates and trains for 2 steps with the model swapped for a tiny one.
+
+The paper recipes name 2B-7B checkpoints, bf16, flash-attention and vLLM; here only what cannot run
+on this CPU machine is overridden: the model (the tiny model of the same family, built offline),
+dtype and attention (flash-attention and bf16 kernels need CUDA), the rollout engine (vLLM engines
+have their own tests in test_vllm_engines.py; the hf engine keeps this file fast), completion length,
+step count, output folder and W&B (tested in test_grpo_loop.py). Data come from the synthetic
+generators, written in each recipe's own row schema (header comment of the recipe). Everything else
+(rewards and their routes, T-GRPO, length control, KL, LoRA, losses, media budgets, prompts) runs
+as written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from r1_mm.cli import main as cli_main
+from r1_mm.config import load_recipe
+from r1_mm.train import main as train_main
+
+from .conftest import REPO
+
+PLUGIN = Path(__file__).parent / "plugins" / "faulty.py"
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def tiny_family(model_name: str) -> str:
+    """The built-in tiny model of the recipe's architecture (a new recipe must be mapped here)."""
+    name = model_name.lower()
+    if name.startswith("tiny:"):
+        return name.split(":")[1]
+    for marker, family in (("qwen2.5-vl", "qwen2_5_vl"), ("qwen2-vl", "qwen2_vl"), ("onevision", "llava_onevision")):
+        if marker in name:
+            return family
+    raise AssertionError(f"no tiny model family for {model_name!r}: map it in tests/test_recipes.py")
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def recipe_data(name: str, synthetic: dict[str, Path], tmp: Path) -> list[str]:
+    """Overrides pointing the recipe at synthetic rows in its own schema."""
+    counting, events = rows(synthetic["counting"]), rows(synthetic["events"])
+    image_root, video_root = synthetic["counting"].parent, synthetic["events"].parent
+    if name.startswith("r1v_counting"):  # CLEVR-70k columns: image, problem, tagged solution
+        data = [{"image": r["image"], "problem": r["prompt"], "solution": f"<answer> {r['solution']} </answer>"}
+                for r in counting]
+        root = image_root
+    elif name.startswith("vsgrpo"):  # VSI-100k style: video questions, numeric or one-word answers
+        data = []
+        for i, r in enumerate(events):
+            if i % 2:
+                data.append({"video": r["video"], "problem": "How many square(s) appear in the video?",
+                             "solution": "1", "problem_type": "object_counting"})
+            else:
+                data.append({"video": r["video"], "problem": "Is the square to the left or the right of the frame centre?",
+                             "solution": "left", "problem_type": "object_rel_direction"})
+        root = video_root
+    elif name.startswith("video_r1"):  # Video-R1-260k columns: path + data_type, tagged solutions, five types
+        kinds = ["numerical", "regression", "OCR", "free-form"]
+        data = [{"path": str(image_root / r["image"]), "data_type": "image", "problem": r["prompt"],
+                 "problem_type": kinds[i % 4], "options": [],
+                 "solution": f"<answer>{r['solution'] if i % 4 < 2 else 'a red square'}</answer>"}
+                for i, r in enumerate(counting[:4])]
+        data += [{"path": str(video_root / r["video"]), "data_type": "video", "problem": r["prompt"],
+                  "problem_type": "multiple choice", "options": r["options"], "solution": f"<answer>{r['solution']}</answer>"}
+                 for r in events if r["problem_type"] == "mcq"]
+        root = tmp
+    elif name.startswith("tpo"):  # pair rows as `r1-mm tpo build` writes them
+        data = [{"video": r["video"], "prompt": r["prompt"], "chosen": "The square appears in the middle.",
+                 "rejected": "There is no square."} for r in events]
+        root = video_root
+    elif name.startswith("critic_dpo"):  # image prompts, open-ended
+        data = [{"image": r["image"], "prompt": "Describe the image."} for r in counting]
+        root = image_root
+    elif name.startswith("demo"):
+        data, root = counting, image_root
+    else:
+        raise AssertionError(f"no synthetic data for recipe {name}: add its schema to tests/test_recipes.py")
+    return [f"data.train_path={write_jsonl(data, tmp / (name + '.jsonl'))}", f"data.media_root={root}"]
+
+
+def cpu_overrides(name: str, cfg, tmp: Path) -> list[str]:
+    out = [f"model.name_or_path=tiny:{tiny_family(cfg.model.name_or_path)}:small", "model.dtype=float32",
+           "model.attn_implementation=sdpa", "rollout.engine=hf", "rollout.max_completion_length=8",
+           "training.max_steps=2", "training.save_steps=null", f"training.output_dir={tmp / 'run'}",
+           "logging.report_to=[]", "logging.progress_bar=false"]
+    if cfg.algorithm.length_bonus:  # make the 320-512 token band reachable with 8-token completions
+        out += ["algorithm.length_bonus_min_tokens=1", "algorithm.length_bonus_max_tokens=8"]
+    if cfg.algorithm.name == "iterative_dpo":
+        # the judge is a model too: a deterministic local reward stands in for the critic server
+        out += ["algorithm.round_prompts=2", f"rewards.functions=[{{name: '{PLUGIN}:alternating'}}]"]
+    return out
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_trains_two_steps_on_the_tiny_model(path, synthetic_data, tiny_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    original = load_recipe(path)
+    overrides = cpu_overrides(path.stem, original, tmp_path) + recipe_data(path.stem, synthetic_data, tmp_path)
+    cfg = load_recipe(path, overrides)
+    # the override changed only what it names: the recipe's algorithm and rewards are what runs
+    assert cfg.algorithm.name == original.algorithm.name
+    assert cfg.training.learning_rate == original.training.learning_rate
+    if not original.rewards.functions:  # a rollout-only job (`r1-mm rollout`): samples, no update
+        assert cli_main(["rollout", str(path), *overrides]) == 0
+        completions = (tmp_path / "run" / "completions.jsonl").read_text().splitlines()
+        assert len(completions) == 2 * cfg.training.prompts_per_step * cfg.rollout.num_generations
+        return
+    assert train_main([str(path), *overrides]) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1]
+    assert all(m["train/loss"] == m["train/loss"] for m in metrics)  # finite, not NaN
+    if original.algorithm.name == "grpo":
+        names = {f.name for f in original.rewards.functions}
+        assert all(f"rewards/{n}/mean" in metrics[0] for n in names), sorted(metrics[0])
+    if original.algorithm.temporal_contrast:
+        assert sum(m["temporal/video_prompts"] for m in metrics) > 0
+    if original.algorithm.length_bonus:
+        assert "length_bonus/rate" in metrics[0]
+
+
+def test_video_r1_recipe_scores_each_problem_type_as_the_source_does():
+    """The recipe's reward routes, called on one right and one wrong answer per Video-R1 problem type."""
+    from r1_mm.rewards.registry import RewardRunner
+
+    cfg = load_recipe(REPO / "recipes" / "video_r1_qwen2_5vl_7b.yaml")
+    runner = RewardRunner([next(f for f in cfg.rewards.functions if f.name == "by_problem_type")])
+
+    def score(kind: str, solution: str, answers: list[str]) -> list[float]:
+        row = {"problem_type": kind, "solution": f"<answer>{solution}</answer>", "options": ["A. x", "B. y", "C. z"]}
+        batch = runner(prompts=["q"] * len(answers), completions=[f"<think>x</think><answer>{a}</answer>" for a in answers],
+                       completion_ids=[[1]] * len(answers), rows=[row] * len(answers), row_ids=["r"] * len(answers))
+        return batch.per_function[:, 0].tolist()
+
+    cases = [("multiple choice", "B", "B", "C"), ("numerical", "3.14", "3.14", "3.2"), ("OCR", "stop here", "stop here", "stop"),
+             ("free-form", "a red square appears", "a red square appears", "nothing"), ("regression", "10", "10", "8")]
+    for kind, solution, right, wrong in cases:
+        got = score(kind, solution, [right, wrong])
+        assert got[0] == pytest.approx(1.0), kind
+        assert 0.0 <= got[1] < 1.0, kind
+    # regression is 1 - relative error (Video-R1), not VSI-Bench's MRA (which gives 0.6 for 8 vs 10)
+    assert score("regression", "10", ["8"])[0] == pytest.approx(0.8)
