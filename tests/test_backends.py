@@ -195,3 +195,13 @@ def test_dpo_with_lora_on_two_processes(setup, initial_weights, config):
     assert metrics[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6) and metrics[-1]["rewards/margins"] > 0
     exported = load_file(out / "checkpoints" / "step-000003" / "model" / "model.safetensors")
     assert set(exported) == set(initial_weights)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["zero2", "zero3_offload"])
+def test_shipped_deepspeed_configs_train(setup, initial_weights, config):
+    """recipes/accelerate/zero2.yaml and zero3_offload.yaml, unchanged, on 2 CPU processes."""
+    root, recipe, _, data, cache = setup
+    out = root / config
+    metrics = launch(REPO / "recipes" / "accelerate" / f"{config}.yaml", recipe, out, data, cache)
+    check_run(metrics, out, initial_weights)
