@@ -101,3 +101,18 @@ def test_same_resolution_under_cli_and_accelerate_launch(tmp_path):
 def test_every_shipped_recipe_loads(path):
     cfg = load_recipe(path)
     assert cfg.algorithm.name in ("grpo", "dpo", "tpo", "iterative_dpo")
+
+
+def test_extends_deep_merges_over_the_base_and_rejects_cycles(tmp_path):
+    (tmp_path / "base.yaml").write_text("model: {name_or_path: tiny:qwen2_vl, lora: true}\nalgorithm: {beta: 0.1}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nmodel: {name_or_path: tiny:qwen2_5_vl}\n")
+    cfg = load_recipe(tmp_path / "child.yaml", ["algorithm.beta=0.2"])
+    assert cfg.model.name_or_path == "tiny:qwen2_5_vl" and cfg.model.lora is True  # merged, not replaced
+    assert cfg.algorithm.beta == 0.2
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_recipe(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_recipe(tmp_path / "c.yaml")
