@@ -366,6 +366,11 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         problems.append("algorithm.beta must be >= 0")
     if cfg.data.max_prompt_length < 1:
         problems.append("data.max_prompt_length must be >= 1")
+    needed = cfg.data.max_prompt_length + cfg.rollout.max_completion_length
+    if cfg.rollout.engine.startswith("vllm") and cfg.rollout.vllm_max_model_len < needed:
+        problems.append(f"rollout.vllm_max_model_len ({cfg.rollout.vllm_max_model_len}) is below "
+                        f"data.max_prompt_length + rollout.max_completion_length ({needed}): vLLM would reject "
+                        "the longest prompts the data allows")
     for i, spec in enumerate(cfg.rewards.functions):
         if not spec.name:
             problems.append(f"rewards.functions[{i}].name is empty")

@@ -116,3 +116,10 @@ def test_extends_deep_merges_over_the_base_and_rejects_cycles(tmp_path):
     (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
     with pytest.raises(ConfigError, match="recipe file not found"):
         load_recipe(tmp_path / "c.yaml")
+
+
+def test_vllm_context_must_hold_the_longest_allowed_prompt_and_completion():
+    with pytest.raises(ConfigError, match=r"rollout.vllm_max_model_len \(2048\) is below .* \(2112\)"):
+        load_recipe(None, ["rollout.engine=vllm_colocate", "rollout.vllm_max_model_len=2048",
+                           "data.max_prompt_length=2048", "rollout.max_completion_length=64"])
+    load_recipe(None, ["rollout.engine=hf", "rollout.vllm_max_model_len=2048", "data.max_prompt_length=2048"])

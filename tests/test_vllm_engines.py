@@ -29,7 +29,7 @@ TASKS = ["counting", "multi_image", "events"]
 
 def recipe(tmp_path: Path, *overrides: str):
     return load_recipe(None, ["model.name_or_path=tiny:qwen2_5_vl:small", "rollout.vllm_dtype=float32",
-                              "rollout.vllm_max_model_len=2048", f"training.output_dir={tmp_path / 'run'}",
+                              "rollout.vllm_max_model_len=2048", "data.max_prompt_length=1024", f"training.output_dir={tmp_path / 'run'}",
                               "data.format_instruction=null", *overrides])
 
 
@@ -160,7 +160,7 @@ def test_grpo_three_steps_on_vllm_engines(tmp_path, synthetic_data, engine, tiny
     (tmp_path / "recipe.yaml").write_text("model:\n  name_or_path: tiny:qwen2_5_vl:small\n")
     cmd = [str(BIN / "r1-mm"), "train", str(tmp_path / "recipe.yaml"),
            f"data.train_path={synthetic_data['counting']}", f"training.output_dir={out}", f"rollout.engine={engine}",
-           "rollout.vllm_dtype=float32", "rollout.vllm_max_model_len=2048", "rollout.pool_size=1",
+           "rollout.vllm_dtype=float32", "rollout.vllm_max_model_len=2048", "data.max_prompt_length=1024", "rollout.pool_size=1",
            "rollout.num_generations=4", "rollout.max_completion_length=4", "training.max_steps=3",
            "training.learning_rate=1e-3", "logging.progress_bar=false", "data.format_instruction=null",
            f"rewards.functions=[{{name: '{Path(__file__).parent}/plugins/faulty.py:alternating'}}]"]

@@ -21,9 +21,9 @@ from r1_mm.rewards.registry import RewardBatch, RewardRunner
 from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, make_engine, media_token_ids
 from r1_mm.tracking import media_preview
 from r1_mm.trainers import temporal_contrast
-from r1_mm.trainers.length_bonus import length_band_bonus
 from r1_mm.trainers.backend import generate_groups, reference_model, sync_reference
 from r1_mm.trainers.base import BaseTrainer
+from r1_mm.trainers.length_bonus import length_band_bonus
 from r1_mm.trainers.losses import ADVANTAGE_ESTIMATORS, LossSettings, masked_mean, policy_loss
 from r1_mm.trainers.registry import register_trainer
 from r1_mm.trainers.rollout_correction import importance_weights, sampling_logprobs
