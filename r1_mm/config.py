@@ -371,6 +371,10 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         problems.append(f"rollout.vllm_max_model_len ({cfg.rollout.vllm_max_model_len}) is below "
                         f"data.max_prompt_length + rollout.max_completion_length ({needed}): vLLM would reject "
                         "the longest prompts the data allows")
+    names = [f.name for f in cfg.rewards.functions]
+    if cfg.algorithm.length_bonus and cfg.algorithm.length_bonus_reward not in names:
+        problems.append(f"algorithm.length_bonus_reward {cfg.algorithm.length_bonus_reward!r} must name one of "
+                        f"rewards.functions ({', '.join(names) or 'none'}): its score decides which answers are correct")
     for i, spec in enumerate(cfg.rewards.functions):
         if not spec.name:
             problems.append(f"rewards.functions[{i}].name is empty")

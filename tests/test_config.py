@@ -123,3 +123,9 @@ def test_vllm_context_must_hold_the_longest_allowed_prompt_and_completion():
         load_recipe(None, ["rollout.engine=vllm_colocate", "rollout.vllm_max_model_len=2048",
                            "data.max_prompt_length=2048", "rollout.max_completion_length=64"])
     load_recipe(None, ["rollout.engine=hf", "rollout.vllm_max_model_len=2048", "data.max_prompt_length=2048"])
+
+
+def test_length_bonus_must_name_a_configured_reward():
+    with pytest.raises(ConfigError, match=r"algorithm.length_bonus_reward 'accuracy' must name one of rewards.functions"):
+        load_recipe(None, ["algorithm.length_bonus=0.2", "rewards.functions=[numeric]"])
+    load_recipe(None, ["algorithm.length_bonus=0.2", "rewards.functions=[accuracy]"])

@@ -166,6 +166,11 @@ class RewardBatch:
     names: list[str]
     failures: dict[str, int] = field(default_factory=dict)
 
+    def add_bonus(self, bonus: torch.Tensor) -> None:
+        """Add a shaping bonus (T-GRPO, length control) to the total; a NaN total (no reward applied to
+        that completion) stays NaN rather than becoming the bonus alone."""
+        self.total = torch.where(torch.isnan(self.total), self.total, self.total + bonus)
+
 
 class RewardRunner:
     """Calls every configured reward on a batch, applies weights and the error policy."""

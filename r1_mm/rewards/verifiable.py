@@ -34,15 +34,21 @@ def accuracy(completions: list[Any], solution: list[Any] | None = None, *, tag: 
                        lambda a, s, _: answers_match(a, str(s), timeout_seconds), tag=tag, require_tag=require_tag)
 
 
+def gold_and_prediction(answer: str, solution: Any) -> tuple[float, float | None]:
+    """The first number of the solution (which must have one) and of the answer (None if it has none)."""
+    gold = first_number(str(solution))
+    if gold is None:
+        raise ValueError(f"solution {solution!r} holds no number")
+    return gold, first_number(answer)
+
+
 @reward("numeric")
 def numeric(completions: list[Any], solution: list[Any] | None = None, *, tag: str = "answer",
             require_tag: bool = True, abs_tol: float = 0.0, rel_tol: float = 0.0, **_: Any) -> list[float | None]:
     """1.0 when the answer's first number equals the solution's within ``abs_tol`` / ``rel_tol``."""
 
     def score(answer: str, sol: Any, _: int) -> float:
-        gold, pred = first_number(str(sol)), first_number(answer)
-        if gold is None:
-            raise ValueError(f"solution {sol!r} holds no number")
+        gold, pred = gold_and_prediction(answer, sol)
         return float(pred is not None and abs(pred - gold) <= max(abs_tol, rel_tol * abs(gold)))
 
     return score_each("numeric", completions, solution, score, tag=tag, require_tag=require_tag)
@@ -57,13 +63,10 @@ def relative_accuracy(completions: list[Any], solution: list[Any] | None = None,
     group of near misses still gets distinct advantages."""
 
     def score(answer: str, sol: Any, _: int) -> float:
-        gold, pred = first_number(str(sol)), first_number(answer)
-        if gold is None:
-            raise ValueError(f"solution {sol!r} holds no number")
+        gold, pred = gold_and_prediction(answer, sol)
         if pred is None:
             return 0.0
-        rel = (abs(pred - gold) + 1e-9) / (abs(gold) + 1e-9)
-        return 1.0 - min(1.0, max(0.0, rel))
+        return 1.0 - min(1.0, (abs(pred - gold) + 1e-9) / (abs(gold) + 1e-9))  # the 1e-9s are Video-R1's
 
     return score_each("relative_accuracy", completions, solution, score, tag=tag, require_tag=require_tag)
 

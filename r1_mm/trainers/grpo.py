@@ -71,12 +71,8 @@ class GRPOTrainer(BaseTrainer):
             # the shuffled group is scored by the recipe's own spec of that reward (kwargs included)
             spec = next((f for f in cfg.rewards.functions if f.name == cfg.algorithm.temporal_reward),
                         RewardSpec(name=cfg.algorithm.temporal_reward))
-            self.temporal_rewards = RewardRunner([RewardSpec(name=spec.name, kwargs=spec.kwargs)],
+            self.temporal_rewards = RewardRunner([spec],
                                                  on_error=cfg.rewards.on_error, context=context)
-        if cfg.algorithm.length_bonus and cfg.algorithm.length_bonus_reward not in [
-                f.name for f in cfg.rewards.functions]:
-            raise ValueError(f"algorithm.length_bonus_reward {cfg.algorithm.length_bonus_reward!r} is not one of "
-                             f"rewards.functions ({', '.join(f.name for f in cfg.rewards.functions)})")
         a = cfg.algorithm
         self.loss_settings = LossSettings(
             loss_type=a.loss_type, epsilon_low=a.epsilon,
@@ -122,7 +118,7 @@ class GRPOTrainer(BaseTrainer):
                                                      bonus=a.temporal_bonus, margin=a.temporal_margin)
             earned += int(bonus.sum() > 0)
             bonus_total[i * g:(i + 1) * g] = bonus
-        batch.total = torch.where(torch.isnan(batch.total), batch.total, batch.total + bonus_total)
+        batch.add_bonus(bonus_total)
         return {"temporal/video_prompts": video_prompts,
                 "temporal/bonus_rate": earned / video_prompts if video_prompts else 0.0}
 
@@ -149,7 +145,7 @@ class GRPOTrainer(BaseTrainer):
                 scores > a.length_bonus_threshold, lengths, bonus=a.length_bonus,
                 min_tokens=a.length_bonus_min_tokens, max_tokens=a.length_bonus_max_tokens)
             start += len(group)
-        batch.total = torch.where(torch.isnan(batch.total), batch.total, batch.total + bonus)
+        batch.add_bonus(bonus)
         return {"length_bonus/rate": float((bonus > 0).float().mean())}
 
     def collect(self) -> Experience:
