@@ -19,6 +19,8 @@ import pytest
 
 from r1_mm.cli import main as cli_main
 from r1_mm.config import load_recipe
+from r1_mm.data.loading import read_rows
+from r1_mm.testing.synthetic import write_jsonl
 from r1_mm.train import main as train_main
 
 from .conftest import REPO
@@ -38,18 +40,9 @@ def tiny_family(model_name: str) -> str:
     raise AssertionError(f"no tiny model family for {model_name!r}: map it in tests/test_recipes.py")
 
 
-def write_jsonl(rows: list[dict], path: Path) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def recipe_data(name: str, synthetic: dict[str, Path], tmp: Path) -> list[str]:
     """Overrides pointing the recipe at synthetic rows in its own schema."""
-    counting, events = rows(synthetic["counting"]), rows(synthetic["events"])
+    counting, events = read_rows(synthetic["counting"]), read_rows(synthetic["events"])
     image_root, video_root = synthetic["counting"].parent, synthetic["events"].parent
     if name.startswith("r1v_counting"):  # CLEVR-70k columns: image, problem, tagged solution
         data = [{"image": r["image"], "problem": r["prompt"], "solution": f"<answer> {r['solution']} </answer>"}

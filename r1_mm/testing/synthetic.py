@@ -23,7 +23,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 BACKGROUND = (0, 0, 0)
 
 
-def _write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
+def write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Rows as a jsonl file (parents created); the path, for chaining."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for row in rows:
@@ -71,7 +72,7 @@ def make_counting_task(out_dir: str | Path, num_rows: int, *, seed: int = 0, min
         counting_image(n, seed=rng.randrange(2**31), size=size, box=box, gap=gap).save(out_dir / rel)
         rows.append({"id": f"{name}-{i}", "image": rel, "prompt": "How many squares are in the image?",
                      "solution": str(n), "problem_type": "counting"})
-    return _write_jsonl(rows, out_dir / f"{name}.jsonl")
+    return write_jsonl(rows, out_dir / f"{name}.jsonl")
 
 
 @dataclass
@@ -122,7 +123,7 @@ def make_spatial_task(out_dir: str | Path, num_rows: int, *, seed: int = 0, size
                 else "Which object is nearer to the camera?")
         rows.append({"id": f"{name}-{i}", "image": rel, "prompt": text, "options": ["A. circle", "B. square"],
                      "solution": "A" if answer == "circle" else "B", "problem_type": "mcq"})
-    return _write_jsonl(rows, out_dir / f"{name}.jsonl")
+    return write_jsonl(rows, out_dir / f"{name}.jsonl")
 
 
 def write_mp4(frames: np.ndarray, path: str | Path, fps: int) -> Path:
@@ -188,7 +189,7 @@ def make_event_video_task(out_dir: str | Path, num_rows: int, *, seed: int = 0, 
                        options=[f"{letters[j]}. {c}" for j, c in enumerate(options)],
                        solution=letters[options.index(colour)], problem_type="mcq")
         rows.append(row)
-    return _write_jsonl(rows, out_dir / f"{name}.jsonl")
+    return write_jsonl(rows, out_dir / f"{name}.jsonl")
 
 
 def make_multi_image_task(out_dir: str | Path, num_rows: int, *, seed: int = 0, size: int = 56,
@@ -208,4 +209,4 @@ def make_multi_image_task(out_dir: str | Path, num_rows: int, *, seed: int = 0, 
         rows.append({"id": f"{name}-{i}", "images": rels,
                      "prompt": "How many squares are there in the two images together?",
                      "solution": str(sum(counts)), "problem_type": "counting"})
-    return _write_jsonl(rows, out_dir / f"{name}.jsonl")
+    return write_jsonl(rows, out_dir / f"{name}.jsonl")

@@ -315,7 +315,7 @@ class GRPOTrainer(BaseTrainer):
             self.metrics.log_completions_table([{**r, "media": picture, "prompt": prompt} for r in rows], self.step)
 
     def trainer_state(self) -> dict:
-        return {"data": self.stream.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row,
+        return {**super().trainer_state(), "nonfinite_in_a_row": self.nonfinite_in_a_row,
                 "reward_failures": dict(self.rewards.failure_counts)}
 
     def after_resume(self, state: dict) -> None:
