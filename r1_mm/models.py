@@ -49,13 +49,19 @@ def vision_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
-def load_model(cfg: ModelConfig, *, trainable: bool = True) -> torch.nn.Module:
+def load_model(cfg: ModelConfig, *, trainable: bool = True, grouped: bool = False) -> torch.nn.Module:
+    """``grouped``: the language model's attention also serves the grouped forward (packed completions);
+    calls without a packed layout (generation) run the requested attention unchanged."""
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(
         resolve_model_path(cfg), dtype=_DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation,
         trust_remote_code=cfg.trust_remote_code,
     )
+    if grouped:
+        from r1_mm.trainers import packed_attention
+
+        packed_attention.enable(model)
     if not trainable:
         model.eval()
         model.requires_grad_(False)

@@ -1,4 +1,10 @@
-"""The grouped forward equals the library's naive forward over G repeated sequences (float32, 1e-5)."""
+"""The grouped forward equals the library's naive forward over G repeated sequences (float32, 1e-5),
+through every attention kernel it has (sdpa, eager, flash-attention's varlen route), and never hands
+the model an L x L mask."""
+
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,7 +14,10 @@ from r1_mm.config import DataConfig, MediaConfig
 from r1_mm.data import PromptBuilder
 from r1_mm.data.loading import default_media_root, read_rows
 from r1_mm.testing import synthetic
+from r1_mm.trainers import packed_attention
 from r1_mm.trainers.grouped_forward import grouped_logprobs, naive_logprobs, pack_groups
+
+from . import flash_emulation
 
 G = 3
 # completion lengths differ so completions are right-padded inside the packed rows
@@ -48,20 +57,28 @@ def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def compare(model, processor, prompts, temperature=0.7):
+def compare(model, processor, prompts, temperature=0.7, reference=None):
+    """Grouped on ``model`` vs naive on ``reference`` (default: the same model, attention as loaded)."""
+    reference = reference or model
     comps = completions(len(processor.tokenizer) - 16)  # ordinary tokens (specials sit at the end)
     pad = processor.tokenizer.pad_token_id
     packed = pack_groups(model, [dict(p) for p in prompts], comps, G, pad)
+    kernel = packed_attention.base_implementation(packed_attention.text_config(model)._attn_implementation)
+    before = packed_attention.KERNEL_CALLS[kernel]
     lp_g, ent_g = grouped_logprobs(model, packed, temperature=temperature, with_entropy=True)
+    layers = model.config.get_text_config().num_hidden_layers
+    assert packed_attention.KERNEL_CALLS[kernel] - before == layers  # the packed kernel served every layer
     weights = torch.linspace(0.5, 1.5, lp_g.numel()).reshape(lp_g.shape)  # a loss that touches every token
     (lp_g * weights).sum().backward()
     g_grouped = grads(model)
     model.zero_grad()
-    lp_n, ent_n = naive_logprobs(model, [dict(p) for p in prompts], comps, G, pad, temperature=temperature,
+    calls = sum(packed_attention.KERNEL_CALLS.values())
+    lp_n, ent_n = naive_logprobs(reference, [dict(p) for p in prompts], comps, G, pad, temperature=temperature,
                                  with_entropy=True)
+    assert sum(packed_attention.KERNEL_CALLS.values()) == calls  # the reference ran the library's attention
     (lp_n * weights).sum().backward()
-    g_naive = grads(model)
-    model.zero_grad()
+    g_naive = grads(reference)
+    reference.zero_grad()
     mask = packed.completion_mask.bool()
     assert mask.sum(-1).tolist() == LENGTHS
     torch.testing.assert_close(lp_g[mask], lp_n[mask], atol=1e-5, rtol=0)
@@ -94,6 +111,66 @@ def test_grouped_equals_naive_with_gradient_checkpointing(tiny_path, synthetic_d
 def test_grouped_equals_naive_eager_attention(tiny_path, synthetic_data):
     model, processor = load(tiny_path, "qwen2_5_vl", attn="eager")
     compare(model, processor, prompts_for(processor, synthetic_data["counting"]))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_grouped_flash_attention_route(tiny_path, synthetic_data, monkeypatch, family):
+    """What a recipe's flash_attention_2 runs on a GPU: transformers' flash integration called with the
+    packed varlen sequences. The CUDA kernel itself is replaced by a CPU stand-in (tests/flash_emulation.py);
+    the naive reference runs plain sdpa on an identical copy of the model."""
+    calls = flash_emulation.install(monkeypatch)
+    model, processor = load(tiny_path, family)
+    reference, _ = load(tiny_path, family)
+    packed_attention.register()
+    model.set_attn_implementation({"text_config": packed_attention.grouped_name("flash_attention_2")})
+    compare(model, processor, prompts_for(processor, synthetic_data["events"]), reference=reference)
+    assert calls["varlen"] == model.config.get_text_config().num_hidden_layers  # the kernel really ran, once a layer
+
+
+def test_layers_get_the_layout_not_a_mask(tiny_path, synthetic_data):
+    """Every decoder layer receives the packed layout (index tensors), never a dense attention mask."""
+    model, processor = load(tiny_path, "qwen2_5_vl")
+    seen = []
+    for layer in model.model.language_model.layers:
+        layer.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["attention_mask"]), with_kwargs=True)
+    prompts = prompts_for(processor, synthetic_data["counting"])
+    packed = pack_groups(model, [dict(p) for p in prompts], completions(200), G, processor.tokenizer.pad_token_id)
+    grouped_logprobs(model, packed)
+    assert len(seen) == len(model.model.language_model.layers)
+    assert all(isinstance(m, packed_attention.PackedLayout) for m in seen)
+    layout = seen[0]
+    assert layout.num_sequences == 2 + len(LENGTHS)  # each prompt once, each completion once
+    assert layout.max_q <= max(prompts[i]["input_ids"].shape[1] for i in range(2))
+
+
+LONG_PROMPT = """
+import json, resource, sys, torch
+from transformers import AutoModelForImageTextToText
+from r1_mm.trainers.grouped_forward import grouped_logprobs, pack_groups
+P, G, C = {p}, 8, 64
+model = AutoModelForImageTextToText.from_pretrained({path!r}, attn_implementation="sdpa")
+ids = torch.randint(0, 400, (1, P), generator=torch.Generator().manual_seed(0))
+prompt = {{"input_ids": ids, "attention_mask": torch.ones_like(ids)}}
+comps = [torch.randint(0, 400, (C,)).tolist() for _ in range(G)]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+packed = pack_groups(model, [prompt], comps, G, 0)
+logps, _ = grouped_logprobs(model, packed, with_entropy=True)
+logps.sum().backward()
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+print(json.dumps({{"grown": grown, "tokens": packed.input_ids.shape[1], "finite": bool(torch.isfinite(logps).all())}}))
+"""
+
+
+def test_16k_token_prompt_needs_no_quadratic_memory(tiny_path):
+    """A 16,384-token prompt with G=8 x 64-token completions (L = 16,896): forward + backward grows the
+    process by less than ONE float32 L x L mask (1.1 GiB); the 4-D-mask route it replaced grew 2.7 GiB."""
+    code = LONG_PROMPT.format(p=16384, path=str(tiny_path("qwen2_5_vl")))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    length = result["tokens"]
+    assert length == 16384 + 8 * 64 and result["finite"]
+    assert result["grown"] < length * length * 4, result
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])

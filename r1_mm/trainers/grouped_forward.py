@@ -1,20 +1,21 @@
 """Score G completions of each multimodal prompt while running the vision tower and prompt once.
 
 Why: in GRPO (and DPO) every prompt is scored with G (or 2) completions. The library way repeats
-the full sequence G times, so a 1000-visual-token prompt is encoded G times. Here each prompt and
-its completions form ONE packed row::
+the full sequence G times, so a 1000-visual-token prompt is encoded G times. Here all prompts and
+their completions form ONE padding-free row::
 
-    [ pad ... pad | prompt | c1 (right-padded to C) | c2 | ... | cG ]
+    [ p1 | c11 | c12 | ... | c1G | p2 | c21 | ... ]
 
-with a 4-D mask in which completion j sees the prompt and its own earlier tokens only, and position
-ids in which every completion restarts at "last prompt position + 1" (M-RoPE positions for the
-prompt come from the model's own ``get_rope_index``). Left-padding the prompt and padding every
-completion to the batch's longest makes the scored positions identical in all rows, so the model's
-``logits_to_keep`` index tensor computes logits only where they are needed.
+Completion ``c_ij`` attends to ``p_i`` and its own earlier tokens only: the packed attention
+(``packed_attention.py``) runs them as variable-length sequences with the prompt's keys gathered in
+front, through flash-attention's varlen kernel, sdpa or eager, and never builds an L x L mask.
+Position ids restart at "last prompt position + 1" for every completion (M-RoPE positions for the
+prompt come from the model's own ``get_rope_index``), so each completion sees exactly what it would
+see after its prompt alone. ``logits_to_keep`` gets the index of every scored position, so logits
+are computed only where a completion token is scored.
 
-This route works with gradient checkpointing (the KV-cache route does not) and uses less memory;
-its 4-D mask needs ``sdpa`` or ``eager`` attention (not flash-attention). ``naive_logprobs`` is
-the library-equivalent path (G repeated sequences) used as the reference in tests and benchmarks.
+``naive_logprobs`` is the library-equivalent path (G repeated sequences) used as the reference in
+tests and benchmarks, and ``training.forward_mode=naive`` for models the packed path cannot serve.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from r1_mm.trainers import packed_attention
+from r1_mm.trainers.packed_attention import PackedLayout
 
 # Per-prompt processor outputs that are concatenated across prompts (row-wise for patches).
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
@@ -48,12 +52,6 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def _core(model: torch.nn.Module) -> torch.nn.Module:
     inner = unwrap(model)
     return getattr(inner, "model", inner)
-
-
-def attn_implementation(model: torch.nn.Module) -> str:
-    config = unwrap(model).config
-    text = getattr(config, "text_config", config)
-    return getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", "sdpa") or "sdpa"
 
 
 def prompt_positions(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -118,78 +116,82 @@ def pad_completions(completions: list[list[int]], pad_id: int, device: torch.dev
 
 @dataclass
 class PackedGroups:
-    """B packed rows, each a prompt and its G completions; scored positions are shared by all rows."""
+    """All prompts and their completions in ONE padding-free row, with the attention layout that keeps
+    completions apart; ``logits_index[n]`` is the position whose logits score scored token n."""
 
-    input_ids: torch.Tensor  # (B, L)
-    attention_mask: torch.Tensor  # (B, 1, L, L): bool (True = attend) or additive float
-    position_ids: torch.Tensor  # (3, B, L) or (B, L)
-    mm_token_type_ids: torch.Tensor | None  # (B, L)
+    input_ids: torch.Tensor  # (1, T)
+    layout: PackedLayout
+    position_ids: torch.Tensor  # (3, 1, T) or (1, T)
+    mm_token_type_ids: torch.Tensor | None  # (1, T)
     vision: dict[str, torch.Tensor]
-    logits_index: torch.Tensor  # (G*C,) positions whose logits score the completion tokens
-    completion_ids: torch.Tensor  # (B*G, C)
+    logits_index: torch.Tensor  # (N,) one per completion token, in (completion, token) order
+    targets: torch.Tensor  # (N,) the completion tokens those logits score
+    completion_ids: torch.Tensor  # (B*G, C) right-padded, for callers working per completion
     completion_mask: torch.Tensor  # (B*G, C)
     num_generations: int
 
-    def model_kwargs(self) -> dict[str, Any]:
-        kwargs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+    def model_kwargs(self, model: torch.nn.Module) -> dict[str, Any]:
+        kwargs = {"input_ids": self.input_ids, "attention_mask": packed_attention.layout_mask(unwrap(model), self.layout),
                   "position_ids": self.position_ids, **self.vision}
         if self.mm_token_type_ids is not None:
             kwargs["mm_token_type_ids"] = self.mm_token_type_ids
         return kwargs
 
+    def to_completion_grid(self, values: torch.Tensor) -> torch.Tensor:
+        """(N,) per scored token -> (B*G, C), zero where a completion is shorter than C."""
+        grid = values.new_zeros(self.completion_mask.shape)
+        return grid.masked_scatter(self.completion_mask.bool(), values)
+
 
 def pack_groups(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]], completions: list[list[int]],
                 num_generations: int, pad_id: int) -> PackedGroups:
-    """Build packed rows for B prompts and B*G completions (completions grouped by prompt, in order)."""
+    """Pack B prompts and B*G completions (grouped by prompt, in order) into one row.
+
+    Layout ``[p1 | c11 .. c1G | p2 | c21 .. c2G | ..]`` with no padding; every completion's positions
+    restart at "last position of its prompt + 1". The model's language attention is switched to the
+    grouped implementation (once; calls without a layout behave as before).
+    """
     g = num_generations
     if len(completions) != len(prompts) * g:
         raise GroupedForwardError(f"{len(completions)} completions for {len(prompts)} prompts x G={g}")
+    packed_attention.enable(unwrap(model))
     device = prompts[0]["input_ids"].device
     prompts = [_strip_padding(p) for p in prompts]
     comp_ids, comp_mask = pad_completions(completions, pad_id, device)
-    c = comp_ids.shape[1]
-    p_max = max(p["input_ids"].shape[1] for p in prompts)
-    b, length = len(prompts), p_max + g * c
-    input_ids = torch.full((b, length), pad_id, dtype=torch.long, device=device)
-    segment = torch.full((b, length), -1, dtype=torch.long, device=device)  # -1 = padding, 0 = prompt, j = c_j
-    positions = None
-    mm_types = None
+    ids_parts, pos_parts, type_parts = [], [], []
+    prompt_spans, completion_spans, logits_index = [], [], []
+    cursor = 0
     for i, p in enumerate(prompts):
         n = p["input_ids"].shape[1]
-        start = p_max - n
-        input_ids[i, start:p_max] = p["input_ids"][0]
-        segment[i, start:p_max] = 0
+        ids_parts.append(p["input_ids"][0])
         pos = prompt_positions(model, p)  # (axes, n)
-        if positions is None:
-            positions = torch.zeros((pos.shape[0], b, length), dtype=torch.long, device=device)
-        positions[:, i, start:p_max] = pos
-        next_pos = pos[:, -1:] + 1
+        pos_parts.append(pos)
         if "mm_token_type_ids" in p:
-            if mm_types is None:
-                mm_types = torch.zeros((b, length), dtype=p["mm_token_type_ids"].dtype, device=device)
-            mm_types[i, start:p_max] = p["mm_token_type_ids"][0]
+            type_parts.append(p["mm_token_type_ids"][0])
+        prompt_spans.append((cursor, cursor + n))
+        last_prompt = cursor + n - 1
+        cursor += n
+        spans = []
         for j in range(g):
-            row = i * g + j
-            lo = p_max + j * c
-            input_ids[i, lo:lo + c] = comp_ids[row]
-            segment[i, lo:lo + c] = torch.where(comp_mask[row].bool(), j + 1, -1)
-            positions[:, i, lo:lo + c] = next_pos + torch.arange(c, device=device)[None, :]
-    q_seg, k_seg = segment[:, :, None], segment[:, None, :]
-    causal = torch.ones((length, length), dtype=torch.bool, device=device).tril()
-    allowed = causal[None] & (k_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))
-    allowed |= torch.eye(length, dtype=torch.bool, device=device)[None]  # padding rows see themselves (no NaN)
-    mask = allowed[:, None]
-    if attn_implementation(model) == "eager":
-        dtype = next(unwrap(model).parameters()).dtype
-        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
-    elif attn_implementation(model) not in ("sdpa",):
-        raise GroupedForwardError(f"attn_implementation={attn_implementation(model)!r} cannot take the packed 4-D "
-                                  "mask; use sdpa or eager, or training.forward_mode=naive")
-    index = [p_max - 1 if k == 0 else p_max + j * c + k - 1 for j in range(g) for k in range(c)]
-    position_ids = positions if positions.shape[0] == 3 else positions[0]
-    return PackedGroups(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                        mm_token_type_ids=mm_types, vision=merge_vision_inputs(prompts),
-                        logits_index=torch.tensor(index, dtype=torch.long, device=device),
+            c = completions[i * g + j]
+            ids_parts.append(torch.tensor(c, dtype=torch.long, device=device))
+            pos_parts.append(pos[:, -1:] + 1 + torch.arange(len(c), device=device)[None, :])
+            if type_parts:
+                type_parts.append(torch.zeros(len(c), dtype=type_parts[0].dtype, device=device))
+            spans.append((cursor, cursor + len(c)))
+            logits_index.extend([last_prompt] + list(range(cursor, cursor + len(c) - 1)) if c else [])
+            cursor += len(c)
+        completion_spans.append(spans)
+    if type_parts and len(type_parts) != len(prompts) * (g + 1):
+        raise GroupedForwardError("some prompts carry mm_token_type_ids and others do not")
+    positions = torch.cat(pos_parts, dim=1)[:, None, :]  # (axes, 1, T)
+    layout = packed_attention.build_layout(prompt_spans, completion_spans, cursor, device)
+    targets = torch.tensor([t for c in completions for t in c], dtype=torch.long, device=device)
+    return PackedGroups(input_ids=torch.cat(ids_parts)[None], layout=layout,
+                        position_ids=positions if positions.shape[0] == 3 else positions[0],
+                        mm_token_type_ids=torch.cat(type_parts)[None] if type_parts else None,
+                        vision=merge_vision_inputs(prompts),
+                        logits_index=torch.tensor(logits_index, dtype=torch.long, device=device), targets=targets,
                         completion_ids=comp_ids, completion_mask=comp_mask, num_generations=g)
 
 
@@ -218,13 +220,9 @@ def grouped_logprobs(model: torch.nn.Module, packed: PackedGroups, *, temperatur
                      with_entropy: bool = False,
                      suppressed_ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token logprobs (B*G, C) of the packed completions (zero where masked)."""
-    out = model(**packed.model_kwargs(), logits_to_keep=packed.logits_index, use_cache=False)
-    b, g = packed.input_ids.shape[0], packed.num_generations
-    c = packed.completion_ids.shape[1]
-    logits = out.logits.reshape(b * g, c, -1)
-    logps, entropy = token_logprobs(logits, packed.completion_ids, temperature, with_entropy, suppressed_ids)
-    mask = packed.completion_mask.to(logps.dtype)
-    return logps * mask, (entropy * mask if entropy is not None else None)
+    out = model(**packed.model_kwargs(model), logits_to_keep=packed.logits_index, use_cache=False)
+    logps, entropy = token_logprobs(out.logits[0], packed.targets, temperature, with_entropy, suppressed_ids)
+    return packed.to_completion_grid(logps), (packed.to_completion_grid(entropy) if entropy is not None else None)
 
 
 def naive_logprobs(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]], completions: list[list[int]],

@@ -1,0 +1,261 @@
+"""Attention for the grouped forward: every completion sees its prompt and itself, with no L x L mask.
+
+Why a registered attention function: the grouped forward packs each prompt and its G completions
+into one padding-free row ``[p1 | c11 .. c1G | p2 | c21 ..]``. Completion ``c_ij`` must attend to
+prompt ``p_i`` and to its own earlier tokens only. A dense 4-D mask says that, but costs
+O(L^2) memory per row (16k-token video prompts with G=8 completions would need >0.5 GB of mask per
+layer call) and rules out flash-attention. Instead, this function turns the row into *variable-length
+sequences*: the prompt (causal), and per completion the prompt's keys followed by its own (causal,
+aligned bottom-right, as flash-attention's varlen kernel aligns a query shorter than its keys). The
+keys are gathered by index once per layer and one varlen kernel call does the rest:
+
+- ``flash_attention_2`` / ``_3``: transformers' own flash-attention integration (``flash_attn_varlen_func``);
+- ``sdpa``: ``scaled_dot_product_attention`` per sequence (CPU, or GPUs without flash-attn);
+- ``eager``: the same in plain matmul + softmax.
+
+The layout travels as the text model's prepared attention mask (``attention_mask={"full_attention":
+layout}``), which transformers passes to every decoder layer untouched, so it survives gradient
+checkpointing's recompute. Any call without a layout (generation, the naive forward, the vision
+tower) goes to the model's original attention implementation unchanged.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+PREFIX = "r1mm_grouped_"
+# attention implementations a recipe may request, and whether the grouped forward has a kernel for them
+SUPPORTED_BASES = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+# calls per kernel since import: lets tests assert that the packed path (and which kernel) really ran
+KERNEL_CALLS: Counter[str] = Counter()
+
+
+class PackedAttentionError(ValueError):
+    """A model or attention implementation the grouped forward cannot serve (the message says what to do)."""
+
+
+@dataclass
+class PackedLayout:
+    """Variable-length attention sequences inside one packed row, as flat token indices.
+
+    Sequence s has queries ``q_index[cu_q[s]:cu_q[s+1]]`` and keys ``k_index[cu_k[s]:cu_k[s+1]]``;
+    queries are the last positions of their keys (bottom-right causal alignment).
+    """
+
+    q_index: torch.Tensor  # (Tq,) long
+    k_index: torch.Tensor  # (Tk,) long
+    cu_q: torch.Tensor  # (S+1,) int32
+    cu_k: torch.Tensor  # (S+1,) int32
+    max_q: int
+    max_k: int
+    length: int  # tokens in the packed row
+
+    @property
+    def num_sequences(self) -> int:
+        return self.cu_q.numel() - 1
+
+    def spans(self) -> list[tuple[int, int, int, int]]:
+        """(q_start, q_end, k_start, k_end) per sequence, in the gathered tensors."""
+        q, k = self.cu_q.tolist(), self.cu_k.tolist()
+        return [(q[s], q[s + 1], k[s], k[s + 1]) for s in range(self.num_sequences)]
+
+
+def build_layout(prompt_spans: list[tuple[int, int]], completion_spans: list[list[tuple[int, int]]],
+                 length: int, device: torch.device) -> PackedLayout:
+    """``prompt_spans[i]`` = (start, end) of prompt i in the row; ``completion_spans[i]`` its completions'."""
+    q_parts: list[torch.Tensor] = []
+    k_parts: list[torch.Tensor] = []
+    q_lens: list[int] = []
+    k_lens: list[int] = []
+    for (p0, p1), comps in zip(prompt_spans, completion_spans, strict=True):
+        prompt = torch.arange(p0, p1, device=device)
+        q_parts.append(prompt)
+        k_parts.append(prompt)
+        q_lens.append(p1 - p0)
+        k_lens.append(p1 - p0)
+        for c0, c1 in comps:
+            if c1 <= c0:
+                continue
+            own = torch.arange(c0, c1, device=device)
+            q_parts.append(own)
+            k_parts.append(torch.cat([prompt, own]))
+            q_lens.append(c1 - c0)
+            k_lens.append(p1 - p0 + c1 - c0)
+
+    def cumulative(lengths: list[int]) -> torch.Tensor:
+        return torch.tensor([0, *lengths], dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+
+    return PackedLayout(q_index=torch.cat(q_parts), k_index=torch.cat(k_parts), cu_q=cumulative(q_lens),
+                        cu_k=cumulative(k_lens), max_q=max(q_lens), max_k=max(k_lens), length=length)
+
+
+# -- varlen kernels: (module, q (Tq,H,D), k (Tk,Hkv,D), v, layout, scaling, dropout) -> (Tq,H,D) --------
+
+
+def _bottom_right_causal(lq: int, lk: int, device: torch.device) -> torch.Tensor:
+    """True = attend; query i is key position lk - lq + i (a completion after its prompt)."""
+    return torch.ones((lq, lk), dtype=torch.bool, device=device).tril(diagonal=lk - lq)
+
+
+def _sdpa_varlen(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout,
+                 scaling: float | None, dropout: float) -> torch.Tensor:
+    outs = []
+    for q0, q1, k0, k1 in layout.spans():
+        qs, ks, vs = (t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1]))  # (1, H, len, D)
+        lq, lk = q1 - q0, k1 - k0
+        mask = None if lq == lk else _bottom_right_causal(lq, lk, q.device)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling,
+            enable_gqa=qs.shape[1] != ks.shape[1])
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _eager_varlen(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout,
+                  scaling: float | None, dropout: float) -> torch.Tensor:
+    groups = q.shape[1] // k.shape[1]
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    outs = []
+    for q0, q1, k0, k1 in layout.spans():
+        qs = q[q0:q1].transpose(0, 1)  # (H, lq, D)
+        ks = k[k0:k1].transpose(0, 1).repeat_interleave(groups, dim=0)
+        vs = v[k0:k1].transpose(0, 1).repeat_interleave(groups, dim=0)
+        scores = (qs @ ks.transpose(1, 2)) * scale
+        allowed = _bottom_right_causal(q1 - q0, k1 - k0, q.device)
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(qs.dtype)
+        probs = torch.nn.functional.dropout(probs, p=dropout, training=dropout > 0)
+        outs.append((probs @ vs).transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _flash_varlen(base: str) -> Callable[..., torch.Tensor]:
+    def kernel(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout,
+               scaling: float | None, dropout: float) -> torch.Tensor:
+        from transformers.integrations.flash_attention import get_target_dtype
+        from transformers.modeling_flash_attention_utils import _flash_attention_forward
+
+        # transformers' own flash path (kernel import, dtype handling, kwargs), in its varlen form
+        out = _flash_attention_forward(
+            q[None], k[None], v[None], None, query_length=q.shape[0], is_causal=True, dropout=dropout,
+            softmax_scale=scaling, cu_seq_lens_q=layout.cu_q, cu_seq_lens_k=layout.cu_k,
+            max_length_q=layout.max_q, max_length_k=layout.max_k, attn_implementation=base,
+            target_dtype=get_target_dtype(q, module))
+        return out.reshape(q.shape[0], q.shape[1], -1)
+    return kernel
+
+
+VARLEN_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
+    "sdpa": _sdpa_varlen,
+    "eager": _eager_varlen,
+    "flash_attention_2": _flash_varlen("flash_attention_2"),
+    "flash_attention_3": _flash_varlen("flash_attention_3"),
+}
+
+
+def _original_attention(base: str, module: Any) -> Callable[..., Any]:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if base == "eager":  # eager is each model's own function, not a registered one
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _make_attention(base: str) -> Callable[..., Any]:
+    kernel = VARLEN_KERNELS[base]
+
+    def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: Any, dropout: float = 0.0, scaling: float | None = None, **kwargs: Any):
+        if not isinstance(attention_mask, PackedLayout):
+            return _original_attention(base, module)(module, query, key, value, attention_mask, dropout=dropout,
+                                                     scaling=scaling, **kwargs)
+        layout = attention_mask
+        b, heads, length, _ = query.shape
+        if b != 1 or length != layout.length:
+            raise PackedAttentionError(f"packed attention expects one row of {layout.length} tokens, "
+                                       f"got query {tuple(query.shape)}")
+        q = query[0].transpose(0, 1)  # (L, H, D)
+        k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)
+        out = kernel(module, q.index_select(0, layout.q_index), k.index_select(0, layout.k_index),
+                     v.index_select(0, layout.k_index), layout, scaling, dropout)
+        KERNEL_CALLS[base] += 1
+        full = out.new_zeros((length, heads, out.shape[-1])).index_copy(0, layout.q_index, out)
+        return full[None], None
+
+    attention.__name__ = f"{PREFIX}{base}"
+    return attention
+
+
+def grouped_name(base: str) -> str:
+    return f"{PREFIX}{base}"
+
+
+def base_implementation(name: str) -> str:
+    return name.removeprefix(PREFIX)
+
+
+def register() -> None:
+    """Register one grouped attention per supported base implementation (idempotent), with the base's
+    mask function so that calls without a layout (generation) get the masks they always got."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    for base in SUPPORTED_BASES:
+        name = grouped_name(base)
+        if name in ALL_ATTENTION_FUNCTIONS:
+            continue
+        AttentionInterface.register(name, _make_attention(base))
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+
+
+def text_config(model: torch.nn.Module) -> Any:
+    config = model.config
+    return getattr(config, "text_config", None) or config
+
+
+def check_supported(config: Any, base: str) -> None:
+    """Raise a one-line, actionable error for what the grouped forward cannot run (before weights load)."""
+    if base not in SUPPORTED_BASES:
+        raise PackedAttentionError(
+            f"training.forward_mode=grouped has no kernel for attn_implementation={base!r} "
+            f"(supported: {', '.join(SUPPORTED_BASES)}); pick one of those or set training.forward_mode=naive")
+    text = getattr(config, "text_config", None) or config
+    if getattr(text, "use_sliding_window", False) and getattr(text, "sliding_window", None):
+        raise PackedAttentionError(
+            "training.forward_mode=grouped does not implement sliding-window attention "
+            f"({type(config).__name__} has use_sliding_window=true); set training.forward_mode=naive")
+
+
+def enable(model: torch.nn.Module) -> str:
+    """Route the language model's attention through the grouped function; returns the base implementation.
+
+    Only the text sub-model changes: the vision tower keeps its own implementation.
+    """
+    register()
+    text = text_config(model)
+    current = text._attn_implementation or "sdpa"
+    base = base_implementation(current)
+    check_supported(model.config, base)
+    if current != grouped_name(base):
+        if text is model.config:
+            model.set_attn_implementation(grouped_name(base))
+        else:
+            key = next(k for k in model.config.sub_configs if getattr(model.config, k) is text)
+            model.set_attn_implementation({key: grouped_name(base)})
+    return base
+
+
+def is_enabled(model: torch.nn.Module) -> bool:
+    return str(text_config(model)._attn_implementation or "").startswith(PREFIX)
+
+
+def layout_mask(model: torch.nn.Module, layout: PackedLayout) -> dict[str, PackedLayout]:
+    """The prepared-mask mapping the text model accepts in place of a mask (one entry per layer type)."""
+    types = getattr(text_config(model), "layer_types", None) or ["full_attention"]
+    return dict.fromkeys(set(types), layout)
