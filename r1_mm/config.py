@@ -28,7 +28,8 @@ class ModelConfig:
 
     name_or_path: str = "tiny:qwen2_5_vl"  # hub id, local folder, or tiny:<family>[:small] for built-ins
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # the language model's and the vision tower's attention; flash_attention_* need CUDA and bf16/fp16
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
     trust_remote_code: bool = False
     freeze_vision_tower: bool = False
     gradient_checkpointing: bool = False
@@ -186,14 +187,20 @@ class TrainingConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     max_steps: int = 10
-    prompts_per_step: int = 2  # per process
+    prompts_per_step: int = 2  # per process and optimizer step (rollouts are sampled for all of them at once)
+    # the learner's forward/backward runs in micro-batches of prompts (with their G completions), the
+    # gradients accumulated to exactly the full step's; set either field (the other follows)
+    gradient_accumulation_steps: int | None = None  # micro-batches per optimizer step (default 1)
+    micro_batch_size: int | None = None  # prompts per micro-batch (default prompts_per_step)
     learning_rate: float = 1e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # fraction of max_steps, used when warmup_steps is 0 (TRL / HF Trainer's name)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     max_grad_norm: float = 1.0
-    use_cpu: bool = True
+    # the launch config (accelerate / DeepSpeed) and the machine decide the device; true forces the CPU
+    # on a machine with GPUs (plain DDP/single process only: DeepSpeed runs where accelerate puts it)
+    use_cpu: bool = False
     save_steps: int | None = None
     save_total_limit: int = 2
     eval_steps: int | None = None  # score data.eval_path every this many steps (and after the last)
@@ -202,7 +209,9 @@ class TrainingConfig:
     eval_batch_size: int = 8
     resume_from: str | None = None  # "latest" (this run's newest checkpoint, if any) or a checkpoint folder
     max_nonfinite_steps: int = 3  # consecutive non-finite losses before the run saves and stops
-    forward_mode: Literal["grouped", "naive"] = "grouped"  # naive = G repeated sequences (library way)
+    # grouped = prompt and media once per group, completions as varlen sequences (any attention above);
+    # naive = G repeated sequences (the library way)
+    forward_mode: Literal["grouped", "naive"] = "grouped"
 
 
 @dataclass
@@ -371,6 +380,10 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         problems.append(f"rollout.vllm_max_model_len ({cfg.rollout.vllm_max_model_len}) is below "
                         f"data.max_prompt_length + rollout.max_completion_length ({needed}): vLLM would reject "
                         "the longest prompts the data allows")
+    problems += _accumulation_problems(cfg.training)
+    if cfg.model.attn_implementation.startswith("flash_attention") and cfg.model.dtype == "float32":
+        problems.append(f"model.attn_implementation={cfg.model.attn_implementation} needs model.dtype bfloat16 or "
+                        "float16 (flash-attention has no float32 kernels); or use attn_implementation=sdpa")
     names = [f.name for f in cfg.rewards.functions]
     if cfg.algorithm.length_bonus and cfg.algorithm.length_bonus_reward not in names:
         problems.append(f"algorithm.length_bonus_reward {cfg.algorithm.length_bonus_reward!r} must name one of "
@@ -381,6 +394,34 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     if problems:
         raise ConfigError("invalid recipe: " + "; ".join(problems))
     return cfg
+
+
+def _accumulation_problems(t: TrainingConfig) -> list[str]:
+    """prompts_per_step = gradient_accumulation_steps x micro_batch_size, whichever of the two is given."""
+    if t.prompts_per_step < 1:
+        return ["training.prompts_per_step must be >= 1"]
+    for name in ("gradient_accumulation_steps", "micro_batch_size"):
+        value = getattr(t, name)
+        if value is not None and value < 1:
+            return [f"training.{name} must be >= 1"]
+    steps, micro = t.gradient_accumulation_steps, t.micro_batch_size
+    if steps is not None and micro is not None and steps * micro != t.prompts_per_step:
+        return [f"training.gradient_accumulation_steps ({steps}) x training.micro_batch_size ({micro}) must equal "
+                f"training.prompts_per_step ({t.prompts_per_step}); set only one of the two"]
+    divisor = steps if steps is not None else micro
+    if divisor is not None and t.prompts_per_step % divisor:
+        name = "gradient_accumulation_steps" if steps is not None else "micro_batch_size"
+        return [f"training.{name} ({divisor}) must divide training.prompts_per_step ({t.prompts_per_step})"]
+    return []
+
+
+def accumulation(t: TrainingConfig) -> tuple[int, int]:
+    """(gradient_accumulation_steps, micro_batch_size) of a validated training section."""
+    if t.gradient_accumulation_steps is not None:
+        return t.gradient_accumulation_steps, t.prompts_per_step // t.gradient_accumulation_steps
+    if t.micro_batch_size is not None:
+        return t.prompts_per_step // t.micro_batch_size, t.micro_batch_size
+    return 1, t.prompts_per_step
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -43,7 +43,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m r1_mm.train") -> 
               f"(available: {', '.join(sorted(TRAINERS)) or 'none'}); `r1-mm rollout RECIPE` runs the "
               "rollout-only job", file=sys.stderr)
         return 2
-    trainer(cfg)
+    try:
+        trainer(cfg)
+    except ConfigError as exc:  # found by preflight, before the model loaded
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

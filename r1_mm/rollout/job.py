@@ -13,22 +13,26 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from r1_mm import run_info
 from r1_mm.config import RecipeConfig, dump_recipe
 from r1_mm.data import PromptStream
 from r1_mm.models import load_model, load_processor
+from r1_mm.preflight import preflight
 from r1_mm.rollout.base import SamplingSettings, make_engine
 from r1_mm.tracking import MetricsLogger
 
 
 def run_rollouts(cfg: RecipeConfig) -> Path:
     torch.manual_seed(cfg.training.seed)
+    preflight(cfg, read_model_config=False)  # no learner: the grouped forward is not used
     run_dir = Path(cfg.training.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.resolved.yaml").write_text(dump_recipe(cfg))
     processor = load_processor(cfg.model)
     model = load_model(cfg.model, trainable=False)
     stream = PromptStream.from_config(processor, cfg.data, cfg.media, seed=cfg.training.seed)
-    engine = make_engine(cfg.rollout.engine, model=model, processor=processor)
+    engine = make_engine(cfg.rollout.engine, model=model, processor=processor, cfg=cfg)
+    run_info.write(run_dir, run_info.collect_rollout_only(cfg, model, rollout_engine=engine.name))
     logger = MetricsLogger(cfg, run_dir)
     n = cfg.rollout.num_generations
     bar = tqdm(range(cfg.training.max_steps), desc="rollout", disable=not cfg.logging.progress_bar)

@@ -33,6 +33,7 @@ def build_app(llm: Any, model_name: str) -> Any:
     from vllm import SamplingParams
 
     from r1_mm.rollout.transport import decode_request
+    from r1_mm.rollout.vllm_common import generate as seeded_generate
     from r1_mm.rollout.vllm_common import reset_caches
 
     app = FastAPI(title="r1-mm rollout server")
@@ -49,12 +50,14 @@ def build_app(llm: Any, model_name: str) -> Any:
     def generate(body: dict[str, Any]) -> dict[str, Any]:
         try:
             requests = [decode_request(p) for p in body["prompts"]]
-            params = [SamplingParams(**{**p, "logit_bias": {int(k): v for k, v in (p.get("logit_bias") or {}).items()}
-                                        or None}) for p in body["sampling"]]
+            params = [{**p, "logit_bias": {int(k): v for k, v in (p.get("logit_bias") or {}).items()} or None}
+                      for p in body["sampling"]]
+            for p in params:
+                SamplingParams(**p)  # a bad field is the client's error (400), found before sampling
         except (KeyError, TypeError, ValueError) as exc:
             raise HTTPException(400, f"bad generate request: {exc}") from exc
         with lock:
-            outputs = llm.generate(requests, params, use_tqdm=False)
+            outputs = seeded_generate(llm, requests, params)
         return {"weights_version": state["weights_version"], "outputs": [{
             "prompt_token_ids": list(o.prompt_token_ids),
             "completions": [{"token_ids": list(c.token_ids), "finish_reason": c.finish_reason,

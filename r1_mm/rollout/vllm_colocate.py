@@ -26,8 +26,9 @@ from r1_mm.rollout.base import (
 )
 from r1_mm.rollout.vllm_common import (
     completion_from_vllm,
+    generate,
     reset_caches,
-    sampling_params,
+    sampling_kwargs,
     set_cpu_defaults,
     vllm_request,
 )
@@ -94,8 +95,8 @@ class VLLMColocateEngine(RolloutEngine):
     def generate(self, batch: list[Sample], n: int, sampling: SamplingSettings) -> list[PromptCompletions]:
         self._wake()
         try:
-            params = [sampling_params(sampling, n, self.suppressed_ids, i) for i in range(len(batch))]
-            outputs = self.llm.generate([vllm_request(s) for s in batch], params, use_tqdm=False)
+            params = [sampling_kwargs(sampling, n, self.suppressed_ids, i) for i in range(len(batch))]
+            outputs = generate(self.llm, [vllm_request(s) for s in batch], params)
         finally:
             self._sleep()
         return [PromptCompletions(sample=s, completions=[completion_from_vllm(c, self.tokenizer) for c in out.outputs],

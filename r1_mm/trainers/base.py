@@ -10,9 +10,11 @@ from typing import Any
 
 from tqdm import tqdm
 
+from r1_mm import run_info
 from r1_mm.checkpoint import REFERENCE_FILE, CheckpointManager
 from r1_mm.config import RecipeConfig, dump_recipe
 from r1_mm.data import PromptStream
+from r1_mm.preflight import preflight
 from r1_mm.tracking import MetricsLogger
 from r1_mm.trainers.backend import Learner, build_learner, load_reference_state
 
@@ -24,6 +26,7 @@ class BaseTrainer:
 
     def __init__(self, cfg: RecipeConfig, *, need_reference: bool):
         self.cfg = cfg
+        preflight(cfg)  # machine/launch problems stop the run here, before any weights load
         self.learner: Learner = build_learner(cfg, need_reference=need_reference)
         acc = self.learner.accelerator
         self.processor = self.learner.processor
@@ -103,9 +106,20 @@ class BaseTrainer:
         a = self.cfg.algorithm
         return bool(a.ref_sync_steps) or (a.name == "iterative_dpo" and a.reference_from_policy_each_round)
 
+    def write_run_info(self) -> None:
+        """What really runs (back-end, ZeRO stage and partitioning, device, kernels, engine, versions)."""
+        engine = getattr(self, "engine", None)
+        info = run_info.collect(self.cfg, self.learner, rollout_engine=getattr(engine, "name", None))
+        if self.learner.accelerator.is_main_process:
+            run_info.write(self.run_dir, info)
+            log.info("run info: %s on %s, %d process(es), ZeRO stage %s, attention %s",
+                     info["distributed_type"], info["device"], info["num_processes"], info["zero_stage"],
+                     info["attn_implementation"])
+
     def train(self) -> Path:
         cfg = self.cfg
         acc = self.learner.accelerator
+        self.write_run_info()
         if self.resume_path is not None:
             self._resume()
         bar = tqdm(range(self.step, cfg.training.max_steps), desc=self.name,

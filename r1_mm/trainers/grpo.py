@@ -21,13 +21,22 @@ from r1_mm.rewards.registry import RewardBatch, RewardRunner
 from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, make_engine, media_token_ids
 from r1_mm.tracking import media_preview
 from r1_mm.trainers import temporal_contrast
-from r1_mm.trainers.backend import generate_groups, reference_model, sync_reference
+from r1_mm.trainers.backend import (
+    accumulation_cycle,
+    backward_share,
+    generate_groups,
+    micro_batches,
+    optimizer_step,
+    reference_model,
+    sync_reference,
+)
 from r1_mm.trainers.base import BaseTrainer
 from r1_mm.trainers.length_bonus import length_band_bonus
-from r1_mm.trainers.losses import ADVANTAGE_ESTIMATORS, LossSettings, masked_mean, policy_loss
+from r1_mm.trainers.losses import ADVANTAGE_ESTIMATORS, LossNorm, LossSettings, policy_loss
 from r1_mm.trainers.registry import register_trainer
 from r1_mm.trainers.rollout_correction import importance_weights, sampling_logprobs
 from r1_mm.trainers.scoring import score_completions
+from r1_mm.trainers.step_metrics import StepMetrics
 
 log = logging.getLogger(__name__)
 
@@ -214,62 +223,91 @@ class GRPOTrainer(BaseTrainer):
             return None, {}
         return importance_weights(learner_logps, sampler, mask, a.rollout_is, a.rollout_is_cap, a.rollout_is_floor)
 
+    def _step_norm(self, exp: Experience) -> LossNorm:
+        """The whole step's denominators, from completion lengths alone (known before any forward)."""
+        acc = self.learner.accelerator
+        lengths = torch.tensor([0 if (c.truncated and self.cfg.algorithm.mask_truncated_completions) else
+                                len(c.token_ids) for c in exp.completions], dtype=torch.float, device=acc.device)
+        local = lengths.sum()
+        items = float(acc.gather(local.reshape(1)).sum()) / acc.num_processes
+        return LossNorm(sequences=float(len(exp.completions)), tokens=float(local), items=items)
+
+    def _micro(self, exp: Experience, prompts: range) -> Experience:
+        g = self.cfg.rollout.num_generations
+        return Experience(samples=exp.samples[prompts.start:prompts.stop],
+                          completions=exp.completions[prompts.start * g:prompts.stop * g], rewards=exp.rewards,
+                          advantages=exp.advantages[prompts.start * g:prompts.stop * g])
+
+    def _nonfinite(self, micro_index: int) -> None:
+        """Skip the step (its gradients are dropped); after max_nonfinite_steps in a row, save and stop.
+
+        Under DeepSpeed, gradients of earlier micro-batches already sit in the engine's buffers, where
+        they cannot be dropped: a non-finite micro-batch after the first one saves and stops at once."""
+        learner, cfg = self.learner, self.cfg
+        self.nonfinite_in_a_row += 1
+        learner.optimizer.zero_grad(set_to_none=True)
+        log.warning("step %d: non-finite loss (%d in a row); update skipped", self.step, self.nonfinite_in_a_row)
+        stuck_in_engine = learner.is_deepspeed and micro_index > 0
+        if self.nonfinite_in_a_row >= cfg.training.max_nonfinite_steps or stuck_in_engine:
+            path = self.save()
+            why = (f"a non-finite loss in micro-batch {micro_index} under DeepSpeed gradient accumulation"
+                   if stuck_in_engine else f"{self.nonfinite_in_a_row} consecutive non-finite losses")
+            raise NonFiniteLossError(f"{why} at step {self.step}; checkpoint saved to {path}")
+
     def update(self, exp: Experience) -> dict[str, float]:
         cfg, learner = self.cfg, self.learner
         acc = learner.accelerator
         policy = learner.policy
-        old_logps = ref_logps = None
-        truncated = torch.tensor([c.truncated for c in exp.completions], device=acc.device)
+        micro = [self._micro(exp, r) for r in micro_batches(len(exp.samples), cfg)]
+        norm = self._step_norm(exp)
+        old_logps: list[torch.Tensor | None] = [None] * len(micro)
+        ref_logps: list[torch.Tensor | None] = [None] * len(micro)
         with torch.no_grad():
-            if cfg.algorithm.num_iterations > 1:
-                old_logps, _, _ = self._score(policy, exp)
-            if cfg.algorithm.beta != 0.0:
-                with reference_model(learner) as ref:
-                    ref_logps, _, _ = self._score(ref, exp)
-        metrics: dict[str, float] = {}
-        advantages = exp.advantages.to(acc.device)
+            for k, part in enumerate(micro):
+                if cfg.algorithm.num_iterations > 1:
+                    old_logps[k] = self._score(policy, part)[0]
+                if cfg.algorithm.beta != 0.0:
+                    with reference_model(learner) as ref:
+                        ref_logps[k] = self._score(ref, part)[0]
+        is_weights: list[torch.Tensor | None] = [None] * len(micro)
+        sums = StepMetrics()
         for iteration in range(cfg.algorithm.num_iterations):
             policy.train()
-            logps, entropy, mask = self._score(policy, exp, with_entropy=True)
-            if cfg.algorithm.mask_truncated_completions:
-                mask = mask * (~truncated).long().unsqueeze(1)
-            local_tokens = mask.sum().float()
-            num_items = float(acc.gather(local_tokens.reshape(1)).sum()) / acc.num_processes
-            behaviour = old_logps if old_logps is not None else logps.detach()
-            if iteration == 0:
-                is_weights, is_stats = self._rollout_correction(exp, behaviour, mask)
-                metrics.update(is_stats)
-            out = policy_loss(logps, behaviour, advantages, mask, self.loss_settings, ref_logps=ref_logps,
-                              num_items=num_items, token_weights=is_weights)
-            if not self._all_finite(out.loss):
-                self.nonfinite_in_a_row += 1
-                learner.optimizer.zero_grad(set_to_none=True)
-                log.warning("step %d: non-finite loss (%d in a row); update skipped", self.step, self.nonfinite_in_a_row)
-                metrics["train/nonfinite_skipped"] = 1.0
-                if self.nonfinite_in_a_row >= cfg.training.max_nonfinite_steps:
-                    path = self.save()
-                    raise NonFiniteLossError(f"{self.nonfinite_in_a_row} consecutive non-finite losses at step "
-                                             f"{self.step}; checkpoint saved to {path}")
+            skipped = False
+            with accumulation_cycle(learner):
+                for k, part in enumerate(micro):
+                    with acc.accumulate(policy):
+                        logps, entropy, mask = self._score(policy, part, with_entropy=True)
+                        if cfg.algorithm.mask_truncated_completions:
+                            truncated = torch.tensor([c.truncated for c in part.completions], device=acc.device)
+                            mask = mask * (~truncated).long().unsqueeze(1)
+                        behaviour = old_logps[k] if old_logps[k] is not None else logps.detach()
+                        if iteration == 0:
+                            is_weights[k], is_stats = self._rollout_correction(part, behaviour, mask)
+                            sums.add_means(is_stats, weight=float(mask.sum()))
+                        out = policy_loss(logps, behaviour, part.advantages.to(acc.device), mask, self.loss_settings,
+                                          ref_logps=ref_logps[k], token_weights=is_weights[k], norm=norm)
+                        if not self._all_finite(out.loss):
+                            self._nonfinite(k)
+                            skipped = True
+                            break
+                        backward_share(learner, out.loss)
+                        if iteration == 0:
+                            sums.add_sum("train/loss", float(out.loss.detach()))
+                            sums.add_token_means(mask, **{"train/entropy": entropy, "train/kl": out.per_token_kl,
+                                                          "train/clip_ratio_low": out.clipped_low,
+                                                          "train/clip_ratio_high": out.clipped_high})
+            if skipped:
+                sums.set("train/nonfinite_skipped", 1.0)
                 break
             self.nonfinite_in_a_row = 0
-            acc.backward(out.loss)
-            grad_norm = None
-            if cfg.training.max_grad_norm and not learner.is_deepspeed:
-                grad_norm = acc.clip_grad_norm_(policy.parameters(), cfg.training.max_grad_norm)
-            learner.optimizer.step()
-            learner.scheduler.step()
-            learner.optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(learner, cfg.training.max_grad_norm)
             if iteration == 0:
-                m = mask.bool()
-                metrics.update({
-                    "train/loss": float(out.loss.detach()),
-                    "train/entropy": masked_mean(entropy, mask),
-                    "train/kl": masked_mean(out.per_token_kl, mask) if out.per_token_kl is not None else 0.0,
-                    "train/clip_ratio_low": float(out.clipped_low.sum() / m.sum().clamp(min=1)),
-                    "train/clip_ratio_high": float(out.clipped_high.sum() / m.sum().clamp(min=1)),
-                    "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                    "train/lr": float(learner.scheduler.get_last_lr()[0]),
-                })
+                sums.set("train/grad_norm", grad_norm if grad_norm is not None else float("nan"))
+                sums.set("train/lr", float(learner.scheduler.get_last_lr()[0]))
+        metrics = sums.result()
+        if "train/loss" in metrics:
+            metrics.setdefault("train/kl", 0.0)  # beta = 0: no KL term
         self.engine.update_weights(learner.unwrapped)
         if cfg.algorithm.ref_sync_steps and (self.step + 1) % cfg.algorithm.ref_sync_steps == 0:
             sync_reference(learner, cfg.algorithm.ref_sync_mix_alpha)

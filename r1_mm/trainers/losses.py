@@ -81,24 +81,39 @@ class LossSettings:
     kl_importance_weighting: bool = True  # KL x pi/pi_old (unbiased under off-policy samples)
 
 
-def _agg_grpo(per_token: torch.Tensor, mask: torch.Tensor, s: LossSettings, num_items: float) -> torch.Tensor:
-    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+@dataclass(frozen=True)
+class LossNorm:
+    """The full step's denominators, so a micro-batch's loss is its exact share of the step's loss
+    (gradient accumulation then gives the unaccumulated gradient for every loss type)."""
+
+    sequences: float  # completions in this process's step
+    tokens: float  # their scored tokens
+    items: float  # dapo: the global batch's scored tokens per process
+
+    @classmethod
+    def of(cls, mask: torch.Tensor, num_items: float | None = None) -> LossNorm:
+        tokens = float(mask.sum())
+        return cls(sequences=float(mask.shape[0]), tokens=tokens, items=tokens if num_items is None else num_items)
 
 
-def _agg_bnpo(per_token: torch.Tensor, mask: torch.Tensor, s: LossSettings, num_items: float) -> torch.Tensor:
-    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+def _agg_grpo(per_token: torch.Tensor, mask: torch.Tensor, s: LossSettings, norm: LossNorm) -> torch.Tensor:
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / max(norm.sequences, 1.0)
 
 
-def _agg_dr_grpo(per_token: torch.Tensor, mask: torch.Tensor, s: LossSettings, num_items: float) -> torch.Tensor:
-    return (per_token * mask).sum() / (per_token.size(0) * s.max_completion_length)
+def _agg_bnpo(per_token: torch.Tensor, mask: torch.Tensor, s: LossSettings, norm: LossNorm) -> torch.Tensor:
+    return (per_token * mask).sum() / max(norm.tokens, 1.0)
 
 
-def _agg_dapo(per_token: torch.Tensor, mask: torch.Tensor, s: LossSettings, num_items: float) -> torch.Tensor:
-    """Token-level mean over the whole (global) batch: ``num_items`` is its token count per process."""
-    return (per_token * mask).sum() / max(num_items, 1.0)
+def _agg_dr_grpo(per_token: torch.Tensor, mask: torch.Tensor, s: LossSettings, norm: LossNorm) -> torch.Tensor:
+    return (per_token * mask).sum() / (max(norm.sequences, 1.0) * s.max_completion_length)
 
 
-LOSS_AGGREGATORS: dict[str, Callable[[torch.Tensor, torch.Tensor, LossSettings, float], torch.Tensor]] = {
+def _agg_dapo(per_token: torch.Tensor, mask: torch.Tensor, s: LossSettings, norm: LossNorm) -> torch.Tensor:
+    """Token-level mean over the whole (global) batch: ``norm.items`` is its token count per process."""
+    return (per_token * mask).sum() / max(norm.items, 1.0)
+
+
+LOSS_AGGREGATORS: dict[str, Callable[[torch.Tensor, torch.Tensor, LossSettings, LossNorm], torch.Tensor]] = {
     "grpo": _agg_grpo, "bnpo": _agg_bnpo, "dr_grpo": _agg_dr_grpo, "dapo": _agg_dapo,
 }
 
@@ -113,11 +128,13 @@ class LossOutput:
 
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 settings: LossSettings, *, ref_logps: torch.Tensor | None = None,
-                num_items: float | None = None, token_weights: torch.Tensor | None = None) -> LossOutput:
+                num_items: float | None = None, token_weights: torch.Tensor | None = None,
+                norm: LossNorm | None = None) -> LossOutput:
     """Clipped surrogate + beta * k3 KL, aggregated by ``settings.loss_type``.
 
     ``token_weights`` multiplies the surrogate per token (truncated importance sampling between the
-    rollout engine's and the learner's logprobs).
+    rollout engine's and the learner's logprobs). ``norm`` holds the whole step's denominators when
+    these rows are one micro-batch of it (default: these rows are the step).
     """
     if settings.loss_type not in LOSS_AGGREGATORS:
         raise ValueError(f"unknown loss_type {settings.loss_type!r}; known: {', '.join(LOSS_AGGREGATORS)}")
@@ -140,9 +157,9 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
         kl = k3_kl(logps, ref_logps)
         weighted_kl = kl * ratio if settings.kl_importance_weighting else kl
         per_token = per_token + settings.beta * weighted_kl
-    if num_items is None:
-        num_items = float(mask.sum())
-    loss = LOSS_AGGREGATORS[settings.loss_type](per_token, mask, settings, num_items)
+    if norm is None:
+        norm = LossNorm.of(mask, num_items)
+    loss = LOSS_AGGREGATORS[settings.loss_type](per_token, mask, settings, norm)
     ratio_full = ratio.expand_as(logps)
     adv_full = adv.expand_as(logps)
     low = (ratio_full < 1 - settings.epsilon_low) & (adv_full < 0) & mask.bool()

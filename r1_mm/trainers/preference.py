@@ -15,12 +15,18 @@ import torch
 
 from r1_mm.config import RecipeConfig
 from r1_mm.data import Sample
-from r1_mm.trainers.backend import reference_model
+from r1_mm.trainers.backend import (
+    accumulation_cycle,
+    backward_share,
+    micro_batches,
+    optimizer_step,
+    reference_model,
+)
 from r1_mm.trainers.base import BaseTrainer
-from r1_mm.trainers.losses import masked_mean
-from r1_mm.trainers.preference_losses import PreferenceLossSettings, preference_loss
+from r1_mm.trainers.preference_losses import PreferenceLossSettings, PreferenceNorm, preference_loss
 from r1_mm.trainers.registry import register_trainer
 from r1_mm.trainers.scoring import score_completions
+from r1_mm.trainers.step_metrics import StepMetrics
 
 
 class PreferenceDataError(ValueError):
@@ -82,29 +88,38 @@ class PreferenceTrainer(BaseTrainer):
         return self.dpo_update(samples, completions)
 
     def dpo_update(self, samples: list[Sample], completions: list[list[int]]) -> dict[str, float]:
+        """One optimizer step over these pairs, in the recipe's micro-batches (gradients accumulated)."""
         learner = self.learner
-        ref_chosen, ref_rejected = self.reference_logps(samples, completions)
-        learner.policy.train()
-        logps, entropy, mask = self._score(learner.policy, samples, completions, entropy=True)
-        out = preference_loss(logps, mask, ref_chosen, ref_rejected, self.settings)
-        learner.accelerator.backward(out.loss)
-        if self.cfg.training.max_grad_norm and not learner.is_deepspeed:
-            learner.accelerator.clip_grad_norm_(learner.policy.parameters(), self.cfg.training.max_grad_norm)
-        learner.optimizer.step()
-        learner.scheduler.step()
-        learner.optimizer.zero_grad(set_to_none=True)
         acc = learner.accelerator
-        chosen, rejected = acc.gather(out.chosen_rewards), acc.gather(out.rejected_rewards)
-        metrics = {
-            "train/loss": float(out.loss.detach()),
+        norm = PreferenceNorm(pairs=float(len(samples)), chosen_tokens=float(sum(len(c) for c in completions[0::2])))
+        sums = StepMetrics()
+        chosen_all, rejected_all = [], []
+        learner.policy.train()
+        with accumulation_cycle(learner):
+            for part in micro_batches(len(samples), self.cfg):
+                part_samples = samples[part.start:part.stop]
+                part_completions = completions[2 * part.start:2 * part.stop]
+                with acc.accumulate(learner.policy):
+                    ref_chosen, ref_rejected = self.reference_logps(part_samples, part_completions)
+                    logps, entropy, mask = self._score(learner.policy, part_samples, part_completions, entropy=True)
+                    out = preference_loss(logps, mask, ref_chosen, ref_rejected, self.settings, norm)
+                    backward_share(learner, out.loss)
+                sums.add_sum("train/loss", float(out.loss.detach()))
+                if out.nll is not None:
+                    sums.add_sum("train/nll", float(out.nll))
+                sums.add_token_means(mask, **{"train/entropy": entropy})
+                chosen_all.append(out.chosen_rewards)
+                rejected_all.append(out.rejected_rewards)
+        grad_norm = optimizer_step(learner, self.cfg.training.max_grad_norm)
+        chosen, rejected = acc.gather(torch.cat(chosen_all)), acc.gather(torch.cat(rejected_all))
+        metrics = sums.result()
+        metrics.update({
             "rewards/chosen": float(chosen.mean()), "rewards/rejected": float(rejected.mean()),
             "rewards/margins": float((chosen - rejected).mean()),
             "rewards/accuracies": float((chosen > rejected).float().mean()),
-            "train/entropy": masked_mean(entropy, mask),
+            "train/grad_norm": grad_norm if grad_norm is not None else float("nan"),
             "train/lr": float(learner.scheduler.get_last_lr()[0]),
-        }
-        if out.nll is not None:
-            metrics["train/nll"] = float(out.nll)
+        })
         return metrics
 
     def progress(self, metrics: dict[str, float]) -> dict[str, str]:
@@ -121,7 +136,7 @@ def precompute_reference(cfg: RecipeConfig, out_path: str | Path) -> int:
     from r1_mm.models import load_model, load_processor
 
     processor = load_processor(cfg.model)
-    model = load_model(cfg.model, trainable=False).eval()
+    model = load_model(cfg.model, trainable=False, grouped=cfg.training.forward_mode == "grouped").eval()
     data = Path(cfg.data.train_path)
     builder = PromptBuilder(processor, cfg.data, cfg.media,
                             Path(cfg.data.media_root) if cfg.data.media_root else default_media_root(data))

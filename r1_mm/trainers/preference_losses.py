@@ -29,6 +29,18 @@ class PreferenceLossSettings:
             raise ValueError(f"robust DPO needs 0 <= algorithm.label_smoothing < 0.5, got {self.label_smoothing}")
 
 
+@dataclass(frozen=True)
+class PreferenceNorm:
+    """The full step's denominators (pairs, chosen tokens) when these rows are one micro-batch of it."""
+
+    pairs: float
+    chosen_tokens: float
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> PreferenceNorm:
+        return cls(pairs=mask.shape[0] / 2, chosen_tokens=float(mask[0::2].sum()))
+
+
 @dataclass
 class PreferenceLossOutput:
     loss: torch.Tensor
@@ -38,8 +50,10 @@ class PreferenceLossOutput:
 
 
 def preference_loss(token_logps: torch.Tensor, mask: torch.Tensor, ref_chosen: torch.Tensor,
-                    ref_rejected: torch.Tensor, settings: PreferenceLossSettings) -> PreferenceLossOutput:
+                    ref_rejected: torch.Tensor, settings: PreferenceLossSettings,
+                    norm: PreferenceNorm | None = None) -> PreferenceLossOutput:
     """``token_logps``/``mask``: (2B, C) rows ordered chosen, rejected per pair (pair i = rows 2i, 2i+1)."""
+    norm = norm or PreferenceNorm.of(mask)
     m = mask.to(token_logps.dtype)
     seq = (token_logps * m).sum(-1)
     lengths = m.sum(-1).clamp(min=1.0)
@@ -56,11 +70,10 @@ def preference_loss(token_logps: torch.Tensor, mask: torch.Tensor, ref_chosen: t
         per_pair = (avg - 1 / (2 * b)) ** 2
     else:
         per_pair = ((1 - eps) * -F.logsigmoid(b * delta) - eps * -F.logsigmoid(-b * delta)) / (1 - 2 * eps)
-    loss = per_pair.mean()
+    loss = per_pair.sum() / max(norm.pairs, 1.0)
     nll = None
     if settings.nll_weight:
-        chosen_mask = m[0::2]
-        nll = -(token_logps[0::2] * chosen_mask).sum() / chosen_mask.sum().clamp(min=1.0)
+        nll = -(token_logps[0::2] * m[0::2]).sum() / max(norm.chosen_tokens, 1.0)
         loss = loss + settings.nll_weight * nll
     return PreferenceLossOutput(loss=loss, chosen_rewards=(b * chosen_ratio).detach(),
                                 rejected_rewards=(b * rejected_ratio).detach(), nll=None if nll is None else nll.detach())

