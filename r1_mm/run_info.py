@@ -62,7 +62,7 @@ def partition_summary(model: torch.nn.Module) -> dict[str, int]:
             "local_parameter_elements": local, "full_parameter_elements": full}
 
 
-def _model_info(cfg: RecipeConfig, model: torch.nn.Module, device: Any, rollout_engine: str | None) -> dict[str, Any]:
+def _model_info(cfg: RecipeConfig, model: torch.nn.Module, device: Any, engine: Any) -> dict[str, Any]:
     return {
         "device": str(device),
         "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
@@ -70,19 +70,20 @@ def _model_info(cfg: RecipeConfig, model: torch.nn.Module, device: Any, rollout_
         "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "attn_implementation": attention_implementations(model),
         "forward_mode": cfg.training.forward_mode,
-        "rollout_engine": rollout_engine,
+        "rollout_engine": getattr(engine, "name", None),
+        "rollout_engine_info": engine.info() if engine is not None else None,
         "python": platform.python_version(),
         "versions": library_versions(),
     }
 
 
-def collect_rollout_only(cfg: RecipeConfig, model: torch.nn.Module, *, rollout_engine: str) -> dict[str, Any]:
+def collect_rollout_only(cfg: RecipeConfig, model: torch.nn.Module, engine: Any) -> dict[str, Any]:
     """A run without a learner (``r1-mm rollout``): one process, no back-end."""
     return {"distributed_type": "NO", "zero_stage": None, "num_processes": 1, "process_index": 0,
-            **_model_info(cfg, model, next(model.parameters()).device, rollout_engine)}
+            **_model_info(cfg, model, next(model.parameters()).device, engine)}
 
 
-def collect(cfg: RecipeConfig, learner: Any, *, rollout_engine: str | None) -> dict[str, Any]:
+def collect(cfg: RecipeConfig, learner: Any, *, engine: Any) -> dict[str, Any]:
     acc = learner.accelerator
     policy = learner.policy
     steps, micro = accumulation(cfg.training)
@@ -99,7 +100,7 @@ def collect(cfg: RecipeConfig, learner: Any, *, rollout_engine: str | None) -> d
         "micro_batch_size": micro,
         "reference": None if learner.reference is None else type(learner.reference).__name__,
         **partition_summary(policy),
-        **_model_info(cfg, learner.unwrapped, acc.device, rollout_engine),
+        **_model_info(cfg, learner.unwrapped, acc.device, engine),
     }
     if learner.is_deepspeed:
         engine_stage = getattr(policy, "zero_optimization_stage", None)

@@ -51,5 +51,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m r1_mm.train") -> 
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # accelerate launch -m r1_mm.train: the same log lines as `r1-mm train`
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     sys.exit(main())

@@ -1,6 +1,8 @@
-"""The same recipe trains under accelerate on 2 CPU processes: DDP, DeepSpeed ZeRO-3 (with the
-reference model), LoRA with and without ZeRO-3, gradient checkpointing and a frozen vision tower.
-Real processes over gloo; slow (each launch ~20-40 s)."""
+"""The same recipe trains under accelerate on 2 CPU processes: DDP, DeepSpeed ZeRO-2/3 (with the
+reference model), LoRA with and without ZeRO-3, gradient checkpointing, a frozen vision tower, DPO,
+iterative DPO, gradient accumulation and both vLLM engines. Real processes over gloo; slow (each
+launch ~15-40 s). Every test first checks from the run's run_info.json that the back-end it names
+really ran (DeepSpeed engine, ZeRO stage, parameters partitioned across the 2 processes; or DDP)."""
 
 import json
 import subprocess
@@ -77,6 +79,29 @@ def launch(config: Path, recipe: Path, out: Path, data: Path, cache: Path, *over
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_backend(out: Path, backend: str, *, engine: str | None = None) -> dict:
+    """The premise of a test: what run_info.json (written by the run itself) says really ran."""
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["num_processes"] == 2, info
+    if backend == "ddp":
+        assert (info["distributed_type"], info["learner_engine"], info["zero_stage"]) == \
+            ("MULTI_CPU", "DistributedDataParallel", None), info
+        assert info["partitioned_parameters"] == 0
+    else:
+        stage = int(backend[-1])
+        assert (info["distributed_type"], info["learner_engine"], info["zero_stage"]) == \
+            ("DEEPSPEED", "DeepSpeedEngine", stage), info
+        assert info["deepspeed_engine_zero_stage"] == stage  # the engine's own view
+        if stage == 3:  # parameters really are split: this process holds about half of every tensor
+            assert info["partitioned_parameters"] > 0 and info["partitioned_parameters"] == info["zero3_managed_parameters"]
+            assert info["local_parameter_elements"] <= info["full_parameter_elements"] // 2 + 64, info
+        else:
+            assert info["partitioned_parameters"] == 0
+    if engine is not None:
+        assert info["rollout_engine"] == engine, info
+    return info
+
+
 def check_run(metrics: list[dict], out: Path, initial: dict[str, torch.Tensor], *, with_kl: bool = True):
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert all(m["rewards/total"] > 0 for m in metrics)
@@ -105,8 +130,11 @@ def test_ddp_two_processes(setup, initial_weights):
     root, recipe, _, data, cache = setup
     out = root / "ddp"
     metrics = launch(REPO / "recipes" / "accelerate" / "cpu_2proc.yaml", recipe, out, data, cache,
-                     "model.gradient_checkpointing=true")
+                     "model.gradient_checkpointing=true", "training.lr_scheduler=linear")
+    assert_backend(out, "ddp", engine="hf")
     check_run(metrics, out, initial_weights)
+    # the schedule advances once per optimizer step, not once per process (3 steps, linear decay to 0)
+    assert [m["train/lr"] for m in metrics] == pytest.approx([1e-3 * (1 - k / 3) for k in (1, 2, 3)], abs=1e-9)
 
 
 @pytest.mark.slow
@@ -114,6 +142,8 @@ def test_zero3_two_processes_with_reference(setup, initial_weights):
     root, recipe, z3, data, cache = setup
     out = root / "zero3"
     metrics = launch(z3, recipe, out, data, cache, "algorithm.ref_sync_steps=3")  # synced after the last step
+    info = assert_backend(out, "zero3", engine="hf")
+    assert info["reference"] == "DeepSpeedEngine"  # the reference is sharded the same way
     check_run(metrics, out, initial_weights)
     # the synced reference moved, so the checkpoint carries it, gathered to full shapes
     reference = load_file(out / "checkpoints" / "step-000003" / "reference.safetensors")
@@ -128,6 +158,7 @@ def test_zero3_recipe_config_as_shipped(setup, initial_weights):
     out = root / "zero3_shipped"
     metrics = launch(REPO / "recipes" / "accelerate" / "zero3.yaml", recipe, out, data, cache,
                      "model.freeze_vision_tower=true")
+    assert_backend(out, "zero3")
     changed = check_run(metrics, out, initial_weights)
     assert not any(k.startswith("model.visual.") for k in changed)  # the frozen tower stayed frozen
 
@@ -137,6 +168,8 @@ def test_lora_under_zero3_exports_merged_weights(setup, initial_weights):
     root, recipe, z3, data, cache = setup
     out = root / "lora_zero3"
     metrics = launch(z3, recipe, out, data, cache, "model.lora=true", "model.gradient_checkpointing=true")
+    info = assert_backend(out, "zero3")
+    assert info["lora"] and info["reference"] is None  # the adapter-disabled policy is the reference
     changed = check_run(metrics, out, initial_weights)
     # LoRA touches only the targeted language-model projections; the merge put them into the base weights
     assert changed and all(k.split(".")[-2] in {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -148,6 +181,7 @@ def test_lora_ddp(setup, initial_weights):
     root, recipe, _, data, cache = setup
     out = root / "lora_ddp"
     metrics = launch(REPO / "recipes" / "accelerate" / "ddp.yaml", recipe, out, data, cache, "model.lora=true")
+    assert_backend(out, "ddp")
     check_run(metrics, out, initial_weights)
 
 
@@ -160,6 +194,7 @@ def test_lora_zero3_weight_sync_to_vllm_pool(setup, initial_weights):
     metrics = launch(z3, recipe, out, data, cache, "model.lora=true", "rollout.engine=vllm_pool",
                      "rollout.pool_size=1", "rollout.vllm_dtype=float32", "rollout.vllm_max_model_len=2048",
                      "rollout.weight_sync_bucket_mb=1", "training.learning_rate=1.0e-2")
+    assert_backend(out, "zero3", engine="vllm_pool")
     check_run(metrics, out, initial_weights)
     for m in metrics:
         assert m["rollout/logprob_abs_diff_mean"] < 0.05 and m["rollout/is_dropped_frac"] == 0.0
@@ -173,6 +208,7 @@ def test_zero3_lora_with_colocated_vllm(setup, initial_weights):
     metrics = launch(z3, recipe, out, data, cache, "model.lora=true", "rollout.engine=vllm_colocate",
                      "rollout.vllm_dtype=float32", "rollout.vllm_max_model_len=2048",
                      "rollout.weight_sync_bucket_mb=1", "training.learning_rate=1.0e-2")
+    assert_backend(out, "zero3", engine="vllm_colocate")
     check_run(metrics, out, initial_weights)
     for m in metrics:
         assert m["rollout/logprob_abs_diff_mean"] < 0.05 and m["rollout/is_dropped_frac"] == 0.0
@@ -191,6 +227,7 @@ def test_dpo_with_lora_on_two_processes(setup, initial_weights, config):
     launcher = z3 if config == "zero3_partitioned" else REPO / "recipes" / "accelerate" / "ddp.yaml"
     metrics = launch(launcher, recipe, out, pairs, cache, "algorithm.name=dpo", "model.lora=true",
                      "algorithm.nll_weight=0.5")
+    assert_backend(out, "zero3" if config == "zero3_partitioned" else "ddp")
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert metrics[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6) and metrics[-1]["rewards/margins"] > 0
     exported = load_file(out / "checkpoints" / "step-000003" / "model" / "model.safetensors")
@@ -204,4 +241,61 @@ def test_shipped_deepspeed_configs_train(setup, initial_weights, config):
     root, recipe, _, data, cache = setup
     out = root / config
     metrics = launch(REPO / "recipes" / "accelerate" / f"{config}.yaml", recipe, out, data, cache)
+    assert_backend(out, "zero2" if config == "zero2" else "zero3")
     check_run(metrics, out, initial_weights)
+
+
+@pytest.mark.slow
+def test_iterative_dpo_under_zero3(setup, initial_weights):
+    """Rounds of sampling (hf engine, parameters gathered for generate), reward ranking and DPO on sharded weights."""
+    root, recipe, z3, data, cache = setup
+    out = root / "iterative_zero3"
+    metrics = launch(z3, recipe, out, data, cache, "algorithm.name=iterative_dpo", "algorithm.round_prompts=4",
+                     "algorithm.dpo_beta=0.5", "training.learning_rate=1.0e-2")
+    assert_backend(out, "zero3", engine="hf")
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    # 2 steps per round: the round's second step sees the first step's update against the round's reference
+    assert [m["iterative/round"] for m in metrics] == [1, 1, 2]
+    assert metrics[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6) and metrics[1]["rewards/margins"] != 0
+    exported = load_file(out / "checkpoints" / "step-000003" / "model" / "model.safetensors")
+    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in initial_weights.items()}
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_under_zero3_equals_the_whole_step(setup, initial_weights):
+    """4 prompts per step as 1 micro-batch or as 2 (DeepSpeed's own accumulation boundary): same updates."""
+    root, recipe, z3, data, cache = setup
+    runs = {}
+    for name, extra in (("whole", []), ("split", ["training.gradient_accumulation_steps=2"])):
+        out = root / f"accumulate_{name}"
+        runs[name] = (launch(z3, recipe, out, data, cache, "training.prompts_per_step=4", "data.shuffle=false",
+                             "training.learning_rate=1.0e-2", *extra), out)
+        info = assert_backend(out, "zero3")
+        assert info["deepspeed_gradient_accumulation_steps"] == (2 if extra else 1)
+    (whole, out_whole), (split, out_split) = runs["whole"], runs["split"]
+    for a, b in zip(whole, split, strict=True):
+        for key in ("train/loss", "train/kl", "train/grad_norm", "rewards/total"):
+            assert b[key] == pytest.approx(a[key], abs=2e-5, rel=1e-4), (a["step"], key)
+    final = {name: load_file(out / "checkpoints" / "step-000003" / "model" / "model.safetensors")
+             for name, out in (("whole", out_whole), ("split", out_split))}
+    moved = max(float((final["whole"][k] - initial_weights[k]).abs().max()) for k in initial_weights)
+    worst = max(float((final["split"][k] - final["whole"][k]).abs().max()) for k in initial_weights)
+    assert moved > 1e-3 and worst < 1e-3 * moved, (worst, moved)
+
+
+@pytest.mark.slow
+def test_deepspeed_accumulation_that_disagrees_with_the_recipe_stops_in_one_line(setup, tmp_path):
+    root, recipe, _, data, cache = setup
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 1}))
+    config = tmp_path / "launch.yaml"
+    config.write_text(ZERO3_PARTITIONED.format(json=ds_json))
+    out = root / "accumulate_mismatch"
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config), "-m", "r1_mm.train", str(recipe),
+           f"data.train_path={data}", f"training.output_dir={out}", "training.prompts_per_step=4",
+           "training.gradient_accumulation_steps=2"]
+    env = dict(__import__("os").environ, R1MM_CACHE=str(cache.parent))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0
+    errors = {line for line in proc.stderr.splitlines() if line.startswith("error:")}
+    assert len(errors) == 1 and "training.gradient_accumulation_steps is 2" in errors.pop()  # same line on both ranks

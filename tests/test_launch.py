@@ -66,7 +66,7 @@ def test_deepspeed_accumulation_comes_from_the_recipe():
     ds = {"gradient_accumulation_steps": "auto", "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"}
     configure_deepspeed(ds, cfg)
     assert ds == {"gradient_accumulation_steps": 2, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.5}
-    with pytest.raises(ConfigError, match="sets gradient_accumulation_steps=1 but the recipe's"):
+    with pytest.raises(ConfigError, match="sets gradient_accumulation_steps=1 .* the recipe's"):
         configure_deepspeed({"gradient_accumulation_steps": 1}, cfg)
 
 

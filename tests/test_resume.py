@@ -1,5 +1,6 @@
 """Exact resume: a run killed with SIGKILL mid-training and resumed logs the same metrics, on the same
-data, as a run that was never interrupted (CPU, fixed seeds). Slow: three real training processes."""
+data, as a run that was never interrupted (CPU, fixed seeds), in one process and under DeepSpeed
+ZeRO-3 on 2 processes. Slow: three real training runs per case."""
 
 from __future__ import annotations
 
@@ -18,8 +19,36 @@ PLUGIN = Path(__file__).parent / "plugins" / "faulty.py"
 COMPARED = ("rewards/total", "train/loss", "train/kl", "train/entropy", "completions/mean_length", "data/rows_prepared")
 
 
-def command(recipe: Path, data: Path, out: Path, extra: list[str]) -> list[str]:
-    return [str(BIN / "r1-mm"), "train", str(recipe), f"data.train_path={data}", f"training.output_dir={out}", *extra]
+REPO = Path(__file__).resolve().parent.parent
+ZERO3 = """
+compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+deepspeed_config: {{deepspeed_config_file: {json}, zero3_init_flag: false}}
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+main_training_function: main
+rdzv_backend: static
+same_network: true
+"""
+
+
+def command(recipe: Path, data: Path, out: Path, extra: list[str], launcher: Path | None = None) -> list[str]:
+    start = [str(BIN / "r1-mm"), "train"] if launcher is None else \
+        [str(BIN / "accelerate"), "launch", "--config_file", str(launcher), "-m", "r1_mm.train"]
+    return [*start, str(recipe), f"data.train_path={data}", f"training.output_dir={out}", *extra]
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the run and every process under it at once (a machine failure). torchrun's workers sit in
+    sessions of their own: killing the launcher's process group alone leaves them training."""
+    import psutil
+
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(tree, timeout=30)
+    proc.wait(30)
 
 
 def read(out: Path) -> tuple[list[dict], list[tuple[int, str]]]:
@@ -29,9 +58,16 @@ def read(out: Path) -> tuple[list[dict], list[tuple[int, str]]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["algorithm.ref_sync_steps=3"]], ids=["fixed_reference", "synced_reference"])
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, synthetic_data, tiny_cache, extra):
-    """With ref_sync_steps the reference moves (synced after step 3), so checkpoints must carry it."""
+@pytest.mark.parametrize(("extra", "backend"), [([], "single"), (["algorithm.ref_sync_steps=3"], "single"),
+                                                (["algorithm.ref_sync_steps=3"], "zero3")],
+                         ids=["fixed_reference", "synced_reference", "zero3_synced_reference"])
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, synthetic_data, tiny_cache, extra, backend):
+    """With ref_sync_steps the reference moves (synced after step 3), so checkpoints must carry it. Under
+    ZeRO-3 the policy, its optimizer states and the reference are partitioned over the 2 processes."""
+    launcher = None
+    if backend == "zero3":
+        launcher = tmp_path / "zero3.yaml"
+        launcher.write_text(ZERO3.format(json=REPO / "tests" / "configs" / "zero3_partitioned.json"))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""
 model: {{name_or_path: "tiny:qwen2_5_vl:small"}}
@@ -47,10 +83,16 @@ logging: {{progress_bar: false}}
     env = {**os.environ, "R1MM_CACHE": str(tiny_cache.parent)}
     data = synthetic_data["counting"]  # 8 rows: the 8 steps x 2 prompts cross an epoch boundary
     full = tmp_path / "full"
-    subprocess.run(command(recipe, data, full, extra), env=env, check=True, capture_output=True, timeout=600)
+    subprocess.run(command(recipe, data, full, extra, launcher), env=env, check=True, capture_output=True, timeout=600)
+    info = json.loads((full / "run_info.json").read_text())
+    if backend == "zero3":  # the premise: sharded DeepSpeed, not DDP
+        assert (info["distributed_type"], info["zero_stage"], info["num_processes"]) == ("DEEPSPEED", 3, 2)
+        assert 0 < info["partitioned_parameters"] and info["local_parameter_elements"] < info["full_parameter_elements"]
+    else:
+        assert (info["distributed_type"], info["num_processes"]) == ("NO", 1)
 
     crashed = tmp_path / "crashed"
-    proc = subprocess.Popen(command(recipe, data, crashed, extra), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(command(recipe, data, crashed, extra, launcher), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     metrics_file = crashed / "metrics.jsonl"
     deadline = time.time() + 600
@@ -59,13 +101,13 @@ logging: {{progress_bar: false}}
             break
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(30)
+    kill_tree(proc)
     assert not (crashed / "checkpoints" / "step-000008").exists()
     checkpoints = sorted(p.name for p in (crashed / "checkpoints").glob("step-*"))
     assert checkpoints[-1] in ("step-000004", "step-000006")
 
-    resumed = subprocess.run(command(recipe, data, crashed, extra), env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(command(recipe, data, crashed, extra, launcher), env=env, capture_output=True, text=True,
+                             timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {crashed / 'checkpoints' / checkpoints[-1]}" in resumed.stderr
 

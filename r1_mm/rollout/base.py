@@ -71,6 +71,10 @@ class RolloutEngine(ABC):
     def close(self) -> None:  # engines holding servers or processes release them here
         return None
 
+    def info(self) -> dict[str, Any]:
+        """What the engine really runs with (recorded in run_info.json)."""
+        return {}
+
 
 def media_token_ids(config: Any) -> list[int]:
     """Placeholder tokens a completion must never contain.

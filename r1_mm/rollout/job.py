@@ -32,7 +32,7 @@ def run_rollouts(cfg: RecipeConfig) -> Path:
     model = load_model(cfg.model, trainable=False)
     stream = PromptStream.from_config(processor, cfg.data, cfg.media, seed=cfg.training.seed)
     engine = make_engine(cfg.rollout.engine, model=model, processor=processor, cfg=cfg)
-    run_info.write(run_dir, run_info.collect_rollout_only(cfg, model, rollout_engine=engine.name))
+    run_info.write(run_dir, run_info.collect_rollout_only(cfg, model, engine))
     logger = MetricsLogger(cfg, run_dir)
     n = cfg.rollout.num_generations
     bar = tqdm(range(cfg.training.max_steps), desc="rollout", disable=not cfg.logging.progress_bar)

@@ -33,8 +33,8 @@ def build_app(llm: Any, model_name: str) -> Any:
     from vllm import SamplingParams
 
     from r1_mm.rollout.transport import decode_request
+    from r1_mm.rollout.vllm_common import engine_info, reset_caches
     from r1_mm.rollout.vllm_common import generate as seeded_generate
-    from r1_mm.rollout.vllm_common import reset_caches
 
     app = FastAPI(title="r1-mm rollout server")
     lock = threading.Lock()  # one engine: generate and reload never overlap
@@ -44,7 +44,8 @@ def build_app(llm: Any, model_name: str) -> Any:
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"ok": True, "model": model_name, "weights_version": state["weights_version"], "workers": workers}
+        return {"ok": True, "model": model_name, "weights_version": state["weights_version"], "workers": workers,
+                **engine_info(llm)}
 
     @app.post("/generate")
     def generate(body: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from r1_mm.rollout.base import (
 )
 from r1_mm.rollout.vllm_common import (
     completion_from_vllm,
+    engine_info,
     generate,
     reset_caches,
     sampling_kwargs,
@@ -91,6 +92,9 @@ class VLLMColocateEngine(RolloutEngine):
         reset_caches(self.llm)
         self._sleep()
         self.last_sync_s = time.perf_counter() - t0
+
+    def info(self) -> dict[str, Any]:
+        return {**engine_info(self.llm), "on_gpu": self.on_gpu, "sleep_mode": self.on_gpu and self.cfg.rollout.vllm_sleep_mode}
 
     def generate(self, batch: list[Sample], n: int, sampling: SamplingSettings) -> list[PromptCompletions]:
         self._wake()

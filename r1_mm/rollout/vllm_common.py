@@ -87,6 +87,14 @@ def request_seeds_supported() -> bool:
     return torch.cuda.is_available()
 
 
+def engine_info(llm: Any) -> dict[str, Any]:
+    """The scheduler limits vLLM chose, and how sampling is seeded here."""
+    scheduler = llm.llm_engine.vllm_config.scheduler_config
+    return {"max_num_batched_tokens": int(scheduler.max_num_batched_tokens),
+            "enable_chunked_prefill": bool(scheduler.enable_chunked_prefill),
+            "seeding": "per_request" if request_seeds_supported() else "engine_stream"}
+
+
 def generate(llm: Any, requests: list[dict[str, Any]], sampling: list[dict[str, Any]]) -> list[Any]:
     """``llm.generate`` with the recipe's seeds, on GPU and CPU alike.
 

@@ -169,6 +169,12 @@ class VLLMPoolEngine(RolloutEngine):
             wait_healthy(server.url, self.cfg.rollout.pool_startup_timeout_s, server)
         return [s.url for s in self.managed]
 
+    def info(self) -> dict[str, Any]:
+        health = [self.client.get(f"{url}/health").json() for url in self.urls]
+        return {"servers": self.urls, "weight_sync": self.sync_mode,
+                "server_engines": [{k: h.get(k) for k in ("max_num_batched_tokens", "enable_chunked_prefill", "seeding",
+                                                          "workers")} for h in health]}
+
     # -- weights --------------------------------------------------------------------------------
     def _write_weights(self, model: torch.nn.Module) -> Path | None:
         """All ranks gather (collective under ZeRO-3); rank 0 writes safetensors buckets to shared memory."""

@@ -99,9 +99,10 @@ def configure_deepspeed(ds_config: dict[str, Any], cfg: RecipeConfig) -> None:
     if current in (None, "auto"):
         ds_config["gradient_accumulation_steps"] = steps
     elif int(current) != steps:
-        raise ConfigError(f"the DeepSpeed config sets gradient_accumulation_steps={current} but the recipe's "
-                          f"training.gradient_accumulation_steps is {steps}: set it in the recipe only (remove it from "
-                          "the launch config, or make both equal)")
+        raise ConfigError(f"the DeepSpeed config sets gradient_accumulation_steps={current} (accelerate's value when a "
+                          f"JSON config omits it) but the recipe's training.gradient_accumulation_steps is {steps}: let "
+                          "the recipe decide (\"gradient_accumulation_steps\": \"auto\" in the DeepSpeed JSON, nothing "
+                          "in the accelerate YAML) or make both equal")
     if ds_config.get("train_micro_batch_size_per_gpu") in (None, "auto"):
         ds_config["train_micro_batch_size_per_gpu"] = micro
     if ds_config.get("gradient_clipping") in (None, "auto") and cfg.training.max_grad_norm:

@@ -108,8 +108,7 @@ class BaseTrainer:
 
     def write_run_info(self) -> None:
         """What really runs (back-end, ZeRO stage and partitioning, device, kernels, engine, versions)."""
-        engine = getattr(self, "engine", None)
-        info = run_info.collect(self.cfg, self.learner, rollout_engine=getattr(engine, "name", None))
+        info = run_info.collect(self.cfg, self.learner, engine=getattr(self, "engine", None))
         if self.learner.accelerator.is_main_process:
             run_info.write(self.run_dir, info)
             log.info("run info: %s on %s, %d process(es), ZeRO stage %s, attention %s",

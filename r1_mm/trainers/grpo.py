@@ -325,6 +325,8 @@ class GRPOTrainer(BaseTrainer):
             "completions/min_length": float(lengths.min()),
             "completions/max_length": float(lengths.max()),
             "completions/truncated_ratio": sum(c.truncated for c in exp.completions) / len(exp.completions),
+            # tokens the engine prefilled for this step's rollouts (every sample of a group counts its prompt)
+            "rollout/prefill_tokens": float(sum(s.num_prompt_tokens for s in exp.samples) * self.cfg.rollout.num_generations),
         }
         for j, name in enumerate(exp.rewards.names):
             col = per_fn[:, j]
