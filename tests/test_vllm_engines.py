@@ -200,7 +200,7 @@ def test_pool_broadcast_weight_sync_over_gloo(tmp_path, synthetic_data):
     processor, model = load_processor(cfg.model), load_model(cfg.model)
     engine = make_engine("vllm_pool", model=model, processor=processor, cfg=cfg)
     try:
-        assert engine.sync_mode == "broadcast" and engine.channel is not None
+        assert engine.sync_mode == "broadcast" and engine.channel is not None and engine.channel.backend == "gloo"
         samples = samples_for(cfg, processor, synthetic_data)[2:]  # the video row
         sampling = SamplingSettings(max_tokens=6, seed=3)
         before = engine.generate(samples, 4, sampling)

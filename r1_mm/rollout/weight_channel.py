@@ -45,6 +45,10 @@ class WeightChannel:
             self._gloo = ProcessGroupGloo(store, rank, world_size, options)
             self._nccl = None
 
+    @property
+    def backend(self) -> str:
+        return "nccl" if self._nccl is not None else "gloo"
+
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         """Rank 0 sends ``tensor``; the others receive into it (same shape and dtype)."""
         if self._nccl is not None:
