@@ -13,6 +13,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 
+# An accelerate launch config for 2 processes under a DeepSpeed JSON; the default JSON is ZeRO-3 with
+# stage3_param_persistence_threshold 0, so every parameter is partitioned whatever the model's size.
+DEEPSPEED_LAUNCH = """
+compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+deepspeed_config:
+  deepspeed_config_file: {json}
+  zero3_init_flag: false
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+main_training_function: main
+rdzv_backend: static
+same_network: true
+"""
+
+
+def deepspeed_launch_config(folder: Path, ds_json: Path | None = None, name: str = "zero3_partitioned.yaml") -> Path:
+    path = folder / name
+    path.write_text(DEEPSPEED_LAUNCH.format(json=ds_json or REPO / "tests" / "configs" / "zero3_partitioned.json"))
+    return path
+
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> Path:

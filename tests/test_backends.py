@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import REPO
+from .conftest import REPO, deepspeed_launch_config
 
 BIN = Path(sys.executable).parent
 PLUGIN = REPO / "tests" / "plugins" / "test_rewards.py"
@@ -43,30 +43,12 @@ logging:
   progress_bar: false
 """
 
-# ZeRO-3 with every parameter partitioned (the tiny model's tensors would otherwise all fall under
-# DeepSpeed's persistence threshold and never be sharded, hiding gather/export bugs).
-ZERO3_PARTITIONED = """
-compute_environment: LOCAL_MACHINE
-distributed_type: DEEPSPEED
-deepspeed_config:
-  deepspeed_config_file: {json}
-  zero3_init_flag: false
-num_machines: 1
-num_processes: 2
-machine_rank: 0
-main_training_function: main
-rdzv_backend: static
-same_network: true
-"""
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, synthetic_data, tiny_cache):
     root = tmp_path_factory.mktemp("backends")
     recipe = root / "recipe.yaml"
     recipe.write_text(RECIPE)
-    z3 = root / "zero3_partitioned.yaml"
-    z3.write_text(ZERO3_PARTITIONED.format(json=REPO / "tests" / "configs" / "zero3_partitioned.json"))
+    z3 = deepspeed_launch_config(root)
     return root, recipe, z3, synthetic_data["counting"], tiny_cache
 
 
@@ -288,8 +270,7 @@ def test_deepspeed_accumulation_that_disagrees_with_the_recipe_stops_in_one_line
     root, recipe, _, data, cache = setup
     ds_json = tmp_path / "ds.json"
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 1}))
-    config = tmp_path / "launch.yaml"
-    config.write_text(ZERO3_PARTITIONED.format(json=ds_json))
+    config = deepspeed_launch_config(tmp_path, ds_json, name="launch.yaml")
     out = root / "accumulate_mismatch"
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config), "-m", "r1_mm.train", str(recipe),
            f"data.train_path={data}", f"training.output_dir={out}", "training.prompts_per_step=4",

@@ -94,6 +94,8 @@ def cpu_overrides(name: str, cfg, tmp: Path) -> list[str]:
     if cfg.algorithm.name == "iterative_dpo":
         # the judge is a model too: a deterministic local reward stands in for the critic server
         out += ["algorithm.round_prompts=2", f"rewards.functions=[{{name: '{PLUGIN}:alternating'}}]"]
+    if (cfg.training.gradient_accumulation_steps or 1) > 2:  # fewer micro-batches on 2 CPU cores, still accumulated
+        out += ["training.prompts_per_step=2", "training.gradient_accumulation_steps=2"]
     return out
 
 

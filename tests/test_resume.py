@@ -14,23 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import deepspeed_launch_config
+
 BIN = Path(sys.executable).parent
 PLUGIN = Path(__file__).parent / "plugins" / "faulty.py"
 COMPARED = ("rewards/total", "train/loss", "train/kl", "train/entropy", "completions/mean_length", "data/rows_prepared")
-
-
-REPO = Path(__file__).resolve().parent.parent
-ZERO3 = """
-compute_environment: LOCAL_MACHINE
-distributed_type: DEEPSPEED
-deepspeed_config: {{deepspeed_config_file: {json}, zero3_init_flag: false}}
-num_machines: 1
-num_processes: 2
-machine_rank: 0
-main_training_function: main
-rdzv_backend: static
-same_network: true
-"""
 
 
 def command(recipe: Path, data: Path, out: Path, extra: list[str], launcher: Path | None = None) -> list[str]:
@@ -66,8 +54,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, synthetic_data,
     ZeRO-3 the policy, its optimizer states and the reference are partitioned over the 2 processes."""
     launcher = None
     if backend == "zero3":
-        launcher = tmp_path / "zero3.yaml"
-        launcher.write_text(ZERO3.format(json=REPO / "tests" / "configs" / "zero3_partitioned.json"))
+        launcher = deepspeed_launch_config(tmp_path)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""
 model: {{name_or_path: "tiny:qwen2_5_vl:small"}}
