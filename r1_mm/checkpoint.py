@@ -17,26 +17,24 @@ STATE_FILE = "trainer_state.json"
 REFERENCE_FILE = "reference.safetensors"
 
 
-def export_model(model: Any, full_state_dict: dict[str, Any], out_dir: Path) -> None:
-    """Save a plain transformers folder from a full (gathered) state dict; LoRA adapters are merged.
+def export_weights(model: Any, bucket_mb: int = 256) -> dict[str, Any]:
+    """Every process must call this (ZeRO-3 gathers are collective): the base model's weights in
+    transformers naming, LoRA merged (``W + scale * B @ A``, by PEFT's own delta), gathered bucket by
+    bucket. The same iterator feeds the vLLM engines, so an export and a weight sync never disagree."""
+    from r1_mm.rollout.weights import iter_policy_weights
 
-    The live model may hold ZeRO-3 partitions (empty tensors), so a LoRA model is rebuilt on the
-    CPU from its config, loaded with the gathered weights, and merged there.
-    """
-    if hasattr(model, "merge_and_unload"):
-        from peft import get_peft_model
-        from transformers import AutoModelForImageTextToText
+    return {name: tensor.cpu() for name, tensor in iter_policy_weights(model, bucket_mb)}
 
-        base = model.get_base_model()
-        fresh = AutoModelForImageTextToText.from_config(base.config, dtype=next(iter(full_state_dict.values())).dtype)
-        fresh = get_peft_model(fresh, model.peft_config["default"])
-        missing, unexpected = fresh.load_state_dict(full_state_dict, strict=False)
-        if unexpected or [k for k in missing if "lora_" in k or "base_layer" in k]:
-            raise RuntimeError(f"LoRA export: state dict does not fit the model (missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]})")
-        fresh.merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
-        return
-    model.save_pretrained(out_dir, state_dict=full_state_dict, safe_serialization=True)
+
+def export_model(model: Any, weights: dict[str, Any], out_dir: Path) -> None:
+    """A plain transformers folder from :func:`export_weights` (main process only).
+
+    No fresh model is built: under ZeRO-3, constructing one runs ``deepspeed.zero.Init``, whose
+    collectives the other processes never join (a hang); the live model's config and
+    ``save_pretrained`` with an explicit state dict need no collective."""
+    from r1_mm.trainers.grouped_forward import unwrap
+
+    unwrap(model).save_pretrained(out_dir, state_dict=weights, safe_serialization=True)
 
 
 class CheckpointManager:
@@ -67,12 +65,12 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(output_dir=str(tmp))
-        state_dict = acc.get_state_dict(learner.policy)  # gathers ZeRO-3 shards (collective)
+        weights = export_weights(learner.unwrapped)  # gathers ZeRO-3 shards (collective), LoRA merged
         reference = reference_state_dict(learner) if save_reference and learner.reference is not None else None
         if acc.is_main_process:
             if reference is not None:
                 save_file(reference, str(tmp / REFERENCE_FILE))
-            export_model(acc.unwrap_model(learner.policy), state_dict, tmp / "model")
+            export_model(learner.unwrapped, weights, tmp / "model")
             learner.processor.save_pretrained(tmp / "model")
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
             if final.exists():

@@ -90,13 +90,17 @@ class TinySpec:
     vision_heads: int = 2
     min_pixels: int = 28 * 28
     max_pixels: int = 28 * 28 * 256
+    # embedding / LM-head rows when they should exceed the tokenizer's (Qwen2.5-VL checkpoints carry 151,936):
+    # benchmarks at the vocabulary users run; None = the tokenizer's size rounded up to 64
+    model_vocab_size: int | None = None
 
     @property
     def vocab_size(self) -> int:
         return 96 if self.small_vocab else 1024
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True) + _BUILDER_VERSION
+        fields = {k: v for k, v in asdict(self).items() if not (k == "model_vocab_size" and v is None)}  # keys of older specs stay
+        blob = json.dumps(fields, sort_keys=True) + _BUILDER_VERSION
         return f"{self.family}{'-small' if self.small_vocab else ''}-s{self.seed}-{hashlib.sha1(blob.encode()).hexdigest()[:8]}"
 
 
@@ -217,8 +221,11 @@ def _build_config(spec: TinySpec, tokenizer):
         raise ValueError(f"head_dim {head_dim} < 32: vLLM's CPU attention rejects it")
     half = head_dim // 2  # M-RoPE splits the rotary half into temporal/height/width sections
     mrope_section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
-    vocab = len(tokenizer)
-    vocab = (vocab + 63) // 64 * 64
+    vocab = (len(tokenizer) + 63) // 64 * 64
+    if spec.model_vocab_size is not None:
+        if spec.model_vocab_size < len(tokenizer):
+            raise ValueError(f"model_vocab_size {spec.model_vocab_size} is below the tokenizer's {len(tokenizer)} tokens")
+        vocab = spec.model_vocab_size
     text = dict(
         vocab_size=vocab, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,

@@ -11,11 +11,11 @@ Completion ``c_ij`` attends to ``p_i`` and its own earlier tokens only: the pack
 front, through flash-attention's varlen kernel, sdpa or eager, and never builds an L x L mask.
 Position ids restart at "last prompt position + 1" for every completion (M-RoPE positions for the
 prompt come from the model's own ``get_rope_index``), so each completion sees exactly what it would
-see after its prompt alone. ``logits_to_keep`` gets the index of every scored position, so logits
-are computed only where a completion token is scored.
+see after its prompt alone. Only the positions that score a completion token go through the LM head.
 
 ``naive_logprobs`` is the library-equivalent path (G repeated sequences) used as the reference in
 tests and benchmarks, and ``training.forward_mode=naive`` for models the packed path cannot serve.
+Both score through ``token_scores`` (a tiled LM head): no (tokens x vocabulary) logits are built.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
-from r1_mm.trainers import packed_attention
+from r1_mm.trainers import packed_attention, token_scores
 from r1_mm.trainers.packed_attention import PackedLayout
+from r1_mm.trainers.token_scores import ScoreRequest
 
 # Per-prompt processor outputs that are concatenated across prompts (row-wise for patches).
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
@@ -197,7 +198,9 @@ def pack_groups(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]], 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
                    suppressed_ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(target) under softmax(logits / temperature), and optionally the entropy, in float32.
+    """The full-logits reference: log p(target) under softmax(logits / temperature), and optionally the
+    entropy, in float32. The learners score through ``token_scores`` instead (same values, no
+    (tokens x vocabulary) tensors); tests compare the two.
 
     ``suppressed_ids`` are tokens the rollout engines never sample (media placeholders): the policy
     is the distribution without them, so the learner must normalise without them too. Otherwise
@@ -216,13 +219,20 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return logps, entropy
 
 
+def _request(positions: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
+             suppressed_ids: list[int] | None) -> ScoreRequest:
+    return ScoreRequest(positions=positions, targets=targets, temperature=temperature,
+                        suppressed_ids=tuple(suppressed_ids or ()), with_entropy=with_entropy)
+
+
 def grouped_logprobs(model: torch.nn.Module, packed: PackedGroups, *, temperature: float = 1.0,
                      with_entropy: bool = False,
                      suppressed_ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token logprobs (B*G, C) of the packed completions (zero where masked)."""
-    out = model(**packed.model_kwargs(model), logits_to_keep=packed.logits_index, use_cache=False)
-    logps, entropy = token_logprobs(out.logits[0], packed.targets, temperature, with_entropy, suppressed_ids)
-    return packed.to_completion_grid(logps), (packed.to_completion_grid(entropy) if entropy is not None else None)
+    out = token_scores.score(model, packed.model_kwargs(model),
+                             _request(packed.logits_index, packed.targets, temperature, with_entropy, suppressed_ids))
+    return packed.to_completion_grid(out.logps), (packed.to_completion_grid(out.entropy)
+                                                  if out.entropy is not None else None)
 
 
 def naive_logprobs(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]], completions: list[list[int]],
@@ -254,7 +264,11 @@ def naive_logprobs(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]
                               **merge_vision_inputs(prompts, repeats=g)}
     if has_types:
         kwargs["mm_token_type_ids"] = mm_types
-    out = model(**kwargs, logits_to_keep=c + 1, use_cache=False)
-    logps, entropy = token_logprobs(out.logits[:, :-1], comp_ids, temperature, with_entropy, suppressed_ids)
-    mask = comp_mask.to(logps.dtype)
-    return logps * mask, (entropy * mask if entropy is not None else None)
+    width = p_max + c
+    positions = (torch.arange(rows, device=device)[:, None] * width + p_max - 1
+                 + torch.arange(c, device=device)[None, :]).reshape(-1)  # the position before each completion token
+    out = token_scores.score(model, kwargs, _request(positions, comp_ids.reshape(-1), temperature, with_entropy,
+                                                     suppressed_ids))
+    mask = comp_mask.to(out.logps.dtype)
+    logps = out.logps.reshape(rows, c) * mask
+    return logps, (out.entropy.reshape(rows, c) * mask if out.entropy is not None else None)

@@ -1,0 +1,137 @@
+"""Per-token logprobs and entropy of chosen positions, without ever building (tokens x vocabulary) logits.
+
+Why: at Qwen2.5-VL's vocabulary (151,936) a GRPO step with G=8 x 512-token completions scores 4,096
+tokens; full float32 logits, their log-softmax and the softmax for the entropy are ~2.5 GB each, and
+they dominated the learner's memory (1.9x TRL's). TRL's chunked LM-head kernel
+(``trl.kernels.ChunkedLogProbFunction``) projects the hidden states through the head in tiles, folds
+each tile into running log-sum-exp statistics, and recomputes the tiles in backward; it gathers a
+ZeRO-3-partitioned head for both passes. r1-mm uses it as is and adds what it does not know:
+
+- the media placeholder tokens the rollout engines never sample are masked by a constant additive
+  bias (-1e4: exp underflows to exactly 0 in float32 and bfloat16, where -inf would make the
+  entropy's p * z term NaN), so the learner's distribution is the sampler's;
+- any set of positions, repeats allowed: the prompt's last position scores the first token of each
+  of its G completions.
+
+The head runs inside the model's own forward (an instance-level forward wrapper, installed once at
+load time), because under DeepSpeed ZeRO-3 gradient reduction of the head relies on the engine's
+forward hooks, and under DDP on its forward. Calls without a score request (generation, the
+library's forward) are the original forward, untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.utils import ModelOutput
+
+# Columns of the vocabulary per projection tile: a (4,096 tokens x 4,096) float32 tile is 64 MiB.
+VOCAB_TILE = 4096
+SUPPRESS_LOGIT = -1.0e4
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Which positions score which targets, under what distribution."""
+
+    positions: torch.Tensor  # (N,) flat indices into (batch x sequence) of the model's input
+    targets: torch.Tensor  # (N,) the token each position's next-token distribution scores
+    temperature: float = 1.0
+    suppressed_ids: tuple[int, ...] = ()
+    with_entropy: bool = False
+
+
+@dataclass
+class TokenScores(ModelOutput):
+    """A ModelOutput (a dict) so that DeepSpeed ZeRO-3 finds the tensors in it: its backward hooks,
+    which re-gather partitioned parameters, attach only to outputs it can traverse."""
+
+    logps: torch.Tensor | None = None  # (N,) float32
+    entropy: torch.Tensor | None = None  # (N,) float32, when requested
+
+
+class TokenScoringError(RuntimeError):
+    """The model cannot be scored this way (the message says why and what to do)."""
+
+
+def _suppression_bias(lm_head: torch.nn.Module, vocab: int, suppressed: tuple[int, ...]) -> torch.Tensor | None:
+    weight = lm_head.weight
+    bias = getattr(lm_head, "bias", None)
+    if not suppressed:
+        return bias
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    zero3 = is_deepspeed_zero3_enabled()
+    mask = torch.zeros(vocab, dtype=torch.float32, device=weight.device)
+    mask[list(suppressed)] = SUPPRESS_LOGIT
+    if bias is None:
+        if zero3:  # TRL's backward gathers every tensor it was given as the head's; this one is no ZeRO parameter
+            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+            mask.ds_status = ZeroParamStatus.AVAILABLE
+        return mask
+    if zero3:
+        raise TokenScoringError("an LM head with a bias cannot be combined with suppressed media tokens under ZeRO-3 "
+                                "(its gradient would bypass the partition); use ZeRO-2 or DDP for this model")
+    return bias + mask.to(bias.dtype)
+
+
+def _scoring_forward(self: Any, *args: Any, r1mm_score: ScoreRequest | None = None, **kwargs: Any) -> Any:
+    if r1mm_score is None:
+        return self._r1mm_original_forward(*args, **kwargs)
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    kwargs["use_cache"] = False
+    kwargs.pop("logits_to_keep", None)
+    hidden = self.base_model(*args, **kwargs).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, r1mm_score.positions)
+    lm_head = self.get_output_embeddings()
+    text = self.config.get_text_config()
+    outputs = ("log_probs", "entropy") if r1mm_score.with_entropy else ("log_probs",)
+    with maybe_gather_lm_head_ctx(lm_head.weight, getattr(lm_head, "bias", None)):
+        vocab = lm_head.weight.shape[0]
+        if r1mm_score.suppressed_ids and max(r1mm_score.suppressed_ids) >= vocab:
+            raise TokenScoringError(f"suppressed token ids {r1mm_score.suppressed_ids} exceed the head's vocabulary {vocab}")
+        logps, entropy, *_ = ChunkedLogProbFunction.apply(
+            hidden, lm_head.weight, _suppression_bias(lm_head, vocab, r1mm_score.suppressed_ids),
+            r1mm_score.targets, float(r1mm_score.temperature), VOCAB_TILE,
+            getattr(text, "final_logit_softcapping", None), float(getattr(text, "logit_scale", None) or 1.0), outputs)
+    return TokenScores(logps=logps.float(), entropy=None if entropy is None else entropy.float())
+
+
+def install(model: torch.nn.Module) -> torch.nn.Module:
+    """Give a transformers model the scoring forward (idempotent); returns the model."""
+    if getattr(model, "_r1mm_original_forward", None) is None:
+        if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+            raise TokenScoringError(f"{type(model).__name__} has no LM head to score tokens with")
+        model._r1mm_original_forward = model.forward
+
+        # the original signature stays visible: generate() picks the model kwargs it prepares (M-RoPE
+        # position ids among them) by inspecting it
+        @functools.wraps(type(model).forward)
+        def forward(self: Any, *args: Any, r1mm_score: ScoreRequest | None = None, **kwargs: Any) -> Any:
+            return _scoring_forward(self, *args, r1mm_score=r1mm_score, **kwargs)
+
+        model.forward = types.MethodType(forward, model)
+    return model
+
+
+def is_installed(model: torch.nn.Module) -> bool:
+    return getattr(model, "_r1mm_original_forward", None) is not None
+
+
+def score(model: torch.nn.Module, model_kwargs: dict[str, Any], request: ScoreRequest) -> TokenScores:
+    """Run ``model`` (wrapped or not: DDP, DeepSpeed, PEFT pass the request through) and score."""
+    from r1_mm.trainers.grouped_forward import unwrap
+
+    install(unwrap(model))
+    out = model(**model_kwargs, r1mm_score=request)
+    if not isinstance(out, TokenScores):
+        raise TokenScoringError(f"{type(unwrap(model)).__name__}'s forward did not return token scores; was the model's "
+                                "forward replaced after loading?")
+    return out
