@@ -286,7 +286,7 @@ def test_deepspeed_accumulation_that_disagrees_with_the_recipe_stops_in_one_line
 def test_tiled_lm_head_equals_full_logits_under_zero3(setup, tmp_path):
     """Logprobs, entropy and every gradient of the tiled head vs the full-logits forward, on weights
     partitioned over 2 processes (the head gathered by TRL's kernel in forward and backward)."""
-    root, recipe, z3, data, cache = setup
+    _, recipe, z3, data, cache = setup
     result_file = tmp_path / "scores.json"
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(z3), str(REPO / "tests" / "scripts" / "zero3_token_scores.py"),
            str(result_file), str(recipe), f"data.train_path={data}", f"training.output_dir={tmp_path / 'run'}"]

@@ -9,7 +9,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from r1_mm.config import DataConfig, MediaConfig
