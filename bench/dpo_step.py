@@ -3,9 +3,12 @@
 A step = reference logprobs (no grad) + policy logprobs of chosen and rejected + sigmoid loss +
 backward + optimizer step. TRL runs chosen and rejected as two full rows (prompt and image twice);
 r1-mm runs the prompt and image once and both responses in one grouped row. Each implementation
-runs in its own process (peak RSS sampled every 2 ms). Usage:
+runs in its own process (peak RSS sampled every 2 ms). Cases: ``toy`` (the tiny 512-token vocabulary,
+64-token responses) and ``real`` (Qwen2.5-VL's 151,936-token vocabulary, 512-token responses), both
+with a 1,024-visual-token image prompt. Usage:
 
     .venv/bin/python bench/dpo_step.py --repeats 3
+    .venv/bin/python bench/dpo_step.py --cases real --repeats 1
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from grpo_step import bench_model_path, make_inputs, time_steps  # noqa: E402
+from grpo_step import CASES, bench_model_path, make_inputs, time_steps  # noqa: E402
 
-RESPONSE_TOKENS = 64
 BETA = 0.1
+PROMPTS = {"toy": "long", "real": "real"}  # the GRPO bench case whose prompt, vocabulary and lengths are used
 
 
 def trl_batch(sample, chosen: list[int], rejected: list[int], pad: int):
@@ -44,16 +47,17 @@ def trl_batch(sample, chosen: list[int], rejected: list[int], pad: int):
             "image_grid_thw": p["image_grid_thw"].repeat(2, 1)}
 
 
-def worker(impl: str, repeats: int) -> dict:
+def worker(case: str, impl: str, repeats: int) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     torch.manual_seed(0)
-    path = bench_model_path()
+    shape = CASES[PROMPTS[case]]
+    path = bench_model_path(shape.vocab)
     processor = AutoProcessor.from_pretrained(path)
     tmp = Path(tempfile.mkdtemp())
-    sample, completions, _ = make_inputs("long", processor, tmp)
-    chosen, rejected = completions[0][:RESPONSE_TOKENS], completions[1][:RESPONSE_TOKENS]
+    sample, completions, _ = make_inputs(PROMPTS[case], processor, tmp)
+    chosen, rejected = completions[0], completions[1]
     model = AutoModelForImageTextToText.from_pretrained(path)
     ref = AutoModelForImageTextToText.from_pretrained(path).eval().requires_grad_(False)
     pad = processor.tokenizer.pad_token_id
@@ -90,33 +94,41 @@ def worker(impl: str, repeats: int) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
     seconds, peak = time_steps(step, params, repeats)
-    return {"impl": impl, "seconds": seconds, "peak_rss_mib": peak,
-            "prompt_tokens": int(sample.num_prompt_tokens)}
+    return {"case": case, "impl": impl, "seconds": seconds, "peak_rss_mib": peak,
+            "prompt_tokens": int(sample.num_prompt_tokens), "response_tokens": len(chosen),
+            "vocab": model.config.get_text_config().vocab_size}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--cases", default="toy")
+    ap.add_argument("--worker", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.repeats)))
+        print("RESULT " + json.dumps(worker(args.worker[0], args.worker[1], args.repeats)))
         return
-    bench_model_path()
+    cases = args.cases.split(",")
+    for case in cases:
+        bench_model_path(CASES[PROMPTS[case]].vocab)
     results = {}
-    for impl in ("trl", "r1-mm"):
-        out = subprocess.run([sys.executable, __file__, "--worker", impl, "--repeats", str(args.repeats)],
-                             capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-        if out.returncode != 0 or not line:
-            sys.exit(f"worker {impl} failed:\n{out.stderr[-3000:]}")
-        results[impl] = json.loads(line[0][7:])
-    t, o = results["trl"], results["r1-mm"]
-    print(f"DPO learner step, 1 pair, {RESPONSE_TOKENS}-token responses, median of {args.repeats}, CPU\n")
-    print("| prompt tokens | TRL s | r1-mm s | speed-up | TRL peak RSS MiB | r1-mm peak RSS MiB |")
-    print("|---|---|---|---|---|---|")
-    print(f"| {o['prompt_tokens']} | {t['seconds']:.3f} | {o['seconds']:.3f} | {t['seconds'] / o['seconds']:.2f}x | "
-          f"{t['peak_rss_mib']:.0f} | {o['peak_rss_mib']:.0f} |")
+    for case in cases:
+        for impl in ("trl", "r1-mm"):
+            out = subprocess.run([sys.executable, __file__, "--worker", case, impl, "--repeats", str(args.repeats)],
+                                 capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode != 0 or not line:
+                sys.exit(f"worker {case}/{impl} failed:\n{out.stderr[-3000:]}")
+            results[(case, impl)] = json.loads(line[0][7:])
+    print(f"DPO learner step, 1 pair, median of {args.repeats}, CPU\n")
+    print("| case | vocabulary | prompt tokens | response tokens | TRL s | r1-mm s | speed-up | TRL peak RSS MiB | "
+          "r1-mm peak RSS MiB | r1-mm / TRL memory |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for case in cases:
+        t, o = results[(case, "trl")], results[(case, "r1-mm")]
+        print(f"| {case} | {o['vocab']} | {o['prompt_tokens']} | {o['response_tokens']} | {t['seconds']:.3f} | "
+              f"{o['seconds']:.3f} | {t['seconds'] / o['seconds']:.2f}x | {t['peak_rss_mib']:.0f} | "
+              f"{o['peak_rss_mib']:.0f} | {o['peak_rss_mib'] / t['peak_rss_mib']:.2f} |")
 
 
 if __name__ == "__main__":

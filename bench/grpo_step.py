@@ -4,14 +4,17 @@ A step = reference logprobs (no grad) + policy logprobs + loss + backward + opti
 the same prompts, completions and advantages (generation is benchmarked in bench/rollout.py).
 
 Cases:
-  long   one image prompt with >= 1024 visual tokens, G = 8, 64-token completions
-  short  a text-only prompt, G = 8, 64-token completions
+  long   one image prompt with >= 1024 visual tokens, G = 8, 64-token completions, the tiny 512-token vocabulary
+  short  a text-only prompt, G = 8, 64-token completions, the tiny 512-token vocabulary
+  real   the shapes users run: Qwen2.5-VL's 151,936-token vocabulary, >= 1024 visual tokens, G = 8,
+         512-token completions
 
 Each (case, implementation) runs in its own process, so peak memory (RSS, sampled every 2 ms)
 is not polluted by the other. Usage:
 
     .venv/bin/python bench/grpo_step.py            # all cases, prints a markdown table
     .venv/bin/python bench/grpo_step.py --repeats 5
+    .venv/bin/python bench/grpo_step.py --cases real --repeats 1
 """
 
 from __future__ import annotations
@@ -24,11 +27,22 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 G = 8
-COMPLETION_TOKENS = 64
 BETA = 0.04
+
+
+@dataclass(frozen=True)
+class Case:
+    image: bool
+    completion_tokens: int
+    vocab: int | None = None  # None: the tiny tokenizer's (512)
+
+
+CASES = {"long": Case(image=True, completion_tokens=64), "short": Case(image=False, completion_tokens=64),
+         "real": Case(image=True, completion_tokens=512, vocab=151_936)}
 
 
 class PeakRSS:
@@ -72,11 +86,12 @@ def time_steps(step, params, repeats: int) -> tuple[float, float]:
     return sorted(times)[len(times) // 2], mem.peak
 
 
-def bench_model_path() -> Path:
+def bench_model_path(vocab: int | None = None) -> Path:
     from r1_mm.testing.tiny_models import TinySpec, tiny_model_path
 
     spec = TinySpec(hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=4, intermediate_size=512,
-                    vision_hidden_size=128, vision_depth=4, vision_heads=4, max_pixels=28 * 28 * 1280)
+                    vision_hidden_size=128, vision_depth=4, vision_heads=4, max_pixels=28 * 28 * 1280,
+                    model_vocab_size=vocab)
     return tiny_model_path(spec)
 
 
@@ -88,7 +103,7 @@ def make_inputs(case: str, processor, tmp: Path):
     from r1_mm.config import DataConfig, MediaConfig
     from r1_mm.data import PromptBuilder
 
-    if case == "long":
+    if CASES[case].image:
         img = Image.new("RGB", (896, 896))
         img.paste((200, 30, 30), (100, 100, 400, 400))
         img.save(tmp / "big.png")
@@ -100,7 +115,7 @@ def make_inputs(case: str, processor, tmp: Path):
     builder = PromptBuilder(processor, DataConfig(max_prompt_length=4096), media, tmp)
     sample = builder.prepare(row, 0)
     gen = torch.Generator().manual_seed(0)
-    completions = [torch.randint(0, 400, (COMPLETION_TOKENS,), generator=gen).tolist() for _ in range(G)]
+    completions = [torch.randint(0, 400, (CASES[case].completion_tokens,), generator=gen).tolist() for _ in range(G)]
     advantages = torch.randn(G, generator=gen)
     return sample, completions, advantages
 
@@ -116,20 +131,20 @@ def run_ours(model, ref, processor, sample, completions, advantages, optimizer):
         ref_logps, _ = grouped_logprobs(ref, pack_groups(ref, [dict(sample.inputs)], completions, G, pad))
     packed = pack_groups(model, [dict(sample.inputs)], completions, G, pad)
     logps, _ = grouped_logprobs(model, packed, with_entropy=True)
-    settings = LossSettings(loss_type="dapo", beta=BETA, epsilon_high=0.28, max_completion_length=COMPLETION_TOKENS)
+    settings = LossSettings(loss_type="dapo", beta=BETA, epsilon_high=0.28, max_completion_length=len(completions[0]))
     out = policy_loss(logps, logps.detach(), advantages, packed.completion_mask, settings, ref_logps=ref_logps)
     out.loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def trl_setup(model, processor, tmp: Path):
+def trl_setup(model, processor, tmp: Path, completion_tokens: int):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     config = GRPOConfig(output_dir=str(tmp / "trl"), use_cpu=True, bf16=False, report_to=[], loss_type="dapo",
                         beta=BETA, epsilon_high=0.28, num_generations=G, per_device_train_batch_size=G,
-                        max_completion_length=COMPLETION_TOKENS)
+                        max_completion_length=completion_tokens)
     trainer = GRPOTrainer(model=model, reward_funcs=[lambda completions, **_: [0.0] * len(completions)],
                           args=config, train_dataset=Dataset.from_list([{"prompt": "x"}] * G),
                           processing_class=processor)
@@ -179,14 +194,14 @@ def worker(case: str, impl: str, repeats: int) -> dict:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     torch.manual_seed(0)
-    path = bench_model_path()
+    path = bench_model_path(CASES[case].vocab)
     processor = AutoProcessor.from_pretrained(path)
     tmp = Path(tempfile.mkdtemp())
     sample, completions, advantages = make_inputs(case, processor, tmp)
     model = AutoModelForImageTextToText.from_pretrained(path)
     ref = AutoModelForImageTextToText.from_pretrained(path).eval().requires_grad_(False)
     if impl == "trl":
-        trainer = trl_setup(model, processor, tmp)
+        trainer = trl_setup(model, processor, tmp, CASES[case].completion_tokens)
         inputs = trl_inputs(sample, completions, advantages, processor)
         from trl.trainer.utils import add_fused_lm_head  # TRL scores the reference with its fused head too
 
@@ -198,7 +213,8 @@ def worker(case: str, impl: str, repeats: int) -> dict:
         params = model.parameters()
     seconds, peak = time_steps(step, params, repeats)
     return {"case": case, "impl": impl, "seconds": seconds, "peak_rss_mib": peak,
-            "prompt_tokens": int(sample.num_prompt_tokens),
+            "prompt_tokens": int(sample.num_prompt_tokens), "vocab": model.config.get_text_config().vocab_size,
+            "completion_tokens": CASES[case].completion_tokens,
             "visual_tokens": int(sample.inputs["image_grid_thw"].prod() // 4) if "image_grid_thw" in sample.inputs else 0,
             "torch_threads": torch.get_num_threads()}
 
@@ -212,9 +228,11 @@ def main() -> None:
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker[0], args.worker[1], args.repeats)))
         return
-    bench_model_path()  # build once before the workers race for it
+    cases = args.cases.split(",")
+    for vocab in {CASES[c].vocab for c in cases}:
+        bench_model_path(vocab)  # build once before the workers race for it
     results = {}
-    for case in args.cases.split(","):
+    for case in cases:
         for impl in ("trl", "r1-mm"):
             out = subprocess.run([sys.executable, __file__, "--worker", case, impl, "--repeats", str(args.repeats)],
                                  capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
@@ -222,15 +240,17 @@ def main() -> None:
             if out.returncode != 0 or not line:
                 sys.exit(f"worker {case}/{impl} failed:\n{out.stderr[-3000:]}")
             results[(case, impl)] = json.loads(line[0][7:])
-    print(f"GRPO learner step, G={G}, {COMPLETION_TOKENS}-token completions, beta={BETA}, median of "
-          f"{args.repeats}, {results[next(iter(results))]['torch_threads']} torch threads, CPU")
+    print(f"GRPO learner step, G={G}, beta={BETA}, median of {args.repeats}, "
+          f"{results[next(iter(results))]['torch_threads']} torch threads, CPU")
     print()
-    print("| case | prompt tokens (visual) | TRL s | r1-mm s | speed-up | TRL peak RSS MiB | r1-mm peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|")
-    for case in args.cases.split(","):
+    print("| case | vocabulary | prompt tokens (visual) | completion tokens | TRL s | r1-mm s | speed-up | "
+          "TRL peak RSS MiB | r1-mm peak RSS MiB | r1-mm / TRL memory |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for case in cases:
         t, o = results[(case, "trl")], results[(case, "r1-mm")]
-        print(f"| {case} | {o['prompt_tokens']} ({o['visual_tokens']}) | {t['seconds']:.3f} | {o['seconds']:.3f} | "
-              f"{t['seconds'] / o['seconds']:.2f}x | {t['peak_rss_mib']:.0f} | {o['peak_rss_mib']:.0f} |")
+        print(f"| {case} | {o['vocab']} | {o['prompt_tokens']} ({o['visual_tokens']}) | {o['completion_tokens']} | "
+              f"{t['seconds']:.3f} | {o['seconds']:.3f} | {t['seconds'] / o['seconds']:.2f}x | {t['peak_rss_mib']:.0f} | "
+              f"{o['peak_rss_mib']:.0f} | {o['peak_rss_mib'] / t['peak_rss_mib']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,18 +186,92 @@ def _video_pixel_range(n: int, cfg: MediaConfig) -> tuple[int, int]:
     return cfg.video_min_pixels, max_px
 
 
-def _decode_mp4(path: Path) -> tuple[list[np.ndarray], float]:
+# frames decoded and seeks made since import (benchmarks and tests read them: how much work a video cost)
+DECODE_STATS: Counter[str] = Counter()
+
+
+@dataclass
+class _Stream:
+    """What a container says of its first video stream, read without decoding a frame."""
+
+    total_frames: int
+    fps: float
+    time_base: float
+    start_pts: int
+    keyframes: list[tuple[int, int]]  # (frame index, pts) of every keyframe, in order
+
+    def index_of(self, pts: int) -> int:
+        return int(round((pts - self.start_pts) * self.time_base * self.fps))
+
+
+def _probe(container: Any, stream: Any) -> _Stream:
+    """Frame count and rate from the metadata; keyframe positions from one demux pass (packets are
+    read, never decoded), which is what makes seeking to a keyframe exact."""
+    fps = float(stream.average_rate or stream.guessed_rate or 0) or 0.0
+    time_base = float(stream.time_base) if stream.time_base else 0.0
+    start = int(stream.start_time or 0)
+    packets = 0
+    keyframes: list[int] = []
+    for packet in container.demux(stream):
+        if not packet.size:
+            continue
+        packets += 1
+        if packet.is_keyframe and packet.pts is not None:
+            keyframes.append(int(packet.pts))
+    container.seek(0)
+    total = int(stream.frames or 0) or packets
+    meta = _Stream(total_frames=total, fps=fps if fps > 0 else 1.0, time_base=time_base, start_pts=start, keyframes=[])
+    if fps > 0 and time_base > 0:
+        meta.keyframes = sorted((meta.index_of(pts), pts) for pts in keyframes)
+    return meta
+
+
+def _decode_indices(container: Any, stream: Any, meta: _Stream, wanted: list[int]) -> dict[int, np.ndarray]:
+    """The frames at ``wanted`` (sorted, repeats allowed) and no others kept in memory.
+
+    Frames are counted as a full decode counts them. When the keyframe before the next wanted frame
+    lies ahead of the decoder, it seeks there (decoding from a keyframe gives the same pixels) and
+    resumes the count from the keyframe's index.
+    """
+    kept: dict[int, np.ndarray] = {}
+    frames = container.decode(stream)
+    index = -1
+    last = None
+    for target in sorted(set(wanted)):
+        keyframe = next(((i, pts) for i, pts in reversed(meta.keyframes) if i <= target), None)
+        if keyframe is not None and keyframe[0] > index + 1:
+            container.seek(keyframe[1], stream=stream, backward=True, any_frame=False)
+            DECODE_STATS["seeks"] += 1
+            frames = container.decode(stream)
+            index = keyframe[0] - 1
+        for frame in frames:
+            DECODE_STATS["frames_decoded"] += 1
+            index += 1
+            last = frame
+            if index >= target:
+                kept[target] = frame.to_ndarray(format="rgb24")
+                break
+        else:  # the stream ended before the metadata's last frame: keep the last one decoded
+            if last is None:
+                break
+            kept[target] = last.to_ndarray(format="rgb24")
+    return kept
+
+
+def _frames_of_mp4(path: Path, cfg: MediaConfig) -> tuple[list[np.ndarray], list[int], int, float]:
+    """Sampled frames of a video file, decoded one at a time: memory holds only the kept ones."""
     import av
 
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        fps = float(stream.average_rate or stream.guessed_rate or 0) or 0.0
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-    if not frames:
+        stream.thread_type = "AUTO"
+        meta = _probe(container, stream)
+        n = choose_frame_count(meta.total_frames, meta.fps, cfg)
+        idx = sample_indices(meta.total_frames, n)
+        kept = _decode_indices(container, stream, meta, idx)
+    if not kept:
         raise ValueError("no decodable video frames")
-    if fps <= 0:
-        fps = 1.0
-    return frames, fps
+    return [kept[i] for i in idx], idx, meta.total_frames, meta.fps
 
 
 def _frames_from_refs(refs: Sequence[Any], root: Path | None, row: str | int | None) -> list[np.ndarray]:
@@ -233,7 +308,8 @@ def load_video(ref: Any, cfg: MediaConfig, *, factor: int, root: Path | None = N
                 frames = _frames_from_refs(files, None, row)
                 fps = frames_fps or cfg.fps
             else:
-                frames, fps = _decode_mp4(path)
+                sampled, idx, total, fps = _frames_of_mp4(path, cfg)
+                return _video_from_sampled(sampled, idx, total, fps, cfg, factor=factor, source=source, row=row)
         elif isinstance(ref, np.ndarray) and ref.ndim == 4:
             frames, fps = list(ref), frames_fps or cfg.fps
         elif isinstance(ref, (list, tuple)):
@@ -246,22 +322,23 @@ def load_video(ref: Any, cfg: MediaConfig, *, factor: int, root: Path | None = N
         raise
     except Exception as exc:  # PyAV / PIL errors on corrupt data
         raise MediaError(f"{type(exc).__name__}: {exc}", source=source, row=row) from exc
-
     total = len(frames)
-    n = choose_frame_count(total, fps, cfg)
-    idx = sample_indices(total, n)
+    idx = sample_indices(total, choose_frame_count(total, fps, cfg))
+    return _video_from_sampled([frames[i] for i in idx], idx, total, fps, cfg, factor=factor, source=source, row=row)
+
+
+def _video_from_sampled(sampled: list[np.ndarray], idx: list[int], total: int, fps: float, cfg: MediaConfig, *,
+                        factor: int, source: str, row: str | int | None) -> Video:
+    """The sampled frames resized to the recipe's per-frame budget, with their timing."""
+    n = len(idx)
     min_px, max_px = _video_pixel_range(n, cfg)
-    h0, w0 = frames[0].shape[:2]
+    h0, w0 = sampled[0].shape[:2]
     try:
         h, w = fit_to_budget(h0, w0, factor=factor, min_pixels=min_px, max_pixels=max_px)
     except ValueError as exc:
         raise MediaError(str(exc), source=source, row=row) from exc
-    kept = []
-    for i in idx:
-        frame = frames[i]
-        if frame.shape[:2] != (h, w):
-            frame = np.asarray(Image.fromarray(frame).resize((w, h), Image.Resampling.BICUBIC))
-        kept.append(frame)
+    kept = [frame if frame.shape[:2] == (h, w) else
+            np.asarray(Image.fromarray(frame).resize((w, h), Image.Resampling.BICUBIC)) for frame in sampled]
     duration = total / fps
     return Video(
         frames=np.stack(kept).astype(np.uint8),

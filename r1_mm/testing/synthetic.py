@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,23 +127,48 @@ def make_spatial_task(out_dir: str | Path, num_rows: int, *, seed: int = 0, size
     return write_jsonl(rows, out_dir / f"{name}.jsonl")
 
 
-def write_mp4(frames: np.ndarray, path: str | Path, fps: int) -> Path:
-    """Encode (T, H, W, 3) uint8 frames to an H.264 mp4 with PyAV (even sides required)."""
+def write_mp4(frames: Iterable[np.ndarray], path: str | Path, fps: int, *, keyframe_interval: int | None = None) -> Path:
+    """Encode uint8 (H, W, 3) frames (an array or any iterable, consumed one at a time, so long clips
+    never sit in memory) to an H.264 mp4 with PyAV (even sides required)."""
     import av
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18", "preset": "ultrafast"}
+        stream = None
         for arr in frames:
+            if stream is None:
+                stream = container.add_stream("libx264", rate=fps)
+                stream.width, stream.height = int(arr.shape[1]), int(arr.shape[0])
+                stream.pix_fmt = "yuv420p"
+                stream.options = {"crf": "18", "preset": "ultrafast",
+                                  **({"g": str(keyframe_interval)} if keyframe_interval else {})}
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")):
                 container.mux(packet)
+        if stream is None:
+            raise ValueError("no frames to encode")
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def clock_frames(duration_s: float, fps: int, *, height: int = 240, width: int = 320) -> Iterator[np.ndarray]:
+    """Frames that show their own index (a 12-bit pattern of 16x16 blocks on a moving gradient):
+    a decoder test can tell exactly which frame it got. Generated lazily, for clips of any length."""
+    xs = np.arange(width, dtype=np.int32)[None, :]
+    ys = np.arange(height, dtype=np.int32)[:, None]
+    for i in range(int(round(duration_s * fps))):
+        base = ((xs + ys + 3 * i) % 200).astype(np.uint8)
+        frame = np.repeat(base[:, :, None], 3, axis=2)
+        for bit in range(12):
+            y, x = 16 * (bit // 6), 16 * (bit % 6)
+            frame[y:y + 16, x:x + 16] = 255 if (i >> bit) & 1 else 0
+        yield frame
+
+
+def clock_index(frame: np.ndarray) -> int:
+    """The index :func:`clock_frames` drew into a (decoded, so slightly lossy) frame."""
+    return sum(1 << bit for bit in range(12) if frame[16 * (bit // 6) + 8, 16 * (bit % 6) + 8].mean() > 127)
 
 
 def event_video(duration_s: float, fps: int, start_s: float, end_s: float, *, colour: str = "red",
