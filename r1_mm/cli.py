@@ -32,6 +32,12 @@ def _cmd_rollout(argv: list[str]) -> int:
     return 0
 
 
+def _cmd_plan(argv: list[str]) -> int:
+    from r1_mm.planning import main
+
+    return main(argv)
+
+
 def make_demo_data(out: Path, rows: int, seed: int) -> Path:
     from r1_mm.testing.synthetic import make_counting_task
 
@@ -280,6 +286,7 @@ COMMANDS = {
     "eval": (_cmd_eval, "score a checkpoint on the eval split with the recipe's rewards"),
     "dpo": (_cmd_dpo, "preference-data tools (precompute-ref)"),
     "tpo": (_cmd_tpo, "build Temporal Preference Optimization pairs from video rows"),
+    "plan": (_cmd_plan, "estimate the memory per learner process of a recipe (before renting GPUs)"),
     "serve": (_cmd_serve, "run a vLLM server: critic (OpenAI-compatible) or rollout (vllm_pool)"),
 }
 

@@ -134,3 +134,33 @@ def test_hf_engine_prefills_once_per_prompt(tiny_path, synthetic_data, family):
     expected = ref[0, sample.inputs["input_ids"].shape[1]:].tolist()
     for c in out:
         assert c.token_ids == expected[: len(c.token_ids)]
+
+
+def test_hf_engine_logprobs_follow_the_sampling_distribution(tiny_path, synthetic_data):
+    """With temperature, top-k and top-p, each sampled token's logprob is the one under the warped
+    distribution generate sampled from (recorded a step at a time, never all steps' scores at once)."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    path = tiny_path("qwen2_5_vl")
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    data = synthetic_data["counting"]
+    sample = PromptBuilder(processor, DataConfig(), MediaConfig(), default_media_root(data)).prepare(read_rows(data)[0], 0)
+    sampling = SamplingSettings(max_tokens=8, temperature=0.7, top_k=20, top_p=0.9, seed=3)
+    completions = make_engine("hf", model=model, processor=processor).generate([sample], 3, sampling)[0].completions
+    banned = media_token_ids(model.config)
+    for c in completions:
+        full = torch.cat([sample.inputs["input_ids"], torch.tensor([c.token_ids])], dim=1)
+        types = torch.cat([sample.inputs["mm_token_type_ids"], torch.zeros(1, len(c.token_ids), dtype=torch.long)], 1)
+        with torch.no_grad():
+            logits = model(input_ids=full, attention_mask=torch.ones_like(full), mm_token_type_ids=types,
+                           pixel_values=sample.inputs["pixel_values"], image_grid_thw=sample.inputs["image_grid_thw"]).logits
+        p = sample.inputs["input_ids"].shape[1]
+        expected = []
+        for k, token in enumerate(c.token_ids):
+            scores = logits[:, p - 1 + k].float().clone()
+            scores[:, banned] = float("-inf")
+            for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.9)):
+                scores = warper(full[:, :p + k], scores)
+            expected.append(float(torch.log_softmax(scores, -1)[0, token]))
+        assert c.logprobs == pytest.approx(expected, abs=1e-4)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from r1_mm.data.prompts import Sample
 from r1_mm.rollout.base import (
@@ -48,6 +49,45 @@ def _shared_prefill(model: torch.nn.Module, inputs: Any, n: int) -> Any:
 _PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
+class SampledLogprobs(LogitsProcessor):
+    """log p(sampled token) under the distribution ``generate`` samples from, one (rows x vocabulary)
+    step at a time.
+
+    Why not ``output_scores``: it keeps every step's (rows x vocabulary) scores, 2.5 GB for 8 x 512
+    tokens at Qwen2.5-VL's vocabulary (and as much again for their log-softmax). Custom processors run
+    after transformers' own (token suppression, repetition penalty) and before its sampling warpers,
+    so this one applies transformers' own temperature / top-k / top-p warpers to a copy, keeps that
+    step's log-softmax, and reads the sampled token's entry at the next step (from ``input_ids``).
+    """
+
+    def __init__(self, sampling: SamplingSettings):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.warpers = LogitsProcessorList()
+        if not sampling.greedy:
+            if sampling.temperature != 1.0:
+                self.warpers.append(TemperatureLogitsWarper(sampling.temperature))
+            if sampling.top_k:
+                self.warpers.append(TopKLogitsWarper(sampling.top_k))
+            if sampling.top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(sampling.top_p))
+        self.previous: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.previous = torch.log_softmax(self.warpers(input_ids, scores.float().clone()), dim=-1)
+        return scores
+
+    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        """(rows, steps) logprobs, given the tokens sampled at the last step."""
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(-1, last_tokens[:, None]).squeeze(-1))
+            self.previous = None
+        return torch.stack(self.steps, dim=1)
+
+
 @register_engine("hf")
 class HFRolloutEngine(RolloutEngine):
     name = "hf"
@@ -71,7 +111,7 @@ class HFRolloutEngine(RolloutEngine):
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_tokens,
-                                      return_dict_in_generate=True, output_scores=True, pad_token_id=pad,
+                                      return_dict_in_generate=True, pad_token_id=pad,
                                       eos_token_id=sorted(eos), use_cache=True,
                                       suppress_tokens=media_token_ids(model.config) or None)
         if sampling.greedy:
@@ -86,12 +126,12 @@ class HFRolloutEngine(RolloutEngine):
                 inputs = sample.inputs.to(next(model.parameters()).device)
                 ids, mask = inputs["input_ids"], inputs["attention_mask"]
                 cache = _shared_prefill(model, inputs, n)
+                recorder = SampledLogprobs(sampling)
                 out = model.generate(input_ids=ids.repeat(n, 1), attention_mask=mask.repeat(n, 1),
-                                     past_key_values=cache, **kwargs)
+                                     past_key_values=cache, logits_processor=LogitsProcessorList([recorder]), **kwargs)
                 prompt_len = ids.shape[1]
                 sequences = out.sequences[:, prompt_len:]
-                logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)
-                token_logprobs = logprobs.gather(-1, sequences.unsqueeze(-1)).squeeze(-1)
+                token_logprobs = recorder.finish(sequences[:, -1])
                 completions = []
                 for row in range(sequences.shape[0]):
                     ids = sequences[row].tolist()

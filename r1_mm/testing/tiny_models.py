@@ -312,15 +312,24 @@ def tiny_model_path(spec: TinySpec | None = None, cache_dir: str | Path | None =
 
 
 def parse_tiny_name(name: str, seed: int = 0) -> TinySpec:
-    """``tiny:qwen2_5_vl`` / ``tiny:qwen2_vl:small`` -> TinySpec."""
+    """``tiny:qwen2_5_vl`` / ``tiny:qwen2_vl:small`` / ``tiny:qwen2_5_vl:vocab=151936`` -> TinySpec.
+
+    ``vocab=N`` pads the embedding and LM head to N rows (the real checkpoints' size) for runs that
+    must see the memory and time of a real vocabulary."""
     parts = name.split(":")
     if parts[0] != "tiny" or len(parts) < 2:
-        raise ValueError(f"'{name}' is not a tiny model name (expected tiny:<family>[:small])")
+        raise ValueError(f"'{name}' is not a tiny model name (expected tiny:<family>[:small][:vocab=N])")
     family = parts[1]
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny model family '{family}' in '{name}'; known: {', '.join(FAMILIES)}")
     flags = set(parts[2:])
+    vocab = None
+    for flag in [f for f in flags if f.startswith("vocab=")]:
+        flags.discard(flag)
+        if not flag[6:].isdigit():
+            raise ValueError(f"tiny model option '{flag}' in '{name}' needs a number, e.g. vocab=151936")
+        vocab = int(flag[6:])
     unknown = flags - {"small"}
     if unknown:
-        raise ValueError(f"unknown tiny model option(s) {sorted(unknown)} in '{name}'; known: small")
-    return TinySpec(family=family, small_vocab="small" in flags, seed=seed)
+        raise ValueError(f"unknown tiny model option(s) {sorted(unknown)} in '{name}'; known: small, vocab=N")
+    return TinySpec(family=family, small_vocab="small" in flags, seed=seed, model_vocab_size=vocab)

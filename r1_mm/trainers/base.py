@@ -21,6 +21,18 @@ from r1_mm.trainers.backend import Learner, build_learner, load_reference_state
 log = logging.getLogger(__name__)
 
 
+def memory_metrics() -> dict[str, float]:
+    """This process's peak memory so far: resident set (CPU) and CUDA allocations (GPU)."""
+    import resource
+
+    import torch
+
+    out = {"memory/peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["memory/cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
 class BaseTrainer:
     name = "base"
 
@@ -129,6 +141,7 @@ class BaseTrainer:
                 metrics = self.train_step()
                 metrics.setdefault("time/step_s", time.time() - t0)
                 metrics.update(self.stream.report.counts())
+                metrics.update(memory_metrics())
                 if self.step % cfg.logging.logging_steps == 0 or self.step == cfg.training.max_steps - 1:
                     self.metrics.log(metrics, self.step)
                     self.on_logged()
