@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from r1_mm.config import RecipeConfig, accumulation
 
