@@ -172,7 +172,7 @@ def plan(cfg: RecipeConfig, *, gpus: int, zero_stage: int, mixed_bf16: bool = Fa
         ("float32 master + 2 AdamW states (DeepSpeed bf16)" if mixed_bf16 and zero_stage >= 1 else "2 AdamW states")
         + (", sharded" if zero_stage >= 1 else ""))
 
-    steps, micro = accumulation(cfg.training)
+    _, micro = accumulation(cfg.training)
     prompt, completion = cfg.data.max_prompt_length, cfg.rollout.max_completion_length
     packed = prompt + g * completion if cfg.training.forward_mode == "grouped" else g * (prompt + completion)
     tokens = micro * packed
