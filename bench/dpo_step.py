@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from grpo_step import CASES, bench_model_path, make_inputs, time_steps  # noqa: E402
+from grpo_step import CASES, bench_model_path, make_inputs, run_workers, time_steps  # noqa: E402
 
 BETA = 0.1
 PROMPTS = {"toy": "long", "real": "real"}  # the GRPO bench case whose prompt, vocabulary and lengths are used
@@ -111,15 +109,7 @@ def main() -> None:
     cases = args.cases.split(",")
     for case in cases:
         bench_model_path(CASES[PROMPTS[case]].vocab)
-    results = {}
-    for case in cases:
-        for impl in ("trl", "r1-mm"):
-            out = subprocess.run([sys.executable, __file__, "--worker", case, impl, "--repeats", str(args.repeats)],
-                                 capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-            if out.returncode != 0 or not line:
-                sys.exit(f"worker {case}/{impl} failed:\n{out.stderr[-3000:]}")
-            results[(case, impl)] = json.loads(line[0][7:])
+    results = run_workers(__file__, [(case, impl) for case in cases for impl in ("trl", "r1-mm")], args.repeats)
     print(f"DPO learner step, 1 pair, median of {args.repeats}, CPU\n")
     print("| case | vocabulary | prompt tokens | response tokens | TRL s | r1-mm s | speed-up | TRL peak RSS MiB | "
           "r1-mm peak RSS MiB | r1-mm / TRL memory |")

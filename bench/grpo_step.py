@@ -219,6 +219,20 @@ def worker(case: str, impl: str, repeats: int) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+def run_workers(script: str, jobs: list[tuple[str, str]], repeats: int) -> dict[tuple[str, str], dict]:
+    """Each (first, second) job in a process of its own (``script --worker first second``), so its peak
+    memory is its own; returns each worker's RESULT line."""
+    results = {}
+    for job in jobs:
+        out = subprocess.run([sys.executable, script, "--worker", *job, "--repeats", str(repeats)],
+                             capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        if out.returncode != 0 or not line:
+            sys.exit(f"worker {'/'.join(job)} failed:\n{out.stderr[-3000:]}")
+        results[job] = json.loads(line[0][7:])
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
@@ -231,15 +245,7 @@ def main() -> None:
     cases = args.cases.split(",")
     for vocab in {CASES[c].vocab for c in cases}:
         bench_model_path(vocab)  # build once before the workers race for it
-    results = {}
-    for case in cases:
-        for impl in ("trl", "r1-mm"):
-            out = subprocess.run([sys.executable, __file__, "--worker", case, impl, "--repeats", str(args.repeats)],
-                                 capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-            if out.returncode != 0 or not line:
-                sys.exit(f"worker {case}/{impl} failed:\n{out.stderr[-3000:]}")
-            results[(case, impl)] = json.loads(line[0][7:])
+    results = run_workers(__file__, [(case, impl) for case in cases for impl in ("trl", "r1-mm")], args.repeats)
     print(f"GRPO learner step, G={G}, beta={BETA}, median of {args.repeats}, "
           f"{results[next(iter(results))]['torch_threads']} torch threads, CPU")
     print()
