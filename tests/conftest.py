@@ -64,3 +64,17 @@ def synthetic_data(tmp_path_factory) -> dict[str, Path]:
         "events": synthetic.make_event_video_task(root, 4, seed=3),
         "multi_image": synthetic.make_multi_image_task(root, 4, seed=4),
     }
+
+
+def assert_same_updates(whole: dict, split: dict, start: dict) -> None:
+    """Two runs made the same weight updates, as far as AdamW lets float noise show: on parameters whose
+    true gradient is ~0, g / sqrt(v) turns summation-order noise into updates of up to the learning
+    rate. So: nearly every element (all but 0.1%) within 0.1% of the largest change training made, and
+    none off by more than 10% of it. (The gradients themselves are compared through train/grad_norm.)"""
+    import torch
+
+    moved = max(float((whole[k] - start[k]).abs().max()) for k in whole)
+    assert moved > 1e-3, moved
+    diffs = torch.cat([(split[k] - whole[k]).abs().flatten() for k in whole])
+    assert float(diffs.max()) < 0.1 * moved, (float(diffs.max()), moved)
+    assert float((diffs > 1e-3 * moved).float().mean()) < 1e-3, (float((diffs > 1e-3 * moved).float().mean()), moved)

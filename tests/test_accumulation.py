@@ -16,7 +16,7 @@ from r1_mm.trainers.losses import LossNorm, LossSettings, policy_loss
 from r1_mm.trainers.preference import PreferenceTrainer
 from r1_mm.trainers.preference_losses import PreferenceLossSettings, PreferenceNorm, preference_loss
 
-from .conftest import REPO
+from .conftest import REPO, assert_same_updates
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
@@ -75,15 +75,6 @@ def _grpo(tmp_path, data, name, *extra):
 
 def _final(run) -> dict[str, torch.Tensor]:
     return load_file(run / "checkpoints" / "step-000002" / "model" / "model.safetensors")
-
-
-def assert_same_updates(whole: dict[str, torch.Tensor], split: dict[str, torch.Tensor], start: dict[str, torch.Tensor]):
-    """Equal weights, up to float noise that Adam's g / sqrt(v) amplifies on near-zero gradients: the
-    largest difference must be under 0.1% of the largest change training made."""
-    moved = max(float((whole[k] - start[k]).abs().max()) for k in whole)
-    assert moved > 1e-3
-    worst = max(float((split[k] - whole[k]).abs().max()) for k in whole)
-    assert worst < 1e-3 * moved, (worst, moved)
 
 
 def _start(tiny_cache) -> dict[str, torch.Tensor]:
