@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ def worker(loader: str, path: str, repeats: int) -> dict:
 
     from r1_mm import media
     from r1_mm.config import MediaConfig
+    from r1_mm.memory import peak_rss_bytes
 
     cfg = MediaConfig(nframes=FRAMES, video_max_pixels=640 * 480, video_total_pixels=10**10)
 
@@ -39,7 +39,7 @@ def worker(loader: str, path: str, repeats: int) -> dict:
             return media.load_video(path, cfg, factor=2).frames  # factor 2: no resize, the raw decode is timed
         return np.asarray(load_video(path, num_frames=FRAMES, backend="pyav")[0])
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = peak_rss_bytes()
     decode()  # warm-up: lazy imports and first-call setup stay out of the timing (not of the memory)
     media.DECODE_STATS.clear()
     times = []
@@ -48,7 +48,7 @@ def worker(loader: str, path: str, repeats: int) -> dict:
         frames = decode()
         times.append(time.perf_counter() - t0)
         assert frames.shape[0] == FRAMES
-    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    grown = peak_rss_bytes() - before
     out = {"loader": loader, "seconds": sorted(times)[len(times) // 2], "peak_growth_mib": grown / 2**20}
     if loader == "r1-mm":
         out["frames_decoded"] = media.DECODE_STATS["frames_decoded"] / repeats

@@ -149,7 +149,8 @@ def test_layers_get_the_layout_not_a_mask(tiny_path, synthetic_data):
 
 
 LONG_PROMPT = """
-import json, resource, sys, torch
+import json, sys, torch
+from r1_mm.memory import peak_rss_bytes
 from transformers import AutoModelForImageTextToText
 from r1_mm.trainers.grouped_forward import grouped_logprobs, pack_groups
 P, G, C = {p}, 8, 64
@@ -157,11 +158,11 @@ model = AutoModelForImageTextToText.from_pretrained({path!r}, attn_implementatio
 ids = torch.randint(0, 400, (1, P), generator=torch.Generator().manual_seed(0))
 prompt = {{"input_ids": ids, "attention_mask": torch.ones_like(ids)}}
 comps = [torch.randint(0, 400, (C,)).tolist() for _ in range(G)]
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = peak_rss_bytes()
 packed = pack_groups(model, [prompt], comps, G, 0)
 logps, _ = grouped_logprobs(model, packed, with_entropy=True)
 logps.sum().backward()
-grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+grown = peak_rss_bytes() - before
 print(json.dumps({{"grown": grown, "tokens": packed.input_ids.shape[1], "finite": bool(torch.isfinite(logps).all())}}))
 """
 

@@ -67,7 +67,11 @@ def test_estimate_is_within_30_percent_of_a_measured_cpu_run(tmp_path, synthetic
     recipe.write_text(RECIPE.format(g=g, c=c, plugin=REPO / "tests" / "plugins" / "test_rewards.py"))
     overrides = [f"model.name_or_path={model}", f"data.train_path={synthetic_data['counting']}",
                  f"training.output_dir={tmp_path / 'run'}"]
-    env = {**os.environ, "R1MM_CACHE": str(tiny_cache.parent)}
+    # a clean environment: what earlier tests left in this process's environment (service sockets, library
+    # paths, logging levels of engines they started) must not change what the run under measurement loads
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "TMPDIR", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "WANDB_MODE")
+           if k in os.environ}
+    env["R1MM_CACHE"] = str(tiny_cache.parent)
     estimate = subprocess.run([str(BIN / "r1-mm"), "plan", str(recipe), *overrides, "--cpu", "--json"], env=env,
                               capture_output=True, text=True, timeout=300)
     assert estimate.returncode == 0, estimate.stderr[-2000:]
@@ -79,3 +83,21 @@ def test_estimate_is_within_30_percent_of_a_measured_cpu_run(tmp_path, synthetic
     measured = max(m["memory/peak_rss_mib"] for m in metrics) * 2**20
     assert min(m["completions/mean_length"] for m in metrics) > 0.8 * c  # the shapes the estimate assumes
     assert abs(planned - measured) / measured < 0.30, (planned / GIB, measured / GIB)
+
+
+INHERIT = """
+import subprocess, sys
+ballast = bytearray(600 * 2**20)  # the parent holds 600 MiB when it starts the child
+for i in range(0, len(ballast), 4096):
+    ballast[i] = 1
+child = "import resource; from r1_mm.memory import peak_rss_bytes; print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True).stdout)
+"""
+
+
+def test_peak_memory_is_the_process_own():
+    """ru_maxrss survives fork + exec on Linux (a child of a big test runner reports the runner's peak);
+    the measure the runs log does not."""
+    proc = subprocess.run([sys.executable, "-c", INHERIT], capture_output=True, text=True, timeout=120)
+    own, inherited = map(int, proc.stdout.split())
+    assert inherited > 600 * 2**20 and own < 300 * 2**20, (own, inherited)

@@ -61,13 +61,14 @@ def test_sampled_frames_are_the_full_decodes(clips, name, frames):
 
 
 MEMORY = """
-import json, resource, sys
+import json, sys
+from r1_mm.memory import peak_rss_bytes
 from r1_mm import media
 from r1_mm.config import MediaConfig
 from r1_mm.media import load_video
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = peak_rss_bytes()
 video = load_video(sys.argv[1], MediaConfig(nframes=16, video_max_pixels=320 * 240, video_total_pixels=10**9), factor=28)
-grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+grown = peak_rss_bytes() - before
 print(json.dumps({"grown": grown, "frames": video.num_frames, "seconds": video.duration}))
 """
 

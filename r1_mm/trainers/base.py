@@ -4,30 +4,33 @@ and the step loop. Subclasses implement ``train_step`` (one optimizer step, retu
 from __future__ import annotations
 
 import logging
+import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from r1_mm import run_info
-from r1_mm.checkpoint import REFERENCE_FILE, CheckpointManager
-from r1_mm.config import RecipeConfig, dump_recipe
+from r1_mm import input_checks, run_folder, run_info
+from r1_mm.checkpoint import REFERENCE_FILE, STATE_FILE, CheckpointManager, damage
+from r1_mm.config import ConfigError, RecipeConfig, dump_recipe
 from r1_mm.data import PromptStream
+from r1_mm.models import load_processor
 from r1_mm.preflight import preflight
 from r1_mm.tracking import MetricsLogger
-from r1_mm.trainers.backend import Learner, build_learner, load_reference_state
+from r1_mm.trainers.backend import Learner, build_learner, load_reference_state, make_accelerator
 
 log = logging.getLogger(__name__)
 
 
 def memory_metrics() -> dict[str, float]:
     """This process's peak memory so far: resident set (CPU) and CUDA allocations (GPU)."""
-    import resource
-
     import torch
 
-    out = {"memory/peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    from r1_mm.memory import peak_rss_bytes
+
+    out = {"memory/peak_rss_mib": peak_rss_bytes() / 2**20}
     if torch.cuda.is_available():
         out["memory/cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -38,37 +41,84 @@ class BaseTrainer:
 
     def __init__(self, cfg: RecipeConfig, *, need_reference: bool):
         self.cfg = cfg
-        preflight(cfg)  # machine/launch problems stop the run here, before any weights load
-        self.learner: Learner = build_learner(cfg, need_reference=need_reference)
-        acc = self.learner.accelerator
-        self.processor = self.learner.processor
+        # everything that can be wrong with the machine, the recipe or the data is found before weights load
+        input_checks.check(cfg)
+        preflight(cfg)
+        acc = make_accelerator(cfg)
+        self.processor = load_processor(cfg.model)
         self.pad_id = self.processor.tokenizer.pad_token_id
         self.stream = PromptStream.from_config(self.processor, cfg.data, cfg.media, seed=cfg.training.seed,
                                                shard=(acc.process_index, acc.num_processes))
+        input_checks.check(cfg, self.stream.rows)
         self.run_dir = Path(cfg.training.output_dir)
-        self.checkpoints = CheckpointManager(self.run_dir, keep=cfg.training.save_total_limit)
-        self.step = 0
         self.resume_path = self._resume_path()
         self.resumed_state: dict[str, Any] = {}
         if self.resume_path is not None:
             self.resumed_state = CheckpointManager.read_state(self.resume_path)
+        self.lock = self._claim_run_folder(acc)
+        self.run_id = self.resumed_state.get("run_id") or uuid.uuid4().hex[:12]
+        self.checkpoints = CheckpointManager(self.run_dir, keep=cfg.training.save_total_limit, run_id=self.run_id)
+        self.step = 0
+        self.learner: Learner = build_learner(cfg, need_reference=need_reference, accelerator=acc,
+                                              processor=self.processor)
         if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.resolved.yaml").write_text(dump_recipe(cfg))
+            if self.resume_path is not None:
+                run_folder.truncate_logs(self.run_dir, int(self.resumed_state["step"]))
         self.metrics = MetricsLogger(cfg, self.run_dir, is_main_process=acc.is_main_process,
-                                     resume=self.resume_path is not None,
-                                     start_step=self.resumed_state.get("step"))
+                                     resume=self.resume_path is not None)
+        self._stop_signal: int | None = None
+
+    def _claim_run_folder(self, acc: Any) -> run_folder.RunLock | None:
+        """The main process locks the folder and clears an old run (when allowed); every process learns
+        the outcome, so a refused run stops everywhere instead of leaving ranks waiting on a collective."""
+        from accelerate.utils import broadcast_object_list
+
+        lock, error = None, None
+        if acc.is_main_process:
+            try:
+                lock = run_folder.RunLock(self.run_dir)
+                if self.resume_path is None and self.cfg.training.resume_from == "latest" \
+                        and run_folder.run_files(self.run_dir) and not self.cfg.training.overwrite_output_dir:
+                    raise ConfigError(f"training.resume_from=latest: no checkpoint to resume in {self.run_dir / 'checkpoints'}"
+                                      f", but the folder holds an earlier run's files ({', '.join(run_folder.run_files(self.run_dir))});"
+                                      " set training.overwrite_output_dir=true to start over, or choose another output_dir")
+                run_folder.prepare(self.run_dir, resuming=self.resume_path is not None,
+                                   overwrite=self.cfg.training.overwrite_output_dir)
+            except ConfigError as exc:
+                error = str(exc)
+                if lock is not None:
+                    lock.release()
+                    lock = None
+        if acc.num_processes > 1:
+            shared = [error]
+            broadcast_object_list(shared, from_process=0)
+            error = shared[0]
+        if error:
+            raise ConfigError(error)
+        if self.cfg.training.resume_from == "latest" and self.resume_path is None and acc.is_main_process:
+            log.info("training.resume_from=latest: no checkpoint yet in %s, starting a fresh run", self.run_dir)
+        return lock
 
     # -- resume ---------------------------------------------------------------------------------
     def _resume_path(self) -> Path | None:
+        """The checkpoint to resume: the newest intact one for ``latest`` (damaged newer ones are named
+        and passed over), or the given folder, which must be intact."""
         want = self.cfg.training.resume_from
         if not want:
             return None
         if want == "latest":
-            return self.checkpoints.latest()  # None: a fresh run (first launch of a resumable job)
+            path, skipped = CheckpointManager(self.run_dir).latest_intact()
+            for why in skipped:
+                log.warning("training.resume_from=latest: checkpoint %s is damaged, falling back to an older one", why)
+            return path  # None: a fresh run (first launch of a resumable job)
         path = Path(want)
-        if not (path / "trainer_state.json").exists():
-            raise FileNotFoundError(f"training.resume_from: {path} is not a checkpoint (no trainer_state.json)")
+        if not (path / STATE_FILE).exists():
+            raise ConfigError(f"training.resume_from: {path} is not a checkpoint (no {STATE_FILE}); give a "
+                              "checkpoints/step-N folder or 'latest'")
+        why = damage(path)
+        if why is not None:
+            raise ConfigError(f"training.resume_from: checkpoint {path} is damaged ({why}); give an older one or 'latest'")
         return path
 
     def _resume(self) -> None:
@@ -127,7 +177,27 @@ class BaseTrainer:
                      info["distributed_type"], info["device"], info["num_processes"], info["zero_stage"],
                      info["attn_implementation"])
 
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_signal is not None:  # a second Ctrl-C: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        log.warning("%s received: finishing step %d, then saving a checkpoint (send it again to stop at once)",
+                    signal.Signals(signum).name, self.step)
+
+    def _stop_requested(self) -> int | None:
+        """The signal any process received, agreed by all (the checkpoint is collective)."""
+        import torch
+
+        acc = self.learner.accelerator
+        flag = torch.tensor([float(self._stop_signal or 0)], device=acc.device)
+        if acc.num_processes > 1:
+            flag = acc.reduce(flag, reduction="max")
+        return int(flag.item()) or None
+
     def train(self) -> Path:
+        """Train to max_steps. SIGTERM / SIGINT (a scheduler's pre-emption, Ctrl-C) end the current step,
+        save a checkpoint, release the engines (and their shared memory) and raise
+        :class:`TrainingInterrupted` naming the checkpoint to resume from."""
         cfg = self.cfg
         acc = self.learner.accelerator
         self.write_run_info()
@@ -135,6 +205,8 @@ class BaseTrainer:
             self._resume()
         bar = tqdm(range(self.step, cfg.training.max_steps), desc=self.name,
                    disable=not (cfg.logging.progress_bar and acc.is_main_process))
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        interrupted: tuple[int, Path] | None = None
         try:
             for self.step in bar:
                 t0 = time.time()
@@ -146,13 +218,33 @@ class BaseTrainer:
                     self.metrics.log(metrics, self.step)
                     self.on_logged()
                 bar.set_postfix(**self.progress(metrics))
+                stop = self._stop_requested()
+                if stop is not None:
+                    interrupted = (stop, self.save(self.step + 1))
+                    break
                 if cfg.training.save_steps and (self.step + 1) % cfg.training.save_steps == 0:
                     self.save(self.step + 1)
-            self.step = cfg.training.max_steps
-            final = self.save()
+            else:
+                self.step = cfg.training.max_steps
+                final = self.save()
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.metrics.close()
             self.close()
+            if self.lock is not None:
+                self.lock.release()
+        if interrupted is not None:
+            raise TrainingInterrupted(*interrupted)
         if acc.is_main_process:
             log.info("training finished; last checkpoint %s", final)
         return self.run_dir
+
+
+class TrainingInterrupted(RuntimeError):
+    """A run stopped by a signal after saving a checkpoint."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        self.signum, self.checkpoint = signum, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} after saving {checkpoint}; resume with "
+                         f"training.resume_from=latest (or training.resume_from={checkpoint})")
