@@ -37,10 +37,45 @@ def export_model(model: Any, weights: dict[str, Any], out_dir: Path) -> None:
     unwrap(model).save_pretrained(out_dir, state_dict=weights, safe_serialization=True)
 
 
+MANIFEST_FILE = "manifest.json"
+
+
+def write_manifest(folder: Path) -> None:
+    """Every file of a finished checkpoint with its size: a later resume can tell a damaged one."""
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / MANIFEST_FILE).write_text(json.dumps(files, indent=0))
+
+
+def damage(folder: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (None when it is intact)."""
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"{STATE_FILE} unreadable ({type(exc).__name__})"
+    if not isinstance(state, dict) or "step" not in state:
+        return f"{STATE_FILE} has no step"
+    manifest = folder / MANIFEST_FILE
+    if not manifest.exists():
+        return None  # written before manifests existed: trusted as before
+    try:
+        files = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"{MANIFEST_FILE} unreadable"
+    for name, size in files.items():
+        path = folder / name
+        if not path.exists():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
 class CheckpointManager:
-    def __init__(self, run_dir: str | Path, keep: int = 2):
+    def __init__(self, run_dir: str | Path, keep: int = 2, run_id: str | None = None):
+        """``run_id``: retention deletes only checkpoints this run wrote (or checkpoints of a run it resumed)."""
         self.root = Path(run_dir) / "checkpoints"
         self.keep = max(1, keep)
+        self.run_id = run_id
 
     def all(self) -> list[Path]:
         if not self.root.exists():
@@ -50,6 +85,29 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         found = self.all()
         return found[-1] if found else None
+
+    def latest_intact(self) -> tuple[Path | None, list[str]]:
+        """The newest checkpoint that is whole, and why each newer one was passed over."""
+        skipped = []
+        for path in reversed(self.all()):
+            why = damage(path)
+            if why is None:
+                return path, skipped
+            skipped.append(f"{path.name}: {why}")
+        return None, skipped
+
+    def _own(self, path: Path) -> bool:
+        try:
+            return self.read_state(path).get("run_id") == self.run_id
+        except (OSError, json.JSONDecodeError):
+            return False
+
+    def prune(self) -> list[Path]:
+        """Keep this run's newest ``keep`` checkpoints; never touch another run's. Returns what was deleted."""
+        own = [p for p in self.all() if self._own(p)]
+        for old in own[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return own[:-self.keep]
 
     def save(self, learner: Any, step: int, trainer_state: dict[str, Any], *, save_reference: bool = False) -> Path:
         """``save_reference``: also store the reference weights (only needed once they moved)."""
@@ -67,17 +125,18 @@ class CheckpointManager:
         acc.save_state(output_dir=str(tmp))
         weights = export_weights(learner.unwrapped)  # gathers ZeRO-3 shards (collective), LoRA merged
         reference = reference_state_dict(learner) if save_reference and learner.reference is not None else None
+        acc.wait_for_everyone()  # every process's state files are written before the manifest lists them
         if acc.is_main_process:
             if reference is not None:
                 save_file(reference, str(tmp / REFERENCE_FILE))
             export_model(learner.unwrapped, weights, tmp / "model")
             learner.processor.save_pretrained(tmp / "model")
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "run_id": self.run_id, **trainer_state}, indent=1))
+            write_manifest(tmp)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
-            for old in self.all()[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            self.prune()
         acc.wait_for_everyone()
         return final
 

@@ -56,7 +56,9 @@ def _cmd_demo(argv: list[str]) -> int:
     out = Path(args.out)
     data = make_demo_data(out / "data", args.rows, seed=0)
     print(f"demo: synthetic data in {data}")
-    overrides = [f"data.train_path={data}", f"training.output_dir={out}", *args.overrides]
+    # the demo is meant to be run again: each run replaces the previous one's files (the data stay)
+    overrides = [f"data.train_path={data}", f"training.output_dir={out}", "training.overwrite_output_dir=true",
+                 *args.overrides]
     if "rollout" in Path(args.recipe).stem:
         return _cmd_rollout([args.recipe, *overrides])
     code = _cmd_train([args.recipe, *overrides])

@@ -185,6 +185,8 @@ class AlgorithmConfig:
 @dataclass
 class TrainingConfig:
     output_dir: str = "runs/default"
+    # a fresh run refuses a folder that holds another run's files; true deletes them first
+    overwrite_output_dir: bool = False
     seed: int = 0
     max_steps: int = 10
     prompts_per_step: int = 2  # per process and optimizer step (rollouts are sampled for all of them at once)
@@ -337,7 +339,10 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.sub=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
     return key.strip().split("."), value
 
 
@@ -381,6 +386,10 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
                         f"data.max_prompt_length + rollout.max_completion_length ({needed}): vLLM would reject "
                         "the longest prompts the data allows")
     problems += _accumulation_problems(cfg.training)
+    problems += _bound_problems(cfg)
+    if cfg.algorithm.name in ("grpo", "iterative_dpo") and cfg.rollout.temperature == 0:
+        problems.append(f"rollout.temperature is 0 (greedy): the {cfg.rollout.num_generations} samples of each prompt "
+                        f"would all be the same answer and {cfg.algorithm.name} would learn nothing; use a temperature > 0")
     if cfg.model.attn_implementation.startswith("flash_attention") and cfg.model.dtype == "float32":
         problems.append(f"model.attn_implementation={cfg.model.attn_implementation} needs model.dtype bfloat16 or "
                         "float16 (flash-attention has no float32 kernels); or use attn_implementation=sdpa")
@@ -394,6 +403,67 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     if problems:
         raise ConfigError("invalid recipe: " + "; ".join(problems))
     return cfg
+
+
+# (field, lowest allowed, inclusive, highest allowed, inclusive): numbers a run cannot use, found at load
+_BOUNDS: list[tuple[str, float | None, bool, float | None, bool]] = [
+    ("rollout.num_generations", 1, True, None, False),
+    ("rollout.max_completion_length", 1, True, None, False),
+    ("rollout.temperature", 0, True, None, False),  # 0 = greedy (one answer per prompt: TPO pair building)
+    ("rollout.top_p", 0, False, 1, True),
+    ("rollout.top_k", 1, True, None, False),
+    ("rollout.repetition_penalty", 0, False, None, False),
+    ("rollout.vllm_gpu_memory_utilization", 0, False, 1, True),
+    ("rollout.pool_size", 1, True, None, False),
+    ("rollout.weight_sync_bucket_mb", 1, True, None, False),
+    ("algorithm.epsilon", 0, False, None, False),
+    ("algorithm.num_iterations", 1, True, None, False),
+    ("algorithm.max_resample_rounds", 0, True, None, False),
+    ("algorithm.ref_sync_steps", 1, True, None, False),
+    ("algorithm.ref_sync_mix_alpha", 0, False, 1, True),
+    ("algorithm.rollout_is_cap", 0, False, None, False),
+    ("algorithm.dpo_beta", 0, False, None, False),
+    ("algorithm.label_smoothing", 0, True, 0.5, False),
+    ("algorithm.nll_weight", 0, True, None, False),
+    ("algorithm.round_prompts", 1, True, None, False),
+    ("training.max_steps", 1, True, None, False),
+    ("training.learning_rate", 0, True, None, False),
+    ("training.weight_decay", 0, True, None, False),
+    ("training.warmup_steps", 0, True, None, False),
+    ("training.warmup_ratio", 0, True, 1, False),
+    ("training.max_grad_norm", 0, True, None, False),
+    ("training.save_steps", 1, True, None, False),
+    ("training.save_total_limit", 1, True, None, False),
+    ("training.eval_steps", 1, True, None, False),
+    ("training.eval_samples", 1, True, None, False),
+    ("training.eval_batch_size", 1, True, None, False),
+    ("training.max_nonfinite_steps", 1, True, None, False),
+    ("logging.logging_steps", 1, True, None, False),
+    ("logging.table_steps", 1, True, None, False),
+    ("media.min_frames", 1, True, None, False),
+    ("media.frame_factor", 1, True, None, False),
+    ("media.min_pixels", 1, True, None, False),
+    ("media.video_total_pixels", 1, True, None, False),
+]
+
+
+def _bound_problems(cfg: RecipeConfig) -> list[str]:
+    found = []
+    for path, low, low_in, high, high_in in _BOUNDS:
+        section, name = path.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None:
+            continue
+        below = low is not None and (value < low if low_in else value <= low)
+        above = high is not None and (value > high if high_in else value >= high)
+        if below or above:
+            lo = "" if low is None else f"{'>=' if low_in else '>'} {low:g}"
+            hi = "" if high is None else f"{'<=' if high_in else '<'} {high:g}"
+            found.append(f"{path} must be {' and '.join(x for x in (lo, hi) if x)}, got {value!r}")
+    for i, spec in enumerate(cfg.rewards.functions):
+        if spec.weight != spec.weight or abs(spec.weight) == float("inf"):
+            found.append(f"rewards.functions[{i}].weight must be a finite number, got {spec.weight!r}")
+    return found
 
 
 def _accumulation_problems(t: TrainingConfig) -> list[str]:
@@ -440,7 +510,13 @@ def read_recipe_data(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
         raise ConfigError(f"recipe file not found: {path}")
     if path in _seen:
         raise ConfigError(f"recipe {path} extends itself (through {' -> '.join(p.name for p in _seen)})")
-    loaded = yaml.safe_load(path.read_text())
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML ({problem}); fix the recipe file") from None
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(loaded).__name__}")
     data = loaded or {}

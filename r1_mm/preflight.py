@@ -60,7 +60,12 @@ def check_model_config(cfg: RecipeConfig) -> list[str]:
     from r1_mm.models import resolve_model_path
     from r1_mm.trainers.packed_attention import PackedAttentionError, check_supported
 
-    config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return [f"model.name_or_path '{cfg.model.name_or_path}': its config.json cannot be read ({first}); give a "
+                "local model folder, a hub id (cached, when offline) or tiny:<family>"]
     try:
         check_supported(config, cfg.model.attn_implementation)
     except PackedAttentionError as exc:

@@ -20,18 +20,11 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _step_of(line: str) -> int:
-    """The step of a metrics line; a line cut short by a killed process counts as unfinished."""
-    try:
-        return int(json.loads(line).get("step", -1))
-    except (json.JSONDecodeError, ValueError):
-        return 1 << 62
-
-
 class MetricsLogger:
     def __init__(self, cfg: RecipeConfig, run_dir: str | Path, *, is_main_process: bool = True,
-                 resume: bool = False, start_step: int | None = None):
-        """``resume=False`` starts a new metrics file; a resumed run appends to the existing one."""
+                 resume: bool = False):
+        """``resume=False`` starts a new metrics file; a resumed run appends to the existing one (which
+        the trainer has truncated to its checkpoint, see ``run_folder.truncate_logs``)."""
         self.run_dir = Path(run_dir)
         self.enabled = is_main_process
         self.path = self.run_dir / "metrics.jsonl"
@@ -42,10 +35,6 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             self.path.unlink(missing_ok=True)
-        elif self.path.exists() and start_step is not None:
-            # a crashed run logged steps after its last checkpoint; they are about to be redone
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) < start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
         if "wandb" in cfg.logging.report_to:
             import wandb
 

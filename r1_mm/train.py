@@ -43,11 +43,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m r1_mm.train") -> 
               f"(available: {', '.join(sorted(TRAINERS)) or 'none'}); `r1-mm rollout RECIPE` runs the "
               "rollout-only job", file=sys.stderr)
         return 2
+    from r1_mm.data.loading import DataError
+    from r1_mm.trainers.base import TrainingInterrupted
+
     try:
         trainer(cfg)
-    except ConfigError as exc:  # found by preflight, before the model loaded
+    except (ConfigError, DataError) as exc:  # recipe, machine and data problems: found before the model loads
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     return 0
 
 

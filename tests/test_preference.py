@@ -12,9 +12,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from r1_mm.config import DataConfig, MediaConfig, load_recipe
 from r1_mm.data import PromptBuilder
-from r1_mm.data.loading import default_media_root, read_rows
+from r1_mm.data.loading import DataError, default_media_root, read_rows
 from r1_mm.tracking import read_metrics
-from r1_mm.trainers.preference import PreferenceDataError, PreferenceTrainer
+from r1_mm.trainers.preference import PreferenceTrainer
 from r1_mm.trainers.preference_losses import PreferenceLossSettings, preference_loss
 from r1_mm.trainers.scoring import score_completions
 
@@ -137,8 +137,8 @@ def test_tpo_adds_the_nll_term_and_bad_rows_are_named(tmp_path, synthetic_data):
     rows[0]["rejected"] = ""
     broken.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     cfg = recipe(tmp_path, broken, "algorithm.name=dpo", "data.shuffle=false", "training.max_steps=1")
-    with pytest.raises(PreferenceDataError, match="row events-0: field 'rejected' must be a non-empty string"):
-        PreferenceTrainer(cfg).train()
+    with pytest.raises(DataError, match=r"broken.jsonl: row 0 \(id events-0\): field 'rejected' must be a non-empty string"):
+        PreferenceTrainer(cfg)  # found with the data, before the model loads
 
 
 def test_tpo_build_on_event_videos_then_train(tmp_path, synthetic_data):

@@ -41,7 +41,8 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 def read(out: Path) -> tuple[list[dict], list[tuple[int, str]]]:
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rows = sorted({(c["step"], c["row_id"]) for c in map(json.loads, (out / "completions.jsonl").read_text().splitlines())})
+    # a list, not a set: a step logged twice (before the kill and again after the resume) must show
+    rows = sorted((c["step"], c["row_id"]) for c in map(json.loads, (out / "completions.jsonl").read_text().splitlines()))
     return metrics, rows
 
 

@@ -35,11 +35,14 @@ class RewardError(RuntimeError):
     """A reward function that failed or broke the protocol; names the function and the row."""
 
 
-def reward(name: str | None = None) -> Callable[[RewardFn], RewardFn]:
-    """Decorator: ``@reward("my_reward")`` registers a function under that name."""
+def reward(name: str | None = None, *, needs: tuple[str, ...] | None = None) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: ``@reward("my_reward")`` registers a function under that name. ``needs``: the columns
+    every row must carry for it (checked when the data loads, before the model does)."""
 
     def wrap(fn: RewardFn) -> RewardFn:
         key = name or fn.__name__
+        if needs is not None:
+            fn.needs = tuple(needs)
         REGISTRY[key] = fn
         SOURCES[key] = f"{fn.__module__}:{fn.__qualname__}"
         fn.__name__ = getattr(fn, "__name__", key)

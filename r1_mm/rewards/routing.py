@@ -45,3 +45,27 @@ def by_problem_type(completions: list[Any], problem_type: list[Any] | None = Non
         for i, v in zip(indices, values, strict=True):
             out[i] = v
     return out
+
+
+def _routed(kwargs: dict[str, Any]) -> dict[str, str]:
+    return {**DEFAULT_ROUTES, **(kwargs.get("routes") or {})}
+
+
+def _needs_for(kwargs: dict[str, Any]) -> set[str]:
+    """problem_type, and what every reward a problem type can route to needs."""
+    from r1_mm.input_checks import needed_columns
+
+    out = {"problem_type"}
+    for name in set(_routed(kwargs).values()):
+        out |= needed_columns(get(name), (kwargs.get("reward_kwargs") or {}).get(name, {}))
+    return out
+
+
+def _nested_specs(kwargs: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(reward, its kwargs) for every route and reward_kwargs entry, so their options are checked too."""
+    extra = kwargs.get("reward_kwargs") or {}
+    return [(name, dict(extra.get(name, {}))) for name in sorted(set(_routed(kwargs).values()) | set(extra))]
+
+
+by_problem_type.needs_for = _needs_for
+by_problem_type.nested_specs = _nested_specs

@@ -44,7 +44,7 @@ def _localisation_reward(name: str, completions: list[Any], solution: list[Any] 
     return score_each(name, completions, solution, score, tag=tag, require_tag=require_tag)
 
 
-@reward("temporal_iou")
+@reward("temporal_iou", needs=("solution",))
 def temporal_iou(completions: list[Any], solution: list[Any] | None = None, *, tag: str = "answer",
                  require_tag: bool = True, **_: Any) -> list[float | None]:
     """IoU of the answer's ``[start, end]`` (seconds) with the solution's; 0 when no segment is given."""
@@ -53,7 +53,7 @@ def temporal_iou(completions: list[Any], solution: list[Any] | None = None, *, t
                                 require_tag=require_tag)
 
 
-@reward("bbox_iou")
+@reward("bbox_iou", needs=("solution",))
 def bbox_iou(completions: list[Any], solution: list[Any] | None = None, *, tag: str = "answer",
              require_tag: bool = True, **_: Any) -> list[float | None]:
     """IoU of the answer's ``[x1, y1, x2, y2]`` box with the solution's; 0 when no box is given."""

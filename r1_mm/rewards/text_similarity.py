@@ -23,7 +23,7 @@ def word_accuracy(prediction: str, reference: str) -> float:
     return max(0.0, 1.0 - jiwer.wer(reference, prediction))
 
 
-@reward("ocr")
+@reward("ocr", needs=("solution",))
 def ocr(completions: list[Any], solution: list[Any] | None = None, *, tag: str = "answer",
         require_tag: bool = True, lowercase: bool = False, **_: Any) -> list[float | None]:
     """1 - word error rate of the transcribed text against the solution."""
@@ -49,7 +49,7 @@ def mean_rouge_f1(prediction: str, reference: str, rouge_types: tuple[str, ...] 
     return sum(scores[t].fmeasure for t in rouge_types) / len(rouge_types)
 
 
-@reward("free_form")
+@reward("free_form", needs=("solution",))
 def free_form(completions: list[Any], solution: list[Any] | None = None, *, tag: str = "answer",
               require_tag: bool = True, use_stemmer: bool = True, rouge_types: list[str] | None = None,
               **_: Any) -> list[float | None]:

@@ -25,7 +25,7 @@ def answers_match(prediction: str, solution: str, timeout_seconds: float = 5.0) 
     return checker().equivalent(prediction, solution, timeout_seconds)
 
 
-@reward("accuracy")
+@reward("accuracy", needs=("solution",))
 def accuracy(completions: list[Any], solution: list[Any] | None = None, *, tag: str = "answer",
              require_tag: bool = True, timeout_seconds: float = 5.0, **_: Any) -> list[float | None]:
     """1.0 when the tagged answer equals the solution as a string or as mathematics (LaTeX, numbers,
@@ -42,7 +42,7 @@ def gold_and_prediction(answer: str, solution: Any) -> tuple[float, float | None
     return gold, first_number(answer)
 
 
-@reward("numeric")
+@reward("numeric", needs=("solution",))
 def numeric(completions: list[Any], solution: list[Any] | None = None, *, tag: str = "answer",
             require_tag: bool = True, abs_tol: float = 0.0, rel_tol: float = 0.0, **_: Any) -> list[float | None]:
     """1.0 when the answer's first number equals the solution's within ``abs_tol`` / ``rel_tol``."""
@@ -54,7 +54,7 @@ def numeric(completions: list[Any], solution: list[Any] | None = None, *, tag: s
     return score_each("numeric", completions, solution, score, tag=tag, require_tag=require_tag)
 
 
-@reward("relative_accuracy")
+@reward("relative_accuracy", needs=("solution",))
 def relative_accuracy(completions: list[Any], solution: list[Any] | None = None, *, tag: str = "answer",
                       require_tag: bool = True, **_: Any) -> list[float | None]:
     """1 - |pred - gold| / |gold|, clipped to [0, 1]: Video-R1's reward for "regression" answers.
@@ -99,7 +99,7 @@ def mean_relative_accuracy(pred: float, gold: float) -> float:
     return float((distance <= 1 - _MRA_THRESHOLDS).mean())
 
 
-@reward("mra")
+@reward("mra", needs=("solution",))
 def mra(completions: list[Any], solution: list[Any] | None = None, *, tag: str = "answer",
         require_tag: bool = True, **_: Any) -> list[float | None]:
     """VSI-Bench Mean Relative Accuracy of a numeric answer (distances, sizes, counts); 0 if unparsable."""
@@ -145,7 +145,7 @@ def chosen_options(answer: str, options: dict[str, str]) -> set[str]:
     return {letter for letter, text in options.items() if text and text == said}
 
 
-@reward("mcq")
+@reward("mcq", needs=("solution",))
 def mcq(completions: list[Any], solution: list[Any] | None = None, options: list[Any] | None = None, *,
         tag: str = "answer", require_tag: bool = True, **_: Any) -> list[float | None]:
     """1.0 when the answer names exactly the correct option; naming several ("A or B") scores 0."""
@@ -164,7 +164,7 @@ def mcq(completions: list[Any], solution: list[Any] | None = None, options: list
 _YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 
 
-@reward("yes_no")
+@reward("yes_no", needs=("solution",))
 def yes_no(completions: list[Any], solution: list[Any] | None = None, *, tag: str = "answer",
            require_tag: bool = True, **_: Any) -> list[float | None]:
     """1.0 when the answer says only the correct one of yes / no; saying both or neither scores 0."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from r1_mm import run_info
+from r1_mm import run_folder, run_info
 from r1_mm.config import RecipeConfig, dump_recipe
 from r1_mm.data import PromptStream
 from r1_mm.models import load_model, load_processor
@@ -26,7 +26,8 @@ def run_rollouts(cfg: RecipeConfig) -> Path:
     torch.manual_seed(cfg.training.seed)
     preflight(cfg, read_model_config=False)  # no learner: the grouped forward is not used
     run_dir = Path(cfg.training.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_folder.RunLock(run_dir)
+    run_folder.prepare(run_dir, resuming=False, overwrite=cfg.training.overwrite_output_dir)
     (run_dir / "recipe.resolved.yaml").write_text(dump_recipe(cfg))
     processor = load_processor(cfg.model)
     model = load_model(cfg.model, trainable=False)
@@ -60,4 +61,5 @@ def run_rollouts(cfg: RecipeConfig) -> Path:
                             tok_s=f"{metrics['throughput/completion_tokens_per_s']:.0f}")
     logger.close()
     engine.close()
+    lock.release()
     return run_dir

@@ -111,9 +111,12 @@ def configure_deepspeed(ds_config: dict[str, Any], cfg: RecipeConfig) -> None:
         del ds_config["train_batch_size"]  # DeepSpeed derives it: micro x accumulation x processes
 
 
-def build_learner(cfg: RecipeConfig, *, need_reference: bool) -> Learner:
-    accelerator = make_accelerator(cfg)
-    processor = load_processor(cfg.model)
+def build_learner(cfg: RecipeConfig, *, need_reference: bool, accelerator: Accelerator | None = None,
+                  processor: Any = None) -> Learner:
+    """Policy (and reference) loaded and prepared; the accelerator and processor may be made earlier,
+    so that data and recipe problems are found before any weights load."""
+    accelerator = accelerator or make_accelerator(cfg)
+    processor = processor if processor is not None else load_processor(cfg.model)
     grouped = cfg.training.forward_mode == "grouped"
     policy = load_model(cfg.model, trainable=True, grouped=grouped)
     params = [p for p in policy.parameters() if p.requires_grad]

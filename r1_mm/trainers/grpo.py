@@ -89,9 +89,6 @@ class GRPOTrainer(BaseTrainer):
             importance_sampling_level=a.importance_sampling_level,
             max_completion_length=cfg.rollout.max_completion_length,
             kl_importance_weighting=a.kl_importance_weighting)
-        if a.advantage_estimator not in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"unknown algorithm.advantage_estimator {a.advantage_estimator!r}; "
-                             f"known: {', '.join(ADVANTAGE_ESTIMATORS)}")
         self.nonfinite_in_a_row = 0
         self._warned_no_sampler_logprobs = False
         self._last_exp: Experience | None = None

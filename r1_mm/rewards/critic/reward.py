@@ -89,6 +89,9 @@ def critic(prompts: list[Any], completions: list[Any], prompt_media: list[Any] |
     return pairwise_win_rates(dict(zip(pairs, verdicts, strict=True)), n)
 
 
+critic.needs_for = lambda kwargs: {"solution"} if kwargs.get("use_reference") else set()
+
+
 def critic_metrics() -> dict[str, float]:
     """Counters summed over every judge this process built (requests, cache hits, unparsable, ...)."""
     total: dict[str, float] = {}

@@ -1,0 +1,183 @@
+"""Everything about a run's inputs that can be checked before the model loads, checked there.
+
+Why: a typo in a reward's kwargs used to be swallowed by the reward's ``**kwargs`` (it scored 0
+forever), an unknown loss name or a row without ``solution`` surfaced minutes later as a traceback,
+or not at all, depending on which rows a batch drew. Here the recipe's names are looked up in the
+registries that will serve them, each reward's kwargs are matched against its signature, and every
+row is checked for the columns the configured rewards and algorithm need. Problems come back as
+one line each, naming the file, row, field and what to do.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from pathlib import Path
+from typing import Any
+
+from r1_mm.config import ConfigError, RecipeConfig, RewardSpec
+from r1_mm.data.loading import DataError
+from r1_mm.data.prompts import PROMPT_KEYS, row_id
+
+PROTOCOL_ARGUMENTS = ("prompts", "completions", "completion_ids")
+# arguments the runner always passes besides the rows' columns and the run context
+PASSED_BY_RUNNER = (*PROTOCOL_ARGUMENTS, "prompt_media", "max_completion_length")
+
+
+def _close(name: str, choices: list[str]) -> str:
+    found = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f"; did you mean '{found[0]}'?" if found else f"; known: {', '.join(sorted(choices))}"
+
+
+def name_problems(cfg: RecipeConfig) -> list[str]:
+    """Registry-backed names (third-party code can add to these registries, so they are not Literals)."""
+    import r1_mm.rollout.hf  # noqa: F401  (registers the built-in engine)
+    from r1_mm.rollout.base import ENGINES, LAZY_ENGINES
+    from r1_mm.trainers.losses import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATORS
+
+    problems = []
+    engines = sorted(set(ENGINES) | set(LAZY_ENGINES))
+    if cfg.rollout.engine not in engines:
+        problems.append(f"rollout.engine '{cfg.rollout.engine}' is not an engine" + _close(cfg.rollout.engine, engines))
+    if cfg.algorithm.name == "grpo":
+        if cfg.algorithm.loss_type not in LOSS_AGGREGATORS:
+            problems.append(f"algorithm.loss_type '{cfg.algorithm.loss_type}' is not a loss"
+                            + _close(cfg.algorithm.loss_type, list(LOSS_AGGREGATORS)))
+        if cfg.algorithm.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            problems.append(f"algorithm.advantage_estimator '{cfg.algorithm.advantage_estimator}' is not an estimator"
+                            + _close(cfg.algorithm.advantage_estimator, list(ADVANTAGE_ESTIMATORS)))
+    return problems
+
+
+def explicit_parameters(fn: Any) -> set[str] | None:
+    """Names a reward takes as keywords; None when its signature cannot be read."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def kwarg_problems(fn: Any, kwargs: dict[str, Any], where: str, forwarded_to: list[Any] = ()) -> list[str]:
+    """A recipe kwarg must be a parameter the reward names: its ``**kwargs`` receives the rows' columns,
+    so a misspelt option would vanish into it. Functions that name no option at all (everything through
+    ``**kwargs``) cannot be checked, and are trusted. ``forwarded_to``: rewards that receive the options
+    this one does not take itself (by_problem_type passes them to every reward it routes to)."""
+    names = explicit_parameters(fn)
+    if names is None:
+        return []
+    for target in forwarded_to:
+        names |= explicit_parameters(target) or set()
+    options = names - set(PASSED_BY_RUNNER)
+    problems = []
+    for key in kwargs:
+        if key not in names and options:
+            problems.append(f"{where}.kwargs.{key} is not an option of this reward" + _close(key, sorted(options)))
+    return problems
+
+
+def needed_columns(fn: Any, kwargs: dict[str, Any]) -> set[str]:
+    """Columns every row must carry for ``fn``: its declared ``needs`` (built-ins; ``needs_for(kwargs)``
+    when they depend on the options), else the parameters it requires without a default."""
+    if callable(getattr(fn, "needs_for", None)):
+        return set(fn.needs_for(kwargs))
+    if getattr(fn, "needs", None) is not None:
+        return set(fn.needs)
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.name not in PASSED_BY_RUNNER and p.name not in kwargs}
+
+
+def reward_problems(specs: list[RewardSpec], section: str = "rewards.functions") -> tuple[list[str], dict[str, set[str]]]:
+    """(problems, {column: rewards that need it}) for the configured rewards."""
+    from r1_mm.rewards.registry import RewardError, get
+
+    problems: list[str] = []
+    needs: dict[str, set[str]] = {}
+    for i, spec in enumerate(specs):
+        where = f"{section}[{i}] ({spec.name})"
+        try:
+            fn = get(spec.name)
+        except RewardError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        nested: list[RewardSpec] = []
+        if callable(getattr(fn, "nested_specs", None)):  # by_problem_type: the rewards it routes to
+            try:
+                nested = [RewardSpec(name=name, kwargs=kw) for name, kw in fn.nested_specs(spec.kwargs)]
+            except RewardError as exc:
+                problems.append(f"{where}: {exc}")
+        routed = []
+        for n in nested:
+            try:
+                routed.append(get(n.name))
+            except RewardError:
+                pass  # reported by the nested check below
+        problems += kwarg_problems(fn, spec.kwargs, where, routed)
+        if nested:
+            problems += reward_problems(nested, f"{where}.routes")[0]
+        for column in needed_columns(fn, spec.kwargs):
+            needs.setdefault(column, set()).add(spec.name)
+    return problems, needs
+
+
+def algorithm_columns(cfg: RecipeConfig) -> dict[str, set[str]]:
+    a = cfg.algorithm
+    out: dict[str, set[str]] = {}
+    if a.name in ("dpo", "tpo"):
+        for column in ("chosen", "rejected"):
+            out.setdefault(column, set()).add(f"algorithm.name={a.name}")
+        if a.precomputed_reference:
+            for column in ("ref_chosen_logps", "ref_rejected_logps"):
+                out.setdefault(column, set()).add("algorithm.precomputed_reference")
+    return out
+
+
+def row_problems(rows: list[dict[str, Any]], path: str | Path, needs: dict[str, set[str]]) -> list[str]:
+    """The first row lacking a prompt or a needed column, per column (a key with a null value is a row
+    the reward deliberately leaves unscored; a missing key is a data error)."""
+    problems = []
+    bad_prompt = next((i for i, r in enumerate(rows) if not any(k in r for k in PROMPT_KEYS)), None)
+    if bad_prompt is not None:
+        problems.append(f"{path}: row {bad_prompt} (id {row_id(rows[bad_prompt], bad_prompt)}) has no prompt; "
+                        f"every row needs one of the columns {', '.join(PROMPT_KEYS)}")
+    for column, users in sorted(needs.items()):
+        missing = [i for i, r in enumerate(rows) if column not in r]
+        if missing:
+            first = missing[0]
+            problems.append(f"{path}: row {first} (id {row_id(rows[first], first)}) and {len(missing) - 1} more have no "
+                            f"'{column}' column, which {', '.join(sorted(users))} need(s); add it (null = not scored) "
+                            "or drop what needs it")
+    return problems
+
+
+def preference_problems(rows: list[dict[str, Any]], path: str | Path) -> list[str]:
+    """Every pair's responses are non-empty text (an empty one would be scored as a bare end token)."""
+    for i, row in enumerate(rows):
+        for column in ("chosen", "rejected"):
+            value = row.get(column)
+            if not isinstance(value, str) or not value.strip():
+                return [f"{path}: row {i} (id {row_id(row, i)}): field '{column}' must be a non-empty string, "
+                        f"got {value!r}"]
+    return []
+
+
+def check(cfg: RecipeConfig, rows: list[dict[str, Any]] | None = None) -> None:
+    """Raise ConfigError (recipe) or DataError (rows) with every problem found; the rows are checked
+    only when given (the trainer passes the rows it already read)."""
+    problems = name_problems(cfg)
+    reward_found, needs = reward_problems(cfg.rewards.functions)
+    problems += reward_found
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if rows is not None:
+        for column, users in algorithm_columns(cfg).items():
+            needs.setdefault(column, set()).update(users)
+        found = row_problems(rows, cfg.data.train_path, needs)
+        if not found and cfg.algorithm.name in ("dpo", "tpo"):
+            found = preference_problems(rows, cfg.data.train_path)
+        if found:
+            raise DataError("; ".join(found))
