@@ -119,12 +119,16 @@ class RewardSpec:
     name: str = ""
     weight: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # how completions reach the function: text, or TRL's conversational [{"role": "assistant", "content": text}];
+    # auto = messages for TRL's own reward functions (trl.rewards), text otherwise
+    completions: Literal["auto", "text", "messages"] = "auto"
 
 
 @dataclass
 class RewardsConfig:
     functions: list[RewardSpec] = field(default_factory=list)
     on_error: Literal["raise", "none"] = "raise"  # a raising reward stops the run, or scores None
+    timeout_s: float | None = None  # a reward call longer than this fails (and on_error applies); None = no limit
 
 
 @dataclass
@@ -408,6 +412,7 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
 # (field, lowest allowed, inclusive, highest allowed, inclusive): numbers a run cannot use, found at load
 _BOUNDS: list[tuple[str, float | None, bool, float | None, bool]] = [
     ("rollout.num_generations", 1, True, None, False),
+    ("rewards.timeout_s", 0, False, None, False),
     ("rollout.max_completion_length", 1, True, None, False),
     ("rollout.temperature", 0, True, None, False),  # 0 = greedy (one answer per prompt: TPO pair building)
     ("rollout.top_p", 0, False, 1, True),

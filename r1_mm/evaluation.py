@@ -71,8 +71,7 @@ def evaluate_checkpoint(cfg: RecipeConfig, checkpoint: str | Path) -> dict[str, 
     model = load_model(model_cfg, trainable=False).eval()
     engine = make_engine(cfg.rollout.engine, model=model, processor=processor, cfg=cfg)
     try:
-        runner = RewardRunner(cfg.rewards.functions, on_error=cfg.rewards.on_error,
-                              context={"max_completion_length": cfg.rollout.max_completion_length})
+        runner = RewardRunner.from_recipe(cfg)
         with torch.no_grad():
             metrics = evaluate(engine, eval_rows(cfg, processor), runner, cfg)
     finally:

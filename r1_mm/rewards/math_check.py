@@ -9,83 +9,99 @@ the next call) and scores as not equivalent. Cheap string equality never leaves 
 from __future__ import annotations
 
 import atexit
+import json
 import logging
-import multiprocessing as mp
+import os
+import select
+import subprocess
+import sys
 import threading
-from multiprocessing.connection import Connection
-from typing import Any
 
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 120.0  # importing sympy in a fresh process; not counted in the per-call limit
 
 
-def _serve(conn: Connection) -> None:
-    """Child process: answer (prediction, solution, seconds) requests with True/False until closed."""
+def serve() -> None:
+    """Worker process: answer one JSON request per line, [prediction, solution, seconds] -> true/false."""
     from math_verify import parse, verify
 
-    conn.send("ready")
-    while True:
-        try:
-            request = conn.recv()
-        except EOFError:
-            return
-        prediction, solution, seconds = request
+    out = sys.stdout
+    out.write("ready\n")
+    out.flush()
+    for line in sys.stdin:
+        prediction, solution, seconds = json.loads(line)
         try:
             gold = parse(solution, parsing_timeout=seconds)
             pred = parse(prediction, parsing_timeout=seconds)
             ok = bool(gold and pred and verify(gold, pred, timeout_seconds=seconds))
         except Exception:  # math-verify raises on pathological input: a wrong answer, not a crash
             ok = False
-        conn.send(ok)
+        out.write("true\n" if ok else "false\n")
+        out.flush()
 
 
 class MathChecker:
-    """One child process serving equivalence checks; thread-safe; counts the calls that timed out."""
+    """One worker process serving equivalence checks; thread-safe; counts the calls that timed out.
+
+    The worker is a plain ``python -m r1_mm.rewards.math_check`` subprocess, not a multiprocessing
+    child: multiprocessing's spawn re-imports the caller's main script, so calling a reward from a
+    script without an ``if __name__ == "__main__"`` guard ran the script again (or failed, from stdin).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._process: Any = None
-        self._conn: Connection | None = None
+        self._process: subprocess.Popen[str] | None = None
         self.timeouts = 0
 
+    def _readline(self, seconds: float) -> str | None:
+        """A line from the worker, or None when none came within ``seconds``."""
+        assert self._process is not None and self._process.stdout is not None
+        ready, _, _ = select.select([self._process.stdout], [], [], seconds)
+        if not ready:
+            return None
+        return self._process.stdout.readline()
+
     def _start(self) -> None:
-        ctx = mp.get_context("spawn")  # no fork: the parent holds torch threads and maybe CUDA
-        parent, child = ctx.Pipe()
-        self._process = ctx.Process(target=_serve, args=(child,), daemon=True, name="r1mm-math-verify")
-        self._process.start()
-        child.close()
-        if not parent.poll(STARTUP_TIMEOUT_S) or parent.recv() != "ready":
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._process = subprocess.Popen([sys.executable, "-m", "r1_mm.rewards.math_check"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        if (self._readline(STARTUP_TIMEOUT_S) or "").strip() != "ready":
             self._kill()
             raise RuntimeError("the math-verify worker process did not start")
-        self._conn = parent
 
     def _kill(self) -> None:
-        if self._process is not None and self._process.is_alive():
-            self._process.kill()
-            self._process.join(5)
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.kill()
+            self._process.wait(5)
+            for stream in (self._process.stdin, self._process.stdout):
+                if stream is not None:
+                    stream.close()
         self._process = None
-        if self._conn is not None:
-            self._conn.close()
-        self._conn = None
 
     def equivalent(self, prediction: str, solution: str, seconds: float) -> bool:
         """math-verify equivalence, or False when it takes longer than ``seconds`` (hard limit)."""
         with self._lock:
-            if self._process is None or not self._process.is_alive():
+            if self._process is None or self._process.poll() is not None:
                 self._start()
             inner = max(1, int(seconds))
-            self._conn.send((prediction, solution, inner))
-            if self._conn.poll(seconds):
-                try:
-                    return bool(self._conn.recv())
-                except EOFError:
-                    self._kill()
-                    return False
-            self.timeouts += 1
-            log.warning("math-verify exceeded %.1f s on answer %.80r; killed, scored 0", seconds, prediction)
-            self._kill()
-            return False
+            try:
+                self._process.stdin.write(json.dumps([prediction, solution, inner]) + "\n")
+                self._process.stdin.flush()
+            except (BrokenPipeError, OSError):
+                self._kill()
+                return False
+            reply = self._readline(seconds)
+            if reply is None:
+                self.timeouts += 1
+                log.warning("math-verify exceeded %.1f s on answer %.80r; killed, scored 0", seconds, prediction)
+                self._kill()
+                return False
+            if not reply:  # the worker died
+                self._kill()
+                return False
+            return reply.strip() == "true"
 
     def close(self) -> None:
         with self._lock:
@@ -101,3 +117,7 @@ def checker() -> MathChecker:
         _checker = MathChecker()
         atexit.register(_checker.close)
     return _checker
+
+
+if __name__ == "__main__":
+    serve()

@@ -10,7 +10,6 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-_TAG_CACHE: dict[str, re.Pattern[str]] = {}
 NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
@@ -26,16 +25,17 @@ def completion_text(completion: Any) -> str:
     return str(completion)
 
 
-def _tag_pattern(tag: str) -> re.Pattern[str]:
-    if tag not in _TAG_CACHE:
-        _TAG_CACHE[tag] = re.compile(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", re.DOTALL)
-    return _TAG_CACHE[tag]
-
-
 def extract_answer(text: str, tag: str = "answer") -> str | None:
-    """The content of the last ``<tag>...</tag>``, stripped; None when there is none."""
-    found = _tag_pattern(tag).findall(text)
-    return found[-1].strip() if found else None
+    """The content of the last ``<tag>...</tag>`` (the last closing tag and the opening tag nearest
+    before it), stripped; None when there is none. Two reverse searches: linear in the text, however
+    many unclosed tags it holds (a lazy regex was quadratic on those)."""
+    close = text.rfind(f"</{tag}>")
+    if close < 0:
+        return None
+    start = text.rfind(f"<{tag}>", 0, close)
+    if start < 0:
+        return None
+    return text[start + len(tag) + 2:close].strip()
 
 
 def answer_or_text(completion: Any, tag: str, require_tag: bool) -> str | None:
@@ -47,16 +47,33 @@ def answer_or_text(completion: Any, tag: str, require_tag: bool) -> str | None:
     return answer
 
 
+FRACTION = re.compile(r"\\[dt]?frac\{\s*([-+]?[\d.]+)\s*\}\{\s*([-+]?[\d.]+)\s*\}|"
+                      r"(?<![\d.])([-+]?\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)(?![\d./])")
+
+
+def _finite(value: float) -> float | None:
+    return value if value == value and abs(value) != float("inf") else None
+
+
 def first_number(text: str) -> float | None:
-    """The first number written in ``text`` (commas as thousands separators allowed), else None."""
-    match = NUMBER.search(text.replace(",", ""))
+    """The first number written in ``text`` (commas as thousands separators allowed; a fraction
+    ``3/4`` or ``\\frac{3}{4}`` is its value, not its numerator), else None."""
+    text = text.replace(",", "")
+    match = NUMBER.search(text)
+    fraction = FRACTION.search(text)
+    if fraction is not None and (match is None or fraction.start() <= match.start()):
+        numerator, denominator = (g for g in fraction.groups() if g is not None)
+        try:
+            value = float(numerator) / float(denominator)
+        except (ValueError, ZeroDivisionError, OverflowError):
+            return None
+        return _finite(value)
     if match is None:
         return None
     try:
-        value = float(match.group(0))
+        return _finite(float(match.group(0)))
     except (ValueError, OverflowError):
         return None
-    return value if value == value and abs(value) != float("inf") else None
 
 
 def numbers(text: str, limit: int) -> list[float]:

@@ -15,12 +15,14 @@ import importlib.util
 import inspect
 import logging
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -178,17 +180,26 @@ class RewardBatch:
 class RewardRunner:
     """Calls every configured reward on a batch, applies weights and the error policy."""
 
-    def __init__(self, specs: list[Any], on_error: str = "raise", context: dict[str, Any] | None = None):
+    def __init__(self, specs: list[Any], on_error: str = "raise", context: dict[str, Any] | None = None,
+                 timeout_s: float | None = None):
         """``context``: run-level keyword arguments every reward receives (e.g. max_completion_length);
-        a spec's own kwargs override them."""
+        a spec's own kwargs override them. ``timeout_s``: a call that takes longer fails (the policy
+        ``on_error`` then applies); the call itself cannot be stopped and finishes in the background."""
         self.context = dict(context or {})
+        self.timeout_s = timeout_s
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="r1mm-reward") \
+            if timeout_s else None
         self.names = [s.name for s in specs]
         self.weights = torch.tensor([float(s.weight) for s in specs])
         self.fns = []
         self.originals = []
+        self.conversational = []
         for spec in specs:
             fn = get(spec.name)
             self.originals.append(fn)
+            mode = getattr(spec, "completions", "auto")
+            self.conversational.append(mode == "messages" or (mode == "auto" and
+                                                              str(getattr(fn, "__module__", "")).startswith("trl.")))
             context = {k: v for k, v in self.context.items() if accepts_keyword(fn, k)}
             fixed = {**context, **(spec.kwargs or {})}
             if fixed:
@@ -209,16 +220,18 @@ class RewardRunner:
             columns["prompt_media"] = media
         out = torch.full((n, len(self.fns)), float("nan"))
         failures: dict[str, int] = {}
+        messages = [[{"role": "assistant", "content": c}] for c in completions]
         for j, (name, fn) in enumerate(zip(self.names, self.fns, strict=True)):
             try:
-                values = call_reward(fn, prompts=prompts, completions=completions, completion_ids=completion_ids,
-                                     **columns)
+                values = self._call(fn, prompts=prompts, completions=messages if self.conversational[j] else completions,
+                                    completion_ids=completion_ids, **columns)
                 if len(values) != n:
                     raise RewardError(f"returned {len(values)} values for {n} completions")
                 for i, v in enumerate(values):
                     if v is None:
                         continue
-                    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+                    # numpy scalars count as numbers (numbers.Real); booleans do not
+                    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
                         raise RewardError(f"value {v!r} for row {row_ids[i]} is not a finite number or None")
                     out[i, j] = float(v)
             except Exception as exc:
@@ -235,6 +248,22 @@ class RewardRunner:
         total = torch.nansum(weighted, dim=1)
         total[torch.isnan(out).all(dim=1)] = float("nan")
         return RewardBatch(per_function=out, total=total, names=list(self.names), failures=failures)
+
+    @classmethod
+    def from_recipe(cls, cfg: Any, specs: list[Any] | None = None) -> RewardRunner:
+        """The recipe's rewards (or ``specs``) with its error policy, time limit and run context."""
+        return cls(cfg.rewards.functions if specs is None else specs, on_error=cfg.rewards.on_error,
+                   context={"max_completion_length": cfg.rollout.max_completion_length},
+                   timeout_s=cfg.rewards.timeout_s)
+
+    def _call(self, fn: RewardFn, **kwargs: Any) -> list[Any]:
+        if self._pool is None:
+            return call_reward(fn, **kwargs)
+        future = self._pool.submit(call_reward, fn, **kwargs)
+        try:
+            return future.result(timeout=self.timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise RewardError(f"took longer than rewards.timeout_s={self.timeout_s:g} s") from None
 
     def metrics(self) -> dict[str, float]:
         """Counters that rewards expose through a ``metrics()`` attribute (e.g. the critic's unparsable)."""

@@ -13,9 +13,11 @@ from r1_mm.rewards.registry import reward
 
 
 def word_accuracy(prediction: str, reference: str) -> float:
-    """1 - WER, clipped to [0, 1] (insertions can push WER above 1)."""
+    """1 - WER, clipped to [0, 1] (insertions can push WER above 1). Words are separated by any
+    whitespace: jiwer's default splits on spaces only, so "stop\nhere" would be one word."""
     import jiwer
 
+    prediction, reference = " ".join(prediction.split()), " ".join(reference.split())
     if not reference.split():
         return float(not prediction.split())
     if not prediction.split():

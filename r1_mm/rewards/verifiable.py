@@ -15,14 +15,24 @@ from r1_mm.rewards.math_check import checker
 from r1_mm.rewards.parsing import first_number, normalise, score_each
 from r1_mm.rewards.registry import reward
 
+_MATH_DELIMITERS = ("$", "\\(", "\\[", "\\boxed")
+
+
+def as_latex(text: str) -> str:
+    """Bare LaTeX in math delimiters. math-verify reads undelimited text as a plain expression and takes
+    its first number: "2^{10}" would be 2, equal to a solution "2". Inside $...$ it is 2**10."""
+    text = text.strip()
+    return text if any(d in text for d in _MATH_DELIMITERS) else f"${text}$"
+
 
 def answers_match(prediction: str, solution: str, timeout_seconds: float = 5.0) -> bool:
-    """Normalised string equality, else math-verify equivalence within a hard time limit."""
+    """Normalised string equality, else math-verify equivalence (of both sides as LaTeX) within a hard
+    time limit."""
     if normalise(prediction) == normalise(solution):
         return True
     if not prediction.strip() or not solution.strip():
         return False
-    return checker().equivalent(prediction, solution, timeout_seconds)
+    return checker().equivalent(as_latex(prediction), as_latex(solution), timeout_seconds)
 
 
 @reward("accuracy", needs=("solution",))
@@ -136,13 +146,25 @@ def option_letters(options: list[Any] | None) -> dict[str, str]:
 
 
 def chosen_options(answer: str, options: dict[str, str]) -> set[str]:
-    """Every option the answer names: by letter ("B", "(B)", "B. square") or by the option's text."""
+    """Every option the answer names: by letter ("B", "(B)", "B. a dog") or by the option's text.
+
+    An answer written as an option ("B. A dog") names that option only: capital letters inside an
+    option's own text (the "A" of "A dog") are words, not choices, so option texts are removed before
+    lone letters are counted."""
     valid = set(options) or {chr(ord("A") + i) for i in range(26)}
-    letters = {m.group(1) for m in _LONE_LETTER.finditer(answer) if m.group(1) in valid}
-    if letters:
-        return letters
     said = normalise(answer)
-    return {letter for letter, text in options.items() if text and text == said}
+    prefixed = _OPTION_PREFIX.match(answer)
+    if prefixed and prefixed.group(1) in valid:
+        rest = normalise(prefixed.group(2))
+        if not rest or rest == options.get(prefixed.group(1)) or rest in options.values():
+            return {prefixed.group(1)}
+    by_text = {letter for letter, text in options.items() if text and text == said}
+    if by_text:
+        return by_text
+    remaining = answer
+    for text in sorted((t for t in options.values() if t), key=len, reverse=True):
+        remaining = re.sub(re.escape(text), " ", remaining, flags=re.IGNORECASE)
+    return {m.group(1) for m in _LONE_LETTER.finditer(remaining) if m.group(1) in valid}
 
 
 @reward("mcq", needs=("solution",))

@@ -71,8 +71,7 @@ class GRPOTrainer(BaseTrainer):
             raise ValueError("rewards.functions is empty: GRPO needs at least one reward")
         super().__init__(cfg, need_reference=cfg.algorithm.beta != 0.0)
         self.suppressed_ids = media_token_ids(self.learner.unwrapped.config)
-        context = {"max_completion_length": cfg.rollout.max_completion_length}
-        self.rewards = RewardRunner(cfg.rewards.functions, on_error=cfg.rewards.on_error, context=context)
+        self.rewards = RewardRunner.from_recipe(cfg)
         self.engine: RolloutEngine = make_engine(cfg.rollout.engine, model=self.learner.unwrapped,
                                                  processor=self.processor, cfg=cfg)
         self.temporal_rewards = None
@@ -80,8 +79,7 @@ class GRPOTrainer(BaseTrainer):
             # the shuffled group is scored by the recipe's own spec of that reward (kwargs included)
             spec = next((f for f in cfg.rewards.functions if f.name == cfg.algorithm.temporal_reward),
                         RewardSpec(name=cfg.algorithm.temporal_reward))
-            self.temporal_rewards = RewardRunner([spec],
-                                                 on_error=cfg.rewards.on_error, context=context)
+            self.temporal_rewards = RewardRunner.from_recipe(cfg, [spec])
         a = cfg.algorithm
         self.loss_settings = LossSettings(
             loss_type=a.loss_type, epsilon_low=a.epsilon,

@@ -42,8 +42,7 @@ class IterativeDPOTrainer(PreferenceTrainer):
         if not cfg.rewards.functions:
             raise ValueError("iterative_dpo ranks responses with rewards.functions (e.g. the critic); it is empty")
         super().__init__(cfg)
-        self.rewards = RewardRunner(cfg.rewards.functions, on_error=cfg.rewards.on_error,
-                                    context={"max_completion_length": cfg.rollout.max_completion_length})
+        self.rewards = RewardRunner.from_recipe(cfg)
         self.engine = make_engine(cfg.rollout.engine, model=self.learner.unwrapped, processor=self.processor, cfg=cfg)
         self.buffer: list[tuple[Sample, list[int], list[int]]] = []
         self.round = 0
