@@ -109,6 +109,8 @@ class RolloutConfig:
     pool_weight_sync: Literal["auto", "shm", "broadcast"] = "auto"
     pool_sync_host: str = "127.0.0.1"  # the learner's address as the servers reach it (broadcast)
     pool_request_timeout_s: float = 600.0
+    # environment variable holding the servers' API key (sent as a bearer token; never put in argv or logs)
+    pool_api_key_env: str = "R1MM_ROLLOUT_API_KEY"
     pool_startup_timeout_s: float = 600.0
 
 

@@ -2,24 +2,55 @@
 
 Endpoints: ``POST /generate`` (samples with raw media in, token ids + sampling logprobs out),
 ``POST /update_weights`` (reload from a folder of safetensors the learner wrote to shared memory),
-``GET /health`` (model and weights version). vLLM's OpenAI server cannot take raw video frames,
-hence this server; it keeps vLLM's engine, batching and kernels as they are.
+``GET /health`` (model, weights version, and whether the engine still works). vLLM's OpenAI server
+cannot take raw video frames, hence this server; it keeps vLLM's engine, batching and kernels as they are.
+
+What a learner (or anything else that can reach the port) sends is checked before it touches the
+engine: weight updates must name the model's own tensors with their shapes, a failed reload restores
+the last good weights (or the server says it is broken), bodies are size-limited, media must be
+pixel arrays of the right form, and with an API key every request must carry it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hmac
+import json
 import logging
+import os
+import struct
 import threading
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
+API_KEY_ENV = "R1MM_ROLLOUT_API_KEY"  # the key never travels in argv (ps would show it) or in a log line
 
-def read_weights(folder: str) -> Any:
+
+class BadRequest(ValueError):
+    """The client's mistake: answered with a 4xx naming what was wrong."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def safetensors_specs(folder: Path) -> dict[str, list[int]]:
+    """Tensor names and shapes of every safetensors file in ``folder``, from the headers alone."""
+    specs: dict[str, list[int]] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with file.open("rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            if size > 100 * 2**20:
+                raise BadRequest(422, f"{file.name}: safetensors header of {size} bytes")
+            header = json.loads(handle.read(size))
+        specs.update({name: list(meta["shape"]) for name, meta in header.items() if name != "__metadata__"})
+    return specs
+
+
+def read_weights(folder: str | Path) -> Any:
     """(name, tensor) pairs from every safetensors file in ``folder``, one tensor at a time."""
-    from pathlib import Path
-
     from safetensors import safe_open
 
     for file in sorted(Path(folder).glob("*.safetensors")):
@@ -28,8 +59,103 @@ def read_weights(folder: str) -> Any:
                 yield name, handle.get_tensor(name)
 
 
-def build_app(llm: Any, model_name: str) -> Any:
-    from fastapi import FastAPI, HTTPException
+def expected_specs(model_dir: Path) -> dict[str, list[int]]:
+    """What an update may contain: the tensors under the checkpoint's names and under transformers'
+    in-memory names (what a learner sends; the model is built on the meta device from config.json, no
+    weights read), and an LM head tied to the embeddings under its own name, as the learner sends it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    specs = safetensors_specs(model_dir)
+    with torch.device("meta"):
+        meta = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_dir))
+    specs.update({name: list(p.shape) for name, p in meta.state_dict(keep_vars=True).items()})
+    embed = next((n for n in specs if n.endswith("embed_tokens.weight")), None)
+    if embed is not None and "lm_head.weight" not in specs:
+        specs["lm_head.weight"] = specs[embed]
+    return specs
+
+
+def check_update(folder: Path, expected: dict[str, list[int]]) -> None:
+    if not folder.is_dir():
+        raise BadRequest(422, f"weights path {folder} is not a folder on this host")
+    sent = safetensors_specs(folder)
+    if not sent:
+        raise BadRequest(422, f"weights path {folder} holds no safetensors files")
+    if not expected:
+        return
+    unknown = sorted(set(sent) - set(expected))
+    if unknown:
+        raise BadRequest(422, f"weights name {len(unknown)} tensor(s) this model does not have, e.g. {unknown[:3]}")
+    wrong = [(n, s, expected[n]) for n, s in sent.items() if s != expected[n]]
+    if wrong:
+        name, got, want = wrong[0]
+        raise BadRequest(422, f"{len(wrong)} tensor(s) have the wrong shape, e.g. {name}: {got} instead of {want}")
+
+
+def check_media(payload: dict[str, Any], index: int) -> None:
+    """Images are (H, W, 3) uint8 arrays, videos (T, H, W, 3) with their timing: anything else is the
+    client's error, named, instead of an engine failure."""
+    from r1_mm.rollout.transport import decode_array
+
+    def array(text: Any, what: str, ndim: int) -> None:
+        try:
+            arr = decode_array(text)
+        except Exception as exc:
+            raise BadRequest(400, f"prompt {index}: {what} is not an npy array ({type(exc).__name__})") from None
+        if arr.dtype.name != "uint8" or arr.ndim != ndim or arr.shape[-1] != 3 or 0 in arr.shape:
+            raise BadRequest(400, f"prompt {index}: {what} must be a uint8 array of {ndim} dimensions ending in 3 "
+                                  f"(RGB), got {arr.dtype.name} {tuple(arr.shape)}")
+
+    if not isinstance(payload.get("prompt"), str):
+        raise BadRequest(400, f"prompt {index}: 'prompt' must be a string")
+    for k, image in enumerate(payload.get("images", [])):
+        array(image, f"image {k}", 3)
+    for k, video in enumerate(payload.get("videos", [])):
+        if not isinstance(video, dict) or not isinstance(video.get("metadata"), dict):
+            raise BadRequest(400, f"prompt {index}: video {k} needs 'frames' and a 'metadata' mapping")
+        array(video.get("frames"), f"video {k} frames", 4)
+
+
+class SizeLimit:
+    """ASGI middleware: bodies over ``limit`` bytes get 413 (declared or streamed)."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and int(declared) > self.limit:
+            return await _reject(send, 413, f"request body over {self.limit} bytes (serve rollout --max-request-mb)")
+        seen = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BadRequest(413, f"request body over {self.limit} bytes")
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except BadRequest as exc:
+            await _reject(send, exc.status, str(exc))
+
+
+async def _reject(send: Any, status: int, message: str) -> None:
+    body = json.dumps({"detail": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_key: str | None = None,
+              max_request_bytes: int = 2**30) -> Any:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
     from vllm import SamplingParams
 
     from r1_mm.rollout.transport import decode_request
@@ -38,27 +164,61 @@ def build_app(llm: Any, model_name: str) -> Any:
 
     app = FastAPI(title="r1-mm rollout server")
     lock = threading.Lock()  # one engine: generate and reload never overlap
-    state = {"weights_version": 0}
-
+    state: dict[str, Any] = {"weights_version": 0, "broken": None, "last_good": model_dir}
+    expected = expected_specs(model_dir) if model_dir is not None else {}
     workers = llm.llm_engine.vllm_config.parallel_config.world_size_across_dp
 
+    @app.exception_handler(BadRequest)
+    async def client_error(request: Request, exc: BadRequest) -> Any:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Any:
+        if api_key is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer ...)"}, status_code=401)
+        return await call_next(request)
+
+    def usable() -> None:
+        if state["broken"]:
+            raise BadRequest(503, f"engine broken: {state['broken']}")
+
+    def reload(folder: Path) -> None:
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": read_weights(folder), "is_checkpoint_format": True})
+        reset_caches(llm)
+
     @app.get("/health")
-    def health() -> dict[str, Any]:
-        return {"ok": True, "model": model_name, "weights_version": state["weights_version"], "workers": workers,
-                **engine_info(llm)}
+    def health() -> Any:
+        body = {"ok": state["broken"] is None, "model": model_name, "weights_version": state["weights_version"],
+                "workers": workers, "error": state["broken"], **engine_info(llm)}
+        return JSONResponse(body, status_code=200 if state["broken"] is None else 503)
 
     @app.post("/generate")
     def generate(body: dict[str, Any]) -> dict[str, Any]:
+        usable()
         try:
-            requests = [decode_request(p) for p in body["prompts"]]
+            prompts, sampling = body["prompts"], body["sampling"]
+            for i, p in enumerate(prompts):
+                check_media(p, i)
+            requests = [decode_request(p) for p in prompts]
             params = [{**p, "logit_bias": {int(k): v for k, v in (p.get("logit_bias") or {}).items()} or None}
-                      for p in body["sampling"]]
+                      for p in sampling]
             for p in params:
                 SamplingParams(**p)  # a bad field is the client's error (400), found before sampling
+        except BadRequest:
+            raise
         except (KeyError, TypeError, ValueError) as exc:
-            raise HTTPException(400, f"bad generate request: {exc}") from exc
+            raise BadRequest(400, f"bad generate request: {type(exc).__name__}: {exc}") from None
         with lock:
-            outputs = seeded_generate(llm, requests, params)
+            try:
+                outputs = seeded_generate(llm, requests, params)
+            except ValueError as exc:  # vLLM's input processing (e.g. media the model cannot take)
+                raise BadRequest(400, f"vLLM rejected the request: {exc}") from None
+            except Exception as exc:
+                state["broken"] = f"generate failed: {type(exc).__name__}: {exc}"
+                log.exception("engine failed during generate; the server now reports itself broken")
+                raise BadRequest(503, state["broken"]) from None
         return {"weights_version": state["weights_version"], "outputs": [{
             "prompt_token_ids": list(o.prompt_token_ids),
             "completions": [{"token_ids": list(c.token_ids), "finish_reason": c.finish_reason,
@@ -69,6 +229,7 @@ def build_app(llm: Any, model_name: str) -> Any:
     @app.post("/open_weight_channel")
     def open_weight_channel(body: dict[str, Any]) -> dict[str, Any]:
         """Join the learner's broadcast group (blocks until every member has joined)."""
+        usable()
         with lock:
             ranks = llm.collective_rpc("r1mm_open_channel", kwargs={
                 "host": body["host"], "port": int(body["port"]), "world_size": int(body["world_size"]),
@@ -78,29 +239,58 @@ def build_app(llm: Any, model_name: str) -> Any:
     @app.post("/update_weights_broadcast")
     def update_weights_broadcast(body: dict[str, Any]) -> dict[str, Any]:
         """Receive the tensors named in ``specs`` over the broadcast group and load them in place."""
+        usable()
+        specs = body["specs"]
+        if expected:
+            wrong = [n for n, shape, _ in specs if expected.get(n) not in (None, list(shape))]
+            unknown = [n for n, _, _ in specs if n not in expected]
+            if unknown or wrong:
+                raise BadRequest(422, f"broadcast specs do not fit the model: unknown {unknown[:3]}, wrong shape {wrong[:3]}")
         with lock:
-            llm.collective_rpc("r1mm_receive_weights", kwargs={"specs": body["specs"]})
-            reset_caches(llm)
+            try:
+                llm.collective_rpc("r1mm_receive_weights", kwargs={"specs": specs})
+                reset_caches(llm)
+            except Exception as exc:  # the group is half-way through a broadcast: no way back
+                state["broken"] = f"broadcast weight update failed: {type(exc).__name__}: {exc}"
+                raise BadRequest(503, state["broken"]) from None
             state["weights_version"] = int(body.get("version", state["weights_version"] + 1))
         return {"weights_version": state["weights_version"]}
 
     @app.post("/update_weights")
     def update_weights(body: dict[str, Any]) -> dict[str, Any]:
+        usable()
+        if not isinstance(body.get("path"), str):
+            raise BadRequest(400, "update_weights needs 'path', the folder of safetensors to load")
+        folder = Path(body["path"])
+        check_update(folder, expected)
         with lock:
-            # an iterator, not weights_path: that would also repoint vLLM's processor at the weights folder
-            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": read_weights(body["path"]),
-                                                         "is_checkpoint_format": True})
-            reset_caches(llm)
+            try:
+                # an iterator, not weights_path: that would also repoint vLLM's processor at the weights folder
+                reload(folder)
+            except Exception as exc:
+                previous = state["last_good"]
+                try:
+                    if previous is None:
+                        raise RuntimeError("no earlier weights to restore")
+                    check_update(Path(previous), expected)  # still there, whole
+                    reload(Path(previous))
+                except Exception as restore_exc:
+                    state["broken"] = (f"loading {folder} failed ({type(exc).__name__}: {exc}) and the previous weights "
+                                       f"could not be restored ({restore_exc})")
+                    raise BadRequest(503, state["broken"]) from None
+                raise BadRequest(422, f"loading {folder} failed ({type(exc).__name__}: {exc}); the previous weights "
+                                      f"(version {state['weights_version']}) were restored") from None
+            state["last_good"] = folder
             state["weights_version"] = int(body.get("version", state["weights_version"] + 1))
         return {"weights_version": state["weights_version"]}
 
-    return app
+    return SizeLimit(app, max_request_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="r1-mm serve rollout", description="A vLLM rollout server for the vllm_pool engine.")
     p.add_argument("--model", required=True, help="path, hub id or tiny:... name (the policy's starting weights)")
-    p.add_argument("--host", default="127.0.0.1", help="loopback unless you need otherwise: there is no auth")
+    p.add_argument("--host", default="127.0.0.1", help=f"loopback unless you need otherwise (then set {API_KEY_ENV})")
     p.add_argument("--port", type=int, default=8100)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-model-len", type=int, default=8192)
@@ -110,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-parallel-size", type=int, default=1)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-request-mb", type=float, default=1024.0, help="larger request bodies get HTTP 413")
+    p.add_argument("--api-key-env", default=API_KEY_ENV,
+                   help="environment variable holding the API key clients must send (unset: no key)")
     args = p.parse_args(argv)
 
     import torch
@@ -122,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     set_cpu_defaults()
     from vllm import LLM
 
-    kwargs: dict[str, Any] = dict(model=resolve_model_path(ModelConfig(name_or_path=args.model)), dtype=args.dtype,
+    path = resolve_model_path(ModelConfig(name_or_path=args.model))
+    model_dir = Path(path) if Path(path).is_dir() else _cached_snapshot(path)
+    kwargs: dict[str, Any] = dict(model=path, dtype=args.dtype,
                                   max_model_len=args.max_model_len, seed=args.seed,
                                   limit_mm_per_prompt={"image": args.max_images, "video": args.max_videos},
                                   logprobs_mode="processed_logprobs", tensor_parallel_size=args.tensor_parallel_size,
@@ -133,5 +328,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         kwargs["enforce_eager"] = True
     llm = LLM(**kwargs)
-    uvicorn.run(build_app(llm, args.model), host=args.host, port=args.port, log_level="warning")
+    api_key = os.environ.get(args.api_key_env) or None
+    app = build_app(llm, args.model, model_dir=model_dir, api_key=api_key,
+                    max_request_bytes=int(args.max_request_mb * 2**20))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot of a hub model (for the update checks), if the hub cache holds one."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        log.warning("no local snapshot of %s: weight updates are checked for path and files only", repo_id)
+        return None

