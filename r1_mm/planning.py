@@ -7,15 +7,17 @@ algorithm, so each line names the code it models:
 
 - weights of the policy and of the reference (``backend.build_learner``), sharded under ZeRO-3;
 - gradients (sharded from ZeRO-2) and AdamW's two states per trainable parameter (sharded from ZeRO-1),
-  plus DeepSpeed's float32 master copy and float32 states when the launch runs bf16 mixed precision;
+  plus DeepSpeed's float32 master copy and float32 states when the launch runs bf16 mixed precision,
+  and the two parameter-sized temporaries of torch's foreach AdamW step;
 - the activations kept for backward of ONE micro-batch of the grouped forward: every prompt once and
   its G completions (``grouped_forward.pack_groups``), per decoder layer the tensors a Qwen2-style
   layer saves, the prompt keys/values the packed attention gathers per completion, the vision
   tower's patches (none when it is frozen); with gradient checkpointing, each layer's input only,
   plus one layer recomputed at a time;
 - the tiled LM head (``token_scores``): its tiles and its float32 gradient accumulator for the head;
-- a runtime constant: the process after importing its libraries (measured on the CPU machines this
-  project runs on), or a CUDA context on a GPU;
+- the runtime: on the CPU, measured at plan time in a fresh process that imports what the learner
+  imports and loads the recipe's processor (a constant went stale: processors pull in mistral_common
+  and OpenCV, TRL pulls in vLLM, ~300 MiB more than when it was measured); on a GPU, a CUDA context;
 - a colocated vLLM engine's reservation on a GPU (``rollout.vllm_gpu_memory_utilization``).
 
 The estimate is the worst case the recipe allows (``data.max_prompt_length`` prompt tokens, every
@@ -32,10 +34,20 @@ from pathlib import Path
 from r1_mm.config import RecipeConfig, accumulation
 
 GIB = 2**30
-# RSS of a learner process after importing torch, transformers, TRL, DeepSpeed and r1-mm, before any model
-# loads (measured here: 749 MiB). On a GPU the CUDA context and allocator reserve take this role.
-CPU_RUNTIME_BYTES = 750 * 2**20
+# Used only when the runtime cannot be measured (see measure_cpu_runtime); measured here on 2026-12-02.
+CPU_RUNTIME_FALLBACK_BYTES = 1050 * 2**20
 CUDA_RUNTIME_BYTES = 1 * GIB
+# What a learner process has loaded before its first model: the trainers (torch, transformers, accelerate,
+# DeepSpeed), TRL (which imports vLLM when installed) and the recipe's processor with its tokenizer stack.
+_RUNTIME_PROBE = """
+import sys
+from r1_mm.config import load_recipe
+from r1_mm.memory import peak_rss_bytes
+import r1_mm.trainers, trl  # noqa: F401
+from r1_mm.models import load_processor
+load_processor(load_recipe(None, [f"model.name_or_path={sys.argv[1]}", f"model.trust_remote_code={sys.argv[2]}"]).model)
+print(peak_rss_bytes())
+"""
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 HEAD_TILE_BYTES = 2 * 4096 * 4096 * 4  # token_scores: a float32 logits tile and its gradient tile
 
@@ -147,8 +159,23 @@ def launch_zero_stage(launch_config: str | Path | None) -> tuple[int, bool]:
     return int(ds.get("zero_stage", 0)), bf16
 
 
+def measure_cpu_runtime(cfg: RecipeConfig) -> tuple[int, str]:
+    """The learner's runtime on this machine and its libraries, with a note saying how it was found."""
+    import subprocess
+    import sys
+
+    probe = subprocess.run([sys.executable, "-c", _RUNTIME_PROBE, cfg.model.name_or_path, str(cfg.model.trust_remote_code)],
+                           capture_output=True, text=True, timeout=600)
+    lines = probe.stdout.strip().splitlines()
+    if probe.returncode == 0 and lines and lines[-1].isdigit():
+        return int(lines[-1]), "the process after the learner's imports and processor (measured now, on this machine)"
+    return CPU_RUNTIME_FALLBACK_BYTES, "the process after imports (could not measure here; a value measured on a CPU machine)"
+
+
 def plan(cfg: RecipeConfig, *, gpus: int, zero_stage: int, mixed_bf16: bool = False, device: str = "gpu",
-         gpu_memory_gib: float = 80.0, recipe: str = "", shape: ModelShape | None = None) -> MemoryPlan:
+         gpu_memory_gib: float = 80.0, recipe: str = "", shape: ModelShape | None = None,
+         cpu_runtime: tuple[int, str] | None = None) -> MemoryPlan:
+    """cpu_runtime: (bytes, note) of the runtime for device="cpu"; measured when not given."""
     shape = shape or model_shape(cfg)
     b = DTYPE_BYTES[cfg.model.dtype]
     out = MemoryPlan(recipe=recipe, gpus=gpus, zero_stage=zero_stage, device=device)
@@ -172,6 +199,12 @@ def plan(cfg: RecipeConfig, *, gpus: int, zero_stage: int, mixed_bf16: bool = Fa
         ("float32 master + 2 AdamW states (DeepSpeed bf16)" if mixed_bf16 and zero_stage >= 1 else "2 AdamW states")
         + (", sharded" if zero_stage >= 1 else ""))
 
+    # torch's AdamW (foreach, the default on CPU and CUDA; DeepSpeed wraps it on each shard) builds
+    # temporaries the size of the parameters it updates, e.g. sqrt(v) and the step (measured on the CPU:
+    # +230 MiB transient at 20 M trainable float32 parameters, the run's peak)
+    temp_b = 4 if mixed_bf16 and zero_stage >= 1 else b
+    add("optimizer step temporaries", 2 * temp_b * trainable / (gpus if zero_stage >= 1 else 1),
+        "foreach AdamW: two parameter-sized temporaries during step()")
     _, micro = accumulation(cfg.training)
     prompt, completion = cfg.data.max_prompt_length, cfg.rollout.max_completion_length
     packed = prompt + g * completion if cfg.training.forward_mode == "grouped" else g * (prompt + completion)
@@ -195,7 +228,7 @@ def plan(cfg: RecipeConfig, *, gpus: int, zero_stage: int, mixed_bf16: bool = Fa
     head = HEAD_TILE_BYTES + 2 * scored * h * 4 + (shape.vocab * h * 4 if trainable and not cfg.model.lora else 0)
     add("LM head (tiled)", head, f"{scored} scored tokens, tiles of 4096 x 4096; float32 head gradient")
     if device == "cpu":
-        add("runtime", CPU_RUNTIME_BYTES, "the process after imports (measured on this project's CPU machines)")
+        add("runtime", *(cpu_runtime or measure_cpu_runtime(cfg)))
     else:
         add("runtime", CUDA_RUNTIME_BYTES, "CUDA context and allocator reserve")
         if cfg.rollout.engine == "vllm_colocate":
