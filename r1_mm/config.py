@@ -224,7 +224,10 @@ class TrainingConfig:
 
 @dataclass
 class LoggingConfig:
-    report_to: list[str] = field(default_factory=list)  # e.g. [wandb]
+    # accelerate's trackers by name (wandb, tensorboard, mlflow, ...) or a plugin file.py:Class
+    report_to: list[str] = field(default_factory=list)
+    # per tracker, keyword arguments for its start (e.g. {wandb: {tags: [a]}, tensorboard: {flush_secs: 30}})
+    tracker_kwargs: dict[str, Any] = field(default_factory=dict)
     project: str = "r1-mm"
     run_name: str | None = None
     group: str | None = None

@@ -168,7 +168,11 @@ def preference_problems(rows: list[dict[str, Any]], path: str | Path) -> list[st
 def check(cfg: RecipeConfig, rows: list[dict[str, Any]] | None = None) -> None:
     """Raise ConfigError (recipe) or DataError (rows) with every problem found; the rows are checked
     only when given (the trainer passes the rows it already read)."""
-    problems = name_problems(cfg)
+    from r1_mm.tracking import tracker_problems
+
+    problems = name_problems(cfg) + tracker_problems(cfg.logging.report_to)
+    problems += [f"logging.tracker_kwargs '{name}' is not in logging.report_to {cfg.logging.report_to}"
+                 for name in cfg.logging.tracker_kwargs if name not in cfg.logging.report_to]
     reward_found, needs = reward_problems(cfg.rewards.functions)
     problems += reward_found
     if problems:

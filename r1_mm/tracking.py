@@ -1,17 +1,30 @@
-"""Metrics: always a local ``metrics.jsonl``; W&B too when ``logging.report_to`` includes it.
+"""Metrics: always a local ``metrics.jsonl``; any of accelerate's trackers too (``logging.report_to``).
 
-The jsonl file is the source of truth for plots and tests; W&B is a mirror for dashboards.
+The jsonl file is the source of truth for plots and tests; trackers are mirrors for dashboards.
+Trackers are accelerate's own classes (W&B, TensorBoard, MLflow, Comet, Aim, ClearML, DVCLive,
+SwanLab, Trackio) or a plugin (``my_tracker.py:MyTracker``, a ``accelerate.tracking.GeneralTracker``
+subclass). Why not ``Accelerator(log_with=...)``: the trackers start after the run folder is claimed
+(a refused run must not open a W&B run), the rollout job logs without an Accelerator, and a resumed
+run passes its run id so W&B continues the same run; the start-up below is accelerate's
+``init_trackers`` with those three differences.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
-from r1_mm.config import RecipeConfig
+from r1_mm.config import ConfigError, RecipeConfig
+from r1_mm.plugins import PluginError, is_plugin_name, load_object
+
+# the pip package each of accelerate's trackers needs (as accelerate's is_*_available checks)
+TRACKER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "comet_ml": "comet-ml",
+                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+                    "trackio": "trackio"}
 
 
 def _clean(value: Any) -> Any:
@@ -20,26 +33,117 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _available(name: str) -> bool:
+    """accelerate's own check (TensorBoard: the tensorboard or tensorboardX package)."""
+    import accelerate.utils as au
+
+    check = getattr(au, f"is_{name}_available", None)
+    return bool(check and check())
+
+
+def tracker_problems(report_to: list[str]) -> list[str]:
+    """One line per tracker the run could not start, found when the recipe loads."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker
+
+    problems = []
+    for name in report_to:
+        if is_plugin_name(name):
+            try:
+                cls = load_object(name, f"logging.report_to '{name}'", kind="class")
+            except PluginError as exc:
+                problems.append(str(exc))
+                continue
+            if not (isinstance(cls, type) and issubclass(cls, GeneralTracker)):
+                problems.append(f"logging.report_to '{name}' is not a subclass of accelerate.tracking.GeneralTracker")
+        elif name not in LOGGER_TYPE_TO_CLASS:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(LOGGER_TYPE_TO_CLASS), n=1, cutoff=0.5)
+            problems.append(f"logging.report_to '{name}' is not a tracker"
+                            + (f"; did you mean '{close[0]}'?" if close else "")
+                            + f" (accelerate's: {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}; or a plugin file.py:Class)")
+        elif not _available(name):
+            problems.append(f"logging.report_to '{name}' needs its package: pip install {TRACKER_PACKAGES.get(name, name)}")
+    return problems
+
+
+def flat_config(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """section.key -> scalar: what every tracker's hyperparameter store accepts (TensorBoard's hparams
+    take no nested dicts or lists)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_config(value, f"{name}."))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        else:
+            out[name] = json.dumps(value, default=str)
+    return out
+
+
+def start_trackers(cfg: RecipeConfig, run_dir: Path, run_id: str, resume: bool) -> list[Any]:
+    """accelerate trackers, started; ``run_id`` names the run where a tracker has ids (W&B), so a
+    resumed run continues its run instead of opening another."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    problems = tracker_problems(cfg.logging.report_to)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    lg = cfg.logging
+    trackers = []
+    for name in lg.report_to:
+        kwargs = dict(lg.tracker_kwargs.get(name, {}))
+        if name == "wandb":
+            kwargs = {"name": lg.run_name, "group": lg.group, "dir": str(run_dir), "id": run_id,
+                      "resume": "allow", **kwargs}
+        if is_plugin_name(name):
+            cls = load_object(name, f"logging.report_to '{name}'", kind="class")
+            accepts = inspect.signature(cls.__init__).parameters
+            extra = {k: v for k, v in (("logging_dir", str(run_dir / "trackers")), ("run_id", run_id),
+                                       ("resumed", resume)) if k in accepts}
+            tracker = cls(lg.project, **extra, **kwargs)
+        else:
+            cls = LOGGER_TYPE_TO_CLASS[name]
+            if cls.requires_logging_directory:
+                tracker = cls(lg.project, str(run_dir / name), **kwargs)
+            else:
+                tracker = cls(lg.project, **kwargs)
+        tracker.start()
+        trackers.append(tracker)
+    return trackers
+
+
 class MetricsLogger:
     def __init__(self, cfg: RecipeConfig, run_dir: str | Path, *, is_main_process: bool = True,
-                 resume: bool = False):
+                 resume: bool = False, run_id: str | None = None):
         """``resume=False`` starts a new metrics file; a resumed run appends to the existing one (which
-        the trainer has truncated to its checkpoint, see ``run_folder.truncate_logs``)."""
+        the trainer has truncated to its checkpoint, see ``run_folder.truncate_logs``) and reopens its
+        trackers' run (``run_id``, kept in the checkpoint)."""
+        import uuid
+
         self.run_dir = Path(run_dir)
         self.enabled = is_main_process
         self.path = self.run_dir / "metrics.jsonl"
-        self.wandb_run = None
+        self.trackers: list[Any] = []
         self._start = time.time()
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             self.path.unlink(missing_ok=True)
-        if "wandb" in cfg.logging.report_to:
-            import wandb
+        self.trackers = start_trackers(cfg, self.run_dir, run_id or uuid.uuid4().hex[:12], resume)
+        if not resume:  # a resumed run's configuration is already stored (W&B would reject changed values)
+            config = flat_config(cfg.to_dict())
+            for tracker in self.trackers:
+                tracker.store_init_configuration(config)
 
-            self.wandb_run = wandb.init(project=cfg.logging.project, name=cfg.logging.run_name,
-                                        group=cfg.logging.group, config=cfg.to_dict(), dir=str(self.run_dir))
+    def tracker(self, name: str) -> Any | None:
+        """The library object behind a started tracker (e.g. the wandb Run), or None."""
+        for t in self.trackers:
+            if getattr(t, "name", None) == name:
+                return t.tracker
+        return None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.enabled:
@@ -48,12 +152,14 @@ class MetricsLogger:
         record.update({k: _clean(v) for k, v in metrics.items()})
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for tracker in self.trackers:
+            tracker.log(numbers, step=step)
 
     def log_completions_table(self, rows: list[dict[str, Any]], step: int) -> None:
         """A W&B table of sample completions, with the prompt's image or a strip of its sampled frames."""
-        if not self.enabled or self.wandb_run is None or not rows:
+        run = self.tracker("wandb") if self.enabled else None
+        if run is None or not rows:
             return
         import wandb
 
@@ -63,12 +169,12 @@ class MetricsLogger:
             media = wandb.Image(r["media"]) if r.get("media") is not None else None
             table.add_data(step, r["row_id"], media, r["prompt"], r["completion"], str(r.get("solution")),
                            r["reward"], r["advantage"])
-        self.wandb_run.log({"completions": table}, step=step)
+        run.log({"completions": table}, step=step)
 
     def close(self) -> None:
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-            self.wandb_run = None
+        for tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []
 
 
 def media_preview(sample: Any, max_frames: int = 4) -> Any:

@@ -13,6 +13,8 @@ import pytest
 import r1_mm.trainers.backend as backend
 from r1_mm.train import main as train_main
 
+from .conftest import REPO
+
 BIN = Path(sys.executable).parent
 
 RECIPE = """
@@ -76,6 +78,11 @@ def test_invalid_yaml_names_the_file_and_line(run, tmp_path):
     ("rollout.top_p=1.5", "rollout.top_p must be > 0 and <= 1, got 1.5"),
     ("training.max_steps=0", "training.max_steps must be >= 1"),
     ("data.train_path=/no/such/file.jsonl", "data file not found: /no/such/file.jsonl"),
+    ("logging.report_to=[wandbb]", "logging.report_to 'wandbb' is not a tracker; did you mean 'wandb'?"),
+    ("logging.report_to=[mlflow]", "logging.report_to 'mlflow' needs its package: pip install mlflow"),
+    (f"logging.report_to=[{REPO}/tests/plugins/faulty.py:alternating]", "is not a subclass of accelerate.tracking.GeneralTracker"),
+    ("logging.report_to=[no_such_file.py:Tracker]", "logging.report_to 'no_such_file.py:Tracker': file not found"),
+    ("logging.tracker_kwargs={tensorboard: {flush_secs: 1}}", "logging.tracker_kwargs 'tensorboard' is not in logging.report_to"),
 ])
 def test_recipe_and_name_errors(run, override, expected):
     assert expected in run(override)

@@ -119,33 +119,6 @@ def test_reference_not_synced_without_ref_sync_steps(tmp_path, synthetic_data):
     assert not all(torch.equal(policy[k], ref_state[k]) for k in policy)
 
 
-def test_wandb_offline_writes_run_files(tmp_path, synthetic_data, monkeypatch):
-    import json as _json
-
-    from .wandb_records import read_records
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = recipe(tmp_path, synthetic_data["events"], "logging.report_to=[wandb]", "logging.run_name=t",
-                 "logging.table_steps=1", "media.max_frames=4", "rewards.functions=[{name: format}, {name: mra}]")
-    GRPOTrainer(cfg).train()
-    runs = list((Path(cfg.training.output_dir) / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    records = read_records(next(runs[0].glob("run-*.wandb")))
-    run = [r.run for r in records if r.WhichOneof("record_type") == "run"][0]
-    config = {item.key: _json.loads(item.value_json) for item in run.config.update}
-    assert config["algorithm"]["beta"] == cfg.algorithm.beta and config["rollout"]["num_generations"] == 4
-    logged = {item.key or "/".join(item.nested_key) for r in records if r.WhichOneof("record_type") == "history"
-              for item in r.history.item}
-    assert {"rewards/format/mean", "rewards/mra/mean", "train/kl", "train/entropy", "train/clip_ratio_low",
-            "completions/mean_length", "completions/truncated_ratio", "rewards/frac_zero_std_groups",
-            "throughput/completion_tokens_per_s"} <= logged
-    tables = sorted((runs[0] / "files" / "media" / "table").glob("completions_*.table.json"))
-    assert len(tables) == 2  # steps 0 and 1
-    table = _json.loads(tables[0].read_text())
-    assert table["columns"][:3] == ["step", "row_id", "media"] and len(table["data"]) == 4
-    assert all(row[2] == "Image" for row in table["data"])  # the frames strip of the video prompt (an artifact)
-
-
 def test_image_multi_image_and_video_prompts_in_one_run(tmp_path, synthetic_data):
     """One data file mixing single images, image pairs and videos; by_problem_type scores each row."""
     rows = []

@@ -19,11 +19,12 @@ import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from r1_mm.plugins import PluginError, is_plugin_name, load_object
 
 log = logging.getLogger(__name__)
 
@@ -83,34 +84,16 @@ def _load_entry_points() -> None:
         SOURCES.setdefault(ep.name, f"entry point {ep.value} ({ep.dist.name if ep.dist else '?'})")
 
 
-def _load_from_file(path: str, attr: str) -> RewardFn:
-    file = Path(path).expanduser()
-    if not file.exists():
-        raise RewardError(f"reward file not found: {file}")
-    spec = importlib.util.spec_from_file_location(f"r1_mm_user_reward_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, attr):
-        raise RewardError(f"{file} has no function '{attr}'")
-    return getattr(module, attr)
-
-
 def get(name: str) -> RewardFn:
     """The reward callable for a registered name, dotted path or file path."""
     _load_builtins()
     if name in REGISTRY:
         return REGISTRY[name]
-    if ":" in name:
-        target, attr = name.rsplit(":", 1)
-        if target.endswith(".py"):
-            return _load_from_file(target, attr)
+    if is_plugin_name(name):
         try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise RewardError(f"reward '{name}': cannot import module '{target}' ({exc})") from exc
-        if not hasattr(module, attr):
-            raise RewardError(f"reward '{name}': module '{target}' has no attribute '{attr}'")
-        return getattr(module, attr)
+            return load_object(name, f"reward '{name}'", kind="function")
+        except PluginError as exc:
+            raise RewardError(str(exc)) from exc
     _load_entry_points()
     if name in REGISTRY:
         return REGISTRY[name]

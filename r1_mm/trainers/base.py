@@ -66,7 +66,7 @@ class BaseTrainer:
             if self.resume_path is not None:
                 run_folder.truncate_logs(self.run_dir, int(self.resumed_state["step"]))
         self.metrics = MetricsLogger(cfg, self.run_dir, is_main_process=acc.is_main_process,
-                                     resume=self.resume_path is not None)
+                                     resume=self.resume_path is not None, run_id=self.run_id)
         self._stop_signal: int | None = None
 
     def _claim_run_folder(self, acc: Any) -> run_folder.RunLock | None:
