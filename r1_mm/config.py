@@ -64,8 +64,19 @@ class MediaConfig:
 class DataConfig:
     """Where rows come from and how prompts are built from them."""
 
-    train_path: str = ""
+    train_path: str = ""  # a local file or folder (jsonl, json, parquet, csv, arrow, save_to_disk, data files)
     eval_path: str | None = None
+    # instead of train_path: any datasets.load_dataset source (a hub id, a builder such as parquet / csv /
+    # json / videofolder with data_files, a local dataset folder), and its splits
+    dataset_name: str | None = None
+    dataset_config: str | None = None
+    data_files: Any = None  # load_dataset's data_files: a path, a list, or {split: paths}
+    train_split: str = "train"
+    eval_split: str | None = None
+    # source column -> r1-mm column, e.g. {ground_truth: solution, question_type: problem_type}
+    columns: dict[str, str] = field(default_factory=dict)
+    # r1-mm media column -> a path built from the row's fields, e.g. {video: "{dataset}/{scene_name}.mp4"}
+    media_template: dict[str, str] = field(default_factory=dict)
     media_root: str | None = None  # relative media paths resolve here (default: the data file's folder)
     system_prompt: str | None = None
     format_instruction: str | None = (

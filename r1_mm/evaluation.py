@@ -15,16 +15,17 @@ import torch
 
 from r1_mm.config import ModelConfig, RecipeConfig
 from r1_mm.data import PromptStream
+from r1_mm.data.loading import has_split
 from r1_mm.rewards.registry import RewardRunner
 from r1_mm.rollout.base import RolloutEngine, SamplingSettings
 
 
 def eval_rows(cfg: RecipeConfig, processor: Any, shard: tuple[int, int] = (0, 1)) -> list:
     """Every usable eval prompt of this shard, once, in file order (bad rows follow the data policies)."""
-    if not cfg.data.eval_path:
-        raise ValueError("evaluation needs data.eval_path")
+    if not has_split(cfg.data, "eval"):
+        raise ValueError("evaluation needs data.eval_path (or data.eval_split with data.dataset_name)")
     data_cfg = type(cfg.data)(**{**cfg.data.__dict__, "shuffle": False, "max_rows": cfg.training.eval_max_rows})
-    stream = PromptStream.from_config(processor, data_cfg, cfg.media, path=cfg.data.eval_path, shard=shard)
+    stream = PromptStream.from_config(processor, data_cfg, cfg.media, split="eval", shard=shard)
     return stream.each_once()
 
 

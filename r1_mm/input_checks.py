@@ -165,9 +165,9 @@ def preference_problems(rows: list[dict[str, Any]], path: str | Path) -> list[st
     return []
 
 
-def check(cfg: RecipeConfig, rows: list[dict[str, Any]] | None = None) -> None:
+def check(cfg: RecipeConfig, rows: list[dict[str, Any]] | None = None, source: str | None = None) -> None:
     """Raise ConfigError (recipe) or DataError (rows) with every problem found; the rows are checked
-    only when given (the trainer passes the rows it already read)."""
+    only when given (the trainer passes the rows it already read, and ``source``, how to name them)."""
     from r1_mm.tracking import tracker_problems
 
     problems = name_problems(cfg) + tracker_problems(cfg.logging.report_to)
@@ -180,8 +180,9 @@ def check(cfg: RecipeConfig, rows: list[dict[str, Any]] | None = None) -> None:
     if rows is not None:
         for column, users in algorithm_columns(cfg).items():
             needs.setdefault(column, set()).update(users)
-        found = row_problems(rows, cfg.data.train_path, needs)
+        source = source or cfg.data.train_path
+        found = row_problems(rows, source, needs)
         if not found and cfg.algorithm.name in ("dpo", "tpo"):
-            found = preference_problems(rows, cfg.data.train_path)
+            found = preference_problems(rows, source)
         if found:
             raise DataError("; ".join(found))

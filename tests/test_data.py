@@ -39,7 +39,10 @@ def test_bad_data_files_are_named(tmp_path):
     bad.write_text('{"prompt": "a"}\n{oops\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
         read_rows(bad)
-    with pytest.raises(DataError, match="unsupported data format '.csv'"):
+    with pytest.raises(DataError, match="unsupported data format '.txt'"):
+        (tmp_path / "x.txt").write_text("a,b\n")
+        read_rows(tmp_path / "x.txt")
+    with pytest.raises(DataError, match=r"x.csv: (no rows|cannot be read as csv)"):
         (tmp_path / "x.csv").write_text("a,b\n")
         read_rows(tmp_path / "x.csv")
     with pytest.raises(DataError, match="data file not found"):

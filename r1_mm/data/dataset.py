@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from r1_mm.config import DataConfig, MediaConfig
-from r1_mm.data.loading import DataError, default_media_root, read_rows
+from r1_mm.data.loading import DataError, load_split
 from r1_mm.data.prompts import PromptBuilder, PromptTooLongError, Sample, row_id
 from r1_mm.media import MediaError
 
@@ -48,6 +48,7 @@ class PromptStream:
         if not rows:
             raise DataError("no rows to train on")
         self.rows = rows
+        self.source = "<rows>"  # how errors name the data (from_config: the file or load_dataset source)
         self.builder = builder
         self.data_cfg = data_cfg
         self.media_cfg = media_cfg
@@ -59,15 +60,16 @@ class PromptStream:
         self._order = self._epoch_order(0)
 
     @classmethod
-    def from_config(cls, processor: Any, data_cfg: DataConfig, media_cfg: MediaConfig, *, path: str | None = None,
-                    seed: int = 0, shard: tuple[int, int] = (0, 1)) -> PromptStream:
-        path = path or data_cfg.train_path
-        if not path:
-            raise DataError("data.train_path is empty: set it in the recipe or with data.train_path=FILE")
-        rows = read_rows(path, data_cfg.max_rows)
-        root = Path(data_cfg.media_root).expanduser() if data_cfg.media_root else default_media_root(path)
+    def from_config(cls, processor: Any, data_cfg: DataConfig, media_cfg: MediaConfig, *, split: str = "train",
+                    path: str | None = None, dataset: Any = None, seed: int = 0,
+                    shard: tuple[int, int] = (0, 1)) -> PromptStream:
+        """The recipe's train or eval split (or ``dataset``, an object given through the Python API)."""
+        rows, source, default_root = load_split(data_cfg, split, path=path, dataset=dataset)
+        root = Path(data_cfg.media_root).expanduser() if data_cfg.media_root else default_root
         builder = PromptBuilder(processor, data_cfg, media_cfg, root)
-        return cls(rows, builder, data_cfg=data_cfg, media_cfg=media_cfg, seed=seed, shard=shard)
+        stream = cls(rows, builder, data_cfg=data_cfg, media_cfg=media_cfg, seed=seed, shard=shard)
+        stream.source = source
+        return stream
 
     def _epoch_order(self, epoch: int) -> list[int]:
         order = list(range(len(self.rows)))

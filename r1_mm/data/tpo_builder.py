@@ -23,7 +23,7 @@ from typing import Any
 
 from r1_mm.config import RecipeConfig
 from r1_mm.data.frame_views import segment_split, select_frames, sparse_indices, with_videos
-from r1_mm.data.loading import default_media_root, read_rows
+from r1_mm.data.loading import load_split
 from r1_mm.data.prompts import PromptBuilder, Sample
 from r1_mm.rewards.parsing import normalise
 
@@ -79,8 +79,8 @@ def build_tpo_pairs(cfg: RecipeConfig, out_path: str | Path, settings: TPOSettin
     if engine is None:
         model = load_model(cfg.model, trainable=False)
         engine = make_engine(cfg.rollout.engine, model=model, processor=processor, cfg=cfg)
-    data = Path(cfg.data.train_path)
-    root = Path(cfg.data.media_root) if cfg.data.media_root else default_media_root(data)
+    rows, _, default_root = load_split(cfg.data, "train")
+    root = Path(cfg.data.media_root) if cfg.data.media_root else default_root
     builder = PromptBuilder(processor, cfg.data, cfg.media, root)
     judge = None
     if s.agreement == "critic":
@@ -93,7 +93,7 @@ def build_tpo_pairs(cfg: RecipeConfig, out_path: str | Path, settings: TPOSettin
     out_path.parent.mkdir(parents=True, exist_ok=True)
     sampling = SamplingSettings.from_config(cfg.rollout, seed=s.seed)
     with out_path.open("w") as out:
-        for index, row in enumerate(read_rows(data)):
+        for index, row in enumerate(rows):
             sample = builder.prepare(row, index)
             if not sample.videos:
                 report.counts["skipped_no_video"] += 1

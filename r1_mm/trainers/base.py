@@ -49,7 +49,7 @@ class BaseTrainer:
         self.pad_id = self.processor.tokenizer.pad_token_id
         self.stream = PromptStream.from_config(self.processor, cfg.data, cfg.media, seed=cfg.training.seed,
                                                shard=(acc.process_index, acc.num_processes))
-        input_checks.check(cfg, self.stream.rows)
+        input_checks.check(cfg, self.stream.rows, self.stream.source)
         self.run_dir = Path(cfg.training.output_dir)
         self.resume_path = self._resume_path()
         self.resumed_state: dict[str, Any] = {}

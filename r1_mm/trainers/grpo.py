@@ -16,6 +16,7 @@ import torch
 
 from r1_mm.config import RecipeConfig, RewardSpec
 from r1_mm.data import Sample
+from r1_mm.data.loading import has_split
 from r1_mm.rewards.critic.reward import question_text
 from r1_mm.rewards.registry import RewardBatch, RewardRunner
 from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, make_engine, media_token_ids
@@ -384,7 +385,7 @@ class GRPOTrainer(BaseTrainer):
                         "throughput/completion_tokens_per_s": tokens / max(seconds, 1e-9)})
         self._last_exp = exp
         every = self.cfg.training.eval_steps
-        if every and self.cfg.data.eval_path and ((self.step + 1) % every == 0
+        if every and has_split(self.cfg.data, "eval") and ((self.step + 1) % every == 0
                                                   or self.step + 1 == self.cfg.training.max_steps):
             metrics.update(self.run_eval())
         return metrics

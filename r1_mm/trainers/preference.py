@@ -131,21 +131,21 @@ def precompute_reference(cfg: RecipeConfig, out_path: str | Path) -> int:
     so training with algorithm.precomputed_reference=true needs no reference forward (or memory)."""
     import json
 
-    from r1_mm.data.loading import default_media_root, read_rows
+    from r1_mm.data.loading import load_split
     from r1_mm.data.prompts import PromptBuilder
     from r1_mm.models import load_model, load_processor
 
     processor = load_processor(cfg.model)
     model = load_model(cfg.model, trainable=False, grouped=cfg.training.forward_mode == "grouped").eval()
-    data = Path(cfg.data.train_path)
+    rows, _, default_root = load_split(cfg.data, "train")
     builder = PromptBuilder(processor, cfg.data, cfg.media,
-                            Path(cfg.data.media_root) if cfg.data.media_root else default_media_root(data))
+                            Path(cfg.data.media_root) if cfg.data.media_root else default_root)
     tokenizer = processor.tokenizer
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     written = 0
     with out_path.open("w") as out, torch.no_grad():
-        for index, row in enumerate(read_rows(data)):
+        for index, row in enumerate(rows):
             sample = builder.prepare(row, index)
             ids = [response_ids(tokenizer, row.get(f), sample.row_id, f) for f in ("chosen", "rejected")]
             logps, _, mask = score_completions(model, [sample], ids, 2, tokenizer.pad_token_id, temperature=1.0,
