@@ -261,6 +261,11 @@ class RecipeConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RecipeConfig:
+        """A recipe from a dict of sections, checked as a YAML recipe is (types, names, bounds)."""
+        return validate(build_dataclass(cls, data))
+
 
 # --------------------------------------------------------------------------------------------
 # Building a typed config from plain data

@@ -20,12 +20,13 @@ from r1_mm.rewards.registry import RewardRunner
 from r1_mm.rollout.base import RolloutEngine, SamplingSettings
 
 
-def eval_rows(cfg: RecipeConfig, processor: Any, shard: tuple[int, int] = (0, 1)) -> list:
-    """Every usable eval prompt of this shard, once, in file order (bad rows follow the data policies)."""
-    if not has_split(cfg.data, "eval"):
+def eval_rows(cfg: RecipeConfig, processor: Any, shard: tuple[int, int] = (0, 1), dataset: Any = None) -> list:
+    """Every usable eval prompt of this shard, once, in file order (bad rows follow the data policies);
+    ``dataset``: eval rows given as an object (the Python API)."""
+    if dataset is None and not has_split(cfg.data, "eval"):
         raise ValueError("evaluation needs data.eval_path (or data.eval_split with data.dataset_name)")
     data_cfg = type(cfg.data)(**{**cfg.data.__dict__, "shuffle": False, "max_rows": cfg.training.eval_max_rows})
-    stream = PromptStream.from_config(processor, data_cfg, cfg.media, split="eval", shard=shard)
+    stream = PromptStream.from_config(processor, data_cfg, cfg.media, split="eval", shard=shard, dataset=dataset)
     return stream.each_once()
 
 

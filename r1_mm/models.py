@@ -32,6 +32,11 @@ def load_processor(cfg: ModelConfig) -> Any:
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(resolve_model_path(cfg), trust_remote_code=cfg.trust_remote_code)
+    return prepare_processor(processor)
+
+
+def prepare_processor(processor: Any) -> Any:
+    """Batched rollouts and scoring pad: a tokenizer without a pad token pads with its EOS token."""
     tokenizer = getattr(processor, "tokenizer", processor)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -58,6 +63,18 @@ def load_model(cfg: ModelConfig, *, trainable: bool = True, grouped: bool = Fals
         resolve_model_path(cfg), dtype=_DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation,
         trust_remote_code=cfg.trust_remote_code,
     )
+    return prepare_model(model, cfg, trainable=trainable, grouped=grouped)
+
+
+def prepare_model(model: torch.nn.Module, cfg: ModelConfig, *, trainable: bool = True,
+                  grouped: bool = False) -> torch.nn.Module:
+    """What r1-mm does to a loaded model, also for a model object given through the Python API: the
+    recipe's dtype and attention, the grouped forward's attention, freezing, checkpointing, LoRA."""
+    if cfg.dtype != "auto" and next(model.parameters()).dtype != _DTYPES[cfg.dtype]:
+        model = model.to(_DTYPES[cfg.dtype])
+    current = getattr(model.config, "_attn_implementation", None)
+    if cfg.attn_implementation and current != cfg.attn_implementation and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(cfg.attn_implementation)
     if grouped:
         from r1_mm.trainers import packed_attention
 

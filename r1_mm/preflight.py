@@ -12,6 +12,7 @@ import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from r1_mm.config import ConfigError, RecipeConfig
 
@@ -51,8 +52,9 @@ def problems(cfg: RecipeConfig, machine: Machine) -> list[str]:
     return found
 
 
-def check_model_config(cfg: RecipeConfig) -> list[str]:
-    """What the model's config.json (read without weights) says the recipe cannot do."""
+def check_model_config(cfg: RecipeConfig, config: Any = None) -> list[str]:
+    """What the model's config.json (read without weights), or the config of a model object given
+    through the Python API, says the recipe cannot do."""
     if cfg.training.forward_mode != "grouped":
         return []
     from transformers import AutoConfig
@@ -61,7 +63,8 @@ def check_model_config(cfg: RecipeConfig) -> list[str]:
     from r1_mm.trainers.packed_attention import PackedAttentionError, check_supported
 
     try:
-        config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
+        if config is None:
+            config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return [f"model.name_or_path '{cfg.model.name_or_path}': its config.json cannot be read ({first}); give a "
@@ -73,10 +76,12 @@ def check_model_config(cfg: RecipeConfig) -> list[str]:
     return []
 
 
-def preflight(cfg: RecipeConfig, machine: Machine | None = None, *, read_model_config: bool = True) -> None:
-    """Raise one ConfigError naming every problem, before anything heavy happens."""
+def preflight(cfg: RecipeConfig, machine: Machine | None = None, *, read_model_config: bool = True,
+              model_config: Any = None) -> None:
+    """Raise one ConfigError naming every problem, before anything heavy happens (``model_config``:
+    the config of a model object, instead of reading config.json)."""
     found = problems(cfg, machine or Machine.current())
     if read_model_config and not found:
-        found = check_model_config(cfg)
+        found = check_model_config(cfg, model_config)
     if found:
         raise ConfigError("; ".join(found))

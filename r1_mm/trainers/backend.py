@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from r1_mm.config import ConfigError, RecipeConfig, accumulation
-from r1_mm.models import load_model, load_processor
+from r1_mm.models import load_model, load_processor, prepare_model
 
 
 @dataclass
@@ -112,13 +112,22 @@ def configure_deepspeed(ds_config: dict[str, Any], cfg: RecipeConfig) -> None:
 
 
 def build_learner(cfg: RecipeConfig, *, need_reference: bool, accelerator: Accelerator | None = None,
-                  processor: Any = None) -> Learner:
+                  processor: Any = None, model: torch.nn.Module | None = None) -> Learner:
     """Policy (and reference) loaded and prepared; the accelerator and processor may be made earlier,
-    so that data and recipe problems are found before any weights load."""
+    so that data and recipe problems are found before any weights load. ``model``: a model object
+    (Python API) instead of model.name_or_path; the reference is a frozen copy of it as given."""
     accelerator = accelerator or make_accelerator(cfg)
     processor = processor if processor is not None else load_processor(cfg.model)
     grouped = cfg.training.forward_mode == "grouped"
-    policy = load_model(cfg.model, trainable=True, grouped=grouped)
+    given_reference = None
+    if model is not None:
+        import copy
+
+        if need_reference and not cfg.model.lora:
+            given_reference = prepare_model(copy.deepcopy(model), cfg.model, trainable=False, grouped=grouped)
+        policy = prepare_model(model, cfg.model, trainable=True, grouped=grouped)
+    else:
+        policy = load_model(cfg.model, trainable=True, grouped=grouped)
     params = [p for p in policy.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters (frozen vision tower + no LoRA targets?)")
@@ -130,7 +139,7 @@ def build_learner(cfg: RecipeConfig, *, need_reference: bool, accelerator: Accel
         if cfg.model.lora:
             reference = None  # the adapter-disabled policy is the reference: no second copy
         else:
-            reference = load_model(cfg.model, trainable=False, grouped=grouped)
+            reference = given_reference or load_model(cfg.model, trainable=False, grouped=grouped)
             if accelerator.distributed_type == DistributedType.DEEPSPEED:
                 from trl.models.utils import prepare_deepspeed
 

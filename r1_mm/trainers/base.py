@@ -3,6 +3,7 @@ and the step loop. Subclasses implement ``train_step`` (one optimizer step, retu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
@@ -16,8 +17,9 @@ from r1_mm import input_checks, run_folder, run_info
 from r1_mm.checkpoint import REFERENCE_FILE, STATE_FILE, CheckpointManager, damage
 from r1_mm.config import ConfigError, RecipeConfig, dump_recipe
 from r1_mm.data import PromptStream
-from r1_mm.models import load_processor
+from r1_mm.models import load_processor, prepare_processor
 from r1_mm.preflight import preflight
+from r1_mm.run_objects import RunObjects
 from r1_mm.tracking import MetricsLogger
 from r1_mm.trainers.backend import Learner, build_learner, load_reference_state, make_accelerator
 
@@ -39,16 +41,33 @@ def memory_metrics() -> dict[str, float]:
 class BaseTrainer:
     name = "base"
 
-    def __init__(self, cfg: RecipeConfig, *, need_reference: bool):
+    def __init__(self, cfg: RecipeConfig, *, need_reference: bool, objects: RunObjects | None = None):
+        """``objects``: a model, processor, datasets or rewards given as Python objects (the Python API);
+        ``cfg`` already has the reward objects in it (``run_objects.with_objects``)."""
+        self.objects = objects = objects or RunObjects()
+        model = objects.model
+        path = (getattr(model, "name_or_path", "") or "") if model is not None else ""
+        if model is not None and not path and cfg.rollout.engine != "hf":
+            raise ConfigError(f"rollout.engine={cfg.rollout.engine} loads the model by path, and the model object "
+                              "has none (built from a config?): save_pretrained it and pass that folder, or use "
+                              "rollout.engine=hf")
+        if path:  # what the run records, and what vLLM engines load before they receive the object's weights
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=str(path)))
         self.cfg = cfg
         # everything that can be wrong with the machine, the recipe or the data is found before weights load
         input_checks.check(cfg)
-        preflight(cfg)
+        preflight(cfg, model_config=getattr(model, "config", None))
         acc = make_accelerator(cfg)
-        self.processor = load_processor(cfg.model)
+        if objects.processor is not None:
+            self.processor = prepare_processor(objects.processor)
+        elif model is not None and not path:
+            raise ConfigError("a model object without a name_or_path needs processor= too")
+        else:
+            self.processor = load_processor(cfg.model)
         self.pad_id = self.processor.tokenizer.pad_token_id
         self.stream = PromptStream.from_config(self.processor, cfg.data, cfg.media, seed=cfg.training.seed,
-                                               shard=(acc.process_index, acc.num_processes))
+                                               shard=(acc.process_index, acc.num_processes),
+                                               dataset=objects.train_dataset)
         input_checks.check(cfg, self.stream.rows, self.stream.source)
         self.run_dir = Path(cfg.training.output_dir)
         self.resume_path = self._resume_path()
@@ -60,7 +79,7 @@ class BaseTrainer:
         self.checkpoints = CheckpointManager(self.run_dir, keep=cfg.training.save_total_limit, run_id=self.run_id)
         self.step = 0
         self.learner: Learner = build_learner(cfg, need_reference=need_reference, accelerator=acc,
-                                              processor=self.processor)
+                                              processor=self.processor, model=model)
         if acc.is_main_process:
             (self.run_dir / "recipe.resolved.yaml").write_text(dump_recipe(cfg))
             if self.resume_path is not None:

@@ -11,15 +11,17 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from r1_mm.config import RecipeConfig, RewardSpec
+from r1_mm.config import ConfigError, RecipeConfig, RewardSpec
 from r1_mm.data import Sample
 from r1_mm.data.loading import has_split
 from r1_mm.rewards.critic.reward import question_text
 from r1_mm.rewards.registry import RewardBatch, RewardRunner
 from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, make_engine, media_token_ids
+from r1_mm.run_objects import RunObjects, with_objects
 from r1_mm.tracking import media_preview
 from r1_mm.trainers import temporal_contrast
 from r1_mm.trainers.backend import (
@@ -66,15 +68,23 @@ def flat_groups(totals: torch.Tensor, g: int) -> list[bool]:
 class GRPOTrainer(BaseTrainer):
     name = "grpo"
 
-    def __init__(self, cfg: RecipeConfig):
+    def __init__(self, cfg: RecipeConfig | dict | str, *, model: Any = None, processor: Any = None,
+                 train_dataset: Any = None, eval_dataset: Any = None, reward_funcs: Any = None):
+        """``cfg``: a RecipeConfig, a dict of recipe sections or a recipe YAML path; the keywords take
+        Python objects instead of the recipe's names (see ``r1_mm.run_objects``)."""
+        objects = RunObjects(model, processor, train_dataset, eval_dataset, reward_funcs)
+        cfg = with_objects(cfg, objects)
         torch.manual_seed(cfg.training.seed)
         if not cfg.rewards.functions:
-            raise ValueError("rewards.functions is empty: GRPO needs at least one reward")
-        super().__init__(cfg, need_reference=cfg.algorithm.beta != 0.0)
+            raise ConfigError("rewards.functions is empty: GRPO needs at least one reward (or reward_funcs=)")
+        super().__init__(cfg, need_reference=cfg.algorithm.beta != 0.0, objects=objects)
+        cfg = self.cfg
         self.suppressed_ids = media_token_ids(self.learner.unwrapped.config)
         self.rewards = RewardRunner.from_recipe(cfg)
         self.engine: RolloutEngine = make_engine(cfg.rollout.engine, model=self.learner.unwrapped,
                                                  processor=self.processor, cfg=cfg)
+        if model is not None and not getattr(self.engine, "samples_from_policy", False):
+            self.engine.update_weights(self.learner.unwrapped)  # it loaded the path: sample from the object's weights
         self.temporal_rewards = None
         if cfg.algorithm.temporal_contrast:
             # the shuffled group is scored by the recipe's own spec of that reward (kwargs included)
@@ -368,7 +378,8 @@ class GRPOTrainer(BaseTrainer):
 
         acc = self.learner.accelerator
         if self._eval_samples is None:
-            self._eval_samples = eval_rows(self.cfg, self.processor, shard=(acc.process_index, acc.num_processes))
+            self._eval_samples = eval_rows(self.cfg, self.processor, shard=(acc.process_index, acc.num_processes),
+                                           dataset=self.objects.eval_dataset)
         return evaluate(self.engine, self._eval_samples, self.rewards, self.cfg, learner=self.learner)
 
     def train_step(self) -> dict[str, float]:
@@ -385,7 +396,7 @@ class GRPOTrainer(BaseTrainer):
                         "throughput/completion_tokens_per_s": tokens / max(seconds, 1e-9)})
         self._last_exp = exp
         every = self.cfg.training.eval_steps
-        if every and has_split(self.cfg.data, "eval") and ((self.step + 1) % every == 0
+        if every and (self.objects.eval_dataset is not None or has_split(self.cfg.data, "eval")) and ((self.step + 1) % every == 0
                                                   or self.step + 1 == self.cfg.training.max_steps):
             metrics.update(self.run_eval())
         return metrics

@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
-from r1_mm.config import RecipeConfig
+from r1_mm.config import ConfigError, RecipeConfig
 from r1_mm.data import Sample
 from r1_mm.rewards.registry import RewardRunner
 from r1_mm.rollout.base import SamplingSettings, make_engine
+from r1_mm.run_objects import RunObjects, with_objects
 from r1_mm.trainers.backend import generate_groups, sync_reference
 from r1_mm.trainers.preference import PreferenceTrainer
 from r1_mm.trainers.registry import register_trainer
@@ -38,10 +39,14 @@ def best_and_worst(scores: torch.Tensor) -> tuple[int, int] | None:
 class IterativeDPOTrainer(PreferenceTrainer):
     name = "iterative_dpo"
 
-    def __init__(self, cfg: RecipeConfig):
-        if not cfg.rewards.functions:
-            raise ValueError("iterative_dpo ranks responses with rewards.functions (e.g. the critic); it is empty")
-        super().__init__(cfg)
+    def __init__(self, cfg: RecipeConfig | dict | str, **objects: Any):
+        """The keywords of :class:`PreferenceTrainer` (model, processor, datasets, reward_funcs)."""
+        given = RunObjects(**objects)
+        if not with_objects(cfg, given).rewards.functions:
+            raise ConfigError("iterative_dpo ranks responses with rewards.functions (e.g. the critic); it is empty "
+                              "(or pass reward_funcs=)")
+        super().__init__(cfg, **objects)
+        cfg = self.cfg
         self.rewards = RewardRunner.from_recipe(cfg)
         self.engine = make_engine(cfg.rollout.engine, model=self.learner.unwrapped, processor=self.processor, cfg=cfg)
         self.buffer: list[tuple[Sample, list[int], list[int]]] = []

@@ -15,6 +15,7 @@ import torch
 
 from r1_mm.config import RecipeConfig
 from r1_mm.data import Sample
+from r1_mm.run_objects import RunObjects, with_objects
 from r1_mm.trainers.backend import (
     accumulation_cycle,
     backward_share,
@@ -43,10 +44,17 @@ def response_ids(tokenizer: Any, text: Any, row_id: str, field: str) -> list[int
 class PreferenceTrainer(BaseTrainer):
     name = "dpo"
 
-    def __init__(self, cfg: RecipeConfig):
+    def __init__(self, cfg: RecipeConfig | dict | str, *, model: Any = None, processor: Any = None,
+                 train_dataset: Any = None, eval_dataset: Any = None, reward_funcs: Any = None):
+        """``cfg``: a RecipeConfig, a dict of recipe sections or a recipe YAML path; the keywords take
+        Python objects instead of the recipe's names (see ``r1_mm.run_objects``). Rows need
+        ``chosen`` and ``rejected`` (TPO: built by ``r1-mm build-tpo``)."""
+        objects = RunObjects(model, processor, train_dataset, eval_dataset, reward_funcs)
+        cfg = with_objects(cfg, objects)
         torch.manual_seed(cfg.training.seed)
         a = cfg.algorithm
-        super().__init__(cfg, need_reference=not a.precomputed_reference)
+        super().__init__(cfg, need_reference=not a.precomputed_reference, objects=objects)
+        cfg = self.cfg
         self.name = a.name
         self.settings = PreferenceLossSettings(loss_type=a.dpo_loss_type, beta=a.dpo_beta,
                                                label_smoothing=a.label_smoothing, nll_weight=a.nll_weight)
