@@ -113,12 +113,16 @@ class RolloutConfig:
     vllm_data_parallel_size: int = 1  # pool servers only
     weight_sync_bucket_mb: int = 256  # ZeRO-3: parameters are gathered and sent in buckets this large
     pool_servers: list[str] = field(default_factory=list)  # base URLs of running `r1-mm serve rollout`s
-    pool_size: int = 2  # servers the pool starts itself on 127.0.0.1 when pool_servers is empty
+    pool_size: int = 2  # servers the pool starts itself (beside rank 0) when pool_servers is empty
+    # where those servers listen and are reached: default 127.0.0.1 on one machine, machine 0's address
+    # (MASTER_ADDR) when the launch spans machines
+    pool_host: str | None = None
     pool_on_server_failure: Literal["restart", "fail"] = "restart"  # restart needs pool_weight_sync=shm
     # how weights reach the servers: shm = safetensors in /dev/shm (same host); broadcast = a process group
     # (NCCL on GPU, gloo on CPU) with every server worker; auto = shm when every server is on this host
     pool_weight_sync: Literal["auto", "shm", "broadcast"] = "auto"
-    pool_sync_host: str = "127.0.0.1"  # the learner's address as the servers reach it (broadcast)
+    # rank 0's address as the servers reach it (broadcast sync); default: its address on the route to them
+    pool_sync_host: str | None = None
     pool_request_timeout_s: float = 600.0
     # environment variable holding the servers' API key (sent as a bearer token; never put in argv or logs)
     pool_api_key_env: str = "R1MM_ROLLOUT_API_KEY"

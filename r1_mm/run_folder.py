@@ -12,8 +12,10 @@ import fcntl
 import json
 import os
 import shutil
+import socket
+import uuid
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from r1_mm.config import ConfigError
 
@@ -89,3 +91,27 @@ def truncate_logs(run_dir: Path, start_step: int) -> None:
         if path.exists():
             kept = [line for line in path.read_text().splitlines() if step_of(line) < start_step]
             path.write_text("".join(line + "\n" for line in kept))
+
+
+def check_shared(run_dir: Path, acc: Any) -> None:
+    """Every process of the launch sees the same run folder (checkpoints need it: each rank writes its
+    own optimizer and parameter shards, and the main process writes the manifest that lists them).
+    One probe file per process, read back by the main process; a ConfigError everywhere otherwise."""
+    from accelerate.utils import broadcast_object_list
+
+    token = [uuid.uuid4().hex if acc.is_main_process else None]
+    broadcast_object_list(token, from_process=0)
+    probe = run_dir / f".r1mm-probe-{token[0]}-{acc.process_index}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    probe.write_text(socket.gethostname())
+    acc.wait_for_everyone()
+    missing = [None]
+    if acc.is_main_process:
+        missing = [[r for r in range(acc.num_processes) if not (run_dir / f".r1mm-probe-{token[0]}-{r}").exists()]]
+    broadcast_object_list(missing, from_process=0)
+    acc.wait_for_everyone()
+    probe.unlink(missing_ok=True)
+    if missing[0]:
+        raise ConfigError(f"training.output_dir {run_dir} is not the same folder for every process (rank 0 does not "
+                          f"see the files of ranks {missing[0]}): checkpoints need a filesystem every machine shares "
+                          "(NFS, Lustre, a mounted bucket); see docs/multi-node.md")

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from r1_mm import topology
 from r1_mm.config import RecipeConfig, accumulation
 
 FILE = "run_info.json"
@@ -92,6 +93,8 @@ def collect(cfg: RecipeConfig, learner: Any, *, engine: Any) -> dict[str, Any]:
         "zero_stage": learner.zero_stage if learner.is_deepspeed else None,
         "num_processes": acc.num_processes,
         "process_index": acc.process_index,
+        "num_machines": topology.current().num_machines,
+        "main_address": topology.current().main_address,
         "mixed_precision": str(acc.mixed_precision),
         "learner_engine": type(policy).__name__,
         "lora": cfg.model.lora,

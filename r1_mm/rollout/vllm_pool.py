@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 import torch
 
+from r1_mm import topology
 from r1_mm.config import RecipeConfig
 from r1_mm.data.prompts import Sample
 from r1_mm.rollout.base import (
@@ -65,18 +66,19 @@ def checked(reply: httpx.Response, url: str, what: str) -> httpx.Response:
 class ManagedServer:
     """A `r1-mm serve rollout` process this engine started (and may restart)."""
 
-    def __init__(self, cfg: RecipeConfig, port: int, log_dir: Path):
-        self.cfg, self.port, self.log_path = cfg, port, log_dir / f"rollout-server-{port}.log"
+    def __init__(self, cfg: RecipeConfig, port: int, log_dir: Path, host: str = "127.0.0.1"):
+        self.cfg, self.port, self.host = cfg, port, host
+        self.log_path = log_dir / f"rollout-server-{port}.log"
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
         r = self.cfg.rollout
         return [sys.executable, "-m", "r1_mm.cli", "serve", "rollout", "--model", self.cfg.model.name_or_path,
-                "--port", str(self.port), "--dtype", r.vllm_dtype, "--max-model-len", str(r.vllm_max_model_len),
+                "--host", self.host, "--port", str(self.port), "--dtype", r.vllm_dtype, "--max-model-len", str(r.vllm_max_model_len),
                 "--max-images", str(r.vllm_max_images_per_prompt), "--max-videos", str(r.vllm_max_videos_per_prompt),
                 "--tensor-parallel-size", str(r.vllm_tensor_parallel_size),
                 "--data-parallel-size", str(r.vllm_data_parallel_size), "--seed", str(self.cfg.training.seed)]
@@ -156,7 +158,8 @@ class VLLMPoolEngine(RolloutEngine):
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.suppressed_ids = media_token_ids(model.config)
         self.rank, self.world = _dist()
-        local = all(httpx.URL(u).host in ("127.0.0.1", "localhost") for u in r.pool_servers)
+        # servers this engine starts run beside rank 0 (which writes the shared-memory copy), on any machine count
+        local = all(httpx.URL(u).host in topology.LOOPBACK for u in r.pool_servers)
         self.sync_mode = r.pool_weight_sync if r.pool_weight_sync != "auto" else ("shm" if local else "broadcast")
         if self.sync_mode == "broadcast" and r.pool_on_server_failure == "restart" and not r.pool_servers:
             raise ValueError("rollout.pool_on_server_failure=restart needs rollout.pool_weight_sync=shm: a restarted "
@@ -183,9 +186,14 @@ class VLLMPoolEngine(RolloutEngine):
         self.update_weights(model)  # the policy may differ from the checkpoint (LoRA, resumed run)
 
     def _start_own_servers(self) -> list[str]:
+        """Rank 0 starts them on its machine, listening where every learner rank reaches them."""
         log_dir = Path(self.cfg.training.output_dir) / "rollout_servers"
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.managed = [ManagedServer(self.cfg, free_port(), log_dir) for _ in range(self.cfg.rollout.pool_size)]
+        host = topology.own_server_host(self.cfg.rollout.pool_host)
+        if host not in topology.LOOPBACK and not os.environ.get(self.cfg.rollout.pool_api_key_env):
+            log.warning("rollout servers listen on %s without an API key: set %s to require one", host,
+                        self.cfg.rollout.pool_api_key_env)
+        self.managed = [ManagedServer(self.cfg, free_port(host), log_dir, host) for _ in range(self.cfg.rollout.pool_size)]
         for server in self.managed:
             server.start()
         for server in self.managed:
@@ -194,7 +202,7 @@ class VLLMPoolEngine(RolloutEngine):
 
     def info(self) -> dict[str, Any]:
         health = [self.client.get(f"{url}/health").json() for url in self.urls]
-        return {"servers": self.urls, "weight_sync": self.sync_mode,
+        return {"servers": self.urls, "weight_sync": self.sync_mode, "sync_host": getattr(self, "sync_host", None),
                 "server_engines": [{k: h.get(k) for k in ("max_num_batched_tokens", "enable_chunked_prefill", "seeding",
                                                           "workers")} for h in health]}
 
@@ -231,14 +239,17 @@ class VLLMPoolEngine(RolloutEngine):
 
         workers = [int(self.client.get(f"{url}/health").json().get("workers", 1)) for url in self.urls]
         world = 1 + sum(workers)
-        port = free_port(self.cfg.rollout.pool_sync_host)
+        host = self.cfg.rollout.pool_sync_host or topology.address_towards(httpx.URL(self.urls[0]).host)
+        port = free_port(host)
         offsets = [1 + sum(workers[:i]) for i in range(len(workers))]
+        log.info("weight broadcast group: rank 0 at %s:%d, %d server worker(s)", host, port, world - 1)
         with ThreadPoolExecutor(len(self.urls)) as pool:
             joins = [pool.submit(self.client.post, f"{url}/open_weight_channel", json={
-                "host": self.cfg.rollout.pool_sync_host, "port": port, "world_size": world, "rank_offset": off})
+                "host": host, "port": port, "world_size": world, "rank_offset": off})
                 for url, off in zip(self.urls, offsets, strict=True)]
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-            channel = WeightChannel(self.cfg.rollout.pool_sync_host, port, 0, world, device)
+            channel = WeightChannel(host, port, 0, world, device)
+            self.sync_host = host
             for join in joins:
                 join.result().raise_for_status()
         return channel

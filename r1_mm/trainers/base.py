@@ -75,6 +75,8 @@ class BaseTrainer:
         if self.resume_path is not None:
             self.resumed_state = CheckpointManager.read_state(self.resume_path)
         self.lock = self._claim_run_folder(acc)
+        if acc.num_processes > 1:
+            run_folder.check_shared(self.run_dir, acc)
         self.run_id = self.resumed_state.get("run_id") or uuid.uuid4().hex[:12]
         self.checkpoints = CheckpointManager(self.run_dir, keep=cfg.training.save_total_limit, run_id=self.run_id)
         self.step = 0
