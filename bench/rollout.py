@@ -7,6 +7,8 @@ lengths vary; the rate divides by the tokens actually generated). Usage:
 
     .venv/bin/python bench/rollout.py                 # prints a markdown table
     .venv/bin/python bench/rollout.py --repeats 3 --max-tokens 64
+    .venv/bin/python bench/rollout.py --ranks 2       # N learner ranks against ONE rollout server,
+                                                      # its requests merged (default) or one at a time
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -82,13 +85,105 @@ def worker(engine_name: str, case: str, repeats: int, max_tokens: int, prompts: 
     return {"tokens_per_s": statistics.median(rates), "sync_s": statistics.median(syncs) if syncs else None}
 
 
+def send_at_once(url: str, bodies: list[dict]) -> tuple[list[dict], float]:
+    """Every body posted by its own client thread, released together; (replies, wall seconds)."""
+    import threading
+
+    import httpx
+
+    replies: list = [None] * len(bodies)
+    go = threading.Barrier(len(bodies))
+
+    def send(k: int) -> None:
+        with httpx.Client(timeout=1200) as client:
+            go.wait()
+            replies[k] = client.post(f"{url}/generate", json=bodies[k]).json()
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(len(bodies))]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return replies, time.perf_counter() - t0
+
+
+def ranks_against_one_server(ranks: int, repeats: int, max_tokens: int, prompts: int,
+                             window_ms: float = 50.0) -> dict[str, dict]:
+    """Each rank (a thread with its own HTTP client, as a learner process would have) sends its
+    prompts x G at the same moment to one `r1-mm serve rollout`; the server once with its requests
+    merged into one engine call, once with them run one after the other (--no-batching)."""
+    import httpx
+    from grpo_step import bench_model_path
+
+    from r1_mm.config import ModelConfig
+    from r1_mm.models import load_processor
+    from r1_mm.rollout import SamplingSettings
+    from r1_mm.rollout.transport import encode_sample
+    from r1_mm.rollout.vllm_common import sampling_kwargs
+    from r1_mm.serving import free_port
+
+    tmp = Path(tempfile.mkdtemp())
+    model = bench_model_path()
+    processor = load_processor(ModelConfig(name_or_path=str(model)))
+    samples = make_samples("image", processor, tmp, prompts * ranks)
+    out: dict[str, dict] = {}
+    for mode in ("one_at_a_time", "merged"):
+        port = free_port()
+        cmd = [sys.executable, "-m", "r1_mm.cli", "serve", "rollout", "--model", str(model), "--port", str(port),
+               "--dtype", "float32", "--max-model-len", "4096", "--batch-window-ms", str(window_ms)]
+        cmd += ["--no-batching"] if mode == "one_at_a_time" else []
+        server = subprocess.Popen(cmd, stdout=(tmp / f"{mode}.log").open("w"), stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(600):
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(1)
+            rates = []
+            for r in range(repeats + 1):  # the first round warms the engine up
+                bodies = []
+                for k in range(ranks):
+                    mine = samples[k * prompts:(k + 1) * prompts]
+                    settings = SamplingSettings(max_tokens=max_tokens, temperature=1.0, seed=r * 100 + k)
+                    bodies.append({"prompts": [encode_sample(s) for s in mine],
+                                   "sampling": [sampling_kwargs(settings, G, [], i) for i in range(len(mine))]})
+                replies, seconds = send_at_once(url, bodies)
+                tokens = sum(len(c["token_ids"]) for rep in replies for o in rep["outputs"] for c in o["completions"])
+                if r > 0:
+                    rates.append(tokens / seconds)
+            health = httpx.get(f"{url}/health").json()
+            out[mode] = {"tokens_per_s": statistics.median(rates), "batches": health["batches"]}
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(60)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--ranks", type=int, help="clients sending to one server at once (instead of the engine table)")
+    p.add_argument("--batch-window-ms", type=float, default=50.0, help="with --ranks: the server's merge window")
     p.add_argument("--worker", nargs=2, metavar=("ENGINE", "CASE"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.ranks:
+        res = ranks_against_one_server(args.ranks, args.repeats, args.max_tokens, args.prompts, args.batch_window_ms)
+        print(f"\n{args.ranks} ranks x {args.prompts} image prompts x G={G} each, at once, against one server; up to "
+              f"{args.max_tokens} tokens, median of {args.repeats}, merge window {args.batch_window_ms:g} ms\n")
+        print("| server | completion tok/s | vs one at a time | engine calls / requests |")
+        print("|---|---|---|---|")
+        base = res["one_at_a_time"]["tokens_per_s"]
+        for mode in ("one_at_a_time", "merged"):
+            b = res[mode]["batches"]
+            print(f"| {mode.replace('_', ' ')} | {res[mode]['tokens_per_s']:.0f} | {res[mode]['tokens_per_s'] / base:.2f}x "
+                  f"| {b['calls']} / {b['requests']} |")
+        return
     if args.worker:
         print(json.dumps(worker(*args.worker, args.repeats, args.max_tokens, args.prompts)))
         return

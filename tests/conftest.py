@@ -78,3 +78,15 @@ def assert_same_updates(whole: dict, split: dict, start: dict) -> None:
     diffs = torch.cat([(split[k] - whole[k]).abs().flatten() for k in whole])
     assert float(diffs.max()) < 0.1 * moved, (float(diffs.max()), moved)
     assert float((diffs > 1e-3 * moved).float().mean()) < 1e-3, (float((diffs > 1e-3 * moved).float().mean()), moved)
+
+
+def stop_process_group(proc) -> None:
+    """SIGTERM to a server started with start_new_session=True and everything it started; SIGKILL after 30 s."""
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)

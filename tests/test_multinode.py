@@ -19,7 +19,7 @@ import pytest
 from r1_mm.serving import free_port
 from r1_mm.topology import address_towards
 
-from .conftest import REPO
+from .conftest import REPO, stop_process_group
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -111,11 +111,7 @@ def rollout_server(tmp_path, ip, tiny_cache):
     try:
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)
 
 
 def test_learners_on_two_machines_with_a_server_addressed_by_url(tmp_path, ip, synthetic_data, tiny_cache,

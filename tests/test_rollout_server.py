@@ -9,7 +9,6 @@ import base64
 import io
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,8 +19,11 @@ import numpy as np
 import psutil
 import pytest
 
+from .conftest import stop_process_group
+
 BIN = Path(sys.executable).parent
 KEY = "s3cret-key-for-the-test"
+
 pytestmark = pytest.mark.slow
 
 
@@ -57,11 +59,7 @@ def server(tmp_path_factory, tiny_cache):
     try:
         yield client, url, model, root, proc, log
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)
 
 
 def generate(client: httpx.Client, image: np.ndarray | None = None) -> httpx.Response:
@@ -84,6 +82,46 @@ def test_api_key_is_required_and_never_shown(server):
     assert client.get("/health").json()["ok"] is True
     cmdlines = [" ".join(p.cmdline()) for p in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]]
     assert not any(KEY in c for c in cmdlines) and KEY not in log.read_text()
+
+
+def test_concurrent_requests_run_as_one_engine_call(server):
+    """Three clients at once (as three learner ranks): the first runs, the two that arrive meanwhile
+    are merged into one vLLM call, and every client gets exactly its own outputs (greedy, so the
+    merged answers must equal the answers each prompt gets alone)."""
+    import threading
+
+    client, *_ = server
+
+    def body(question: str, max_tokens: int) -> dict:
+        prompt = {"prompt": f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", "images": []}
+        return {"prompts": [prompt, prompt], "sampling": [{"n": 1, "max_tokens": max_tokens, "temperature": 0.0}] * 2}
+
+    bodies = [body("How many squares?", 48), body("Which is left?", 6), body("What colour?", 5)]
+    alone = [client.post("/generate", json=b).json()["outputs"] for b in bodies]
+    before = client.get("/health").json()["batches"]
+    replies: list = [None] * 3
+    start = threading.Barrier(2)
+
+    def send(i: int) -> None:
+        replies[i] = client.post("/generate", json=bodies[i]).json()["outputs"]
+
+    first = threading.Thread(target=send, args=(0,))
+    first.start()
+    time.sleep(0.3)  # the first (long) request is in the engine; the next two queue behind it
+
+    def later(i: int) -> None:
+        start.wait()
+        send(i)
+
+    others = [threading.Thread(target=later, args=(i,)) for i in (1, 2)]
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join(120)
+    after = client.get("/health").json()["batches"]
+    assert after["largest_batch"] >= 2 and after["calls"] - before["calls"] < 3, (before, after)
+    assert [[c["token_ids"] for o in r for c in o["completions"]] for r in replies] == \
+        [[c["token_ids"] for o in r for c in o["completions"]] for r in alone]
 
 
 def test_weight_updates_that_do_not_fit_change_nothing(server, tmp_path):

@@ -153,17 +153,22 @@ async def _reject(send: Any, status: int, message: str) -> None:
 
 
 def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_key: str | None = None,
-              max_request_bytes: int = 2**30) -> Any:
+              max_request_bytes: int = 2**30, batch_window_s: float = 0.05, batching: bool = True) -> Any:
+    """``batching``: concurrent generate requests run as one engine call (``rollout.batching``);
+    off, they run one after the other (on CPU, sampling is then reproducible whatever the timing)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from vllm import SamplingParams
 
+    from r1_mm.rollout.batching import RequestBatcher
     from r1_mm.rollout.transport import decode_request
     from r1_mm.rollout.vllm_common import engine_info, reset_caches
     from r1_mm.rollout.vllm_common import generate as seeded_generate
 
     app = FastAPI(title="r1-mm rollout server")
     lock = threading.Lock()  # one engine: generate and reload never overlap
+    batcher = RequestBatcher(lambda requests, params: seeded_generate(llm, requests, params), lock,
+                             window_s=batch_window_s, enabled=batching)
     state: dict[str, Any] = {"weights_version": 0, "broken": None, "last_good": model_dir}
     expected = expected_specs(model_dir) if model_dir is not None else {}
     workers = llm.llm_engine.vllm_config.parallel_config.world_size_across_dp
@@ -191,7 +196,8 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
     @app.get("/health")
     def health() -> Any:
         body = {"ok": state["broken"] is None, "model": model_name, "weights_version": state["weights_version"],
-                "workers": workers, "error": state["broken"], **engine_info(llm)}
+                "workers": workers, "error": state["broken"], "batching": batching, "batches": dict(batcher.stats),
+                **engine_info(llm)}
         return JSONResponse(body, status_code=200 if state["broken"] is None else 503)
 
     @app.post("/generate")
@@ -210,15 +216,14 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
             raise
         except (KeyError, TypeError, ValueError) as exc:
             raise BadRequest(400, f"bad generate request: {type(exc).__name__}: {exc}") from None
-        with lock:
-            try:
-                outputs = seeded_generate(llm, requests, params)
-            except ValueError as exc:  # vLLM's input processing (e.g. media the model cannot take)
-                raise BadRequest(400, f"vLLM rejected the request: {exc}") from None
-            except Exception as exc:
-                state["broken"] = f"generate failed: {type(exc).__name__}: {exc}"
-                log.exception("engine failed during generate; the server now reports itself broken")
-                raise BadRequest(503, state["broken"]) from None
+        try:
+            outputs = batcher.submit(requests, params)
+        except ValueError as exc:  # vLLM's input processing (e.g. media the model cannot take)
+            raise BadRequest(400, f"vLLM rejected the request: {exc}") from None
+        except Exception as exc:
+            state["broken"] = f"generate failed: {type(exc).__name__}: {exc}"
+            log.exception("engine failed during generate; the server now reports itself broken")
+            raise BadRequest(503, state["broken"]) from None
         return {"weights_version": state["weights_version"], "outputs": [{
             "prompt_token_ids": list(o.prompt_token_ids),
             "completions": [{"token_ids": list(c.token_ids), "finish_reason": c.finish_reason,
@@ -301,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-request-mb", type=float, default=1024.0, help="larger request bodies get HTTP 413")
+    p.add_argument("--batch-window-ms", type=float, default=50.0,
+                   help="how long a generate request waits for others to join its engine call")
+    p.add_argument("--no-batching", action="store_true",
+                   help="run concurrent generate requests one after the other (CPU: sampling then does not "
+                        "depend on which requests arrive together)")
     p.add_argument("--api-key-env", default=API_KEY_ENV,
                    help="environment variable holding the API key clients must send (unset: no key)")
     args = p.parse_args(argv)
@@ -330,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(**kwargs)
     api_key = os.environ.get(args.api_key_env) or None
     app = build_app(llm, args.model, model_dir=model_dir, api_key=api_key,
-                    max_request_bytes=int(args.max_request_mb * 2**20))
+                    max_request_bytes=int(args.max_request_mb * 2**20), batch_window_s=args.batch_window_ms / 1000,
+                    batching=not args.no_batching)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

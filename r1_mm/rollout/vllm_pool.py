@@ -81,7 +81,8 @@ class ManagedServer:
                 "--host", self.host, "--port", str(self.port), "--dtype", r.vllm_dtype, "--max-model-len", str(r.vllm_max_model_len),
                 "--max-images", str(r.vllm_max_images_per_prompt), "--max-videos", str(r.vllm_max_videos_per_prompt),
                 "--tensor-parallel-size", str(r.vllm_tensor_parallel_size),
-                "--data-parallel-size", str(r.vllm_data_parallel_size), "--seed", str(self.cfg.training.seed)]
+                "--data-parallel-size", str(r.vllm_data_parallel_size), "--seed", str(self.cfg.training.seed),
+                *([] if r.pool_server_batching else ["--no-batching"])]
 
     def start(self) -> None:
         self.process = subprocess.Popen(self.command(), stdout=self.log_path.open("a"), stderr=subprocess.STDOUT,
@@ -204,7 +205,7 @@ class VLLMPoolEngine(RolloutEngine):
         health = [self.client.get(f"{url}/health").json() for url in self.urls]
         return {"servers": self.urls, "weight_sync": self.sync_mode, "sync_host": getattr(self, "sync_host", None),
                 "server_engines": [{k: h.get(k) for k in ("max_num_batched_tokens", "enable_chunked_prefill", "seeding",
-                                                          "workers")} for h in health]}
+                                                          "workers", "batching")} for h in health]}
 
     # -- weights --------------------------------------------------------------------------------
     def _write_weights(self, model: torch.nn.Module) -> Path | None:
