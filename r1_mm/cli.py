@@ -219,8 +219,11 @@ def _cmd_eval(argv: list[str]) -> int:
 
     from r1_mm.evaluation import evaluate_checkpoint
 
+    if "--lmms-eval" in argv:
+        return _cmd_lmms_eval(argv)
     p = argparse.ArgumentParser(prog="r1-mm eval", description=(
-        "Score a checkpoint on the recipe's data.eval_path with its rewards (greedy, or training.eval_samples)."))
+        "Score a checkpoint on the recipe's data.eval_path with its rewards (greedy, or training.eval_samples); "
+        "with --lmms-eval TASKS, on lmms-eval's benchmarks instead (see r1-mm eval --lmms-eval x --help)."))
     p.add_argument("recipe")
     p.add_argument("--checkpoint", required=True, help="RUN/checkpoints/step-N (or any transformers model folder)")
     p.add_argument("overrides", nargs="*")
@@ -228,6 +231,38 @@ def _cmd_eval(argv: list[str]) -> int:
     if cfg is None:
         return 2
     print(json.dumps(evaluate_checkpoint(cfg, args.checkpoint), indent=1))
+    return 0
+
+
+def _cmd_lmms_eval(argv: list[str]) -> int:
+    import json
+
+    from r1_mm.config import ConfigError
+    from r1_mm.lmms_eval_runner import LmmsEvalRun, model_folder, run_lmms_eval
+
+    p = argparse.ArgumentParser(prog="r1-mm eval --lmms-eval", description=(
+        "A checkpoint's model/ scored by lmms-eval (installed in .venv-eval by scripts/setup_eval.sh). "
+        "Arguments after -- go to lmms-eval as they are."))
+    p.add_argument("--lmms-eval", dest="tasks", required=True, help="lmms-eval task names, comma-separated")
+    p.add_argument("--checkpoint", required=True, help="RUN/checkpoints/step-N, or a transformers model folder")
+    p.add_argument("--include-path", help="a folder of your own lmms-eval task definitions (YAML + utils.py)")
+    p.add_argument("--limit", type=float, help="documents per task (a fraction below 1)")
+    p.add_argument("--lmms-model", help="lmms-eval's model name (default: from config.json's model_type)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--output", help="results folder (default: CHECKPOINT/lmms_eval)")
+    own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args = p.parse_args(own)
+    try:
+        folder = model_folder(args.checkpoint)
+        run = LmmsEvalRun(model_dir=folder.resolve(), tasks=args.tasks,
+                          output_dir=Path(args.output or Path(args.checkpoint) / "lmms_eval").resolve(),
+                          include_path=args.include_path, limit=args.limit, lmms_model=args.lmms_model,
+                          batch_size=args.batch_size, extra=tuple(extra))
+        summary = run_lmms_eval(run)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: summary[k] for k in ("results", "n_samples", "results_file")}, indent=1))
     return 0
 
 

@@ -33,6 +33,7 @@ stamp_value="$stack $(cat "${inputs[@]}" | sha256sum | cut -d' ' -f1)"
 stamp="$VENV/.r1mm-setup-stamp"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_value" ] && "$VENV/bin/python" -c "import r1_mm" 2>/dev/null; then
   echo "setup.sh: $VENV is up to date ($stack stack)"
+  bash scripts/setup_eval.sh
   exit 0
 fi
 
@@ -58,3 +59,4 @@ if [ "$stack" = cpu ]; then
 fi
 "$VENV/bin/python" -c "import torch, torchvision, transformers, vllm, r1_mm; print('setup.sh: ok', torch.__version__, transformers.__version__, vllm.__version__)"
 echo "$stamp_value" > "$stamp"
+bash scripts/setup_eval.sh  # lmms-eval in its own layered venv (r1-mm eval --lmms-eval)
