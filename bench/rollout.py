@@ -8,7 +8,7 @@ lengths vary; the rate divides by the tokens actually generated). Usage:
     .venv/bin/python bench/rollout.py                 # prints a markdown table
     .venv/bin/python bench/rollout.py --repeats 3 --max-tokens 64
     .venv/bin/python bench/rollout.py --ranks 2       # N learner ranks against ONE rollout server,
-                                                      # its requests merged (default) or one at a time
+                                                      # batched together (default) or one at a time
 """
 
 from __future__ import annotations
@@ -108,11 +108,10 @@ def send_at_once(url: str, bodies: list[dict]) -> tuple[list[dict], float]:
     return replies, time.perf_counter() - t0
 
 
-def ranks_against_one_server(ranks: int, repeats: int, max_tokens: int, prompts: int,
-                             window_ms: float = 50.0) -> dict[str, dict]:
+def ranks_against_one_server(ranks: int, repeats: int, max_tokens: int, prompts: int) -> dict[str, dict]:
     """Each rank (a thread with its own HTTP client, as a learner process would have) sends its
-    prompts x G at the same moment to one `r1-mm serve rollout`; the server once with its requests
-    merged into one engine call, once with them run one after the other (--no-batching)."""
+    prompts x G at the same moment to one `r1-mm serve rollout`; the server once with requests joining
+    the engine's running batch (the default), once with them run one after the other (--no-batching)."""
     import httpx
     from grpo_step import bench_model_path
 
@@ -128,10 +127,10 @@ def ranks_against_one_server(ranks: int, repeats: int, max_tokens: int, prompts:
     processor = load_processor(ModelConfig(name_or_path=str(model)))
     samples = make_samples("image", processor, tmp, prompts * ranks)
     out: dict[str, dict] = {}
-    for mode in ("one_at_a_time", "merged"):
+    for mode in ("one_at_a_time", "batched"):
         port = free_port()
         cmd = [sys.executable, "-m", "r1_mm.cli", "serve", "rollout", "--model", str(model), "--port", str(port),
-               "--dtype", "float32", "--max-model-len", "4096", "--batch-window-ms", str(window_ms)]
+               "--dtype", "float32", "--max-model-len", "4096"]
         cmd += ["--no-batching"] if mode == "one_at_a_time" else []
         server = subprocess.Popen(cmd, stdout=(tmp / f"{mode}.log").open("w"), stderr=subprocess.STDOUT,
                                   start_new_session=True)
@@ -169,20 +168,19 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--ranks", type=int, help="clients sending to one server at once (instead of the engine table)")
-    p.add_argument("--batch-window-ms", type=float, default=50.0, help="with --ranks: the server's merge window")
     p.add_argument("--worker", nargs=2, metavar=("ENGINE", "CASE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.ranks:
-        res = ranks_against_one_server(args.ranks, args.repeats, args.max_tokens, args.prompts, args.batch_window_ms)
+        res = ranks_against_one_server(args.ranks, args.repeats, args.max_tokens, args.prompts)
         print(f"\n{args.ranks} ranks x {args.prompts} image prompts x G={G} each, at once, against one server; up to "
-              f"{args.max_tokens} tokens, median of {args.repeats}, merge window {args.batch_window_ms:g} ms\n")
-        print("| server | completion tok/s | vs one at a time | engine calls / requests |")
-        print("|---|---|---|---|")
+              f"{args.max_tokens} tokens, median of {args.repeats}\n")
+        print("| server | completion tok/s | vs one at a time | engine runs / requests | most requests in flight |")
+        print("|---|---|---|---|---|")
         base = res["one_at_a_time"]["tokens_per_s"]
-        for mode in ("one_at_a_time", "merged"):
+        for mode in ("one_at_a_time", "batched"):
             b = res[mode]["batches"]
             print(f"| {mode.replace('_', ' ')} | {res[mode]['tokens_per_s']:.0f} | {res[mode]['tokens_per_s'] / base:.2f}x "
-                  f"| {b['calls']} / {b['requests']} |")
+                  f"| {b['engine_runs']} / {b['requests']} | {b['most_requests_in_flight']} |")
         return
     if args.worker:
         print(json.dumps(worker(*args.worker, args.repeats, args.max_tokens, args.prompts)))

@@ -117,8 +117,8 @@ class RolloutConfig:
     # where those servers listen and are reached: default 127.0.0.1 on one machine, machine 0's address
     # (MASTER_ADDR) when the launch spans machines
     pool_host: str | None = None
-    # those servers merge concurrent requests (several ranks) into one engine call; false: one at a time
-    # (on CPU sampling then does not depend on which ranks' requests arrive together)
+    # those servers take concurrent requests (several ranks) into one running batch; false: one at a time
+    # (on CPU sampling then does not depend on which ranks' requests overlap)
     pool_server_batching: bool = True
     pool_on_server_failure: Literal["restart", "fail"] = "restart"  # restart needs pool_weight_sync=shm
     # how weights reach the servers: shm = safetensors in /dev/shm (same host); broadcast = a process group

