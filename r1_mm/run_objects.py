@@ -60,7 +60,8 @@ def with_objects(recipe: Any, objects: RunObjects) -> RecipeConfig:
     specs = list(cfg.rewards.functions)
     for name, fn in _named(objects.reward_funcs):
         known = registry.REGISTRY.get(name)
-        if known is not None and known is not fn:
+        given_earlier = registry.SOURCES.get(name, "").startswith("object ")  # a notebook cell run again
+        if known is not None and known is not fn and not given_earlier:
             raise ConfigError(f"reward_funcs: '{name}' is already a reward ({registry.SOURCES.get(name, '?')}); "
                               f"pass {{'another_name': {getattr(fn, '__name__', 'fn')}}}")
         registry.REGISTRY[name] = fn

@@ -75,6 +75,20 @@ def test_object_errors_are_one_line(tmp_path, tiny_cache, monkeypatch):
     monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
     with pytest.raises(ConfigError, match="a reward without a name"):
         GRPOTrainer({"training": {"output_dir": str(tmp_path)}}, reward_funcs=[lambda completions, **_: [0.0]])
+    def again(completions, **_):
+        return [0.0] * len(completions)
+
+    from r1_mm.rewards.registry import REGISTRY
+    from r1_mm.run_objects import RunObjects, with_objects
+
+    def again_edited(completions, **_):
+        return [1.0] * len(completions)
+
+    first = with_objects({"training": {"output_dir": str(tmp_path)}}, RunObjects(reward_funcs={"cell": again}))
+    redefined = with_objects({"training": {"output_dir": str(tmp_path)}},  # the notebook cell, edited and run again
+                             RunObjects(reward_funcs={"cell": again_edited}))
+    assert [f.name for f in first.rewards.functions] == [f.name for f in redefined.rewards.functions] == ["cell"]
+    assert REGISTRY["cell"] is again_edited
     with pytest.raises(ConfigError, match="'numeric' is already a reward"):
         GRPOTrainer({"training": {"output_dir": str(tmp_path)}}, reward_funcs={"numeric": len})
     with pytest.raises(ConfigError, match="rollout.engine: must be one of|is not an engine"):
