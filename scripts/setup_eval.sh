@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates (or refreshes) .venv-eval for `r1-mm eval --lmms-eval`: lmms-eval and the versions it pins,
-# in a venv LAYERED on .venv (a .pth file puts .venv's site-packages after its own), so torch,
+# in a venv LAYERED on .venv (a .pth file puts .venv's packages after its own on the path), so torch,
 # transformers and the model code are the training stack's, and lmms-eval's conflicting pins
 # (antlr4 4.7.2 -> math-verify 0.1.0, av 15, protobuf 6) stay out of .venv.
 # Idempotent (a stamp of its inputs). Needs .venv (scripts/setup.sh runs this at its end).
