@@ -41,29 +41,38 @@ def _available(name: str) -> bool:
     return bool(check and check())
 
 
-def tracker_problems(report_to: list[str]) -> list[str]:
-    """One line per tracker the run could not start, found when the recipe loads."""
+def tracker_class(name: str) -> type:
+    """The tracker class a ``logging.report_to`` entry names, or ConfigError saying what to do."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker
 
+    if is_plugin_name(name):
+        try:
+            cls = load_object(name, f"logging.report_to '{name}'", kind="class")
+        except PluginError as exc:
+            raise ConfigError(str(exc)) from None
+        if not (isinstance(cls, type) and issubclass(cls, GeneralTracker)):
+            raise ConfigError(f"logging.report_to '{name}' is not a subclass of accelerate.tracking.GeneralTracker")
+        return cls
+    if name not in LOGGER_TYPE_TO_CLASS:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(LOGGER_TYPE_TO_CLASS), n=1, cutoff=0.5)
+        raise ConfigError(f"logging.report_to '{name}' is not a tracker"
+                          + (f"; did you mean '{close[0]}'?" if close else "")
+                          + f" (accelerate's: {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}; or a plugin file.py:Class)")
+    if not _available(name):
+        raise ConfigError(f"logging.report_to '{name}' needs its package: pip install {TRACKER_PACKAGES.get(name, name)}")
+    return LOGGER_TYPE_TO_CLASS[name]
+
+
+def tracker_problems(report_to: list[str]) -> list[str]:
+    """One line per tracker the run could not start, found when the recipe loads."""
     problems = []
     for name in report_to:
-        if is_plugin_name(name):
-            try:
-                cls = load_object(name, f"logging.report_to '{name}'", kind="class")
-            except PluginError as exc:
-                problems.append(str(exc))
-                continue
-            if not (isinstance(cls, type) and issubclass(cls, GeneralTracker)):
-                problems.append(f"logging.report_to '{name}' is not a subclass of accelerate.tracking.GeneralTracker")
-        elif name not in LOGGER_TYPE_TO_CLASS:
-            import difflib
-
-            close = difflib.get_close_matches(name, list(LOGGER_TYPE_TO_CLASS), n=1, cutoff=0.5)
-            problems.append(f"logging.report_to '{name}' is not a tracker"
-                            + (f"; did you mean '{close[0]}'?" if close else "")
-                            + f" (accelerate's: {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}; or a plugin file.py:Class)")
-        elif not _available(name):
-            problems.append(f"logging.report_to '{name}' needs its package: pip install {TRACKER_PACKAGES.get(name, name)}")
+        try:
+            tracker_class(name)
+        except ConfigError as exc:
+            problems.append(str(exc))
     return problems
 
 
@@ -85,30 +94,23 @@ def flat_config(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def start_trackers(cfg: RecipeConfig, run_dir: Path, run_id: str, resume: bool) -> list[Any]:
     """accelerate trackers, started; ``run_id`` names the run where a tracker has ids (W&B), so a
     resumed run continues its run instead of opening another."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-
-    problems = tracker_problems(cfg.logging.report_to)
-    if problems:
-        raise ConfigError("; ".join(problems))
     lg = cfg.logging
+    classes = {name: tracker_class(name) for name in lg.report_to}  # each plugin file runs once here
     trackers = []
-    for name in lg.report_to:
+    for name, cls in classes.items():
         kwargs = dict(lg.tracker_kwargs.get(name, {}))
         if name == "wandb":
             kwargs = {"name": lg.run_name, "group": lg.group, "dir": str(run_dir), "id": run_id,
                       "resume": "allow", **kwargs}
         if is_plugin_name(name):
-            cls = load_object(name, f"logging.report_to '{name}'", kind="class")
             accepts = inspect.signature(cls.__init__).parameters
             extra = {k: v for k, v in (("logging_dir", str(run_dir / "trackers")), ("run_id", run_id),
                                        ("resumed", resume)) if k in accepts}
             tracker = cls(lg.project, **extra, **kwargs)
+        elif cls.requires_logging_directory:
+            tracker = cls(lg.project, str(run_dir / name), **kwargs)
         else:
-            cls = LOGGER_TYPE_TO_CLASS[name]
-            if cls.requires_logging_directory:
-                tracker = cls(lg.project, str(run_dir / name), **kwargs)
-            else:
-                tracker = cls(lg.project, **kwargs)
+            tracker = cls(lg.project, **kwargs)
         tracker.start()
         trackers.append(tracker)
     return trackers

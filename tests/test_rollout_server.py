@@ -94,9 +94,11 @@ def test_concurrent_requests_join_the_running_batch(server):
 
     def body(question: str, max_tokens: int) -> dict:
         prompt = {"prompt": f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", "images": []}
-        return {"prompts": [prompt, prompt], "sampling": [{"n": 1, "max_tokens": max_tokens, "temperature": 0.0}] * 2}
+        return {"prompts": [prompt, prompt], "sampling": [{"n": 1, "max_tokens": max_tokens, "temperature": 0.0,
+                                                            "ignore_eos": True}] * 2}
 
-    bodies = [body("How many squares?", 48), body("Which is left?", 6), body("What colour?", 5)]
+    # the first generates its full 600 tokens (seconds here): the others surely arrive while it runs
+    bodies = [body("How many squares?", 600), body("Which is left?", 6), body("What colour?", 5)]
     alone = [client.post("/generate", json=b).json()["outputs"] for b in bodies]
     before = client.get("/health").json()["batches"]
     replies: list = [None] * 3
@@ -107,7 +109,10 @@ def test_concurrent_requests_join_the_running_batch(server):
 
     first = threading.Thread(target=send, args=(0,))
     first.start()
-    time.sleep(0.3)  # the first (long) request is in the engine; the next two queue behind it
+    for _ in range(600):  # until the engine has taken the first request in
+        if client.get("/health").json()["batches"]["requests"] > before["requests"]:
+            break
+        time.sleep(0.05)
 
     def later(i: int) -> None:
         start.wait()

@@ -5,6 +5,7 @@ through a recording plugin and the trackers' own readers, not by parsing their f
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,9 @@ def test_a_resumed_run_continues_its_tracker_runs(tmp_path, synthetic_data):
     assert steps == [0, 1, 2]
     # W&B: the second launch reopened the same run id (wandb names each launch's folder after the run)
     runs = wandb_runs(run_dir)
-    assert len(runs) == 2 and all(r.name.endswith(f"-{trainer.run_id}") for r in runs)
+    # offline-run-<time>-<id>; wandb adds -1 when two launches start within the same second
+    assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{trainer.run_id}(-\d+)?", r.name)
+                                  for r in runs), [r.name for r in runs]
 
 
 def test_tensorboard_events_read_back_by_tensorboard(tmp_path, synthetic_data):

@@ -90,11 +90,17 @@ class ContinuousBatcher:
         self.stats["most_requests_in_flight"] = max(self.stats["most_requests_in_flight"], clients)
 
     def _run_alone(self, pending: _Pending) -> None:
-        self.seed_engine([p.get("seed") for p in pending.params])
-        in_flight: dict[str, _Pending] = {}
+        self._run([pending], admit_more=False)
+
+    def _run(self, starting: list[_Pending], admit_more: bool) -> None:
+        """One engine run from idle to idle: the starting clients seed the CPU stream and are admitted;
+        with ``admit_more``, clients that arrive meanwhile join between steps."""
+        self.seed_engine([p.get("seed") for s in starting for p in s.params])
         self.stats["engine_runs"] += 1
-        self._admit(pending, in_flight, running=False)
-        self._drive(in_flight, admit_more=False)
+        in_flight: dict[str, _Pending] = {}
+        for pending in starting:
+            self._admit(pending, in_flight, running=False)
+        self._drive(in_flight, admit_more=admit_more)
 
     def _drive(self, in_flight: dict[str, _Pending], admit_more: bool) -> None:
         """Step the engine until every admitted request finished, admitting new ones between steps."""
@@ -133,9 +139,4 @@ class ContinuousBatcher:
                         starting.append(self.queue.get_nowait())
                     except queue.Empty:
                         break
-                self.seed_engine([p.get("seed") for s in starting for p in s.params])
-                self.stats["engine_runs"] += 1
-                in_flight: dict[str, _Pending] = {}
-                for pending in starting:
-                    self._admit(pending, in_flight, running=False)
-                self._drive(in_flight, admit_more=True)
+                self._run(starting, admit_more=True)
