@@ -20,6 +20,7 @@ from accelerate.utils import DistributedType
 
 from r1_mm.config import ConfigError, RecipeConfig, accumulation
 from r1_mm.models import load_model, load_processor, prepare_model
+from r1_mm.trainers.master_weights import make_optimizer
 
 
 @dataclass
@@ -131,7 +132,8 @@ def build_learner(cfg: RecipeConfig, *, need_reference: bool, accelerator: Accel
     params = [p for p in policy.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters (frozen vision tower + no LoRA targets?)")
-    optimizer = torch.optim.AdamW(params, lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
+    optimizer = make_optimizer(params, deepspeed=accelerator.distributed_type == DistributedType.DEEPSPEED,
+                               lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
     scheduler = _scheduler(optimizer, cfg)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     reference = None
