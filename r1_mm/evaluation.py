@@ -62,7 +62,7 @@ def evaluate(engine: RolloutEngine, samples: list, rewards: RewardRunner, cfg: R
 
 def evaluate_checkpoint(cfg: RecipeConfig, checkpoint: str | Path) -> dict[str, float]:
     """Score a checkpoint's exported model (CHECKPOINT/model, or a plain transformers folder)."""
-    from r1_mm.models import load_model, load_processor
+    from r1_mm.models import load_for_inference, load_processor
     from r1_mm.rollout import make_engine
 
     folder = Path(checkpoint)
@@ -70,7 +70,7 @@ def evaluate_checkpoint(cfg: RecipeConfig, checkpoint: str | Path) -> dict[str, 
     model_cfg = ModelConfig(**{**cfg.model.__dict__, "name_or_path": str(folder), "lora": False})
     cfg = type(cfg)(**{**cfg.__dict__, "model": model_cfg})
     processor = load_processor(model_cfg)
-    model = load_model(model_cfg, trainable=False).eval()
+    model = load_for_inference(model_cfg, cfg.rollout.engine)
     engine = make_engine(cfg.rollout.engine, model=model, processor=processor, cfg=cfg)
     try:
         runner = RewardRunner.from_recipe(cfg)

@@ -71,13 +71,13 @@ def _views(sample: Sample, row: dict[str, Any], processor: Any, s: TPOSettings, 
 
 def build_tpo_pairs(cfg: RecipeConfig, out_path: str | Path, settings: TPOSettings | None = None,
                     engine: Any = None) -> TPOReport:
-    from r1_mm.models import load_model, load_processor
+    from r1_mm.models import load_for_inference, load_processor
     from r1_mm.rollout import SamplingSettings, make_engine
 
     s = settings or TPOSettings()
     processor = load_processor(cfg.model)
     if engine is None:
-        model = load_model(cfg.model, trainable=False)
+        model = load_for_inference(cfg.model, cfg.rollout.engine)
         engine = make_engine(cfg.rollout.engine, model=model, processor=processor, cfg=cfg)
     rows, _, default_root = load_split(cfg.data, "train")
     root = Path(cfg.data.media_root) if cfg.data.media_root else default_root

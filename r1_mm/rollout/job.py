@@ -16,7 +16,7 @@ from tqdm import tqdm
 from r1_mm import run_folder, run_info
 from r1_mm.config import RecipeConfig, dump_recipe
 from r1_mm.data import PromptStream
-from r1_mm.models import load_model, load_processor
+from r1_mm.models import load_for_inference, load_processor
 from r1_mm.preflight import preflight
 from r1_mm.rollout.base import SamplingSettings, make_engine
 from r1_mm.tracking import MetricsLogger
@@ -30,7 +30,7 @@ def run_rollouts(cfg: RecipeConfig) -> Path:
     run_folder.prepare(run_dir, resuming=False, overwrite=cfg.training.overwrite_output_dir)
     (run_dir / "recipe.resolved.yaml").write_text(dump_recipe(cfg))
     processor = load_processor(cfg.model)
-    model = load_model(cfg.model, trainable=False)
+    model = load_for_inference(cfg.model, cfg.rollout.engine)
     stream = PromptStream.from_config(processor, cfg.data, cfg.media, seed=cfg.training.seed)
     engine = make_engine(cfg.rollout.engine, model=model, processor=processor, cfg=cfg)
     run_info.write(run_dir, run_info.collect_rollout_only(cfg, model, engine))
