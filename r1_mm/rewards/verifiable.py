@@ -12,27 +12,21 @@ from typing import Any
 import numpy as np
 
 from r1_mm.rewards.math_check import checker
+from r1_mm.rewards.math_text import for_math_verify, reads_as_math
 from r1_mm.rewards.parsing import first_number, normalise, score_each
 from r1_mm.rewards.registry import reward
 
-_MATH_DELIMITERS = ("$", "\\(", "\\[", "\\boxed")
-
-
-def as_latex(text: str) -> str:
-    """Bare LaTeX in math delimiters. math-verify reads undelimited text as a plain expression and takes
-    its first number: "2^{10}" would be 2, equal to a solution "2". Inside $...$ it is 2**10."""
-    text = text.strip()
-    return text if any(d in text for d in _MATH_DELIMITERS) else f"${text}$"
-
 
 def answers_match(prediction: str, solution: str, timeout_seconds: float = 5.0) -> bool:
-    """Normalised string equality, else math-verify equivalence (of both sides as LaTeX) within a hard
-    time limit."""
+    """Normalised string equality; else, when the solution is mathematics (see
+    :func:`~r1_mm.rewards.math_text.reads_as_math`), math-verify equivalence within a hard time limit.
+    A worded solution ("front left", "chair") is compared as text only: symbolically, words are products
+    of letters and would equal their anagrams and permutations."""
     if normalise(prediction) == normalise(solution):
         return True
-    if not prediction.strip() or not solution.strip():
+    if not prediction.strip() or not solution.strip() or not reads_as_math(solution):
         return False
-    return checker().equivalent(as_latex(prediction), as_latex(solution), timeout_seconds)
+    return checker().equivalent(for_math_verify(prediction), for_math_verify(solution), timeout_seconds)
 
 
 @reward("accuracy", needs=("solution",))
