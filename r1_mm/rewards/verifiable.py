@@ -124,6 +124,7 @@ def mra(completions: list[Any], solution: list[Any] | None = None, *, tag: str =
 
 _OPTION_PREFIX = re.compile(r"^\s*\(?([A-Z])[.):]\s*(.*)$", re.DOTALL)
 _LONE_LETTER = re.compile(r"(?<![A-Za-z])\(?([A-Z])\)?(?![A-Za-z])")
+_ONE_LETTER = re.compile(r"\(?([a-z])\)?", re.IGNORECASE)
 
 
 def option_letters(options: list[Any] | None) -> dict[str, str]:
@@ -147,6 +148,9 @@ def chosen_options(answer: str, options: dict[str, str]) -> set[str]:
     lone letters are counted."""
     valid = set(options) or {chr(ord("A") + i) for i in range(26)}
     said = normalise(answer)
+    alone = _ONE_LETTER.fullmatch(said)
+    if alone and alone.group(1).upper() in valid:  # "a", "(b)": the whole answer is one letter, in any case
+        return {alone.group(1).upper()}
     prefixed = _OPTION_PREFIX.match(answer)
     if prefixed and prefixed.group(1) in valid:
         rest = normalise(prefixed.group(2))
