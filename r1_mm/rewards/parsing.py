@@ -64,17 +64,20 @@ def boxed_content(text: str) -> str | None:
     return None
 
 
-_SIGNED = r"[-+]?(?:\d+\.?\d*|\.\d+)"
-_FRAC_ARG = rf"(?:\{{\s*({_SIGNED})\s*\}}|(\d))"  # \frac{7}{2}, and TeX's shorthand \frac72 (one digit each)
-_POWER = r"\s*\^\s*(?:\{\s*([-+]?\d+(?:\.\d+)?)\s*\}|([-+]?\d+))"  # ^{10}, ^10 (read as 10, as math-verify does)
+# Possessive quantifiers (*+, ++, ?+) never give back what they matched: without them a long run of
+# digits or spaces that is not a fraction or power made the search quadratic (10 s on 5000 digits).
+_SIGNED = r"[-+]?+(?:\d++(?:\.\d*+)?+|\.\d++)"
+_NUMBER = _SIGNED + r"(?:[eE][-+]?+\d++)?+"
+_FRAC_ARG = rf"(?:\{{\s*+({_SIGNED})\s*+\}}|(\d))"  # \frac{7}{2}, and TeX's shorthand \frac72 (one digit each)
+_POWER = r"\s*+\^\s*+(?:\{\s*+([-+]?+\d++(?:\.\d++)?+)\s*+\}|([-+]?+\d++))"  # ^{10}, ^10 (10, as math-verify reads it)
 # One numeric term; at a given position the alternatives are tried in this order, so "2^{10}" is a power
 # and not the number 2, and "-\frac{1}{2}" keeps its sign.
 TERM = re.compile(
-    rf"(?P<frac>([-+]?)\s*\\[dtc]?frac\s*{_FRAC_ARG}\s*{_FRAC_ARG})"
-    rf"|(?P<sci>({_SIGNED})\s*(?:\\times|\\cdot|×|\*)\s*10{_POWER})"
-    rf"|(?P<pow>({NUMBER.pattern}){_POWER})"
-    r"|(?P<slash>(?<![\d.])([-+]?\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)(?![\d./]))"
-    rf"|(?P<num>{NUMBER.pattern})")
+    rf"(?P<frac>(?:([-+])\s*+)?\\[dtc]?frac\s*+{_FRAC_ARG}\s*+{_FRAC_ARG})"
+    rf"|(?P<sci>({_SIGNED})\s*+(?:\\times|\\cdot|×|\*)\s*+10{_POWER})"
+    rf"|(?P<pow>({_NUMBER}){_POWER})"
+    r"|(?P<slash>(?<![\d.])([-+]?+\d++(?:\.\d++)?+)\s*+/\s*+(\d++(?:\.\d++)?+)(?![\d/]|\.\d))"  # not 1/2/2020
+    rf"|(?P<num>{_NUMBER})")
 
 
 def _finite(value: float) -> float | None:
