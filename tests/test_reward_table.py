@@ -27,8 +27,14 @@ SOURCES_REQUIRED = {"hiyouga/EasyR1", "om-ai-lab/VLM-R1", "tulerfeng/Video-R1", 
 
 def load_cases() -> list[tuple[int, dict[str, Any]]]:
     """(line number, row) for every non-empty line of the table."""
-    lines = CASES.read_text(encoding="utf-8").splitlines()
-    return [(n, json.loads(line)) for n, line in enumerate(lines, 1) if line.strip()]
+    rows = []
+    for n, line in enumerate(CASES.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{CASES}:{n}: not a JSON object: {exc}") from None
+    return rows
 
 
 ROWS = load_cases()
