@@ -89,6 +89,12 @@ def make_accelerator(cfg: RecipeConfig) -> Accelerator:
                                                    deepspeed_launch=deepspeed_launch))
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, cfg)
+    from r1_mm.preflight import precision_problem
+
+    if problem := precision_problem(cfg, mixed_precision=str(accelerator.mixed_precision),
+                                    cuda=accelerator.device.type == "cuda",
+                                    deepspeed=accelerator.distributed_type == DistributedType.DEEPSPEED):
+        raise ConfigError(problem)  # before any model loads
     return accelerator
 
 
