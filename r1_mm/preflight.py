@@ -57,9 +57,9 @@ MIXED_PRECISION_OF = {"bfloat16": "bf16", "float16": "fp16"}
 
 def precision_problem(cfg: RecipeConfig, *, mixed_precision: str, cuda: bool, deepspeed: bool) -> str | None:
     """The recipe's model.dtype and the launch's mixed precision must agree on a GPU: ``r1-mm plan`` and
-    the recipe's header figures assume it, and a mismatch changes what trains. A bf16 model under 'no'
-    runs AdamW without a float32 master under DDP (updates below bf16's resolution are lost) and float32
-    gradient buffers under DeepSpeed; a float32 model under a DeepSpeed bf16 launch is cast to bf16.
+    the recipe's header figures assume it, and a mismatch changes what runs: a bf16 model under 'no' gets
+    float32 gradient buffers under DeepSpeed (outside DeepSpeed r1-mm keeps float32 master weights either
+    way: trainers/master_weights.py); a float32 model under a DeepSpeed bf16 launch is cast to bf16.
     CPU runs (tests, CI) train in the recipe's dtype without autocast, so they are not checked.
     ``mixed_precision``: accelerate's resolved value (``Accelerator.mixed_precision``: the launch config's
     ``mixed_precision``, or a DeepSpeed JSON's explicit ``bf16`` / ``fp16`` section)."""
