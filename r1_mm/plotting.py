@@ -132,7 +132,7 @@ def draw_run(run_dir: str | Path, *, smooth_window: int = 20, panels: Sequence[s
         ax.set_title(panel + (f" (mean of {shown})" if shown > 1 else ""), fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if len(keys) > 1:
+        if keys != [panel]:  # a group or a glob: which curve is which
             ax.legend(fontsize=7)
     minutes = rows[-1].get("time", 0.0) / 60
     fig.suptitle(f"{run_dir.name}: {len(rows)} logged steps, {minutes:.1f} min")

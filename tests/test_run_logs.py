@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 from r1_mm.completion_log import sampled_groups
-from r1_mm.config import load_recipe
 from r1_mm.rewards.reward_metrics import metric_labels
 from r1_mm.trainers.grpo import GRPOTrainer
 
 from .conftest import REPO
+from .test_trackers import RECORDER
+from .test_trackers import recipe as trackers_recipe
 
-RECORDER = f"{REPO}/tests/plugins/recording_tracker.py:RecordingTracker"
 PLUGIN = f"{REPO}/tests/plugins/faulty.py:alternating"
 REWARDS = ("rewards.functions=[{name: format}, {name: by_problem_type, kwargs: {require_tag: false}}, "
            f"{{name: '{PLUGIN}', weight: 0.5}}]")
@@ -31,12 +31,7 @@ def _env(tiny_cache, monkeypatch):
 
 
 def recipe(tmp_path: Path, data: Path, *overrides: str):
-    return load_recipe(None, [
-        "model.name_or_path=tiny:qwen2_5_vl:small", f"data.train_path={data}", f"training.output_dir={tmp_path / 'run'}",
-        "data.format_instruction=null", "data.shuffle=false", "media.max_pixels=3136", "media.min_pixels=3136",
-        "media.max_frames=4", "rollout.num_generations=4", "rollout.max_completion_length=3",
-        "training.prompts_per_step=2", "training.max_steps=2", "training.learning_rate=1e-3",
-        "logging.progress_bar=false", REWARDS, *overrides])
+    return trackers_recipe(tmp_path, data, "data.shuffle=false", REWARDS, *overrides)
 
 
 def jsonl(path: Path) -> list[dict]:
