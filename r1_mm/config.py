@@ -255,6 +255,8 @@ class LoggingConfig:
     group: str | None = None
     logging_steps: int = 1
     table_steps: int = 10  # W&B completions table (with images / frames) every this many steps
+    # share of each step's groups written to completions.jsonl (1 = every group, 0 = none; for big runs)
+    completions_sample_rate: float = 1.0
     progress_bar: bool = True
 
 
@@ -481,6 +483,7 @@ _BOUNDS: list[tuple[str, float | None, bool, float | None, bool]] = [
     ("training.max_nonfinite_steps", 1, True, None, False),
     ("logging.logging_steps", 1, True, None, False),
     ("logging.table_steps", 1, True, None, False),
+    ("logging.completions_sample_rate", 0, True, 1, True),
     ("media.min_frames", 1, True, None, False),
     ("media.frame_factor", 1, True, None, False),
     ("media.min_pixels", 1, True, None, False),

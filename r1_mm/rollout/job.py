@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from r1_mm import run_folder, run_info
+from r1_mm.completion_log import completion_record
 from r1_mm.config import RecipeConfig, dump_recipe
 from r1_mm.data import PromptStream
 from r1_mm.models import load_for_inference, load_processor
@@ -46,9 +47,7 @@ def run_rollouts(cfg: RecipeConfig) -> Path:
             lengths = [len(c.token_ids) for r in results for c in r.completions]
             for r in results:
                 for c in r.completions:
-                    out.write(json.dumps({"step": step, "row_id": r.sample.row_id, "completion": c.text,
-                                          "solution": r.sample.row.get("solution"), "tokens": len(c.token_ids),
-                                          "truncated": c.truncated}) + "\n")
+                    out.write(json.dumps({"step": step, **completion_record(r.sample, c)}) + "\n")
             metrics = {
                 "completions/mean_length": sum(lengths) / len(lengths),
                 "completions/truncated_ratio": sum(c.truncated for r in results for c in r.completions) / len(lengths),
