@@ -69,11 +69,11 @@ def write_manifest(folder: Path) -> None:
     (folder / MANIFEST_FILE).write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=0))
 
 
-def _manifest_files(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Both manifest formats as {file: {"bytes": n, "sha256": h or None}}."""
+def _manifest_files(manifest: dict[str, Any]) -> dict[str, tuple[int, str | None]]:
+    """Both manifest formats as {file: (bytes, sha256 or None)}; malformed entries raise."""
     if manifest.get("format") == MANIFEST_FORMAT:
-        return manifest["files"]
-    return {name: {"bytes": size, "sha256": None} for name, size in manifest.items()}  # sizes only
+        return {str(name): (int(e["bytes"]), str(e["sha256"])) for name, e in manifest["files"].items()}
+    return {str(name): (int(size), None) for name, size in manifest.items()}  # sizes only
 
 
 def damage(folder: Path) -> str | None:
@@ -90,17 +90,17 @@ def damage(folder: Path) -> str | None:
         return None  # written before manifests existed: trusted as before
     try:
         files = _manifest_files(json.loads(manifest.read_text()))
-    except (OSError, json.JSONDecodeError, AttributeError, KeyError, TypeError):
+    except (OSError, json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
         return f"{MANIFEST_FILE} unreadable"
-    for name, entry in files.items():
+    for name, (size, _) in files.items():
         path = folder / name
         if not path.exists():
             return f"{name} is missing"
-        if path.stat().st_size != entry["bytes"]:
-            return f"{name} has {path.stat().st_size} bytes, {entry['bytes']} were written"
-    hashed = [name for name, entry in files.items() if entry.get("sha256")]
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    hashed = [name for name, (_, digest) in files.items() if digest is not None]
     for name, digest in _hash_all(folder, hashed).items():
-        if digest != files[name]["sha256"]:
+        if digest != files[name][1]:
             return f"{name} has changed since it was written (sha256 differs from the manifest, size unchanged)"
     return None
 

@@ -7,15 +7,18 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from r1_mm.config import load_recipe
 from r1_mm.rollout.shm_segments import PREFIX, default_root
 from r1_mm.trainers.grpo import GRPOTrainer
 
 from .conftest import REPO
+from .test_run_folder import BIN, overrides, serving_processes
 
 # a process holding a segment as VLLMPoolEngine does (WeightSegment), with a weight file in it
 HOLDER = """
@@ -63,3 +66,36 @@ def test_a_new_start_removes_only_segments_whose_owner_is_gone(tmp_path, synthet
         alive.wait(30)
         killed.kill()
     assert not live.exists()  # ... and removes its own segment on the way out
+
+
+@pytest.mark.slow
+def test_a_sigkilled_vllm_pool_learner_leaves_no_weights_after_the_next_start(tmp_path, synthetic_data, tiny_cache,
+                                                                              monkeypatch):
+    """The real case: `r1-mm train` on vllm_pool (weights in /dev/shm after every step), SIGKILLed."""
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    out, data = tmp_path / "run", synthetic_data["counting"]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("{}\n")
+    shm = default_root()
+    before = set(shm.glob(f"{PREFIX}*"))
+    servers_before = serving_processes()
+    cmd = [str(BIN / "r1-mm"), "train", str(recipe), *overrides(
+        out, data, "training.max_steps=500", "training.save_steps=null", "rollout.engine=vllm_pool",
+        "rollout.pool_size=1", "rollout.vllm_max_model_len=1024", "data.max_prompt_length=512")]
+    proc = subprocess.Popen(cmd, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 900
+    while time.time() < deadline and not (metrics.exists() and '"step": 1,' in metrics.read_text()):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    left = set(shm.glob(f"{PREFIX}{proc.pid}-*")) - before
+    assert left and all(any(p.glob("v*/*.safetensors")) for p in left)  # the premise: weights sat there
+    proc.kill()  # the learner alone, as the OOM killer does; its servers die with it (parent-death signal)
+    proc.communicate(timeout=60)
+    assert all(p.is_dir() for p in left)  # the premise: nothing could remove them
+    GRPOTrainer(load_recipe(None, overrides(tmp_path / "next", data)))  # the next start, any engine
+    assert not any(p.exists() for p in left)
+    deadline = time.time() + 60
+    while serving_processes() - servers_before and time.time() < deadline:
+        time.sleep(0.5)
+    assert serving_processes() <= servers_before
