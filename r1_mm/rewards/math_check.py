@@ -63,6 +63,7 @@ class MathChecker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._process: subprocess.Popen[str] | None = None
+        self._ready = False
         self.timeouts = 0
         self.over_budget = 0  # checks not started: the batch's time budget was spent
         self._verdicts: OrderedDict[tuple[str, str], bool] = OrderedDict()
@@ -75,13 +76,30 @@ class MathChecker:
             return None
         return self._process.stdout.readline()
 
-    def _start(self) -> None:
+    def _spawn(self) -> None:
+        """Start a worker without waiting for it: it imports sympy while the caller goes on."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._process = subprocess.Popen([sys.executable, "-m", "r1_mm.rewards.math_check"], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-        if (self._readline(STARTUP_TIMEOUT_S) or "").strip() != "ready":
+        self._ready = False
+
+    def _await_ready(self) -> bool:
+        """Is a worker ready to check? Waits for its start-up as long as the batch's budget allows (a
+        start-up cut short goes on for the next check); raises when the worker cannot start at all."""
+        if self._process is None or self._process.poll() is not None:
+            self._kill()
+            self._spawn()
+        if self._ready:
+            return True
+        wait = budget.clip(STARTUP_TIMEOUT_S)
+        line = self._readline(max(0.0, wait))
+        if line is None and wait < STARTUP_TIMEOUT_S:
+            return False
+        if (line or "").strip() != "ready":
             self._kill()
             raise RuntimeError("the math-verify worker process did not start")
+        self._ready = True
+        return True
 
     def _kill(self) -> None:
         if self._process is not None:
@@ -92,6 +110,7 @@ class MathChecker:
                 if stream is not None:
                     stream.close()
         self._process = None
+        self._ready = False
 
     def equivalent(self, prediction: str, solution: str, seconds: float) -> bool:
         """math-verify equivalence, or False when it takes longer than ``seconds`` (hard limit) or than
@@ -101,8 +120,9 @@ class MathChecker:
             if key in self._verdicts:
                 self._verdicts.move_to_end(key)
                 return self._verdicts[key]
-            limit = budget.clip(seconds)
-            if limit <= 0:
+            ready = budget.clip(seconds) > 0 and self._await_ready()
+            limit = budget.clip(seconds)  # what the worker's start-up left of the budget
+            if not ready or limit <= 0:
                 self.over_budget += 1
                 return False
             killed_before = self.timeouts
@@ -116,8 +136,6 @@ class MathChecker:
 
     def _check(self, prediction: str, solution: str, seconds: float) -> bool | None:
         """The worker's answer; None when it was killed at ``seconds`` or died."""
-        if self._process is None or self._process.poll() is not None:
-            self._start()
         inner = max(1, int(seconds))
         try:
             self._process.stdin.write(json.dumps([prediction, solution, inner]) + "\n")
@@ -130,6 +148,7 @@ class MathChecker:
             self.timeouts += 1
             log.warning("math-verify exceeded %.1f s on answer %.80r; killed, scored 0", seconds, prediction)
             self._kill()
+            self._spawn()  # the next check finds it (nearly) started
             return None
         if not reply:  # the worker died
             self._kill()
