@@ -63,6 +63,9 @@ class MathChecker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._process: subprocess.Popen[str] | None = None
+        # after the first kill a standby worker imports sympy ahead of time: the next kill swaps it in
+        # instead of making the next check wait seconds for a fresh worker's start-up
+        self._spare: subprocess.Popen[str] | None = None
         self._ready = False
         self.timeouts = 0
         self.over_budget = 0  # checks not started: the batch's time budget was spent
@@ -77,11 +80,15 @@ class MathChecker:
         return self._process.stdout.readline()
 
     def _spawn(self) -> None:
-        """Start a worker without waiting for it: it imports sympy while the caller goes on."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self._process = subprocess.Popen([sys.executable, "-m", "r1_mm.rewards.math_check"], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        """Make the standby worker (or a new one) the worker, without waiting for it to be ready."""
+        self._process, self._spare = self._spare or self._popen(), None
         self._ready = False
+
+    @staticmethod
+    def _popen() -> subprocess.Popen[str]:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        return subprocess.Popen([sys.executable, "-m", "r1_mm.rewards.math_check"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
 
     def _await_ready(self) -> bool:
         """Is a worker ready to check? Waits for its start-up as long as the batch's budget allows (a
@@ -101,16 +108,17 @@ class MathChecker:
         self._ready = True
         return True
 
-    def _kill(self) -> None:
-        if self._process is not None:
-            if self._process.poll() is None:
-                self._process.kill()
-            self._process.wait(5)
-            for stream in (self._process.stdin, self._process.stdout):
+    def _kill(self, process: subprocess.Popen[str] | None = None) -> None:
+        """Kill the worker (or ``process``, e.g. the standby) and close its pipes."""
+        if process is None:
+            process, self._process, self._ready = self._process, None, False
+        if process is not None:
+            if process.poll() is None:
+                process.kill()
+            process.wait(5)
+            for stream in (process.stdin, process.stdout):
                 if stream is not None:
                     stream.close()
-        self._process = None
-        self._ready = False
 
     def equivalent(self, prediction: str, solution: str, seconds: float) -> bool:
         """math-verify equivalence, or False when it takes longer than ``seconds`` (hard limit) or than
@@ -148,7 +156,8 @@ class MathChecker:
             self.timeouts += 1
             log.warning("math-verify exceeded %.1f s on answer %.80r; killed, scored 0", seconds, prediction)
             self._kill()
-            self._spawn()  # the next check finds it (nearly) started
+            self._spawn()
+            self._spare = self._popen()
             return None
         if not reply:  # the worker died
             self._kill()
@@ -158,6 +167,8 @@ class MathChecker:
     def close(self) -> None:
         with self._lock:
             self._kill()
+            self._kill(self._spare)
+            self._spare = None
 
 
 _checker: MathChecker | None = None

@@ -207,6 +207,10 @@ class RewardWorker:
 
     close = kill
 
+    def __del__(self) -> None:  # a runner dropped without close(): its worker must not live on
+        with contextlib.suppress(Exception):
+            self.kill()
+
 
 # -- the worker's side -----------------------------------------------------------------------------
 
