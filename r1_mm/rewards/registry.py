@@ -198,7 +198,7 @@ class _Call:
         reward that stops early (accuracy skips the math checks that no longer fit) returns in time."""
         if self.until is None:
             return None
-        return self.until - min(1.0, 0.1 * (self.until - self.started))
+        return self.until - min(2.0, 0.25 * (self.until - self.started))
 
 
 class RewardRunner:
