@@ -36,6 +36,7 @@ def serve() -> None:
     """Worker process: answer one JSON request per line, [prediction, solution, seconds] -> true/false."""
     from math_verify import parse, verify
 
+    verify(parse("$1$"), parse("$1$"))  # math-verify imports its LaTeX parser on first use: not inside a limit
     parse = functools.lru_cache(maxsize=CACHE_SIZE)(parse)  # the same solution comes G times per group
     out = sys.stdout
     out.write("ready\n")
