@@ -15,6 +15,7 @@ Usage:
 
     .venv/bin/python bench/rewards.py                       # 1,000 completions, batches of 64, budget 10 s
     .venv/bin/python bench/rewards.py --n 200 --budget 5
+    .venv/bin/python bench/rewards.py --bombs-only          # one batch of 8 LaTeX bombs, with and without budget
 """
 
 from __future__ import annotations
@@ -132,6 +133,27 @@ def accuracy_under_budget(items: list[tuple[str, str, int]], batch: int, budget_
     return times, math_check.checker().over_budget
 
 
+def bomb_batch(count: int, budget_s: float) -> str:
+    """One batch of ``count`` distinct LaTeX bombs (each needs seconds of sympy): its accuracy call
+    without a budget, the same batch again (every verdict cached), and cold with ``budget_s``."""
+    from r1_mm.config import RewardSpec
+    from r1_mm.rewards import math_check
+    from r1_mm.rewards.registry import RewardRunner
+
+    texts = [f"<answer>\\gcd(10^{{{100_000 + k}}}!, 7)</answer>" for k in range(count)]
+    out = []
+    for label, limit in (("no budget", None), ("again, cached", None), (f"batch_timeout_s={budget_s:g}", budget_s)):
+        if label != "again, cached":
+            fresh_math_checker()
+            math_check.checker().equivalent("$1$", "$2$", 60.0)
+        runner = RewardRunner([RewardSpec(name="accuracy")], on_error="none", batch_timeout_s=limit)
+        seconds = timed(lambda runner=runner: runner(prompts=[""] * count, completions=texts,
+                                                     completion_ids=[[0]] * count, rows=[{"solution": "1"}] * count,
+                                                     row_ids=[str(i) for i in range(count)]))
+        out.append(f"{label} {seconds:.1f} s")
+    return f"accuracy on one batch of {count} distinct LaTeX bombs (5 s limit each): " + ", ".join(out)
+
+
 def row(label: str, per_call: list[float] | None, batches: list[float]) -> str:
     if per_call is None:
         calls = "| - | - | - "
@@ -147,7 +169,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--budget", type=float, default=10.0, help="rewards.batch_timeout_s for accuracy's budget row")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bombs", type=int, default=8, help="LaTeX bombs in the one-batch accuracy case")
+    parser.add_argument("--bombs-only", action="store_true", help="only the one-batch LaTeX bomb case")
     args = parser.parse_args()
+    if args.bombs_only:
+        print(bomb_batch(args.bombs, args.budget))
+        return
 
     from r1_mm.rewards import get, math_check
 
@@ -176,7 +203,7 @@ def main() -> None:
         print(row(f"accuracy, cold, batch_timeout_s={args.budget:g}", None, budgeted), flush=True)
         notes.append(f"accuracy: {killed} math-verify checks killed at the 5 s limit in the cold pass; "
                      f"{skipped} skipped for the batch budget")
-    print("\n" + "\n".join(notes))
+    print("\n" + "\n".join([*notes, bomb_batch(args.bombs, args.budget)]))
 
 
 if __name__ == "__main__":
