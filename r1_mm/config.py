@@ -146,6 +146,9 @@ class RewardSpec:
     # how completions reach the function: text, or TRL's conversational [{"role": "assistant", "content": text}];
     # auto = messages for TRL's own reward functions (trl.rewards), text otherwise
     completions: Literal["auto", "text", "messages"] = "auto"
+    # where the function runs: process = a worker process, killed at a time limit; inline = this process
+    # (a limit stops only the wait); auto = process for user code named by path under a time limit
+    isolation: Literal["auto", "process", "inline"] = "auto"
 
 
 @dataclass
@@ -153,6 +156,7 @@ class RewardsConfig:
     functions: list[RewardSpec] = field(default_factory=list)
     on_error: Literal["raise", "none"] = "raise"  # a raising reward stops the run, or scores None
     timeout_s: float | None = None  # a reward call longer than this fails (and on_error applies); None = no limit
+    batch_timeout_s: float | None = None  # all of one batch's reward calls together; None = no limit
 
 
 @dataclass
@@ -451,6 +455,7 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
 _BOUNDS: list[tuple[str, float | None, bool, float | None, bool]] = [
     ("rollout.num_generations", 1, True, None, False),
     ("rewards.timeout_s", 0, False, None, False),
+    ("rewards.batch_timeout_s", 0, False, None, False),
     ("rollout.max_completion_length", 1, True, None, False),
     ("rollout.temperature", 0, True, None, False),  # 0 = greedy (one answer per prompt: TPO pair building)
     ("rollout.top_p", 0, False, 1, True),

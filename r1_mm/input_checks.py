@@ -93,7 +93,8 @@ def needed_columns(fn: Any, kwargs: dict[str, Any]) -> set[str]:
 
 def reward_problems(specs: list[RewardSpec], section: str = "rewards.functions") -> tuple[list[str], dict[str, set[str]]]:
     """(problems, {column: rewards that need it}) for the configured rewards."""
-    from r1_mm.rewards.registry import RewardError, get
+    from r1_mm.rewards.registry import SOURCES, RewardError, get
+    from r1_mm.rewards.worker import placement
 
     problems: list[str] = []
     needs: dict[str, set[str]] = {}
@@ -104,6 +105,10 @@ def reward_problems(specs: list[RewardSpec], section: str = "rewards.functions")
         except RewardError as exc:
             problems.append(f"{where}: {exc}")
             continue
+        try:
+            placement(spec.name, SOURCES.get(spec.name, ""), spec.isolation, limited=True)
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
         nested: list[RewardSpec] = []
         if callable(getattr(fn, "nested_specs", None)):  # by_problem_type: the rewards it routes to
             try:
