@@ -216,6 +216,30 @@ def test_malformed_generate_requests_fail_alone_and_the_server_keeps_serving(ser
 
 
 
+def test_weight_sync_logs_no_false_failed_to_load(server, tmp_path):
+    """vLLM's reload warned "Failed to load weights" at every sync for the layers that hold only buffers it
+    computes (rotary caches, pixel normalisation; in no checkpoint). New weights really load (samples
+    change, and come back with the old weights) and the log says nothing about failing."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    client, _, model, *_, log = server
+    baseline = generate(client).json()["outputs"]
+    weights = load_file(model / "model.safetensors")
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    save_file({k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+               for k, v in weights.items()}, str(changed / "model.safetensors"))
+    start = len(log.read_text())
+    assert client.post("/update_weights", json={"path": str(changed)}).status_code == 200
+    assert generate(client).json()["outputs"] != baseline
+    assert client.post("/update_weights", json={"path": str(model)}).status_code == 200
+    assert generate(client).json()["outputs"] == baseline
+    synced = log.read_text()[start:]
+    assert "Reloading" in synced and "Failed to load weights" not in synced, synced[-2000:]
+
+
 def test_failed_reload_restores_the_previous_weights_or_reports_broken(server, tmp_path):
     client, _, model, *_ = server
     baseline = generate(client).json()["outputs"]

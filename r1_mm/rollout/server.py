@@ -130,6 +130,7 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
     from fastapi.responses import JSONResponse
 
     from r1_mm.rollout.batching import ContinuousBatcher, RequestRejected
+    from r1_mm.rollout.reload import reload_in_place
     from r1_mm.rollout.transport import decode_request
     from r1_mm.rollout.vllm_common import engine_info, engine_params, reset_caches, seed_engine_stream
 
@@ -158,7 +159,7 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
             raise BadRequest(503, f"engine broken: {state['broken']}")
 
     def reload(folder: Path) -> None:
-        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": read_weights(folder), "is_checkpoint_format": True})
+        reload_in_place(llm, read_weights(folder))
         reset_caches(llm)
 
     @app.get("/health")

@@ -24,6 +24,7 @@ from r1_mm.rollout.base import (
     media_token_ids,
     register_engine,
 )
+from r1_mm.rollout.reload import reload_in_place
 from r1_mm.rollout.vllm_common import (
     completion_from_vllm,
     engine_info,
@@ -88,7 +89,7 @@ class VLLMColocateEngine(RolloutEngine):
         t0 = time.perf_counter()
         self._wake()
         weights = iter_policy_weights(model, self.cfg.rollout.weight_sync_bucket_mb)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        reload_in_place(self.llm, weights)
         reset_caches(self.llm)
         self._sleep()
         self.last_sync_s = time.perf_counter() - t0
