@@ -17,6 +17,12 @@ def _cmd_train(argv: list[str]) -> int:
     return main(argv, prog="r1-mm train")
 
 
+def _cmd_launch(argv: list[str]) -> int:
+    from r1_mm.launch import main
+
+    return main(argv)
+
+
 def _cmd_rollout(argv: list[str]) -> int:
     from r1_mm.config import ConfigError
     from r1_mm.rollout.job import run_rollouts
@@ -321,6 +327,7 @@ def _cmd_tpo(argv: list[str]) -> int:
 
 COMMANDS = {
     "train": (_cmd_train, "train a policy from a recipe (same as accelerate launch -m r1_mm.train)"),
+    "launch": (_cmd_launch, "train on several processes: accelerate launch CONFIG, with a clean Ctrl-C"),
     "rollout": (_cmd_rollout, "sample completions for a recipe's data without training"),
     "demo": (_cmd_demo, "build the tiny model and synthetic data, then run the demo recipe"),
     "plot": (_cmd_plot, "draw a run's metrics to a PNG"),

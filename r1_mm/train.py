@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m r1_mm.train") -> 
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingInterrupted as exc:
-        print(f"interrupted: {exc}", file=sys.stderr)
+        if exc.main_process:
+            print(f"interrupted: {exc}", file=sys.stderr)
         return 128 + exc.signum
     return 0
 

@@ -19,7 +19,7 @@ from r1_mm.config import ConfigError, load_recipe
 from r1_mm.run_folder import RunLock
 from r1_mm.trainers.grpo import GRPOTrainer
 
-from .conftest import REPO
+from .conftest import REPO, deepspeed_launch_config
 
 BIN = Path(sys.executable).parent
 PLUGIN = REPO / "tests" / "plugins" / "test_rewards.py"
@@ -209,6 +209,46 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, synthetic_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(stopped_at + 2))
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_zero3_saves_once_and_ends_without_a_traceback(tmp_path, synthetic_data, tiny_cache):
+    """A terminal's Ctrl-C (SIGINT to the launcher's process group) on 2 ZeRO-3 processes under `r1-mm launch`:
+    one checkpoint, one warning and one resume line for the run (on main every rank printed both) and exit
+    130, without the SignalException traceback that torch's elastic launcher ends a plain
+    `accelerate launch` with (exit 1)."""
+    from r1_mm.checkpoint import damage
+    from r1_mm.serving import free_port
+
+    out, data = tmp_path / "run", synthetic_data["counting"]
+    launch = deepspeed_launch_config(tmp_path)
+    launch.write_text(launch.read_text() + f"main_process_port: {free_port()}\n")  # not 29500, which another run may hold
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("{}\n")
+    cmd = [str(BIN / "r1-mm"), "launch", str(launch), str(recipe),
+           *overrides(out, data, "training.max_steps=500", "training.save_steps=null", "training.prompts_per_step=2")]
+    log = tmp_path / "launch.log"  # a file, not a pipe: a full pipe would stall the run
+    proc = subprocess.Popen(cmd, env={**os.environ, "R1MM_CACHE": str(tiny_cache.parent)}, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (metrics.exists() and '"step": 1,' in metrics.read_text()):
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(600)
+    text = log.read_text()
+    info = json.loads((out / "run_info.json").read_text())
+    assert (info["distributed_type"], info["zero_stage"], info["num_processes"]) == ("DEEPSPEED", 3, 2)
+    assert "Received 2 death signal" in text  # the premise: the elastic agent got the signal and forwarded it
+    assert proc.returncode == 130, text[-3000:]
+    assert "Traceback" not in text and "SignalException" not in text, text[-3000:]
+    lines = text.splitlines()
+    assert len([line for line in lines if "SIGINT received: finishing step" in line]) == 1, text[-3000:]
+    hint = [line for line in lines if line.startswith("interrupted:")]
+    assert len(hint) == 1 and "resume with training.resume_from=latest" in hint[0], text[-3000:]
+    saved = sorted((out / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and str(saved[0]) in hint[0] and damage(saved[0]) is None
 
 
 def serving_processes() -> set[int]:

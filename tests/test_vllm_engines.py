@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -72,6 +74,51 @@ def test_policy_weights_names_and_lora_merge(tiny_path):
     reference = lora.merge_and_unload().state_dict()
     assert set(merged) == set(reference)
     assert all(torch.allclose(merged[k], reference[k], atol=1e-6) for k in reference)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def reload_warnings():
+    """What vLLM's layerwise reload logs (its own logger object, so a rename in vLLM fails here)."""
+    from vllm.model_executor.model_loader.reload import layerwise
+
+    records = _Records()
+    layerwise.logger.addHandler(records)
+    try:
+        yield records.messages
+    finally:
+        layerwise.logger.removeHandler(records)
+
+
+def test_reload_warning_is_dropped_only_for_buffer_only_layers():
+    """vLLM warns "Failed to load weights" for layers that got no weights; layers holding only buffers
+    vLLM computes (rotary caches, pixel normalisation) never get any, layers with parameters must."""
+    from vllm.model_executor.model_loader.reload import layerwise
+
+    from r1_mm.rollout.reload import FAILED, buffer_only_layers, quiet_buffer_only_layers
+
+    class Rotary(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("cos_sin_cache", torch.ones(4), persistent=False)
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), Rotary(), torch.nn.BatchNorm1d(2))
+    assert buffer_only_layers(model) == {"Rotary"}  # BatchNorm has buffers and parameters
+    with reload_warnings() as seen, quiet_buffer_only_layers(model):
+        for layer in ("Rotary", "Linear", "BatchNorm1d"):
+            layerwise.logger.warning(FAILED, layer)
+    assert seen == ["Linear: Failed to load weights", "BatchNorm1d: Failed to load weights"]
+    with reload_warnings() as seen:  # outside the reload, nothing is filtered
+        layerwise.logger.warning(FAILED, "Rotary")
+    assert seen == ["Rotary: Failed to load weights"]
 
 
 @pytest.mark.slow

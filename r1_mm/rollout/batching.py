@@ -33,6 +33,14 @@ def _external(request_id: str) -> str:
     return request_id.rsplit("-", 1)[0]
 
 
+class RequestRejected(ValueError):
+    """vLLM refused one prompt of a request while adding it (nothing of the request runs)."""
+
+    def __init__(self, index: int, cause: Exception):
+        super().__init__(f"prompt {index}: vLLM refused it: {type(cause).__name__}: {cause}")
+        self.index, self.cause = index, cause
+
+
 @dataclass
 class _Pending:
     requests: list[Any]
@@ -58,6 +66,10 @@ class ContinuousBatcher:
         self._start_lock = threading.Lock()
 
     def submit(self, requests: list[Any], params: list[dict[str, Any]]) -> list[Any]:
+        if len(requests) != len(params):  # checked here too: a mismatch must never reach the engine thread
+            raise ValueError(f"{len(requests)} prompts but {len(params)} sampling parameter sets")
+        if not requests:
+            return []
         pending = _Pending(requests, params)
         if not self.enabled:
             with self.lock:
@@ -72,16 +84,20 @@ class ContinuousBatcher:
 
     # -- the engine thread ------------------------------------------------------------------------
     def _admit(self, pending: _Pending, in_flight: dict[str, _Pending], running: bool) -> None:
-        """Add one client's prompts to the engine; a request vLLM refuses fails alone."""
-        try:
-            pending.ids = list(self.llm.enqueue(pending.requests, [self.to_params(p) for p in pending.params],
-                                                use_tqdm=False))
-        except Exception as exc:  # vLLM's input processing (e.g. media the model cannot take)
-            pending.future.set_exception(exc)
-            return
+        """Add one client's prompts to the engine; a request vLLM refuses fails alone (RequestRejected
+        naming the prompt), its prompts already added are taken out again, and the engine runs on."""
+        added: list[str] = []
+        for index, (request, kwargs) in enumerate(zip(pending.requests, pending.params, strict=True)):
+            try:  # one prompt at a time: the failure names its prompt
+                added += self.llm.enqueue([request], [self.to_params(kwargs)], use_tqdm=False)
+            except Exception as exc:  # vLLM's input processing (e.g. media the model cannot take)
+                if added:
+                    self.llm.llm_engine.abort_request(added, internal=True)
+                pending.future.set_exception(RequestRejected(index, exc))
+                return
         # outputs carry the id the request was added under; enqueue returns the engine's internal one
         # ("<id>-<suffix>"): the client's outputs are matched (and ordered) by the former
-        pending.ids = [_external(rid) for rid in pending.ids]
+        pending.ids = [_external(rid) for rid in added]
         self.stats["requests"] += 1
         self.stats["joined_a_running_batch"] += int(running)
         for request_id in pending.ids:
@@ -139,4 +155,9 @@ class ContinuousBatcher:
                         starting.append(self.queue.get_nowait())
                     except queue.Empty:
                         break
-                self._run(starting, admit_more=True)
+                try:
+                    self._run(starting, admit_more=True)
+                except Exception as exc:  # never leave a client waiting, nor the loop dead
+                    for pending in starting:
+                        if not pending.future.done():
+                            pending.future.set_exception(exc)

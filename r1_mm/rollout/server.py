@@ -23,17 +23,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from r1_mm.rollout.request_checks import BadRequest, PromptLimits, check_generate
+
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "R1MM_ROLLOUT_API_KEY"  # the key never travels in argv (ps would show it) or in a log line
-
-
-class BadRequest(ValueError):
-    """The client's mistake: answered with a 4xx naming what was wrong."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 def safetensors_specs(folder: Path) -> dict[str, list[int]]:
@@ -93,30 +87,6 @@ def check_update(folder: Path, expected: dict[str, list[int]]) -> None:
         raise BadRequest(422, f"{len(wrong)} tensor(s) have the wrong shape, e.g. {name}: {got} instead of {want}")
 
 
-def check_media(payload: dict[str, Any], index: int) -> None:
-    """Images are (H, W, 3) uint8 arrays, videos (T, H, W, 3) with their timing: anything else is the
-    client's error, named, instead of an engine failure."""
-    from r1_mm.rollout.transport import decode_array
-
-    def array(text: Any, what: str, ndim: int) -> None:
-        try:
-            arr = decode_array(text)
-        except Exception as exc:
-            raise BadRequest(400, f"prompt {index}: {what} is not an npy array ({type(exc).__name__})") from None
-        if arr.dtype.name != "uint8" or arr.ndim != ndim or arr.shape[-1] != 3 or 0 in arr.shape:
-            raise BadRequest(400, f"prompt {index}: {what} must be a uint8 array of {ndim} dimensions ending in 3 "
-                                  f"(RGB), got {arr.dtype.name} {tuple(arr.shape)}")
-
-    if not isinstance(payload.get("prompt"), str):
-        raise BadRequest(400, f"prompt {index}: 'prompt' must be a string")
-    for k, image in enumerate(payload.get("images", [])):
-        array(image, f"image {k}", 3)
-    for k, video in enumerate(payload.get("videos", [])):
-        if not isinstance(video, dict) or not isinstance(video.get("metadata"), dict):
-            raise BadRequest(400, f"prompt {index}: video {k} needs 'frames' and a 'metadata' mapping")
-        array(video.get("frames"), f"video {k} frames", 4)
-
-
 class SizeLimit:
     """ASGI middleware: bodies over ``limit`` bytes get 413 (declared or streamed)."""
 
@@ -158,9 +128,9 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
     they run one after the other (on CPU, sampling is then reproducible whatever the timing)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
-    from vllm import SamplingParams
 
-    from r1_mm.rollout.batching import ContinuousBatcher
+    from r1_mm.rollout.batching import ContinuousBatcher, RequestRejected
+    from r1_mm.rollout.reload import reload_in_place
     from r1_mm.rollout.transport import decode_request
     from r1_mm.rollout.vllm_common import engine_info, engine_params, reset_caches, seed_engine_stream
 
@@ -169,6 +139,7 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
     batcher = ContinuousBatcher(llm, lock, to_params=engine_params, seed_engine=seed_engine_stream, enabled=batching)
     state: dict[str, Any] = {"weights_version": 0, "broken": None, "last_good": model_dir}
     expected = expected_specs(model_dir) if model_dir is not None else {}
+    limits = PromptLimits.of(llm)
     workers = llm.llm_engine.vllm_config.parallel_config.world_size_across_dp
 
     @app.exception_handler(BadRequest)
@@ -188,7 +159,7 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
             raise BadRequest(503, f"engine broken: {state['broken']}")
 
     def reload(folder: Path) -> None:
-        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": read_weights(folder), "is_checkpoint_format": True})
+        reload_in_place(llm, read_weights(folder))
         reset_caches(llm)
 
     @app.get("/health")
@@ -201,23 +172,12 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
     @app.post("/generate")
     def generate(body: dict[str, Any]) -> dict[str, Any]:
         usable()
-        try:
-            prompts, sampling = body["prompts"], body["sampling"]
-            for i, p in enumerate(prompts):
-                check_media(p, i)
-            requests = [decode_request(p) for p in prompts]
-            params = [{**p, "logit_bias": {int(k): v for k, v in (p.get("logit_bias") or {}).items()} or None}
-                      for p in sampling]
-            for p in params:
-                SamplingParams(**p)  # a bad field is the client's error (400), found before sampling
-        except BadRequest:
-            raise
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BadRequest(400, f"bad generate request: {type(exc).__name__}: {exc}") from None
+        prompts, params = check_generate(body, limits)  # the client's mistakes: 4xx, the engine never sees them
+        requests = [decode_request(p) for p in prompts]
         try:
             outputs = batcher.submit(requests, params)
-        except ValueError as exc:  # vLLM's input processing (e.g. media the model cannot take)
-            raise BadRequest(400, f"vLLM rejected the request: {exc}") from None
+        except RequestRejected as exc:  # vLLM's input processing refused one prompt: only this request fails
+            raise BadRequest(400, str(exc)) from None
         except Exception as exc:
             state["broken"] = f"generate failed: {type(exc).__name__}: {exc}"
             log.exception("engine failed during generate; the server now reports itself broken")

@@ -30,6 +30,7 @@ from r1_mm.rollout.base import (
     media_token_ids,
     register_engine,
 )
+from r1_mm.rollout.reload import reload_in_place
 from r1_mm.rollout.vllm_common import (
     completion_from_vllm,
     engine_info,
@@ -97,7 +98,7 @@ class VLLMColocateEngine(RolloutEngine):
         if self.sleeping and self.weights_discarded:
             self.llm.wake_up(tags=["weights"])  # the KV cache stays asleep while the learner holds the device
         weights = iter_policy_weights(model, self.cfg.rollout.weight_sync_bucket_mb)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        reload_in_place(self.llm, weights)
         reset_caches(self.llm)
         self.policy, self.weights_discarded = model, False
         self.last_sync_s = time.perf_counter() - t0

@@ -79,5 +79,7 @@ class WeightReceiverExtension:
     def r1mm_receive_weights(self, specs: list[tuple[str, list[int], str]]) -> int:
         if self.r1mm_channel is None:
             raise RuntimeError("weight channel not open: POST /open_weight_channel first")
-        self.reload_weights(weights_iterator=self.r1mm_channel.receive(specs), is_checkpoint_format=True)
+        from r1_mm.rollout.reload import reload_worker
+
+        reload_worker(self, self.r1mm_channel.receive(specs))
         return len(specs)

@@ -245,6 +245,8 @@ class BaseTrainer:
         if self._stop_signal is not None:  # a second Ctrl-C: stop now, without a checkpoint
             raise KeyboardInterrupt
         self._stop_signal = signum
+        if not self.learner.accelerator.is_main_process:  # every rank gets the signal: one line for the run
+            return
         log.warning("%s received: finishing step %d, then saving a checkpoint (send it again to stop at once)",
                     signal.Signals(signum).name, self.step)
 
@@ -300,7 +302,7 @@ class BaseTrainer:
             if self.lock is not None:
                 self.lock.release()
         if interrupted is not None:
-            raise TrainingInterrupted(*interrupted)
+            raise TrainingInterrupted(*interrupted, main_process=acc.is_main_process)
         if acc.is_main_process:
             log.info("training finished; last checkpoint %s", final)
         return self.run_dir
@@ -309,7 +311,8 @@ class BaseTrainer:
 class TrainingInterrupted(RuntimeError):
     """A run stopped by a signal after saving a checkpoint."""
 
-    def __init__(self, signum: int, checkpoint: Path):
+    def __init__(self, signum: int, checkpoint: Path, main_process: bool = True):
         self.signum, self.checkpoint = signum, checkpoint
+        self.main_process = main_process  # the process that says so (every process raises this)
         super().__init__(f"stopped by {signal.Signals(signum).name} after saving {checkpoint}; resume with "
                          f"training.resume_from=latest (or training.resume_from={checkpoint})")

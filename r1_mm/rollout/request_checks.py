@@ -1,0 +1,123 @@
+"""What a rollout server's ``/generate`` request must be before any of it reaches the engine.
+
+Why here and not in vLLM: vLLM finds some of these mistakes only while it adds the request (and
+then with an error type the server cannot tell from an engine failure), and some never: a media
+placeholder without its image is sampled as a plain token and answers 200. Each mistake is the
+client's: it gets a 4xx naming the prompt and the problem, and the engine never sees the request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# config fields holding a modality's placeholder token (Qwen-VL: *_token_id, LLaVA-style: *_token_index)
+PLACEHOLDER_FIELDS = {"image": ("image_token_id", "image_token_index"),
+                      "video": ("video_token_id", "video_token_index")}
+
+
+class BadRequest(ValueError):
+    """The client's mistake: answered with a 4xx naming what was wrong."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class PromptLimits:
+    """What the served model takes: one placeholder token per image / video in the prompt text (the
+    model's processor expands each), and prompts within its context length."""
+
+    placeholders: dict[str, int]  # modality -> placeholder token id (a modality without one is not counted)
+    max_model_len: int
+    tokenize: Callable[[str], list[int]]
+
+    @classmethod
+    def of(cls, llm: Any) -> PromptLimits:
+        """From a ``vllm.LLM``: its model's config and tokenizer."""
+        config = llm.llm_engine.model_config
+        placeholders = {}
+        for modality, fields in PLACEHOLDER_FIELDS.items():
+            token = next((getattr(config.hf_config, f) for f in fields if isinstance(getattr(config.hf_config, f, None), int)),
+                         None)
+            if token is not None:
+                placeholders[modality] = token
+        tokenizer = llm.get_tokenizer()
+        return cls(placeholders, int(config.max_model_len),
+                   lambda text: tokenizer.encode(text, add_special_tokens=False))
+
+
+def check_media(payload: dict[str, Any], index: int) -> None:
+    """Images are (H, W, 3) uint8 arrays, videos (T, H, W, 3) with their timing: anything else is the
+    client's error, named, instead of an engine failure."""
+    from r1_mm.rollout.transport import decode_array
+
+    def array(text: Any, what: str, ndim: int) -> None:
+        try:
+            arr = decode_array(text)
+        except Exception as exc:
+            raise BadRequest(400, f"prompt {index}: {what} is not an npy array ({type(exc).__name__})") from None
+        if arr.dtype.name != "uint8" or arr.ndim != ndim or arr.shape[-1] != 3 or 0 in arr.shape:
+            raise BadRequest(400, f"prompt {index}: {what} must be a uint8 array of {ndim} dimensions ending in 3 "
+                                  f"(RGB), got {arr.dtype.name} {tuple(arr.shape)}")
+
+    if not isinstance(payload, dict):
+        raise BadRequest(400, f"prompt {index}: must be an object with 'prompt', 'images', 'videos'")
+    if not isinstance(payload.get("prompt"), str):
+        raise BadRequest(400, f"prompt {index}: 'prompt' must be a string")
+    for key in ("images", "videos"):
+        if not isinstance(payload.get(key, []), list):
+            raise BadRequest(400, f"prompt {index}: '{key}' must be a list")
+    for k, image in enumerate(payload.get("images", [])):
+        array(image, f"image {k}", 3)
+    for k, video in enumerate(payload.get("videos", [])):
+        if not isinstance(video, dict) or not isinstance(video.get("metadata"), dict):
+            raise BadRequest(400, f"prompt {index}: video {k} needs 'frames' and a 'metadata' mapping")
+        array(video.get("frames"), f"video {k} frames", 4)
+
+
+def check_prompt_text(payload: dict[str, Any], index: int, limits: PromptLimits) -> None:
+    """As many placeholders as media, of each kind; not longer than the context before its media are
+    even expanded (vLLM checks the expanded length when it adds the request)."""
+    tokens = limits.tokenize(payload["prompt"])
+    for modality, token in limits.placeholders.items():
+        placed, sent = tokens.count(token), len(payload.get(f"{modality}s", []))
+        if placed != sent:
+            raise BadRequest(400, f"prompt {index}: the text has {placed} {modality} placeholder(s) but {sent} "
+                                  f"{modality}(s) were sent; each {modality} needs exactly one")
+    if len(tokens) > limits.max_model_len:
+        raise BadRequest(400, f"prompt {index}: {len(tokens)} prompt tokens (before its media are expanded), "
+                              f"over the server's max_model_len of {limits.max_model_len}")
+
+
+def check_sampling(kwargs: Any, index: int) -> dict[str, Any]:
+    """The SamplingParams arguments for one prompt (logit_bias keys back to ints), built once here so a
+    bad field (``n=0``, an unknown name) is the client's error, found before sampling."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMClientError
+
+    if not isinstance(kwargs, dict):
+        raise BadRequest(400, f"prompt {index}: sampling must be an object of SamplingParams fields")
+    try:
+        params = {**kwargs, "logit_bias": {int(k): v for k, v in (kwargs.get("logit_bias") or {}).items()} or None}
+        SamplingParams(**params)
+    except (VLLMClientError, TypeError, ValueError, AttributeError) as exc:
+        raise BadRequest(400, f"prompt {index}: bad sampling parameters: {exc}") from None
+    return params
+
+
+def check_generate(body: Any, limits: PromptLimits) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The prompts and their sampling arguments, or BadRequest naming the first problem."""
+    if not isinstance(body, dict) or not isinstance(body.get("prompts"), list) or not isinstance(body.get("sampling"), list):
+        raise BadRequest(400, "generate needs 'prompts' and 'sampling', two lists of the same length")
+    prompts, sampling = body["prompts"], body["sampling"]
+    if len(prompts) != len(sampling):
+        raise BadRequest(400, f"{len(prompts)} prompts but {len(sampling)} sampling entries: one per prompt")
+    if not prompts:
+        raise BadRequest(400, "no prompts")
+    for i, payload in enumerate(prompts):
+        check_media(payload, i)
+        check_prompt_text(payload, i, limits)
+    return prompts, [check_sampling(kwargs, i) for i, kwargs in enumerate(sampling)]
