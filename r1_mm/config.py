@@ -118,6 +118,7 @@ class RolloutConfig:
     weight_sync_bucket_mb: int = 256  # ZeRO-3: parameters are gathered and sent in buckets this large
     pool_servers: list[str] = field(default_factory=list)  # base URLs of running `r1-mm serve rollout`s
     pool_size: int = 2  # servers the pool starts itself (beside rank 0) when pool_servers is empty
+    pool_gpu_memory_utilization: float = 0.9  # pool servers started by the run: share of each of their own GPUs
     # where those servers listen and are reached: default 127.0.0.1 on one machine, machine 0's address
     # (MASTER_ADDR) when the launch spans machines
     pool_host: str | None = None
@@ -463,6 +464,7 @@ _BOUNDS: list[tuple[str, float | None, bool, float | None, bool]] = [
     ("rollout.repetition_penalty", 0, False, None, False),
     ("rollout.vllm_gpu_memory_utilization", 0, False, 1, True),
     ("rollout.pool_size", 1, True, None, False),
+    ("rollout.pool_gpu_memory_utilization", 0, False, 1, True),
     ("rollout.weight_sync_bucket_mb", 1, True, None, False),
     ("algorithm.epsilon", 0, False, None, False),
     ("algorithm.num_iterations", 1, True, None, False),

@@ -46,6 +46,7 @@ def problems(cfg: RecipeConfig, machine: Machine) -> list[str]:
         elif not machine.has_package(FLASH_PACKAGES[attn]):
             found.append(f"model.attn_implementation={attn} needs the {FLASH_PACKAGES[attn]} package: "
                          f"install it (pip install flash-attn --no-build-isolation) or use model.attn_implementation=sdpa")
+    found += engine_parallelism_problems(cfg)
     if cfg.training.use_cpu and machine.deepspeed_launch:
         found.append("training.use_cpu=true cannot apply to a DeepSpeed launch (accelerate would silently run plain "
                      "DDP instead); drop training.use_cpu or launch with a DDP config")
@@ -53,6 +54,28 @@ def problems(cfg: RecipeConfig, machine: Machine) -> list[str]:
 
 
 MIXED_PRECISION_OF = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+def engine_parallelism_problems(cfg: RecipeConfig) -> list[str]:
+    """vLLM engine layouts r1-mm cannot run correctly yet, refused before anything starts.
+
+    Tensor parallel > 1 runs vLLM's multiprocess executor, which pickles every RPC argument: the weight
+    sync hands vLLM a generator of tensors (to stream them bucket by bucket), which cannot be pickled,
+    so the first sync failed and the server marked itself broken. The colocated engine would also send
+    each rank of a TP group its own prompts and seeds, where vLLM needs the same ones on every rank.
+    Data parallel > 1 raises inside vLLM's LLM class."""
+    r = cfg.rollout
+    if r.engine not in ("vllm_colocate", "vllm_pool"):
+        return []
+    found = []
+    if r.vllm_tensor_parallel_size > 1:
+        found.append(f"rollout.vllm_tensor_parallel_size={r.vllm_tensor_parallel_size} is not supported yet (the weight "
+                     "sync streams tensors as a generator, which vLLM's multiprocess executor cannot pickle): use 1, "
+                     "one engine per GPU")
+    if r.vllm_data_parallel_size > 1:
+        found.append(f"rollout.vllm_data_parallel_size={r.vllm_data_parallel_size} raises inside vLLM's LLM class: "
+                     "start one server per GPU group and list them in rollout.pool_servers (or raise pool_size)")
+    return found
 
 
 def precision_problem(cfg: RecipeConfig, *, mixed_precision: str, cuda: bool, deepspeed: bool) -> str | None:

@@ -270,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key-env", default=API_KEY_ENV,
                    help="environment variable holding the API key clients must send (unset: no key)")
     args = p.parse_args(argv)
+    if args.tensor_parallel_size > 1 or args.data_parallel_size > 1:  # why: preflight.engine_parallelism_problems
+        p.error("--tensor-parallel-size and --data-parallel-size above 1 are not supported yet (the weight sync "
+                "cannot reach vLLM's multiprocess executor): start one server per GPU")
 
     import torch
     import uvicorn

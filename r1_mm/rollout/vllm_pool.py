@@ -27,7 +27,7 @@ import httpx
 import torch
 
 from r1_mm import topology
-from r1_mm.config import RecipeConfig
+from r1_mm.config import ConfigError, RecipeConfig
 from r1_mm.data.prompts import Sample
 from r1_mm.rollout.base import (
     Completion,
@@ -63,13 +63,47 @@ def checked(reply: httpx.Response, url: str, what: str) -> httpx.Response:
     return reply
 
 
-class ManagedServer:
-    """A `r1-mm serve rollout` process this engine started (and may restart)."""
+def server_devices(pool_size: int, tensor_parallel: int, learners_here: int, gpus_here: int) -> list[list[int]]:
+    """The GPUs of each server rank 0 starts on its machine: the ones after the learners'.
 
-    def __init__(self, cfg: RecipeConfig, port: int, log_dir: Path, host: str = "127.0.0.1"):
+    Without this every server took device 0 (vLLM's default with tensor parallel 1), where learner
+    rank 0 already lives: vLLM refuses to start ("free memory ... less than desired") and a second
+    server fails regardless. No GPU here (CPU machines): no devices to hand out."""
+    if gpus_here == 0:
+        return [[] for _ in range(pool_size)]
+    needed = learners_here + pool_size * tensor_parallel
+    if needed > gpus_here:
+        raise ConfigError(
+            f"rollout.pool_size={pool_size} servers x rollout.vllm_tensor_parallel_size={tensor_parallel} need "
+            f"{pool_size * tensor_parallel} GPU(s) beside the {learners_here} learner process(es) on this machine, "
+            f"which has {gpus_here}: launch fewer learner processes (--num_processes "
+            f"{max(gpus_here - pool_size * tensor_parallel, 0)}), a smaller pool, or servers on other machines "
+            "(rollout.pool_servers)")
+    first = learners_here
+    return [list(range(first + i * tensor_parallel, first + (i + 1) * tensor_parallel)) for i in range(pool_size)]
+
+
+def learners_on_this_machine() -> int:
+    """Learner processes the launcher started on this machine (torchrun/accelerate set LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+class ManagedServer:
+    """A `r1-mm serve rollout` process this engine started (and may restart), on its own GPUs."""
+
+    def __init__(self, cfg: RecipeConfig, port: int, log_dir: Path, host: str = "127.0.0.1",
+                 devices: list[int] | None = None):
         self.cfg, self.port, self.host = cfg, port, host
+        self.devices = devices or []
         self.log_path = log_dir / f"rollout-server-{port}.log"
         self.process: subprocess.Popen | None = None
+
+    def environment(self) -> dict[str, str]:
+        """The server's environment: its GPUs only, numbered from 0 inside the server."""
+        env = dict(os.environ)
+        if self.devices:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in self.devices)
+        return env
 
     @property
     def url(self) -> str:
@@ -82,11 +116,12 @@ class ManagedServer:
                 "--max-images", str(r.vllm_max_images_per_prompt), "--max-videos", str(r.vllm_max_videos_per_prompt),
                 "--tensor-parallel-size", str(r.vllm_tensor_parallel_size),
                 "--data-parallel-size", str(r.vllm_data_parallel_size), "--seed", str(self.cfg.training.seed),
+                "--gpu-memory-utilization", str(r.pool_gpu_memory_utilization),
                 *([] if r.pool_server_batching else ["--no-batching"])]
 
     def start(self) -> None:
         self.process = subprocess.Popen(self.command(), stdout=self.log_path.open("a"), stderr=subprocess.STDOUT,
-                                        start_new_session=True, preexec_fn=_die_with_parent)
+                                        env=self.environment(), start_new_session=True, preexec_fn=_die_with_parent)
         atexit.register(self.stop)
 
     def alive(self) -> bool:
@@ -202,7 +237,10 @@ class VLLMPoolEngine(RolloutEngine):
         if host not in topology.LOOPBACK and not os.environ.get(self.cfg.rollout.pool_api_key_env):
             log.warning("rollout servers listen on %s without an API key: set %s to require one", host,
                         self.cfg.rollout.pool_api_key_env)
-        self.managed = [ManagedServer(self.cfg, free_port(host), log_dir, host) for _ in range(self.cfg.rollout.pool_size)]
+        r = self.cfg.rollout
+        devices = server_devices(r.pool_size, r.vllm_tensor_parallel_size, learners_on_this_machine(),
+                                 torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        self.managed = [ManagedServer(self.cfg, free_port(host), log_dir, host, devices[i]) for i in range(r.pool_size)]
         for server in self.managed:
             server.start()
         for server in self.managed:
