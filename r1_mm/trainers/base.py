@@ -68,7 +68,7 @@ class BaseTrainer:
         self.stream = PromptStream.from_config(self.processor, cfg.data, cfg.media, seed=cfg.training.seed,
                                                shard=(acc.process_index, acc.num_processes),
                                                dataset=objects.train_dataset)
-        input_checks.check(cfg, self.stream.rows, self.stream.source)
+        input_checks.check(cfg, self.stream.rows, self.stream.source, self.stream.builder.media_root)
         self.run_dir = Path(cfg.training.output_dir)
         self.resume_path = self._resume_path()
         self.resumed_state: dict[str, Any] = {}
