@@ -179,3 +179,10 @@ def test_text_that_is_not_utf8(job, tmp_path, synthetic_data, command):
     raw.write_bytes(b"".join(lines[:2]) + lines[2].replace(b"How", b"H\xffow") + b"".join(lines[3:]))
     position = lines[2].index(b"How") + 2  # 1-based, the byte after the H
     assert f"{raw}:3: not valid UTF-8 (byte 0xff at position {position})" in job(command, data=raw)
+
+
+def test_eval_rows_are_checked_when_the_run_will_evaluate(job, tmp_path, synthetic_data):
+    eval_data = edited(tmp_path, synthetic_data["counting"],
+                       lambda i, r: {**r, "prompt": "<video> How many?"} if i == 1 else r, name="eval.jsonl")
+    line = job("train", f"data.eval_path={eval_data}", "training.eval_steps=1")
+    assert f"{eval_data}: row 1 (id counting-1): prompt has 0 <image> and 1 <video> marks" in line

@@ -112,6 +112,11 @@ def default_media_root(path: str | Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
+def media_root(data_cfg: Any, default_root: Path | None) -> Path | None:
+    """Where relative media paths resolve: ``data.media_root`` when set, else the split's default."""
+    return Path(data_cfg.media_root).expanduser() if data_cfg.media_root else default_root
+
+
 # ----------------------------------------------------------------------------------------------
 # One split of the recipe's data, mapped to r1-mm's columns
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from r1_mm.config import ConfigError, RecipeConfig
 from r1_mm.data.frame_views import segment_split, select_frames, sparse_indices, with_videos
-from r1_mm.data.loading import load_split
+from r1_mm.data.loading import load_split, media_root
 from r1_mm.data.prompts import PromptBuilder, Sample
 from r1_mm.rewards.parsing import normalise
 
@@ -82,7 +82,7 @@ def build_tpo_pairs(cfg: RecipeConfig, out_path: str | Path, settings: TPOSettin
     if unwritable:
         raise ConfigError(unwritable)
     rows, source, default_root = load_split(cfg.data, "train")
-    root = Path(cfg.data.media_root).expanduser() if cfg.data.media_root else default_root
+    root = media_root(cfg.data, default_root)
     check_generation_job(cfg, rows, source, root)
     processor = load_processor(cfg.model)
     if engine is None:

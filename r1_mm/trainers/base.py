@@ -69,6 +69,7 @@ class BaseTrainer:
                                                shard=(acc.process_index, acc.num_processes),
                                                dataset=objects.train_dataset)
         input_checks.check(cfg, self.stream.rows, self.stream.source, self.stream.builder.media_root)
+        input_checks.check_eval_split(cfg, objects.eval_dataset)
         self.run_dir = Path(cfg.training.output_dir)
         self.resume_path = self._resume_path()
         self.resumed_state: dict[str, Any] = {}
