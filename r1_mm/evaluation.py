@@ -16,6 +16,7 @@ import torch
 from r1_mm.config import ModelConfig, RecipeConfig
 from r1_mm.data import PromptStream
 from r1_mm.data.loading import has_split
+from r1_mm.plugins import display_names
 from r1_mm.rewards.registry import RewardRunner
 from r1_mm.rollout.base import RolloutEngine, SamplingSettings
 
@@ -53,7 +54,7 @@ def evaluate(engine: RolloutEngine, samples: list, rewards: RewardRunner, cfg: R
         return out
     total, table = torch.cat(totals), torch.cat(per_fn)
     out["eval/rewards/total"] = float(torch.nanmean(total))
-    for j, name in enumerate(rewards.names):
+    for j, name in enumerate(display_names(rewards.names)):
         col = table[:, j]
         out[f"eval/rewards/{name}/mean"] = float(torch.nanmean(col)) if (~torch.isnan(col)).any() else math.nan
     out["eval/completions/mean_length"] = sum(lengths) / len(lengths)

@@ -18,6 +18,7 @@ import torch
 from r1_mm.config import ConfigError, RecipeConfig, RewardSpec
 from r1_mm.data import Sample
 from r1_mm.data.loading import has_split
+from r1_mm.plugins import display_names
 from r1_mm.rewards.critic.reward import question_text
 from r1_mm.rewards.registry import RewardBatch, RewardRunner
 from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, make_engine, media_token_ids
@@ -334,13 +335,14 @@ class GRPOTrainer(BaseTrainer):
             # tokens the engine prefilled for this step's rollouts (every sample of a group counts its prompt)
             "rollout/prefill_tokens": float(sum(s.num_prompt_tokens for s in exp.samples) * self.cfg.rollout.num_generations),
         }
+        shown = dict(zip(exp.rewards.names, display_names(exp.rewards.names), strict=True))  # plugin: its function's name
         for j, name in enumerate(exp.rewards.names):
             col = per_fn[:, j]
-            out[f"rewards/{name}/mean"] = float(torch.nanmean(col)) if (~torch.isnan(col)).any() else float("nan")
-            out[f"rewards/{name}/applicable"] = float((~torch.isnan(col)).float().mean())
+            out[f"rewards/{shown[name]}/mean"] = float(torch.nanmean(col)) if (~torch.isnan(col)).any() else float("nan")
+            out[f"rewards/{shown[name]}/applicable"] = float((~torch.isnan(col)).float().mean())
         for name, count in self.rewards.failure_counts.items():
             if count:
-                out[f"rewards/{name}/failures"] = count
+                out[f"rewards/{shown.get(name, name)}/failures"] = count
         out.update(self.rewards.metrics())
         return out
 
