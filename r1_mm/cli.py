@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,25 +18,31 @@ def _cmd_train(argv: list[str]) -> int:
     return main(argv, prog="r1-mm train")
 
 
-def _load_errors() -> tuple[type[Exception], ...]:
-    """What a job raises for a bad recipe, machine or row before its model loads (one line, exit 2)."""
+def _exit_2_on_bad_input(job: Callable[[], Any]) -> tuple[Any, int]:
+    """(job's result, 0), or (None, 2) after one line on stderr when the job finds a bad recipe, machine
+    or row (ConfigError, DataError: raised at load, before any model loads)."""
     from r1_mm.config import ConfigError
     from r1_mm.data.loading import DataError
 
-    return ConfigError, DataError
+    try:
+        return job(), 0
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None, 2
 
 
 def _cmd_rollout(argv: list[str]) -> int:
     from r1_mm.rollout.job import run_rollouts
     from r1_mm.train import resolve
 
-    try:
+    def job() -> Path:
         cfg, _ = resolve(argv, prog="r1-mm rollout", description=(
             "Sample completions for a recipe's data without training (no rewards, no updates)."))
-        run_dir = run_rollouts(cfg)
-    except _load_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return run_rollouts(cfg)
+
+    run_dir, code = _exit_2_on_bad_input(job)
+    if code:
+        return code
     print(f"rollouts written to {run_dir}/completions.jsonl, metrics to {run_dir}/metrics.jsonl")
     return 0
 
@@ -153,12 +160,11 @@ def _cmd_rewards(argv: list[str]) -> int:
         for name, source in available().items():
             print(f"{name:<18} {source}")
         return 0
-    try:
-        report = check_reward(args.spec, args.data, rows=args.rows, kwargs=_json_object(args.kwargs, "--kwargs"),
-                              columns=_json_object(args.columns, "--columns"))
-    except _load_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    report, code = _exit_2_on_bad_input(lambda: check_reward(
+        args.spec, args.data, rows=args.rows, kwargs=_json_object(args.kwargs, "--kwargs"),
+        columns=_json_object(args.columns, "--columns")))
+    if code:
+        return code
     print("\n".join(report.lines))
     for problem in report.problems:
         print(f"problem: {problem}", file=sys.stderr)
@@ -262,7 +268,10 @@ def _cmd_eval(argv: list[str]) -> int:
     args, cfg = _recipe_and_overrides(p, argv)
     if cfg is None:
         return 2
-    print(json.dumps(evaluate_checkpoint(cfg, args.checkpoint), indent=1))
+    metrics, code = _exit_2_on_bad_input(lambda: evaluate_checkpoint(cfg, args.checkpoint))
+    if code:
+        return code
+    print(json.dumps(metrics, indent=1))
     return 0
 
 
@@ -310,7 +319,9 @@ def _cmd_dpo(argv: list[str]) -> int:
     args, cfg = _recipe_and_overrides(p, argv)
     if cfg is None:
         return 2
-    n = precompute_reference(cfg, args.out)
+    n, code = _exit_2_on_bad_input(lambda: precompute_reference(cfg, args.out))
+    if code:
+        return code
     print(f"{n} rows with reference logprobs written to {args.out}; train with algorithm.precomputed_reference=true")
     return 0
 
@@ -338,11 +349,9 @@ def _cmd_tpo(argv: list[str]) -> int:
                            keep_fraction=args.keep_fraction, agreement=args.agreement,
                            critic_kwargs={"base_url": args.critic_url} if args.agreement == "critic" else {},
                            seed=cfg.training.seed)
-    try:
-        report = build_tpo_pairs(cfg, args.out, settings)
-    except _load_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    report, code = _exit_2_on_bad_input(lambda: build_tpo_pairs(cfg, args.out, settings))
+    if code:
+        return code
     print(f"{report.written} pairs written to {args.out} ({dict(report.counts)})")
     return 0
 

@@ -213,12 +213,13 @@ def check(cfg: RecipeConfig, rows: list[dict[str, Any]] | None = None, source: s
             raise DataError("; ".join(found))
 
 
-def check_eval_split(cfg: RecipeConfig, dataset: Any = None) -> None:
-    """The eval rows, as the training rows are, when the run will evaluate (``training.eval_steps``): they
-    are read lazily at the first evaluation, so a bad eval row used to stop the run at step eval_steps."""
+def check_eval_split(cfg: RecipeConfig, dataset: Any = None, *, evaluating: bool = False) -> None:
+    """The eval rows, as the training rows are, when the run will evaluate (``training.eval_steps``, or
+    ``evaluating``: `r1-mm eval`): they are read lazily at the first evaluation, so a bad eval row used
+    to stop the run at step eval_steps."""
     from r1_mm.data.loading import has_split, load_split, media_root
 
-    if not cfg.training.eval_steps or (dataset is None and not has_split(cfg.data, "eval")):
+    if not (evaluating or cfg.training.eval_steps) or (dataset is None and not has_split(cfg.data, "eval")):
         return
     rows, source, default_root = load_split(cfg.data, "eval", dataset=dataset)
     check(cfg, rows[:cfg.training.eval_max_rows], source, media_root(cfg.data, default_root))

@@ -50,12 +50,15 @@ def job(tmp_path, synthetic_data, no_model_loads, capsys):
     """job(command, *overrides, data=..., recipe=...) -> the one error line of `r1-mm COMMAND` (exit 2)."""
 
     def go(command: str, *overrides: str, data: Path | None = None, recipe: str = RECIPE) -> str:
+        data = data or synthetic_data["counting"]
         path = tmp_path / "recipe.yaml"
         path.write_text(recipe)
-        args = [str(path), f"data.train_path={data or synthetic_data['counting']}",
+        args = [str(path), f"data.train_path={data}",
                 f"training.output_dir={tmp_path / 'run'}", *overrides]
         argv = {"train": ["train", *args], "rollout": ["rollout", *args],
-                "tpo": ["tpo", "build", *args, "--out", str(tmp_path / "pairs.jsonl")]}[command]
+                "tpo": ["tpo", "build", *args, "--out", str(tmp_path / "pairs.jsonl")],
+                "eval": ["eval", *args, f"data.eval_path={data}", "--checkpoint", str(tmp_path / "checkpoint")],
+                "dpo": ["dpo", "precompute-ref", *args, "--out", str(tmp_path / "with_ref.jsonl")]}[command]
         code = cli_main(argv)
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if line.startswith("error:")]
@@ -125,7 +128,7 @@ def test_problem_type_without_a_route(job, tmp_path, synthetic_data):
         job("train", "rewards.functions=[{name: by_problem_type, kwargs: {routes: {riddle: numeric}}}]", data=data)
 
 
-@pytest.mark.parametrize("command", ["train", "rollout"])
+@pytest.mark.parametrize("command", ["train", "rollout", "eval", "dpo"])
 def test_missing_media_file_under_the_error_policy(job, tmp_path, synthetic_data, command):
     data = edited(tmp_path, synthetic_data["counting"],
                   lambda i, r: {**r, "image": "images/gone.png"} if i >= 4 else r)
