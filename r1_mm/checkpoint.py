@@ -8,13 +8,19 @@ mid-save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 STATE_FILE = "trainer_state.json"
 REFERENCE_FILE = "reference.safetensors"
+
+log = logging.getLogger(__name__)
 
 
 def export_weights(model: Any, bucket_mb: int = 256) -> dict[str, Any]:
@@ -38,16 +44,41 @@ def export_model(model: Any, weights: dict[str, Any], out_dir: Path) -> None:
 
 
 MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 2  # 1 (no "format" key): {file: size}; 2: sizes and sha256 hashes
+
+
+def file_sha256(path: Path) -> str:
+    """Streamed in chunks (a checkpoint's files are gigabytes; memory stays flat)."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _hash_all(folder: Path, names: list[str]) -> dict[str, str]:
+    """Files hashed on a few threads: hashlib releases the GIL, so big files hash in parallel."""
+    workers = max(1, min(4, os.cpu_count() or 1, len(names)))
+    with ThreadPoolExecutor(workers) as pool:
+        return dict(zip(names, pool.map(lambda name: file_sha256(folder / name), names), strict=True))
 
 
 def write_manifest(folder: Path) -> None:
-    """Every file of a finished checkpoint with its size: a later resume can tell a damaged one."""
-    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-    (folder / MANIFEST_FILE).write_text(json.dumps(files, indent=0))
+    """Every file of a finished checkpoint with its size and sha256: a later resume (and retention)
+    tells a damaged checkpoint, also when the damage kept the file's size (a flipped byte)."""
+    names = [str(p.relative_to(folder)) for p in sorted(folder.rglob("*")) if p.is_file()]
+    hashes = _hash_all(folder, names)
+    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": hashes[name]} for name in names}
+    (folder / MANIFEST_FILE).write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=0))
+
+
+def _manifest_files(manifest: dict[str, Any]) -> dict[str, tuple[int, str | None]]:
+    """Both manifest formats as {file: (bytes, sha256 or None)}; malformed entries raise."""
+    if manifest.get("format") == MANIFEST_FORMAT:
+        return {str(name): (int(e["bytes"]), str(e["sha256"])) for name, e in manifest["files"].items()}
+    return {str(name): (int(size), None) for name, size in manifest.items()}  # sizes only
 
 
 def damage(folder: Path) -> str | None:
-    """Why a checkpoint cannot be resumed from (None when it is intact)."""
+    """Why a checkpoint cannot be resumed from (None when it is intact): sizes first (cheap), then the
+    sha256 of every file the manifest lists."""
     try:
         state = json.loads((folder / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -58,15 +89,19 @@ def damage(folder: Path) -> str | None:
     if not manifest.exists():
         return None  # written before manifests existed: trusted as before
     try:
-        files = json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError):
+        files = _manifest_files(json.loads(manifest.read_text()))
+    except (OSError, json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
         return f"{MANIFEST_FILE} unreadable"
-    for name, size in files.items():
+    for name, (size, _) in files.items():
         path = folder / name
         if not path.exists():
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    hashed = [name for name, (_, digest) in files.items() if digest is not None]
+    for name, digest in _hash_all(folder, hashed).items():
+        if digest != files[name][1]:
+            return f"{name} has changed since it was written (sha256 differs from the manifest, size unchanged)"
     return None
 
 
@@ -102,12 +137,24 @@ class CheckpointManager:
         except (OSError, json.JSONDecodeError):
             return False
 
-    def prune(self) -> list[Path]:
-        """Keep this run's newest ``keep`` checkpoints; never touch another run's. Returns what was deleted."""
+    def prune(self, written: Path | None = None) -> list[Path]:
+        """Keep this run's newest ``keep`` checkpoints; never touch another run's. Returns what was deleted.
+
+        Before deleting, the kept ones are verified (newest first, until one is intact; ``written``, the
+        checkpoint whose manifest was hashed a moment ago, counts as intact unread): when none is, the
+        newest intact one among those due for deletion stays, so retention never deletes the run's last
+        resumable checkpoint."""
         own = [p for p in self.all() if self._own(p)]
-        for old in own[:-self.keep]:
+        doomed, kept = own[:-self.keep], own[-self.keep:]
+        if doomed and not any(p == written or damage(p) is None for p in reversed(kept)):
+            spared = next((p for p in reversed(doomed) if damage(p) is None), None)
+            if spared is not None:
+                doomed.remove(spared)
+                log.warning("checkpoint retention: the %d newest checkpoint(s) are damaged; keeping %s, the newest "
+                            "intact one", len(kept), spared.name)
+        for old in doomed:
             shutil.rmtree(old, ignore_errors=True)
-        return own[:-self.keep]
+        return doomed
 
     def save(self, learner: Any, step: int, trainer_state: dict[str, Any], *, save_reference: bool = False) -> Path:
         """``save_reference``: also store the reference weights (only needed once they moved)."""
@@ -136,7 +183,7 @@ class CheckpointManager:
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
-            self.prune()
+            self.prune(written=final)
         acc.wait_for_everyone()
         return final
 

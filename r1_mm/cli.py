@@ -120,9 +120,17 @@ def _cmd_plot(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="r1-mm plot", description="Draw a run's metrics.jsonl to a PNG.")
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
-    p.add_argument("--smooth", type=int, default=20, help="moving-average window in steps")
+    p.add_argument("--smooth", type=int, default=20,
+                   help="moving-average window in logged steps (at most a tenth of the run)")
+    p.add_argument("--metrics", help="comma-separated panels: metric names, globs (rewards/by_type/*/total) "
+                                     "or 'rewards' (every reward's mean); default: rewards, KL, length, entropy")
     args = p.parse_args(argv)
-    print(plot_run(args.run_dir, args.out, smooth=args.smooth))
+    panels = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    try:
+        print(plot_run(args.run_dir, args.out, smooth=args.smooth, panels=panels))
+    except (ValueError, OSError) as exc:  # an unknown metric, no or an empty metrics.jsonl: one line
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

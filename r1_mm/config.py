@@ -51,8 +51,12 @@ class MediaConfig:
     min_pixels: int = 28 * 28 * 4  # per image
     max_pixels: int = 28 * 28 * 64  # per image
     video_min_pixels: int = 28 * 28 * 4  # per frame
-    video_max_pixels: int = 28 * 28 * 16  # per frame
-    video_total_pixels: int = 28 * 28 * 16 * 16  # whole video; frames shrink to fit
+    # per frame; null: 28 x 28 x 16 (or video_total_pixels spread over the frames). A stated value is what
+    # every frame gets (visual_budget.py)
+    video_max_pixels: int | None = None
+    # whole video (pixels summed over the sampled frames); null: none. Stated with video_max_pixels, it must
+    # hold max_frames (or nframes) x video_max_pixels, else the recipe is refused at load
+    video_total_pixels: int | None = None
     nframes: int | None = None  # fixed frame count; when None, frames come from fps
     fps: float = 2.0
     min_frames: int = 4
@@ -252,6 +256,8 @@ class LoggingConfig:
     group: str | None = None
     logging_steps: int = 1
     table_steps: int = 10  # W&B completions table (with images / frames) every this many steps
+    # share of each step's groups written to completions.jsonl (1 = every group, 0 = none; for big runs)
+    completions_sample_rate: float = 1.0
     progress_bar: bool = True
 
 
@@ -401,8 +407,12 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         problems.append("media.min_frames must be <= media.max_frames")
     if cfg.media.min_pixels > cfg.media.max_pixels:
         problems.append("media.min_pixels must be <= media.max_pixels")
-    if cfg.media.video_min_pixels > cfg.media.video_max_pixels:
+    if cfg.media.video_max_pixels is not None and cfg.media.video_min_pixels > cfg.media.video_max_pixels:
         problems.append("media.video_min_pixels must be <= media.video_max_pixels")
+    from r1_mm.visual_budget import budget_problem  # here: visual_budget imports this module
+
+    if budget := budget_problem(cfg.media):
+        problems.append(budget)
     if cfg.media.nframes is not None and cfg.media.nframes < 1:
         problems.append("media.nframes must be >= 1")
     if cfg.media.fps <= 0:
@@ -490,10 +500,12 @@ _BOUNDS: list[tuple[str, float | None, bool, float | None, bool]] = [
     ("model.lora_dropout", 0, True, 1, False),
     ("logging.logging_steps", 1, True, None, False),
     ("logging.table_steps", 1, True, None, False),
+    ("logging.completions_sample_rate", 0, True, 1, True),
     ("media.min_frames", 1, True, None, False),
     ("media.frame_factor", 1, True, None, False),
     ("media.min_pixels", 1, True, None, False),
     ("media.video_total_pixels", 1, True, None, False),
+    ("media.video_max_pixels", 1, True, None, False),
 ]
 
 

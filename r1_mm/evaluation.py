@@ -7,7 +7,6 @@ offline; both report ``eval/...`` metrics of the same names.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,8 @@ import torch
 from r1_mm.config import ModelConfig, RecipeConfig
 from r1_mm.data import PromptStream
 from r1_mm.data.loading import has_split
-from r1_mm.plugins import display_names
 from r1_mm.rewards.registry import RewardRunner
+from r1_mm.rewards.reward_metrics import metric_labels, reward_metrics
 from r1_mm.rollout.base import RolloutEngine, SamplingSettings
 
 
@@ -40,7 +39,7 @@ def evaluate(engine: RolloutEngine, samples: list, rewards: RewardRunner, cfg: R
     settings = SamplingSettings.from_config(cfg.rollout, seed=cfg.training.seed)
     if k == 1:
         settings = SamplingSettings(max_tokens=settings.max_tokens, temperature=0.0, seed=settings.seed)
-    totals, per_fn, lengths = [], [], []
+    totals, per_fn, lengths, types = [], [], [], []
     for start in range(0, len(samples), cfg.training.eval_batch_size):
         batch = samples[start:start + cfg.training.eval_batch_size]
         groups = (generate_groups(learner, engine, batch, k, settings) if learner is not None
@@ -49,14 +48,12 @@ def evaluate(engine: RolloutEngine, samples: list, rewards: RewardRunner, cfg: R
         totals.append(scored.total)
         per_fn.append(scored.per_function)
         lengths += [len(c.token_ids) for g in groups for c in g]
+        types += [s.row.get("problem_type") for s, g in zip(batch, groups, strict=True) for _ in g]
     out = {"eval/prompts": float(len(samples))}
     if not samples:
         return out
-    total, table = torch.cat(totals), torch.cat(per_fn)
-    out["eval/rewards/total"] = float(torch.nanmean(total))
-    for j, name in enumerate(display_names(rewards.names)):
-        col = table[:, j]
-        out[f"eval/rewards/{name}/mean"] = float(torch.nanmean(col)) if (~torch.isnan(col)).any() else math.nan
+    out.update(reward_metrics(torch.cat(per_fn), torch.cat(totals), metric_labels(rewards.names), types,
+                              prefix="eval/rewards/"))
     out["eval/completions/mean_length"] = sum(lengths) / len(lengths)
     return out
 
@@ -64,7 +61,7 @@ def evaluate(engine: RolloutEngine, samples: list, rewards: RewardRunner, cfg: R
 def evaluate_checkpoint(cfg: RecipeConfig, checkpoint: str | Path) -> dict[str, float]:
     """Score a checkpoint's exported model (CHECKPOINT/model, or a plain transformers folder)."""
     from r1_mm import input_checks
-    from r1_mm.models import load_model, load_processor
+    from r1_mm.models import load_for_inference, load_processor
     from r1_mm.rollout import make_engine
 
     folder = Path(checkpoint)
@@ -74,7 +71,7 @@ def evaluate_checkpoint(cfg: RecipeConfig, checkpoint: str | Path) -> dict[str, 
     input_checks.check(cfg)  # the recipe's rewards, then every eval row, before the model loads
     input_checks.check_eval_split(cfg, evaluating=True)
     processor = load_processor(model_cfg)
-    model = load_model(model_cfg, trainable=False).eval()
+    model = load_for_inference(model_cfg, cfg.rollout.engine)
     engine = make_engine(cfg.rollout.engine, model=model, processor=processor, cfg=cfg)
     try:
         runner = RewardRunner.from_recipe(cfg)

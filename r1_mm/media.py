@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from r1_mm.config import MediaConfig
+from r1_mm.visual_budget import choose_frame_count, fit_to_budget, frame_pixel_range
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -63,30 +63,7 @@ class Video:
 
 
 # ----------------------------------------------------------------------------------------------
-# Pixel budgets
-
-
-def fit_to_budget(height: int, width: int, *, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Size closest to (height, width) with both sides multiples of ``factor`` and area in budget.
-
-    The aspect ratio is kept as far as rounding allows. Patch-aligned sizes mean the processor
-    does not resize again, so the learner and vLLM see identical pixels.
-    """
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image has an empty side: {height}x{width}")
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio over 200 ({height}x{width})")
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        scale = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / scale / factor) * factor)
-        w = max(factor, math.floor(width / scale / factor) * factor)
-    elif h * w < min_pixels:
-        scale = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * scale / factor) * factor
-        w = math.ceil(width * scale / factor) * factor
-    return h, w
+# Pixel budgets (the arithmetic lives in visual_budget.py, shared with the recipe check and the planner)
 
 
 def resize_image(img: Image.Image, *, factor: int, min_pixels: int, max_pixels: int) -> Image.Image:
@@ -154,36 +131,11 @@ def load_image(ref: Any, cfg: MediaConfig, *, factor: int, root: Path | None = N
 # Videos
 
 
-def choose_frame_count(total_frames: int, source_fps: float, cfg: MediaConfig) -> int:
-    """Frames to keep: ``nframes`` if set, else ``fps`` x duration, clamped to [min_frames, max_frames].
-
-    Rounded to a multiple of ``frame_factor`` (Qwen merges frame pairs into one temporal patch);
-    never more than the video has, except that a video shorter than one temporal patch is padded
-    by repeating frames.
-    """
-    ff = max(1, cfg.frame_factor)
-    if cfg.nframes is not None:
-        n = cfg.nframes
-    else:
-        duration = total_frames / source_fps if source_fps > 0 else total_frames
-        n = duration * cfg.fps
-        n = min(max(n, cfg.min_frames), cfg.max_frames)
-    n = min(n, max(total_frames, ff))
-    n = max(ff, int(math.floor(n / ff)) * ff)
-    return n
-
-
 def sample_indices(total_frames: int, n: int) -> list[int]:
     """Evenly spaced frame indices, first and last frame included."""
     if total_frames <= 0:
         raise ValueError("video has no frames")
     return [int(round(x)) for x in np.linspace(0, total_frames - 1, n)]
-
-
-def _video_pixel_range(n: int, cfg: MediaConfig) -> tuple[int, int]:
-    per_frame = cfg.video_total_pixels // max(n, 1)
-    max_px = max(cfg.video_min_pixels, min(cfg.video_max_pixels, per_frame))
-    return cfg.video_min_pixels, max_px
 
 
 # frames decoded and seeks made since import (benchmarks and tests read them: how much work a video cost)
@@ -331,7 +283,7 @@ def _video_from_sampled(sampled: list[np.ndarray], idx: list[int], total: int, f
                         factor: int, source: str, row: str | int | None) -> Video:
     """The sampled frames resized to the recipe's per-frame budget, with their timing."""
     n = len(idx)
-    min_px, max_px = _video_pixel_range(n, cfg)
+    min_px, max_px = frame_pixel_range(n, cfg)
     h0, w0 = sampled[0].shape[:2]
     try:
         h, w = fit_to_budget(h0, w0, factor=factor, min_pixels=min_px, max_pixels=max_px)

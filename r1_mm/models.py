@@ -66,6 +66,24 @@ def load_model(cfg: ModelConfig, *, trainable: bool = True, grouped: bool = Fals
     return prepare_model(model, cfg, trainable=trainable, grouped=grouped)
 
 
+def inference_device() -> torch.device:
+    """Where a job without a learner runs its model: this process's GPU when there is one (the local
+    rank's under a launcher), else the CPU."""
+    import os
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def load_for_inference(cfg: ModelConfig, engine: str) -> torch.nn.Module:
+    """The model of a job without a learner (rollout, TPO pair building, evaluation). With the hf engine
+    it samples, so it goes to the GPU; the vLLM engines load their own copy on the device, and this one
+    stays on the CPU (it only serves weight names and the export)."""
+    model = load_model(cfg, trainable=False).eval()
+    return model.to(inference_device()) if engine == "hf" else model
+
+
 def prepare_model(model: torch.nn.Module, cfg: ModelConfig, *, trainable: bool = True,
                   grouped: bool = False) -> torch.nn.Module:
     """What r1-mm does to a loaded model, also for a model object given through the Python API: the

@@ -7,8 +7,9 @@ algorithm, so each line names the code it models:
 
 - weights of the policy and of the reference (``backend.build_learner``), sharded under ZeRO-3;
 - gradients (sharded from ZeRO-2) and AdamW's two states per trainable parameter (sharded from ZeRO-1),
-  plus DeepSpeed's float32 master copy and float32 states when the launch runs bf16 mixed precision,
-  and the two parameter-sized temporaries of torch's foreach AdamW step;
+  plus DeepSpeed's float32 master copy, in the bytes the launch's mixed precision really allocates
+  (``learner_precision``: ``--launch`` is read as accelerate reads it), and the two parameter-sized
+  temporaries of torch's foreach AdamW step;
 - the activations kept for backward of ONE micro-batch of the grouped forward: every prompt once and
   its G completions (``grouped_forward.pack_groups``), per decoder layer the tensors a Qwen2-style
   layer saves, the prompt keys/values the packed attention gathers per completion, the vision
@@ -32,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from r1_mm.config import RecipeConfig, accumulation
+from r1_mm.visual_budget import PLAN_FACTOR, video_token_budget
 
 GIB = 2**30
 # Used only when the runtime cannot be measured (see measure_cpu_runtime); measured here on 2026-12-02.
@@ -66,6 +68,7 @@ class MemoryPlan:
     zero_stage: int
     device: str
     lines: list[Line] = field(default_factory=list)
+    video: str = ""  # the largest video's frames x tokens per frame, as the loader budgets it
 
     @property
     def total_bytes(self) -> float:
@@ -76,7 +79,8 @@ class MemoryPlan:
 
     def table(self) -> str:
         rows = [f"memory per learner process: {self.recipe}, {self.gpus} process(es), ZeRO stage {self.zero_stage}, "
-                f"{self.device}", "", "| part | GiB | how |", "|---|---|---|"]
+                f"{self.device}", *([f"visual tokens: {self.video}"] if self.video else []), "",
+                "| part | GiB | how |", "|---|---|---|"]
         rows += [f"| {line.name} | {line.bytes / GIB:.2f} | {line.note} |" for line in self.lines]
         rows.append(f"| **total** | **{self.total_bytes / GIB:.2f}** | |")
         return "\n".join(rows)
@@ -137,14 +141,18 @@ def model_shape(cfg: RecipeConfig) -> ModelShape:
 
 def visual_tokens_per_prompt(cfg: RecipeConfig) -> int:
     """The most visual tokens one prompt can hold: one image or one video at the media budgets (28 x 28
-    pixels per token; 2 frames per temporal patch), never more than the prompt length allows."""
-    per_image = cfg.media.max_pixels // (28 * 28)
-    per_video = cfg.media.video_total_pixels // (28 * 28) // max(1, cfg.media.frame_factor)
-    return min(max(per_image, per_video), cfg.data.max_prompt_length)
+    pixels per token; the video as the loader budgets it, ``visual_budget.video_token_budget``), never
+    more than the prompt length allows."""
+    per_image = cfg.media.max_pixels // (PLAN_FACTOR * PLAN_FACTOR)
+    return min(max(per_image, video_token_budget(cfg.media).total), cfg.data.max_prompt_length)
 
 
 def launch_zero_stage(launch_config: str | Path | None) -> tuple[int, bool]:
-    """(ZeRO stage, bf16 mixed precision) of an accelerate launch config; (0, False) for none."""
+    """(ZeRO stage, bf16 mixed precision) of an accelerate launch config; (0, False) for none.
+
+    As accelerate resolves it: the YAML's ``mixed_precision`` becomes ACCELERATE_MIXED_PRECISION, which
+    ``DeepSpeedPlugin.set_mixed_precision`` writes into the DeepSpeed config as ``bf16.enabled`` (filling
+    only "auto" or absent values: a DeepSpeed JSON's explicit ``bf16.enabled`` wins)."""
     if launch_config is None:
         return 0, False
     import yaml
@@ -156,8 +164,42 @@ def launch_zero_stage(launch_config: str | Path | None) -> tuple[int, bool]:
     ds = data.get("deepspeed_config") or {}
     if ds.get("deepspeed_config_file"):
         ds_json = json.loads(Path(ds["deepspeed_config_file"]).read_text())
-        return int(ds_json.get("zero_optimization", {}).get("stage", 0)), bf16 or bool(ds_json.get("bf16", {}).get("enabled"))
+        enabled = str(ds_json.get("bf16", {}).get("enabled", "auto")).lower()
+        return int(ds_json.get("zero_optimization", {}).get("stage", 0)), bf16 if enabled == "auto" else enabled == "true"
     return int(ds.get("zero_stage", 0)), bf16
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per parameter that the learner really allocates under a launch (what each line multiplies)."""
+
+    weights: int
+    gradients: int
+    optimizer: int  # AdamW's two states, plus DeepSpeed's float32 master copy when it keeps one
+    step_temporaries: int  # per temporary of the AdamW step (it updates the master copy when there is one)
+    note: str
+
+
+def learner_precision(dtype: str, zero_stage: int, mixed_bf16: bool) -> Precision:
+    """What the model dtype and the launch's mixed precision allocate, read from the libraries' code:
+
+    - no ZeRO (DDP, one process): torch's AdamW on the parameters as loaded; bf16 mixed precision is an
+      autocast and changes no parameter, gradient or state;
+    - ZeRO with bf16 mixed precision: DeepSpeed casts the module to bf16
+      (``DeepSpeedEngine._configure_distributed_model``), accumulates gradients in bf16
+      (``get_data_types``) and updates a float32 master copy with float32 AdamW states;
+    - ZeRO with mixed precision 'no': the module keeps the recipe's dtype, gradients accumulate in float32
+      (the engine's model dtype) and the float32 master copy is still made (ZeRO-1/2 always clone it;
+      ZeRO-3 shares it only when the parameters already are float32).
+    """
+    b = DTYPE_BYTES[dtype]
+    if zero_stage == 0:
+        return Precision(b, b, 2 * b, b, f"{2 * b} bytes: 2 AdamW states in the parameters' dtype")
+    if mixed_bf16:
+        return Precision(2, 2, 12, 4, "12 bytes: float32 master + 2 AdamW states (DeepSpeed bf16)")
+    master = 0 if b == 4 and zero_stage == 3 else 4
+    return Precision(b, 4, 8 + master, 4, f"{8 + master} bytes: "
+                     + ("float32 master + " if master else "") + "2 float32 AdamW states (DeepSpeed, no mixed precision)")
 
 
 def measure_cpu_runtime(cfg: RecipeConfig) -> tuple[int, str]:
@@ -178,7 +220,8 @@ def plan(cfg: RecipeConfig, *, gpus: int, zero_stage: int, mixed_bf16: bool = Fa
          cpu_runtime: tuple[int, str] | None = None) -> MemoryPlan:
     """cpu_runtime: (bytes, note) of the runtime for device="cpu"; measured when not given."""
     shape = shape or model_shape(cfg)
-    b = DTYPE_BYTES[cfg.model.dtype]
+    precision = learner_precision(cfg.model.dtype, zero_stage, mixed_bf16)
+    b = precision.weights
     out = MemoryPlan(recipe=recipe, gpus=gpus, zero_stage=zero_stage, device=device)
     add = lambda name, value, note: out.lines.append(Line(name, float(value), note))  # noqa: E731
     shard3 = gpus if zero_stage >= 3 else 1
@@ -193,18 +236,15 @@ def plan(cfg: RecipeConfig, *, gpus: int, zero_stage: int, mixed_bf16: bool = Fa
     needs_reference = (not a.precomputed_reference) if preference else a.beta != 0.0
     if needs_reference and not cfg.model.lora:  # LoRA: the adapter-disabled policy is the reference
         add("reference weights", shape.total_params * b / shard3, "frozen copy" + (", sharded" if shard3 > 1 else ""))
-    add("gradients", trainable * b / (gpus if zero_stage >= 2 else 1),
-        f"{trainable / 1e9:.3f} B trainable" + (", sharded" if zero_stage >= 2 else ""))
-    optimizer_bytes = (12 if mixed_bf16 and zero_stage >= 1 else 2 * b) * trainable
-    add("optimizer states", optimizer_bytes / (gpus if zero_stage >= 1 else 1),
-        ("float32 master + 2 AdamW states (DeepSpeed bf16)" if mixed_bf16 and zero_stage >= 1 else "2 AdamW states")
-        + (", sharded" if zero_stage >= 1 else ""))
+    add("gradients", trainable * precision.gradients / (gpus if zero_stage >= 2 else 1),
+        f"{trainable / 1e9:.3f} B trainable x {precision.gradients} bytes" + (", sharded" if zero_stage >= 2 else ""))
+    add("optimizer states", precision.optimizer * trainable / (gpus if zero_stage >= 1 else 1),
+        precision.note + (", sharded" if zero_stage >= 1 else ""))
 
     # torch's AdamW (foreach, the default on CPU and CUDA; DeepSpeed wraps it on each shard) builds
     # temporaries the size of the parameters it updates, e.g. sqrt(v) and the step (measured on the CPU:
     # +230 MiB transient at 20 M trainable float32 parameters, the run's peak)
-    temp_b = 4 if mixed_bf16 and zero_stage >= 1 else b
-    add("optimizer step temporaries", 2 * temp_b * trainable / (gpus if zero_stage >= 1 else 1),
+    add("optimizer step temporaries", 2 * precision.step_temporaries * trainable / (gpus if zero_stage >= 1 else 1),
         "foreach AdamW: two parameter-sized temporaries during step()")
     _, micro = accumulation(cfg.training)
     prompt, completion = cfg.data.max_prompt_length, cfg.rollout.max_completion_length
@@ -220,6 +260,8 @@ def plan(cfg: RecipeConfig, *, gpus: int, zero_stage: int, mixed_bf16: bool = Fa
         text_acts = tokens * per_token_layer * layers + gathered_kv * layers
         how = f"{layers} layers kept for backward"
     add("activations: language model", text_acts, f"{tokens} tokens per micro-batch ({micro} prompt(s), G={g}); {how}")
+    video = video_token_budget(cfg.media)
+    out.video = f"{video.describe()} at most per video (media budget, {PLAN_FACTOR}x{PLAN_FACTOR} pixels per token)"
     patches = micro * visual_tokens_per_prompt(cfg) * 4  # 2x2 patches merge into one token
     if shape.vision_layers and not cfg.model.freeze_vision_tower and not cfg.model.lora:
         vision_per = (6 * shape.vision_hidden + 2 * shape.vision_intermediate) * b

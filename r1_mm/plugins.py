@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +17,6 @@ class PluginError(ValueError):
 
 def is_plugin_name(name: str) -> bool:
     return ":" in name
-
-
-def display_names(names: list[str]) -> list[str]:
-    """How named objects appear in metric keys: ``dir/file.py:fn`` and ``pkg.module:fn`` as ``fn`` (a file
-    path in a metric key differs per machine and its slashes split the key into nested W&B panels);
-    a short name two entries would share keeps its full spec, so no two metrics collide."""
-    short = [name.rsplit(":", 1)[1] if is_plugin_name(name) else name for name in names]
-    counts = Counter(short)
-    return [s if counts[s] == 1 else name for s, name in zip(short, names, strict=True)]
 
 
 def load_object(name: str, what: str, kind: str = "object") -> Any:

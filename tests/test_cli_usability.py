@@ -1,6 +1,6 @@
 """Issue 19, point 13: the command line says what it does and fails in one line. `r1-mm plan` on a hub
 id with no hub, overrides after options, the commands' --help, `rewards check`'s column mapping and
-kwargs check (plugin metric names: tests/test_grpo_loop.py)."""
+kwargs check, plugin metric names (of a training step: tests/test_grpo_loop.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from r1_mm.cli import main
+from r1_mm.config import RewardSpec
+from r1_mm.rewards.registry import RewardRunner
 from r1_mm.testing.tiny_models import FAMILY_NAMES
 
 BIN = Path(sys.executable).parent
@@ -96,3 +98,10 @@ def test_rewards_check_finds_misspelt_kwargs(synthetic_data):
         "--kwargs", '{"reward_kwargs": {"numeric": {"tagg": "x"}}}').stderr
     bad_json = rewards_check("numeric", "--data", str(synthetic_data["counting"]), "--kwargs", "{tag: x}")
     assert one_error_line(bad_json).startswith("error: --kwargs is not valid JSON (")
+
+
+def test_plugin_reward_counters_carry_the_function_name(tmp_path):
+    plugin = tmp_path / "my_rewards.py"
+    plugin.write_text("def counted(completions, **kwargs):\n    return [1.0 for _ in completions]\n"
+                      "counted.metrics = lambda: {'calls': 3}\n")
+    assert RewardRunner([RewardSpec(name=f"{plugin}:counted")]).metrics() == {"rewards/counted/calls": 3.0}

@@ -229,3 +229,26 @@ def test_llava_onevision_batched_images_match_each_prompt_alone(tiny_path, two_i
 def test_llava_onevision_grouped_equals_naive(tiny_path, two_image_sizes):
     model, processor = load(tiny_path, "llava_onevision")
     compare(model, processor, llava_prompts(processor, two_image_sizes))
+
+
+def test_grouped_flash_model_still_generates_and_scores_unpacked(tiny_path, synthetic_data, monkeypatch):
+    """With flash_attention_2 the grouped forward renames the model's attention; calls without a packed
+    layout (the hf engine's generate and prefill, evaluation) must still reach transformers' flash route,
+    which once passed the grouped name to its kernel import and failed ('Could not find the currently
+    requested flash attention implementation'). Kernel replaced by the CPU stand-in; reference: sdpa."""
+    calls = flash_emulation.install(monkeypatch)
+    model, processor = load(tiny_path, "qwen2_5_vl")
+    reference, _ = load(tiny_path, "qwen2_5_vl")
+    model.eval(), reference.eval()
+    packed_attention.register()
+    model.set_attn_implementation({"text_config": packed_attention.grouped_name("flash_attention_2")})
+    assert packed_attention.is_enabled(model)
+    inputs = prompts_for(processor, synthetic_data["counting"], vary_length=False)[0]
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        expected = reference(**inputs).logits
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        reference_generated = reference.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert generated.tolist() == reference_generated.tolist()
+    assert calls["varlen"] + calls["dense"] > 0  # the flash stand-in served those calls, not sdpa

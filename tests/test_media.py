@@ -14,7 +14,8 @@ from r1_mm.media import (
     open_image,
     sample_indices,
 )
-from r1_mm.testing.synthetic import event_video, write_mp4
+from r1_mm.testing.synthetic import clock_frames, event_video, write_mp4
+from r1_mm.visual_budget import video_tokens
 
 FACTOR = 28
 
@@ -100,13 +101,41 @@ def test_mp4_decoding_sampling_and_timestamps(mp4):
     assert meta["total_num_frames"] == 32 and len(meta["frames_indices"]) == 8
 
 
-def test_video_total_pixel_budget_shrinks_frames(mp4):
+def test_video_total_pixel_budget_alone_spreads_over_the_frames(mp4):
     path, _ = mp4
-    cfg = MediaConfig(nframes=8, video_min_pixels=28 * 28, video_max_pixels=112 * 112,
-                      video_total_pixels=8 * 56 * 56)
+    cfg = MediaConfig(nframes=8, video_min_pixels=28 * 28, video_total_pixels=8 * 56 * 56)
     video = load_video(str(path), cfg, factor=FACTOR)
     assert video.frames.shape == (8, 56, 56, 3)
-    assert video.frames.shape[1] * video.frames.shape[2] * video.num_frames <= cfg.video_total_pixels
+    fewer = load_video(str(path), MediaConfig(nframes=2, video_min_pixels=28 * 28, video_total_pixels=8 * 56 * 56),
+                       factor=FACTOR)
+    assert fewer.frames.shape == (2, 112, 112, 3)  # a shorter sampling gets larger frames (here: the full 112x112)
+
+
+def test_a_stated_per_frame_budget_is_what_every_frame_gets(tmp_path):
+    """vsGRPO's recipe states 200,704 pixels per frame and no whole-video budget: all 16 frames of a
+    640x480 video get 364x504 (234 tokens), not a default whole-video budget's 16-token thumbnails."""
+    from r1_mm.config import load_recipe
+
+    path = write_mp4(clock_frames(20.0, 2, height=480, width=640), tmp_path / "vga.mp4", fps=2)
+    cfg = load_recipe(None, ["media.video_max_pixels=200704", "media.fps=1.0", "media.max_frames=16"]).media
+    video = load_video(str(path), cfg, factor=FACTOR)
+    assert video.frames.shape == (16, 364, 504, 3)
+    assert video_tokens(16, 364, 504, factor=FACTOR, frame_factor=2).describe() == (
+        "16 frames of 364x504 pixels = 8 temporal patches (2 frames each) x 234 tokens per frame = 1872 visual tokens")
+
+
+def test_conflicting_video_budgets_stop_at_load_naming_both_fields():
+    from r1_mm.config import ConfigError, load_recipe
+
+    with pytest.raises(ConfigError) as err:
+        load_recipe(None, ["media.video_max_pixels=200704", "media.video_total_pixels=200704", "media.max_frames=16"])
+    line = str(err.value)
+    assert "\n" not in line and "media.video_total_pixels=200704" in line and "media.video_max_pixels=200704" in line
+    assert "16 frames (media.max_frames)" in line
+    with pytest.raises(ConfigError, match=r"media\.nframes\) x media\.video_max_pixels"):
+        load_recipe(None, ["media.video_max_pixels=3136", "media.video_total_pixels=3136", "media.nframes=4"])
+    # budgets that agree load: 16 frames x 200704 fit in 16 x 200704
+    assert load_recipe(None, ["media.video_max_pixels=200704", "media.video_total_pixels=3211264"]).media.video_total_pixels
 
 
 def test_video_from_folder_and_frame_list(tmp_path):

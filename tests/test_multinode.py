@@ -56,7 +56,9 @@ def launch_two_machines(tmp_path: Path, ip: str, data: Path, cache: Path, *overr
     env = dict(os.environ, R1MM_CACHE=str(cache.parent))
     procs = []
     for machine in (0, 1):
-        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(CONFIG), "--machine_rank", str(machine),
+        # the shipped config runs bf16 on GPUs; this CPU test trains float32 (accelerate's own flag overrides it)
+        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(CONFIG), "--mixed_precision", "no",
+               "--machine_rank", str(machine),
                "--main_process_ip", ip, "--main_process_port", str(port), "-m", "r1_mm.train", str(recipe),
                f"data.train_path={data}", f"training.output_dir={tmp_path / 'run'}", *overrides]
         if machine == 1 and wrap_second:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,16 +38,79 @@ def test_parameter_counts_are_exact_without_loading_weights():
 def test_zero_stages_shard_what_they_shard():
     cfg = load_recipe(None, ["model.name_or_path=tiny:qwen2_5_vl", "model.dtype=bfloat16"])
     shape = model_shape(cfg)
-    part = {s: {line.name: line.bytes for line in plan(cfg, gpus=8, zero_stage=s, shape=shape).lines} for s in range(4)}
+    part = {s: {line.name: line.bytes for line in plan(cfg, gpus=8, zero_stage=s, mixed_bf16=True, shape=shape).lines}
+            for s in range(4)}
     weights = shape.total_params * 2
     assert part[0]["policy weights"] == part[2]["policy weights"] == weights
     assert part[3]["policy weights"] == weights / 8 and part[3]["reference weights"] == weights / 8
     assert part[1]["gradients"] == weights and part[2]["gradients"] == weights / 8
-    assert part[0]["optimizer states"] == 2 * weights and part[1]["optimizer states"] == 2 * weights / 8
-    bf16 = {line.name: line.bytes for line in plan(cfg, gpus=8, zero_stage=3, mixed_bf16=True, shape=shape).lines}
-    assert bf16["optimizer states"] == 12 * shape.total_params / 8  # DeepSpeed's fp32 master + states
-    assert launch_zero_stage(REPO / "recipes" / "accelerate" / "zero3.yaml") == (3, False)
+    assert part[0]["optimizer states"] == 2 * weights  # DDP: torch AdamW's states in the parameters' dtype
+    assert part[1]["optimizer states"] == part[3]["optimizer states"] == 12 * shape.total_params / 8  # fp32 master + states
+
+
+def test_plan_reads_the_precision_the_launch_really_runs():
+    """accelerate writes the YAML's mixed_precision into DeepSpeed's bf16 section; DeepSpeed then casts the
+    model to bf16 and keeps a float32 master. Under 'no' a bf16 model keeps its dtype, but ZeRO accumulates
+    gradients in float32 and still makes the float32 master (deepspeed runtime/engine.py, zero/stage3.py)."""
+    cfg = load_recipe(None, ["model.name_or_path=tiny:qwen2_5_vl", "model.dtype=bfloat16"])
+    shape = model_shape(cfg)
+    n = shape.total_params
+
+    def lines(zero_stage: int, bf16: bool, dtype: str = "bfloat16") -> dict[str, float]:
+        c = load_recipe(None, ["model.name_or_path=tiny:qwen2_5_vl", f"model.dtype={dtype}"])
+        return {line.name: line.bytes for line in plan(c, gpus=8, zero_stage=zero_stage, mixed_bf16=bf16, shape=shape).lines}
+
+    bf16, no = lines(3, True), lines(3, False)
+    assert (bf16["policy weights"], bf16["gradients"], bf16["optimizer states"]) == (2 * n / 8, 2 * n / 8, 12 * n / 8)
+    assert (no["policy weights"], no["gradients"], no["optimizer states"]) == (2 * n / 8, 4 * n / 8, 12 * n / 8)
+    fp32_no, fp32_bf16 = lines(3, False, "float32"), lines(3, True, "float32")
+    assert (fp32_no["policy weights"], fp32_no["optimizer states"]) == (4 * n / 8, 8 * n / 8)  # ZeRO-3 shares the fp32 master
+    assert fp32_bf16["policy weights"] == 2 * n / 8  # a bf16 DeepSpeed launch casts a float32 model
+    assert launch_zero_stage(REPO / "recipes" / "accelerate" / "zero3.yaml") == (3, True)
     assert launch_zero_stage(REPO / "recipes" / "accelerate" / "ddp.yaml") == (0, False)
+
+
+PAPER_RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml") if not p.stem.startswith("demo"))
+
+
+@pytest.mark.parametrize("path", PAPER_RECIPES, ids=lambda p: p.stem)
+def test_paper_recipe_launch_config_and_plan_agree(path):
+    """The launch config a paper recipe's header names runs the recipe's dtype on a GPU (else the run stops
+    at load in one line), and `r1-mm plan --launch` with it counts that dtype's bytes."""
+    import yaml
+
+    from r1_mm.preflight import precision_problem
+
+    header = path.read_text()
+    launch = REPO / re.search(r"--config_file (recipes/accelerate/\S+\.yaml)", header).group(1)
+    processes = re.search(r"--config_file \S+ --num_processes (\d+)", header).group(1)
+    assert re.search(rf"r1-mm plan recipes/{path.stem}\.yaml --gpus {processes} --launch {launch.relative_to(REPO)}", header)
+    recipe = load_recipe(path)
+    assert recipe.model.dtype == "bfloat16"
+    mixed = str(yaml.safe_load(launch.read_text())["mixed_precision"])
+    assert precision_problem(recipe, mixed_precision=mixed, cuda=True, deepspeed=True) is None  # a GPU machine, described
+    stage, bf16 = launch_zero_stage(launch)
+    assert (stage, bf16) == (3, True)
+    cfg = load_recipe(path, ["model.name_or_path=tiny:qwen2_5_vl"])  # the shape does not change the bytes per parameter
+    shape = model_shape(cfg)
+    got = {line.name: line for line in plan(cfg, gpus=8, zero_stage=stage, mixed_bf16=bf16, shape=shape).lines}
+    assert got["policy weights"].bytes == (shape.total_params + shape.lora_params) * 2 / 8
+    assert "12 bytes: float32 master + 2 AdamW states (DeepSpeed bf16)" in got["optimizer states"].note
+    # the mismatch the shipped zero3.yaml had: one line at load, naming both sides
+    line = precision_problem(recipe, mixed_precision="no", cuda=True, deepspeed=True)
+    assert line and "\n" not in line and "model.dtype=bfloat16" in line and "mixed_precision 'no'" in line
+    assert precision_problem(recipe, mixed_precision="no", cuda=False, deepspeed=True) is None  # CPU runs: not checked
+
+
+def test_plan_counts_the_video_tokens_the_loader_gives():
+    """vsGRPO's 16 frames at 200,704 pixels each: 8 temporal patches x 256 tokens, as media.py budgets them
+    (the planner once divided a default whole-video budget instead: 128 tokens for the whole video)."""
+    from r1_mm.planning import visual_tokens_per_prompt
+
+    cfg = load_recipe(REPO / "recipes" / "vsgrpo_qwen2vl_2b.yaml", ["model.name_or_path=tiny:qwen2_vl"])
+    assert visual_tokens_per_prompt(cfg) == 8 * 256
+    result = plan(cfg, gpus=8, zero_stage=3, mixed_bf16=True)
+    assert "16 frames = 8 temporal patches (2 frames each) x 256 tokens per frame = 2048 visual tokens" in result.table()
 
 
 RECIPE = """

@@ -16,6 +16,7 @@ as written.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,54 @@ def test_video_r1_recipe_scores_each_problem_type_as_the_source_does():
         assert 0.0 <= got[1] < 1.0, kind
     # regression is 1 - relative error (Video-R1), not VSI-Bench's MRA (which gives 0.6 for 8 vs 10)
     assert score("regression", "10", ["8"])[0] == pytest.approx(0.8)
+
+
+# Video recipes: each header states the visual tokens per frame its model gets at a stated resolution
+VIDEO_RECIPES = ["tpo_qwen2_5vl_7b", "video_r1_qwen2_5vl_7b", "vsgrpo_qwen2vl_2b", "vsgrpo_qwen2vl_7b"]
+TOKENS_STATEMENT = re.compile(r"^# Visual tokens per frame: (\d+) for a (\d+)x(\d+) video", re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def vga_video(tmp_path_factory) -> Path:
+    """A 640x480 clip long enough for every recipe's largest frame count (TPO: 64 frames at 2 fps)."""
+    from r1_mm.testing.synthetic import clock_frames, write_mp4
+
+    return write_mp4(clock_frames(34.0, 4, height=480, width=640), tmp_path_factory.mktemp("vga") / "vga.mp4", fps=4)
+
+
+@pytest.mark.parametrize("name", VIDEO_RECIPES)
+def test_video_recipe_gives_the_tokens_per_frame_its_header_states(name, vga_video, tiny_cache, monkeypatch, caplog):
+    """Through the real loader and the family's real processor (patch 14, merge 2, temporal patch 2, as
+    the released checkpoints): the tokens per frame of a video at the header's resolution, and the line
+    the run logs for its first video."""
+    import logging
+
+    from r1_mm.data.dataset import PromptStream
+    from r1_mm.data.prompts import PromptBuilder
+    from r1_mm.models import load_processor
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    path = REPO / "recipes" / f"{name}.yaml"
+    stated = TOKENS_STATEMENT.search(path.read_text())
+    assert stated, f"{path.name}: the header must state '# Visual tokens per frame: N for a WxH video'"
+    tokens, width, height = map(int, stated.groups())
+    assert (width, height) == (640, 480)  # the clip this test decodes
+    cfg = load_recipe(path, [f"model.name_or_path=tiny:{tiny_family(load_recipe(path).model.name_or_path)}:small"])
+    processor = load_processor(cfg.model)
+    builder = PromptBuilder(processor, cfg.data, cfg.media, vga_video.parent)
+    stream = PromptStream([{"video": vga_video.name, "prompt": "How many objects?"}], builder,
+                          data_cfg=cfg.data, media_cfg=cfg.media)
+    with caplog.at_level(logging.INFO, logger="r1_mm.data.dataset"):
+        sample = stream.next_batch(1)[0]
+        stream.next_batch(1)  # logged once, not per video
+    t, h, w = (int(x) for x in sample.inputs["video_grid_thw"][0])
+    merge = processor.video_processor.merge_size
+    assert t * processor.video_processor.temporal_patch_size == sample.videos[0].num_frames
+    frames = cfg.media.nframes or cfg.media.max_frames
+    assert sample.videos[0].num_frames == frames  # the clip is long enough: the recipe's largest frame count
+    assert h * w // merge**2 == tokens, (name, h, w)
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("first video")]
+    assert len(logged) == 1
+    patch = processor.video_processor.patch_size
+    assert f"{frames} frames of {h * patch}x{w * patch} pixels = {t} temporal patches" in logged[0]
+    assert f"x {tokens} tokens per frame = {t * tokens} visual tokens" in logged[0]

@@ -105,6 +105,7 @@ logging: {{progress_bar: false}}
         for key in COMPARED:
             assert mb[key] == pytest.approx(ma[key], abs=1e-5), (ma["step"], key)
     assert rows_b == rows_a  # same prompts at every step: no data repeated or skipped
+    assert len(rows_a) == 8 * 2 * 4 * info["num_processes"]  # completions.jsonl: every group of every process
 
 
 def test_iterative_dpo_resumed_mid_round_trains_the_saved_pairs(tmp_path, synthetic_data, tiny_cache, monkeypatch):

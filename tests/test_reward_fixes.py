@@ -44,7 +44,8 @@ def test_accuracy_reads_bare_latex_as_latex(answer, solution, right):
 
 
 @pytest.mark.parametrize(("answer", "solution"), [("3/4", "0.75"), ("\\frac{3}{4}", "0.75"), ("-1/2", "-0.5"),
-                                                  ("about 1/2 of it", "0.5")])
+                                                  ("about 1/2 of it", "0.5"), ("It is 1/4.", "0.25"),
+                                                  ("-\\frac{1}{2}", "-0.5"), ("\\frac72", "3.5"), ("$2^{10}$", "1024")])
 def test_fractions_are_read_as_their_value(answer, solution):
     assert numeric([f"<answer>{answer}</answer>"], [solution]) == [1.0]
     assert relative_accuracy([f"<answer>{answer}</answer>"], [solution]) == [pytest.approx(1.0)]

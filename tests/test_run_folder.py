@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from r1_mm.checkpoint import CheckpointManager
+from r1_mm.checkpoint import CheckpointManager, damage, write_manifest
 from r1_mm.config import ConfigError, load_recipe
 from r1_mm.run_folder import RunLock
 from r1_mm.trainers.grpo import GRPOTrainer
@@ -50,9 +49,6 @@ def test_a_fresh_run_refuses_a_finished_runs_folder(tmp_path, synthetic_data):
     with pytest.raises(ConfigError, match="already holds a run .*training.resume_from=latest.*overwrite_output_dir=true"):
         train(out, data)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing was touched
-    with pytest.raises(ConfigError, match="no checkpoint to resume"):  # latest, but the checkpoints were removed
-        shutil.rmtree(out / "checkpoints")
-        train(out, data, "training.resume_from=latest")
     train(out, data, "training.overwrite_output_dir=true")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
@@ -79,19 +75,110 @@ def test_retention_deletes_only_this_runs_checkpoints(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step-000004", "step-000006", "step-000050"]
 
 
-def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, synthetic_data, caplog):
+def flip_a_byte(path: Path) -> None:
+    """Damage that keeps the size (a bad sector, a bit flip in transit): one byte mid-file inverted."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["cut_short", "byte_flipped"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, synthetic_data, caplog, damage):
     out, data = tmp_path / "run", synthetic_data["counting"]
     train(out, data, "training.max_steps=4", "training.save_total_limit=3")
     latest = out / "checkpoints" / "step-000004"
-    victim = next(p for p in sorted(latest.rglob("*.safetensors")))
-    victim.write_bytes(victim.read_bytes()[:100])  # a checkpoint cut short (disk full, killed copy)
+    victim = latest / "model" / "model.safetensors"
+    size = victim.stat().st_size
+    if damage == "cut_short":
+        victim.write_bytes(victim.read_bytes()[:100])  # a checkpoint cut short (disk full, killed copy)
+    else:
+        flip_a_byte(victim)  # in the tensors' bytes: it would still load, with one wrong weight
+        assert victim.stat().st_size == size
     with caplog.at_level("WARNING"):
         trainer = GRPOTrainer(load_recipe(None, overrides(out, data, "training.resume_from=latest", "training.max_steps=5")))
     assert trainer.resume_path == out / "checkpoints" / "step-000002"
-    assert any("step-000004" in r.message and "damaged" in r.message for r in caplog.records)
+    skipped = [r.message for r in caplog.records if "step-000004" in r.message and "damaged" in r.message]
+    assert len(skipped) == 1 and "model/model.safetensors" in skipped[0] and "resuming from step-000002" in skipped[0]
+    if damage == "byte_flipped":
+        assert "sha256" in skipped[0]
     trainer.train()
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3, 4]  # steps 2 and 3 redone once, not logged twice
+
+
+def fake_checkpoint(root: Path, step: int, run_id: str = "mine") -> Path:
+    """A checkpoint folder as CheckpointManager.save leaves it: files, trainer state, hashed manifest."""
+    folder = root / f"step-{step:06d}"
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "model.safetensors").write_bytes(os.urandom(4096))
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step, "run_id": run_id}))
+    write_manifest(folder)
+    return folder
+
+
+def test_retention_never_deletes_the_last_intact_checkpoint(tmp_path, caplog):
+    root = tmp_path / "run" / "checkpoints"
+    manager = CheckpointManager(tmp_path / "run", keep=1, run_id="mine")
+    fake_checkpoint(root, 2)
+    flip_a_byte(fake_checkpoint(root, 4) / "model" / "model.safetensors")  # the newest, damaged in place
+    assert damage(root / "step-000004") is not None and damage(root / "step-000002") is None
+    with caplog.at_level("WARNING"):
+        assert manager.prune() == []  # keep=1 would delete step-2: the only checkpoint a resume can use
+    assert sorted(p.name for p in root.iterdir()) == ["step-000002", "step-000004"]
+    assert any("keeping step-000002" in r.message for r in caplog.records)
+    # once a newer intact checkpoint exists, the older ones go as usual
+    assert [p.name for p in manager.prune(written=fake_checkpoint(root, 6))] == ["step-000002", "step-000004"]
+    assert sorted(p.name for p in root.iterdir()) == ["step-000006"]
+
+
+def test_the_final_checkpoint_is_written_once(tmp_path, synthetic_data, monkeypatch):
+    """max_steps (4) a multiple of save_steps (2): step-4 is the periodic and the final checkpoint; and a
+    resume from that final checkpoint has nothing to write."""
+    out, data = tmp_path / "run", synthetic_data["counting"]
+    writes: list[int] = []
+    real_save = CheckpointManager.save
+
+    def counted(self, learner, step, trainer_state, **kwargs):
+        writes.append(step)
+        return real_save(self, learner, step, trainer_state, **kwargs)
+
+    monkeypatch.setattr(CheckpointManager, "save", counted)
+    train(out, data, "training.max_steps=4", "training.save_steps=2")
+    assert writes == [2, 4]
+    final = out / "checkpoints" / "step-000004"
+    inode = final.stat().st_ino
+    train(out, data, "training.max_steps=4", "training.resume_from=latest")
+    assert writes == [2, 4] and final.stat().st_ino == inode  # not rewritten
+
+
+def test_latest_with_no_checkpoint_starts_at_step_0_also_after_a_kill(tmp_path, synthetic_data, tiny_cache):
+    """A preemptible job: every launch says resume_from=latest. The first launch finds an empty folder; it is
+    killed (SIGKILL) before its first checkpoint; the next launch must start again, not refuse the folder."""
+    out, data = tmp_path / "run", synthetic_data["counting"]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("{}\n")
+    cmd = [str(BIN / "r1-mm"), "train", str(recipe), *overrides(out, data, "training.resume_from=latest")]
+    env = {**os.environ, "R1MM_CACHE": str(tiny_cache.parent)}
+    first_log = tmp_path / "first.log"
+    with first_log.open("w") as err:
+        proc = subprocess.Popen([*cmd, "training.max_steps=500", "training.save_steps=null"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
+        metrics = out / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and not (metrics.exists() and '"step": 1,' in metrics.read_text()):
+            assert proc.poll() is None, first_log.read_text()[-3000:]
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait(60)
+    assert "resume_from=latest: no checkpoint yet" in first_log.read_text()  # said on the first launch too
+    assert not list((out / "checkpoints").glob("step-*"))  # the premise: killed before any checkpoint
+    restarted = subprocess.run([*cmd, "training.max_steps=3"], env=env, capture_output=True, text=True, timeout=300)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    said = [line for line in restarted.stderr.splitlines() if "no checkpoint in" in line]
+    assert len(said) == 1 and "starting from step 0" in said[0] and "metrics.jsonl" in said[0], restarted.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2]  # the killed attempt's lines are gone, none logged twice
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

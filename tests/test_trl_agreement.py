@@ -62,22 +62,26 @@ def trl_inputs(processor, prompts, completions, advantages, old, ref):
     }
 
 
+def trl_trainer(path, processor, out, **grpo_config) -> GRPOTrainer:
+    """TRL's GRPOTrainer on the tiny model, ready for ``_compute_loss`` (one accumulation step)."""
+    config = GRPOConfig(output_dir=str(out), use_cpu=True, bf16=False, report_to=[], num_generations=G,
+                        per_device_train_batch_size=G, temperature=TEMPERATURE, **grpo_config)
+    trainer = GRPOTrainer(model=AutoModelForImageTextToText.from_pretrained(path),
+                          reward_funcs=[lambda completions, **_: [0.0] * len(completions)], args=config,
+                          train_dataset=Dataset.from_list([{"prompt": "x"}] * 4), processing_class=processor)
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("is_level", ["token", "sequence"])
 @pytest.mark.parametrize("kl_weighting", [True, False])
 def test_loss_and_logprobs_equal_trl(setup, loss_type, is_level, kl_weighting):
     path, processor, prompts, completions, rewards, tmp = setup
     beta, eps_low, eps_high, max_len = 0.04, 0.2, 0.28, 8
-    config = GRPOConfig(output_dir=str(tmp / f"{loss_type}-{is_level}-{kl_weighting}"), use_cpu=True, bf16=False, report_to=[],
-                        loss_type=loss_type, beta=beta, epsilon=eps_low, epsilon_high=eps_high,
-                        importance_sampling_level=is_level, num_generations=G, per_device_train_batch_size=G,
-                        max_completion_length=max_len, temperature=TEMPERATURE,
-                        use_bias_correction_kl=kl_weighting)
-    trl_model = AutoModelForImageTextToText.from_pretrained(path)
-    trainer = GRPOTrainer(model=trl_model, reward_funcs=[lambda completions, **_: [0.0] * len(completions)],
-                          args=config, train_dataset=Dataset.from_list([{"prompt": "x"}] * 4),
-                          processing_class=processor)
-    trainer.current_gradient_accumulation_steps = 1
+    trainer = trl_trainer(path, processor, tmp / f"{loss_type}-{is_level}-{kl_weighting}", loss_type=loss_type, beta=beta,
+                          epsilon=eps_low, epsilon_high=eps_high, importance_sampling_level=is_level,
+                          max_completion_length=max_len, use_bias_correction_kl=kl_weighting)
     ours = AutoModelForImageTextToText.from_pretrained(path)
 
     packed = pack_groups(ours, [dict(p) for p in prompts], completions, G, processor.tokenizer.pad_token_id)
@@ -128,3 +132,86 @@ def test_advantages_match_trl_definition():
     torch.testing.assert_close(batch.values, torch.tensor([0.5, -0.5, 0.0, 0.0]) / (std + 1e-4))
     none = grpo_advantages(torch.tensor([1.0, 0.0]), 2, scale="none")
     torch.testing.assert_close(none.values, torch.tensor([0.5, -0.5]))
+
+
+# verl's bounds (verl/trainer/ppo/core_algos.py, github.com/volcengine/verl @ b178a3c): compute_policy_loss_vanilla
+# clamps log(pi/pi_old) to +-20 before exp, compute_policy_loss_gspo the sequence log ratio to at most 10, and
+# kl_penalty("low_var_kl") clamps r = ref - logp to +-20 and exp(r) - r - 1 to +-10.
+VERL_LOG_RATIO, VERL_SEQUENCE_LOG_RATIO_MAX, VERL_KL_LOG_RATIO, VERL_KL = 20.0, 10.0, 20.0, 10.0
+
+
+def k3_root(value: float, sign: float) -> float:
+    """The r of the given sign with exp(r) - r - 1 = value (bisection; k3 is monotone on each side of 0)."""
+    lo, hi = (0.0, 50.0) if sign > 0 else (-50.0, 0.0)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        above = torch.tensor(mid, dtype=torch.float64).exp().item() - mid - 1 > value
+        lo, hi = ((lo, mid) if above else (mid, hi)) if sign > 0 else ((mid, hi) if above else (lo, mid))
+    return (lo + hi) / 2
+
+
+def moved_to_verl_bounds(logps, old, ref, mask, level):
+    """old and ref logprobs moved so that TRL's unclamped formulas meet exactly the ratios and KL values
+    verl's bounds allow: TRL's own loss on them is the bounded loss."""
+    lp, m = logps.double(), mask.double()
+    if level == "token":
+        new_old = lp - (lp - old.double()).clamp(-VERL_LOG_RATIO, VERL_LOG_RATIO)
+    else:
+        n = m.sum(-1).clamp(min=1.0)
+        excess = ((((lp - old.double()) * m).sum(-1) / n) - VERL_SEQUENCE_LOG_RATIO_MAX).clamp(min=0.0)
+        new_old = old.double().clone()
+        new_old[:, 0] += excess * n  # completions are left-aligned: token 0 is scored wherever excess > 0
+    r = (ref.double() - lp).clamp(-VERL_KL_LOG_RATIO, VERL_KL_LOG_RATIO)
+    over = (r.exp() - r - 1) > VERL_KL
+    r = torch.where(over & (r > 0), k3_root(VERL_KL, 1.0), torch.where(over, k3_root(VERL_KL, -1.0), r))
+    return new_old.float(), (lp + r).float()
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("is_level", ["token", "sequence"])
+def test_outlier_tokens_and_zero_length_completions_match_trl_within_verl_bounds(setup, loss_type, is_level):
+    """Log ratios of +-50, a KL whose exp overflows, and two zero-length completions (one holding outliers on
+    its masked-out positions). TRL's loss is not finite there; ours is, and equals TRL's own loss on inputs
+    moved to verl's bounds, so the zero-length rows weigh exactly as in TRL for every loss type."""
+    path, processor, prompts, _, _, tmp = setup
+    beta, max_len = 0.04, 8
+    gen = torch.Generator().manual_seed(3)
+    completions = [torch.randint(0, 400, (n,), generator=gen).tolist() for n in [4, 0, 3, 6, 5, 0]]
+    trainer = trl_trainer(path, processor, tmp / f"outliers-{loss_type}-{is_level}", loss_type=loss_type, beta=beta,
+                          epsilon=0.2, epsilon_high=0.28, importance_sampling_level=is_level,
+                          max_completion_length=max_len)
+    advantages = grpo_advantages(torch.tensor([0.0, 1.0, 0.5, 1.0, 0.0, 0.0]), G, scale="group").values
+    placeholder = torch.zeros(len(completions), max(map(len, completions)))
+    inputs = trl_inputs(processor, prompts, completions, advantages, placeholder, placeholder)
+    mask = inputs["completion_mask"]
+    assert mask.shape[1] == 6 and (mask.sum(-1) == 0).tolist() == [False, True, False, False, False, True]
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention = torch.cat([inputs["prompt_mask"], mask], dim=1)
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, input_ids, attention, mask.shape[1], pixel_values=inputs["pixel_values"],
+            image_grid_thw=inputs["image_grid_thw"], num_images=inputs["num_images"],
+            mm_token_type_ids=inputs["mm_token_type_ids"])
+    old = logps + 0.1 * torch.randn(logps.shape, generator=gen)
+    ref = logps + 0.1 * torch.randn(logps.shape, generator=gen)
+    old[0, 1] = logps[0, 1] - 50.0  # log ratio +50 on a negative advantage: the unclipped branch
+    old[2, 0] = logps[2, 0] + 50.0  # log ratio -50
+    ref[3, 2] = logps[3, 2] + 100.0  # exp(100) overflows float32: TRL's KL is inf
+    ref[4, 1] = logps[4, 1] - 100.0  # k3 = 99
+    old[1, 0], ref[1, 1] = logps[1, 0] - 50.0, logps[1, 1] + 100.0  # outliers on a zero-length completion
+    assert advantages[0] < 0
+
+    raw = trainer._compute_loss(trainer.model, {**inputs, "old_per_token_logps": old, "ref_per_token_logps": ref})
+    assert not torch.isfinite(raw)  # the premise: unbounded formulas break on these tokens
+    bounded_old, bounded_ref = moved_to_verl_bounds(logps, old, ref, mask, is_level)
+    expected = trainer._compute_loss(trainer.model, {**inputs, "old_per_token_logps": bounded_old,
+                                                     "ref_per_token_logps": bounded_ref}).detach()
+    assert torch.isfinite(expected) and abs(float(expected)) > 1.0  # an outlier dominates, bounded
+
+    settings = LossSettings(loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, beta=beta,
+                            importance_sampling_level=is_level, max_completion_length=max_len)
+    ours_logps = logps.clone().requires_grad_()
+    out = policy_loss(ours_logps, old, advantages, mask, settings, ref_logps=ref, num_items=float(mask.sum()))
+    torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-4, atol=1e-6)
+    out.loss.backward()
+    assert torch.isfinite(ours_logps.grad).all()

@@ -57,6 +57,7 @@ class PromptStream:
         self.offset = 0
         self.report = DataReport()
         self._order = self._epoch_order(0)
+        self._video_logged = False  # the first video's frames x tokens per frame are logged once, at start
 
     @classmethod
     def from_config(cls, processor: Any, data_cfg: DataConfig, media_cfg: MediaConfig, *, split: str = "train",
@@ -103,6 +104,9 @@ class PromptStream:
             self.report.note(f"dropped (data.on_long_prompt=drop): {exc}")
             return None
         self.report.rows_prepared += 1
+        if sample.videos and not self._video_logged and self.shard_index == 0 and self.builder.factor > 1:
+            self._video_logged = True
+            log.info("first video (%s): %s", sample.videos[0].source, self.builder.video_tokens(sample.videos[0]).describe())
         return sample
 
     def next_batch(self, size: int) -> list[Sample]:

@@ -18,6 +18,7 @@ from PIL import Image
 from r1_mm.config import DataConfig, MediaConfig
 from r1_mm.data.loading import DataError
 from r1_mm.media import Video, load_image, load_video
+from r1_mm.visual_budget import VisualTokens, video_tokens
 
 PROMPT_KEYS = ("prompt", "problem", "question")
 IMAGE_MARK, VIDEO_MARK = "<image>", "<video>"
@@ -204,6 +205,13 @@ class PromptBuilder:
         videos = [load_video(r, self.media_cfg, factor=self.factor, root=self.media_root, row=rid,
                              frames_fps=float(fps) if fps else None) for r in video_refs]
         return images, videos
+
+    def video_tokens(self, video: Video) -> VisualTokens:
+        """Frames x tokens per frame of a decoded video, as this processor patches it."""
+        patching = getattr(self.processor, "video_processor", None) or getattr(self.processor, "image_processor", None)
+        temporal = getattr(patching, "temporal_patch_size", None)
+        return video_tokens(video.num_frames, *video.frames.shape[1:3], factor=self.factor,
+                            frame_factor=temporal if isinstance(temporal, int) else self.media_cfg.frame_factor)
 
     def prepare(self, row: dict[str, Any], index: int) -> Sample:
         """Raises MediaError, DataError or PromptTooLongError (the caller applies the skip policy)."""

@@ -72,7 +72,7 @@ def _views(sample: Sample, row: dict[str, Any], processor: Any, s: TPOSettings, 
 def build_tpo_pairs(cfg: RecipeConfig, out_path: str | Path, settings: TPOSettings | None = None,
                     engine: Any = None) -> TPOReport:
     from r1_mm.input_checks import check_generation_job
-    from r1_mm.models import load_model, load_processor
+    from r1_mm.models import load_for_inference, load_processor
     from r1_mm.rollout import SamplingSettings, make_engine
     from r1_mm.run_folder import writable_problem
 
@@ -86,7 +86,7 @@ def build_tpo_pairs(cfg: RecipeConfig, out_path: str | Path, settings: TPOSettin
     check_generation_job(cfg, rows, source, root)
     processor = load_processor(cfg.model)
     if engine is None:
-        model = load_model(cfg.model, trainable=False)
+        model = load_for_inference(cfg.model, cfg.rollout.engine)
         engine = make_engine(cfg.rollout.engine, model=model, processor=processor, cfg=cfg)
     builder = PromptBuilder(processor, cfg.data, cfg.media, root)
     judge = None

@@ -47,33 +47,74 @@ def answer_or_text(completion: Any, tag: str, require_tag: bool) -> str | None:
     return answer
 
 
-FRACTION = re.compile(r"\\[dt]?frac\{\s*([-+]?[\d.]+)\s*\}\{\s*([-+]?[\d.]+)\s*\}|"
-                      r"(?<![\d.])([-+]?\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)(?![\d./])")
+def boxed_content(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (braces balanced), None when there is none or it is
+    unclosed. One forward scan from the last ``\\boxed{``: linear in the text."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth = 0
+    for i in range(start + len("\\boxed{"), len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            if depth == 0:
+                return text[start + len("\\boxed{"):i].strip()
+            depth -= 1
+    return None
+
+
+# Possessive quantifiers (*+, ++, ?+) never give back what they matched: without them a long run of
+# digits or spaces that is not a fraction or power made the search quadratic (10 s on 5000 digits).
+_SIGNED = r"[-+]?+(?:\d++(?:\.\d*+)?+|\.\d++)"
+_NUMBER = _SIGNED + r"(?:[eE][-+]?+\d++)?+"
+_FRAC_ARG = rf"(?:\{{\s*+({_SIGNED})\s*+\}}|(\d))"  # \frac{7}{2}, and TeX's shorthand \frac72 (one digit each)
+_POWER = r"\s*+\^\s*+(?:\{\s*+([-+]?+\d++(?:\.\d++)?+)\s*+\}|([-+]?+\d++))"  # ^{10}, ^10 (10, as math-verify reads it)
+# One numeric term; at a given position the alternatives are tried in this order, so "2^{10}" is a power
+# and not the number 2, and "-\frac{1}{2}" keeps its sign.
+TERM = re.compile(
+    rf"(?P<frac>(?:([-+])\s*+)?\\[dtc]?frac\s*+{_FRAC_ARG}\s*+{_FRAC_ARG})"
+    rf"|(?P<sci>({_SIGNED})\s*+(?:\\times|\\cdot|×|\*)\s*+10{_POWER})"
+    rf"|(?P<pow>({_NUMBER}){_POWER})"
+    r"|(?P<slash>(?<![\d.])([-+]?+\d++(?:\.\d++)?+)\s*+/\s*+(\d++(?:\.\d++)?+)(?![\d/]|\.\d))"  # not 1/2/2020
+    rf"|(?P<num>{_NUMBER})")
 
 
 def _finite(value: float) -> float | None:
     return value if value == value and abs(value) != float("inf") else None
 
 
+def _term_value(match: re.Match[str]) -> float:
+    """The value of a :data:`TERM` match (raises ValueError, ZeroDivisionError or OverflowError)."""
+    g = match.groups()
+    if match.group("frac") is not None:  # groups 2..6: sign, numerator {..} or digit, denominator {..} or digit
+        sign = -1.0 if g[1] == "-" else 1.0
+        return sign * float(g[2] or g[3]) / float(g[4] or g[5])
+    if match.group("sci") is not None:  # groups 8..10: mantissa, exponent {..} or bare
+        return float(g[7]) * 10.0 ** float(g[8] or g[9])
+    if match.group("pow") is not None:  # groups 12..14: base, exponent {..} or bare; -2^2 is -(2^2)
+        base = float(g[11])
+        return (-1.0 if base < 0 else 1.0) * abs(base) ** float(g[12] or g[13])
+    if match.group("slash") is not None:  # groups 16..17: numerator, denominator
+        return float(g[15]) / float(g[16])
+    return float(match.group("num"))
+
+
 def first_number(text: str) -> float | None:
-    """The first number written in ``text`` (commas as thousands separators allowed; a fraction
-    ``3/4`` or ``\\frac{3}{4}`` is its value, not its numerator), else None."""
-    text = text.replace(",", "")
-    match = NUMBER.search(text)
-    fraction = FRACTION.search(text)
-    if fraction is not None and (match is None or fraction.start() <= match.start()):
-        numerator, denominator = (g for g in fraction.groups() if g is not None)
-        try:
-            value = float(numerator) / float(denominator)
-        except (ValueError, ZeroDivisionError, OverflowError):
-            return None
-        return _finite(value)
+    """The value of the first number written in ``text``, or of the last ``\\boxed{}`` when there is one;
+    None when there is none. Commas are thousands separators; a fraction (``3/4``, ``\\frac{3}{4}``,
+    ``-\\frac{3}{4}``, ``\\frac34``) is its value, a power (``2^{10}``, ``3 \\times 10^{5}``) too, not
+    its first digits."""
+    boxed = boxed_content(text)
+    text = (text if boxed is None else boxed).replace(",", "")
+    match = TERM.search(text)
     if match is None:
         return None
     try:
-        return _finite(float(match.group(0)))
-    except (ValueError, OverflowError):
+        value = _term_value(match)
+    except (ValueError, ZeroDivisionError, OverflowError):
         return None
+    return _finite(value)
 
 
 def numbers(text: str, limit: int) -> list[float]:

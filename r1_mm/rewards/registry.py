@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from r1_mm.plugins import PluginError, display_names, is_plugin_name, load_object
+from r1_mm.plugins import PluginError, is_plugin_name, load_object
 
 log = logging.getLogger(__name__)
 
@@ -249,9 +249,12 @@ class RewardRunner:
             raise RewardError(f"took longer than rewards.timeout_s={self.timeout_s:g} s") from None
 
     def metrics(self) -> dict[str, float]:
-        """Counters that rewards expose through a ``metrics()`` attribute (e.g. the critic's unparsable)."""
+        """Counters that rewards expose through a ``metrics()`` attribute (e.g. the critic's unparsable),
+        under the reward's metric name (a plugin's function name, not its file path)."""
+        from r1_mm.rewards.reward_metrics import metric_labels
+
         out: dict[str, float] = {}
-        for name, fn in zip(display_names(self.names), self.originals, strict=True):
+        for name, fn in zip(metric_labels(self.names), self.originals, strict=True):
             report = getattr(fn, "metrics", None)
             if callable(report):
                 out.update({f"rewards/{name}/{k}": float(v) for k, v in report().items()})

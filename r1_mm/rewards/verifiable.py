@@ -12,27 +12,21 @@ from typing import Any
 import numpy as np
 
 from r1_mm.rewards.math_check import checker
+from r1_mm.rewards.math_text import for_math_verify, reads_as_math
 from r1_mm.rewards.parsing import first_number, normalise, score_each
 from r1_mm.rewards.registry import reward
 
-_MATH_DELIMITERS = ("$", "\\(", "\\[", "\\boxed")
-
-
-def as_latex(text: str) -> str:
-    """Bare LaTeX in math delimiters. math-verify reads undelimited text as a plain expression and takes
-    its first number: "2^{10}" would be 2, equal to a solution "2". Inside $...$ it is 2**10."""
-    text = text.strip()
-    return text if any(d in text for d in _MATH_DELIMITERS) else f"${text}$"
-
 
 def answers_match(prediction: str, solution: str, timeout_seconds: float = 5.0) -> bool:
-    """Normalised string equality, else math-verify equivalence (of both sides as LaTeX) within a hard
-    time limit."""
+    """Normalised string equality; else, when the solution is mathematics (see
+    :func:`~r1_mm.rewards.math_text.reads_as_math`), math-verify equivalence within a hard time limit.
+    A worded solution ("front left", "chair") is compared as text only: symbolically, words are products
+    of letters and would equal their anagrams and permutations."""
     if normalise(prediction) == normalise(solution):
         return True
-    if not prediction.strip() or not solution.strip():
+    if not prediction.strip() or not solution.strip() or not reads_as_math(solution):
         return False
-    return checker().equivalent(as_latex(prediction), as_latex(solution), timeout_seconds)
+    return checker().equivalent(for_math_verify(prediction), for_math_verify(solution), timeout_seconds)
 
 
 @reward("accuracy", needs=("solution",))
@@ -130,6 +124,7 @@ def mra(completions: list[Any], solution: list[Any] | None = None, *, tag: str =
 
 _OPTION_PREFIX = re.compile(r"^\s*\(?([A-Z])[.):]\s*(.*)$", re.DOTALL)
 _LONE_LETTER = re.compile(r"(?<![A-Za-z])\(?([A-Z])\)?(?![A-Za-z])")
+_ONE_LETTER = re.compile(r"\(?([a-z])\)?", re.IGNORECASE)
 
 
 def option_letters(options: list[Any] | None) -> dict[str, str]:
@@ -153,6 +148,9 @@ def chosen_options(answer: str, options: dict[str, str]) -> set[str]:
     lone letters are counted."""
     valid = set(options) or {chr(ord("A") + i) for i in range(26)}
     said = normalise(answer)
+    alone = _ONE_LETTER.fullmatch(said)
+    if alone and alone.group(1).upper() in valid:  # "a", "(b)": the whole answer is one letter, in any case
+        return {alone.group(1).upper()}
     prefixed = _OPTION_PREFIX.match(answer)
     if prefixed and prefixed.group(1) in valid:
         rest = normalise(prefixed.group(2))

@@ -14,9 +14,10 @@ import torch
 from tqdm import tqdm
 
 from r1_mm import input_checks, run_folder, run_info
+from r1_mm.completion_log import completion_record
 from r1_mm.config import RecipeConfig, dump_recipe
 from r1_mm.data import PromptStream
-from r1_mm.models import load_model, load_processor
+from r1_mm.models import load_for_inference, load_processor
 from r1_mm.preflight import preflight
 from r1_mm.rollout.base import SamplingSettings, make_engine
 from r1_mm.tracking import MetricsLogger
@@ -32,7 +33,7 @@ def run_rollouts(cfg: RecipeConfig) -> Path:
     lock = run_folder.RunLock(run_dir)
     run_folder.prepare(run_dir, resuming=False, overwrite=cfg.training.overwrite_output_dir)
     (run_dir / "recipe.resolved.yaml").write_text(dump_recipe(cfg))
-    model = load_model(cfg.model, trainable=False)
+    model = load_for_inference(cfg.model, cfg.rollout.engine)
     engine = make_engine(cfg.rollout.engine, model=model, processor=processor, cfg=cfg)
     run_info.write(run_dir, run_info.collect_rollout_only(cfg, model, engine))
     logger = MetricsLogger(cfg, run_dir)
@@ -47,9 +48,7 @@ def run_rollouts(cfg: RecipeConfig) -> Path:
             lengths = [len(c.token_ids) for r in results for c in r.completions]
             for r in results:
                 for c in r.completions:
-                    out.write(json.dumps({"step": step, "row_id": r.sample.row_id, "completion": c.text,
-                                          "solution": r.sample.row.get("solution"), "tokens": len(c.token_ids),
-                                          "truncated": c.truncated}) + "\n")
+                    out.write(json.dumps({"step": step, **completion_record(r.sample, c)}) + "\n")
             metrics = {
                 "completions/mean_length": sum(lengths) / len(lengths),
                 "completions/truncated_ratio": sum(c.truncated for r in results for c in r.completions) / len(lengths),

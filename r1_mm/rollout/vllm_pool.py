@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +37,7 @@ from r1_mm.rollout.base import (
     media_token_ids,
     register_engine,
 )
+from r1_mm.rollout.shm_segments import WeightSegment
 from r1_mm.rollout.transport import encode_sample
 from r1_mm.rollout.vllm_common import sampling_kwargs
 from r1_mm.rollout.weights import iter_policy_weights
@@ -169,8 +169,16 @@ class VLLMPoolEngine(RolloutEngine):
         self.version = 0
         self.last_sync_s = 0.0
         self.restarts = 0
-        shm = Path("/dev/shm")
-        self.weights_root = Path(tempfile.mkdtemp(prefix="r1mm-weights-", dir=shm if shm.is_dir() else None))
+        self.segment = WeightSegment()
+        self.weights_root = self.segment.path
+        try:
+            self._connect(model)
+        except BaseException:  # close() never runs for an engine that did not finish starting
+            self.close()
+            raise
+
+    def _connect(self, model: torch.nn.Module) -> None:
+        r = self.cfg.rollout
         urls = [u.rstrip("/").removesuffix("/v1") for u in r.pool_servers]
         if not urls:
             urls = self._start_own_servers() if self.rank == 0 else []
@@ -178,7 +186,7 @@ class VLLMPoolEngine(RolloutEngine):
                 shared = [urls]
                 torch.distributed.broadcast_object_list(shared, src=0)
                 urls = shared[0]
-        self.headers = auth_headers(cfg)
+        self.headers = auth_headers(self.cfg)
         for url in urls:
             wait_healthy(url, r.pool_startup_timeout_s, headers=self.headers)
         self.urls = urls
@@ -360,5 +368,6 @@ class VLLMPoolEngine(RolloutEngine):
     def close(self) -> None:
         for server in self.managed:
             server.stop()
-        self.client.close()
-        shutil.rmtree(self.weights_root, ignore_errors=True)
+        if getattr(self, "client", None) is not None:
+            self.client.close()
+        self.segment.remove()

@@ -20,6 +20,7 @@ from accelerate.utils import DistributedType
 
 from r1_mm.config import ConfigError, RecipeConfig, accumulation
 from r1_mm.models import load_model, load_processor, prepare_model
+from r1_mm.trainers.master_weights import make_optimizer
 
 
 @dataclass
@@ -88,6 +89,12 @@ def make_accelerator(cfg: RecipeConfig) -> Accelerator:
                                                    deepspeed_launch=deepspeed_launch))
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, cfg)
+    from r1_mm.preflight import precision_problem
+
+    if problem := precision_problem(cfg, mixed_precision=str(accelerator.mixed_precision),
+                                    cuda=accelerator.device.type == "cuda",
+                                    deepspeed=accelerator.distributed_type == DistributedType.DEEPSPEED):
+        raise ConfigError(problem)  # before any model loads
     return accelerator
 
 
@@ -131,7 +138,8 @@ def build_learner(cfg: RecipeConfig, *, need_reference: bool, accelerator: Accel
     params = [p for p in policy.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters (frozen vision tower + no LoRA targets?)")
-    optimizer = torch.optim.AdamW(params, lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
+    optimizer = make_optimizer(params, deepspeed=accelerator.distributed_type == DistributedType.DEEPSPEED,
+                               lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
     scheduler = _scheduler(optimizer, cfg)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     reference = None

@@ -8,8 +8,9 @@ import logging
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
@@ -19,11 +20,13 @@ from r1_mm.config import ConfigError, RecipeConfig, dump_recipe
 from r1_mm.data import PromptStream
 from r1_mm.models import load_processor, prepare_processor
 from r1_mm.preflight import preflight
+from r1_mm.rollout.shm_segments import remove_stale_segments
 from r1_mm.run_objects import RunObjects
 from r1_mm.tracking import MetricsLogger
 from r1_mm.trainers.backend import Learner, build_learner, load_reference_state, make_accelerator
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def memory_metrics() -> dict[str, float]:
@@ -36,6 +39,26 @@ def memory_metrics() -> dict[str, float]:
     if torch.cuda.is_available():
         out["memory/cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def on_main_process(acc: Any, fn: Callable[[], T]) -> T:
+    """``fn()`` run by the main process only, its result (or its ConfigError) given to every process, so
+    a refusal stops every rank instead of leaving the others waiting on a collective."""
+    from accelerate.utils import broadcast_object_list
+
+    result, error = None, None
+    if acc.is_main_process:
+        try:
+            result = fn()
+        except ConfigError as exc:
+            error = str(exc)
+    if acc.num_processes > 1:
+        shared = [(result, error)]
+        broadcast_object_list(shared, from_process=0)
+        result, error = shared[0]
+    if error:
+        raise ConfigError(error)
+    return result
 
 
 class BaseTrainer:
@@ -71,7 +94,9 @@ class BaseTrainer:
         input_checks.check(cfg, self.stream.rows, self.stream.source, self.stream.builder.media_root)
         input_checks.check_eval_split(cfg, objects.eval_dataset)
         self.run_dir = Path(cfg.training.output_dir)
-        self.resume_path = self._resume_path()
+        remove_stale_segments()  # shared-memory weights of runs killed before they could remove them
+        # hashing a checkpoint reads all of it: the main process does it once for every process
+        self.resume_path = on_main_process(acc, self._resume_path)
         self.resumed_state: dict[str, Any] = {}
         if self.resume_path is not None:
             self.resumed_state = CheckpointManager.read_state(self.resume_path)
@@ -90,37 +115,45 @@ class BaseTrainer:
         self.metrics = MetricsLogger(cfg, self.run_dir, is_main_process=acc.is_main_process,
                                      resume=self.resume_path is not None, run_id=self.run_id)
         self._stop_signal: int | None = None
+        self.saved: Path | None = None  # the checkpoint holding the current state, if any
 
     def _claim_run_folder(self, acc: Any) -> run_folder.RunLock | None:
         """The main process locks the folder and clears an old run (when allowed); every process learns
         the outcome, so a refused run stops everywhere instead of leaving ranks waiting on a collective."""
-        from accelerate.utils import broadcast_object_list
+        held: list[run_folder.RunLock] = []
 
-        lock, error = None, None
-        if acc.is_main_process:
+        def claim() -> None:
+            lock = run_folder.RunLock(self.run_dir)
             try:
-                lock = run_folder.RunLock(self.run_dir)
-                if self.resume_path is None and self.cfg.training.resume_from == "latest" \
-                        and run_folder.run_files(self.run_dir) and not self.cfg.training.overwrite_output_dir:
-                    raise ConfigError(f"training.resume_from=latest: no checkpoint to resume in {self.run_dir / 'checkpoints'}"
-                                      f", but the folder holds an earlier run's files ({', '.join(run_folder.run_files(self.run_dir))});"
-                                      " set training.overwrite_output_dir=true to start over, or choose another output_dir")
+                if self.resume_path is None and self.cfg.training.resume_from == "latest":
+                    self._start_latest_fresh()
                 run_folder.prepare(self.run_dir, resuming=self.resume_path is not None,
                                    overwrite=self.cfg.training.overwrite_output_dir)
-            except ConfigError as exc:
-                error = str(exc)
-                if lock is not None:
-                    lock.release()
-                    lock = None
-        if acc.num_processes > 1:
-            shared = [error]
-            broadcast_object_list(shared, from_process=0)
-            error = shared[0]
-        if error:
-            raise ConfigError(error)
-        if self.cfg.training.resume_from == "latest" and self.resume_path is None and acc.is_main_process:
-            log.info("training.resume_from=latest: no checkpoint yet in %s, starting a fresh run", self.run_dir)
-        return lock
+            except ConfigError:
+                lock.release()
+                raise
+            held.append(lock)
+
+        on_main_process(acc, claim)
+        return held[0] if held else None
+
+    def _start_latest_fresh(self) -> None:
+        """``resume_from: latest`` without a checkpoint: a preemptible job's first launch, or one killed
+        before its first save. Either way it starts from step 0 (and says so), clearing what an attempt
+        that saved nothing left behind, so every restart of the job can start; only damaged checkpoints
+        stop it (they may be worth repairing)."""
+        damaged = CheckpointManager(self.run_dir).all()
+        if damaged and not self.cfg.training.overwrite_output_dir:
+            raise ConfigError(f"training.resume_from=latest: no intact checkpoint in {self.run_dir / 'checkpoints'} "
+                              f"({', '.join(p.name for p in damaged)} are damaged, see above); resume one by path once "
+                              "repaired, or set training.overwrite_output_dir=true to start over")
+        left = run_folder.run_files(self.run_dir)
+        if left:
+            run_folder.prepare(self.run_dir, resuming=False, overwrite=True)
+            log.warning("training.resume_from=latest: no checkpoint in %s (the earlier attempt stopped before its first "
+                        "save); starting from step 0 and removed its %s", self.run_dir / "checkpoints", ", ".join(left))
+        else:
+            log.info("training.resume_from=latest: no checkpoint yet in %s; starting from step 0", self.run_dir)
 
     # -- resume ---------------------------------------------------------------------------------
     def _resume_path(self) -> Path | None:
@@ -132,7 +165,8 @@ class BaseTrainer:
         if want == "latest":
             path, skipped = CheckpointManager(self.run_dir).latest_intact()
             for why in skipped:
-                log.warning("training.resume_from=latest: checkpoint %s is damaged, falling back to an older one", why)
+                log.warning("training.resume_from=latest: skipping damaged checkpoint %s; resuming from %s", why,
+                            path.name if path is not None else "none")
             return path  # None: a fresh run (first launch of a resumable job)
         path = Path(want)
         if not (path / STATE_FILE).exists():
@@ -182,7 +216,16 @@ class BaseTrainer:
     def save(self, steps_done: int | None = None) -> Path:
         """A checkpoint named by the number of completed steps: resuming from it starts at that step."""
         done = self.step if steps_done is None else steps_done
-        return self.checkpoints.save(self.learner, done, self.trainer_state(), save_reference=self.reference_moves)
+        self.saved = self.checkpoints.save(self.learner, done, self.trainer_state(), save_reference=self.reference_moves)
+        return self.saved
+
+    def save_final(self) -> Path:
+        """The end-of-run checkpoint, unless this run's folder already holds one of this state (max_steps a
+        multiple of save_steps, or a resume from the final checkpoint): it is not written twice."""
+        final = self.checkpoints.root / f"step-{self.step:06d}"
+        if self.saved is not None and self.saved.resolve() == final.resolve():
+            return final
+        return self.save()
 
     @property
     def reference_moves(self) -> bool:
@@ -225,6 +268,7 @@ class BaseTrainer:
         self.write_run_info()
         if self.resume_path is not None:
             self._resume()
+            self.saved = self.resume_path
         bar = tqdm(range(self.step, cfg.training.max_steps), desc=self.name,
                    disable=not (cfg.logging.progress_bar and acc.is_main_process))
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -248,7 +292,7 @@ class BaseTrainer:
                     self.save(self.step + 1)
             else:
                 self.step = cfg.training.max_steps
-                final = self.save()
+                final = self.save_final()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

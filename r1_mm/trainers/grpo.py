@@ -6,7 +6,6 @@ One learner serves every back-end (single process, DDP, ZeRO-2/3, LoRA); the mat
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,12 +14,12 @@ from typing import Any
 
 import torch
 
+from r1_mm.completion_log import append_rows, sampled_groups, scored_rows
 from r1_mm.config import ConfigError, RecipeConfig, RewardSpec
 from r1_mm.data import Sample
 from r1_mm.data.loading import has_split
-from r1_mm.plugins import display_names
-from r1_mm.rewards.critic.reward import question_text
 from r1_mm.rewards.registry import RewardBatch, RewardRunner
+from r1_mm.rewards.reward_metrics import metric_labels, reward_metrics
 from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, make_engine, media_token_ids
 from r1_mm.run_objects import RunObjects, with_objects
 from r1_mm.tracking import media_preview
@@ -323,9 +322,11 @@ class GRPOTrainer(BaseTrainer):
     # -- loop -----------------------------------------------------------------------------------
     def rollout_metrics(self, exp: Experience) -> dict[str, float]:
         lengths = torch.tensor([len(c.token_ids) for c in exp.completions], dtype=torch.float)
-        per_fn = exp.rewards.per_function
+        labels = metric_labels(exp.rewards.names)
+        g = self.cfg.rollout.num_generations
+        types = [s.row.get("problem_type") for s in exp.samples for _ in range(g)]
         out = {
-            "rewards/total": float(torch.nanmean(exp.rewards.total)),
+            **reward_metrics(exp.rewards.per_function, exp.rewards.total, labels, types),
             "rewards/total_std": float(torch.nan_to_num(exp.rewards.total).std()) if len(exp.completions) > 1 else 0.0,
             "rewards/frac_zero_std_groups": float(exp.group_std_zero.float().mean()),
             "completions/mean_length": float(lengths.mean()),
@@ -335,32 +336,32 @@ class GRPOTrainer(BaseTrainer):
             # tokens the engine prefilled for this step's rollouts (every sample of a group counts its prompt)
             "rollout/prefill_tokens": float(sum(s.num_prompt_tokens for s in exp.samples) * self.cfg.rollout.num_generations),
         }
-        shown = dict(zip(exp.rewards.names, display_names(exp.rewards.names), strict=True))  # plugin: its function's name
-        for j, name in enumerate(exp.rewards.names):
-            col = per_fn[:, j]
-            out[f"rewards/{shown[name]}/mean"] = float(torch.nanmean(col)) if (~torch.isnan(col)).any() else float("nan")
-            out[f"rewards/{shown[name]}/applicable"] = float((~torch.isnan(col)).float().mean())
-        for name, count in self.rewards.failure_counts.items():
-            if count:
-                out[f"rewards/{shown.get(name, name)}/failures"] = count
+        for name, label in zip(exp.rewards.names, labels, strict=True):
+            if self.rewards.failure_counts.get(name):
+                out[f"rewards/{label}/failures"] = self.rewards.failure_counts[name]
         out.update(self.rewards.metrics())
         return out
 
     def log_completions(self, exp: Experience) -> None:
-        """The first prompt's group, for reading what the policy writes (main process only)."""
-        if not self.learner.accelerator.is_main_process:
+        """Every group of the step (or a ``logging.completions_sample_rate`` share), every process's,
+        to completions.jsonl (see ``r1_mm.completion_log``); the first group also to W&B's table."""
+        from accelerate.utils import gather_object
+
+        acc = self.learner.accelerator
+        picked = sampled_groups(len(exp.samples), self.cfg.logging.completions_sample_rate,
+                                seed=f"{self.cfg.training.seed}:{self.step}:{acc.process_index}")
+        rows = scored_rows(self.step, exp.samples, exp.completions, exp.rewards.per_function, exp.rewards.total,
+                           exp.advantages, metric_labels(exp.rewards.names), picked,
+                           first_group=acc.process_index * len(exp.samples))
+        rows = gather_object(rows)  # a collective: every process calls it, the main one writes
+        if not acc.is_main_process:
             return
-        g = self.cfg.rollout.num_generations
-        sample = exp.samples[0]
-        rows = [{"row_id": sample.row_id, "solution": sample.row.get("solution"), "completion": c.text,
-                 "reward": float(exp.rewards.total[j]), "advantage": float(exp.advantages[j])}
-                for j, c in enumerate(exp.completions[:g])]
-        with (self.run_dir / "completions.jsonl").open("a") as f:
-            for row in rows:
-                f.write(json.dumps({"step": self.step, **row}) + "\n")
+        append_rows(self.run_dir / "completions.jsonl", rows)
         if self.step % self.cfg.logging.table_steps == 0:
-            picture, prompt = media_preview(sample), question_text(sample.messages)
-            self.metrics.log_completions_table([{**r, "media": picture, "prompt": prompt} for r in rows], self.step)
+            sample = exp.samples[0]
+            first = scored_rows(self.step, exp.samples, exp.completions, exp.rewards.per_function,
+                                exp.rewards.total, exp.advantages, [], [0])
+            self.metrics.log_completions_table([{**r, "media": media_preview(sample)} for r in first], self.step)
 
     def trainer_state(self) -> dict:
         return {**super().trainer_state(), "nonfinite_in_a_row": self.nonfinite_in_a_row,

@@ -64,10 +64,21 @@ def grpo_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "g
     return Advantages(values=adv, group_std_zero=zero)
 
 
+# Outlier guards, the bounds verl uses (verl/trainer/ppo/core_algos.py): one token whose logprob moved
+# far (a near-zero-probability sample, a stale engine) must not turn the step's loss into inf or NaN
+# (inf * a zero mask entry is NaN too, so even a masked-out token would). TRL has no such guard.
+LOG_RATIO_BOUND = 20.0  # |log pi/pi_old| per token before exp (compute_policy_loss_vanilla)
+SEQUENCE_LOG_RATIO_MAX = 10.0  # the sequence-level (GSPO) log ratio's upper bound (compute_policy_loss_gspo)
+KL_LOG_RATIO_BOUND = 20.0  # |ref - policy| before exp in the k3 estimator (kl_penalty, low_var_kl)
+KL_BOUND = 10.0  # the k3 value itself (kl_penalty, low_var_kl)
+
+
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimator of KL(policy || reference): exp(r) - r - 1 with r = ref - policy."""
-    r = ref_logps - logps
-    return torch.exp(r) - r - 1
+    """Per-token k3 estimator of KL(policy || reference): exp(r) - r - 1 with r = ref - policy,
+    r clamped to +-KL_LOG_RATIO_BOUND and the value to +-KL_BOUND as verl's low_var_kl does
+    (identical to TRL's unclamped value inside those bounds)."""
+    r = torch.clamp(ref_logps - logps, -KL_LOG_RATIO_BOUND, KL_LOG_RATIO_BOUND)
+    return torch.clamp(torch.exp(r) - r - 1, -KL_BOUND, KL_BOUND)
 
 
 @dataclass
@@ -118,6 +129,19 @@ LOSS_AGGREGATORS: dict[str, Callable[[torch.Tensor, torch.Tensor, LossSettings, 
 }
 
 
+def importance_ratio(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    """pi / pi_old per token (N, T), or per sequence (N, 1) from the mean token log ratio (GSPO); the log
+    ratio clamped to verl's bounds before exp."""
+    log_ratio = logps - old_logps
+    if level == "sequence":
+        mask = mask.to(logps.dtype)
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        return torch.exp(torch.clamp(log_ratio, max=SEQUENCE_LOG_RATIO_MAX))
+    if level == "token":
+        return torch.exp(torch.clamp(log_ratio, -LOG_RATIO_BOUND, LOG_RATIO_BOUND))
+    raise ValueError(f"importance_sampling_level must be token or sequence, got {level!r}")
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor
@@ -132,6 +156,10 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
                 norm: LossNorm | None = None) -> LossOutput:
     """Clipped surrogate + beta * k3 KL, aggregated by ``settings.loss_type``.
 
+    Log ratios and the KL are clamped to verl's bounds (see LOG_RATIO_BOUND), so outlier tokens give a
+    finite loss. A zero-length completion (all-zero mask row) adds 0 to every numerator and counts as
+    TRL counts it: one sequence in grpo's mean and dr_grpo's denominator, no tokens in bnpo / dapo.
+
     ``token_weights`` multiplies the surrogate per token (truncated importance sampling between the
     rollout engine's and the learner's logprobs). ``norm`` holds the whole step's denominators when
     these rows are one micro-batch of it (default: these rows are the step).
@@ -140,12 +168,7 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
         raise ValueError(f"unknown loss_type {settings.loss_type!r}; known: {', '.join(LOSS_AGGREGATORS)}")
     mask = mask.to(logps.dtype)
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-    log_ratio = logps - old_logps
-    if settings.importance_sampling_level == "sequence":
-        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-    elif settings.importance_sampling_level != "token":
-        raise ValueError(f"importance_sampling_level must be token or sequence, got {settings.importance_sampling_level!r}")
-    ratio = torch.exp(log_ratio)
+    ratio = importance_ratio(logps, old_logps, mask, settings.importance_sampling_level)
     clipped = torch.clamp(ratio, 1 - settings.epsilon_low, 1 + settings.epsilon_high)
     per_token = -torch.min(ratio * adv, clipped * adv)
     if token_weights is not None:

@@ -167,14 +167,44 @@ def _original_attention(base: str, module: Any) -> Callable[..., Any]:
     return ALL_ATTENTION_FUNCTIONS[base]
 
 
+class _ConfigNamingBase:
+    """A module's config as the library's own attention must see it: ``_attn_implementation`` is the
+    base kernel's name. transformers' flash path passes that name to its lazy kernel import, which
+    looks up a hub kernel for any name it does not know, so the grouped name would fail there."""
+
+    def __init__(self, config: Any, base: str):
+        self._config, self._attn_implementation = config, base
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._config, name)
+
+
+class _ModuleNamingBase:
+    """The attention module with its config seen through :class:`_ConfigNamingBase`."""
+
+    def __init__(self, module: Any, base: str):
+        self._module, self.config = module, _ConfigNamingBase(module.config, base)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+def _unpacked_call(base: str, module: Any) -> tuple[Callable[..., Any], Any]:
+    """The library's attention for a call without a packed layout (generation, prefill, evaluation),
+    and the module to hand it."""
+    if base.startswith("flash_attention"):
+        return _original_attention(base, module), _ModuleNamingBase(module, base)
+    return _original_attention(base, module), module
+
+
 def _make_attention(base: str) -> Callable[..., Any]:
     kernel = VARLEN_KERNELS[base]
 
     def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: Any, dropout: float = 0.0, scaling: float | None = None, **kwargs: Any):
         if not isinstance(attention_mask, PackedLayout):
-            return _original_attention(base, module)(module, query, key, value, attention_mask, dropout=dropout,
-                                                     scaling=scaling, **kwargs)
+            original, seen_as = _unpacked_call(base, module)
+            return original(seen_as, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         layout = attention_mask
         b, heads, length, _ = query.shape
         if b != 1 or length != layout.length:

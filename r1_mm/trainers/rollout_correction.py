@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from r1_mm.trainers.losses import LOG_RATIO_BOUND, k3_kl
+
 MODES = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
@@ -35,7 +37,7 @@ def importance_weights(learner_logps: torch.Tensor, sampler_logps: torch.Tensor,
         log_ratio = diff.sum(-1, keepdim=True).expand_as(diff)
     else:
         log_ratio = diff
-    ratio = torch.exp(log_ratio.clamp(max=50.0))
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))  # verl's bound (rollout_corr_helper)
     lo = floor if floor is not None else 0.0
     if mode.endswith("truncate"):
         weights = ratio.clamp(max=cap)
@@ -49,7 +51,7 @@ def importance_weights(learner_logps: torch.Tensor, sampler_logps: torch.Tensor,
         "rollout/logprob_abs_diff_mean": float(diff.abs().sum() / n),
         "rollout/logprob_abs_diff_max": float(diff.abs().max()) if valid.any() else 0.0,
         # k3 estimate of KL(sampler || learner) per token
-        "rollout/sampler_learner_kl": float(((torch.exp(-diff) - 1 + diff) * m).sum() / n),
+        "rollout/sampler_learner_kl": float((k3_kl(diff, torch.zeros_like(diff)) * m).sum() / n),
         "rollout/is_ratio_mean": float((ratio * m).sum() / n),
         "rollout/is_ratio_max": float(ratio[valid].max()) if valid.any() else 1.0,
         "rollout/is_dropped_frac": float((dropped & valid).sum() / n),

@@ -1,0 +1,63 @@
+"""Rows of a run's ``completions.jsonl``: what the policy wrote, for which prompt, and how it scored.
+
+One row per completion (``pandas.read_json(path, lines=True)`` gives a table; the rows of one group
+share ``step`` and ``group``). Every row: ``step``, ``row_id``, ``problem_type``, ``prompt`` (the user's
+text), ``solution``, ``completion``, ``tokens``, ``truncated``; a training run adds ``group``,
+``rewards`` (each reward function's value by metric name, null = not applicable), ``reward`` (the
+weighted total, with any shaping bonus) and ``advantage``. Why every group and not a sample of one:
+reading why a problem type's reward moves needs its groups, all of them (``logging.completions_sample_rate``
+thins them for big runs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from r1_mm.rewards.critic.reward import question_text
+
+
+def _number(value: float) -> float | None:
+    """JSON has no NaN: a reward that did not apply is null."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def completion_record(sample: Any, completion: Any) -> dict[str, Any]:
+    """The prompt and completion columns every completions.jsonl row has (training and rollout jobs)."""
+    return {"row_id": sample.row_id, "problem_type": sample.row.get("problem_type"),
+            "prompt": question_text(sample.messages), "solution": sample.row.get("solution"),
+            "completion": completion.text, "tokens": len(completion.token_ids), "truncated": completion.truncated}
+
+
+def sampled_groups(n_groups: int, rate: float, seed: str) -> list[int]:
+    """The groups to log: all at rate 1, none at 0, otherwise each with probability ``rate`` from a
+    generator seeded by ``seed`` (run seed, step, rank), so a resumed run logs the same groups."""
+    if rate >= 1.0:
+        return list(range(n_groups))
+    rng = random.Random(seed)
+    return [i for i in range(n_groups) if rng.random() < rate]
+
+
+def scored_rows(step: int, samples: Sequence[Any], completions: Sequence[Any], per_function: Any, total: Any,
+                advantages: Any, labels: Sequence[str], groups: Sequence[int], first_group: int = 0) -> list[dict]:
+    """Rows of the chosen ``groups`` of a step (completions[i*G:(i+1)*G] belong to samples[i]);
+    ``first_group``: this process's offset in the step's global group numbering."""
+    g = len(completions) // max(len(samples), 1)
+    rows = []
+    for i in groups:
+        for j in range(i * g, (i + 1) * g):
+            rows.append({"step": step, "group": first_group + i, **completion_record(samples[i], completions[j]),
+                         "rewards": {label: _number(per_function[j, k]) for k, label in enumerate(labels)},
+                         "reward": _number(total[j]), "advantage": _number(advantages[j])})
+    return rows
+
+
+def append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    with path.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
