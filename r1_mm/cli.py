@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +24,31 @@ def _cmd_launch(argv: list[str]) -> int:
     return main(argv)
 
 
-def _cmd_rollout(argv: list[str]) -> int:
+def _exit_2_on_bad_input(job: Callable[[], Any]) -> tuple[Any, int]:
+    """(job's result, 0), or (None, 2) after one line on stderr when the job finds a bad recipe, machine
+    or row (ConfigError, DataError: raised at load, before any model loads)."""
     from r1_mm.config import ConfigError
+    from r1_mm.data.loading import DataError
+
+    try:
+        return job(), 0
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None, 2
+
+
+def _cmd_rollout(argv: list[str]) -> int:
     from r1_mm.rollout.job import run_rollouts
     from r1_mm.train import resolve
 
-    try:
-        cfg, _ = resolve(argv, prog="r1-mm rollout")
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    run_dir = run_rollouts(cfg)
+    def job() -> Path:
+        cfg, _ = resolve(argv, prog="r1-mm rollout", description=(
+            "Sample completions for a recipe's data without training (no rewards, no updates)."))
+        return run_rollouts(cfg)
+
+    run_dir, code = _exit_2_on_bad_input(job)
+    if code:
+        return code
     print(f"rollouts written to {run_dir}/completions.jsonl, metrics to {run_dir}/metrics.jsonl")
     return 0
 
@@ -58,7 +73,7 @@ def _cmd_demo(argv: list[str]) -> int:
     p.add_argument("--recipe", default=str(REPO_RECIPES / "demo_counting_grpo.yaml"))
     p.add_argument("--rows", type=int, default=512, help="synthetic rows to generate")
     p.add_argument("overrides", nargs="*", help="key.sub=value recipe overrides")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before or after the options
     out = Path(args.out)
     data = make_demo_data(out / "data", args.rows, seed=0)
     print(f"demo: synthetic data in {data}")
@@ -76,9 +91,10 @@ def _cmd_demo(argv: list[str]) -> int:
 
 
 def _cmd_make_tiny(argv: list[str]) -> int:
-    from r1_mm.testing.tiny_models import FAMILIES, TinySpec, build_tiny_model
+    from r1_mm.testing.tiny_models import FAMILIES, FAMILY_NAMES, TinySpec, build_tiny_model
 
-    p = argparse.ArgumentParser(prog="r1-mm make-tiny", description="Build a tiny random-weight VLM offline.")
+    p = argparse.ArgumentParser(prog="r1-mm make-tiny", description="Build a tiny random-weight VLM offline: "
+                                + ", ".join(f"{name} ({family})" for family, name in FAMILY_NAMES.items()) + ".")
     p.add_argument("family", choices=FAMILIES)
     p.add_argument("out")
     p.add_argument("--small-vocab", action="store_true")
@@ -124,9 +140,22 @@ def _cmd_plot(argv: list[str]) -> int:
     return 0
 
 
-def _cmd_rewards(argv: list[str]) -> int:
+def _json_object(text: str, flag: str) -> dict[str, Any]:
+    """A command-line option that holds a JSON object; a ConfigError naming the option otherwise."""
     import json
 
+    from r1_mm.config import ConfigError
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{flag} is not valid JSON ({exc.msg} at character {exc.pos}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} must be a JSON object ({{...}}), got {text!r}")
+    return value
+
+
+def _cmd_rewards(argv: list[str]) -> int:
     from r1_mm.rewards.check import check_reward
     from r1_mm.rewards.registry import available
 
@@ -138,12 +167,18 @@ def _cmd_rewards(argv: list[str]) -> int:
     check.add_argument("--data", required=True, help="a jsonl/json/csv data file")
     check.add_argument("--rows", type=int, default=4)
     check.add_argument("--kwargs", default="{}", help='JSON object of the reward\'s recipe kwargs, e.g. \'{"tag": "ans"}\'')
+    check.add_argument("--columns", default="{}", help='JSON object: the recipe\'s data.columns (source column -> '
+                       'r1-mm column), e.g. \'{"ground_truth": "solution"}\'')
     args = p.parse_args(argv)
     if args.action == "list":
         for name, source in available().items():
             print(f"{name:<18} {source}")
         return 0
-    report = check_reward(args.spec, args.data, rows=args.rows, kwargs=json.loads(args.kwargs))
+    report, code = _exit_2_on_bad_input(lambda: check_reward(
+        args.spec, args.data, rows=args.rows, kwargs=_json_object(args.kwargs, "--kwargs"),
+        columns=_json_object(args.columns, "--columns")))
+    if code:
+        return code
     print("\n".join(report.lines))
     for problem in report.problems:
         print(f"problem: {problem}", file=sys.stderr)
@@ -233,7 +268,7 @@ def _cmd_eval(argv: list[str]) -> int:
 
     from r1_mm.evaluation import evaluate_checkpoint
 
-    if "--lmms-eval" in argv:
+    if any(a == "--lmms-eval" or a.startswith("--lmms-eval=") for a in argv):
         return _cmd_lmms_eval(argv)
     p = argparse.ArgumentParser(prog="r1-mm eval", description=(
         "Score a checkpoint on the recipe's data.eval_path with its rewards (greedy, or training.eval_samples); "
@@ -241,10 +276,16 @@ def _cmd_eval(argv: list[str]) -> int:
     p.add_argument("recipe")
     p.add_argument("--checkpoint", required=True, help="RUN/checkpoints/step-N (or any transformers model folder)")
     p.add_argument("overrides", nargs="*")
+    # listed here so that --help shows it; a command line that has it runs _cmd_lmms_eval instead
+    p.add_argument("--lmms-eval", metavar="TASKS", help="score the checkpoint on lmms-eval's benchmarks instead "
+                   "(no recipe; see r1-mm eval --lmms-eval x --help)")
     args, cfg = _recipe_and_overrides(p, argv)
     if cfg is None:
         return 2
-    print(json.dumps(evaluate_checkpoint(cfg, args.checkpoint), indent=1))
+    metrics, code = _exit_2_on_bad_input(lambda: evaluate_checkpoint(cfg, args.checkpoint))
+    if code:
+        return code
+    print(json.dumps(metrics, indent=1))
     return 0
 
 
@@ -292,7 +333,9 @@ def _cmd_dpo(argv: list[str]) -> int:
     args, cfg = _recipe_and_overrides(p, argv)
     if cfg is None:
         return 2
-    n = precompute_reference(cfg, args.out)
+    n, code = _exit_2_on_bad_input(lambda: precompute_reference(cfg, args.out))
+    if code:
+        return code
     print(f"{n} rows with reference logprobs written to {args.out}; train with algorithm.precomputed_reference=true")
     return 0
 
@@ -320,7 +363,9 @@ def _cmd_tpo(argv: list[str]) -> int:
                            keep_fraction=args.keep_fraction, agreement=args.agreement,
                            critic_kwargs={"base_url": args.critic_url} if args.agreement == "critic" else {},
                            seed=cfg.training.seed)
-    report = build_tpo_pairs(cfg, args.out, settings)
+    report, code = _exit_2_on_bad_input(lambda: build_tpo_pairs(cfg, args.out, settings))
+    if code:
+        return code
     print(f"{report.written} pairs written to {args.out} ({dict(report.counts)})")
     return 0
 
@@ -331,7 +376,7 @@ COMMANDS = {
     "rollout": (_cmd_rollout, "sample completions for a recipe's data without training"),
     "demo": (_cmd_demo, "build the tiny model and synthetic data, then run the demo recipe"),
     "plot": (_cmd_plot, "draw a run's metrics to a PNG"),
-    "make-tiny": (_cmd_make_tiny, "build a tiny offline Qwen2-VL / Qwen2.5-VL"),
+    "make-tiny": (_cmd_make_tiny, "build a tiny offline Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision"),
     "make-data": (_cmd_make_data, "write a synthetic image/video task"),
     "rewards": (_cmd_rewards, "list rewards, or check one on sample rows"),
     "sweep": (_cmd_sweep, "run every combination of a grid of overrides x seeds"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -427,6 +428,9 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         problems.append("algorithm.beta must be >= 0")
     if cfg.data.max_prompt_length < 1:
         problems.append("data.max_prompt_length must be >= 1")
+    if not cfg.training.output_dir.strip():
+        problems.append("training.output_dir is empty (the run would write into the working directory); "
+                        "give a folder, e.g. training.output_dir=runs/my-run")
     needed = cfg.data.max_prompt_length + cfg.rollout.max_completion_length
     if cfg.rollout.engine.startswith("vllm") and cfg.rollout.vllm_max_model_len < needed:
         problems.append(f"rollout.vllm_max_model_len ({cfg.rollout.vllm_max_model_len}) is below "
@@ -488,6 +492,19 @@ _BOUNDS: list[tuple[str, float | None, bool, float | None, bool]] = [
     ("training.eval_samples", 1, True, None, False),
     ("training.eval_batch_size", 1, True, None, False),
     ("training.max_nonfinite_steps", 1, True, None, False),
+    ("rollout.vllm_max_model_len", 1, True, None, False),
+    ("rollout.vllm_max_images_per_prompt", 0, True, None, False),
+    ("rollout.vllm_max_videos_per_prompt", 0, True, None, False),
+    ("rollout.vllm_tensor_parallel_size", 1, True, None, False),
+    ("rollout.vllm_data_parallel_size", 1, True, None, False),
+    ("rollout.pool_request_timeout_s", 0, False, None, False),
+    ("rollout.pool_startup_timeout_s", 0, False, None, False),
+    ("algorithm.temporal_num_shuffled", 1, True, None, False),
+    ("algorithm.rollout_is_floor", 0, True, None, False),
+    ("data.max_rows", 1, True, None, False),
+    ("training.eval_max_rows", 1, True, None, False),
+    ("model.lora_r", 1, True, None, False),
+    ("model.lora_dropout", 0, True, 1, False),
     ("logging.logging_steps", 1, True, None, False),
     ("logging.table_steps", 1, True, None, False),
     ("logging.completions_sample_rate", 0, True, 1, True),
@@ -499,12 +516,27 @@ _BOUNDS: list[tuple[str, float | None, bool, float | None, bool]] = [
 ]
 
 
-def _bound_problems(cfg: RecipeConfig) -> list[str]:
+def _finite_problems(cfg: RecipeConfig) -> list[str]:
+    """Every number of the recipe is finite: a NaN passes every comparison (``beta=nan`` skipped every
+    update and the run exited 0) and ``inf`` passes every lower bound (``learning_rate=inf``)."""
     found = []
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                found.append(f"{section.name}.{f.name} must be a finite number, got {value!r}")
+    for i, spec in enumerate(cfg.rewards.functions):
+        if not math.isfinite(spec.weight):
+            found.append(f"rewards.functions[{i}].weight must be a finite number, got {spec.weight!r}")
+    return found
+
+
+def _bound_problems(cfg: RecipeConfig) -> list[str]:
+    found = _finite_problems(cfg)
     for path, low, low_in, high, high_in in _BOUNDS:
         section, name = path.split(".")
         value = getattr(getattr(cfg, section), name)
-        if value is None:
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):  # reported above
             continue
         below = low is not None and (value < low if low_in else value <= low)
         above = high is not None and (value > high if high_in else value >= high)
@@ -512,9 +544,6 @@ def _bound_problems(cfg: RecipeConfig) -> list[str]:
             lo = "" if low is None else f"{'>=' if low_in else '>'} {low:g}"
             hi = "" if high is None else f"{'<=' if high_in else '<'} {high:g}"
             found.append(f"{path} must be {' and '.join(x for x in (lo, hi) if x)}, got {value!r}")
-    for i, spec in enumerate(cfg.rewards.functions):
-        if spec.weight != spec.weight or abs(spec.weight) == float("inf"):
-            found.append(f"rewards.functions[{i}].weight must be a finite number, got {spec.weight!r}")
     return found
 
 

@@ -60,6 +60,7 @@ def evaluate(engine: RolloutEngine, samples: list, rewards: RewardRunner, cfg: R
 
 def evaluate_checkpoint(cfg: RecipeConfig, checkpoint: str | Path) -> dict[str, float]:
     """Score a checkpoint's exported model (CHECKPOINT/model, or a plain transformers folder)."""
+    from r1_mm import input_checks
     from r1_mm.models import load_for_inference, load_processor
     from r1_mm.rollout import make_engine
 
@@ -67,6 +68,8 @@ def evaluate_checkpoint(cfg: RecipeConfig, checkpoint: str | Path) -> dict[str, 
     folder = folder / "model" if (folder / "model" / "config.json").exists() else folder
     model_cfg = ModelConfig(**{**cfg.model.__dict__, "name_or_path": str(folder), "lora": False})
     cfg = type(cfg)(**{**cfg.__dict__, "model": model_cfg})
+    input_checks.check(cfg)  # the recipe's rewards, then every eval row, before the model loads
+    input_checks.check_eval_split(cfg, evaluating=True)
     processor = load_processor(model_cfg)
     model = load_for_inference(model_cfg, cfg.rollout.engine)
     engine = make_engine(cfg.rollout.engine, model=model, processor=processor, cfg=cfg)

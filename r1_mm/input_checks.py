@@ -18,6 +18,7 @@ from typing import Any
 from r1_mm.config import ConfigError, RecipeConfig, RewardSpec
 from r1_mm.data.loading import DataError
 from r1_mm.data.prompts import PROMPT_KEYS, row_id
+from r1_mm.data.row_checks import row_problems as data_row_problems
 
 PROTOCOL_ARGUMENTS = ("prompts", "completions", "completion_ids")
 # arguments the runner always passes besides the rows' columns and the run context
@@ -91,40 +92,48 @@ def needed_columns(fn: Any, kwargs: dict[str, Any]) -> set[str]:
             and p.name not in PASSED_BY_RUNNER and p.name not in kwargs}
 
 
-def reward_problems(specs: list[RewardSpec], section: str = "rewards.functions") -> tuple[list[str], dict[str, set[str]]]:
-    """(problems, {column: rewards that need it}) for the configured rewards."""
+def spec_problems(spec: RewardSpec, where: str) -> tuple[list[str], set[str]]:
+    """(problems, columns every row needs) of one configured reward: its name resolves, it can run where
+    its isolation setting asks, its kwargs are options it takes, and so for the rewards it routes to
+    (``r1-mm rewards check`` asks the same)."""
     from r1_mm.rewards.registry import SOURCES, RewardError, get
     from r1_mm.rewards.worker import placement
 
+    try:
+        fn = get(spec.name)
+    except RewardError as exc:
+        return [f"{where}: {exc}"], set()
+    problems: list[str] = []
+    try:
+        placement(spec.name, SOURCES.get(spec.name, ""), spec.isolation, limited=True)
+    except ValueError as exc:
+        problems.append(f"{where}: {exc}")
+    nested: list[RewardSpec] = []
+    if callable(getattr(fn, "nested_specs", None)):  # by_problem_type: the rewards it routes to
+        try:
+            nested = [RewardSpec(name=name, kwargs=kw) for name, kw in fn.nested_specs(spec.kwargs)]
+        except RewardError as exc:
+            problems.append(f"{where}: {exc}")
+    routed = []
+    for n in nested:
+        try:
+            routed.append(get(n.name))
+        except RewardError:
+            pass  # reported by the nested check below
+    problems += kwarg_problems(fn, spec.kwargs, where, routed)
+    if nested:
+        problems += reward_problems(nested, f"{where}.routes")[0]
+    return problems, needed_columns(fn, spec.kwargs)
+
+
+def reward_problems(specs: list[RewardSpec], section: str = "rewards.functions") -> tuple[list[str], dict[str, set[str]]]:
+    """(problems, {column: rewards that need it}) for the configured rewards."""
     problems: list[str] = []
     needs: dict[str, set[str]] = {}
     for i, spec in enumerate(specs):
-        where = f"{section}[{i}] ({spec.name})"
-        try:
-            fn = get(spec.name)
-        except RewardError as exc:
-            problems.append(f"{where}: {exc}")
-            continue
-        try:
-            placement(spec.name, SOURCES.get(spec.name, ""), spec.isolation, limited=True)
-        except ValueError as exc:
-            problems.append(f"{where}: {exc}")
-        nested: list[RewardSpec] = []
-        if callable(getattr(fn, "nested_specs", None)):  # by_problem_type: the rewards it routes to
-            try:
-                nested = [RewardSpec(name=name, kwargs=kw) for name, kw in fn.nested_specs(spec.kwargs)]
-            except RewardError as exc:
-                problems.append(f"{where}: {exc}")
-        routed = []
-        for n in nested:
-            try:
-                routed.append(get(n.name))
-            except RewardError:
-                pass  # reported by the nested check below
-        problems += kwarg_problems(fn, spec.kwargs, where, routed)
-        if nested:
-            problems += reward_problems(nested, f"{where}.routes")[0]
-        for column in needed_columns(fn, spec.kwargs):
+        found, columns = spec_problems(spec, f"{section}[{i}] ({spec.name})")
+        problems += found
+        for column in columns:
             needs.setdefault(column, set()).add(spec.name)
     return problems, needs
 
@@ -170,9 +179,24 @@ def preference_problems(rows: list[dict[str, Any]], path: str | Path) -> list[st
     return []
 
 
-def check(cfg: RecipeConfig, rows: list[dict[str, Any]] | None = None, source: str | None = None) -> None:
+def route_problems(specs: list[RewardSpec], rows: list[dict[str, Any]], source: str) -> list[str]:
+    """Rewards that look at row values to decide what scores them (``row_problems(rows, kwargs)``, e.g.
+    by_problem_type: a problem type with no route) are asked about every row now, not mid-run."""
+    from r1_mm.rewards.registry import get
+
+    problems = []
+    for i, spec in enumerate(specs):
+        hook = getattr(get(spec.name), "row_problems", None)
+        if callable(hook):
+            problems += [f"{source}: {p} (rewards.functions[{i}] ({spec.name}))" for p in hook(rows, spec.kwargs)]
+    return problems
+
+
+def check(cfg: RecipeConfig, rows: list[dict[str, Any]] | None = None, source: str | None = None,
+          media_root: Path | None = None) -> None:
     """Raise ConfigError (recipe) or DataError (rows) with every problem found; the rows are checked
-    only when given (the trainer passes the rows it already read, and ``source``, how to name them)."""
+    only when given (the trainer passes the rows it already read, ``source``, how to name them, and
+    ``media_root``, where their relative media paths resolve)."""
     from r1_mm.tracking import tracker_problems
 
     problems = name_problems(cfg) + tracker_problems(cfg.logging.report_to)
@@ -189,5 +213,30 @@ def check(cfg: RecipeConfig, rows: list[dict[str, Any]] | None = None, source: s
         found = row_problems(rows, source, needs)
         if not found and cfg.algorithm.name in ("dpo", "tpo"):
             found = preference_problems(rows, source)
+        if not found:
+            found = data_row_problems(cfg, rows, source, media_root) or route_problems(cfg.rewards.functions, rows, source)
         if found:
             raise DataError("; ".join(found))
+
+
+def check_eval_split(cfg: RecipeConfig, dataset: Any = None, *, evaluating: bool = False) -> None:
+    """The eval rows, as the training rows are, when the run will evaluate (``training.eval_steps``, or
+    ``evaluating``: `r1-mm eval`): they are read lazily at the first evaluation, so a bad eval row used
+    to stop the run at step eval_steps."""
+    from r1_mm.data.loading import has_split, load_split, media_root
+
+    if not (evaluating or cfg.training.eval_steps) or (dataset is None and not has_split(cfg.data, "eval")):
+        return
+    rows, source, default_root = load_split(cfg.data, "eval", dataset=dataset)
+    check(cfg, rows[:cfg.training.eval_max_rows], source, media_root(cfg.data, default_root))
+
+
+def check_generation_job(cfg: RecipeConfig, rows: list[dict[str, Any]], source: str, media_root: Path | None) -> None:
+    """What a job that only samples (``r1-mm rollout``, ``r1-mm tpo build``) needs of the recipe and of
+    every row: no reward runs, so no reward columns are required."""
+    problems = name_problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    found = row_problems(rows, source, {}) or data_row_problems(cfg, rows, source, media_root)
+    if found:
+        raise DataError("; ".join(found))

@@ -107,11 +107,12 @@ class ModelShape:
 def model_shape(cfg: RecipeConfig) -> ModelShape:
     """Counts from the model's config.json, instantiated on the meta device (no weights read or allocated)."""
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
-    from r1_mm.models import resolve_model_path, vision_modules
+    from r1_mm.hub import read_model_config
+    from r1_mm.models import vision_modules
 
-    config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
+    config = read_model_config(cfg.model)  # a ConfigError in one line when the model cannot be reached
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     towers = vision_modules(model)
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (for a colocated vLLM's share)")
     p.add_argument("--cpu", action="store_true", help="estimate a CPU run (no CUDA context, no vLLM reservation)")
     p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before or after the options
     try:
         cfg, _ = resolve([args.recipe, *args.overrides], prog="r1-mm plan")
     except ConfigError as exc:
@@ -306,9 +307,13 @@ def main(argv: list[str] | None = None) -> int:
         stage = args.zero_stage
     import contextlib
 
-    with contextlib.redirect_stdout(sys.stderr):  # libraries imported on the way log to stdout (DeepSpeed)
-        result = plan(cfg, gpus=args.gpus, zero_stage=stage, mixed_bf16=bf16, device="cpu" if args.cpu else "gpu",
-                      gpu_memory_gib=args.gpu_memory, recipe=Path(args.recipe).name)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # libraries imported on the way log to stdout (DeepSpeed)
+            result = plan(cfg, gpus=args.gpus, zero_stage=stage, mixed_bf16=bf16, device="cpu" if args.cpu else "gpu",
+                          gpu_memory_gib=args.gpu_memory, recipe=Path(args.recipe).name)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(result.to_json() if args.json else result.table())
     if not args.cpu and not args.json and result.total_bytes > args.gpu_memory * GIB:
         print(f"\ndoes not fit: {result.total_bytes / GIB:.1f} GiB > {args.gpu_memory:g} GiB per GPU")

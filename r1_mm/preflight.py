@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from r1_mm import run_folder
 from r1_mm.config import ConfigError, RecipeConfig
 
 FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
@@ -47,6 +48,9 @@ def problems(cfg: RecipeConfig, machine: Machine) -> list[str]:
             found.append(f"model.attn_implementation={attn} needs the {FLASH_PACKAGES[attn]} package: "
                          f"install it (pip install flash-attn --no-build-isolation) or use model.attn_implementation=sdpa")
     found += engine_parallelism_problems(cfg)
+    unwritable = run_folder.writable_problem(cfg.training.output_dir, "training.output_dir")
+    if unwritable:
+        found.append(unwritable)
     if cfg.training.use_cpu and machine.deepspeed_launch:
         found.append("training.use_cpu=true cannot apply to a DeepSpeed launch (accelerate would silently run plain "
                      "DDP instead); drop training.use_cpu or launch with a DDP config")
@@ -105,18 +109,14 @@ def check_model_config(cfg: RecipeConfig, config: Any = None) -> list[str]:
     through the Python API, says the recipe cannot do."""
     if cfg.training.forward_mode != "grouped":
         return []
-    from transformers import AutoConfig
-
-    from r1_mm.models import resolve_model_path
+    from r1_mm.hub import read_model_config
     from r1_mm.trainers.packed_attention import PackedAttentionError, check_supported
 
     try:
         if config is None:
-            config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return [f"model.name_or_path '{cfg.model.name_or_path}': its config.json cannot be read ({first}); give a "
-                "local model folder, a hub id (cached, when offline) or tiny:<family>"]
+            config = read_model_config(cfg.model)
+    except ConfigError as exc:
+        return [str(exc)]
     try:
         check_supported(config, cfg.model.attn_implementation)
     except PackedAttentionError as exc:

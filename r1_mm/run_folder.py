@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import uuid
 from pathlib import Path
 from typing import IO, Any
@@ -26,6 +27,25 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "completions.jsonl", "run_info.json
              "wandb", "tensorboard", "aim", "mlflow", "comet_ml", "clearml", "dvclive", "swanlab", "trackio")
 LOCK_FILE = ".r1mm.lock"
 APPEND_ONLY_LOGS = ("metrics.jsonl", "completions.jsonl")
+
+
+def writable_problem(folder: str | Path, field: str) -> str | None:
+    """Why ``folder`` cannot hold a run's files, or None. Tried for real (a probe folder made and removed in
+    the nearest existing parent), not read from permission bits: root passes every permission test, yet
+    cannot write into /proc or a read-only mount. Nothing is left behind, so a run refused later for
+    another reason leaves no empty folder."""
+    path = Path(folder).expanduser().absolute()
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{field} {folder} cannot be created: {parent} is a file, not a folder; choose another folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".r1mm-probe-", dir=parent))
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        return f"{field} {folder} cannot be written ({reason} in {parent}); choose a folder you can write"
+    return None
 
 
 def run_files(run_dir: Path) -> list[str]:

@@ -12,16 +12,18 @@ import sys
 from r1_mm.config import ConfigError, RecipeConfig, dump_recipe, load_recipe
 
 
-def parser(prog: str = "r1-mm train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Train a policy from a recipe YAML.")
+def parser(prog: str = "r1-mm train", description: str = "Train a policy from a recipe YAML.") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. algorithm.beta=0.0")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     return p
 
 
-def resolve(argv: list[str] | None, prog: str = "r1-mm train") -> tuple[RecipeConfig, argparse.Namespace]:
-    args = parser(prog).parse_args(argv)
+def resolve(argv: list[str] | None, prog: str = "r1-mm train",
+            description: str = "Train a policy from a recipe YAML.") -> tuple[RecipeConfig, argparse.Namespace]:
+    """The recipe and the options; ``key=value`` overrides may come before or after the options."""
+    args = parser(prog, description).parse_intermixed_args(argv)
     return load_recipe(args.recipe, args.overrides), args
 
 

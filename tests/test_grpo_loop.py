@@ -47,6 +47,7 @@ def test_reward_failures_scored_none_and_counted_by_policy(tmp_path, synthetic_d
     GRPOTrainer(cfg).train()
     metrics = read_metrics(cfg.training.output_dir)
     # a plugin's metrics are named by its function, not its file path
+    assert not [key for m in metrics for key in m if "faulty.py" in key]
     assert metrics[-1]["rewards/fails_on_row_1/failures"] >= 1  # cumulative count, step 0 holds row 1
     assert metrics[0]["rewards/fails_on_row_1/applicable"] == 0.0  # the failing batch scored None, not 0
     assert metrics[0]["rewards/numeric/applicable"] == 1.0

@@ -10,11 +10,10 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from r1_mm.config import DataConfig, MediaConfig
-from r1_mm.data.loading import DataError, load_split
+from r1_mm.data.loading import DataError, load_split, media_root
 from r1_mm.data.prompts import PromptBuilder, PromptTooLongError, Sample, row_id
 from r1_mm.media import MediaError
 
@@ -66,7 +65,7 @@ class PromptStream:
                     shard: tuple[int, int] = (0, 1)) -> PromptStream:
         """The recipe's train or eval split (or ``dataset``, an object given through the Python API)."""
         rows, source, default_root = load_split(data_cfg, split, path=path, dataset=dataset)
-        root = Path(data_cfg.media_root).expanduser() if data_cfg.media_root else default_root
+        root = media_root(data_cfg, default_root)
         builder = PromptBuilder(processor, data_cfg, media_cfg, root)
         stream = cls(rows, builder, data_cfg=data_cfg, media_cfg=media_cfg, seed=seed, shard=shard)
         stream.source = source

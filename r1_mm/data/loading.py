@@ -17,10 +17,20 @@ class DataError(ValueError):
     """A data file or row that does not fit the schema; the message names the file and row."""
 
 
+def _utf8(raw: bytes, where: str) -> str:
+    """Text of a data file, or a DataError naming where its bytes are not UTF-8 (not a traceback)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at position {exc.start + 1}); "
+                        "re-encode the file as UTF-8") from None
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _utf8(raw, f"{path}:{lineno}")
             if not line.strip():
                 continue
             try:
@@ -35,7 +45,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(_utf8(path.read_bytes(), str(path)))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -100,6 +110,11 @@ def default_media_root(path: str | Path) -> Path:
     """Relative media paths resolve against the data file's folder unless the recipe says otherwise."""
     path = Path(path).expanduser().resolve()
     return path if path.is_dir() else path.parent
+
+
+def media_root(data_cfg: Any, default_root: Path | None) -> Path | None:
+    """Where relative media paths resolve: ``data.media_root`` when set, else the split's default."""
+    return Path(data_cfg.media_root).expanduser() if data_cfg.media_root else default_root
 
 
 # ----------------------------------------------------------------------------------------------

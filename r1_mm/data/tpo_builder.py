@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from r1_mm.config import RecipeConfig
+from r1_mm.config import ConfigError, RecipeConfig
 from r1_mm.data.frame_views import segment_split, select_frames, sparse_indices, with_videos
-from r1_mm.data.loading import load_split
+from r1_mm.data.loading import load_split, media_root
 from r1_mm.data.prompts import PromptBuilder, Sample
 from r1_mm.rewards.parsing import normalise
 
@@ -71,16 +71,23 @@ def _views(sample: Sample, row: dict[str, Any], processor: Any, s: TPOSettings, 
 
 def build_tpo_pairs(cfg: RecipeConfig, out_path: str | Path, settings: TPOSettings | None = None,
                     engine: Any = None) -> TPOReport:
+    from r1_mm.input_checks import check_generation_job
     from r1_mm.models import load_for_inference, load_processor
     from r1_mm.rollout import SamplingSettings, make_engine
+    from r1_mm.run_folder import writable_problem
 
     s = settings or TPOSettings()
+    out_path = Path(out_path)
+    unwritable = writable_problem(out_path.parent, "--out folder")
+    if unwritable:
+        raise ConfigError(unwritable)
+    rows, source, default_root = load_split(cfg.data, "train")
+    root = media_root(cfg.data, default_root)
+    check_generation_job(cfg, rows, source, root)
     processor = load_processor(cfg.model)
     if engine is None:
         model = load_for_inference(cfg.model, cfg.rollout.engine)
         engine = make_engine(cfg.rollout.engine, model=model, processor=processor, cfg=cfg)
-    rows, _, default_root = load_split(cfg.data, "train")
-    root = Path(cfg.data.media_root) if cfg.data.media_root else default_root
     builder = PromptBuilder(processor, cfg.data, cfg.media, root)
     judge = None
     if s.agreement == "critic":
@@ -89,7 +96,6 @@ def build_tpo_pairs(cfg: RecipeConfig, out_path: str | Path, settings: TPOSettin
         judge = get_judge(CriticSettings(mode="pairwise", **s.critic_kwargs))
     rng = random.Random(s.seed)
     report = TPOReport()
-    out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     sampling = SamplingSettings.from_config(cfg.rollout, seed=s.seed)
     with out_path.open("w") as out:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from r1_mm.config import DataConfig, RewardSpec
-from r1_mm.data.loading import read_rows
+from r1_mm.data.loading import map_columns, read_rows
 from r1_mm.data.prompts import build_messages, row_id
 from r1_mm.rewards.registry import RewardError, RewardRunner, get
 
@@ -60,7 +60,11 @@ def signature_problems(fn: Any, columns: set[str], fixed: set[str]) -> list[str]
     return problems
 
 
-def check_reward(name: str, data: str | Path, *, rows: int = 4, kwargs: dict[str, Any] | None = None) -> CheckReport:
+def check_reward(name: str, data: str | Path, *, rows: int = 4, kwargs: dict[str, Any] | None = None,
+                 columns: dict[str, str] | None = None) -> CheckReport:
+    """``columns``: the recipe's data.columns (source column -> r1-mm column), applied as training does."""
+    from r1_mm.input_checks import spec_problems
+
     report = CheckReport()
     try:
         fn = get(name)
@@ -68,16 +72,17 @@ def check_reward(name: str, data: str | Path, *, rows: int = 4, kwargs: dict[str
         report.problems.append(str(exc))
         return report
     report.lines.append(f"reward {name!r}: {getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', fn)}")
-    table = read_rows(data)[:rows]
+    # the recipe's kwargs are checked as a training run checks them (a misspelt option is not swallowed)
+    report.problems += spec_problems(RewardSpec(name=name, kwargs=dict(kwargs or {})), f"reward '{name}'")[0]
+    cfg = DataConfig(columns=dict(columns or {}))
+    table = map_columns(read_rows(data)[:rows], cfg, str(data))
     if not table:
         report.problems.append(f"{data} has no rows")
         return report
-    columns = {k for r in table for k in r}
-    report.problems += signature_problems(fn, columns, set(kwargs or {}))
+    report.problems += signature_problems(fn, {k for r in table for k in r}, set(kwargs or {}))
     if report.problems:
         return report
     runner = RewardRunner([RewardSpec(name=name, kwargs=dict(kwargs or {}))], on_error="raise")
-    cfg = DataConfig()
     prompts, completions, ids, sample_rows, row_ids, kinds = [], [], [], [], [], []
     for i, row in enumerate(table):
         solution = row.get("solution")

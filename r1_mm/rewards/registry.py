@@ -402,15 +402,20 @@ class RewardRunner:
     def metrics(self) -> dict[str, float]:
         """Counters that rewards expose through a ``metrics()`` attribute (e.g. the critic's unparsable;
         a worker's as of its last call), each reward's calls that ran past a limit, and math-verify's
-        checks killed at their limit or skipped for the batch's time budget."""
+        checks killed at their limit or skipped for the batch's time budget; under each reward's metric
+        name (a plugin's function name, not its file path)."""
         from r1_mm.rewards import math_check
+        from r1_mm.rewards.reward_metrics import metric_labels
 
         out: dict[str, float] = {}
-        for name, fn, worker in zip(self.names, self.originals, self.workers, strict=True):
+        labels = metric_labels(self.names)
+        label_of = dict(zip(self.names, labels, strict=True))
+        for name, label, fn, worker in zip(self.names, labels, self.originals, self.workers, strict=True):
             report = getattr(fn, "metrics", None)
             values = self._worker_metrics.get(name, {}) if worker is not None else report() if callable(report) else {}
-            out.update({f"rewards/{name}/{k}": float(v) for k, v in values.items()})
-        out.update({f"rewards/{name}/timeouts": float(c) for name, c in self.timeout_counts.items() if c})
+            out.update({f"rewards/{label}/{k}": float(v) for k, v in values.items()})
+        out.update({f"rewards/{label_of.get(name, name)}/timeouts": float(c) for name, c in self.timeout_counts.items()
+                    if c})
         checker = math_check._checker
         if checker is not None and (checker.timeouts or checker.over_budget):
             out["rewards/math_verify/timeouts"] = float(checker.timeouts)

@@ -3,6 +3,7 @@ the reward its ``problem_type`` column names."""
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 from r1_mm.rewards.parsing import RowError, require_column
@@ -67,5 +68,21 @@ def _nested_specs(kwargs: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [(name, dict(extra.get(name, {}))) for name in sorted(set(_routed(kwargs).values()) | set(extra))]
 
 
+def _row_problems(rows: list[dict[str, Any]], kwargs: dict[str, Any]) -> list[str]:
+    """The first row whose problem_type has no route (rows without the column are reported as missing
+    columns, by the input checks): found when the data loads, not when a batch first draws it."""
+    table = _routed(kwargs)
+    unrouted = [i for i, r in enumerate(rows) if "problem_type" in r
+                and (not isinstance(r["problem_type"], Hashable) or r["problem_type"] not in table)]
+    if not unrouted:
+        return []
+    first = unrouted[0]
+    kinds = sorted({repr(rows[i]["problem_type"]) for i in unrouted})
+    more = f" ({len(unrouted) - 1} more row(s); unrouted types: {', '.join(kinds)})" if len(unrouted) > 1 else ""
+    return [f"row {first} (id {rows[first].get('id', first)}): problem_type {rows[first]['problem_type']!r} has no "
+            f"reward{more}; routed types: {', '.join(sorted(table))}; add it under the reward's kwargs.routes"]
+
+
 by_problem_type.needs_for = _needs_for
 by_problem_type.nested_specs = _nested_specs
+by_problem_type.row_problems = _row_problems

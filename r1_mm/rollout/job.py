@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from r1_mm import run_folder, run_info
+from r1_mm import input_checks, run_folder, run_info
 from r1_mm.completion_log import completion_record
 from r1_mm.config import RecipeConfig, dump_recipe
 from r1_mm.data import PromptStream
@@ -26,13 +26,14 @@ from r1_mm.tracking import MetricsLogger
 def run_rollouts(cfg: RecipeConfig) -> Path:
     torch.manual_seed(cfg.training.seed)
     preflight(cfg, read_model_config=False)  # no learner: the grouped forward is not used
+    processor = load_processor(cfg.model)
+    stream = PromptStream.from_config(processor, cfg.data, cfg.media, seed=cfg.training.seed)
+    input_checks.check_generation_job(cfg, stream.rows, stream.source, stream.builder.media_root)
     run_dir = Path(cfg.training.output_dir)
     lock = run_folder.RunLock(run_dir)
     run_folder.prepare(run_dir, resuming=False, overwrite=cfg.training.overwrite_output_dir)
     (run_dir / "recipe.resolved.yaml").write_text(dump_recipe(cfg))
-    processor = load_processor(cfg.model)
     model = load_for_inference(cfg.model, cfg.rollout.engine)
-    stream = PromptStream.from_config(processor, cfg.data, cfg.media, seed=cfg.training.seed)
     engine = make_engine(cfg.rollout.engine, model=model, processor=processor, cfg=cfg)
     run_info.write(run_dir, run_info.collect_rollout_only(cfg, model, engine))
     logger = MetricsLogger(cfg, run_dir)

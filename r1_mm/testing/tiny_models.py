@@ -17,7 +17,9 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
+# family -> the model it stands for (what `r1-mm make-tiny --help` names)
+FAMILY_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "llava_onevision": "LLaVA-OneVision"}
+FAMILIES = tuple(FAMILY_NAMES)
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",

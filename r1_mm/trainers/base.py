@@ -91,7 +91,8 @@ class BaseTrainer:
         self.stream = PromptStream.from_config(self.processor, cfg.data, cfg.media, seed=cfg.training.seed,
                                                shard=(acc.process_index, acc.num_processes),
                                                dataset=objects.train_dataset)
-        input_checks.check(cfg, self.stream.rows, self.stream.source)
+        input_checks.check(cfg, self.stream.rows, self.stream.source, self.stream.builder.media_root)
+        input_checks.check_eval_split(cfg, objects.eval_dataset)
         self.run_dir = Path(cfg.training.output_dir)
         remove_stale_segments()  # shared-memory weights of runs killed before they could remove them
         # hashing a checkpoint reads all of it: the main process does it once for every process

@@ -139,15 +139,20 @@ def precompute_reference(cfg: RecipeConfig, out_path: str | Path) -> int:
     so training with algorithm.precomputed_reference=true needs no reference forward (or memory)."""
     import json
 
-    from r1_mm.data.loading import load_split
+    from r1_mm.data.loading import DataError, load_split, media_root
     from r1_mm.data.prompts import PromptBuilder
+    from r1_mm.input_checks import check_generation_job, preference_problems
     from r1_mm.models import load_model, load_processor
 
+    rows, source, default_root = load_split(cfg.data, "train")
+    root = media_root(cfg.data, default_root)
+    check_generation_job(cfg, rows, source, root)  # every row before the model loads
+    bad_pair = preference_problems(rows, source)
+    if bad_pair:
+        raise DataError(bad_pair[0])
     processor = load_processor(cfg.model)
     model = load_model(cfg.model, trainable=False, grouped=cfg.training.forward_mode == "grouped").eval()
-    rows, _, default_root = load_split(cfg.data, "train")
-    builder = PromptBuilder(processor, cfg.data, cfg.media,
-                            Path(cfg.data.media_root) if cfg.data.media_root else default_root)
+    builder = PromptBuilder(processor, cfg.data, cfg.media, root)
     tokenizer = processor.tokenizer
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
