@@ -107,7 +107,10 @@ def precision_problem(cfg: RecipeConfig, *, mixed_precision: str, cuda: bool, de
 def check_model_config(cfg: RecipeConfig, config: Any = None) -> list[str]:
     """What the model's config.json (read without weights), or the config of a model object given
     through the Python API, says the recipe cannot do."""
-    if cfg.training.forward_mode != "grouped":
+    flash = cfg.model.attn_implementation in FLASH_PACKAGES
+    vllm = cfg.rollout.engine in ("vllm_colocate", "vllm_pool")
+    grouped = cfg.training.forward_mode == "grouped"
+    if not (grouped or flash or vllm):
         return []
     from r1_mm.hub import read_model_config
     from r1_mm.trainers.packed_attention import PackedAttentionError, check_supported
@@ -117,11 +120,41 @@ def check_model_config(cfg: RecipeConfig, config: Any = None) -> list[str]:
             config = read_model_config(cfg.model)
     except ConfigError as exc:
         return [str(exc)]
-    try:
-        check_supported(config, cfg.model.attn_implementation)
-    except PackedAttentionError as exc:
-        return [str(exc)]
-    return []
+    found = []
+    if grouped:
+        try:
+            check_supported(config, cfg.model.attn_implementation)
+        except PackedAttentionError as exc:
+            found.append(str(exc))
+    if flash and loaded_dtype(cfg, config) == "float32":
+        found.append(f"model.attn_implementation={cfg.model.attn_implementation} takes bfloat16 or float16 only, and "
+                     f"model.dtype={cfg.model.dtype} loads this checkpoint in float32: set model.dtype=bfloat16")
+    if vllm:
+        found += context_length_problems(cfg, config)
+    return found
+
+
+def loaded_dtype(cfg: RecipeConfig, config: Any) -> str:
+    """The dtype the model will be loaded in: the recipe's, or with ``auto`` the checkpoint's
+    (transformers' float32 when the config names none)."""
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    named = getattr(config, "dtype", None) or getattr(text, "dtype", None) or "float32"
+    return str(named).removeprefix("torch.")
+
+
+def context_length_problems(cfg: RecipeConfig, config: Any) -> list[str]:
+    """vLLM refuses a max_model_len past the checkpoint's positions at engine start (after the learner
+    loaded), unless its override is set; say so at load instead."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    positions = getattr(text, "max_position_embeddings", None)
+    wanted = cfg.rollout.vllm_max_model_len
+    if not positions or wanted <= positions or os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN") == "1":
+        return []
+    return [f"rollout.vllm_max_model_len={wanted} exceeds the checkpoint's {positions} positions "
+            f"(max_position_embeddings): lower it (and data.max_prompt_length / max_completion_length with it), or "
+            "set VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 if the model really extrapolates (e.g. with rope scaling)"]
 
 
 def preflight(cfg: RecipeConfig, machine: Machine | None = None, *, read_model_config: bool = True,

@@ -104,4 +104,7 @@ def test_plugin_reward_counters_carry_the_function_name(tmp_path):
     plugin = tmp_path / "my_rewards.py"
     plugin.write_text("def counted(completions, **kwargs):\n    return [1.0 for _ in completions]\n"
                       "counted.metrics = lambda: {'calls': 3}\n")
-    assert RewardRunner([RewardSpec(name=f"{plugin}:counted")]).metrics() == {"rewards/counted/calls": 3.0}
+    metrics = RewardRunner([RewardSpec(name=f"{plugin}:counted")]).metrics()
+    # (math-verify's process-wide counters may sit beside it when other tests checked answers first)
+    assert {k: v for k, v in metrics.items() if not k.startswith("rewards/math_verify/")} == \
+        {"rewards/counted/calls": 3.0}

@@ -19,6 +19,8 @@ import json
 import re
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import pytest
 
 from r1_mm.cli import main as cli_main
@@ -139,9 +141,32 @@ def test_recipe_passes_preflight_on_a_gpu_machine(path, tiny_cache, monkeypatch)
     from r1_mm.preflight import Machine, preflight
 
     monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    # the tiny model has 8192 positions; the real checkpoints' (test below) are what the context must fit
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
     cfg = load_recipe(path, [f"model.name_or_path=tiny:{tiny_family(load_recipe(path).model.name_or_path)}:small"])
     gpu = Machine(cuda=True, deepspeed_launch=True, has_package=lambda name: True)
     preflight(cfg, gpu)
+
+
+# max_position_embeddings of each paper recipe's checkpoint (its config.json on the hub; the text config's
+# for LLaVA-OneVision, a Qwen2-7B language model). No hub here, so the values are written down.
+CHECKPOINT_POSITIONS = {
+    "Qwen/Qwen2-VL-2B-Instruct": 32768, "Qwen/Qwen2-VL-7B-Instruct": 32768,
+    "Qwen/Qwen2.5-VL-7B-Instruct": 128000, "Video-R1/Qwen2.5-VL-7B-COT-SFT": 128000,
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf": 32768,
+}
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if not load_recipe(p).model.name_or_path.startswith("tiny:")],
+                         ids=lambda p: p.stem)
+def test_recipe_context_fits_its_checkpoints_positions(path):
+    """vLLM refuses a max_model_len past the checkpoint's positions (preflight says so at load): the
+    shipped recipes must fit."""
+    from r1_mm.preflight import context_length_problems
+
+    cfg = load_recipe(path)
+    config = SimpleNamespace(max_position_embeddings=CHECKPOINT_POSITIONS[cfg.model.name_or_path])
+    assert context_length_problems(cfg, config) == []
 
 
 def test_video_r1_recipe_scores_each_problem_type_as_the_source_does():
