@@ -108,6 +108,23 @@ def test_sampled_token_outside_the_kept_set_stays_finite():
     assert torch.isfinite(logps).all()
 
 
+
+def test_vllm_engines_sample_in_the_learners_dtype(tmp_path):
+    """vllm_dtype auto = the learner's dtype (vLLM's auto would run a float32 checkpoint in bf16, a
+    float16 one in fp16 beside a bf16 learner); a dtype the recipe names is kept. The pool's own servers
+    are started with it."""
+    from r1_mm.config import load_recipe
+    from r1_mm.rollout.vllm_common import engine_dtype
+    from r1_mm.rollout.vllm_pool import ManagedServer
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    assert engine_dtype("auto", model) == "float32"
+    assert engine_dtype("auto", model.to(torch.bfloat16)) == "bfloat16"
+    assert engine_dtype("float16", model) == "float16"
+    cfg = load_recipe(None, [f"training.output_dir={tmp_path}"])
+    command = ManagedServer(cfg, 8100, tmp_path, dtype=engine_dtype(cfg.rollout.vllm_dtype, model)).command()
+    assert command[command.index("--dtype") + 1] == "bfloat16"
+
 ENGINE_STEPS = [("temperature 0.7", 0.7, 1.0, None), ("top_p 0.7", 1.0, 0.7, None), ("top_k 5", 1.0, 1.0, 5)]
 
 
@@ -141,8 +158,10 @@ def test_identical_weights_give_importance_ratio_one_on_every_engine(tmp_path, s
             trainer.cfg.rollout.temperature, trainer.cfg.rollout.top_p, trainer.cfg.rollout.top_k = temperature, top_p, top_k
             metrics = trainer.train_step()
             assert "rollout/is_ratio_mean" in metrics, name  # the premise: the engine reported sampling logprobs
-            assert metrics["rollout/is_ratio_mean"] == pytest.approx(1.0, abs=1e-3), (name, metrics)
-            assert metrics["rollout/is_ratio_max"] < 1.005 and metrics["rollout/logprob_abs_diff_max"] < 5e-3, (name, metrics)
+            print(engine, name, {k: metrics[k] for k in ("rollout/is_ratio_mean", "rollout/logprob_abs_diff_max")})
+            assert metrics["rollout/is_ratio_mean"] == pytest.approx(1.0, abs=1e-4), (name, metrics)
+            # per token: measured <= 1e-6 here (float32 both sides); bf16 sampling alone gives 3e-3
+            assert metrics["rollout/logprob_abs_diff_max"] < 1e-4, (name, metrics)
             if step == 0:  # the reference is the policy at step 0: the KL term's convention gives 0 there
                 assert metrics["train/kl"] == pytest.approx(0.0, abs=1e-6)
     finally:

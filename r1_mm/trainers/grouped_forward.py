@@ -28,7 +28,7 @@ import torch
 from r1_mm.trainers import packed_attention, token_scores
 from r1_mm.trainers.packed_attention import PackedLayout
 from r1_mm.trainers.token_scores import ScoreRequest
-from r1_mm.trainers.truncated_scores import Truncation
+from r1_mm.trainers.truncated_scores import Truncation, kept_threshold
 
 # Per-prompt processor outputs that are concatenated across prompts (row-wise for patches).
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
@@ -198,7 +198,8 @@ def pack_groups(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]], 
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
-                   suppressed_ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   suppressed_ids: list[int] | None = None,
+                   truncation: Truncation | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The full-logits reference: log p(target) under softmax(logits / temperature), and optionally the
     entropy, in float32. The learners score through ``token_scores`` instead (same values, no
     (tokens x vocabulary) tensors); tests compare the two.
@@ -207,10 +208,17 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     is the distribution without them, so the learner must normalise without them too. Otherwise
     their probability, never sampled and so never penalised, drifts up and every sampled token's
     logprob sinks by log(1 - p_suppressed).
+
+    ``truncation``: renormalised over the sampler's top-k / top-p kept set plus the target (see
+    ``truncated_scores``); logits are (N, vocabulary) then.
     """
     logits = logits.float() / temperature
     if suppressed_ids:
         logits[..., suppressed_ids] = float("-inf")
+    if truncation is not None and truncation.active:
+        target = logits.gather(-1, targets.unsqueeze(-1))
+        cut = torch.minimum(kept_threshold(logits, truncation)[:, None], target)
+        logits = logits.masked_fill(logits < cut, float("-inf"))
     logp_all = torch.log_softmax(logits, dim=-1)
     logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = None

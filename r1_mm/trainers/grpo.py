@@ -211,8 +211,8 @@ class GRPOTrainer(BaseTrainer):
         like. The KL term uses the untruncated distribution on both sides (docs/sampling.md)."""
         r = self.cfg.rollout
         return score_completions(model, exp.samples, [c.token_ids for c in exp.completions],
-                                 r.num_generations, self.pad_id,
-                                 temperature=max(r.temperature, 1e-6),
+                                 self.cfg.rollout.num_generations, self.pad_id,
+                                 temperature=max(self.cfg.rollout.temperature, 1e-6),
                                  mode=self.cfg.training.forward_mode, with_entropy=with_entropy,
                                  suppressed_ids=self.suppressed_ids,
                                  truncation=Truncation(r.top_p, r.top_k) if truncated else None,
