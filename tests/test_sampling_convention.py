@@ -77,7 +77,7 @@ def test_truncated_scores_and_gradients_match_the_full_logits_reference(tiny_pat
     logps, entropy, full = grouped_logprobs(model, packed, temperature=temperature, with_entropy=True,
                                             suppressed_ids=suppressed, truncation=truncation, with_full_logps=True)
     weights = torch.randn(logps.shape, generator=gen)
-    (logps * weights + full * weights.flip(0)).sum().backward()
+    (logps * weights + full * weights.flip(0) + entropy * weights.flip(1)).sum().backward()
     ours_grad = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
 
@@ -86,7 +86,7 @@ def test_truncated_scores_and_gradients_match_the_full_logits_reference(tiny_pat
     ref, ref_entropy = reference_logprobs(logits, packed.targets, temperature, truncation, suppressed)
     ref_full, _ = token_logprobs(logits, packed.targets, temperature, False, suppressed)
     ref, ref_entropy, ref_full = (packed.to_completion_grid(t) for t in (ref, ref_entropy, ref_full))
-    (ref * weights + ref_full * weights.flip(0)).sum().backward()
+    (ref * weights + ref_full * weights.flip(0) + ref_entropy * weights.flip(1)).sum().backward()
     assert torch.allclose(logps, ref, atol=1e-5)
     assert torch.allclose(full, ref_full, atol=1e-5)
     assert torch.allclose(entropy, ref_entropy, atol=1e-5)

@@ -99,8 +99,8 @@ def _chunks(n: int, vocab: int) -> list[tuple[int, int]]:
 
 
 class TruncatedLogProbFunction(torch.autograd.Function):
-    """Per position: log p_kept(target), optionally log p_full(target) (both differentiable) and the
-    entropy of the kept distribution (a metric: no gradient)."""
+    """Per position: log p_kept(target), optionally log p_full(target) and the entropy of the kept
+    distribution, all three differentiable (the entropy as TRL's kernel's is)."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
@@ -123,17 +123,16 @@ class TruncatedLogProbFunction(torch.autograd.Function):
                 if entropy is not None:
                     p = torch.exp(kept - log_kept[lo:hi, None])
                     entropy[lo:hi] = log_kept[lo:hi] - (p * torch.nan_to_num(kept, neginf=0.0)).sum(-1)
-        ctx.save_for_backward(hidden, weight, bias, targets, threshold, log_kept, log_full)
+        ctx.save_for_backward(hidden, weight, bias, targets, threshold, log_kept, log_full,
+                              log_kept if entropy is None else entropy)
         ctx.spec = spec
-        if entropy is not None:
-            ctx.mark_non_differentiable(entropy)
         return target_scaled - log_kept, (target_scaled - log_full) if with_full else None, entropy
 
     @staticmethod
-    def backward(ctx, grad_kept: torch.Tensor | None, grad_full: torch.Tensor | None, _grad_entropy: torch.Tensor | None):
+    def backward(ctx, grad_kept: torch.Tensor | None, grad_full: torch.Tensor | None, grad_entropy: torch.Tensor | None):
         from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-        hidden, weight, bias, targets, threshold, log_kept, log_full = ctx.saved_tensors
+        hidden, weight, bias, targets, threshold, log_kept, log_full, entropy = ctx.saved_tensors
         spec = ctx.spec
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         with maybe_gather_lm_head_ctx(weight, bias):
@@ -146,9 +145,12 @@ class TruncatedLogProbFunction(torch.autograd.Function):
                 h = hidden[lo:hi].float()
                 onehot = torch.zeros_like(scaled).scatter_(-1, targets[lo:hi, None], 1.0)
                 grad = torch.zeros_like(scaled)
+                p_kept = torch.exp(scaled - log_kept[lo:hi, None]).masked_fill(scaled < threshold[lo:hi, None], 0.0)
                 if grad_kept is not None:
-                    p_kept = torch.exp(scaled - log_kept[lo:hi, None]).masked_fill(scaled < threshold[lo:hi, None], 0.0)
                     grad += grad_kept[lo:hi, None].float() * (onehot - p_kept)
+                if grad_entropy is not None:  # dH/dy_v = -p_v (log p_v + H) on the kept set
+                    log_p = scaled - log_kept[lo:hi, None]
+                    grad -= grad_entropy[lo:hi, None].float() * p_kept * (log_p + entropy[lo:hi, None])
                 if grad_full is not None:
                     grad += grad_full[lo:hi, None].float() * (onehot - torch.exp(scaled - log_full[lo:hi, None]))
                 grad = _logit_grad(scaled, grad, spec)
