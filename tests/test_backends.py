@@ -292,13 +292,15 @@ def test_deepspeed_accumulation_that_disagrees_with_the_recipe_stops_in_one_line
 
 
 @pytest.mark.slow
-def test_tiled_lm_head_equals_full_logits_under_zero3(setup, tmp_path):
+@pytest.mark.parametrize("sampling", [[], ["rollout.top_p=0.9", "rollout.top_k=7"]], ids=["full", "truncated"])
+def test_tiled_lm_head_equals_full_logits_under_zero3(setup, tmp_path, sampling):
     """Logprobs, entropy and every gradient of the tiled head vs the full-logits forward, on weights
-    partitioned over 2 processes (the head gathered by TRL's kernel in forward and backward)."""
+    partitioned over 2 processes (the head gathered by TRL's kernel, or the truncated head, in forward
+    and backward)."""
     _, recipe, z3, data, cache = setup
     result_file = tmp_path / "scores.json"
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(z3), str(REPO / "tests" / "scripts" / "zero3_token_scores.py"),
-           str(result_file), str(recipe), f"data.train_path={data}", f"training.output_dir={tmp_path / 'run'}"]
+           str(result_file), str(recipe), f"data.train_path={data}", f"training.output_dir={tmp_path / 'run'}", *sampling]
     env = dict(__import__("os").environ, R1MM_CACHE=str(cache.parent))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -306,5 +308,5 @@ def test_tiled_lm_head_equals_full_logits_under_zero3(setup, tmp_path):
     info = result["info"]
     assert (info["distributed_type"], info["zero_stage"], info["num_processes"]) == ("DEEPSPEED", 3, 2)
     assert info["partitioned_parameters"] == info["zero3_managed_parameters"] > 0
-    assert result["lm_head_grad"] > 0
+    assert result["lm_head_grad"] > 0 and result["truncated"] == bool(sampling)
     assert result["logps"] < 1e-5 and result["entropy"] < 1e-5 and result["grad_rel"] < 1e-4, result

@@ -33,6 +33,7 @@ from r1_mm.rollout.base import (
 from r1_mm.rollout.reload import reload_in_place
 from r1_mm.rollout.vllm_common import (
     completion_from_vllm,
+    engine_dtype,
     engine_info,
     generate,
     reset_caches,
@@ -65,7 +66,7 @@ class VLLMColocateEngine(RolloutEngine):
         self.on_gpu = torch.cuda.is_available()
         self.sleeping = False
         kwargs: dict[str, Any] = dict(
-            model=resolve_model_path(cfg.model), dtype=r.vllm_dtype, max_model_len=r.vllm_max_model_len,
+            model=resolve_model_path(cfg.model), dtype=engine_dtype(r.vllm_dtype, model), max_model_len=r.vllm_max_model_len,
             limit_mm_per_prompt=max_media_per_prompt(cfg), logprobs_mode="processed_logprobs",
             seed=cfg.training.seed, trust_remote_code=cfg.model.trust_remote_code,
             tensor_parallel_size=r.vllm_tensor_parallel_size)

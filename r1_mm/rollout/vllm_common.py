@@ -88,11 +88,28 @@ def request_seeds_supported() -> bool:
 
 
 def engine_info(llm: Any) -> dict[str, Any]:
-    """The scheduler limits vLLM chose, and how sampling is seeded here."""
-    scheduler = llm.llm_engine.vllm_config.scheduler_config
+    """The scheduler limits vLLM chose, the dtype it runs in, and how sampling is seeded here."""
+    config = llm.llm_engine.vllm_config
+    scheduler = config.scheduler_config
     return {"max_num_batched_tokens": int(scheduler.max_num_batched_tokens),
             "enable_chunked_prefill": bool(scheduler.enable_chunked_prefill),
+            "dtype": str(config.model_config.dtype).removeprefix("torch."),
             "seeding": "per_request" if request_seeds_supported() else "engine_stream"}
+
+
+def engine_dtype(vllm_dtype: str, model: Any) -> str:
+    """The dtype a vLLM engine samples in: ``rollout.vllm_dtype`` when the recipe names one, else the
+    learner's own (its parameters' most common floating dtype).
+
+    Why not vLLM's ``auto``: it reads the checkpoint, not the learner, and downcasts a float32 checkpoint
+    to bf16 (and keeps a float16 one in fp16 while the learner may run bf16), so the sampler's logprobs
+    would differ from the learner's by design, and rollout_is would reweight every token by that."""
+    if vllm_dtype != "auto":
+        return vllm_dtype
+    from collections import Counter
+
+    counts = Counter(p.dtype for p in model.parameters() if p.is_floating_point())
+    return str(counts.most_common(1)[0][0]).removeprefix("torch.") if counts else "auto"
 
 
 def generate(llm: Any, requests: list[dict[str, Any]], sampling: list[dict[str, Any]]) -> list[Any]:

@@ -39,7 +39,7 @@ from r1_mm.rollout.base import (
 )
 from r1_mm.rollout.shm_segments import WeightSegment
 from r1_mm.rollout.transport import encode_sample
-from r1_mm.rollout.vllm_common import sampling_kwargs
+from r1_mm.rollout.vllm_common import engine_dtype, sampling_kwargs
 from r1_mm.rollout.weights import iter_policy_weights
 from r1_mm.serving import free_port
 
@@ -92,9 +92,10 @@ class ManagedServer:
     """A `r1-mm serve rollout` process this engine started (and may restart), on its own GPUs."""
 
     def __init__(self, cfg: RecipeConfig, port: int, log_dir: Path, host: str = "127.0.0.1",
-                 devices: list[int] | None = None):
+                 devices: list[int] | None = None, dtype: str | None = None):
         self.cfg, self.port, self.host = cfg, port, host
         self.devices = devices or []
+        self.dtype = dtype or cfg.rollout.vllm_dtype  # the engine passes the learner's (engine_dtype)
         self.log_path = log_dir / f"rollout-server-{port}.log"
         self.process: subprocess.Popen | None = None
 
@@ -112,7 +113,7 @@ class ManagedServer:
     def command(self) -> list[str]:
         r = self.cfg.rollout
         return [sys.executable, "-m", "r1_mm.cli", "serve", "rollout", "--model", self.cfg.model.name_or_path,
-                "--host", self.host, "--port", str(self.port), "--dtype", r.vllm_dtype, "--max-model-len", str(r.vllm_max_model_len),
+                "--host", self.host, "--port", str(self.port), "--dtype", self.dtype, "--max-model-len", str(r.vllm_max_model_len),
                 "--max-images", str(r.vllm_max_images_per_prompt), "--max-videos", str(r.vllm_max_videos_per_prompt),
                 "--tensor-parallel-size", str(r.vllm_tensor_parallel_size),
                 "--data-parallel-size", str(r.vllm_data_parallel_size), "--seed", str(self.cfg.training.seed),
@@ -194,6 +195,7 @@ class VLLMPoolEngine(RolloutEngine):
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.suppressed_ids = media_token_ids(model.config)
         self.rank, self.world = _dist()
+        self.dtype = engine_dtype(r.vllm_dtype, model)
         # servers this engine starts run beside rank 0 (which writes the shared-memory copy), on any machine count
         local = all(httpx.URL(u).host in topology.LOOPBACK for u in r.pool_servers)
         self.sync_mode = r.pool_weight_sync if r.pool_weight_sync != "auto" else ("shm" if local else "broadcast")
@@ -226,6 +228,7 @@ class VLLMPoolEngine(RolloutEngine):
             wait_healthy(url, r.pool_startup_timeout_s, headers=self.headers)
         self.urls = urls
         self.client = httpx.Client(timeout=r.pool_request_timeout_s, headers=self.headers)
+        self._check_server_dtypes()
         self.channel = None
         self.update_weights(model)  # the policy may differ from the checkpoint (LoRA, resumed run)
 
@@ -240,17 +243,27 @@ class VLLMPoolEngine(RolloutEngine):
         r = self.cfg.rollout
         devices = server_devices(r.pool_size, r.vllm_tensor_parallel_size, learners_on_this_machine(),
                                  torch.cuda.device_count() if torch.cuda.is_available() else 0)
-        self.managed = [ManagedServer(self.cfg, free_port(host), log_dir, host, devices[i]) for i in range(r.pool_size)]
+        self.managed = [ManagedServer(self.cfg, free_port(host), log_dir, host, devices[i], self.dtype)
+                        for i in range(r.pool_size)]
         for server in self.managed:
             server.start()
         for server in self.managed:
             wait_healthy(server.url, self.cfg.rollout.pool_startup_timeout_s, server, auth_headers(self.cfg))
         return [s.url for s in self.managed]
 
+    def _check_server_dtypes(self) -> None:
+        """Servers started elsewhere (rollout.pool_servers) chose their own --dtype: say so when it is not
+        the learner's, since their logprobs then differ from the learner's by design."""
+        for url in self.urls:
+            served = self.client.get(f"{url}/health").json().get("dtype")
+            if served is not None and self.dtype != "auto" and served != self.dtype:
+                log.warning("rollout server %s samples in %s but the learner runs %s: start it with --dtype %s",
+                            url, served, self.dtype, self.dtype)
+
     def info(self) -> dict[str, Any]:
         health = [self.client.get(f"{url}/health").json() for url in self.urls]
         return {"servers": self.urls, "weight_sync": self.sync_mode, "sync_host": getattr(self, "sync_host", None),
-                "server_engines": [{k: h.get(k) for k in ("max_num_batched_tokens", "enable_chunked_prefill", "seeding",
+                "server_engines": [{k: h.get(k) for k in ("max_num_batched_tokens", "enable_chunked_prefill", "dtype", "seeding",
                                                           "workers", "batching")} for h in health]}
 
     # -- weights --------------------------------------------------------------------------------

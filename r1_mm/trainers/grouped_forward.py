@@ -28,6 +28,7 @@ import torch
 from r1_mm.trainers import packed_attention, token_scores
 from r1_mm.trainers.packed_attention import PackedLayout
 from r1_mm.trainers.token_scores import ScoreRequest
+from r1_mm.trainers.truncated_scores import Truncation, kept_threshold
 
 # Per-prompt processor outputs that are concatenated across prompts (row-wise for patches).
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
@@ -197,7 +198,8 @@ def pack_groups(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]], 
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
-                   suppressed_ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   suppressed_ids: list[int] | None = None,
+                   truncation: Truncation | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The full-logits reference: log p(target) under softmax(logits / temperature), and optionally the
     entropy, in float32. The learners score through ``token_scores`` instead (same values, no
     (tokens x vocabulary) tensors); tests compare the two.
@@ -206,10 +208,17 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     is the distribution without them, so the learner must normalise without them too. Otherwise
     their probability, never sampled and so never penalised, drifts up and every sampled token's
     logprob sinks by log(1 - p_suppressed).
+
+    ``truncation``: renormalised over the sampler's top-k / top-p kept set plus the target (see
+    ``truncated_scores``); logits are (N, vocabulary) then.
     """
     logits = logits.float() / temperature
     if suppressed_ids:
         logits[..., suppressed_ids] = float("-inf")
+    if truncation is not None and truncation.active:
+        target = logits.gather(-1, targets.unsqueeze(-1))
+        cut = torch.minimum(kept_threshold(logits, truncation)[:, None], target)
+        logits = logits.masked_fill(logits < cut, float("-inf"))
     logp_all = torch.log_softmax(logits, dim=-1)
     logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = None
@@ -220,25 +229,36 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 
 
 def _request(positions: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
-             suppressed_ids: list[int] | None) -> ScoreRequest:
+             suppressed_ids: list[int] | None, truncation: Truncation | None = None,
+             with_full_logps: bool = False) -> ScoreRequest:
     return ScoreRequest(positions=positions, targets=targets, temperature=temperature,
-                        suppressed_ids=tuple(suppressed_ids or ()), with_entropy=with_entropy)
+                        suppressed_ids=tuple(suppressed_ids or ()), with_entropy=with_entropy,
+                        truncation=truncation or Truncation(), with_full_logps=with_full_logps)
+
+
+def _grids(out: token_scores.TokenScores, to_grid: Any, with_full_logps: bool) -> tuple:
+    """(logps, entropy) per completion token, and the untruncated logps third when they were asked for."""
+    grids = tuple(None if t is None else to_grid(t) for t in (out.logps, out.entropy, out.full_logps))
+    return grids if with_full_logps else grids[:2]
 
 
 def grouped_logprobs(model: torch.nn.Module, packed: PackedGroups, *, temperature: float = 1.0,
-                     with_entropy: bool = False,
-                     suppressed_ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token logprobs (B*G, C) of the packed completions (zero where masked)."""
+                     with_entropy: bool = False, suppressed_ids: list[int] | None = None,
+                     truncation: Truncation | None = None, with_full_logps: bool = False) -> tuple:
+    """Per-token logprobs (B*G, C) of the packed completions (zero where masked) and the entropy (or
+    None); with ``with_full_logps`` also the untruncated logprobs (see ``truncated_scores``)."""
     out = token_scores.score(model, packed.model_kwargs(model),
-                             _request(packed.logits_index, packed.targets, temperature, with_entropy, suppressed_ids))
-    return packed.to_completion_grid(out.logps), (packed.to_completion_grid(out.entropy)
-                                                  if out.entropy is not None else None)
+                             _request(packed.logits_index, packed.targets, temperature, with_entropy, suppressed_ids,
+                                      truncation, with_full_logps))
+    return _grids(out, packed.to_completion_grid, with_full_logps)
 
 
 def naive_logprobs(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]], completions: list[list[int]],
                    num_generations: int, pad_id: int, *, temperature: float = 1.0, with_entropy: bool = False,
-                   suppressed_ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The library way: B*G full sequences (left-padded prompt + right-padded completion), media repeated."""
+                   suppressed_ids: list[int] | None = None, truncation: Truncation | None = None,
+                   with_full_logps: bool = False) -> tuple:
+    """The library way: B*G full sequences (left-padded prompt + right-padded completion), media repeated.
+    Returns what ``grouped_logprobs`` returns."""
     g = num_generations
     device = prompts[0]["input_ids"].device
     prompts = [_strip_padding(p) for p in prompts]
@@ -268,7 +288,6 @@ def naive_logprobs(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]
     positions = (torch.arange(rows, device=device)[:, None] * width + p_max - 1
                  + torch.arange(c, device=device)[None, :]).reshape(-1)  # the position before each completion token
     out = token_scores.score(model, kwargs, _request(positions, comp_ids.reshape(-1), temperature, with_entropy,
-                                                     suppressed_ids))
+                                                     suppressed_ids, truncation, with_full_logps))
     mask = comp_mask.to(out.logps.dtype)
-    logps = out.logps.reshape(rows, c) * mask
-    return logps, (out.entropy.reshape(rows, c) * mask if out.entropy is not None else None)
+    return _grids(out, lambda t: t.reshape(rows, c) * mask, with_full_logps)

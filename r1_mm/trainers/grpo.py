@@ -40,6 +40,7 @@ from r1_mm.trainers.registry import register_trainer
 from r1_mm.trainers.rollout_correction import importance_weights, sampling_logprobs
 from r1_mm.trainers.scoring import score_completions
 from r1_mm.trainers.step_metrics import StepMetrics
+from r1_mm.trainers.truncated_scores import Truncation
 
 log = logging.getLogger(__name__)
 
@@ -203,12 +204,19 @@ class GRPOTrainer(BaseTrainer):
         exp.stats["rewards/gathered_mean"] = float(torch.nanmean(gathered.cpu()))
 
     # -- update -------------------------------------------------------------------------------------
-    def _score(self, model: torch.nn.Module, exp: Experience, with_entropy: bool = False):
+    def _score(self, model: torch.nn.Module, exp: Experience, with_entropy: bool = False, truncated: bool = True,
+               with_full_logps: bool = False):
+        """Logprobs under the sampling distribution (temperature, suppressed tokens and, when ``truncated``,
+        the sampler's top-p / top-k kept set): what the engines report, so the ratios compare like with
+        like. The KL term uses the untruncated distribution on both sides (docs/sampling.md)."""
+        r = self.cfg.rollout
         return score_completions(model, exp.samples, [c.token_ids for c in exp.completions],
                                  self.cfg.rollout.num_generations, self.pad_id,
                                  temperature=max(self.cfg.rollout.temperature, 1e-6),
                                  mode=self.cfg.training.forward_mode, with_entropy=with_entropy,
-                                 suppressed_ids=self.suppressed_ids)
+                                 suppressed_ids=self.suppressed_ids,
+                                 truncation=Truncation(r.top_p, r.top_k) if truncated else None,
+                                 with_full_logps=with_full_logps)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=self.learner.accelerator.device)
@@ -274,7 +282,7 @@ class GRPOTrainer(BaseTrainer):
                     old_logps[k] = self._score(policy, part)[0]
                 if cfg.algorithm.beta != 0.0:
                     with reference_model(learner) as ref:
-                        ref_logps[k] = self._score(ref, part)[0]
+                        ref_logps[k] = self._score(ref, part, truncated=False)[0]
         is_weights: list[torch.Tensor | None] = [None] * len(micro)
         sums = StepMetrics()
         for iteration in range(cfg.algorithm.num_iterations):
@@ -283,7 +291,8 @@ class GRPOTrainer(BaseTrainer):
             with accumulation_cycle(learner):
                 for k, part in enumerate(micro):
                     with acc.accumulate(policy):
-                        logps, entropy, mask = self._score(policy, part, with_entropy=True)
+                        logps, entropy, mask, kl_logps = self._score(policy, part, with_entropy=True,
+                                                                     with_full_logps=True)
                         if cfg.algorithm.mask_truncated_completions:
                             truncated = torch.tensor([c.truncated for c in part.completions], device=acc.device)
                             mask = mask * (~truncated).long().unsqueeze(1)
@@ -292,7 +301,8 @@ class GRPOTrainer(BaseTrainer):
                             is_weights[k], is_stats = self._rollout_correction(part, behaviour, mask)
                             sums.add_means(is_stats, weight=float(mask.sum()))
                         out = policy_loss(logps, behaviour, part.advantages.to(acc.device), mask, self.loss_settings,
-                                          ref_logps=ref_logps[k], token_weights=is_weights[k], norm=norm)
+                                          ref_logps=ref_logps[k], token_weights=is_weights[k], norm=norm,
+                                          kl_logps=kl_logps)
                         if not self._all_finite(out.loss):
                             self._nonfinite(k)
                             skipped = True

@@ -153,7 +153,7 @@ class LossOutput:
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 settings: LossSettings, *, ref_logps: torch.Tensor | None = None,
                 num_items: float | None = None, token_weights: torch.Tensor | None = None,
-                norm: LossNorm | None = None) -> LossOutput:
+                norm: LossNorm | None = None, kl_logps: torch.Tensor | None = None) -> LossOutput:
     """Clipped surrogate + beta * k3 KL, aggregated by ``settings.loss_type``.
 
     Log ratios and the KL are clamped to verl's bounds (see LOG_RATIO_BOUND), so outlier tokens give a
@@ -162,7 +162,9 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
 
     ``token_weights`` multiplies the surrogate per token (truncated importance sampling between the
     rollout engine's and the learner's logprobs). ``norm`` holds the whole step's denominators when
-    these rows are one micro-batch of it (default: these rows are the step).
+    these rows are one micro-batch of it (default: these rows are the step). ``kl_logps``: the policy's
+    logprobs under the KL term's convention when it differs from the ratio's (untruncated when sampling
+    truncates, see docs/sampling.md; default ``logps``).
     """
     if settings.loss_type not in LOSS_AGGREGATORS:
         raise ValueError(f"unknown loss_type {settings.loss_type!r}; known: {', '.join(LOSS_AGGREGATORS)}")
@@ -177,7 +179,7 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
     if settings.beta != 0.0:
         if ref_logps is None:
             raise ValueError("beta != 0 needs reference logprobs")
-        kl = k3_kl(logps, ref_logps)
+        kl = k3_kl(logps if kl_logps is None else kl_logps, ref_logps)
         weighted_kl = kl * ratio if settings.kl_importance_weighting else kl
         per_token = per_token + settings.beta * weighted_kl
     if norm is None:

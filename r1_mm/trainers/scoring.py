@@ -6,22 +6,26 @@ import torch
 
 from r1_mm.data import Sample
 from r1_mm.trainers.grouped_forward import grouped_logprobs, naive_logprobs, pack_groups, pad_completions
+from r1_mm.trainers.truncated_scores import Truncation
 
 
 def score_completions(model: torch.nn.Module, samples: list[Sample], completion_ids: list[list[int]], g: int,
                       pad_id: int, *, temperature: float, mode: str, with_entropy: bool = False,
-                      suppressed_ids: list[int] | None = None):
-    """Per-token logprobs (B*G, C) and completion mask, by the grouped or the naive forward.
+                      suppressed_ids: list[int] | None = None, truncation: Truncation | None = None,
+                      with_full_logps: bool = False) -> tuple:
+    """Per-token logprobs (B*G, C), entropy (or None) and completion mask, by the grouped or the naive
+    forward; with ``with_full_logps`` the untruncated logprobs come fourth.
 
-    Scored under the rollout engines' distribution: ``suppressed_ids`` are masked as when sampling.
+    Scored under the rollout engines' distribution: ``suppressed_ids`` are masked as when sampling and
+    ``truncation`` (the sampler's top-p / top-k) renormalises over the tokens the sampler could pick.
     """
     device = next(model.parameters()).device
     prompts = [{k: v.to(device) if hasattr(v, "to") else v for k, v in s.inputs.items()} for s in samples]
+    options = dict(temperature=temperature, with_entropy=with_entropy, suppressed_ids=suppressed_ids,
+                   truncation=truncation, with_full_logps=with_full_logps)
     if mode == "grouped":
         packed = pack_groups(model, prompts, completion_ids, g, pad_id)
-        logps, entropy = grouped_logprobs(model, packed, temperature=temperature, with_entropy=with_entropy,
-                                          suppressed_ids=suppressed_ids)
-        return logps, entropy, packed.completion_mask
-    logps, entropy = naive_logprobs(model, prompts, completion_ids, g, pad_id, temperature=temperature,
-                                    with_entropy=with_entropy, suppressed_ids=suppressed_ids)
-    return logps, entropy, pad_completions(completion_ids, pad_id, device)[1]
+        logps, entropy, *full = grouped_logprobs(model, packed, **options)
+        return (logps, entropy, packed.completion_mask, *full)
+    logps, entropy, *full = naive_logprobs(model, prompts, completion_ids, g, pad_id, **options)
+    return (logps, entropy, pad_completions(completion_ids, pad_id, device)[1], *full)

@@ -11,7 +11,9 @@ ZeRO-3-partitioned head for both passes. r1-mm uses it as is and adds what it do
   bias (-1e4: exp underflows to exactly 0 in float32 and bfloat16, where -inf would make the
   entropy's p * z term NaN), so the learner's distribution is the sampler's;
 - any set of positions, repeats allowed: the prompt's last position scores the first token of each
-  of its G completions.
+  of its G completions;
+- top-k / top-p truncation (the distribution the engines sample from): then the head runs through
+  ``truncated_scores`` instead, which also returns the untruncated logprobs the KL term uses.
 
 The head runs inside the model's own forward (an instance-level forward wrapper, installed once at
 load time), because under DeepSpeed ZeRO-3 gradient reduction of the head relies on the engine's
@@ -29,8 +31,8 @@ from typing import Any
 import torch
 from transformers.utils import ModelOutput
 
-# Columns of the vocabulary per projection tile: a (4,096 tokens x 4,096) float32 tile is 64 MiB.
-VOCAB_TILE = 4096
+from r1_mm.trainers.truncated_scores import VOCAB_TILE, HeadSpec, TruncatedLogProbFunction, Truncation
+
 SUPPRESS_LOGIT = -1.0e4
 
 
@@ -43,6 +45,8 @@ class ScoreRequest:
     temperature: float = 1.0
     suppressed_ids: tuple[int, ...] = ()
     with_entropy: bool = False
+    truncation: Truncation = Truncation()  # the sampler's top-p / top-k: logps renormalised over its kept set
+    with_full_logps: bool = False  # also the untruncated logprobs (the KL-to-reference convention)
 
 
 @dataclass
@@ -51,7 +55,8 @@ class TokenScores(ModelOutput):
     which re-gather partitioned parameters, attach only to outputs it can traverse."""
 
     logps: torch.Tensor | None = None  # (N,) float32
-    entropy: torch.Tensor | None = None  # (N,) float32, when requested
+    entropy: torch.Tensor | None = None  # (N,) float32, when requested (of the truncated distribution)
+    full_logps: torch.Tensor | None = None  # (N,) untruncated logprobs, when requested
 
 
 class TokenScoringError(RuntimeError):
@@ -97,11 +102,20 @@ def _scoring_forward(self: Any, *args: Any, r1mm_score: ScoreRequest | None = No
         vocab = lm_head.weight.shape[0]
         if r1mm_score.suppressed_ids and max(r1mm_score.suppressed_ids) >= vocab:
             raise TokenScoringError(f"suppressed token ids {r1mm_score.suppressed_ids} exceed the head's vocabulary {vocab}")
-        logps, entropy, *_ = ChunkedLogProbFunction.apply(
-            hidden, lm_head.weight, _suppression_bias(lm_head, vocab, r1mm_score.suppressed_ids),
-            r1mm_score.targets, float(r1mm_score.temperature), VOCAB_TILE,
-            getattr(text, "final_logit_softcapping", None), float(getattr(text, "logit_scale", None) or 1.0), outputs)
-    return TokenScores(logps=logps.float(), entropy=None if entropy is None else entropy.float())
+        bias = _suppression_bias(lm_head, vocab, r1mm_score.suppressed_ids)
+        softcap, scale = getattr(text, "final_logit_softcapping", None), float(getattr(text, "logit_scale", None) or 1.0)
+        if r1mm_score.truncation.active:
+            spec = HeadSpec(float(r1mm_score.temperature), softcap, scale)
+            logps, full, entropy = TruncatedLogProbFunction.apply(
+                hidden, lm_head.weight, bias, r1mm_score.targets, r1mm_score.truncation, spec,
+                r1mm_score.with_full_logps, r1mm_score.with_entropy)
+        else:
+            logps, entropy, *_ = ChunkedLogProbFunction.apply(
+                hidden, lm_head.weight, bias, r1mm_score.targets, float(r1mm_score.temperature), VOCAB_TILE,
+                softcap, scale, outputs)
+            full = logps if r1mm_score.with_full_logps else None
+    return TokenScores(logps=logps.float(), entropy=None if entropy is None else entropy.float(),
+                       full_logps=None if full is None else full.float())
 
 
 def install(model: torch.nn.Module) -> torch.nn.Module:

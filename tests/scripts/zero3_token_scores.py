@@ -1,5 +1,6 @@
 """Run under `accelerate launch` (2 processes, DeepSpeed ZeRO-3): the tiled LM head vs the model's own
-full-logits forward, both through the DeepSpeed engine on partitioned weights. Writes
+full-logits forward, both through the DeepSpeed engine on partitioned weights (under the recipe's
+rollout.top_p / top_k truncation when it sets one). Writes
 {logps, entropy, gradient} max differences and what ran (rank 0) to the JSON path given."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ def main() -> None:
     from r1_mm.rollout.base import media_token_ids
     from r1_mm.trainers.backend import build_learner
     from r1_mm.trainers.grouped_forward import grouped_logprobs, pack_groups, token_logprobs
+    from r1_mm.trainers.truncated_scores import Truncation
 
     out_path, recipe, *overrides = sys.argv[1:]
     cfg = load_recipe(recipe, overrides)
@@ -31,14 +33,16 @@ def main() -> None:
     completions = [torch.randint(0, 60, (n,), generator=gen).tolist() for n in (5, 3, 6, 2, 4, 7)]
     suppressed = media_token_ids(learner.unwrapped.config)
     pad = learner.processor.tokenizer.pad_token_id
+    truncation = Truncation(cfg.rollout.top_p, cfg.rollout.top_k)  # active: the truncated head's own backward
 
     def run(fused: bool):
         packed = pack_groups(engine, [dict(s.inputs) for s in samples], completions, 3, pad)
         if fused:
-            logps, entropy = grouped_logprobs(engine, packed, temperature=0.7, with_entropy=True, suppressed_ids=suppressed)
+            logps, entropy = grouped_logprobs(engine, packed, temperature=0.7, with_entropy=True, suppressed_ids=suppressed,
+                                              truncation=truncation)
         else:
             out = engine(**packed.model_kwargs(engine), logits_to_keep=packed.logits_index, use_cache=False)
-            lp, ent = token_logprobs(out.logits[0], packed.targets, 0.7, True, suppressed)
+            lp, ent = token_logprobs(out.logits[0], packed.targets, 0.7, True, suppressed, truncation)
             logps, entropy = packed.to_completion_grid(lp), packed.to_completion_grid(ent)
         weights = torch.linspace(-1.0, 1.5, logps.numel()).reshape(logps.shape)
         engine.backward((logps * weights).sum() + (entropy * weights.flip(0)).sum())
@@ -54,6 +58,7 @@ def main() -> None:
         "logps": float((lp_f - lp_r).abs().max()), "entropy": float((ent_f - ent_r).abs().max()),
         "grad_rel": max(float((g_f[n] - g).abs().max()) / max(float(g.abs().max()), 1e-3 * largest) for n, g in g_r.items()),
         "lm_head_grad": float(g_r["lm_head.weight"].abs().sum()),
+        "truncated": truncation.active,
         "info": run_info.collect(cfg, learner, engine=None),
     }
     if acc.is_main_process:
