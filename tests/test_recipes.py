@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-
 from types import SimpleNamespace
 
 import pytest
