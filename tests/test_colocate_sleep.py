@@ -34,10 +34,12 @@ class RecordingLLM:
     def wake_up(self, tags=None):
         self.calls.append(("wake_up", tuple(tags) if tags else None))
 
-    def collective_rpc(self, method, kwargs=None):
-        names = [name for name, _ in kwargs["weights_iterator"]]  # consume the stream as vLLM does
-        assert names and kwargs["is_checkpoint_format"]
-        self.calls.append((method, len(names)))
+    def collective_rpc(self, method, args=(), kwargs=None):
+        """A worker-side reload: r1-mm sends a function and the weight stream (rollout/reload.py)."""
+        weights = args[0] if args else (kwargs or {})["weights_iterator"]
+        names = [name for name, _ in weights]  # consume the stream as vLLM does
+        assert names
+        self.calls.append(("reload_weights", len(names)))
 
     def reset_prefix_cache(self):
         pass
