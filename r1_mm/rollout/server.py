@@ -199,25 +199,36 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
                 "rank_offset": int(body["rank_offset"])})
         return {"ranks": ranks}
 
-    @app.post("/update_weights_broadcast")
-    def update_weights_broadcast(body: dict[str, Any]) -> dict[str, Any]:
-        """Receive the tensors named in ``specs`` over the broadcast group and load them in place."""
+    def check_broadcast_specs(specs: list[Any]) -> None:
         usable()
-        specs = body["specs"]
         if expected:
             wrong = [n for n, shape, _ in specs if expected.get(n) not in (None, list(shape))]
             unknown = [n for n, _, _ in specs if n not in expected]
             if unknown or wrong:
                 raise BadRequest(422, f"broadcast specs do not fit the model: unknown {unknown[:3]}, wrong shape {wrong[:3]}")
+
+    @app.post("/prepare_weights_broadcast")
+    def prepare_weights_broadcast(body: dict[str, Any]) -> dict[str, Any]:
+        """The handshake before a broadcast: would this server take these tensors? The learner asks
+        every server first and broadcasts only when all say yes: a refusal after the broadcast started
+        would leave the learner blocked in an NCCL collective that has no timeout."""
+        check_broadcast_specs(body["specs"])
+        return {"ready": True}
+
+    @app.post("/update_weights_broadcast")
+    def update_weights_broadcast(body: dict[str, Any]) -> dict[str, Any]:
+        """Receive the tensors named in ``specs`` over the broadcast group and load them in place."""
+        specs = body["specs"]
+        check_broadcast_specs(specs)
         with lock:
             try:
-                llm.collective_rpc("r1mm_receive_weights", kwargs={"specs": specs})
+                checksums = llm.collective_rpc("r1mm_receive_weights", kwargs={"specs": specs})
                 reset_caches(llm)
             except Exception as exc:  # the group is half-way through a broadcast: no way back
                 state["broken"] = f"broadcast weight update failed: {type(exc).__name__}: {exc}"
                 raise BadRequest(503, state["broken"]) from None
             state["weights_version"] = int(body.get("version", state["weights_version"] + 1))
-        return {"weights_version": state["weights_version"]}
+        return {"weights_version": state["weights_version"], "checksums": [float(c) for c in checksums]}
 
     @app.post("/update_weights")
     def update_weights(body: dict[str, Any]) -> dict[str, Any]:

@@ -316,12 +316,19 @@ class VLLMPoolEngine(RolloutEngine):
 
     def _broadcast_weights(self, model: torch.nn.Module) -> None:
         """All ranks gather (collective under ZeRO-3); rank 0 broadcasts each tensor to every server worker."""
+        from r1_mm.rollout.weight_channel import Checksum, checksums_agree
         from r1_mm.rollout.weights import policy_weight_specs
 
         specs = policy_weight_specs(model)
-        if self.rank == 0 and self.channel is None:
-            self.channel = self._open_channel()
+        if self.rank == 0:
+            # the handshake: every server says it takes these tensors before any is broadcast
+            for url in self.urls:
+                checked(self.client.post(f"{url}/prepare_weights_broadcast", json={"specs": specs}), url,
+                        "a broadcast weight update")
+            if self.channel is None:
+                self.channel = self._open_channel()
         pool = ThreadPoolExecutor(len(self.urls)) if self.rank == 0 else None
+        sent = Checksum()
         try:
             replies = [pool.submit(self.client.post, f"{url}/update_weights_broadcast",
                                    json={"specs": specs, "version": self.version + 1}) for url in self.urls] \
@@ -330,9 +337,13 @@ class VLLMPoolEngine(RolloutEngine):
                                                         specs, strict=True):
                 if self.channel is not None:
                     assert name == spec_name, (name, spec_name)
-                    self.channel.broadcast(tensor.to(self.channel.device).contiguous())
-            for reply in replies:
-                reply.result().raise_for_status()
+                    sent_tensor = self.channel.broadcast(tensor.to(self.channel.device).contiguous())
+                    sent.add(sent_tensor)
+            for url, reply in zip(self.urls, replies, strict=True):
+                received = checked(reply.result(), url, "a broadcast weight update").json().get("checksums", [])
+                if not received or not all(checksums_agree(sent.value(), c) for c in received):
+                    raise RuntimeError(f"rollout server {url} received other weights than were sent (checksums "
+                                       f"{received} vs {sent.value()}): the broadcast did not deliver them")
         finally:
             if pool is not None:
                 pool.shutdown()

@@ -34,6 +34,12 @@ class WeightChannel:
             group = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size,
                                                  store_timeout=int(timeout_s))
             self._nccl = PyNcclCommunicator(group, device=device)
+            if getattr(self._nccl, "disabled", False) or not getattr(self._nccl, "available", True):
+                # vLLM then turns every broadcast into a no-op that returns at once, and the servers
+                # would load their uninitialised receive buffers as weights
+                raise RuntimeError("vLLM's NCCL communicator is disabled in this process (VLLM_DISABLE_PYNCCL is "
+                                   "set, or libnccl cannot be loaded): the weight broadcast would send nothing; "
+                                   "fix NCCL or use rollout.pool_weight_sync=shm")
             self._gloo = None
         else:
             from torch.distributed import ProcessGroupGloo, TCPStore
@@ -60,9 +66,35 @@ class WeightChannel:
             self._gloo.broadcast([tensor], opts).wait()
         return tensor
 
-    def receive(self, specs: list[tuple[str, list[int], str]]) -> Iterator[tuple[str, torch.Tensor]]:
+    def receive(self, specs: list[tuple[str, list[int], str]], checksum: Checksum | None = None
+                ) -> Iterator[tuple[str, torch.Tensor]]:
         for name, shape, dtype in specs:
-            yield name, self.broadcast(torch.empty(shape, dtype=DTYPES[dtype], device=self.device))
+            tensor = self.broadcast(torch.empty(shape, dtype=DTYPES[dtype], device=self.device))
+            if checksum is not None:
+                checksum.add(tensor)
+            yield name, tensor
+
+
+class Checksum:
+    """A sum over every tensor of a sync, kept on the tensors' device until read (one host sync).
+
+    Why: a broadcast that silently delivers nothing (a disabled NCCL communicator returns at once)
+    leaves the receivers with uninitialised buffers; comparing the sender's and each receiver's sums
+    after every sync catches it, and any other corruption on the way."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+
+    def add(self, tensor: torch.Tensor) -> None:
+        part = tensor.detach().double().nan_to_num(0.0, 0.0, 0.0).sum()
+        self.total = part if self.total is None else self.total + part.to(self.total.device)
+
+    def value(self) -> float:
+        return 0.0 if self.total is None else float(self.total)
+
+
+def checksums_agree(sent: float, received: float) -> bool:
+    return abs(sent - received) <= 1e-6 * max(1.0, abs(sent))
 
 
 class WeightReceiverExtension:
@@ -76,10 +108,12 @@ class WeightReceiverExtension:
         self.r1mm_channel = WeightChannel(host, port, rank, world_size, torch.device(device))
         return rank
 
-    def r1mm_receive_weights(self, specs: list[tuple[str, list[int], str]]) -> int:
+    def r1mm_receive_weights(self, specs: list[tuple[str, list[int], str]]) -> float:
+        """Receive and load the tensors; returns the checksum of what arrived."""
         if self.r1mm_channel is None:
             raise RuntimeError("weight channel not open: POST /open_weight_channel first")
         from r1_mm.rollout.reload import reload_worker
 
-        reload_worker(self, self.r1mm_channel.receive(specs))
-        return len(specs)
+        checksum = Checksum()
+        reload_worker(self, self.r1mm_channel.receive(specs, checksum))
+        return checksum.value()
