@@ -22,7 +22,10 @@ from .test_run_folder import BIN, overrides, serving_processes
 
 # a process holding a segment as VLLMPoolEngine does (WeightSegment), with a weight file in it
 HOLDER = """
-import time
+import signal, time
+# Ctrl-C raises KeyboardInterrupt even when this test runs in a background job (non-interactive shells
+# start those with SIGINT ignored, and Python keeps an inherited ignore)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from r1_mm.rollout.shm_segments import WeightSegment
 segment = WeightSegment()
 (segment.path / "v1").mkdir()

@@ -91,11 +91,18 @@ def reload_warnings():
     from vllm.model_executor.model_loader.reload import layerwise
 
     records = _Records()
+    # an earlier test in the same process may have configured logging with disable_existing_loggers
+    # or a higher level: what is tested here is r1-mm's filter, so the logger must be live
+    disabled, level = layerwise.logger.disabled, layerwise.logger.level
+    layerwise.logger.disabled = False
+    layerwise.logger.setLevel(logging.WARNING)
     layerwise.logger.addHandler(records)
     try:
         yield records.messages
     finally:
         layerwise.logger.removeHandler(records)
+        layerwise.logger.disabled = disabled
+        layerwise.logger.setLevel(level)
 
 
 def test_reload_warning_is_dropped_only_for_buffer_only_layers():

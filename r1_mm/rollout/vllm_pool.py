@@ -339,7 +339,7 @@ class VLLMPoolEngine(RolloutEngine):
                     assert name == spec_name, (name, spec_name)
                     sent_tensor = self.channel.broadcast(tensor.to(self.channel.device).contiguous())
                     sent.add(sent_tensor)
-            for url, reply in zip(self.urls, replies, strict=True):
+            for url, reply in zip(self.urls if replies else [], replies, strict=True):  # replies: rank 0 only
                 received = checked(reply.result(), url, "a broadcast weight update").json().get("checksums", [])
                 if not received or not all(checksums_agree(sent.value(), c) for c in received):
                     raise RuntimeError(f"rollout server {url} received other weights than were sent (checksums "
