@@ -209,10 +209,14 @@ def test_math_verdicts_are_cached_and_a_bomb_costs_its_limit_once(monkeypatch):
         assert checker.equivalent("$\\frac{1}{2}$", "$0.5$", 30.0)
         first = checker._process.pid
         assert checker.equivalent(bomb, "$1$", 1.0) is False
-        assert gone(first) and checker._process.pid != first  # killed at the limit, a new worker started
+        # the limit is enforced twice, and the two race at 1 s: the worker's own math-verify timeout
+        # (it answers False) or the parent's hard limit (the worker is killed, a new one started)
+        if checker.timeouts:
+            assert checker.timeouts == 1 and gone(first) and checker._process.pid != first
+        else:
+            assert checker._process.pid == first and not gone(first)
         assert checker.equivalent(bomb, "$1$", 1.0) is False
-        assert checks == ["$\\frac{1}{2}$", bomb]  # each pair reached math-verify once
-        assert checker.timeouts == 1
+        assert checks == ["$\\frac{1}{2}$", bomb]  # each pair reached math-verify once: the verdict is cached
     finally:
         checker.close()
 
