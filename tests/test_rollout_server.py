@@ -240,7 +240,7 @@ def test_weight_sync_logs_no_false_failed_to_load(server, tmp_path):
     synced = text[start:]
     # the premise: vLLM's log lines reach this file (vLLM logs "Reloading weights inplace" only once per
     # process, and an earlier test of this module may have reloaded already)
-    assert "Reloading weights inplace" in text and "WARNING" in text or "INFO" in text, text[-2000:]
+    assert "Reloading weights inplace" in text, text[-2000:]
     assert "Failed to load weights" not in synced, synced[-2000:]
 
 
