@@ -58,6 +58,7 @@ def problems(cfg: RecipeConfig, machine: Machine) -> list[str]:
 
 
 MIXED_PRECISION_OF = {"bfloat16": "bf16", "float16": "fp16"}
+VLLM_ENGINES = ("vllm_colocate", "vllm_pool")
 
 
 def engine_parallelism_problems(cfg: RecipeConfig) -> list[str]:
@@ -69,7 +70,7 @@ def engine_parallelism_problems(cfg: RecipeConfig) -> list[str]:
     each rank of a TP group its own prompts and seeds, where vLLM needs the same ones on every rank.
     Data parallel > 1 raises inside vLLM's LLM class."""
     r = cfg.rollout
-    if r.engine not in ("vllm_colocate", "vllm_pool"):
+    if r.engine not in VLLM_ENGINES:
         return []
     found = []
     if r.vllm_tensor_parallel_size > 1:
@@ -108,7 +109,7 @@ def check_model_config(cfg: RecipeConfig, config: Any = None) -> list[str]:
     """What the model's config.json (read without weights), or the config of a model object given
     through the Python API, says the recipe cannot do."""
     flash = cfg.model.attn_implementation in FLASH_PACKAGES
-    vllm = cfg.rollout.engine in ("vllm_colocate", "vllm_pool")
+    vllm = cfg.rollout.engine in VLLM_ENGINES
     grouped = cfg.training.forward_mode == "grouped"
     if not (grouped or flash or vllm):
         return []
@@ -134,12 +135,17 @@ def check_model_config(cfg: RecipeConfig, config: Any = None) -> list[str]:
     return found
 
 
+def _text_config(config: Any) -> Any:
+    """The language model's config (a VLM's text_config; a plain config as it is)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def loaded_dtype(cfg: RecipeConfig, config: Any) -> str:
     """The dtype the model will be loaded in: the recipe's, or with ``auto`` the checkpoint's
     (transformers' float32 when the config names none)."""
     if cfg.model.dtype != "auto":
         return cfg.model.dtype
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = _text_config(config)
     named = getattr(config, "dtype", None) or getattr(text, "dtype", None) or "float32"
     return str(named).removeprefix("torch.")
 
@@ -147,7 +153,7 @@ def loaded_dtype(cfg: RecipeConfig, config: Any) -> str:
 def context_length_problems(cfg: RecipeConfig, config: Any) -> list[str]:
     """vLLM refuses a max_model_len past the checkpoint's positions at engine start (after the learner
     loaded), unless its override is set; say so at load instead."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = _text_config(config)
     positions = getattr(text, "max_position_embeddings", None)
     wanted = cfg.rollout.vllm_max_model_len
     if not positions or wanted <= positions or os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN") == "1":
