@@ -43,7 +43,8 @@ def server(tmp_path_factory, tiny_cache):
     shutil.copytree(tiny_model_path(TinySpec(small_vocab=True), cache_dir=tiny_cache), model)
     port = free_port()
     log = root / "server.log"
-    env = {**os.environ, "R1MM_CACHE": str(tiny_cache.parent), "R1MM_ROLLOUT_API_KEY": KEY}
+    # unbuffered: the log tests read vLLM's lines while the server runs, not when it exits
+    env = {**os.environ, "R1MM_CACHE": str(tiny_cache.parent), "R1MM_ROLLOUT_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([str(BIN / "r1-mm"), "serve", "rollout", "--model", str(model), "--port", str(port),
                              "--dtype", "float32", "--max-model-len", "1024", "--max-request-mb", "1"],
                             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
