@@ -8,6 +8,10 @@ Cases:
   short  a text-only prompt, G = 8, 64-token completions, the tiny 512-token vocabulary
   real   the shapes users run: Qwen2.5-VL's 151,936-token vocabulary, >= 1024 visual tokens, G = 8,
          512-token completions
+  real_top_p  the ``real`` shapes sampled with top_p = 0.95: r1-mm's truncated head (the learner scores
+         the sampler's kept set, docs/sampling.md) vs r1-mm's untruncated head, not vs TRL (TRL scores the
+         untruncated softmax whatever the sampler did). Both run the step the trainer runs: the reference
+         untruncated; the truncated policy also returns its untruncated logprobs for the KL term.
 
 Each (case, implementation) runs in its own process, so peak memory (RSS, sampled every 2 ms)
 is not polluted by the other. Usage:
@@ -15,6 +19,9 @@ is not polluted by the other. Usage:
     .venv/bin/python bench/grpo_step.py            # all cases, prints a markdown table
     .venv/bin/python bench/grpo_step.py --repeats 5
     .venv/bin/python bench/grpo_step.py --cases real --repeats 1
+    .venv/bin/python bench/grpo_step.py --cases real_top_p --repeats 5   # truncated vs untruncated head
+
+Every step after the warm-up is timed: the table gives the median and the min-max spread.
 """
 
 from __future__ import annotations
@@ -39,10 +46,17 @@ class Case:
     image: bool
     completion_tokens: int
     vocab: int | None = None  # None: the tiny tokenizer's (512)
+    top_p: float = 1.0  # < 1: compare the truncated head with the untruncated one (not with TRL)
 
 
 CASES = {"long": Case(image=True, completion_tokens=64), "short": Case(image=False, completion_tokens=64),
-         "real": Case(image=True, completion_tokens=512, vocab=151_936)}
+         "real": Case(image=True, completion_tokens=512, vocab=151_936),
+         "real_top_p": Case(image=True, completion_tokens=512, vocab=151_936, top_p=0.95)}
+
+
+def implementations(case: str) -> tuple[str, str]:
+    """(baseline, r1-mm variant) compared in a case."""
+    return ("r1-mm", "r1-mm-truncated") if CASES[case].top_p < 1.0 else ("trl", "r1-mm")
 
 
 class PeakRSS:
@@ -71,8 +85,8 @@ class PeakRSS:
         self._thread.join()
 
 
-def time_steps(step, params, repeats: int) -> tuple[float, float]:
-    """Median seconds of ``step(optimizer)`` after one warm-up step, and the peak RSS (MiB) meanwhile."""
+def time_steps(step, params, repeats: int) -> tuple[list[float], float]:
+    """Seconds of each ``step(optimizer)`` after one warm-up step, and the peak RSS (MiB) meanwhile."""
     import torch
 
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -83,7 +97,13 @@ def time_steps(step, params, repeats: int) -> tuple[float, float]:
             t0 = time.perf_counter()
             step(optimizer)
             times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2], mem.peak
+    return times, mem.peak
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def bench_model_path(vocab: int | None = None) -> Path:
@@ -120,7 +140,9 @@ def make_inputs(case: str, processor, tmp: Path):
     return sample, completions, advantages
 
 
-def run_ours(model, ref, processor, sample, completions, advantages, optimizer):
+def run_ours(model, ref, processor, sample, completions, advantages, optimizer, truncation=None):
+    """The trainer's step (grpo.py ``update``); with ``truncation`` the policy scores the kept set and
+    also returns the untruncated logprobs the KL term uses, the reference stays untruncated."""
     import torch
 
     from r1_mm.trainers.grouped_forward import grouped_logprobs, pack_groups
@@ -130,9 +152,15 @@ def run_ours(model, ref, processor, sample, completions, advantages, optimizer):
     with torch.no_grad():
         ref_logps, _ = grouped_logprobs(ref, pack_groups(ref, [dict(sample.inputs)], completions, G, pad))
     packed = pack_groups(model, [dict(sample.inputs)], completions, G, pad)
-    logps, _ = grouped_logprobs(model, packed, with_entropy=True)
+    kl_logps = None
+    if truncation is None:
+        logps, _ = grouped_logprobs(model, packed, with_entropy=True)
+    else:
+        logps, _, kl_logps = grouped_logprobs(model, packed, with_entropy=True, truncation=truncation,
+                                              with_full_logps=True)
     settings = LossSettings(loss_type="dapo", beta=BETA, epsilon_high=0.28, max_completion_length=len(completions[0]))
-    out = policy_loss(logps, logps.detach(), advantages, packed.completion_mask, settings, ref_logps=ref_logps)
+    out = policy_loss(logps, logps.detach(), advantages, packed.completion_mask, settings, ref_logps=ref_logps,
+                      kl_logps=kl_logps)
     out.loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -189,9 +217,31 @@ def run_trl(trainer, ref, inputs, optimizer):
     optimizer.zero_grad(set_to_none=True)
 
 
+def spy_kept_sets() -> dict:
+    """Count the kept-set sizes the truncated head chooses (rows, their sum and minimum)."""
+    from r1_mm.trainers import truncated_scores
+
+    stats = {"rows": 0, "sum": 0, "min": None}
+    original = truncated_scores.kept_threshold
+
+    def spied(scaled, truncation):
+        threshold = original(scaled, truncation)
+        sizes = (scaled >= threshold[:, None]).sum(-1)
+        stats["rows"] += int(sizes.numel())
+        stats["sum"] += int(sizes.sum())
+        low = int(sizes.min())
+        stats["min"] = low if stats["min"] is None else min(stats["min"], low)
+        return threshold
+
+    truncated_scores.kept_threshold = spied
+    return stats
+
+
 def worker(case: str, impl: str, repeats: int) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from r1_mm.trainers.truncated_scores import Truncation
 
     torch.manual_seed(0)
     path = bench_model_path(CASES[case].vocab)
@@ -209,10 +259,20 @@ def worker(case: str, impl: str, repeats: int) -> dict:
         step = lambda opt: run_trl(trainer, ref, inputs, opt)  # noqa: E731
         params = trainer.model.parameters()
     else:
-        step = lambda opt: run_ours(model, ref, processor, sample, completions, advantages, opt)  # noqa: E731
+        truncation = None
+        if impl == "r1-mm-truncated":
+            truncation = Truncation(top_p=CASES[case].top_p)
+            kept = spy_kept_sets()
+        step = lambda opt: run_ours(model, ref, processor, sample, completions, advantages, opt, truncation)  # noqa: E731
         params = model.parameters()
-    seconds, peak = time_steps(step, params, repeats)
-    return {"case": case, "impl": impl, "seconds": seconds, "peak_rss_mib": peak,
+    times, peak = time_steps(step, params, repeats)
+    extra = {}
+    if impl == "r1-mm-truncated":  # the premise: the truncated head ran and cut tokens
+        if not kept["rows"]:
+            sys.exit("the truncated head never ran")
+        extra = {"kept_mean": kept["sum"] / kept["rows"], "kept_min": kept["min"]}
+    return {"case": case, "impl": impl, "seconds": median(times), "min_s": min(times), "max_s": max(times),
+            "repeats": len(times), "peak_rss_mib": peak, **extra,
             "prompt_tokens": int(sample.num_prompt_tokens), "vocab": model.config.get_text_config().vocab_size,
             "completion_tokens": CASES[case].completion_tokens,
             "visual_tokens": int(sample.inputs["image_grid_thw"].prod() // 4) if "image_grid_thw" in sample.inputs else 0,
@@ -245,18 +305,38 @@ def main() -> None:
     cases = args.cases.split(",")
     for vocab in {CASES[c].vocab for c in cases}:
         bench_model_path(vocab)  # build once before the workers race for it
-    results = run_workers(__file__, [(case, impl) for case in cases for impl in ("trl", "r1-mm")], args.repeats)
-    print(f"GRPO learner step, G={G}, beta={BETA}, median of {args.repeats}, "
+    results = run_workers(__file__, [(case, impl) for case in cases for impl in implementations(case)], args.repeats)
+    print(f"GRPO learner step, G={G}, beta={BETA}, median (min-max) of {args.repeats} after a warm-up step, "
           f"{results[next(iter(results))]['torch_threads']} torch threads, CPU")
-    print()
-    print("| case | vocabulary | prompt tokens (visual) | completion tokens | TRL s | r1-mm s | speed-up | "
-          "TRL peak RSS MiB | r1-mm peak RSS MiB | r1-mm / TRL memory |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for case in cases:
+    versus_trl = [c for c in cases if implementations(c)[0] == "trl"]
+    truncated = [c for c in cases if c not in versus_trl]
+    if versus_trl:
+        print()
+        print("| case | vocabulary | prompt tokens (visual) | completion tokens | TRL s | r1-mm s | speed-up | "
+              "TRL peak RSS MiB | r1-mm peak RSS MiB | r1-mm / TRL memory |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+    for case in versus_trl:
         t, o = results[(case, "trl")], results[(case, "r1-mm")]
         print(f"| {case} | {o['vocab']} | {o['prompt_tokens']} ({o['visual_tokens']}) | {o['completion_tokens']} | "
-              f"{t['seconds']:.3f} | {o['seconds']:.3f} | {t['seconds'] / o['seconds']:.2f}x | {t['peak_rss_mib']:.0f} | "
+              f"{spread(t)} | {spread(o)} | {t['seconds'] / o['seconds']:.2f}x | {t['peak_rss_mib']:.0f} | "
               f"{o['peak_rss_mib']:.0f} | {o['peak_rss_mib'] / t['peak_rss_mib']:.2f} |")
+    if truncated:
+        print()
+        print("| case | vocabulary | prompt tokens (visual) | completion tokens | top_p | kept tokens mean (min) | "
+              "untruncated head s | truncated head s | truncated / untruncated time | untruncated peak RSS MiB | "
+              "truncated peak RSS MiB | truncated / untruncated memory |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for case in truncated:
+        u, t = results[(case, "r1-mm")], results[(case, "r1-mm-truncated")]
+        print(f"| {case} | {t['vocab']} | {t['prompt_tokens']} ({t['visual_tokens']}) | {t['completion_tokens']} | "
+              f"{CASES[case].top_p} | {t['kept_mean']:.0f} ({t['kept_min']}) | {spread(u)} | {spread(t)} | "
+              f"{t['seconds'] / u['seconds']:.2f}x | {u['peak_rss_mib']:.0f} | {t['peak_rss_mib']:.0f} | "
+              f"{t['peak_rss_mib'] / u['peak_rss_mib']:.2f} |")
+
+
+def spread(result: dict) -> str:
+    """Median seconds with the min-max of the timed steps."""
+    return f"{result['seconds']:.3f} ({result['min_s']:.3f}-{result['max_s']:.3f})"
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int | None = None
+    # != 1 is refused with GRPO's rollout_is (the learner does not score it: docs/sampling.md)
     repetition_penalty: float = 1.0
     # vLLM engines (vllm_colocate, vllm_pool)
     vllm_dtype: str = "auto"  # "float32" on CPU makes sampler and learner numerics closest
@@ -438,6 +439,7 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
                         "the longest prompts the data allows")
     problems += _accumulation_problems(cfg.training)
     problems += _bound_problems(cfg)
+    problems += _unscored_sampling_problems(cfg)
     if cfg.algorithm.name in ("grpo", "iterative_dpo") and cfg.rollout.temperature == 0:
         problems.append(f"rollout.temperature is 0 (greedy): the {cfg.rollout.num_generations} samples of each prompt "
                         f"would all be the same answer and {cfg.algorithm.name} would learn nothing; use a temperature > 0")
@@ -454,6 +456,28 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     if problems:
         raise ConfigError("invalid recipe: " + "; ".join(problems))
     return cfg
+
+
+# rollout settings that change the logprobs the engines report (vLLM's processed_logprobs are taken after
+# its penalties; the hf engine records them after transformers' own processors) but that the learner's
+# scoring does not reproduce (docs/sampling.md), with the value at which they do nothing
+UNSCORED_SAMPLING = {"repetition_penalty": 1.0}
+
+
+def _unscored_sampling_problems(cfg: RecipeConfig) -> list[str]:
+    """Refuse a sampling setting the learner does not score when the sampler's logprobs are used.
+
+    Why: GRPO's ``algorithm.rollout_is`` weights each token by exp(learner - sampler). A repetition
+    penalty moves the sampler's distribution per position by the tokens seen so far (prompt included,
+    with engine-specific prompt ids), so that ratio is not 1 even at identical weights and the
+    correction would reweight every token by the penalty, not by off-policy drift. Nothing else reads
+    the sampler's logprobs (DPO variants, ``rollout_is: none``), so the setting stays allowed there."""
+    if cfg.algorithm.name != "grpo" or cfg.algorithm.rollout_is == "none":
+        return []
+    return [f"rollout.{name}={getattr(cfg.rollout, name)} changes the rollout engines' logprobs in a way the learner "
+            f"does not reproduce, so algorithm.rollout_is={cfg.algorithm.rollout_is} would reweight tokens by a ratio "
+            f"that is not 1 at identical weights: set rollout.{name}={neutral:g} or algorithm.rollout_is=none"
+            for name, neutral in UNSCORED_SAMPLING.items() if getattr(cfg.rollout, name) != neutral]
 
 
 # (field, lowest allowed, inclusive, highest allowed, inclusive): numbers a run cannot use, found at load

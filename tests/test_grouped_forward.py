@@ -1,6 +1,6 @@
 """The grouped forward equals the library's naive forward over G repeated sequences (float32, 1e-5),
-through every attention kernel it has (sdpa, eager, flash-attention's varlen route), and never hands
-the model an L x L mask."""
+through every attention kernel it has (sdpa, eager, flash-attention's varlen route) and under the
+sampler's top-p / top-k truncation (the truncated head), and never hands the model an L x L mask."""
 
 import json
 import subprocess
@@ -13,9 +13,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from r1_mm.config import DataConfig, MediaConfig
 from r1_mm.data import PromptBuilder
 from r1_mm.data.loading import default_media_root, read_rows
+from r1_mm.rollout.base import media_token_ids
 from r1_mm.testing import synthetic
-from r1_mm.trainers import packed_attention
+from r1_mm.trainers import packed_attention, truncated_scores
 from r1_mm.trainers.grouped_forward import grouped_logprobs, naive_logprobs, pack_groups
+from r1_mm.trainers.truncated_scores import Truncation
 
 from . import flash_emulation
 
@@ -116,6 +118,94 @@ def test_grouped_equals_naive_with_gradient_checkpointing(tiny_path, synthetic_d
 def test_grouped_equals_naive_eager_attention(tiny_path, synthetic_data):
     model, processor = load(tiny_path, "qwen2_5_vl", attn="eager")
     compare(model, processor, prompts_for(processor, synthetic_data["counting"]))
+
+
+TRUNCATIONS = {"top_p": Truncation(top_p=0.7), "top_k": Truncation(top_k=5),
+               "top_p_and_top_k": Truncation(top_p=0.6, top_k=50)}
+
+
+def sampled_completions(model, processor, prompts, temperature, truncation, suppressed):
+    """G completions per prompt drawn by transformers' generate under the truncation (as the hf engine
+    samples), cut to LENGTHS: every scored token lies in the sampler's kept set, as in training."""
+    longest = max(LENGTHS)
+    out = []
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            torch.manual_seed(i)
+            ids = model.generate(**p, do_sample=True, temperature=temperature, top_p=truncation.top_p,
+                                 top_k=truncation.top_k or 0, max_new_tokens=longest, min_new_tokens=longest,
+                                 num_return_sequences=G, suppress_tokens=suppressed,
+                                 pad_token_id=processor.tokenizer.pad_token_id)
+            new = ids[:, p["input_ids"].shape[1]:]
+            out += [new[j, :LENGTHS[i * G + j]].tolist() for j in range(G)]
+    return out
+
+
+def spy_kept_sizes(monkeypatch) -> list[torch.Tensor]:
+    """Record the kept-set size of every row the truncated head scores (the premise of the tests below)."""
+    sizes: list[torch.Tensor] = []
+    original = truncated_scores.kept_threshold
+
+    def spied(scaled, truncation):
+        threshold = original(scaled, truncation)
+        sizes.append((scaled >= threshold[:, None]).sum(-1))
+        return threshold
+
+    monkeypatch.setattr(truncated_scores, "kept_threshold", spied)
+    return sizes
+
+
+@pytest.mark.parametrize("name", list(TRUNCATIONS))
+def test_grouped_equals_naive_under_truncation(tiny_path, synthetic_data, monkeypatch, name):
+    """With the sampler's top-p and/or top-k the learner scores through the truncated head
+    (truncated_scores): the grouped forward's truncated logprobs, their untruncated twins (the KL term's),
+    the truncated entropy and the gradients of all three equal the naive forward's. Small chunks and
+    vocabulary tiles, so both routes cut their (different) scored rows at different places."""
+    truncation, temperature = TRUNCATIONS[name], 0.8
+    monkeypatch.setattr(truncated_scores, "ROW_ELEMENTS", 16 * 1024)  # 16 rows per chunk at the 1,024-token vocabulary
+    monkeypatch.setattr(truncated_scores, "VOCAB_TILE", 100)
+    model, processor = load(tiny_path, "qwen2_5_vl")
+    vocab = model.config.get_text_config().vocab_size
+    prompts = prompts_for(processor, synthetic_data["counting"])
+    suppressed = media_token_ids(model.config)
+    comps = sampled_completions(model, processor, prompts, temperature, truncation, suppressed)
+    pad = processor.tokenizer.pad_token_id
+    options = dict(temperature=temperature, with_entropy=True, suppressed_ids=suppressed, truncation=truncation,
+                   with_full_logps=True)
+    sizes = spy_kept_sizes(monkeypatch)
+
+    packed = pack_groups(model, [dict(p) for p in prompts], comps, G, pad)
+    lp_g, ent_g, full_g = grouped_logprobs(model, packed, **options)
+    grouped_sizes, sizes[:] = torch.cat(sizes), []
+    gen = torch.Generator().manual_seed(0)
+    w = [torch.randn(lp_g.shape, generator=gen) for _ in range(3)]  # a loss touching every output of every token
+    (lp_g * w[0] + ent_g * w[1] + full_g * w[2]).sum().backward()
+    g_grouped = grads(model)
+    model.zero_grad()
+
+    lp_n, ent_n, full_n = naive_logprobs(model, [dict(p) for p in prompts], comps, G, pad, **options)
+    naive_sizes = torch.cat(sizes)
+    (lp_n * w[0] + ent_n * w[1] + full_n * w[2]).sum().backward()
+    g_naive = grads(model)
+    model.zero_grad()
+
+    mask = packed.completion_mask.bool()
+    # the premise: both routes ran the truncated head, over several chunks, and it cut the vocabulary
+    assert grouped_sizes.numel() == mask.sum() and naive_sizes.numel() == mask.numel()
+    assert (grouped_sizes < vocab).all() and (naive_sizes < vocab).any()
+    if truncation.top_k:
+        assert (grouped_sizes <= truncation.top_k).all()
+    if truncation.top_k and truncation.top_p < 1:
+        assert (grouped_sizes < truncation.top_k).any()  # top-p cut inside the top-k too
+    assert (lp_g[mask] > full_g[mask] + 1e-3).all()  # renormalised over the kept set: every logprob rose
+    torch.testing.assert_close(lp_g[mask], lp_n[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(full_g[mask], full_n[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent_g[mask], ent_n[mask], atol=1e-4, rtol=0)
+    assert set(g_grouped) == set(g_naive) and len(g_naive) > 10 and "lm_head.weight" in g_naive
+    largest = max(float(g.abs().max()) for g in g_naive.values())
+    for param, g in g_naive.items():
+        scale = g.abs().max().clamp(min=1e-3 * largest)  # as in compare(): zero-gradient biases carry float noise
+        assert (g_grouped[param] - g).abs().max() / scale < 1e-4, param
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])

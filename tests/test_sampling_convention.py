@@ -166,3 +166,60 @@ def test_identical_weights_give_importance_ratio_one_on_every_engine(tmp_path, s
                 assert metrics["train/kl"] == pytest.approx(0.0, abs=1e-6)
     finally:
         trainer.close()
+
+
+def test_repetition_penalty_moves_the_samplers_logprobs_off_the_learners(tiny_path, synthetic_data):
+    """Why the recipe check below exists: the hf engine records its logprobs after transformers'
+    repetition penalty (vLLM's processed logprobs come after its penalties too), and the learner does not
+    score the penalty, so sampler and learner disagree at identical weights; without it they agree."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from r1_mm.config import DataConfig, MediaConfig
+    from r1_mm.data import PromptBuilder
+    from r1_mm.data.loading import default_media_root, read_rows
+    from r1_mm.rollout.base import SamplingSettings, make_engine, media_token_ids
+
+    path = tiny_path("qwen2_5_vl")
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    data = synthetic_data["counting"]
+    sample = PromptBuilder(processor, DataConfig(), MediaConfig(), default_media_root(data)).prepare(read_rows(data)[0], 0)
+    engine = make_engine("hf", model=model, processor=processor)
+    gaps = {}
+    for penalty in (1.0, 5.0):
+        sampling = SamplingSettings(max_tokens=8, temperature=1.0, repetition_penalty=penalty, seed=5)
+        completions = engine.generate([sample], 3, sampling)[0].completions
+        packed = pack_groups(model, [dict(sample.inputs)], [c.token_ids for c in completions], 3,
+                             processor.tokenizer.pad_token_id)
+        with torch.no_grad():
+            learner, _ = grouped_logprobs(model, packed, suppressed_ids=media_token_ids(model.config))
+        mask = packed.completion_mask.bool()
+        assert mask.sum() > 3  # the premise: tokens were sampled and scored
+        sampler = torch.zeros_like(learner)
+        for row, c in enumerate(completions):
+            sampler[row, :len(c.logprobs)] = torch.tensor(c.logprobs)
+        gaps[penalty] = float((learner - sampler)[mask].abs().max())
+    print("sampler vs learner, max |logprob difference| by repetition_penalty:", gaps)
+    assert gaps[1.0] < 1e-4
+    assert gaps[5.0] > 5e-3, gaps  # measured 2.1e-2 (the tiny model's logits are small: the penalty moves them little)
+
+
+def test_repetition_penalty_is_refused_where_the_samplers_logprobs_are_used(tmp_path, capsys):
+    """GRPO with rollout_is reads the sampler's logprobs: a repetition penalty is refused at load in one line
+    naming the field (exit 2). Where nothing reads them (rollout_is none, iterative DPO) it is allowed."""
+    from r1_mm.cli import main
+    from r1_mm.config import ConfigError, load_recipe
+
+    out = [f"training.output_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match=r"rollout\.repetition_penalty=1\.2 .*algorithm\.rollout_is=token_truncate"):
+        load_recipe(None, out + ["rollout.repetition_penalty=1.2"])
+    with pytest.raises(ConfigError, match=r"rollout\.repetition_penalty=1\.1 .*algorithm\.rollout_is=sequence_mask"):
+        load_recipe(None, out + ["rollout.repetition_penalty=1.1", "algorithm.rollout_is=sequence_mask"])
+    assert load_recipe(None, out + ["rollout.repetition_penalty=1.2", "algorithm.rollout_is=none"]).rollout.repetition_penalty == 1.2
+    assert load_recipe(None, out + ["rollout.repetition_penalty=1.2", "algorithm.name=iterative_dpo"]).algorithm.name == "iterative_dpo"
+    assert load_recipe(None, out).rollout.repetition_penalty == 1.0  # the default passes
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("rollout: {repetition_penalty: 1.3}\n")
+    assert main(["train", str(recipe), "--print-config"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "rollout.repetition_penalty=1.3" in lines[0], lines
