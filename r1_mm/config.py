@@ -116,6 +116,10 @@ class RolloutConfig:
     vllm_sleep_mode: bool = True  # colocate on GPU: free the KV cache and weights between rollouts
     vllm_tensor_parallel_size: int = 1
     vllm_data_parallel_size: int = 1  # pool servers only
+    # vLLM's executor: auto = vLLM's choice (one process with one GPU; the learner's process group under
+    # torchrun for the colocated engine); mp = worker processes that get pickled arguments (what tensor
+    # parallel > 1 runs; selectable with 1 so this path is tested on one device)
+    vllm_executor: Literal["auto", "mp"] = "auto"
     weight_sync_bucket_mb: int = 256  # ZeRO-3: parameters are gathered and sent in buckets this large
     pool_servers: list[str] = field(default_factory=list)  # base URLs of running `r1-mm serve rollout`s
     pool_size: int = 2  # servers the pool starts itself (beside rank 0) when pool_servers is empty

@@ -64,19 +64,20 @@ VLLM_ENGINES = ("vllm_colocate", "vllm_pool")
 def engine_parallelism_problems(cfg: RecipeConfig) -> list[str]:
     """vLLM engine layouts r1-mm cannot run correctly yet, refused before anything starts.
 
-    Tensor parallel > 1 runs vLLM's multiprocess executor, which pickles every RPC argument: the weight
-    sync hands vLLM a generator of tensors (to stream them bucket by bucket), which cannot be pickled,
-    so the first sync failed and the server marked itself broken. The colocated engine would also send
-    each rank of a TP group its own prompts and seeds, where vLLM needs the same ones on every rank.
-    Data parallel > 1 raises inside vLLM's LLM class."""
+    Tensor parallel > 1 runs vLLM's multiprocess executor, which pickles every RPC argument. The weight
+    sync once handed vLLM a generator of tensors, which cannot be pickled; it now sends what pickles
+    (rollout/reload.py), tested on the multiprocess executor with one worker (rollout.vllm_executor=mp),
+    but no test has yet run an engine with two workers. The colocated engine would also send each rank of
+    a TP group its own prompts and seeds, where vLLM needs the same ones on every rank. Data parallel > 1
+    raises inside vLLM's LLM class."""
     r = cfg.rollout
     if r.engine not in VLLM_ENGINES:
         return []
     found = []
     if r.vllm_tensor_parallel_size > 1:
-        found.append(f"rollout.vllm_tensor_parallel_size={r.vllm_tensor_parallel_size} is not supported yet (the weight "
-                     "sync streams tensors as a generator, which vLLM's multiprocess executor cannot pickle): use 1, "
-                     "one engine per GPU")
+        found.append(f"rollout.vllm_tensor_parallel_size={r.vllm_tensor_parallel_size} is not supported yet (no test has run "
+                     "a tensor-parallel engine, and the colocated engine would send each rank of a group its own "
+                     "prompts): use 1, one engine per GPU")
     if r.vllm_data_parallel_size > 1:
         found.append(f"rollout.vllm_data_parallel_size={r.vllm_data_parallel_size} raises inside vLLM's LLM class: "
                      "start one server per GPU group and list them in rollout.pool_servers (or raise pool_size)")

@@ -27,12 +27,13 @@ def test_too_few_gpus_is_one_line_naming_the_fields():
 
 def test_each_server_start_names_its_devices_and_memory_share(tmp_path):
     cfg = load_recipe(None, ["model.name_or_path=/models/x", "rollout.engine=vllm_pool",
-                             "rollout.pool_gpu_memory_utilization=0.85"])
+                             "rollout.pool_gpu_memory_utilization=0.85", "rollout.vllm_executor=mp"])
     servers = [ManagedServer(cfg, 8100 + i, tmp_path, devices=d)
                for i, d in enumerate(server_devices(2, 1, learners_here=6, gpus_here=8))]
     assert [s.environment()["CUDA_VISIBLE_DEVICES"] for s in servers] == ["6", "7"]
     command = servers[0].command()
     assert command[command.index("--gpu-memory-utilization") + 1] == "0.85"
+    assert command[command.index("--executor") + 1] == "mp"
     # a CPU machine's server keeps the caller's environment
     cpu = ManagedServer(cfg, 8102, tmp_path, devices=[])
     assert "CUDA_VISIBLE_DEVICES" not in cpu.environment() or cpu.environment()["CUDA_VISIBLE_DEVICES"] == \

@@ -151,6 +151,35 @@ def test_colocate_prompts_logprobs_and_weight_sync(tmp_path, synthetic_data):
     assert engine.last_sync_s < 30
 
 
+@pytest.mark.slow
+def test_colocate_on_the_multiprocess_executor_syncs_through_pickled_arguments(tmp_path, synthetic_data):
+    """vLLM's multiprocess executor (what tensor parallel > 1 runs on GPUs) pickles every collective_rpc
+    argument to its worker process: the stream of tensors the sync sent before failed there ("cannot pickle
+    'generator' object"). On the mp executor (TP 1) a sync goes through a folder and really changes samples."""
+    cfg = recipe(tmp_path, "rollout.vllm_executor=mp")
+    processor, model = load_processor(cfg.model), load_model(cfg.model)
+    engine = make_engine("vllm_colocate", model=model, processor=processor, cfg=cfg)
+    try:
+        parallel = engine.llm.llm_engine.vllm_config.parallel_config
+        executor = type(engine.llm.llm_engine.engine_core.engine_core.model_executor).__name__
+        # the premise: vLLM's own state says its worker is another process, reached through pickles
+        assert parallel.distributed_executor_backend == "mp" and executor == "MultiprocExecutor"
+        assert not engine.in_process and engine.info()["executor"] == "mp"
+        samples = samples_for(cfg, processor, synthetic_data)[:1]
+        sampling = SamplingSettings(max_tokens=6, seed=3)
+        before = engine.generate(samples, 2, sampling)
+        assert engine.generate(samples, 2, sampling)[0].completions == before[0].completions  # the worker's stream is seeded
+        perturb(model, 0)
+        engine.update_weights(model)
+        after = engine.generate(samples, 2, sampling)
+        assert [c.token_ids for c in after[0].completions] != [c.token_ids for c in before[0].completions]
+        sampler = torch.tensor(after[0].completions[0].logprobs)
+        assert (sampler - learner_logprobs(model, processor, samples[0], after[0].completions)[0]).abs().max() < 0.05
+        assert not (engine.segment.path / "current").exists()  # the host copy is freed after the sync
+    finally:
+        engine.close()
+
+
 def start_server(port: int, log: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen([str(BIN / "r1-mm"), "serve", "rollout", "--model", "tiny:qwen2_5_vl:small", "--port",
                              str(port), "--dtype", "float32", "--max-model-len", "2048"], env=env,

@@ -117,7 +117,7 @@ class ManagedServer:
                 "--max-images", str(r.vllm_max_images_per_prompt), "--max-videos", str(r.vllm_max_videos_per_prompt),
                 "--tensor-parallel-size", str(r.vllm_tensor_parallel_size),
                 "--data-parallel-size", str(r.vllm_data_parallel_size), "--seed", str(self.cfg.training.seed),
-                "--gpu-memory-utilization", str(r.pool_gpu_memory_utilization),
+                "--gpu-memory-utilization", str(r.pool_gpu_memory_utilization), "--executor", r.vllm_executor,
                 *([] if r.pool_server_batching else ["--no-batching"])]
 
     def start(self) -> None:
@@ -269,25 +269,17 @@ class VLLMPoolEngine(RolloutEngine):
     # -- weights --------------------------------------------------------------------------------
     def _write_weights(self, model: torch.nn.Module) -> Path | None:
         """All ranks gather (collective under ZeRO-3); rank 0 writes safetensors buckets to shared memory."""
-        from safetensors.torch import save_file
+        from r1_mm.rollout.reload import write_weight_files
 
+        bucket_mb = self.cfg.rollout.weight_sync_bucket_mb
+        weights = iter_policy_weights(model, bucket_mb)
+        if self.rank != 0:
+            for _ in weights:  # the gather is collective: every rank iterates
+                pass
+            return None
         folder = self.weights_root / f"v{self.version + 1}"
-        if self.rank == 0:
-            folder.mkdir(parents=True)
-        limit = self.cfg.rollout.weight_sync_bucket_mb * 2**20
-        bucket: dict[str, torch.Tensor] = {}
-        size, part = 0, 0
-        for name, tensor in iter_policy_weights(model, self.cfg.rollout.weight_sync_bucket_mb):
-            if self.rank != 0:
-                continue
-            bucket[name] = tensor.contiguous().cpu()
-            size += tensor.numel() * tensor.element_size()
-            if size >= limit:
-                save_file(bucket, str(folder / f"part-{part:05d}.safetensors"))
-                bucket, size, part = {}, 0, part + 1
-        if self.rank == 0 and bucket:
-            save_file(bucket, str(folder / f"part-{part:05d}.safetensors"))
-        return folder if self.rank == 0 else None
+        write_weight_files(weights, folder, bucket_mb)
+        return folder
 
     def _push(self, url: str, folder: Path, version: int) -> None:
         checked(self.client.post(f"{url}/update_weights", json={"path": str(folder), "version": version}), url,
