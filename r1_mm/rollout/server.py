@@ -123,6 +123,7 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
     from r1_mm.rollout.reload import reload_folder_in_place, workers_in_process
     from r1_mm.rollout.transport import decode_request
     from r1_mm.rollout.vllm_common import engine_info, engine_params, reset_caches, seed_engine_stream
+    from r1_mm.rollout.weight_channel import DEFAULT_TIMEOUT_S
 
     app = FastAPI(title="r1-mm rollout server")
     lock = threading.Lock()  # one engine: generate and reload never overlap
@@ -218,7 +219,8 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
         check_broadcast_specs(specs)
         with lock:
             try:
-                checksums = llm.collective_rpc("r1mm_receive_weights", kwargs={"specs": specs})
+                checksums = llm.collective_rpc("r1mm_receive_weights", kwargs={
+                    "specs": specs, "timeout_s": float(body.get("timeout_s", DEFAULT_TIMEOUT_S))})
                 reset_caches(llm)
             except Exception as exc:  # the group is half-way through a broadcast: no way back
                 state["broken"] = f"broadcast weight update failed: {type(exc).__name__}: {exc}"

@@ -307,11 +307,16 @@ class VLLMPoolEngine(RolloutEngine):
         return channel
 
     def _broadcast_weights(self, model: torch.nn.Module) -> None:
-        """All ranks gather (collective under ZeRO-3); rank 0 broadcasts each tensor to every server worker."""
-        from r1_mm.rollout.weight_channel import Checksum, checksums_agree
+        """All ranks gather (collective under ZeRO-3); rank 0 broadcasts each tensor to every server worker.
+
+        Each collective has a deadline (rollout.pool_sync_timeout_s), and rank 0 stops as soon as a server's
+        reply comes back failed, with that server's error: a server failing mid-sync once left rank 0
+        blocked in an NCCL broadcast, which has no timeout."""
+        from r1_mm.rollout.weight_channel import Checksum, WeightSyncFailed, checksums_agree
         from r1_mm.rollout.weights import policy_weight_specs
 
         specs = policy_weight_specs(model)
+        timeout_s = self.cfg.rollout.pool_sync_timeout_s
         if self.rank == 0:
             # the handshake: every server says it takes these tensors before any is broadcast
             for url in self.urls:
@@ -321,15 +326,36 @@ class VLLMPoolEngine(RolloutEngine):
                 self.channel = self._open_channel()
         pool = ThreadPoolExecutor(len(self.urls)) if self.rank == 0 else None
         sent = Checksum()
+        replies: list[Any] = []
+
+        def failed() -> str | None:
+            """A server whose reply already came back with an error (it cannot be taking part any more)."""
+            for url, reply in zip(self.urls, replies, strict=True):
+                if not reply.done():
+                    continue
+                if reply.exception() is not None:
+                    return f"rollout server {url}: {type(reply.exception()).__name__}: {reply.exception()}"
+                if reply.result().status_code != 200:
+                    return (f"rollout server {url} failed the broadcast weight update: HTTP "
+                            f"{reply.result().status_code} {reply.result().text[:300]}")
+            return None
+
         try:
-            replies = [pool.submit(self.client.post, f"{url}/update_weights_broadcast",
-                                   json={"specs": specs, "version": self.version + 1}) for url in self.urls] \
-                if pool is not None else []
-            for (name, tensor), (spec_name, _, _) in zip(iter_policy_weights(model, self.cfg.rollout.weight_sync_bucket_mb),
-                                                        specs, strict=True):
+            if pool is not None:
+                replies = [pool.submit(self.client.post, f"{url}/update_weights_broadcast",
+                                       json={"specs": specs, "version": self.version + 1, "timeout_s": timeout_s})
+                           for url in self.urls]
+            stream = iter_policy_weights(model, self.cfg.rollout.weight_sync_bucket_mb)
+            for i, ((name, tensor), (spec_name, _, _)) in enumerate(zip(stream, specs, strict=True)):
                 if self.channel is not None:
                     assert name == spec_name, (name, spec_name)
-                    sent_tensor = self.channel.broadcast(tensor.to(self.channel.device).contiguous())
+                    try:
+                        sent_tensor = self.channel.broadcast(tensor.to(self.channel.device).contiguous(), timeout_s,
+                                                             failed)
+                    except WeightSyncFailed as exc:
+                        self.channel = None  # aborted: a later sync would open a new group
+                        raise WeightSyncFailed(f"broadcast weight sync stopped at tensor {i + 1} of {len(specs)} "
+                                               f"({name}): {exc}") from None
                     sent.add(sent_tensor)
             for url, reply in zip(self.urls if replies else [], replies, strict=True):  # replies: rank 0 only
                 received = checked(reply.result(), url, "a broadcast weight update").json().get("checksums", [])
@@ -338,7 +364,7 @@ class VLLMPoolEngine(RolloutEngine):
                                        f"{received} vs {sent.value()}): the broadcast did not deliver them")
         finally:
             if pool is not None:
-                pool.shutdown()
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def update_weights(self, model: torch.nn.Module) -> None:
         t0 = time.perf_counter()
