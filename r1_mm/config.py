@@ -120,6 +120,10 @@ class RolloutConfig:
     # torchrun for the colocated engine); mp = worker processes that get pickled arguments (what tensor
     # parallel > 1 runs; selectable with 1 so this path is tested on one device)
     vllm_executor: Literal["auto", "mp"] = "auto"
+    # vLLM's scheduler limits (None: vLLM's defaults, on GPUs 8192-16384 tokens and 256-1024 sequences per
+    # step); the colocated engine at a low memory share wants a smaller token budget (docs/gpu.md)
+    vllm_max_num_batched_tokens: int | None = None
+    vllm_max_num_seqs: int | None = None
     weight_sync_bucket_mb: int = 256  # ZeRO-3: parameters are gathered and sent in buckets this large
     pool_servers: list[str] = field(default_factory=list)  # base URLs of running `r1-mm serve rollout`s
     pool_size: int = 2  # servers the pool starts itself (beside rank 0) when pool_servers is empty
@@ -505,6 +509,8 @@ _BOUNDS: list[tuple[str, float | None, bool, float | None, bool]] = [
     ("rollout.vllm_max_videos_per_prompt", 0, True, None, False),
     ("rollout.vllm_tensor_parallel_size", 1, True, None, False),
     ("rollout.vllm_data_parallel_size", 1, True, None, False),
+    ("rollout.vllm_max_num_batched_tokens", 1, True, None, False),
+    ("rollout.vllm_max_num_seqs", 1, True, None, False),
     ("rollout.pool_request_timeout_s", 0, False, None, False),
     ("rollout.pool_sync_timeout_s", 0, False, None, False),
     ("rollout.pool_startup_timeout_s", 0, False, None, False),

@@ -155,8 +155,11 @@ def test_colocate_prompts_logprobs_and_weight_sync(tmp_path, synthetic_data):
 def test_colocate_on_the_multiprocess_executor_syncs_through_pickled_arguments(tmp_path, synthetic_data):
     """vLLM's multiprocess executor (what tensor parallel > 1 runs on GPUs) pickles every collective_rpc
     argument to its worker process: the stream of tensors the sync sent before failed there ("cannot pickle
-    'generator' object"). On the mp executor (TP 1) a sync goes through a folder and really changes samples."""
-    cfg = recipe(tmp_path, "rollout.vllm_executor=mp")
+    'generator' object"). On the mp executor (TP 1) a sync goes through a folder and really changes samples.
+    The recipe's scheduler limits reach vLLM's config, and a prompt (with its image) longer than the token
+    budget is served: chunked prefill splits it, its image included (preflight.engine_sizing_problems)."""
+    cfg = recipe(tmp_path, "rollout.vllm_executor=mp", "rollout.vllm_max_num_batched_tokens=48",
+                 "rollout.vllm_max_num_seqs=8")
     processor, model = load_processor(cfg.model), load_model(cfg.model)
     engine = make_engine("vllm_colocate", model=model, processor=processor, cfg=cfg)
     try:
@@ -165,7 +168,14 @@ def test_colocate_on_the_multiprocess_executor_syncs_through_pickled_arguments(t
         # the premise: vLLM's own state says its worker is another process, reached through pickles
         assert parallel.distributed_executor_backend == "mp" and executor == "MultiprocExecutor"
         assert not engine.in_process and engine.info()["executor"] == "mp"
+        scheduler = engine.llm.llm_engine.vllm_config.scheduler_config
+        assert (scheduler.max_num_batched_tokens, scheduler.max_num_seqs) == (48, 8)
+        assert scheduler.enable_chunked_prefill and not scheduler.disable_chunked_mm_input
         samples = samples_for(cfg, processor, synthetic_data)[:1]
+        ids = samples[0].inputs["input_ids"][0]
+        image = (ids == model.config.image_token_id).nonzero().flatten().tolist()
+        # the premise: the prompt is longer than one step's budget and its image's tokens straddle the first cut
+        assert len(ids) > 48 and image[0] < 48 <= image[-1], (len(ids), image)
         sampling = SamplingSettings(max_tokens=6, seed=3)
         before = engine.generate(samples, 2, sampling)
         assert engine.generate(samples, 2, sampling)[0].completions == before[0].completions  # the worker's stream is seeded

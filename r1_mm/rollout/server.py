@@ -270,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--data-parallel-size", type=int, default=1)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM's token budget per step (default: vLLM's)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="vLLM's sequences per step (default: vLLM's)")
     p.add_argument("--executor", choices=["auto", "mp"], default="auto",
                    help="vLLM's executor: auto (vLLM's choice: in-process with one GPU) or mp (worker processes, "
                         "arguments pickled, as with tensor parallel > 1)")
@@ -303,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                                   logprobs_mode="processed_logprobs", tensor_parallel_size=args.tensor_parallel_size,
                                   data_parallel_size=args.data_parallel_size,
                                   worker_extension_cls="r1_mm.rollout.weight_channel.WeightReceiverExtension")
+    kwargs.update({k: v for k, v in (("max_num_batched_tokens", args.max_num_batched_tokens),
+                                     ("max_num_seqs", args.max_num_seqs)) if v is not None})
     if args.executor == "mp":
         kwargs["distributed_executor_backend"] = "mp"
     if torch.cuda.is_available():

@@ -93,10 +93,17 @@ def engine_info(llm: Any) -> dict[str, Any]:
     scheduler = config.scheduler_config
     parallel = config.parallel_config
     return {"max_num_batched_tokens": int(scheduler.max_num_batched_tokens),
+            "max_num_seqs": int(scheduler.max_num_seqs),
             "executor": str(parallel.distributed_executor_backend),
             "enable_chunked_prefill": bool(scheduler.enable_chunked_prefill),
             "dtype": str(config.model_config.dtype).removeprefix("torch."),
             "seeding": "per_request" if request_seeds_supported() else "engine_stream"}
+
+
+def engine_sizing(rollout: Any) -> dict[str, int]:
+    """The recipe's scheduler limits as vLLM's LLM arguments; the unset ones are left to vLLM's defaults."""
+    limits = {"max_num_batched_tokens": rollout.vllm_max_num_batched_tokens, "max_num_seqs": rollout.vllm_max_num_seqs}
+    return {k: int(v) for k, v in limits.items() if v is not None}
 
 
 def engine_dtype(vllm_dtype: str, model: Any) -> str:

@@ -46,6 +46,8 @@ from r1_mm.serving import free_port
 log = logging.getLogger(__name__)
 
 
+SERVER_ENGINE_KEYS = ("max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "dtype", "seeding", "executor",
+                      "workers", "batching")
 API_KEY_HINT = "the variable named by rollout.pool_api_key_env to the servers' key"
 
 
@@ -118,6 +120,9 @@ class ManagedServer:
                 "--tensor-parallel-size", str(r.vllm_tensor_parallel_size),
                 "--data-parallel-size", str(r.vllm_data_parallel_size), "--seed", str(self.cfg.training.seed),
                 "--gpu-memory-utilization", str(r.pool_gpu_memory_utilization), "--executor", r.vllm_executor,
+                *[arg for flag, value in (("--max-num-batched-tokens", r.vllm_max_num_batched_tokens),
+                                          ("--max-num-seqs", r.vllm_max_num_seqs)) if value is not None
+                  for arg in (flag, str(value))],
                 *([] if r.pool_server_batching else ["--no-batching"])]
 
     def start(self) -> None:
@@ -263,8 +268,7 @@ class VLLMPoolEngine(RolloutEngine):
     def info(self) -> dict[str, Any]:
         health = [self.client.get(f"{url}/health").json() for url in self.urls]
         return {"servers": self.urls, "weight_sync": self.sync_mode, "sync_host": getattr(self, "sync_host", None),
-                "server_engines": [{k: h.get(k) for k in ("max_num_batched_tokens", "enable_chunked_prefill", "dtype", "seeding",
-                                                          "workers", "batching")} for h in health]}
+                "server_engines": [{k: h.get(k) for k in SERVER_ENGINE_KEYS} for h in health]}
 
     # -- weights --------------------------------------------------------------------------------
     def _write_weights(self, model: torch.nn.Module) -> Path | None:
