@@ -151,6 +151,39 @@ def test_colocate_prompts_logprobs_and_weight_sync(tmp_path, synthetic_data):
     assert engine.last_sync_s < 30
 
 
+def test_a_reload_finishes_on_the_device_before_it_returns(tmp_path, monkeypatch):
+    """The rollout server reloads on its HTTP thread and then releases the engine lock to the engine thread,
+    which generates on its own CUDA stream: the worker-side reload synchronises the device before it
+    returns. No CUDA here: CUDA is reported available and torch.cuda.synchronize is a recorder (mocks for
+    what cannot exist on this machine); the server's reload path (folder -> worker function) is real."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from r1_mm.rollout.reload import reload_folder_in_place
+
+    events: list = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(("synchronize", device)))
+
+    class Worker:
+        device = "cuda:0"
+        model_runner = SimpleNamespace(get_model=lambda: torch.nn.Linear(2, 2))
+
+        def reload_weights(self, weights_iterator, is_checkpoint_format):
+            events.append(("reload", [name for name, _ in weights_iterator]))
+
+    class InProcessEngine:  # collective_rpc as vLLM's uni executor runs it: on the calling thread
+        def collective_rpc(self, method, args=()):
+            result = [method(Worker(), *args)]
+            events.append(("rpc returned",))
+            return result
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "part-00000.safetensors"))
+    reload_folder_in_place(InProcessEngine(), tmp_path)
+    assert events == [("reload", ["w"]), ("synchronize", "cuda:0"), ("rpc returned",)]
+
+
 @pytest.mark.slow
 def test_colocate_on_the_multiprocess_executor_syncs_through_pickled_arguments(tmp_path, synthetic_data):
     """vLLM's multiprocess executor (what tensor parallel > 1 runs on GPUs) pickles every collective_rpc

@@ -67,9 +67,18 @@ def quiet_buffer_only_layers(model: torch.nn.Module) -> Iterator[None]:
 
 
 def reload_worker(worker: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """In a vLLM worker: reload ``weights`` (Hugging Face names) in place."""
+    """In a vLLM worker: reload ``weights`` (Hugging Face names) in place, finished on the device when
+    this returns.
+
+    Why the device sync: an in-process worker reloads on the thread that called it (the rollout server's
+    HTTP thread), whose copies are queued on that thread's current CUDA stream, while generation runs on
+    the engine thread's; the server releases its engine lock when this returns, so without the sync the
+    next step could read weights still being copied. A worker process runs RPCs and steps on one thread,
+    where the sync only costs the wait for copies that were about to finish anyway."""
     with quiet_buffer_only_layers(worker.model_runner.get_model()):
         worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize(getattr(worker, "device", None))
 
 
 def read_weights(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -154,7 +154,9 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
     def reload(folder: Path) -> None:
         # the folder's path, which every worker reads itself: it pickles for vLLM's multiprocess executor
         # (a stream of tensors does not); our own argument, not vLLM's weights_path, which would also
-        # repoint vLLM's processor at the weights folder
+        # repoint vLLM's processor at the weights folder. Called under the engine lock; the worker
+        # synchronises its device before returning (reload.reload_worker), so the lock is released only
+        # once the copies this HTTP thread queued on its own CUDA stream are done
         reload_folder_in_place(llm, folder)
         reset_caches(llm)
 
