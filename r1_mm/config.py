@@ -117,6 +117,14 @@ class RolloutConfig:
     vllm_sleep_mode: bool = True  # colocate on GPU: free the KV cache and weights between rollouts
     vllm_tensor_parallel_size: int = 1
     vllm_data_parallel_size: int = 1  # pool servers only
+    # vLLM's executor: auto = vLLM's choice (one process with one GPU; the learner's process group under
+    # torchrun for the colocated engine); mp = worker processes that get pickled arguments (what tensor
+    # parallel > 1 runs; selectable with 1 so this path is tested on one device)
+    vllm_executor: Literal["auto", "mp"] = "auto"
+    # vLLM's scheduler limits (None: vLLM's defaults, on GPUs 8192-16384 tokens and 256-1024 sequences per
+    # step); the colocated engine at a low memory share wants a smaller token budget (docs/gpu.md)
+    vllm_max_num_batched_tokens: int | None = None
+    vllm_max_num_seqs: int | None = None
     weight_sync_bucket_mb: int = 256  # ZeRO-3: parameters are gathered and sent in buckets this large
     pool_servers: list[str] = field(default_factory=list)  # base URLs of running `r1-mm serve rollout`s
     pool_size: int = 2  # servers the pool starts itself (beside rank 0) when pool_servers is empty
@@ -134,6 +142,10 @@ class RolloutConfig:
     # rank 0's address as the servers reach it (broadcast sync); default: its address on the route to them
     pool_sync_host: str | None = None
     pool_request_timeout_s: float = 600.0
+    # broadcast sync: each collective's deadline (learner and servers); the learner also stops as soon as a
+    # server reports its side failed. Covers the first collective's NCCL connection set-up and, on servers,
+    # the wait while the learner gathers the next ZeRO-3 bucket
+    pool_sync_timeout_s: float = 300.0
     # environment variable holding the servers' API key (sent as a bearer token; never put in argv or logs)
     pool_api_key_env: str = "R1MM_ROLLOUT_API_KEY"
     pool_startup_timeout_s: float = 600.0
@@ -521,7 +533,10 @@ _BOUNDS: list[tuple[str, float | None, bool, float | None, bool]] = [
     ("rollout.vllm_max_videos_per_prompt", 0, True, None, False),
     ("rollout.vllm_tensor_parallel_size", 1, True, None, False),
     ("rollout.vllm_data_parallel_size", 1, True, None, False),
+    ("rollout.vllm_max_num_batched_tokens", 1, True, None, False),
+    ("rollout.vllm_max_num_seqs", 1, True, None, False),
     ("rollout.pool_request_timeout_s", 0, False, None, False),
+    ("rollout.pool_sync_timeout_s", 0, False, None, False),
     ("rollout.pool_startup_timeout_s", 0, False, None, False),
     ("algorithm.temporal_num_shuffled", 1, True, None, False),
     ("algorithm.rollout_is_floor", 0, True, None, False),

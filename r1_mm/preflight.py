@@ -48,6 +48,7 @@ def problems(cfg: RecipeConfig, machine: Machine) -> list[str]:
             found.append(f"model.attn_implementation={attn} needs the {FLASH_PACKAGES[attn]} package: "
                          f"install it (pip install flash-attn --no-build-isolation) or use model.attn_implementation=sdpa")
     found += engine_parallelism_problems(cfg)
+    found += engine_sizing_problems(cfg)
     unwritable = run_folder.writable_problem(cfg.training.output_dir, "training.output_dir")
     if unwritable:
         found.append(unwritable)
@@ -64,23 +65,53 @@ VLLM_ENGINES = ("vllm_colocate", "vllm_pool")
 def engine_parallelism_problems(cfg: RecipeConfig) -> list[str]:
     """vLLM engine layouts r1-mm cannot run correctly yet, refused before anything starts.
 
-    Tensor parallel > 1 runs vLLM's multiprocess executor, which pickles every RPC argument: the weight
-    sync hands vLLM a generator of tensors (to stream them bucket by bucket), which cannot be pickled,
-    so the first sync failed and the server marked itself broken. The colocated engine would also send
-    each rank of a TP group its own prompts and seeds, where vLLM needs the same ones on every rank.
-    Data parallel > 1 raises inside vLLM's LLM class."""
+    Tensor parallel > 1 runs vLLM's multiprocess executor, which pickles every RPC argument. The weight
+    sync once handed vLLM a generator of tensors, which cannot be pickled; it now sends what pickles
+    (rollout/reload.py), tested on the multiprocess executor with one worker (rollout.vllm_executor=mp),
+    but no test has yet run an engine with two workers. The colocated engine would also send each rank of
+    a TP group its own prompts and seeds, where vLLM needs the same ones on every rank. Data parallel > 1
+    raises inside vLLM's LLM class."""
     r = cfg.rollout
     if r.engine not in VLLM_ENGINES:
         return []
     found = []
     if r.vllm_tensor_parallel_size > 1:
-        found.append(f"rollout.vllm_tensor_parallel_size={r.vllm_tensor_parallel_size} is not supported yet (the weight "
-                     "sync streams tensors as a generator, which vLLM's multiprocess executor cannot pickle): use 1, "
-                     "one engine per GPU")
+        found.append(f"rollout.vllm_tensor_parallel_size={r.vllm_tensor_parallel_size} is not supported yet (no test has run "
+                     "a tensor-parallel engine, and the colocated engine would send each rank of a group its own "
+                     "prompts): use 1, one engine per GPU")
     if r.vllm_data_parallel_size > 1:
         found.append(f"rollout.vllm_data_parallel_size={r.vllm_data_parallel_size} raises inside vLLM's LLM class: "
                      "start one server per GPU group and list them in rollout.pool_servers (or raise pool_size)")
     return found
+
+
+# vLLM 0.32's largest default max_num_seqs for the LLM class (GPUs of >= 70 GiB but A100s; 256 elsewhere):
+# engine/arg_utils.py, EngineArgs.get_batch_defaults
+VLLM_LARGEST_DEFAULT_MAX_NUM_SEQS = 1024
+
+
+def engine_sizing_problems(cfg: RecipeConfig) -> list[str]:
+    """Scheduler limits vLLM would refuse at engine start (after the learner loaded), found at load.
+
+    vLLM's rule (config/scheduler.py, ``verify_max_model_len``): max_num_batched_tokens >= max_num_seqs,
+    and >= max_model_len only when chunked prefill is off. It is on for the decoder-only VLMs r1-mm runs
+    (``is_chunked_prefill_supported``), and their multimodal items may be split across steps too
+    (``disable_chunked_mm_input`` is forced only for encoder-decoder and multimodal prefix-LM models; the
+    encoder's budget grows to the largest item, v1/core/encoder_cache_manager.py), so a prompt longer
+    than the token budget is prefilled over several steps: no floor from the prompts (tested)."""
+    r = cfg.rollout
+    tokens, seqs = r.vllm_max_num_batched_tokens, r.vllm_max_num_seqs
+    if r.engine not in VLLM_ENGINES or tokens is None:
+        return []
+    if seqs is not None and tokens < seqs:
+        return [f"rollout.vllm_max_num_batched_tokens={tokens} is below rollout.vllm_max_num_seqs={seqs}, which vLLM "
+                "refuses at engine start (every running sequence needs a token of the step): raise it or lower "
+                "rollout.vllm_max_num_seqs"]
+    if seqs is None and tokens < VLLM_LARGEST_DEFAULT_MAX_NUM_SEQS:
+        return [f"rollout.vllm_max_num_batched_tokens={tokens} is below vLLM's default max_num_seqs (up to "
+                f"{VLLM_LARGEST_DEFAULT_MAX_NUM_SEQS} on large GPUs), which vLLM refuses at engine start: set "
+                f"rollout.vllm_max_num_seqs to at most {tokens}"]
+    return []
 
 
 def precision_problem(cfg: RecipeConfig, *, mixed_precision: str, cuda: bool, deepspeed: bool) -> str | None:

@@ -20,12 +20,19 @@ from r1_mm.data.loading import default_media_root, read_rows
 from r1_mm.rollout.base import SamplingSettings
 
 
+class InprocClient:
+    """Named as vLLM's in-process engine-core client: the stand-in's worker runs in this process, as with
+    the colocated engine's default executors (rollout/reload.py reads the class name)."""
+
+
 class RecordingLLM:
     calls: list = []
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs
-        self.llm_engine = SimpleNamespace(reset_encoder_cache=lambda: None)
+        parallel = SimpleNamespace(distributed_executor_backend="uni")
+        self.llm_engine = SimpleNamespace(reset_encoder_cache=lambda: None, engine_core=InprocClient(),
+                                          vllm_config=SimpleNamespace(parallel_config=parallel))
         RecordingLLM.calls = []
 
     def sleep(self, level=1):

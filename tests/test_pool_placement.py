@@ -27,12 +27,13 @@ def test_too_few_gpus_is_one_line_naming_the_fields():
 
 def test_each_server_start_names_its_devices_and_memory_share(tmp_path):
     cfg = load_recipe(None, ["model.name_or_path=/models/x", "rollout.engine=vllm_pool",
-                             "rollout.pool_gpu_memory_utilization=0.85"])
+                             "rollout.pool_gpu_memory_utilization=0.85", "rollout.vllm_executor=mp"])
     servers = [ManagedServer(cfg, 8100 + i, tmp_path, devices=d)
                for i, d in enumerate(server_devices(2, 1, learners_here=6, gpus_here=8))]
     assert [s.environment()["CUDA_VISIBLE_DEVICES"] for s in servers] == ["6", "7"]
     command = servers[0].command()
     assert command[command.index("--gpu-memory-utilization") + 1] == "0.85"
+    assert command[command.index("--executor") + 1] == "mp"
     # a CPU machine's server keeps the caller's environment
     cpu = ManagedServer(cfg, 8102, tmp_path, devices=[])
     assert "CUDA_VISIBLE_DEVICES" not in cpu.environment() or cpu.environment()["CUDA_VISIBLE_DEVICES"] == \
@@ -57,3 +58,30 @@ def test_server_refuses_tensor_parallel_in_one_line():
     proc = subprocess.run([sys.executable, "-m", "r1_mm.cli", "serve", "rollout", "--model", "/nonexistent",
                            "--tensor-parallel-size", "2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "one server per GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_engine_sizing_reaches_the_server_command_line(tmp_path):
+    sized = load_recipe(None, ["model.name_or_path=/models/x", "rollout.engine=vllm_pool",
+                               "rollout.vllm_max_num_batched_tokens=4096", "rollout.vllm_max_num_seqs=64"])
+    command = ManagedServer(sized, 8100, tmp_path).command()
+    assert command[command.index("--max-num-batched-tokens") + 1] == "4096"
+    assert command[command.index("--max-num-seqs") + 1] == "64"
+    default = ManagedServer(load_recipe(None, ["rollout.engine=vllm_pool"]), 8100, tmp_path).command()
+    assert "--max-num-batched-tokens" not in default and "--max-num-seqs" not in default  # vLLM's defaults
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    (["rollout.vllm_max_num_batched_tokens=32", "rollout.vllm_max_num_seqs=64"], "rollout.vllm_max_num_seqs=64"),
+    (["rollout.vllm_max_num_batched_tokens=512"], "set rollout.vllm_max_num_seqs to at most 512"),
+])
+def test_engine_sizing_vllm_would_refuse_stops_at_load_in_one_line(overrides, named):
+    """vLLM refuses max_num_batched_tokens < max_num_seqs at engine start, after the learner has loaded."""
+    from r1_mm.preflight import Machine, preflight
+
+    cfg = load_recipe(None, ["rollout.engine=vllm_colocate", *overrides])
+    with pytest.raises(ConfigError) as err:
+        preflight(cfg, Machine(cuda=False, deepspeed_launch=False, has_package=lambda _: True), read_model_config=False)
+    message = str(err.value)
+    assert "\n" not in message and "rollout.vllm_max_num_batched_tokens" in message and named in message
+    fine = load_recipe(None, ["rollout.engine=vllm_colocate", "rollout.vllm_max_num_batched_tokens=4096"])
+    preflight(fine, Machine(cuda=False, deepspeed_launch=False, has_package=lambda _: True), read_model_config=False)

