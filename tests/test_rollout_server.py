@@ -42,8 +42,10 @@ def start_server(root: Path, tiny_cache: Path, *extra: str):
     shutil.copytree(tiny_model_path(TinySpec(small_vocab=True), cache_dir=tiny_cache), model)
     port = free_port()
     log = root / "server.log"
-    # unbuffered: the log tests read vLLM's lines while the server runs, not when it exits
-    env = {**os.environ, "R1MM_CACHE": str(tiny_cache.parent), "R1MM_ROLLOUT_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
+    # unbuffered: the log tests read vLLM's lines while the server runs, not when it exits; and at INFO:
+    # a test of this session that imported trl directly left VLLM_LOGGING_LEVEL=ERROR in this process
+    env = {**os.environ, "R1MM_CACHE": str(tiny_cache.parent), "R1MM_ROLLOUT_API_KEY": KEY, "PYTHONUNBUFFERED": "1",
+           "VLLM_LOGGING_LEVEL": "INFO"}
     proc = subprocess.Popen([str(BIN / "r1-mm"), "serve", "rollout", "--model", str(model), "--port", str(port),
                              "--dtype", "float32", "--max-model-len", "1024", "--max-request-mb", "1", *extra],
                             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)

@@ -149,9 +149,9 @@ def build_learner(cfg: RecipeConfig, *, need_reference: bool, accelerator: Accel
         else:
             reference = given_reference or load_model(cfg.model, trainable=False, grouped=grouped)
             if accelerator.distributed_type == DistributedType.DEEPSPEED:
-                from trl.models.utils import prepare_deepspeed
+                from r1_mm.trainers.trl_imports import trl_module
 
-                reference = prepare_deepspeed(reference, accelerator)
+                reference = trl_module("trl.models.utils").prepare_deepspeed(reference, accelerator)
             else:
                 reference = reference.to(accelerator.device)
     return Learner(accelerator=accelerator, processor=processor, policy=policy, reference=reference,
@@ -165,9 +165,9 @@ def generation_model(learner: Learner) -> Iterator[torch.nn.Module]:
     Gathering matters beyond speed: with partitioned weights every generated token is a collective,
     and ranks whose completions end at different lengths would wait on each other forever.
     """
-    from trl.models.utils import unwrap_model_for_generation
+    from r1_mm.trainers.trl_imports import trl_module
 
-    with unwrap_model_for_generation(learner.policy, learner.accelerator) as model:
+    with trl_module("trl.models.utils").unwrap_model_for_generation(learner.policy, learner.accelerator) as model:
         yield model
 
 

@@ -88,8 +88,10 @@ def _suppression_bias(lm_head: torch.nn.Module, vocab: int, suppressed: tuple[in
 def _scoring_forward(self: Any, *args: Any, r1mm_score: ScoreRequest | None = None, **kwargs: Any) -> Any:
     if r1mm_score is None:
         return self._r1mm_original_forward(*args, **kwargs)
-    from trl.kernels import ChunkedLogProbFunction
-    from trl.trainer.utils import maybe_gather_lm_head_ctx
+    from r1_mm.trainers.trl_imports import trl_module
+
+    ChunkedLogProbFunction = trl_module("trl.kernels").ChunkedLogProbFunction
+    maybe_gather_lm_head_ctx = trl_module("trl.trainer.utils").maybe_gather_lm_head_ctx
 
     kwargs["use_cache"] = False
     kwargs.pop("logits_to_keep", None)

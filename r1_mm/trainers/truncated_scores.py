@@ -130,7 +130,9 @@ class TruncatedLogProbFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_kept: torch.Tensor | None, grad_full: torch.Tensor | None, grad_entropy: torch.Tensor | None):
-        from trl.trainer.utils import maybe_gather_lm_head_ctx
+        from r1_mm.trainers.trl_imports import trl_module
+
+        maybe_gather_lm_head_ctx = trl_module("trl.trainer.utils").maybe_gather_lm_head_ctx
 
         hidden, weight, bias, targets, threshold, log_kept, log_full, entropy = ctx.saved_tensors
         spec = ctx.spec
