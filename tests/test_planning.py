@@ -124,7 +124,7 @@ logging: {{progress_bar: false}}
 """
 
 
-@pytest.mark.parametrize(("model", "g", "c"), [("tiny:qwen2_5_vl", 4, 32), ("tiny:qwen2_5_vl:vocab=151936", 8, 256)],
+@pytest.mark.parametrize(("model", "g", "c"), [("tiny:qwen2_5_vl", 4, 32), ("tiny:qwen2_5_vl:vocab=151936", 8, 128)],
                          ids=["tiny_vocabulary", "real_vocabulary"])
 def test_estimate_is_within_30_percent_of_a_measured_cpu_run(tmp_path, synthetic_data, tiny_cache, model, g, c):
     recipe = tmp_path / "recipe.yaml"
