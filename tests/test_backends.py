@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import REPO, assert_same_updates, deepspeed_launch_config
+from .conftest import ACCELERATE_LAUNCH, REPO, assert_same_updates, deepspeed_launch_config
 
 BIN = Path(sys.executable).parent
 PLUGIN = REPO / "tests" / "plugins" / "test_rewards.py"
@@ -61,7 +61,7 @@ def cpu_precision(config: Path) -> list[str]:
 
 
 def launch(config: Path, recipe: Path, out: Path, data: Path, cache: Path, *overrides: str) -> list[dict]:
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config), *cpu_precision(config), "-m", "r1_mm.train",
+    cmd = [*ACCELERATE_LAUNCH, "--config_file", str(config), *cpu_precision(config), "-m", "r1_mm.train",
            str(recipe),
            f"data.train_path={data}", f"training.output_dir={out}", *overrides]
     env = dict(__import__("os").environ, R1MM_CACHE=str(cache.parent))
@@ -281,7 +281,7 @@ def test_deepspeed_accumulation_that_disagrees_with_the_recipe_stops_in_one_line
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 1}))
     config = deepspeed_launch_config(tmp_path, ds_json, name="launch.yaml")
     out = root / "accumulate_mismatch"
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config), "-m", "r1_mm.train", str(recipe),
+    cmd = [*ACCELERATE_LAUNCH, "--config_file", str(config), "-m", "r1_mm.train", str(recipe),
            f"data.train_path={data}", f"training.output_dir={out}", "training.prompts_per_step=4",
            "training.gradient_accumulation_steps=2"]
     env = dict(__import__("os").environ, R1MM_CACHE=str(cache.parent))
@@ -299,7 +299,7 @@ def test_tiled_lm_head_equals_full_logits_under_zero3(setup, tmp_path, sampling)
     and backward)."""
     _, recipe, z3, data, cache = setup
     result_file = tmp_path / "scores.json"
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(z3), str(REPO / "tests" / "scripts" / "zero3_token_scores.py"),
+    cmd = [*ACCELERATE_LAUNCH, "--config_file", str(z3), str(REPO / "tests" / "scripts" / "zero3_token_scores.py"),
            str(result_file), str(recipe), f"data.train_path={data}", f"training.output_dir={tmp_path / 'run'}", *sampling]
     env = dict(__import__("os").environ, R1MM_CACHE=str(cache.parent))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

@@ -19,7 +19,7 @@ import pytest
 from r1_mm.serving import free_port
 from r1_mm.topology import address_towards
 
-from .conftest import REPO, stop_process_group
+from .conftest import ACCELERATE_LAUNCH, REPO, stop_process_group
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -57,7 +57,7 @@ def launch_two_machines(tmp_path: Path, ip: str, data: Path, cache: Path, *overr
     procs = []
     for machine in (0, 1):
         # the shipped config runs bf16 on GPUs; this CPU test trains float32 (accelerate's own flag overrides it)
-        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(CONFIG), "--mixed_precision", "no",
+        cmd = [*ACCELERATE_LAUNCH, "--config_file", str(CONFIG), "--mixed_precision", "no",
                "--machine_rank", str(machine),
                "--main_process_ip", ip, "--main_process_port", str(port), "-m", "r1_mm.train", str(recipe),
                f"data.train_path={data}", f"training.output_dir={tmp_path / 'run'}", *overrides]

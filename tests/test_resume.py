@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import deepspeed_launch_config
+from .conftest import ACCELERATE_LAUNCH, deepspeed_launch_config
 
 BIN = Path(sys.executable).parent
 PLUGIN = Path(__file__).parent / "plugins" / "faulty.py"
@@ -23,7 +23,7 @@ COMPARED = ("rewards/total", "train/loss", "train/kl", "train/entropy", "complet
 
 def command(recipe: Path, data: Path, out: Path, extra: list[str], launcher: Path | None = None) -> list[str]:
     start = [str(BIN / "r1-mm"), "train"] if launcher is None else \
-        [str(BIN / "accelerate"), "launch", "--config_file", str(launcher), "-m", "r1_mm.train"]
+        [*ACCELERATE_LAUNCH, "--config_file", str(launcher), "-m", "r1_mm.train"]
     return [*start, str(recipe), f"data.train_path={data}", f"training.output_dir={out}", *extra]
 
 
