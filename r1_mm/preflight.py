@@ -46,7 +46,8 @@ def problems(cfg: RecipeConfig, machine: Machine) -> list[str]:
                          "use model.attn_implementation=sdpa (the grouped forward supports it)")
         elif not machine.has_package(FLASH_PACKAGES[attn]):
             found.append(f"model.attn_implementation={attn} needs the {FLASH_PACKAGES[attn]} package: "
-                         f"install it (pip install flash-attn --no-build-isolation) or use model.attn_implementation=sdpa")
+                         f"install it (pip install --no-build-isolation -r requirements/flash-attn.txt, the version pinned for "
+                         f"the GPU lock) or use model.attn_implementation=sdpa")
     found += engine_parallelism_problems(cfg)
     found += engine_sizing_problems(cfg)
     unwritable = run_folder.writable_problem(cfg.training.output_dir, "training.output_dir")

@@ -16,6 +16,8 @@ from r1_mm.config import ConfigError, load_recipe
 from r1_mm.preflight import Machine, preflight
 from r1_mm.trainers.backend import accelerator_kwargs, configure_deepspeed
 
+from .conftest import REPO
+
 BIN = Path(sys.executable).parent
 
 
@@ -48,8 +50,13 @@ def test_flash_attention_needs_cuda_and_its_package_and_says_so():
     cfg = load_recipe(None, ["model.attn_implementation=flash_attention_2", "model.dtype=bfloat16"])
     with pytest.raises(ConfigError, match="needs a CUDA device and this machine has none; use model.attn_implementation=sdpa"):
         preflight(cfg, machine(), read_model_config=False)
-    with pytest.raises(ConfigError, match="needs the flash_attn package: install it"):
+    with pytest.raises(ConfigError, match="needs the flash_attn package: install it") as missing:
         preflight(cfg, machine(cuda=True), read_model_config=False)
+    # the line names the pinned requirement, and that file pins one exact version
+    assert "-r requirements/flash-attn.txt" in str(missing.value)
+    pins = [line for line in (REPO / "requirements" / "flash-attn.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert len(pins) == 1 and pins[0].startswith("flash-attn==")
     preflight(cfg, machine(cuda=True, packages=("flash_attn",)), read_model_config=False)  # a GPU box with flash-attn
 
 
