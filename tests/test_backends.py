@@ -169,15 +169,6 @@ def test_lora_under_zero3_exports_merged_weights(setup, initial_weights):
 
 
 @pytest.mark.slow
-def test_lora_ddp(setup, initial_weights):
-    root, recipe, _, data, cache = setup
-    out = root / "lora_ddp"
-    metrics = launch(REPO / "recipes" / "accelerate" / "ddp.yaml", recipe, out, data, cache, "model.lora=true")
-    assert_backend(out, "ddp")
-    check_run(metrics, out, initial_weights)
-
-
-@pytest.mark.slow
 def test_lora_zero3_weight_sync_to_vllm_pool(setup, initial_weights):
     """ZeRO-3 + LoRA + a vLLM rollout server: merged weights gathered in buckets by both ranks reach the
     server after every step, so its sampling logprobs keep matching the learner's."""

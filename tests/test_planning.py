@@ -124,8 +124,9 @@ logging: {{progress_bar: false}}
 """
 
 
-@pytest.mark.parametrize(("model", "g", "c"), [("tiny:qwen2_5_vl", 4, 32), ("tiny:qwen2_5_vl:vocab=151936", 8, 128)],
-                         ids=["tiny_vocabulary", "real_vocabulary"])
+# the real vocabulary only: the shape users run (the tiny-vocabulary case, 34 s, checked the same estimator
+# where the runtime dwarfs the model, and was dropped for suite time)
+@pytest.mark.parametrize(("model", "g", "c"), [("tiny:qwen2_5_vl:vocab=151936", 8, 128)], ids=["real_vocabulary"])
 def test_estimate_is_within_30_percent_of_a_measured_cpu_run(tmp_path, synthetic_data, tiny_cache, model, g, c):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE.format(g=g, c=c, plugin=REPO / "tests" / "plugins" / "test_rewards.py"))

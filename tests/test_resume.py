@@ -47,12 +47,15 @@ def read(out: Path) -> tuple[list[dict], list[tuple[int, str]]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("extra", "backend"), [([], "single"), (["algorithm.ref_sync_steps=3"], "single"),
+@pytest.mark.parametrize(("extra", "backend"), [(["algorithm.ref_sync_steps=3"], "single"),
                                                 (["algorithm.ref_sync_steps=3"], "zero3")],
-                         ids=["fixed_reference", "synced_reference", "zero3_synced_reference"])
+                         ids=["synced_reference", "zero3_synced_reference"])
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, synthetic_data, tiny_cache, extra, backend):
     """With ref_sync_steps the reference moves (synced after step 3), so checkpoints must carry it. Under
-    ZeRO-3 the policy, its optimizer states and the reference are partitioned over the 2 processes."""
+    ZeRO-3 the policy, its optimizer states and the reference are partitioned over the 2 processes.
+    (A fixed reference is the simpler case of the same path: nothing of it is saved, it is reloaded from
+    the model; tests/test_run_folder.py resumes such runs after SIGINT/SIGTERM. Its own variant here was
+    dropped for suite time: 38 s.)"""
     launcher = None
     if backend == "zero3":
         launcher = deepspeed_launch_config(tmp_path)

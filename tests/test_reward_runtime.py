@@ -81,7 +81,7 @@ def test_a_hung_reward_is_killed_and_costs_only_itself(plugin, tmp_path, hang):
     pids = tmp_path / "pids"
     runner = RewardRunner([RewardSpec(name=f"{plugin}:{hang}", kwargs={"pid_file": str(pids)}),
                            RewardSpec(name=f"{plugin}:length"), RewardSpec(name="numeric")],
-                          on_error="none", timeout_s=3.0)
+                          on_error="none", timeout_s=1.5)
     try:
         assert runner.workers[0] is not None and runner.workers[1] is not None  # auto: plugins run in workers
         assert runner.workers[2] is None  # a built-in runs inline
