@@ -393,31 +393,19 @@ def assert_refused_update_fails_fast(engine, model) -> None:
     """A server that refuses an update (here: specs that do not fit its model) must make the learner
     fail before anything is broadcast (the handshake), within a deadline: on NCCL the broadcast has no
     timeout, so a refusal found after it started left rank 0 blocked forever."""
-    import threading
-
     import r1_mm.rollout.weights as weights
 
     real = weights.policy_weight_specs
-    outcome: list[BaseException | None] = []
 
     def wrong_specs(m):
         specs = real(m)
         name, shape, dtype = specs[0]
         return [(name, [*shape[:-1], shape[-1] + 1], dtype), *specs[1:]]
 
-    def update():
-        try:
-            engine.update_weights(model)
-            outcome.append(None)
-        except BaseException as exc:  # noqa: BLE001 - the test inspects it
-            outcome.append(exc)
-
     weights.policy_weight_specs = wrong_specs
     try:
-        worker = threading.Thread(target=update, daemon=True)
-        worker.start()
-        worker.join(120)
+        hung, outcome = update_in_thread(engine, model)
     finally:
         weights.policy_weight_specs = real
-    assert not worker.is_alive(), "the learner hung on a refused broadcast"
+    assert not hung, "the learner hung on a refused broadcast"
     assert isinstance(outcome[0], RuntimeError) and "422" in str(outcome[0]), outcome
