@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from r1_mm.config import ModelConfig
     from r1_mm.models import resolve_model_path
-    from r1_mm.rollout.vllm_common import set_cpu_defaults
+    from r1_mm.rollout.vllm_common import engine_sizing, set_cpu_defaults
 
     set_cpu_defaults()
     from vllm import LLM
@@ -307,8 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                                   logprobs_mode="processed_logprobs", tensor_parallel_size=args.tensor_parallel_size,
                                   data_parallel_size=args.data_parallel_size,
                                   worker_extension_cls="r1_mm.rollout.weight_channel.WeightReceiverExtension")
-    kwargs.update({k: v for k, v in (("max_num_batched_tokens", args.max_num_batched_tokens),
-                                     ("max_num_seqs", args.max_num_seqs)) if v is not None})
+    kwargs.update(engine_sizing(args.max_num_batched_tokens, args.max_num_seqs))
     if args.executor == "mp":
         kwargs["distributed_executor_backend"] = "mp"
     if torch.cuda.is_available():

@@ -100,9 +100,10 @@ def engine_info(llm: Any) -> dict[str, Any]:
             "seeding": "per_request" if request_seeds_supported() else "engine_stream"}
 
 
-def engine_sizing(rollout: Any) -> dict[str, int]:
-    """The recipe's scheduler limits as vLLM's LLM arguments; the unset ones are left to vLLM's defaults."""
-    limits = {"max_num_batched_tokens": rollout.vllm_max_num_batched_tokens, "max_num_seqs": rollout.vllm_max_num_seqs}
+def engine_sizing(max_num_batched_tokens: int | None, max_num_seqs: int | None) -> dict[str, int]:
+    """Scheduler limits (the recipe's, or a server's flags) as vLLM's LLM arguments; the unset ones are
+    left to vLLM's defaults."""
+    limits = {"max_num_batched_tokens": max_num_batched_tokens, "max_num_seqs": max_num_seqs}
     return {k: int(v) for k, v in limits.items() if v is not None}
 
 
