@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from r1_mm.checkpoint import STATE_FILE, damage, write_manifest
+from r1_mm.run.checkpoint import STATE_FILE, damage, write_manifest
 
 
 def make_folder(root: Path, gib: float, shards: int) -> int:

@@ -75,8 +75,8 @@ def worker(case: str, impl: str, repeats: int) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
     else:
+        from r1_mm.models.forward.scoring import score_completions
         from r1_mm.trainers.preference_losses import PreferenceLossSettings, preference_loss
-        from r1_mm.trainers.scoring import score_completions
 
         settings = PreferenceLossSettings(beta=BETA)
         params = model.parameters()

@@ -107,7 +107,7 @@ def median(values: list[float]) -> float:
 
 
 def bench_model_path(vocab: int | None = None) -> Path:
-    from r1_mm.testing.tiny_models import TinySpec, tiny_model_path
+    from r1_mm.models.tiny import TinySpec, tiny_model_path
 
     spec = TinySpec(hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=4, intermediate_size=512,
                     vision_hidden_size=128, vision_depth=4, vision_heads=4, max_pixels=28 * 28 * 1280,
@@ -120,7 +120,7 @@ def make_inputs(case: str, processor, tmp: Path):
     import torch
     from PIL import Image
 
-    from r1_mm.config import DataConfig, MediaConfig
+    from r1_mm.config.recipe import DataConfig, MediaConfig
     from r1_mm.data import PromptBuilder
 
     if CASES[case].image:
@@ -145,7 +145,7 @@ def run_ours(model, ref, processor, sample, completions, advantages, optimizer, 
     also returns the untruncated logprobs the KL term uses, the reference stays untruncated."""
     import torch
 
-    from r1_mm.trainers.grouped_forward import grouped_logprobs, pack_groups
+    from r1_mm.models.forward.grouped import grouped_logprobs, pack_groups
     from r1_mm.trainers.losses import LossSettings, policy_loss
 
     pad = processor.tokenizer.pad_token_id
@@ -183,7 +183,7 @@ def trl_setup(model, processor, tmp: Path, completion_tokens: int):
 def trl_inputs(sample, completions, advantages, processor):
     import torch
 
-    from r1_mm.trainers.grouped_forward import pad_completions
+    from r1_mm.models.forward.grouped import pad_completions
 
     p = sample.inputs
     prompt_ids = p["input_ids"].repeat(G, 1)
@@ -241,7 +241,7 @@ def worker(case: str, impl: str, repeats: int) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from r1_mm.trainers.truncated_scores import Truncation
+    from r1_mm.models.forward.truncated_scores import Truncation
 
     torch.manual_seed(0)
     path = bench_model_path(CASES[case].vocab)

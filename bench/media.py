@@ -28,9 +28,9 @@ def worker(loader: str, path: str, repeats: int) -> dict:
     import numpy as np
     from transformers.video_utils import load_video
 
-    from r1_mm import media
-    from r1_mm.config import MediaConfig
-    from r1_mm.memory import peak_rss_bytes
+    from r1_mm.config.recipe import MediaConfig
+    from r1_mm.core.memory import peak_rss_bytes
+    from r1_mm.data import media
 
     cfg = MediaConfig(nframes=FRAMES, video_max_pixels=640 * 480, video_total_pixels=10**10)
 

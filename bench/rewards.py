@@ -117,7 +117,7 @@ def fresh_math_checker() -> None:
 
 def accuracy_under_budget(items: list[tuple[str, str, int]], batch: int, budget_s: float) -> tuple[list[float], int]:
     """Batch times through the reward runner with ``rewards.batch_timeout_s``; and the checks skipped."""
-    from r1_mm.config import RewardSpec
+    from r1_mm.config.recipe import RewardSpec
     from r1_mm.rewards import math_check
     from r1_mm.rewards.registry import RewardRunner
 
@@ -136,7 +136,7 @@ def accuracy_under_budget(items: list[tuple[str, str, int]], batch: int, budget_
 def bomb_batch(count: int, budget_s: float) -> str:
     """One batch of ``count`` distinct LaTeX bombs (each needs seconds of sympy): its accuracy call
     without a budget, the same batch again (every verdict cached), and cold with ``budget_s``."""
-    from r1_mm.config import RewardSpec
+    from r1_mm.config.recipe import RewardSpec
     from r1_mm.rewards import math_check
     from r1_mm.rewards.registry import RewardRunner
 

@@ -32,7 +32,7 @@ ENGINES = ("hf", "vllm_colocate", "vllm_pool")
 def make_samples(case: str, processor, tmp: Path, prompts: int) -> list:
     from PIL import Image
 
-    from r1_mm.config import DataConfig, MediaConfig
+    from r1_mm.config.recipe import DataConfig, MediaConfig
     from r1_mm.data import PromptBuilder
     from r1_mm.testing.synthetic import event_video, write_mp4
 
@@ -56,8 +56,8 @@ def worker(engine_name: str, case: str, repeats: int, max_tokens: int, prompts: 
     import torch
     from grpo_step import bench_model_path
 
-    from r1_mm.config import load_recipe
-    from r1_mm.models import load_model, load_processor
+    from r1_mm.config.recipe import load_recipe
+    from r1_mm.models.loading import load_model, load_processor
     from r1_mm.rollout import SamplingSettings, make_engine
 
     tmp = Path(tempfile.mkdtemp())
@@ -115,12 +115,12 @@ def ranks_against_one_server(ranks: int, repeats: int, max_tokens: int, prompts:
     import httpx
     from grpo_step import bench_model_path
 
-    from r1_mm.config import ModelConfig
-    from r1_mm.models import load_processor
+    from r1_mm.config.recipe import ModelConfig
+    from r1_mm.models.loading import load_processor
     from r1_mm.rollout import SamplingSettings
+    from r1_mm.rollout.servers import free_port
     from r1_mm.rollout.transport import encode_sample
     from r1_mm.rollout.vllm_common import sampling_kwargs
-    from r1_mm.serving import free_port
 
     tmp = Path(tempfile.mkdtemp())
     model = bench_model_path()

@@ -17,9 +17,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "RecipeConfig": "r1_mm.config",
-    "load_recipe": "r1_mm.config",
-    "ConfigError": "r1_mm.config",
+    "RecipeConfig": "r1_mm.config.recipe",
+    "load_recipe": "r1_mm.config.recipe",
+    "ConfigError": "r1_mm.config.recipe",
     "GRPOTrainer": "r1_mm.trainers.grpo",
     "DPOTrainer": "r1_mm.trainers.preference",
     "TPOTrainer": "r1_mm.trainers.preference",

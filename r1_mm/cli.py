@@ -13,13 +13,13 @@ REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
 def _cmd_train(argv: list[str]) -> int:
-    from r1_mm.train import main
+    from r1_mm.jobs.train import main
 
     return main(argv, prog="r1-mm train")
 
 
 def _cmd_launch(argv: list[str]) -> int:
-    from r1_mm.launch import main
+    from r1_mm.jobs.launch import main
 
     return main(argv)
 
@@ -27,7 +27,7 @@ def _cmd_launch(argv: list[str]) -> int:
 def _exit_2_on_bad_input(job: Callable[[], Any]) -> tuple[Any, int]:
     """(job's result, 0), or (None, 2) after one line on stderr when the job finds a bad recipe, machine
     or row (ConfigError, DataError: raised at load, before any model loads)."""
-    from r1_mm.config import ConfigError
+    from r1_mm.config.recipe import ConfigError
     from r1_mm.data.loading import DataError
 
     try:
@@ -38,8 +38,8 @@ def _exit_2_on_bad_input(job: Callable[[], Any]) -> tuple[Any, int]:
 
 
 def _cmd_rollout(argv: list[str]) -> int:
-    from r1_mm.rollout.job import run_rollouts
-    from r1_mm.train import resolve
+    from r1_mm.jobs.rollout import run_rollouts
+    from r1_mm.jobs.train import resolve
 
     def job() -> Path:
         cfg, _ = resolve(argv, prog="r1-mm rollout", description=(
@@ -54,7 +54,7 @@ def _cmd_rollout(argv: list[str]) -> int:
 
 
 def _cmd_plan(argv: list[str]) -> int:
-    from r1_mm.planning import main
+    from r1_mm.jobs.plan import main
 
     return main(argv)
 
@@ -84,14 +84,14 @@ def _cmd_demo(argv: list[str]) -> int:
         return _cmd_rollout([args.recipe, *overrides])
     code = _cmd_train([args.recipe, *overrides])
     if code == 0:
-        from r1_mm.plotting import plot_run
+        from r1_mm.run.plotting import plot_run
 
         print(f"demo: curves in {plot_run(out)}")
     return code
 
 
 def _cmd_make_tiny(argv: list[str]) -> int:
-    from r1_mm.testing.tiny_models import FAMILIES, FAMILY_NAMES, TinySpec, build_tiny_model
+    from r1_mm.models.tiny import FAMILIES, FAMILY_NAMES, TinySpec, build_tiny_model
 
     p = argparse.ArgumentParser(prog="r1-mm make-tiny", description="Build a tiny random-weight VLM offline: "
                                 + ", ".join(f"{name} ({family})" for family, name in FAMILY_NAMES.items()) + ".")
@@ -121,7 +121,7 @@ def _cmd_make_data(argv: list[str]) -> int:
 
 
 def _cmd_plot(argv: list[str]) -> int:
-    from r1_mm.plotting import plot_run
+    from r1_mm.run.plotting import plot_run
 
     p = argparse.ArgumentParser(prog="r1-mm plot", description="Draw a run's metrics.jsonl to a PNG.")
     p.add_argument("run_dir")
@@ -144,7 +144,7 @@ def _json_object(text: str, flag: str) -> dict[str, Any]:
     """A command-line option that holds a JSON object; a ConfigError naming the option otherwise."""
     import json
 
-    from r1_mm.config import ConfigError
+    from r1_mm.config.recipe import ConfigError
 
     try:
         value = json.loads(text)
@@ -156,7 +156,7 @@ def _json_object(text: str, flag: str) -> dict[str, Any]:
 
 
 def _cmd_rewards(argv: list[str]) -> int:
-    from r1_mm.rewards.check import check_reward
+    from r1_mm.jobs.rewards_check import check_reward
     from r1_mm.rewards.registry import available
 
     p = argparse.ArgumentParser(prog="r1-mm rewards", description="List rewards or check one on sample rows.")
@@ -191,9 +191,9 @@ def _cmd_serve(argv: list[str]) -> int:
         from r1_mm.rollout.server import main as serve_rollout
 
         return serve_rollout(argv[1:])
-    from r1_mm.config import ModelConfig
-    from r1_mm.models import resolve_model_path
-    from r1_mm.serving import ServerSpec
+    from r1_mm.config.recipe import ModelConfig
+    from r1_mm.models.loading import resolve_model_path
+    from r1_mm.rollout.servers import ServerSpec
 
     p = argparse.ArgumentParser(prog="r1-mm serve", description=(
         "`serve critic`: vLLM's OpenAI-compatible server for a judge model (the critic reward). "
@@ -225,7 +225,7 @@ def _cmd_serve(argv: list[str]) -> int:
 
 
 def _cmd_sweep(argv: list[str]) -> int:
-    from r1_mm.sweep import run_sweep
+    from r1_mm.jobs.sweep import run_sweep
 
     p = argparse.ArgumentParser(prog="r1-mm sweep", description=(
         "Run (or --print the launch commands of) every grid combination x seed, each its own W&B-grouped run."))
@@ -250,7 +250,7 @@ def _cmd_sweep(argv: list[str]) -> int:
 def _recipe_and_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, Any]:
     """Parse a command whose arguments are RECIPE, options and key=value overrides in any order;
     the recipe is None (the error printed) when it does not load."""
-    from r1_mm.config import ConfigError, load_recipe
+    from r1_mm.config.recipe import ConfigError, load_recipe
 
     args, extra = parser.parse_known_args(argv)  # overrides after options land in `extra`
     unknown = [a for a in extra if a.startswith("-")]
@@ -266,7 +266,7 @@ def _recipe_and_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> t
 def _cmd_eval(argv: list[str]) -> int:
     import json
 
-    from r1_mm.evaluation import evaluate_checkpoint
+    from r1_mm.trainers.evaluation import evaluate_checkpoint
 
     if any(a == "--lmms-eval" or a.startswith("--lmms-eval=") for a in argv):
         return _cmd_lmms_eval(argv)
@@ -292,8 +292,8 @@ def _cmd_eval(argv: list[str]) -> int:
 def _cmd_lmms_eval(argv: list[str]) -> int:
     import json
 
-    from r1_mm.config import ConfigError
-    from r1_mm.lmms_eval_runner import LmmsEvalRun, model_folder, run_lmms_eval
+    from r1_mm.config.recipe import ConfigError
+    from r1_mm.jobs.lmms_eval import LmmsEvalRun, model_folder, run_lmms_eval
 
     p = argparse.ArgumentParser(prog="r1-mm eval --lmms-eval", description=(
         "A checkpoint's model/ scored by lmms-eval (installed in .venv-eval by scripts/setup_eval.sh). "
@@ -341,7 +341,7 @@ def _cmd_dpo(argv: list[str]) -> int:
 
 
 def _cmd_tpo(argv: list[str]) -> int:
-    from r1_mm.data.tpo_builder import TPOSettings, build_tpo_pairs
+    from r1_mm.jobs.build_tpo import TPOSettings, build_tpo_pairs
 
     p = argparse.ArgumentParser(prog="r1-mm tpo", description=(
         "Temporal Preference Optimization: `build` writes preference pairs from a recipe's video rows "

@@ -58,7 +58,7 @@ def tiny_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_path(tiny_cache):
     """tiny_path("qwen2_5_vl", small=False) -> folder of a saved tiny model (built once)."""
-    from r1_mm.testing.tiny_models import TinySpec, tiny_model_path
+    from r1_mm.models.tiny import TinySpec, tiny_model_path
 
     def get(family: str = "qwen2_5_vl", small: bool = False, seed: int = 0) -> Path:
         return tiny_model_path(TinySpec(family=family, small_vocab=small, seed=seed), cache_dir=tiny_cache)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from r1_mm.config import ConfigError, accumulation, load_recipe
+from r1_mm.config.recipe import ConfigError, accumulation, load_recipe
 from r1_mm.trainers.grpo import GRPOTrainer
 from r1_mm.trainers.losses import LossNorm, LossSettings, policy_loss
 from r1_mm.trainers.preference import PreferenceTrainer
@@ -78,7 +78,7 @@ def _final(run) -> dict[str, torch.Tensor]:
 
 
 def _start(tiny_cache) -> dict[str, torch.Tensor]:
-    from r1_mm.testing.tiny_models import TinySpec, tiny_model_path
+    from r1_mm.models.tiny import TinySpec, tiny_model_path
 
     return load_file(tiny_model_path(TinySpec(small_vocab=True), cache_dir=tiny_cache) / "model.safetensors")
 

@@ -110,7 +110,7 @@ def check_run(metrics: list[dict], out: Path, initial: dict[str, torch.Tensor], 
 
 @pytest.fixture(scope="module")
 def initial_weights(tiny_cache):
-    from r1_mm.testing.tiny_models import TinySpec, tiny_model_path
+    from r1_mm.models.tiny import TinySpec, tiny_model_path
 
     path = tiny_model_path(TinySpec(small_vocab=True), cache_dir=tiny_cache)
     return load_file(path / "model.safetensors")

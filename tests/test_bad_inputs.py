@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import r1_mm.trainers.backend as backend
-from r1_mm.train import main as train_main
+from r1_mm.jobs.train import main as train_main
 
 from .conftest import REPO
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from r1_mm.cli import main
-from r1_mm.config import RewardSpec
+from r1_mm.config.recipe import RewardSpec
+from r1_mm.models.tiny import FAMILY_NAMES
 from r1_mm.rewards.registry import RewardRunner
-from r1_mm.testing.tiny_models import FAMILY_NAMES
 
 BIN = Path(sys.executable).parent
 

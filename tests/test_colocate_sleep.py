@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from r1_mm.config import DataConfig, MediaConfig, load_recipe
+from r1_mm.config.recipe import DataConfig, MediaConfig, load_recipe
 from r1_mm.data import PromptBuilder
 from r1_mm.data.loading import default_media_root, read_rows
 from r1_mm.rollout.base import SamplingSettings

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from r1_mm.config import ConfigError, RecipeConfig, apply_overrides, load_recipe
+from r1_mm.config.recipe import ConfigError, RecipeConfig, apply_overrides, load_recipe
 
 from .conftest import REPO
 

@@ -20,14 +20,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from r1_mm.config import load_recipe
-from r1_mm.media import Video
+from r1_mm.config.recipe import load_recipe
+from r1_mm.data.media import Video
 from r1_mm.rewards.critic import templates
 from r1_mm.rewards.critic.backends import OpenAICompatibleCritic, RetryPolicy
 from r1_mm.rewards.critic.judge import CriticJudge, CriticSettings, judge_images
 from r1_mm.rewards.critic.reward import critic, pairwise_win_rates, prompt_groups
-from r1_mm.serving import free_port
-from r1_mm.tracking import read_metrics
+from r1_mm.rollout.servers import free_port
+from r1_mm.run.tracking import read_metrics
 from r1_mm.trainers.grpo import GRPOTrainer
 
 BIN = Path(sys.executable).parent

@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from r1_mm.config import DataConfig, MediaConfig
+from r1_mm.config.recipe import DataConfig, MediaConfig
 from r1_mm.data import DataError, PromptBuilder, PromptStream, PromptTooLongError, build_messages, read_rows
 from r1_mm.data.loading import default_media_root
-from r1_mm.media import MediaError
+from r1_mm.data.media import MediaError
 
 
 @pytest.fixture(scope="module")

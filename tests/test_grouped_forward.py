@@ -10,14 +10,14 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from r1_mm.config import DataConfig, MediaConfig
+from r1_mm.config.recipe import DataConfig, MediaConfig
 from r1_mm.data import PromptBuilder
 from r1_mm.data.loading import default_media_root, read_rows
+from r1_mm.models.forward import packed_attention, truncated_scores
+from r1_mm.models.forward.grouped import grouped_logprobs, naive_logprobs, pack_groups
+from r1_mm.models.forward.truncated_scores import Truncation
 from r1_mm.rollout.base import media_token_ids
 from r1_mm.testing import synthetic
-from r1_mm.trainers import packed_attention, truncated_scores
-from r1_mm.trainers.grouped_forward import grouped_logprobs, naive_logprobs, pack_groups
-from r1_mm.trainers.truncated_scores import Truncation
 
 from . import flash_emulation
 
@@ -240,9 +240,9 @@ def test_layers_get_the_layout_not_a_mask(tiny_path, synthetic_data):
 
 LONG_PROMPT = """
 import json, sys, torch
-from r1_mm.memory import peak_rss_bytes
+from r1_mm.core.memory import peak_rss_bytes
 from transformers import AutoModelForImageTextToText
-from r1_mm.trainers.grouped_forward import grouped_logprobs, pack_groups
+from r1_mm.models.forward.grouped import grouped_logprobs, pack_groups
 P, G, C = {p}, 8, 64
 model = AutoModelForImageTextToText.from_pretrained({path!r}, attn_implementation="sdpa")
 ids = torch.randint(0, 400, (1, P), generator=torch.Generator().manual_seed(0))
@@ -275,7 +275,7 @@ def test_long_video_temporal_positions_past_the_text(tiny_path, long_video_task,
     media = MediaConfig(nframes=4, video_total_pixels=10**9)
     prompts = prompts_for(processor, long_video_task, media)
     if family == "qwen2_5_vl":
-        from r1_mm.trainers.grouped_forward import prompt_positions
+        from r1_mm.models.forward.grouped import prompt_positions
 
         p = prompts[0]
         positions = prompt_positions(model, {k: v for k, v in p.items()})

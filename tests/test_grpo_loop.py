@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1_mm.config import load_recipe
+from r1_mm.config.recipe import load_recipe
 from r1_mm.rewards.registry import RewardError
-from r1_mm.tracking import read_metrics
+from r1_mm.run.tracking import read_metrics
 from r1_mm.trainers import grpo as grpo_module
 from r1_mm.trainers.backend import reference_model
 from r1_mm.trainers.grpo import GRPOTrainer, NonFiniteLossError

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1_mm import models
-from r1_mm.config import load_recipe
+from r1_mm.config.recipe import load_recipe
+from r1_mm.models import loading as models
 
 STAND_IN = torch.device("meta")
 
@@ -44,22 +44,22 @@ def test_inference_device_is_the_local_ranks_gpu(monkeypatch):
 @pytest.mark.parametrize("job", ["rollout", "tpo", "eval"])
 def test_jobs_move_the_hf_engines_model_to_the_device(tiny_path, synthetic_data, tmp_path, monkeypatch, job,
                                                      engine, expected):
+    import r1_mm.jobs.rollout
     import r1_mm.rollout
-    import r1_mm.rollout.job
 
     monkeypatch.setattr(models, "inference_device", lambda: STAND_IN)
     monkeypatch.setattr(r1_mm.rollout, "make_engine", stop_at_engine)
-    monkeypatch.setattr(r1_mm.rollout.job, "make_engine", stop_at_engine)
+    monkeypatch.setattr(r1_mm.jobs.rollout, "make_engine", stop_at_engine)
     cfg = recipe(tiny_path, synthetic_data, tmp_path, engine)
     with pytest.raises(EngineReached) as reached:
         if job == "rollout":
-            r1_mm.rollout.job.run_rollouts(cfg)
+            r1_mm.jobs.rollout.run_rollouts(cfg)
         elif job == "tpo":
-            from r1_mm.data.tpo_builder import build_tpo_pairs
+            from r1_mm.jobs.build_tpo import build_tpo_pairs
 
             build_tpo_pairs(cfg, tmp_path / "pairs.jsonl")
         else:
-            from r1_mm.evaluation import evaluate_checkpoint
+            from r1_mm.trainers.evaluation import evaluate_checkpoint
 
             evaluate_checkpoint(cfg, tiny_path("qwen2_5_vl"))
     assert reached.value.device == expected

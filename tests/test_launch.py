@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from r1_mm.config import ConfigError, load_recipe
-from r1_mm.preflight import Machine, preflight
+from r1_mm.config.recipe import ConfigError, load_recipe
+from r1_mm.run.preflight import Machine, preflight
 from r1_mm.trainers.backend import accelerator_kwargs, configure_deepspeed
 
 from .conftest import REPO

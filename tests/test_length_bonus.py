@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from r1_mm.config import DataConfig
+from r1_mm.config.recipe import DataConfig
 from r1_mm.data.prompts import build_messages
 from r1_mm.trainers.length_bonus import length_band_bonus
 

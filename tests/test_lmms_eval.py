@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from r1_mm.config import load_recipe
+from r1_mm.config.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

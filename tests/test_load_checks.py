@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import transformers
 
-import r1_mm.models
+import r1_mm.models.loading
 import r1_mm.trainers.backend
-from r1_mm import input_checks
 from r1_mm.cli import main as cli_main
-from r1_mm.config import load_recipe
+from r1_mm.config.recipe import load_recipe
+from r1_mm.run import input_checks
 
 from .test_bad_inputs import RECIPE
 
@@ -39,7 +39,7 @@ def no_model_loads(monkeypatch, tiny_cache):
         raise AssertionError("a model was loaded before the bad input was reported")
 
     monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", refuse)
-    for module in (r1_mm.models, r1_mm.trainers.backend):  # the jobs' load_for_inference calls models.load_model
+    for module in (r1_mm.models.loading, r1_mm.trainers.backend):  # the jobs' load_for_inference calls models.load_model
         monkeypatch.setattr(module, "load_model", refuse)
     return loads
 

@@ -7,7 +7,7 @@ import copy
 
 import torch
 
-from r1_mm.config import load_recipe
+from r1_mm.config.recipe import load_recipe
 from r1_mm.trainers import backend
 from r1_mm.trainers.master_weights import MasterWeightAdamW
 

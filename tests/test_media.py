@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from r1_mm.config import MediaConfig
-from r1_mm.media import (
+from r1_mm.config.recipe import MediaConfig
+from r1_mm.config.visual_budget import video_tokens
+from r1_mm.data.media import (
     MediaError,
     choose_frame_count,
     fit_to_budget,
@@ -15,7 +16,6 @@ from r1_mm.media import (
     sample_indices,
 )
 from r1_mm.testing.synthetic import clock_frames, event_video, write_mp4
-from r1_mm.visual_budget import video_tokens
 
 FACTOR = 28
 
@@ -114,7 +114,7 @@ def test_video_total_pixel_budget_alone_spreads_over_the_frames(mp4):
 def test_a_stated_per_frame_budget_is_what_every_frame_gets(tmp_path):
     """vsGRPO's recipe states 200,704 pixels per frame and no whole-video budget: all 16 frames of a
     640x480 video get 364x504 (234 tokens), not a default whole-video budget's 16-token thumbnails."""
-    from r1_mm.config import load_recipe
+    from r1_mm.config.recipe import load_recipe
 
     path = write_mp4(clock_frames(20.0, 2, height=480, width=640), tmp_path / "vga.mp4", fps=2)
     cfg = load_recipe(None, ["media.video_max_pixels=200704", "media.fps=1.0", "media.max_frames=16"]).media
@@ -125,7 +125,7 @@ def test_a_stated_per_frame_budget_is_what_every_frame_gets(tmp_path):
 
 
 def test_conflicting_video_budgets_stop_at_load_naming_both_fields():
-    from r1_mm.config import ConfigError, load_recipe
+    from r1_mm.config.recipe import ConfigError, load_recipe
 
     with pytest.raises(ConfigError) as err:
         load_recipe(None, ["media.video_max_pixels=200704", "media.video_total_pixels=200704", "media.max_frames=16"])

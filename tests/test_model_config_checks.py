@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoConfig
 
-from r1_mm.config import load_recipe
-from r1_mm.preflight import check_model_config
+from r1_mm.config.recipe import load_recipe
+from r1_mm.run.preflight import check_model_config
 
 
 @pytest.fixture(scope="module")

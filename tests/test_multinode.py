@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from r1_mm.serving import free_port
-from r1_mm.topology import address_towards
+from r1_mm.core.topology import address_towards
+from r1_mm.rollout.servers import free_port
 
 from .conftest import ACCELERATE_LAUNCH, REPO, stop_process_group
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from r1_mm.config import load_recipe
-from r1_mm.planning import GIB, launch_zero_stage, model_shape, plan
+from r1_mm.config.recipe import load_recipe
+from r1_mm.jobs.plan import GIB, launch_zero_stage, model_shape, plan
 
 from .conftest import REPO
 
@@ -26,7 +26,7 @@ def _cache(tiny_cache, monkeypatch):
 
 
 def test_parameter_counts_are_exact_without_loading_weights():
-    from r1_mm.models import load_model
+    from r1_mm.models.loading import load_model
 
     cfg = load_recipe(None, ["model.name_or_path=tiny:qwen2_5_vl", "model.lora=true"])
     shape = model_shape(cfg)
@@ -79,7 +79,7 @@ def test_paper_recipe_launch_config_and_plan_agree(path):
     at load in one line), and `r1-mm plan --launch` with it counts that dtype's bytes."""
     import yaml
 
-    from r1_mm.preflight import precision_problem
+    from r1_mm.run.preflight import precision_problem
 
     header = path.read_text()
     launch = REPO / re.search(r"--config_file (recipes/accelerate/\S+\.yaml)", header).group(1)
@@ -103,9 +103,9 @@ def test_paper_recipe_launch_config_and_plan_agree(path):
 
 
 def test_plan_counts_the_video_tokens_the_loader_gives():
-    """vsGRPO's 16 frames at 200,704 pixels each: 8 temporal patches x 256 tokens, as media.py budgets them
+    """vsGRPO's 16 frames at 200,704 pixels each: 8 temporal patches x 256 tokens, as data/media.py budgets them
     (the planner once divided a default whole-video budget instead: 128 tokens for the whole video)."""
-    from r1_mm.planning import visual_tokens_per_prompt
+    from r1_mm.jobs.plan import visual_tokens_per_prompt
 
     cfg = load_recipe(REPO / "recipes" / "vsgrpo_qwen2vl_2b.yaml", ["model.name_or_path=tiny:qwen2_vl"])
     assert visual_tokens_per_prompt(cfg) == 8 * 256
@@ -155,7 +155,7 @@ import subprocess, sys
 ballast = bytearray(600 * 2**20)  # the parent holds 600 MiB when it starts the child
 for i in range(0, len(ballast), 4096):
     ballast[i] = 1
-child = "import resource; from r1_mm.memory import peak_rss_bytes; print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+child = "import resource; from r1_mm.core.memory import peak_rss_bytes; print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
 print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True).stdout)
 """
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from r1_mm.cli import main
-from r1_mm.plotting import draw_run
+from r1_mm.run.plotting import draw_run
 
 
 def write_run(folder: Path, steps: int) -> Path:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from r1_mm.config import ConfigError, load_recipe
+from r1_mm.config.recipe import ConfigError, load_recipe
 from r1_mm.rollout.vllm_pool import ManagedServer, server_devices
 
 
@@ -43,7 +43,7 @@ def test_each_server_start_names_its_devices_and_memory_share(tmp_path):
 @pytest.mark.parametrize("override", ["rollout.vllm_tensor_parallel_size=2", "rollout.vllm_data_parallel_size=2"])
 @pytest.mark.parametrize("engine", ["vllm_colocate", "vllm_pool"])
 def test_parallel_engine_layouts_are_refused_at_load(override, engine):
-    from r1_mm.preflight import engine_parallelism_problems
+    from r1_mm.run.preflight import engine_parallelism_problems
 
     cfg = load_recipe(None, [f"rollout.engine={engine}", override])
     problems = engine_parallelism_problems(cfg)
@@ -76,7 +76,7 @@ def test_engine_sizing_reaches_the_server_command_line(tmp_path):
 ])
 def test_engine_sizing_vllm_would_refuse_stops_at_load_in_one_line(overrides, named):
     """vLLM refuses max_num_batched_tokens < max_num_seqs at engine start, after the learner has loaded."""
-    from r1_mm.preflight import Machine, preflight
+    from r1_mm.run.preflight import Machine, preflight
 
     cfg = load_recipe(None, ["rollout.engine=vllm_colocate", *overrides])
     with pytest.raises(ConfigError) as err:

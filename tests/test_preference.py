@@ -10,13 +10,13 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from r1_mm.config import DataConfig, MediaConfig, load_recipe
+from r1_mm.config.recipe import DataConfig, MediaConfig, load_recipe
 from r1_mm.data import PromptBuilder
 from r1_mm.data.loading import DataError, default_media_root, read_rows
-from r1_mm.tracking import read_metrics
+from r1_mm.models.forward.scoring import score_completions
+from r1_mm.run.tracking import read_metrics
 from r1_mm.trainers.preference import PreferenceTrainer
 from r1_mm.trainers.preference_losses import PreferenceLossSettings, preference_loss
-from r1_mm.trainers.scoring import score_completions
 
 CASES = [("sigmoid", 0.0, 0.0), ("hinge", 0.0, 0.0), ("ipo", 0.0, 0.0), ("robust", 0.2, 0.0), ("sigmoid", 0.0, 0.5)]
 

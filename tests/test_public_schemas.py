@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from r1_mm.config import load_recipe
+from r1_mm.config.recipe import load_recipe
 from r1_mm.data import PromptStream
 from r1_mm.data.loading import DataError, load_split
-from r1_mm.models import load_processor
+from r1_mm.models.loading import load_processor
 from r1_mm.testing.synthetic import clock_frames, write_mp4
 from r1_mm.trainers.grpo import GRPOTrainer
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from r1_mm.config import ConfigError, load_recipe
+from r1_mm.config.recipe import ConfigError, load_recipe
 
 from .conftest import REPO
 
@@ -79,7 +79,7 @@ def test_object_errors_are_one_line(tmp_path, tiny_cache, monkeypatch):
         return [0.0] * len(completions)
 
     from r1_mm.rewards.registry import REGISTRY
-    from r1_mm.run_objects import RunObjects, with_objects
+    from r1_mm.trainers.objects import RunObjects, with_objects
 
     def again_edited(completions, **_):
         return [1.0] * len(completions)

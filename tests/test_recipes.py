@@ -23,10 +23,10 @@ from types import SimpleNamespace
 import pytest
 
 from r1_mm.cli import main as cli_main
-from r1_mm.config import load_recipe
+from r1_mm.config.recipe import load_recipe
 from r1_mm.data.loading import read_rows
+from r1_mm.jobs.train import main as train_main
 from r1_mm.testing.synthetic import write_jsonl
-from r1_mm.train import main as train_main
 
 from .conftest import REPO
 
@@ -137,7 +137,7 @@ def test_recipe_passes_preflight_on_a_gpu_machine(path, tiny_cache, monkeypatch)
     flash-attn runs before loading the model, including the grouped forward's support for its
     attention on its model family (the config of the family's tiny model; no GPU here: the machine
     is described, not detected)."""
-    from r1_mm.preflight import Machine, preflight
+    from r1_mm.run.preflight import Machine, preflight
 
     monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
     # the tiny model has 8192 positions; the real checkpoints' (test below) are what the context must fit
@@ -161,7 +161,7 @@ CHECKPOINT_POSITIONS = {
 def test_recipe_context_fits_its_checkpoints_positions(path):
     """vLLM refuses a max_model_len past the checkpoint's positions (preflight says so at load): the
     shipped recipes must fit."""
-    from r1_mm.preflight import context_length_problems
+    from r1_mm.run.preflight import context_length_problems
 
     cfg = load_recipe(path)
     config = SimpleNamespace(max_position_embeddings=CHECKPOINT_POSITIONS[cfg.model.name_or_path])
@@ -213,7 +213,7 @@ def test_video_recipe_gives_the_tokens_per_frame_its_header_states(name, vga_vid
 
     from r1_mm.data.dataset import PromptStream
     from r1_mm.data.prompts import PromptBuilder
-    from r1_mm.models import load_processor
+    from r1_mm.models.loading import load_processor
 
     monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
     path = REPO / "recipes" / f"{name}.yaml"

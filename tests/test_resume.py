@@ -115,7 +115,7 @@ def test_iterative_dpo_resumed_mid_round_trains_the_saved_pairs(tmp_path, synthe
     """A checkpoint taken mid-round carries the round's remaining pairs: the resumed run trains on the
     same pairs with the same weights as the run that never stopped (same losses), instead of sampling
     a new round (which would change the pairs, and the round counter)."""
-    from r1_mm.config import load_recipe
+    from r1_mm.config.recipe import load_recipe
     from r1_mm.trainers.iterative_dpo import IterativeDPOTrainer
 
     monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from r1_mm.config import RewardSpec
+from r1_mm.config.recipe import RewardSpec
 from r1_mm.rewards.parsing import extract_answer
 from r1_mm.rewards.registry import RewardError, RewardRunner
 from r1_mm.rewards.text_similarity import word_accuracy

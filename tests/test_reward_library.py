@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from r1_mm.config import RewardSpec
+from r1_mm.config.recipe import RewardSpec
 from r1_mm.rewards import get, math_check
 from r1_mm.rewards.math_check import MathChecker
 from r1_mm.rewards.parsing import extract_answer, first_number, numbers

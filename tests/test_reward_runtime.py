@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from r1_mm.config import ConfigError, RewardSpec, load_recipe
+from r1_mm.config.recipe import ConfigError, RewardSpec, load_recipe
 from r1_mm.rewards import math_check
 from r1_mm.rewards.math_check import MathChecker
 from r1_mm.rewards.registry import RewardError, RewardRunner
@@ -132,7 +132,7 @@ def test_a_script_with_hung_rewards_exits(plugin, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
         import time
-        from r1_mm.config import RewardSpec
+        from r1_mm.config.recipe import RewardSpec
         from r1_mm.rewards import registry
 
         def stuck(completions, **_):
@@ -155,8 +155,8 @@ def test_a_script_with_hung_rewards_exits(plugin, tmp_path):
 
 
 def test_isolation_process_of_a_python_object_is_refused_at_load(tmp_path, synthetic_data):
-    from r1_mm import input_checks
     from r1_mm.rewards import registry
+    from r1_mm.run import input_checks
 
     registry.REGISTRY["closure_reward"] = lambda completions, **_: [1.0] * len(completions)
     registry.SOURCES["closure_reward"] = "object __main__:closure_reward"

@@ -35,8 +35,8 @@ def npy(array: np.ndarray) -> str:
 
 def start_server(root: Path, tiny_cache: Path, *extra: str):
     """A server on a copy of the tiny model this test may damage: (client, url, model, root, proc, log)."""
-    from r1_mm.serving import free_port
-    from r1_mm.testing.tiny_models import TinySpec, tiny_model_path
+    from r1_mm.models.tiny import TinySpec, tiny_model_path
+    from r1_mm.rollout.servers import free_port
 
     model = root / "model"
     shutil.copytree(tiny_model_path(TinySpec(small_vocab=True), cache_dir=tiny_cache), model)
@@ -320,8 +320,8 @@ def test_failed_reload_restores_the_previous_weights_or_reports_broken(server, t
 
 
 def test_pool_restarts_a_server_whose_health_says_broken(tmp_path, tiny_cache, monkeypatch):
-    from r1_mm.config import load_recipe
-    from r1_mm.models import load_model, load_processor
+    from r1_mm.config.recipe import load_recipe
+    from r1_mm.models.loading import load_model, load_processor
     from r1_mm.rollout import SamplingSettings, make_engine
     from r1_mm.testing import synthetic
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from r1_mm.checkpoint import CheckpointManager, damage, write_manifest
-from r1_mm.config import ConfigError, load_recipe
-from r1_mm.run_folder import RunLock
+from r1_mm.config.recipe import ConfigError, load_recipe
+from r1_mm.run.checkpoint import CheckpointManager, damage, write_manifest
+from r1_mm.run.folder import RunLock
 from r1_mm.trainers.grpo import GRPOTrainer
 
 from .conftest import REPO, deepspeed_launch_config
@@ -217,8 +217,8 @@ def test_ctrl_c_under_zero3_saves_once_and_ends_without_a_traceback(tmp_path, sy
     one checkpoint, one warning and one resume line for the run (on main every rank printed both) and exit
     130, without the SignalException traceback that torch's elastic launcher ends a plain
     `accelerate launch` with (exit 1)."""
-    from r1_mm.checkpoint import damage
-    from r1_mm.serving import free_port
+    from r1_mm.rollout.servers import free_port
+    from r1_mm.run.checkpoint import damage
 
     out, data = tmp_path / "run", synthetic_data["counting"]
     launch = deepspeed_launch_config(tmp_path)

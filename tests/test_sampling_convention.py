@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1_mm.trainers.grouped_forward import grouped_logprobs, pack_groups, token_logprobs
-from r1_mm.trainers.truncated_scores import Truncation, kept_threshold
+from r1_mm.models.forward.grouped import grouped_logprobs, pack_groups, token_logprobs
+from r1_mm.models.forward.truncated_scores import Truncation, kept_threshold
 
 SETTINGS = [(0.7, Truncation()), (1.0, Truncation(top_p=0.7)), (1.0, Truncation(top_k=5)),
             (0.8, Truncation(top_p=0.9, top_k=7))]
@@ -98,7 +98,7 @@ def test_truncated_scores_and_gradients_match_the_full_logits_reference(tiny_pat
 
 def test_sampled_token_outside_the_kept_set_stays_finite():
     """A token the sampler kept at the boundary that float rounding here would drop keeps a finite logprob."""
-    from r1_mm.trainers.truncated_scores import HeadSpec, TruncatedLogProbFunction
+    from r1_mm.models.forward.truncated_scores import HeadSpec, TruncatedLogProbFunction
 
     hidden = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
     weight = torch.randn(50, 8, generator=torch.Generator().manual_seed(3))
@@ -113,7 +113,7 @@ def test_vllm_engines_sample_in_the_learners_dtype(tmp_path):
     """vllm_dtype auto = the learner's dtype (vLLM's auto would run a float32 checkpoint in bf16, a
     float16 one in fp16 beside a bf16 learner); a dtype the recipe names is kept. The pool's own servers
     are started with it."""
-    from r1_mm.config import load_recipe
+    from r1_mm.config.recipe import load_recipe
     from r1_mm.rollout.vllm_common import engine_dtype
     from r1_mm.rollout.vllm_pool import ManagedServer
 
@@ -134,7 +134,7 @@ def test_identical_weights_give_importance_ratio_one_on_every_engine(tmp_path, s
                                                                      engine):
     """GRPO steps, each at identical sampler and learner weights (the engine is synced after every step),
     one per sampling setting. vllm_dtype is left at auto: the engine must follow the float32 learner."""
-    from r1_mm.config import load_recipe
+    from r1_mm.config.recipe import load_recipe
     from r1_mm.trainers.grpo import GRPOTrainer
 
     monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
@@ -174,7 +174,7 @@ def test_repetition_penalty_moves_the_samplers_logprobs_off_the_learners(tiny_pa
     score the penalty, so sampler and learner disagree at identical weights; without it they agree."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from r1_mm.config import DataConfig, MediaConfig
+    from r1_mm.config.recipe import DataConfig, MediaConfig
     from r1_mm.data import PromptBuilder
     from r1_mm.data.loading import default_media_root, read_rows
     from r1_mm.rollout.base import SamplingSettings, make_engine, media_token_ids
@@ -208,7 +208,7 @@ def test_repetition_penalty_is_refused_where_the_samplers_logprobs_are_used(tmp_
     """GRPO with rollout_is reads the sampler's logprobs: a repetition penalty is refused at load in one line
     naming the field (exit 2). Where nothing reads them (rollout_is none, iterative DPO) it is allowed."""
     from r1_mm.cli import main
-    from r1_mm.config import ConfigError, load_recipe
+    from r1_mm.config.recipe import ConfigError, load_recipe
 
     out = [f"training.output_dir={tmp_path}"]
     with pytest.raises(ConfigError, match=r"rollout\.repetition_penalty=1\.2 .*algorithm\.rollout_is=token_truncate"):

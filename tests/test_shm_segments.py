@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from r1_mm.config import load_recipe
+from r1_mm.config.recipe import load_recipe
 from r1_mm.rollout.shm_segments import PREFIX, default_root
 from r1_mm.trainers.grpo import GRPOTrainer
 

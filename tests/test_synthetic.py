@@ -5,8 +5,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from r1_mm.config import MediaConfig
-from r1_mm.media import load_video
+from r1_mm.config.recipe import MediaConfig
+from r1_mm.data.media import load_video
 
 
 def count_blobs(mask: np.ndarray) -> int:

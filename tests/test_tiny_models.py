@@ -4,12 +4,12 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from r1_mm.config import DataConfig, MediaConfig
+from r1_mm.config.recipe import DataConfig, MediaConfig
 from r1_mm.data import PromptBuilder
 from r1_mm.data.loading import default_media_root, read_rows
+from r1_mm.models.tiny import TAG_TOKENS, TinySpec, build_tiny_model, parse_tiny_name
 from r1_mm.rollout import SamplingSettings, make_engine
 from r1_mm.rollout.base import media_token_ids
-from r1_mm.testing.tiny_models import TAG_TOKENS, TinySpec, build_tiny_model, parse_tiny_name
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision"]
 

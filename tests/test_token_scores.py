@@ -11,12 +11,12 @@ import sys
 
 import torch
 
-from r1_mm.config import DataConfig, MediaConfig
+from r1_mm.config.recipe import DataConfig, MediaConfig
 from r1_mm.data import PromptBuilder
 from r1_mm.data.loading import default_media_root, read_rows
+from r1_mm.models.forward import token_scores
+from r1_mm.models.forward.grouped import grouped_logprobs, pack_groups, token_logprobs
 from r1_mm.rollout.base import media_token_ids
-from r1_mm.trainers import token_scores
-from r1_mm.trainers.grouped_forward import grouped_logprobs, pack_groups, token_logprobs
 
 G = 3
 
@@ -116,9 +116,9 @@ def test_generation_is_untouched(tiny_path, synthetic_data):
 
 REAL_VOCAB = """
 import json, torch
-from r1_mm.memory import peak_rss_bytes
+from r1_mm.core.memory import peak_rss_bytes
 from transformers import AutoModelForImageTextToText
-from r1_mm.trainers.grouped_forward import grouped_logprobs, pack_groups
+from r1_mm.models.forward.grouped import grouped_logprobs, pack_groups
 model = AutoModelForImageTextToText.from_pretrained({path!r})
 vocab = model.config.get_text_config().vocab_size
 gen = torch.Generator().manual_seed(0)
@@ -139,7 +139,7 @@ def test_real_vocabulary_never_builds_the_logits(tiny_cache):
     """Qwen2.5-VL's 151,936-token head, G=8 x 512-token completions: one float32 (4,096 x 151,936) logits
     tensor is 2.5 GB, and the full-logits path grew the process by 15.5 GB; the tiled head grows it by less
     than half of that one tensor (0.88 GB measured here)."""
-    from r1_mm.testing.tiny_models import TinySpec, tiny_model_path
+    from r1_mm.models.tiny import TinySpec, tiny_model_path
 
     path = tiny_model_path(TinySpec(model_vocab_size=151_936), cache_dir=tiny_cache)
     proc = subprocess.run([sys.executable, "-c", REAL_VOCAB.format(path=str(path))], capture_output=True, text=True,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from r1_mm.checkpoint import CheckpointManager
-from r1_mm.config import load_recipe
+from r1_mm.config.recipe import load_recipe
+from r1_mm.run.checkpoint import CheckpointManager
 from r1_mm.trainers.grpo import GRPOTrainer
 
 from .conftest import REPO

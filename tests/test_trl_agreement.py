@@ -6,11 +6,11 @@ from datasets import Dataset
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import GRPOConfig, GRPOTrainer
 
-from r1_mm.config import DataConfig, MediaConfig
+from r1_mm.config.recipe import DataConfig, MediaConfig
 from r1_mm.data import PromptBuilder
 from r1_mm.data.loading import default_media_root, read_rows
-from r1_mm.trainers import packed_attention
-from r1_mm.trainers.grouped_forward import grouped_logprobs, pack_groups, pad_completions
+from r1_mm.models.forward import packed_attention
+from r1_mm.models.forward.grouped import grouped_logprobs, pack_groups, pad_completions
 from r1_mm.trainers.losses import LossSettings, grpo_advantages, policy_loss
 
 G = 3

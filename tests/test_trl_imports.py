@@ -8,7 +8,7 @@ import sys
 
 PROBE = """
 import os
-from r1_mm.trainers.trl_imports import trl_module
+from r1_mm.models.trl_imports import trl_module
 trl_module("trl.kernels"); trl_module("trl.trainer.utils"); trl_module("trl.models.utils")
 print(os.environ.get("VLLM_LOGGING_LEVEL"))
 from trl._compat import _patch_vllm_logging  # what `import trl` ran: it still sets the variable
@@ -27,7 +27,7 @@ def test_trl_imported_through_r1mm_leaves_vllm_logging_as_it_was():
 
 
 def test_a_users_own_vllm_logging_level_is_kept(monkeypatch):
-    from r1_mm.trainers.trl_imports import trl_module
+    from r1_mm.models.trl_imports import trl_module
 
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
     trl_module("trl.kernels")

@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from r1_mm import media
-from r1_mm.config import MediaConfig
-from r1_mm.media import choose_frame_count, load_video, sample_indices
+from r1_mm.config.recipe import MediaConfig
+from r1_mm.data import media
+from r1_mm.data.media import choose_frame_count, load_video, sample_indices
 from r1_mm.testing.synthetic import clock_frames, clock_index, write_mp4
 
 
@@ -62,9 +62,9 @@ def test_sampled_frames_are_the_full_decodes(clips, name, frames):
 
 MEMORY = """
 import json, sys
-from r1_mm.memory import peak_rss_bytes
-from r1_mm.config import MediaConfig
-from r1_mm.media import load_video
+from r1_mm.core.memory import peak_rss_bytes
+from r1_mm.config.recipe import MediaConfig
+from r1_mm.data.media import load_video
 cfg = MediaConfig(nframes=16, video_max_pixels=320 * 240, video_total_pixels=10**9)
 load_video(sys.argv[1], cfg, factor=28)  # warm-up: imports, codec and allocator set-up are not the video's
 before = peak_rss_bytes()

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1_mm.config import load_recipe
+from r1_mm.config.recipe import load_recipe
 from r1_mm.data.loading import read_rows
 from r1_mm.data.prompts import PromptBuilder
-from r1_mm.models import load_model, load_processor
+from r1_mm.models.forward.grouped import naive_logprobs
+from r1_mm.models.loading import load_model, load_processor
+from r1_mm.models.weights import iter_policy_weights
 from r1_mm.rollout import SamplingSettings, make_engine
 from r1_mm.rollout.base import media_token_ids
-from r1_mm.rollout.weights import iter_policy_weights
-from r1_mm.trainers.grouped_forward import naive_logprobs
 
 BIN = Path(sys.executable).parent
 TASKS = ["counting", "multi_image", "events"]
@@ -261,7 +261,7 @@ def test_pool_of_two_servers_sync_and_failures(tmp_path, synthetic_data):
 
 @pytest.mark.slow
 def test_pool_failure_policy_fail_names_the_server(tmp_path, synthetic_data, tiny_cache):
-    port = int(subprocess.check_output([sys.executable, "-c", "from r1_mm.serving import free_port; print(free_port())"]))
+    port = int(subprocess.check_output([sys.executable, "-c", "from r1_mm.rollout.servers import free_port; print(free_port())"]))
     server = start_server(port, tmp_path / "server.log", {**os.environ, "R1MM_CACHE": str(tiny_cache.parent)})
     try:
         cfg = recipe(tmp_path, f"rollout.pool_servers=['http://127.0.0.1:{port}']", "rollout.pool_on_server_failure=fail")
@@ -393,7 +393,7 @@ def assert_refused_update_fails_fast(engine, model) -> None:
     """A server that refuses an update (here: specs that do not fit its model) must make the learner
     fail before anything is broadcast (the handshake), within a deadline: on NCCL the broadcast has no
     timeout, so a refusal found after it started left rank 0 blocked forever."""
-    import r1_mm.rollout.weights as weights
+    import r1_mm.models.weights as weights
 
     real = weights.policy_weight_specs
 

@@ -65,7 +65,7 @@ def gloo_pair():
     """Rank 0 and rank 1 of a real gloo group (rank 1 will not take part in the broadcast)."""
     import threading
 
-    from r1_mm.serving import free_port
+    from r1_mm.rollout.servers import free_port
 
     port = free_port()
     members: dict[int, WeightChannel] = {}

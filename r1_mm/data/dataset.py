@@ -12,10 +12,10 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from r1_mm.config import DataConfig, MediaConfig
+from r1_mm.config.recipe import DataConfig, MediaConfig
 from r1_mm.data.loading import DataError, load_split, media_root
+from r1_mm.data.media import MediaError
 from r1_mm.data.prompts import PromptBuilder, PromptTooLongError, Sample, row_id
-from r1_mm.media import MediaError
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import copy
 
 import numpy as np
 
+from r1_mm.data.media import Video
 from r1_mm.data.prompts import Sample, encode_prompts
-from r1_mm.media import Video
 
 
 def select_frames(video: Video, indices: list[int], frame_factor: int = 2) -> Video:

@@ -15,10 +15,10 @@ from typing import Any
 
 from PIL import Image
 
-from r1_mm.config import DataConfig, MediaConfig
+from r1_mm.config.recipe import DataConfig, MediaConfig
+from r1_mm.config.visual_budget import VisualTokens, video_tokens
 from r1_mm.data.loading import DataError
-from r1_mm.media import Video, load_image, load_video
-from r1_mm.visual_budget import VisualTokens, video_tokens
+from r1_mm.data.media import Video, load_image, load_video
 
 PROMPT_KEYS = ("prompt", "problem", "question")
 IMAGE_MARK, VIDEO_MARK = "<image>", "<video>"

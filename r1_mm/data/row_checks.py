@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from r1_mm.config import RecipeConfig
+from r1_mm.config.recipe import RecipeConfig
 from r1_mm.data.loading import DataError
 from r1_mm.data.prompts import build_messages, media_refs, row_id
 

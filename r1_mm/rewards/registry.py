@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from r1_mm.plugins import PluginError, is_plugin_name, load_object
+from r1_mm.core.plugins import PluginError, is_plugin_name, load_object
 from r1_mm.rewards import budget
 from r1_mm.rewards.worker import RewardWorker, WorkerError, WorkerTimeout, placement
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from r1_mm.plugins import is_plugin_name
+from r1_mm.core.plugins import is_plugin_name
 
 BY_TYPE = "by_type"
 

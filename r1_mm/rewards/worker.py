@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any, BinaryIO
 
-from r1_mm.plugins import is_plugin_name
+from r1_mm.core.plugins import is_plugin_name
 
 STARTUP_TIMEOUT_S = 120.0  # importing the reward's module (it may import torch); not counted in any limit
 _HEADER = struct.Struct(">Q")

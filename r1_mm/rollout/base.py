@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from r1_mm.config import RolloutConfig
+from r1_mm.config.recipe import RolloutConfig
 from r1_mm.data.prompts import Sample
 
 

@@ -292,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import uvicorn
 
-    from r1_mm.config import ModelConfig
-    from r1_mm.models import resolve_model_path
+    from r1_mm.config.recipe import ModelConfig
+    from r1_mm.models.loading import resolve_model_path
     from r1_mm.rollout.vllm_common import engine_sizing, set_cpu_defaults
 
     set_cpu_defaults()

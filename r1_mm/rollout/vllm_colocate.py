@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 
-from r1_mm.config import RecipeConfig
+from r1_mm.config.recipe import RecipeConfig
 from r1_mm.data.prompts import Sample
-from r1_mm.models import resolve_model_path
+from r1_mm.models.loading import resolve_model_path
+from r1_mm.models.weights import iter_policy_weights
 from r1_mm.rollout.base import (
     PromptCompletions,
     RolloutEngine,
@@ -54,7 +55,6 @@ from r1_mm.rollout.vllm_common import (
     set_cpu_defaults,
     vllm_request,
 )
-from r1_mm.rollout.weights import iter_policy_weights
 
 log = logging.getLogger(__name__)
 

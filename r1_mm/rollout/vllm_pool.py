@@ -26,9 +26,10 @@ from typing import Any
 import httpx
 import torch
 
-from r1_mm import topology
-from r1_mm.config import ConfigError, RecipeConfig
+from r1_mm.config.recipe import ConfigError, RecipeConfig
+from r1_mm.core import topology
 from r1_mm.data.prompts import Sample
+from r1_mm.models.weights import iter_policy_weights
 from r1_mm.rollout.base import (
     Completion,
     PromptCompletions,
@@ -37,11 +38,10 @@ from r1_mm.rollout.base import (
     media_token_ids,
     register_engine,
 )
+from r1_mm.rollout.servers import free_port
 from r1_mm.rollout.shm_segments import WeightSegment
 from r1_mm.rollout.transport import encode_sample
 from r1_mm.rollout.vllm_common import engine_dtype, sampling_kwargs
-from r1_mm.rollout.weights import iter_policy_weights
-from r1_mm.serving import free_port
 
 log = logging.getLogger(__name__)
 
@@ -316,8 +316,8 @@ class VLLMPoolEngine(RolloutEngine):
         Each collective has a deadline (rollout.pool_sync_timeout_s), and rank 0 stops as soon as a server's
         reply comes back failed, with that server's error: a server failing mid-sync once left rank 0
         blocked in an NCCL broadcast, which has no timeout."""
+        from r1_mm.models.weights import policy_weight_specs
         from r1_mm.rollout.weight_channel import Checksum, WeightSyncFailed, checksums_agree
-        from r1_mm.rollout.weights import policy_weight_specs
 
         specs = policy_weight_specs(model)
         timeout_s = self.cfg.rollout.pool_sync_timeout_s

@@ -18,8 +18,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from r1_mm.config import ConfigError, RecipeConfig, accumulation
-from r1_mm.models import load_model, load_processor, prepare_model
+from r1_mm.config.recipe import ConfigError, RecipeConfig, accumulation
+from r1_mm.models.loading import load_model, load_processor, prepare_model
 from r1_mm.trainers.master_weights import make_optimizer
 
 
@@ -89,7 +89,7 @@ def make_accelerator(cfg: RecipeConfig) -> Accelerator:
                                                    deepspeed_launch=deepspeed_launch))
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, cfg)
-    from r1_mm.preflight import precision_problem
+    from r1_mm.run.preflight import precision_problem
 
     if problem := precision_problem(cfg, mixed_precision=str(accelerator.mixed_precision),
                                     cuda=accelerator.device.type == "cuda",
@@ -149,7 +149,7 @@ def build_learner(cfg: RecipeConfig, *, need_reference: bool, accelerator: Accel
         else:
             reference = given_reference or load_model(cfg.model, trainable=False, grouped=grouped)
             if accelerator.distributed_type == DistributedType.DEEPSPEED:
-                from r1_mm.trainers.trl_imports import trl_module
+                from r1_mm.models.trl_imports import trl_module
 
                 reference = trl_module("trl.models.utils").prepare_deepspeed(reference, accelerator)
             else:
@@ -165,7 +165,7 @@ def generation_model(learner: Learner) -> Iterator[torch.nn.Module]:
     Gathering matters beyond speed: with partitioned weights every generated token is a collective,
     and ranks whose completions end at different lengths would wait on each other forever.
     """
-    from r1_mm.trainers.trl_imports import trl_module
+    from r1_mm.models.trl_imports import trl_module
 
     with trl_module("trl.models.utils").unwrap_model_for_generation(learner.policy, learner.accelerator) as model:
         yield model

@@ -14,16 +14,18 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from r1_mm import input_checks, run_folder, run_info
-from r1_mm.checkpoint import REFERENCE_FILE, STATE_FILE, CheckpointManager, damage
-from r1_mm.config import ConfigError, RecipeConfig, dump_recipe
+from r1_mm.config.recipe import ConfigError, RecipeConfig, dump_recipe
 from r1_mm.data import PromptStream
-from r1_mm.models import load_processor, prepare_processor
-from r1_mm.preflight import preflight
+from r1_mm.models.loading import load_processor, prepare_processor
 from r1_mm.rollout.shm_segments import remove_stale_segments
-from r1_mm.run_objects import RunObjects
-from r1_mm.tracking import MetricsLogger
+from r1_mm.run import folder as run_folder
+from r1_mm.run import info as run_info
+from r1_mm.run import input_checks
+from r1_mm.run.checkpoint import REFERENCE_FILE, STATE_FILE, CheckpointManager, damage
+from r1_mm.run.preflight import preflight
+from r1_mm.run.tracking import MetricsLogger
 from r1_mm.trainers.backend import Learner, build_learner, load_reference_state, make_accelerator
+from r1_mm.trainers.objects import RunObjects
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,7 +35,7 @@ def memory_metrics() -> dict[str, float]:
     """This process's peak memory so far: resident set (CPU) and CUDA allocations (GPU)."""
     import torch
 
-    from r1_mm.memory import peak_rss_bytes
+    from r1_mm.core.memory import peak_rss_bytes
 
     out = {"memory/peak_rss_mib": peak_rss_bytes() / 2**20}
     if torch.cuda.is_available():

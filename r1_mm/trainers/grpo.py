@@ -14,15 +14,16 @@ from typing import Any
 
 import torch
 
-from r1_mm.completion_log import append_rows, sampled_groups, scored_rows
-from r1_mm.config import ConfigError, RecipeConfig, RewardSpec
+from r1_mm.config.recipe import ConfigError, RecipeConfig, RewardSpec
 from r1_mm.data import Sample
 from r1_mm.data.loading import has_split
+from r1_mm.models.forward.scoring import score_completions
+from r1_mm.models.forward.truncated_scores import Truncation
 from r1_mm.rewards.registry import RewardBatch, RewardRunner
 from r1_mm.rewards.reward_metrics import metric_labels, reward_metrics
 from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, make_engine, media_token_ids
-from r1_mm.run_objects import RunObjects, with_objects
-from r1_mm.tracking import media_preview
+from r1_mm.run.completion_log import append_rows, sampled_groups, scored_rows
+from r1_mm.run.tracking import media_preview
 from r1_mm.trainers import temporal_contrast
 from r1_mm.trainers.backend import (
     accumulation_cycle,
@@ -36,11 +37,10 @@ from r1_mm.trainers.backend import (
 from r1_mm.trainers.base import BaseTrainer
 from r1_mm.trainers.length_bonus import length_band_bonus
 from r1_mm.trainers.losses import ADVANTAGE_ESTIMATORS, LossNorm, LossSettings, policy_loss
+from r1_mm.trainers.objects import RunObjects, with_objects
 from r1_mm.trainers.registry import register_trainer
 from r1_mm.trainers.rollout_correction import importance_weights, sampling_logprobs
-from r1_mm.trainers.scoring import score_completions
 from r1_mm.trainers.step_metrics import StepMetrics
-from r1_mm.trainers.truncated_scores import Truncation
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class GRPOTrainer(BaseTrainer):
     def __init__(self, cfg: RecipeConfig | dict | str, *, model: Any = None, processor: Any = None,
                  train_dataset: Any = None, eval_dataset: Any = None, reward_funcs: Any = None):
         """``cfg``: a RecipeConfig, a dict of recipe sections or a recipe YAML path; the keywords take
-        Python objects instead of the recipe's names (see ``r1_mm.run_objects``)."""
+        Python objects instead of the recipe's names (see ``r1_mm.trainers.objects``)."""
         objects = RunObjects(model, processor, train_dataset, eval_dataset, reward_funcs)
         cfg = with_objects(cfg, objects)
         torch.manual_seed(cfg.training.seed)
@@ -354,7 +354,7 @@ class GRPOTrainer(BaseTrainer):
 
     def log_completions(self, exp: Experience) -> None:
         """Every group of the step (or a ``logging.completions_sample_rate`` share), every process's,
-        to completions.jsonl (see ``r1_mm.completion_log``); the first group also to W&B's table."""
+        to completions.jsonl (see ``r1_mm.run.completion_log``); the first group also to W&B's table."""
         from accelerate.utils import gather_object
 
         acc = self.learner.accelerator
@@ -387,7 +387,7 @@ class GRPOTrainer(BaseTrainer):
 
     def run_eval(self) -> dict[str, float]:
         """The eval split with the training rewards (greedy unless training.eval_samples > 1)."""
-        from r1_mm.evaluation import eval_rows, evaluate
+        from r1_mm.trainers.evaluation import eval_rows, evaluate
 
         acc = self.learner.accelerator
         if self._eval_samples is None:

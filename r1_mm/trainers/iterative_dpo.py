@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from r1_mm.config import ConfigError, RecipeConfig
+from r1_mm.config.recipe import ConfigError, RecipeConfig
 from r1_mm.data import Sample
 from r1_mm.rewards.registry import RewardRunner
 from r1_mm.rollout.base import SamplingSettings, make_engine
-from r1_mm.run_objects import RunObjects, with_objects
 from r1_mm.trainers.backend import generate_groups, sync_reference
+from r1_mm.trainers.objects import RunObjects, with_objects
 from r1_mm.trainers.preference import PreferenceTrainer
 from r1_mm.trainers.registry import register_trainer
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from r1_mm.config import RecipeConfig
+from r1_mm.config.recipe import RecipeConfig
 from r1_mm.data import Sample
-from r1_mm.run_objects import RunObjects, with_objects
+from r1_mm.models.forward.scoring import score_completions
 from r1_mm.trainers.backend import (
     accumulation_cycle,
     backward_share,
@@ -24,9 +24,9 @@ from r1_mm.trainers.backend import (
     reference_model,
 )
 from r1_mm.trainers.base import BaseTrainer
+from r1_mm.trainers.objects import RunObjects, with_objects
 from r1_mm.trainers.preference_losses import PreferenceLossSettings, PreferenceNorm, preference_loss
 from r1_mm.trainers.registry import register_trainer
-from r1_mm.trainers.scoring import score_completions
 from r1_mm.trainers.step_metrics import StepMetrics
 
 
@@ -47,7 +47,7 @@ class PreferenceTrainer(BaseTrainer):
     def __init__(self, cfg: RecipeConfig | dict | str, *, model: Any = None, processor: Any = None,
                  train_dataset: Any = None, eval_dataset: Any = None, reward_funcs: Any = None):
         """``cfg``: a RecipeConfig, a dict of recipe sections or a recipe YAML path; the keywords take
-        Python objects instead of the recipe's names (see ``r1_mm.run_objects``). Rows need
+        Python objects instead of the recipe's names (see ``r1_mm.trainers.objects``). Rows need
         ``chosen`` and ``rejected`` (TPO: built by ``r1-mm build-tpo``)."""
         objects = RunObjects(model, processor, train_dataset, eval_dataset, reward_funcs)
         cfg = with_objects(cfg, objects)
@@ -141,8 +141,8 @@ def precompute_reference(cfg: RecipeConfig, out_path: str | Path) -> int:
 
     from r1_mm.data.loading import DataError, load_split, media_root
     from r1_mm.data.prompts import PromptBuilder
-    from r1_mm.input_checks import check_generation_job, preference_problems
-    from r1_mm.models import load_model, load_processor
+    from r1_mm.models.loading import load_model, load_processor
+    from r1_mm.run.input_checks import check_generation_job, preference_problems
 
     rows, source, default_root = load_split(cfg.data, "train")
     root = media_root(cfg.data, default_root)

@@ -14,13 +14,13 @@ import torch
 def main() -> None:
     from deepspeed.utils import safe_get_full_grad
 
-    from r1_mm import run_info
-    from r1_mm.config import load_recipe
+    from r1_mm.config.recipe import load_recipe
     from r1_mm.data import PromptStream
+    from r1_mm.models.forward.grouped import grouped_logprobs, pack_groups, token_logprobs
+    from r1_mm.models.forward.truncated_scores import Truncation
     from r1_mm.rollout.base import media_token_ids
+    from r1_mm.run import info as run_info
     from r1_mm.trainers.backend import build_learner
-    from r1_mm.trainers.grouped_forward import grouped_logprobs, pack_groups, token_logprobs
-    from r1_mm.trainers.truncated_scores import Truncation
 
     out_path, recipe, *overrides = sys.argv[1:]
     cfg = load_recipe(recipe, overrides)

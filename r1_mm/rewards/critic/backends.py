@@ -139,8 +139,8 @@ class TransformersCritic(CriticBackend):
 
     def __init__(self, model_path: str, max_new_tokens: int = 256):
         super().__init__()
-        from r1_mm.config import ModelConfig
-        from r1_mm.models import load_model, load_processor
+        from r1_mm.config.recipe import ModelConfig
+        from r1_mm.models.loading import load_model, load_processor
 
         cfg = ModelConfig(name_or_path=model_path)
         self.model_id = model_path

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from r1_mm.data import Sample
-from r1_mm.trainers.grouped_forward import grouped_logprobs, naive_logprobs, pack_groups, pad_completions
-from r1_mm.trainers.truncated_scores import Truncation
+from r1_mm.models.forward.grouped import grouped_logprobs, naive_logprobs, pack_groups, pad_completions
+from r1_mm.models.forward.truncated_scores import Truncation
 
 
 def score_completions(model: torch.nn.Module, samples: list[Sample], completion_ids: list[list[int]], g: int,

@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 
-from r1_mm.trainers import packed_attention, token_scores
-from r1_mm.trainers.packed_attention import PackedLayout
-from r1_mm.trainers.token_scores import ScoreRequest
-from r1_mm.trainers.truncated_scores import Truncation, kept_threshold
+from r1_mm.models.forward import packed_attention, token_scores
+from r1_mm.models.forward.packed_attention import PackedLayout
+from r1_mm.models.forward.token_scores import ScoreRequest
+from r1_mm.models.forward.truncated_scores import Truncation, kept_threshold
+from r1_mm.models.weights import unwrap
 
 # Per-prompt processor outputs that are concatenated across prompts (row-wise for patches).
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
@@ -38,17 +39,6 @@ TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 class GroupedForwardError(ValueError):
     """Inputs the grouped forward cannot pack (the message says which and what to do)."""
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under DDP / DeepSpeed / peft wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            return model
 
 
 def _core(model: torch.nn.Module) -> torch.nn.Module:

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from r1_mm.config import MediaConfig
-from r1_mm.visual_budget import choose_frame_count, fit_to_budget, frame_pixel_range
+from r1_mm.config.recipe import MediaConfig
+from r1_mm.config.visual_budget import choose_frame_count, fit_to_budget, frame_pixel_range
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}

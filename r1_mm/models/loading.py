@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from r1_mm.config import ModelConfig
+from r1_mm.config.recipe import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def resolve_model_path(cfg: ModelConfig) -> str:
     """Built-in tiny names become a cached local folder (built on first use); others pass through."""
     if cfg.name_or_path.startswith("tiny:"):
-        from r1_mm.testing.tiny_models import parse_tiny_name, tiny_model_path
+        from r1_mm.models.tiny import parse_tiny_name, tiny_model_path
 
         return str(tiny_model_path(parse_tiny_name(cfg.name_or_path, seed=cfg.tiny_seed)))
     return cfg.name_or_path
@@ -94,7 +94,7 @@ def prepare_model(model: torch.nn.Module, cfg: ModelConfig, *, trainable: bool =
     if cfg.attn_implementation and current != cfg.attn_implementation and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(cfg.attn_implementation)
     if grouped:
-        from r1_mm.trainers import packed_attention
+        from r1_mm.models.forward import packed_attention
 
         packed_attention.enable(model)
     if not trainable:

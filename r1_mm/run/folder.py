@@ -18,12 +18,12 @@ import uuid
 from pathlib import Path
 from typing import IO, Any
 
-from r1_mm.config import ConfigError
+from r1_mm.config.recipe import ConfigError
 
 # what a run writes into its folder (anything else, e.g. the demo's data/, is left alone)
 RUN_FILES = ("checkpoints", "metrics.jsonl", "completions.jsonl", "run_info.json", "recipe.resolved.yaml",
              "curves.png", "rollout_servers", "trackers",
-             # folders of accelerate's trackers that log locally (r1_mm.tracking: run_dir / tracker name)
+             # folders of accelerate's trackers that log locally (r1_mm.run.tracking: run_dir / tracker name)
              "wandb", "tensorboard", "aim", "mlflow", "comet_ml", "clearml", "dvclive", "swanlab", "trackio")
 LOCK_FILE = ".r1mm.lock"
 APPEND_ONLY_LOGS = ("metrics.jsonl", "completions.jsonl")

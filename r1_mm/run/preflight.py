@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from r1_mm import run_folder
-from r1_mm.config import ConfigError, RecipeConfig
+from r1_mm.config.recipe import ConfigError, RecipeConfig
+from r1_mm.run import folder as run_folder
 
 FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 
@@ -145,8 +145,8 @@ def check_model_config(cfg: RecipeConfig, config: Any = None) -> list[str]:
     grouped = cfg.training.forward_mode == "grouped"
     if not (grouped or flash or vllm):
         return []
-    from r1_mm.hub import read_model_config
-    from r1_mm.trainers.packed_attention import PackedAttentionError, check_supported
+    from r1_mm.models.forward.packed_attention import PackedAttentionError, check_supported
+    from r1_mm.models.hub import read_model_config
 
     try:
         if config is None:

@@ -13,14 +13,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from r1_mm import input_checks, run_folder, run_info
-from r1_mm.completion_log import completion_record
-from r1_mm.config import RecipeConfig, dump_recipe
+from r1_mm.config.recipe import RecipeConfig, dump_recipe
 from r1_mm.data import PromptStream
-from r1_mm.models import load_for_inference, load_processor
-from r1_mm.preflight import preflight
+from r1_mm.models.loading import load_for_inference, load_processor
 from r1_mm.rollout.base import SamplingSettings, make_engine
-from r1_mm.tracking import MetricsLogger
+from r1_mm.run import folder as run_folder
+from r1_mm.run import info as run_info
+from r1_mm.run import input_checks
+from r1_mm.run.completion_log import completion_record
+from r1_mm.run.preflight import preflight
+from r1_mm.run.tracking import MetricsLogger
 
 
 def run_rollouts(cfg: RecipeConfig) -> Path:

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from r1_mm.config.visual_budget import budget_problem
+
 
 class ConfigError(ValueError):
     """A recipe that does not fit the schema; the message names the offending field."""
@@ -427,8 +429,6 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         problems.append("media.min_pixels must be <= media.max_pixels")
     if cfg.media.video_max_pixels is not None and cfg.media.video_min_pixels > cfg.media.video_max_pixels:
         problems.append("media.video_min_pixels must be <= media.video_max_pixels")
-    from r1_mm.visual_budget import budget_problem  # here: visual_budget imports this module
-
     if budget := budget_problem(cfg.media):
         problems.append(budget)
     if cfg.media.nframes is not None and cfg.media.nframes < 1:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from r1_mm.config import ConfigError, RecipeConfig
+from r1_mm.config.recipe import ConfigError, RecipeConfig
 from r1_mm.data.frame_views import segment_split, select_frames, sparse_indices, with_videos
 from r1_mm.data.loading import load_split, media_root
 from r1_mm.data.prompts import PromptBuilder, Sample
@@ -71,10 +71,10 @@ def _views(sample: Sample, row: dict[str, Any], processor: Any, s: TPOSettings, 
 
 def build_tpo_pairs(cfg: RecipeConfig, out_path: str | Path, settings: TPOSettings | None = None,
                     engine: Any = None) -> TPOReport:
-    from r1_mm.input_checks import check_generation_job
-    from r1_mm.models import load_for_inference, load_processor
+    from r1_mm.models.loading import load_for_inference, load_processor
     from r1_mm.rollout import SamplingSettings, make_engine
-    from r1_mm.run_folder import writable_problem
+    from r1_mm.run.folder import writable_problem
+    from r1_mm.run.input_checks import check_generation_job
 
     s = settings or TPOSettings()
     out_path = Path(out_path)

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from r1_mm.config import ConfigError, RecipeConfig
-from r1_mm.plugins import PluginError, is_plugin_name, load_object
+from r1_mm.config.recipe import ConfigError, RecipeConfig
+from r1_mm.core.plugins import PluginError, is_plugin_name, load_object
 
 # the pip package each of accelerate's trackers needs (as accelerate's is_*_available checks)
 TRACKER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "comet_ml": "comet-ml",

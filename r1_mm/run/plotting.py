@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from r1_mm.tracking import read_metrics
+from r1_mm.run.tracking import read_metrics
 
 # "rewards": every reward function's mean (rewards/<fn>/mean), one curve each
 DEFAULT_PANELS = ("rewards", "train/kl", "completions/mean_length", "train/entropy")

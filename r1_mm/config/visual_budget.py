@@ -19,8 +19,10 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from r1_mm.config import MediaConfig
+if TYPE_CHECKING:  # the budget reads the media section; the recipe's check calls this module
+    from r1_mm.config.recipe import MediaConfig
 
 DEFAULT_VIDEO_MAX_PIXELS = 28 * 28 * 16  # per frame, when the recipe states no video budget
 PLAN_FACTOR = 28  # pixels per token side the planner assumes (Qwen-VL: 14-pixel patches merged 2 x 2)

@@ -15,7 +15,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from r1_mm.config import ConfigError, RecipeConfig, RewardSpec
+from r1_mm.config.recipe import ConfigError, RecipeConfig, RewardSpec
 from r1_mm.data.loading import DataError
 from r1_mm.data.prompts import PROMPT_KEYS, row_id
 from r1_mm.data.row_checks import row_problems as data_row_problems
@@ -197,7 +197,7 @@ def check(cfg: RecipeConfig, rows: list[dict[str, Any]] | None = None, source: s
     """Raise ConfigError (recipe) or DataError (rows) with every problem found; the rows are checked
     only when given (the trainer passes the rows it already read, ``source``, how to name them, and
     ``media_root``, where their relative media paths resolve)."""
-    from r1_mm.tracking import tracker_problems
+    from r1_mm.run.tracking import tracker_problems
 
     problems = name_problems(cfg) + tracker_problems(cfg.logging.report_to)
     problems += [f"logging.tracker_kwargs '{name}' is not in logging.report_to {cfg.logging.report_to}"

@@ -27,7 +27,7 @@ def export_weights(model: Any, bucket_mb: int = 256) -> dict[str, Any]:
     """Every process must call this (ZeRO-3 gathers are collective): the base model's weights in
     transformers naming, LoRA merged (``W + scale * B @ A``, by PEFT's own delta), gathered bucket by
     bucket. The same iterator feeds the vLLM engines, so an export and a weight sync never disagree."""
-    from r1_mm.rollout.weights import iter_policy_weights
+    from r1_mm.models.weights import iter_policy_weights
 
     return {name: tensor.cpu() for name, tensor in iter_policy_weights(model, bucket_mb)}
 
@@ -38,7 +38,7 @@ def export_model(model: Any, weights: dict[str, Any], out_dir: Path) -> None:
     No fresh model is built: under ZeRO-3, constructing one runs ``deepspeed.zero.Init``, whose
     collectives the other processes never join (a hang); the live model's config and
     ``save_pretrained`` with an explicit state dict need no collective."""
-    from r1_mm.trainers.grouped_forward import unwrap
+    from r1_mm.models.weights import unwrap
 
     unwrap(model).save_pretrained(out_dir, state_dict=weights, safe_serialization=True)
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from transformers.utils import ModelOutput
 
-from r1_mm.trainers.truncated_scores import VOCAB_TILE, HeadSpec, TruncatedLogProbFunction, Truncation
+from r1_mm.models.forward.truncated_scores import VOCAB_TILE, HeadSpec, TruncatedLogProbFunction, Truncation
 
 SUPPRESS_LOGIT = -1.0e4
 
@@ -88,7 +88,7 @@ def _suppression_bias(lm_head: torch.nn.Module, vocab: int, suppressed: tuple[in
 def _scoring_forward(self: Any, *args: Any, r1mm_score: ScoreRequest | None = None, **kwargs: Any) -> Any:
     if r1mm_score is None:
         return self._r1mm_original_forward(*args, **kwargs)
-    from r1_mm.trainers.trl_imports import trl_module
+    from r1_mm.models.trl_imports import trl_module
 
     ChunkedLogProbFunction = trl_module("trl.kernels").ChunkedLogProbFunction
     maybe_gather_lm_head_ctx = trl_module("trl.trainer.utils").maybe_gather_lm_head_ctx
@@ -143,7 +143,7 @@ def is_installed(model: torch.nn.Module) -> bool:
 
 def score(model: torch.nn.Module, model_kwargs: dict[str, Any], request: ScoreRequest) -> TokenScores:
     """Run ``model`` (wrapped or not: DDP, DeepSpeed, PEFT pass the request through) and score."""
-    from r1_mm.trainers.grouped_forward import unwrap
+    from r1_mm.models.weights import unwrap
 
     install(unwrap(model))
     out = model(**model_kwargs, r1mm_score=request)

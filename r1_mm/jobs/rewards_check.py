@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from r1_mm.config import DataConfig, RewardSpec
+from r1_mm.config.recipe import DataConfig, RewardSpec
 from r1_mm.data.loading import map_columns, read_rows
 from r1_mm.data.prompts import build_messages, row_id
 from r1_mm.rewards.registry import RewardError, RewardRunner, get
@@ -63,7 +63,7 @@ def signature_problems(fn: Any, columns: set[str], fixed: set[str]) -> list[str]
 def check_reward(name: str, data: str | Path, *, rows: int = 4, kwargs: dict[str, Any] | None = None,
                  columns: dict[str, str] | None = None) -> CheckReport:
     """``columns``: the recipe's data.columns (source column -> r1-mm column), applied as training does."""
-    from r1_mm.input_checks import spec_problems
+    from r1_mm.run.input_checks import spec_problems
 
     report = CheckReport()
     try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from r1_mm.config import ConfigError
+from r1_mm.config.recipe import ConfigError
 
 # transformers model_type -> lmms-eval model name (its registry); --lmms-model overrides
 LMMS_MODELS = {"qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl",

@@ -13,6 +13,17 @@ from collections.abc import Iterator
 import torch
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under DDP / DeepSpeed / peft wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
 def _is_zero3(param: torch.nn.Parameter) -> bool:
     return hasattr(param, "ds_id")
 

@@ -130,7 +130,7 @@ class TruncatedLogProbFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_kept: torch.Tensor | None, grad_full: torch.Tensor | None, grad_entropy: torch.Tensor | None):
-        from r1_mm.trainers.trl_imports import trl_module
+        from r1_mm.models.trl_imports import trl_module
 
         maybe_gather_lm_head_ctx = trl_module("trl.trainer.utils").maybe_gather_lm_head_ctx
 

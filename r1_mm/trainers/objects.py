@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from r1_mm.config import ConfigError, RecipeConfig, RewardSpec, load_recipe, validate
+from r1_mm.config.recipe import ConfigError, RecipeConfig, RewardSpec, load_recipe, validate
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from r1_mm.config import ModelConfig, RecipeConfig
+from r1_mm.config.recipe import ModelConfig, RecipeConfig
 from r1_mm.data import PromptStream
 from r1_mm.data.loading import has_split
 from r1_mm.rewards.registry import RewardRunner
@@ -60,9 +60,9 @@ def evaluate(engine: RolloutEngine, samples: list, rewards: RewardRunner, cfg: R
 
 def evaluate_checkpoint(cfg: RecipeConfig, checkpoint: str | Path) -> dict[str, float]:
     """Score a checkpoint's exported model (CHECKPOINT/model, or a plain transformers folder)."""
-    from r1_mm import input_checks
-    from r1_mm.models import load_for_inference, load_processor
+    from r1_mm.models.loading import load_for_inference, load_processor
     from r1_mm.rollout import make_engine
+    from r1_mm.run import input_checks
 
     folder = Path(checkpoint)
     folder = folder / "model" if (folder / "model" / "config.json").exists() else folder

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds the workers get to save after a signal before they are killed (default 1800)")
     args = p.parse_args(argv)
 
-    from r1_mm.config import ConfigError, load_recipe
+    from r1_mm.config.recipe import ConfigError, load_recipe
 
     try:  # a recipe mistake is one line here, not one traceback per worker
         load_recipe(args.recipe, args.overrides)

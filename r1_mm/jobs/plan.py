@@ -32,8 +32,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from r1_mm.config import RecipeConfig, accumulation
-from r1_mm.visual_budget import PLAN_FACTOR, video_token_budget
+from r1_mm.config.recipe import RecipeConfig, accumulation
+from r1_mm.config.visual_budget import PLAN_FACTOR, video_token_budget
 
 GIB = 2**30
 # Used only when the runtime cannot be measured (see measure_cpu_runtime); measured here on 2026-12-02.
@@ -43,10 +43,10 @@ CUDA_RUNTIME_BYTES = 1 * GIB
 # DeepSpeed), TRL (which imports vLLM when installed) and the recipe's processor with its tokenizer stack.
 _RUNTIME_PROBE = """
 import sys
-from r1_mm.config import load_recipe
-from r1_mm.memory import peak_rss_bytes
+from r1_mm.config.recipe import load_recipe
+from r1_mm.core.memory import peak_rss_bytes
 import r1_mm.trainers, trl  # noqa: F401
-from r1_mm.models import load_processor
+from r1_mm.models.loading import load_processor
 load_processor(load_recipe(None, [f"model.name_or_path={sys.argv[1]}", f"model.trust_remote_code={sys.argv[2]}"]).model)
 print(peak_rss_bytes())
 """
@@ -109,8 +109,8 @@ def model_shape(cfg: RecipeConfig) -> ModelShape:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from r1_mm.hub import read_model_config
-    from r1_mm.models import vision_modules
+    from r1_mm.models.hub import read_model_config
+    from r1_mm.models.loading import vision_modules
 
     config = read_model_config(cfg.model)  # a ConfigError in one line when the model cannot be reached
     with torch.device("meta"):
@@ -284,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from r1_mm.config import ConfigError
-    from r1_mm.train import resolve
+    from r1_mm.config.recipe import ConfigError
+    from r1_mm.jobs.train import resolve
 
     p = argparse.ArgumentParser(prog="r1-mm plan", description="Estimate the memory one learner process needs.")
     p.add_argument("recipe")
