@@ -15,8 +15,7 @@ from r1_mm.config.recipe import DataConfig, RewardSpec
 from r1_mm.data.loading import map_columns, read_rows
 from r1_mm.data.prompts import build_messages, row_id
 from r1_mm.rewards.registry import RewardError, RewardRunner, get
-
-PROTOCOL_ARGUMENTS = ("prompts", "completions", "completion_ids")
+from r1_mm.rewards.signature import PROTOCOL_ARGUMENTS
 
 
 @dataclass

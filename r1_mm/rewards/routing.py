@@ -54,7 +54,7 @@ def _routed(kwargs: dict[str, Any]) -> dict[str, str]:
 
 def _needs_for(kwargs: dict[str, Any]) -> set[str]:
     """problem_type, and what every reward a problem type can route to needs."""
-    from r1_mm.run.input_checks import needed_columns
+    from r1_mm.rewards.signature import needed_columns
 
     out = {"problem_type"}
     for name in set(_routed(kwargs).values()):

@@ -19,10 +19,7 @@ from r1_mm.config.recipe import ConfigError, RecipeConfig, RewardSpec
 from r1_mm.data.loading import DataError
 from r1_mm.data.prompts import PROMPT_KEYS, row_id
 from r1_mm.data.row_checks import row_problems as data_row_problems
-
-PROTOCOL_ARGUMENTS = ("prompts", "completions", "completion_ids")
-# arguments the runner always passes besides the rows' columns and the run context
-PASSED_BY_RUNNER = (*PROTOCOL_ARGUMENTS, "prompt_media", "max_completion_length")
+from r1_mm.rewards.signature import PASSED_BY_RUNNER, needed_columns
 
 
 def _close(name: str, choices: list[str]) -> str:
@@ -75,21 +72,6 @@ def kwarg_problems(fn: Any, kwargs: dict[str, Any], where: str, forwarded_to: li
         if key not in names and options:
             problems.append(f"{where}.kwargs.{key} is not an option of this reward" + _close(key, sorted(options)))
     return problems
-
-
-def needed_columns(fn: Any, kwargs: dict[str, Any]) -> set[str]:
-    """Columns every row must carry for ``fn``: its declared ``needs`` (built-ins; ``needs_for(kwargs)``
-    when they depend on the options), else the parameters it requires without a default."""
-    if callable(getattr(fn, "needs_for", None)):
-        return set(fn.needs_for(kwargs))
-    if getattr(fn, "needs", None) is not None:
-        return set(fn.needs)
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return set()
-    return {p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-            and p.name not in PASSED_BY_RUNNER and p.name not in kwargs}
 
 
 def spec_problems(spec: RewardSpec, where: str) -> tuple[list[str], set[str]]:
