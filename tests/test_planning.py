@@ -79,7 +79,7 @@ def test_paper_recipe_launch_config_and_plan_agree(path):
     at load in one line), and `r1-mm plan --launch` with it counts that dtype's bytes."""
     import yaml
 
-    from r1_mm.run.preflight import precision_problem
+    from r1_mm.trainers.backend import precision_problem
 
     header = path.read_text()
     launch = REPO / re.search(r"--config_file (recipes/accelerate/\S+\.yaml)", header).group(1)

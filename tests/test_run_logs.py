@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from r1_mm.rewards.reward_metrics import metric_labels
-from r1_mm.run.completion_log import sampled_groups
+from r1_mm.rollout.records import sampled_groups
 from r1_mm.trainers.grpo import GRPOTrainer
 
 from .conftest import REPO

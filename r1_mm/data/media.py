@@ -305,3 +305,17 @@ def _video_from_sampled(sampled: list[np.ndarray], idx: list[int], total: int, f
 
 def is_video_path(ref: Any) -> bool:
     return isinstance(ref, (str, Path)) and Path(str(ref)).suffix.lower() in VIDEO_SUFFIXES
+
+
+def media_preview(sample: Any, max_frames: int = 4) -> Any:
+    """The prompt's first image, or a strip of up to ``max_frames`` evenly spaced video frames (PIL)."""
+    import numpy as np
+    from PIL import Image
+
+    if getattr(sample, "images", None):
+        return sample.images[0]
+    if getattr(sample, "videos", None):
+        frames = sample.videos[0].frames
+        pick = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).astype(int)
+        return Image.fromarray(np.concatenate([frames[i] for i in pick], axis=1))
+    return None

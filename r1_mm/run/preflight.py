@@ -59,7 +59,6 @@ def problems(cfg: RecipeConfig, machine: Machine) -> list[str]:
     return found
 
 
-MIXED_PRECISION_OF = {"bfloat16": "bf16", "float16": "fp16"}
 VLLM_ENGINES = ("vllm_colocate", "vllm_pool")
 
 
@@ -113,28 +112,6 @@ def engine_sizing_problems(cfg: RecipeConfig) -> list[str]:
                 f"{VLLM_LARGEST_DEFAULT_MAX_NUM_SEQS} on large GPUs), which vLLM refuses at engine start: set "
                 f"rollout.vllm_max_num_seqs to at most {tokens}"]
     return []
-
-
-def precision_problem(cfg: RecipeConfig, *, mixed_precision: str, cuda: bool, deepspeed: bool) -> str | None:
-    """The recipe's model.dtype and the launch's mixed precision must agree on a GPU: ``r1-mm plan`` and
-    the recipe's header figures assume it, and a mismatch changes what runs: a bf16 model under 'no' gets
-    float32 gradient buffers under DeepSpeed (outside DeepSpeed r1-mm keeps float32 master weights either
-    way: trainers/master_weights.py); a float32 model under a DeepSpeed bf16 launch is cast to bf16.
-    CPU runs (tests, CI) train in the recipe's dtype without autocast, so they are not checked.
-    ``mixed_precision``: accelerate's resolved value (``Accelerator.mixed_precision``: the launch config's
-    ``mixed_precision``, or a DeepSpeed JSON's explicit ``bf16`` / ``fp16`` section)."""
-    if not cuda:
-        return None
-    wanted = MIXED_PRECISION_OF.get(cfg.model.dtype)
-    if wanted and mixed_precision != wanted:
-        return (f"model.dtype={cfg.model.dtype} but the launch runs mixed_precision '{mixed_precision}': launch with "
-                f"mixed_precision: {wanted} (recipes/accelerate/zero3.yaml as shipped, or accelerate launch "
-                f"--mixed_precision {wanted}), which `r1-mm plan --launch` and the recipe headers assume")
-    if cfg.model.dtype == "float32" and deepspeed and mixed_precision in ("bf16", "fp16"):
-        return (f"model.dtype=float32 but the DeepSpeed launch runs mixed_precision '{mixed_precision}', which casts "
-                f"the model to {mixed_precision}: set model.dtype={'bfloat16' if mixed_precision == 'bf16' else 'float16'}"
-                " or launch with --mixed_precision no")
-    return None
 
 
 def check_model_config(cfg: RecipeConfig, config: Any = None) -> list[str]:

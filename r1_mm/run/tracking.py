@@ -179,20 +179,6 @@ class MetricsLogger:
         self.trackers = []
 
 
-def media_preview(sample: Any, max_frames: int = 4) -> Any:
-    """The prompt's first image, or a strip of up to ``max_frames`` evenly spaced video frames (PIL)."""
-    import numpy as np
-    from PIL import Image
-
-    if getattr(sample, "images", None):
-        return sample.images[0]
-    if getattr(sample, "videos", None):
-        frames = sample.videos[0].frames
-        pick = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).astype(int)
-        return Image.fromarray(np.concatenate([frames[i] for i in pick], axis=1))
-    return None
-
-
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -17,13 +17,13 @@ import torch
 from r1_mm.config.recipe import ConfigError, RecipeConfig, RewardSpec
 from r1_mm.data import Sample
 from r1_mm.data.loading import has_split
+from r1_mm.data.media import media_preview
 from r1_mm.models.forward.scoring import score_completions
 from r1_mm.models.forward.truncated_scores import Truncation
 from r1_mm.rewards.registry import RewardBatch, RewardRunner
 from r1_mm.rewards.reward_metrics import metric_labels, reward_metrics
 from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, make_engine, media_token_ids
-from r1_mm.run.completion_log import append_rows, sampled_groups, scored_rows
-from r1_mm.run.tracking import media_preview
+from r1_mm.rollout.records import append_rows, sampled_groups, scored_rows
 from r1_mm.trainers import temporal_contrast
 from r1_mm.trainers.backend import (
     accumulation_cycle,
@@ -354,7 +354,7 @@ class GRPOTrainer(BaseTrainer):
 
     def log_completions(self, exp: Experience) -> None:
         """Every group of the step (or a ``logging.completions_sample_rate`` share), every process's,
-        to completions.jsonl (see ``r1_mm.run.completion_log``); the first group also to W&B's table."""
+        to completions.jsonl (see ``r1_mm.rollout.records``); the first group also to W&B's table."""
         from accelerate.utils import gather_object
 
         acc = self.learner.accelerator
