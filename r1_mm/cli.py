@@ -266,7 +266,7 @@ def _recipe_and_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> t
 def _cmd_eval(argv: list[str]) -> int:
     import json
 
-    from r1_mm.trainers.evaluation import evaluate_checkpoint
+    from r1_mm.jobs.evaluate import evaluate_checkpoint
 
     if any(a == "--lmms-eval" or a.startswith("--lmms-eval=") for a in argv):
         return _cmd_lmms_eval(argv)
@@ -322,7 +322,7 @@ def _cmd_lmms_eval(argv: list[str]) -> int:
 
 
 def _cmd_dpo(argv: list[str]) -> int:
-    from r1_mm.trainers.preference import precompute_reference
+    from r1_mm.jobs.dpo_reference import precompute_reference
 
     p = argparse.ArgumentParser(prog="r1-mm dpo", description="Preference-data tools.")
     sub = p.add_subparsers(dest="action", required=True)

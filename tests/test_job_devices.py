@@ -59,7 +59,7 @@ def test_jobs_move_the_hf_engines_model_to_the_device(tiny_path, synthetic_data,
 
             build_tpo_pairs(cfg, tmp_path / "pairs.jsonl")
         else:
-            from r1_mm.trainers.evaluation import evaluate_checkpoint
+            from r1_mm.jobs.evaluate import evaluate_checkpoint
 
             evaluate_checkpoint(cfg, tiny_path("qwen2_5_vl"))
     assert reached.value.device == expected

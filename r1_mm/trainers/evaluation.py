@@ -1,18 +1,16 @@
 """Evaluation: the eval split scored with the training rewards, greedy (or k samples per prompt).
 
 Used every ``training.eval_steps`` inside a run and by ``r1-mm eval RECIPE --checkpoint DIR``
-offline; both report ``eval/...`` metrics of the same names.
+offline (:mod:`r1_mm.jobs.evaluate`); both report ``eval/...`` metrics of the same names.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from r1_mm.config.recipe import ModelConfig, RecipeConfig
+from r1_mm.config.recipe import RecipeConfig
 from r1_mm.data import PromptStream
 from r1_mm.data.loading import has_split
 from r1_mm.rewards.registry import RewardRunner
@@ -56,28 +54,3 @@ def evaluate(engine: RolloutEngine, samples: list, rewards: RewardRunner, cfg: R
                               prefix="eval/rewards/"))
     out["eval/completions/mean_length"] = sum(lengths) / len(lengths)
     return out
-
-
-def evaluate_checkpoint(cfg: RecipeConfig, checkpoint: str | Path) -> dict[str, float]:
-    """Score a checkpoint's exported model (CHECKPOINT/model, or a plain transformers folder)."""
-    from r1_mm.models.loading import load_for_inference, load_processor
-    from r1_mm.rollout import make_engine
-    from r1_mm.run import input_checks
-
-    folder = Path(checkpoint)
-    folder = folder / "model" if (folder / "model" / "config.json").exists() else folder
-    model_cfg = ModelConfig(**{**cfg.model.__dict__, "name_or_path": str(folder), "lora": False})
-    cfg = type(cfg)(**{**cfg.__dict__, "model": model_cfg})
-    input_checks.check(cfg)  # the recipe's rewards, then every eval row, before the model loads
-    input_checks.check_eval_split(cfg, evaluating=True)
-    processor = load_processor(model_cfg)
-    model = load_for_inference(model_cfg, cfg.rollout.engine)
-    engine = make_engine(cfg.rollout.engine, model=model, processor=processor, cfg=cfg)
-    try:
-        runner = RewardRunner.from_recipe(cfg)
-        with torch.no_grad():
-            metrics = evaluate(engine, eval_rows(cfg, processor), runner, cfg)
-    finally:
-        engine.close()
-    (folder.parent / "eval.json").write_text(json.dumps(metrics, indent=1))
-    return metrics
