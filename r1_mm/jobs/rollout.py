@@ -13,32 +13,36 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from r1_mm.config.recipe import RecipeConfig, dump_recipe
+from r1_mm.config.recipe import RecipeConfig
 from r1_mm.data import PromptStream
 from r1_mm.models.loading import load_for_inference, load_processor
-from r1_mm.rollout.base import SamplingSettings, make_engine
-from r1_mm.run import folder as run_folder
+from r1_mm.rollout.base import RolloutEngine, SamplingSettings, make_engine
+from r1_mm.rollout.records import completion_record
 from r1_mm.run import info as run_info
 from r1_mm.run import input_checks
-from r1_mm.run.completion_log import completion_record
-from r1_mm.run.preflight import preflight
+from r1_mm.run.context import RunContext
 from r1_mm.run.tracking import MetricsLogger
 
 
 def run_rollouts(cfg: RecipeConfig) -> Path:
     torch.manual_seed(cfg.training.seed)
-    preflight(cfg, read_model_config=False)  # no learner: the grouped forward is not used
+    run = RunContext(cfg)
+    run.preflight(read_model_config=False)  # no learner: the grouped forward is not used
     processor = load_processor(cfg.model)
     stream = PromptStream.from_config(processor, cfg.data, cfg.media, seed=cfg.training.seed)
     input_checks.check_generation_job(cfg, stream.rows, stream.source, stream.builder.media_root)
-    run_dir = Path(cfg.training.output_dir)
-    lock = run_folder.RunLock(run_dir)
-    run_folder.prepare(run_dir, resuming=False, overwrite=cfg.training.overwrite_output_dir)
-    (run_dir / "recipe.resolved.yaml").write_text(dump_recipe(cfg))
-    model = load_for_inference(cfg.model, cfg.rollout.engine)
-    engine = make_engine(cfg.rollout.engine, model=model, processor=processor, cfg=cfg)
-    run_info.write(run_dir, run_info.collect_rollout_only(cfg, model, engine))
-    logger = MetricsLogger(cfg, run_dir)
+    with run:  # the lock, the engine and the metrics are released however the job ends
+        run.claim()
+        logger = run.start_records()
+        model = load_for_inference(cfg.model, cfg.rollout.engine)
+        engine = make_engine(cfg.rollout.engine, model=model, processor=processor, cfg=cfg)
+        run.on_close(engine.close)
+        run.write_info(run_info.collect_rollout_only(cfg, model, engine))
+        _sample(cfg, stream, engine, logger, run.run_dir)
+    return run.run_dir
+
+
+def _sample(cfg: RecipeConfig, stream: PromptStream, engine: RolloutEngine, logger: MetricsLogger, run_dir: Path) -> None:
     n = cfg.rollout.num_generations
     bar = tqdm(range(cfg.training.max_steps), desc="rollout", disable=not cfg.logging.progress_bar)
     with (run_dir / "completions.jsonl").open("w") as out:
@@ -61,7 +65,3 @@ def run_rollouts(cfg: RecipeConfig) -> Path:
             logger.log(metrics, step)
             bar.set_postfix(len=f"{metrics['completions/mean_length']:.1f}",
                             tok_s=f"{metrics['throughput/completion_tokens_per_s']:.0f}")
-    logger.close()
-    engine.close()
-    lock.release()
-    return run_dir

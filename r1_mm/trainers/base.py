@@ -1,5 +1,9 @@
-"""What every trainer shares: the learner, the prompt stream, the run folder, metrics, checkpoints
-and the step loop. Subclasses implement ``train_step`` (one optimizer step, returns its metrics)."""
+"""What every trainer shares: the learner, the prompt stream and the step loop, inside the run's
+context (folder, lock, metrics, checkpoints: :class:`r1_mm.run.context.RunContext`). Subclasses implement
+``train_step`` (one optimizer step, returns its metrics).
+
+The trainers import the run layer above them at one place only, here, for that context: the Python API
+builds a trainer from a recipe alone, so the trainer opens its own run (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -7,28 +11,19 @@ import dataclasses
 import logging
 import signal
 import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from tqdm import tqdm
 
-from r1_mm.config.recipe import ConfigError, RecipeConfig, dump_recipe
+from r1_mm.config.recipe import ConfigError, RecipeConfig
 from r1_mm.data import PromptStream
 from r1_mm.models.loading import load_processor, prepare_processor
-from r1_mm.rollout.shm_segments import remove_stale_segments
-from r1_mm.run import folder as run_folder
-from r1_mm.run import info as run_info
-from r1_mm.run import input_checks
-from r1_mm.run.checkpoint import REFERENCE_FILE, STATE_FILE, CheckpointManager, damage
-from r1_mm.run.preflight import preflight
-from r1_mm.run.tracking import MetricsLogger
+from r1_mm.run.context import RunContext
 from r1_mm.trainers.backend import Learner, build_learner, load_reference_state, make_accelerator
 from r1_mm.trainers.objects import RunObjects
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def memory_metrics() -> dict[str, float]:
@@ -41,26 +36,6 @@ def memory_metrics() -> dict[str, float]:
     if torch.cuda.is_available():
         out["memory/cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
-
-
-def on_main_process(acc: Any, fn: Callable[[], T]) -> T:
-    """``fn()`` run by the main process only, its result (or its ConfigError) given to every process, so
-    a refusal stops every rank instead of leaving the others waiting on a collective."""
-    from accelerate.utils import broadcast_object_list
-
-    result, error = None, None
-    if acc.is_main_process:
-        try:
-            result = fn()
-        except ConfigError as exc:
-            error = str(exc)
-    if acc.num_processes > 1:
-        shared = [(result, error)]
-        broadcast_object_list(shared, from_process=0)
-        result, error = shared[0]
-    if error:
-        raise ConfigError(error)
-    return result
 
 
 class BaseTrainer:
@@ -79,9 +54,10 @@ class BaseTrainer:
         if path:  # what the run records, and what vLLM engines load before they receive the object's weights
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=str(path)))
         self.cfg = cfg
+        self.run = run = RunContext(cfg)
         # everything that can be wrong with the machine, the recipe or the data is found before weights load
-        input_checks.check(cfg)
-        preflight(cfg, model_config=getattr(model, "config", None))
+        run.check_inputs()
+        run.preflight(model_config=getattr(model, "config", None))
         acc = make_accelerator(cfg)
         if objects.processor is not None:
             self.processor = prepare_processor(objects.processor)
@@ -93,104 +69,51 @@ class BaseTrainer:
         self.stream = PromptStream.from_config(self.processor, cfg.data, cfg.media, seed=cfg.training.seed,
                                                shard=(acc.process_index, acc.num_processes),
                                                dataset=objects.train_dataset)
-        input_checks.check(cfg, self.stream.rows, self.stream.source, self.stream.builder.media_root)
-        input_checks.check_eval_split(cfg, objects.eval_dataset)
-        self.run_dir = Path(cfg.training.output_dir)
-        remove_stale_segments()  # shared-memory weights of runs killed before they could remove them
-        # hashing a checkpoint reads all of it: the main process does it once for every process
-        self.resume_path = on_main_process(acc, self._resume_path)
-        self.resumed_state: dict[str, Any] = {}
-        if self.resume_path is not None:
-            self.resumed_state = CheckpointManager.read_state(self.resume_path)
-        self.lock = self._claim_run_folder(acc)
-        if acc.num_processes > 1:
-            run_folder.check_shared(self.run_dir, acc)
-        self.run_id = self.resumed_state.get("run_id") or uuid.uuid4().hex[:12]
-        self.checkpoints = CheckpointManager(self.run_dir, keep=cfg.training.save_total_limit, run_id=self.run_id)
-        self.step = 0
-        self.learner: Learner = build_learner(cfg, need_reference=need_reference, accelerator=acc,
-                                              processor=self.processor, model=model)
-        if acc.is_main_process:
-            (self.run_dir / "recipe.resolved.yaml").write_text(dump_recipe(cfg))
-            if self.resume_path is not None:
-                run_folder.truncate_logs(self.run_dir, int(self.resumed_state["step"]))
-        self.metrics = MetricsLogger(cfg, self.run_dir, is_main_process=acc.is_main_process,
-                                     resume=self.resume_path is not None, run_id=self.run_id)
+        run.check_inputs(self.stream.rows, self.stream.source, self.stream.builder.media_root,
+                         eval_dataset=objects.eval_dataset)
+        run.claim_for_training(acc)
+        try:  # from here the run holds its folder: a failure releases it
+            self.step = 0
+            self.learner: Learner = build_learner(cfg, need_reference=need_reference, accelerator=acc,
+                                                  processor=self.processor, model=model)
+            self.metrics = run.start_records(is_main_process=acc.is_main_process)
+        except BaseException:
+            run.close()
+            raise
+        run.on_close(self.close)  # the subclass's engines, before the lock is released
         self._stop_signal: int | None = None
         self.saved: Path | None = None  # the checkpoint holding the current state, if any
 
-    def _claim_run_folder(self, acc: Any) -> run_folder.RunLock | None:
-        """The main process locks the folder and clears an old run (when allowed); every process learns
-        the outcome, so a refused run stops everywhere instead of leaving ranks waiting on a collective."""
-        held: list[run_folder.RunLock] = []
+    @property
+    def run_dir(self) -> Path:
+        return self.run.run_dir
 
-        def claim() -> None:
-            lock = run_folder.RunLock(self.run_dir)
-            try:
-                if self.resume_path is None and self.cfg.training.resume_from == "latest":
-                    self._start_latest_fresh()
-                run_folder.prepare(self.run_dir, resuming=self.resume_path is not None,
-                                   overwrite=self.cfg.training.overwrite_output_dir)
-            except ConfigError:
-                lock.release()
-                raise
-            held.append(lock)
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
 
-        on_main_process(acc, claim)
-        return held[0] if held else None
+    @property
+    def resume_path(self) -> Path | None:
+        return self.run.resume_path
 
-    def _start_latest_fresh(self) -> None:
-        """``resume_from: latest`` without a checkpoint: a preemptible job's first launch, or one killed
-        before its first save. Either way it starts from step 0 (and says so), clearing what an attempt
-        that saved nothing left behind, so every restart of the job can start; only damaged checkpoints
-        stop it (they may be worth repairing)."""
-        damaged = CheckpointManager(self.run_dir).all()
-        if damaged and not self.cfg.training.overwrite_output_dir:
-            raise ConfigError(f"training.resume_from=latest: no intact checkpoint in {self.run_dir / 'checkpoints'} "
-                              f"({', '.join(p.name for p in damaged)} are damaged, see above); resume one by path once "
-                              "repaired, or set training.overwrite_output_dir=true to start over")
-        left = run_folder.run_files(self.run_dir)
-        if left:
-            run_folder.prepare(self.run_dir, resuming=False, overwrite=True)
-            log.warning("training.resume_from=latest: no checkpoint in %s (the earlier attempt stopped before its first "
-                        "save); starting from step 0 and removed its %s", self.run_dir / "checkpoints", ", ".join(left))
-        else:
-            log.info("training.resume_from=latest: no checkpoint yet in %s; starting from step 0", self.run_dir)
+    @property
+    def checkpoints(self) -> Any:
+        return self.run.checkpoints
 
     # -- resume ---------------------------------------------------------------------------------
-    def _resume_path(self) -> Path | None:
-        """The checkpoint to resume: the newest intact one for ``latest`` (damaged newer ones are named
-        and passed over), or the given folder, which must be intact."""
-        want = self.cfg.training.resume_from
-        if not want:
-            return None
-        if want == "latest":
-            path, skipped = CheckpointManager(self.run_dir).latest_intact()
-            for why in skipped:
-                log.warning("training.resume_from=latest: skipping damaged checkpoint %s; resuming from %s", why,
-                            path.name if path is not None else "none")
-            return path  # None: a fresh run (first launch of a resumable job)
-        path = Path(want)
-        if not (path / STATE_FILE).exists():
-            raise ConfigError(f"training.resume_from: {path} is not a checkpoint (no {STATE_FILE}); give a "
-                              "checkpoints/step-N folder or 'latest'")
-        why = damage(path)
-        if why is not None:
-            raise ConfigError(f"training.resume_from: checkpoint {path} is damaged ({why}); give an older one or 'latest'")
-        return path
-
     def _resume(self) -> None:
         """Model, optimizer, scheduler and RNG states (accelerate), then data position and trainer state."""
         acc = self.learner.accelerator
         acc.load_state(str(self.resume_path))
-        reference_file = self.resume_path / REFERENCE_FILE
-        if reference_file.exists() and self.learner.reference is not None:
+        reference_file = self.run.resumed_reference
+        if reference_file is not None and self.learner.reference is not None:
             from safetensors.torch import load_file
 
             load_reference_state(self.learner, load_file(str(reference_file)))
-        self.step = int(self.resumed_state["step"])
-        self.stream.load_state_dict(self.resumed_state["data"])
-        self.after_resume(self.resumed_state)
+        state = self.run.resumed_state
+        self.step = int(state["step"])
+        self.stream.load_state_dict(state["data"])
+        self.after_resume(state)
         if acc.is_main_process:
             log.info("resumed from %s at step %d", self.resume_path, self.step)
 
@@ -237,9 +160,9 @@ class BaseTrainer:
 
     def write_run_info(self) -> None:
         """What really runs (back-end, ZeRO stage and partitioning, device, kernels, engine, versions)."""
-        info = run_info.collect(self.cfg, self.learner, engine=getattr(self, "engine", None))
+        info = self.run.training_info(self.learner, engine=getattr(self, "engine", None))
         if self.learner.accelerator.is_main_process:
-            run_info.write(self.run_dir, info)
+            self.run.write_info(info)
             log.info("run info: %s on %s, %d process(es), ZeRO stage %s, attention %s",
                      info["distributed_type"], info["device"], info["num_processes"], info["zero_stage"],
                      info["attn_implementation"])
@@ -300,10 +223,7 @@ class BaseTrainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self.metrics.close()
-            self.close()
-            if self.lock is not None:
-                self.lock.release()
+            self.run.close()
         if interrupted is not None:
             raise TrainingInterrupted(*interrupted, main_process=acc.is_main_process)
         if acc.is_main_process:
