@@ -72,7 +72,8 @@ def _views(sample: Sample, row: dict[str, Any], processor: Any, s: TPOSettings, 
 def build_tpo_pairs(cfg: RecipeConfig, out_path: str | Path, settings: TPOSettings | None = None,
                     engine: Any = None) -> TPOReport:
     from r1_mm.models.loading import load_for_inference, load_processor
-    from r1_mm.rollout import SamplingSettings, make_engine
+    from r1_mm.rollout import make_engine
+    from r1_mm.run.context import RunContext
     from r1_mm.run.folder import writable_problem
     from r1_mm.run.input_checks import check_generation_job
 
@@ -85,9 +86,20 @@ def build_tpo_pairs(cfg: RecipeConfig, out_path: str | Path, settings: TPOSettin
     root = media_root(cfg.data, default_root)
     check_generation_job(cfg, rows, source, root)
     processor = load_processor(cfg.model)
-    if engine is None:
-        model = load_for_inference(cfg.model, cfg.rollout.engine)
-        engine = make_engine(cfg.rollout.engine, model=model, processor=processor, cfg=cfg)
+    with RunContext(cfg) as run:  # the engine (and its servers) released however the job ends
+        if engine is None:
+            model = load_for_inference(cfg.model, cfg.rollout.engine)
+            engine = make_engine(cfg.rollout.engine, model=model, processor=processor, cfg=cfg)
+        run.on_close(engine.close)
+        report = _build(cfg, rows, root, processor, engine, s, out_path)
+    log.info("TPO pairs: %d written to %s (%s)", report.written, out_path, dict(report.counts))
+    return report
+
+
+def _build(cfg: RecipeConfig, rows: list[dict[str, Any]], root: Path, processor: Any, engine: Any, s: TPOSettings,
+           out_path: Path) -> TPOReport:
+    from r1_mm.rollout import SamplingSettings
+
     builder = PromptBuilder(processor, cfg.data, cfg.media, root)
     judge = None
     if s.agreement == "critic":
@@ -126,8 +138,6 @@ def build_tpo_pairs(cfg: RecipeConfig, out_path: str | Path, settings: TPOSettin
                 out.write(json.dumps(pair) + "\n")
                 report.written += 1
                 report.counts[kind] += 1
-    engine.close()
-    log.info("TPO pairs: %d written to %s (%s)", report.written, out_path, dict(report.counts))
     return report
 
 

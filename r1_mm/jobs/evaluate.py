@@ -14,6 +14,7 @@ from r1_mm.models.loading import load_for_inference, load_processor
 from r1_mm.rewards.registry import RewardRunner
 from r1_mm.rollout import make_engine
 from r1_mm.run import input_checks
+from r1_mm.run.context import RunContext
 from r1_mm.trainers.evaluation import eval_rows, evaluate
 
 
@@ -27,12 +28,12 @@ def evaluate_checkpoint(cfg: RecipeConfig, checkpoint: str | Path) -> dict[str, 
     input_checks.check_eval_split(cfg, evaluating=True)
     processor = load_processor(model_cfg)
     model = load_for_inference(model_cfg, cfg.rollout.engine)
-    engine = make_engine(cfg.rollout.engine, model=model, processor=processor, cfg=cfg)
-    try:
+    with RunContext(cfg) as run:  # the engine and the reward workers released however the job ends
+        engine = make_engine(cfg.rollout.engine, model=model, processor=processor, cfg=cfg)
+        run.on_close(engine.close)
         runner = RewardRunner.from_recipe(cfg)
+        run.on_close(runner.close)
         with torch.no_grad():
             metrics = evaluate(engine, eval_rows(cfg, processor), runner, cfg)
-    finally:
-        engine.close()
     (folder.parent / "eval.json").write_text(json.dumps(metrics, indent=1))
     return metrics

@@ -16,6 +16,7 @@ from r1_mm.data.loading import map_columns, read_rows
 from r1_mm.data.prompts import build_messages, row_id
 from r1_mm.rewards.registry import RewardError, RewardRunner, get
 from r1_mm.rewards.signature import PROTOCOL_ARGUMENTS
+from r1_mm.run.context import RunContext
 
 
 @dataclass
@@ -92,12 +93,14 @@ def check_reward(name: str, data: str | Path, *, rows: int = 4, kwargs: dict[str
             sample_rows.append(row)
             row_ids.append(row_id(row, i))
             kinds.append(kind)
-    try:
-        batch = runner(prompts=prompts, completions=completions, completion_ids=ids, rows=sample_rows,
-                       row_ids=row_ids)
-    except RewardError as exc:
-        report.problems.append(str(exc))
-        return report
+    with RunContext(None) as run:  # the reward's worker process killed however the check ends
+        run.on_close(runner.close)
+        try:
+            batch = runner(prompts=prompts, completions=completions, completion_ids=ids, rows=sample_rows,
+                           row_ids=row_ids)
+        except RewardError as exc:
+            report.problems.append(str(exc))
+            return report
     for rid, kind, value in zip(row_ids, kinds, batch.per_function[:, 0].tolist(), strict=True):
         shown = "None" if value != value else f"{value:.3f}"
         report.lines.append(f"  row {rid:<20} completion={kind:<9} reward={shown}")

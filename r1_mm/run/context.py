@@ -55,9 +55,11 @@ def on_main_process(acc: Any, fn: Callable[[], T]) -> T:
 class RunContext:
     """The output folder of one run and everything the run must give back when it ends."""
 
-    def __init__(self, cfg: RecipeConfig):
+    def __init__(self, cfg: RecipeConfig | None):
+        """``cfg=None``: a job without a run folder (``r1-mm rewards check``) that still has things to
+        release however it ends."""
         self.cfg = cfg
-        self.run_dir = Path(cfg.training.output_dir)
+        self.run_dir = Path(cfg.training.output_dir) if cfg is not None else None
         self.lock: run_folder.RunLock | None = None
         self.metrics: MetricsLogger | None = None
         self.resume_path: Path | None = None
