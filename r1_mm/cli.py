@@ -370,6 +370,21 @@ def _cmd_tpo(argv: list[str]) -> int:
     return 0
 
 
+def _cmd_config(argv: list[str]) -> int:
+    from r1_mm.config.doc import DOC_COMMAND, config_doc
+
+    p = argparse.ArgumentParser(prog="r1-mm config", description=(
+        "Document the recipe schema: every section and field with its type, default and help."),
+        epilog=f"docs/config.md is this output ({DOC_COMMAND}).")
+    p.add_argument("--doc", action="store_true", help="print the recipe reference (markdown) and exit")
+    args = p.parse_args(argv)
+    if not args.doc:
+        p.print_help(sys.stderr)
+        return 2
+    print(config_doc(), end="")
+    return 0
+
+
 COMMANDS = {
     "train": (_cmd_train, "train a policy from a recipe (same as accelerate launch -m r1_mm.train)"),
     "launch": (_cmd_launch, "train on several processes: accelerate launch CONFIG, with a clean Ctrl-C"),
@@ -385,6 +400,7 @@ COMMANDS = {
     "tpo": (_cmd_tpo, "build Temporal Preference Optimization pairs from video rows"),
     "plan": (_cmd_plan, "estimate the memory per learner process of a recipe (before renting GPUs)"),
     "serve": (_cmd_serve, "run a vLLM server: critic (OpenAI-compatible) or rollout (vllm_pool)"),
+    "config": (_cmd_config, "print every recipe field with its type, default and help (--doc)"),
 }
 
 
