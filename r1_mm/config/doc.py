@@ -61,7 +61,7 @@ def field_help(cls: type, prefix: str = "") -> list[FieldHelp]:
 
 def _yaml_value(value: Any) -> str:
     """A default as it would be written in a recipe (JSON is YAML's flow style)."""
-    return json.dumps(value)
+    return json.dumps(value, default=repr)
 
 
 def config_doc() -> str:

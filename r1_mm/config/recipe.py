@@ -329,7 +329,8 @@ class TrainingConfig:
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "a fresh run refuses a folder that holds another run's files; true deletes them first"})
     seed: int = field(default=0, metadata={"help": "the run's seed (sampling, data order)"})
-    max_steps: int = field(default=10, metadata={"help": "optimizer steps (rollout batches) the run takes"})
+    max_steps: int = field(default=10, metadata={
+        "help": "steps the run takes: one rollout batch each, trained on algorithm.num_iterations times"})
     prompts_per_step: int = field(default=2, metadata={
         "help": "prompts per process and optimizer step (rollouts are sampled for all of them at once)"})
     gradient_accumulation_steps: int | None = field(default=None, metadata={
