@@ -67,12 +67,16 @@ def make_demo_data(out: Path, rows: int, seed: int) -> Path:
 
 
 def _cmd_demo(argv: list[str]) -> int:
+    from r1_mm.config.doc import OVERRIDES_EPILOG
+
     p = argparse.ArgumentParser(prog="r1-mm demo", description=(
-        "Build the tiny offline model and synthetic counting data, then run the demo recipe."))
+        "Build the tiny offline model and synthetic counting data, then run the demo recipe."),
+        epilog=OVERRIDES_EPILOG)
     p.add_argument("--out", default="runs/demo", help="run folder (data, metrics, checkpoints)")
-    p.add_argument("--recipe", default=str(REPO_RECIPES / "demo_counting_grpo.yaml"))
+    p.add_argument("--recipe", default=str(REPO_RECIPES / "demo_counting_grpo.yaml"),
+                   help="the recipe to run (default: recipes/demo_counting_grpo.yaml); one whose file name has \"rollout\" only samples")
     p.add_argument("--rows", type=int, default=512, help="synthetic rows to generate")
-    p.add_argument("overrides", nargs="*", help="key.sub=value recipe overrides")
+    p.add_argument("overrides", nargs="*", help="section.field=value recipe overrides")
     args = p.parse_intermixed_args(argv)  # overrides before or after the options
     out = Path(args.out)
     data = make_demo_data(out / "data", args.rows, seed=0)
@@ -95,10 +99,11 @@ def _cmd_make_tiny(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="r1-mm make-tiny", description="Build a tiny random-weight VLM offline: "
                                 + ", ".join(f"{name} ({family})" for family, name in FAMILY_NAMES.items()) + ".")
-    p.add_argument("family", choices=FAMILIES)
-    p.add_argument("out")
-    p.add_argument("--small-vocab", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("family", choices=FAMILIES, help="the model family to build")
+    p.add_argument("out", help="folder to write the model and processor to (loads with from_pretrained)")
+    p.add_argument("--small-vocab", action="store_true",
+                   help="a 96-token vocabulary in which digits and <think>/<answer> tags are single tokens")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     args = p.parse_args(argv)
     path = build_tiny_model(args.out, TinySpec(family=args.family, small_vocab=args.small_vocab, seed=args.seed))
     print(path)
@@ -111,10 +116,10 @@ def _cmd_make_data(argv: list[str]) -> int:
     tasks = {"counting": synthetic.make_counting_task, "spatial": synthetic.make_spatial_task,
              "events": synthetic.make_event_video_task, "multi_image": synthetic.make_multi_image_task}
     p = argparse.ArgumentParser(prog="r1-mm make-data", description="Write a synthetic task (media + jsonl).")
-    p.add_argument("task", choices=sorted(tasks))
-    p.add_argument("out")
-    p.add_argument("--rows", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("task", choices=sorted(tasks), help="which synthetic task to write")
+    p.add_argument("out", help="folder for the media files and the task's jsonl")
+    p.add_argument("--rows", type=int, default=32, help="rows to generate (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated rows (default 0)")
     args = p.parse_args(argv)
     print(tasks[args.task](args.out, args.rows, seed=args.seed))
     return 0
@@ -124,7 +129,7 @@ def _cmd_plot(argv: list[str]) -> int:
     from r1_mm.run.plotting import plot_run
 
     p = argparse.ArgumentParser(prog="r1-mm plot", description="Draw a run's metrics.jsonl to a PNG.")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run folder (holds metrics.jsonl)")
     p.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
     p.add_argument("--smooth", type=int, default=20,
                    help="moving-average window in logged steps (at most a tenth of the run)")
@@ -160,12 +165,12 @@ def _cmd_rewards(argv: list[str]) -> int:
     from r1_mm.rewards.registry import available
 
     p = argparse.ArgumentParser(prog="r1-mm rewards", description="List rewards or check one on sample rows.")
-    sub = p.add_subparsers(dest="action", required=True)
+    sub = p.add_subparsers(dest="action", required=True, help="list or check (`r1-mm rewards check --help`)")
     sub.add_parser("list", help="every registered reward and where it comes from")
     check = sub.add_parser("check", help="run a reward on sample rows and report problems in plain words")
     check.add_argument("spec", help="name, pkg.module:fn or path/to/file.py:fn")
     check.add_argument("--data", required=True, help="a jsonl/json/csv data file")
-    check.add_argument("--rows", type=int, default=4)
+    check.add_argument("--rows", type=int, default=4, help="rows of the data file to score (default 4)")
     check.add_argument("--kwargs", default="{}", help='JSON object of the reward\'s recipe kwargs, e.g. \'{"tag": "ans"}\'')
     check.add_argument("--columns", default="{}", help='JSON object: the recipe\'s data.columns (source column -> '
                        'r1-mm column), e.g. \'{"ground_truth": "solution"}\'')
@@ -198,15 +203,15 @@ def _cmd_serve(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="r1-mm serve", description=(
         "`serve critic`: vLLM's OpenAI-compatible server for a judge model (the critic reward). "
         "`serve rollout --help`: a rollout server for the vllm_pool engine."))
-    p.add_argument("role", choices=["critic", "rollout"])
+    p.add_argument("role", choices=["critic", "rollout"], help="critic: this server; rollout: see `r1-mm serve rollout --help`")
     p.add_argument("--model", required=True, help="path, hub id or tiny:... name of the judge")
     p.add_argument("--host", default="127.0.0.1", help="loopback by default: the server has no auth unless --api-key")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model path)")
+    p.add_argument("--max-model-len", type=int, default=4096, help="most tokens per request (default 4096)")
     p.add_argument("--max-images", type=int, default=16, help="images (or video frames) per request")
     p.add_argument("--kv-cache-gib", type=int, default=1, help="CPU only: KV-cache memory in GiB")
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key", default=None, help="key clients must send (default: none, so keep --host on loopback)")
     p.add_argument("--dry-run", action="store_true", help="print the server command and exit")
     args, extra = p.parse_known_args(argv)
     spec = ServerSpec(model=resolve_model_path(ModelConfig(name_or_path=args.model)), host=args.host,
@@ -225,12 +230,14 @@ def _cmd_serve(argv: list[str]) -> int:
 
 
 def _cmd_sweep(argv: list[str]) -> int:
+    from r1_mm.config.doc import OVERRIDES_EPILOG
     from r1_mm.jobs.sweep import run_sweep
 
     p = argparse.ArgumentParser(prog="r1-mm sweep", description=(
-        "Run (or --print the launch commands of) every grid combination x seed, each its own W&B-grouped run."))
-    p.add_argument("recipe")
-    p.add_argument("--grid", action="append", default=[], help="key.sub=v1,v2 (repeatable)")
+        "Run (or --print the launch commands of) every grid combination x seed, each its own W&B-grouped run."),
+        epilog=OVERRIDES_EPILOG)
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--grid", action="append", default=[], help="section.field=v1,v2: the values one field takes across the sweep (repeatable)")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--group", default=None, help="W&B group and sweep folder name (default: the recipe's name)")
     p.add_argument("--out", default=None, help="sweep folder (default runs/sweeps/GROUP)")
@@ -266,16 +273,18 @@ def _recipe_and_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> t
 def _cmd_eval(argv: list[str]) -> int:
     import json
 
+    from r1_mm.config.doc import OVERRIDES_EPILOG
     from r1_mm.jobs.evaluate import evaluate_checkpoint
 
     if any(a == "--lmms-eval" or a.startswith("--lmms-eval=") for a in argv):
         return _cmd_lmms_eval(argv)
     p = argparse.ArgumentParser(prog="r1-mm eval", description=(
         "Score a checkpoint on the recipe's data.eval_path with its rewards (greedy, or training.eval_samples); "
-        "with --lmms-eval TASKS, on lmms-eval's benchmarks instead (see r1-mm eval --lmms-eval x --help)."))
-    p.add_argument("recipe")
+        "with --lmms-eval TASKS, on lmms-eval's benchmarks instead (see r1-mm eval --lmms-eval x --help)."),
+        epilog=OVERRIDES_EPILOG)
+    p.add_argument("recipe", help="recipe YAML file (the run's recipe.resolved.yaml works)")
     p.add_argument("--checkpoint", required=True, help="RUN/checkpoints/step-N (or any transformers model folder)")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", help="section.field=value recipe overrides, e.g. training.eval_samples=4")
     # listed here so that --help shows it; a command line that has it runs _cmd_lmms_eval instead
     p.add_argument("--lmms-eval", metavar="TASKS", help="score the checkpoint on lmms-eval's benchmarks instead "
                    "(no recipe; see r1-mm eval --lmms-eval x --help)")
@@ -303,7 +312,7 @@ def _cmd_lmms_eval(argv: list[str]) -> int:
     p.add_argument("--include-path", help="a folder of your own lmms-eval task definitions (YAML + utils.py)")
     p.add_argument("--limit", type=float, help="documents per task (a fraction below 1)")
     p.add_argument("--lmms-model", help="lmms-eval's model name (default: from config.json's model_type)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1, help="lmms-eval's batch size (default 1)")
     p.add_argument("--output", help="results folder (default: CHECKPOINT/lmms_eval)")
     own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args = p.parse_args(own)
@@ -322,14 +331,18 @@ def _cmd_lmms_eval(argv: list[str]) -> int:
 
 
 def _cmd_dpo(argv: list[str]) -> int:
+    from r1_mm.config.doc import OVERRIDES_EPILOG
     from r1_mm.jobs.dpo_reference import precompute_reference
 
     p = argparse.ArgumentParser(prog="r1-mm dpo", description="Preference-data tools.")
-    sub = p.add_subparsers(dest="action", required=True)
-    pre = sub.add_parser("precompute-ref", help="store the reference model's logprobs with the data (once)")
-    pre.add_argument("recipe")
-    pre.add_argument("--out", required=True)
-    pre.add_argument("overrides", nargs="*")
+    sub = p.add_subparsers(dest="action", required=True, help="the tool (`r1-mm dpo precompute-ref --help`)")
+    pre = sub.add_parser("precompute-ref", help="store the reference model's logprobs with the data (once)",
+                         description="Store the reference model's logprobs of each row's chosen and rejected "
+                                     "responses with the data, so that training needs no reference forward.",
+                         epilog=OVERRIDES_EPILOG)
+    pre.add_argument("recipe", help="recipe YAML file (model and data.train_path of the preference rows)")
+    pre.add_argument("--out", required=True, help="output jsonl: the rows with ref_chosen_logps and ref_rejected_logps")
+    pre.add_argument("overrides", nargs="*", help="section.field=value recipe overrides")
     args, cfg = _recipe_and_overrides(p, argv)
     if cfg is None:
         return 2
@@ -341,21 +354,27 @@ def _cmd_dpo(argv: list[str]) -> int:
 
 
 def _cmd_tpo(argv: list[str]) -> int:
+    from r1_mm.config.doc import OVERRIDES_EPILOG
     from r1_mm.jobs.build_tpo import TPOSettings, build_tpo_pairs
 
     p = argparse.ArgumentParser(prog="r1-mm tpo", description=(
         "Temporal Preference Optimization: `build` writes preference pairs from a recipe's video rows "
         "(the policy answers from a segment vs the video without it, and from all frames vs a sparse subset)."))
-    sub = p.add_subparsers(dest="action", required=True)
-    b = sub.add_parser("build")
+    sub = p.add_subparsers(dest="action", required=True, help="the tool (`r1-mm tpo build --help`)")
+    b = sub.add_parser("build", help="write preference pairs from a recipe's video rows", epilog=OVERRIDES_EPILOG)
     b.add_argument("recipe", help="recipe YAML (model, data.train_path, media, rollout engine)")
     b.add_argument("--out", required=True, help="output jsonl of preference pairs")
-    b.add_argument("--kinds", default="localized,comprehensive")
-    b.add_argument("--degrade", choices=["sparse", "shuffle"], default="sparse")
-    b.add_argument("--keep-fraction", type=float, default=0.25)
-    b.add_argument("--agreement", choices=["rule", "critic"], default="rule")
+    b.add_argument("--kinds", default="localized,comprehensive",
+                   help="comma-separated pair kinds: localized (rows with a segment: the segment vs the video "
+                        "without it), comprehensive (all frames vs degraded frames)")
+    b.add_argument("--degrade", choices=["sparse", "shuffle"], default="sparse",
+                   help="comprehensive pairs: the dispreferred answer sees a sparse subset of frames or shuffled frames")
+    b.add_argument("--keep-fraction", type=float, default=0.25, help="--degrade sparse: share of frames kept")
+    b.add_argument("--agreement", choices=["rule", "critic"], default="rule",
+                   help="how agreeing answers (no preference, pair dropped) are found: rule = same normalised "
+                        "text, critic = a pairwise judge calls it a tie")
     b.add_argument("--critic-url", default="http://127.0.0.1:8000/v1", help="with --agreement critic")
-    b.add_argument("overrides", nargs="*", help="key.sub=value recipe overrides")
+    b.add_argument("overrides", nargs="*", help="section.field=value recipe overrides")
     args, cfg = _recipe_and_overrides(p, argv)
     if cfg is None:
         return 2
@@ -367,6 +386,21 @@ def _cmd_tpo(argv: list[str]) -> int:
     if code:
         return code
     print(f"{report.written} pairs written to {args.out} ({dict(report.counts)})")
+    return 0
+
+
+def _cmd_config(argv: list[str]) -> int:
+    from r1_mm.config.doc import DOC_COMMAND, config_doc
+
+    p = argparse.ArgumentParser(prog="r1-mm config", description=(
+        "Document the recipe schema: every section and field with its type, default and help."),
+        epilog=f"docs/config.md is this output ({DOC_COMMAND}).")
+    p.add_argument("--doc", action="store_true", help="print the recipe reference (markdown) and exit")
+    args = p.parse_args(argv)
+    if not args.doc:
+        p.print_help(sys.stderr)
+        return 2
+    print(config_doc(), end="")
     return 0
 
 
@@ -385,6 +419,7 @@ COMMANDS = {
     "tpo": (_cmd_tpo, "build Temporal Preference Optimization pairs from video rows"),
     "plan": (_cmd_plan, "estimate the memory per learner process of a recipe (before renting GPUs)"),
     "serve": (_cmd_serve, "run a vLLM server: critic (OpenAI-compatible) or rollout (vllm_pool)"),
+    "config": (_cmd_config, "print every recipe field with its type, default and help (--doc)"),
 }
 
 

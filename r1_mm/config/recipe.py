@@ -29,268 +29,389 @@ class ConfigError(ValueError):
 class ModelConfig:
     """The policy (and its reference copy) and how it is loaded."""
 
-    name_or_path: str = "tiny:qwen2_5_vl"  # hub id, local folder, or tiny:<family>[:small] for built-ins
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    # the language model's and the vision tower's attention; flash_attention_* need CUDA and bf16/fp16
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
-    trust_remote_code: bool = False
-    freeze_vision_tower: bool = False
-    gradient_checkpointing: bool = False
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
+    name_or_path: str = field(default="tiny:qwen2_5_vl", metadata={
+        "help": "hub id, local folder, or tiny:FAMILY[:small] for the built-in tiny models (r1-mm make-tiny)"})
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = field(default="float32", metadata={
+        "help": "dtype the weights are loaded in (auto: the checkpoint's own)"})
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = field(
+        default="sdpa", metadata={"help": "the language model's and the vision tower's attention; flash_attention_* "
+                                          "need CUDA and bfloat16/float16"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "let transformers run the model repository's own code (model and processor)"})
+    freeze_vision_tower: bool = field(default=False, metadata={
+        "help": "no gradients for the vision tower and its projector (the language model still trains)"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in backward (non-reentrant) to save memory"})
+    lora: bool = field(default=False, metadata={
+        "help": "train LoRA adapters on the language model's linear layers instead of all weights"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA adapters' input, in [0, 1)"})
     lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-    tiny_seed: int = 0  # seed for built-in tiny models (tiny:...)
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "names of the linear layers that get adapters (the vision tower's are left out)"})
+    tiny_seed: int = field(default=0, metadata={"help": "seed of the built-in tiny models' random weights (tiny:...)"})
 
 
 @dataclass
 class MediaConfig:
     """Frame and pixel budgets: the same decoded media feed rollout, learner and critic."""
 
-    min_pixels: int = 28 * 28 * 4  # per image
-    max_pixels: int = 28 * 28 * 64  # per image
-    video_min_pixels: int = 28 * 28 * 4  # per frame
-    # per frame; null: 28 x 28 x 16 (or video_total_pixels spread over the frames). A stated value is what
-    # every frame gets (visual_budget.py)
-    video_max_pixels: int | None = None
-    # whole video (pixels summed over the sampled frames); null: none. Stated with video_max_pixels, it must
-    # hold max_frames (or nframes) x video_max_pixels, else the recipe is refused at load
-    video_total_pixels: int | None = None
-    nframes: int | None = None  # fixed frame count; when None, frames come from fps
-    fps: float = 2.0
-    min_frames: int = 4
-    max_frames: int = 16
-    frame_factor: int = 2  # frame counts are multiples of this (Qwen's temporal patch size)
-    on_bad_media: Literal["error", "skip"] = "error"
+    min_pixels: int = field(default=28 * 28 * 4, metadata={"help": "fewest pixels per image (images are resized up)"})
+    max_pixels: int = field(default=28 * 28 * 64, metadata={"help": "most pixels per image (images are resized down)"})
+    video_min_pixels: int = field(default=28 * 28 * 4, metadata={"help": "fewest pixels per video frame"})
+    video_max_pixels: int | None = field(default=None, metadata={
+        "help": "pixels per video frame; null: 28 x 28 x 16 (or video_total_pixels spread over the frames). A "
+                "stated value is what every frame gets (visual_budget.py)"})
+    video_total_pixels: int | None = field(default=None, metadata={
+        "help": "pixels of a whole video (summed over the sampled frames); null: no limit. Stated with "
+                "video_max_pixels, it must hold max_frames (or nframes) x video_max_pixels, else the recipe is "
+                "refused at load"})
+    nframes: int | None = field(default=None, metadata={
+        "help": "a fixed frame count per video; null: frames are sampled at fps"})
+    fps: float = field(default=2.0, metadata={
+        "help": "frames sampled per second of video (when nframes is null), kept within min_frames..max_frames"})
+    min_frames: int = field(default=4, metadata={"help": "fewest frames sampled from a video"})
+    max_frames: int = field(default=16, metadata={"help": "most frames sampled from a video"})
+    frame_factor: int = field(default=2, metadata={
+        "help": "frame counts are multiples of this (Qwen's temporal patch size)"})
+    on_bad_media: Literal["error", "skip"] = field(default="error", metadata={
+        "help": "a missing or undecodable image/video stops the run (error) or leaves its row out (skip)"})
 
 
 @dataclass
 class DataConfig:
     """Where rows come from and how prompts are built from them."""
 
-    train_path: str = ""  # a local file or folder (jsonl, json, parquet, csv, arrow, save_to_disk, data files)
-    eval_path: str | None = None
-    # instead of train_path: any datasets.load_dataset source (a hub id, a builder such as parquet / csv /
-    # json / videofolder with data_files, a local dataset folder), and its splits
-    dataset_name: str | None = None
-    dataset_config: str | None = None
-    data_files: Any = None  # load_dataset's data_files: a path, a list, or {split: paths}
-    train_split: str = "train"
-    eval_split: str | None = None
-    # source column -> r1-mm column, e.g. {ground_truth: solution, question_type: problem_type}
-    columns: dict[str, str] = field(default_factory=dict)
-    # r1-mm media column -> a path built from the row's fields, e.g. {video: "{dataset}/{scene_name}.mp4"}
-    media_template: dict[str, str] = field(default_factory=dict)
-    media_root: str | None = None  # relative media paths resolve here (default: the data file's folder)
-    system_prompt: str | None = None
-    format_instruction: str | None = (
+    train_path: str = field(default="", metadata={
+        "help": "a local file or folder (jsonl, json, parquet, csv, arrow, save_to_disk, data files)"})
+    eval_path: str | None = field(default=None, metadata={
+        "help": "a local file or folder of evaluation rows (read by training.eval_steps and r1-mm eval)"})
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "instead of train_path: any datasets.load_dataset source (a hub id, a builder such as parquet / "
+                "csv / json / videofolder with data_files, a local dataset folder)"})
+    dataset_config: str | None = field(default=None, metadata={
+        "help": "with dataset_name: load_dataset's configuration name"})
+    data_files: Any = field(default=None, metadata={
+        "help": "with dataset_name: load_dataset's data_files (a path, a list, or {split: paths})"})
+    train_split: str = field(default="train", metadata={"help": "with dataset_name: the split trained on"})
+    eval_split: str | None = field(default=None, metadata={
+        "help": "with dataset_name: the split evaluated on; null: no evaluation rows"})
+    columns: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "source column -> r1-mm column, e.g. {ground_truth: solution, question_type: problem_type}"})
+    media_template: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "r1-mm media column -> a path built from the row's fields, e.g. "
+                "{video: \"{dataset}/{scene_name}.mp4\"}"})
+    media_root: str | None = field(default=None, metadata={
+        "help": "relative media paths resolve here (default: the data file's folder)"})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "a system message put first in each prompt (unless the row brings its own)"})
+    format_instruction: str | None = field(default=(
         "Think step by step inside <think></think> tags, then give the final answer inside "
         "<answer></answer> tags."
-    )
-    # appended after format_instruction when the row's problem_type is a key (Video-R1's per-type answer hints)
-    format_instruction_by_type: dict[str, str] = field(default_factory=dict)
-    max_prompt_length: int = 2048  # in tokens, visual tokens included
-    on_long_prompt: Literal["drop", "error"] = "drop"
-    max_rows: int | None = None
-    shuffle: bool = True
+    ), metadata={"help": "text appended to the last user message (the answer format the rewards expect); null: none"})
+    format_instruction_by_type: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "appended after format_instruction when the row's problem_type is a key (Video-R1's per-type "
+                "answer hints)"})
+    max_prompt_length: int = field(default=2048, metadata={"help": "prompt length in tokens, visual tokens included"})
+    on_long_prompt: Literal["drop", "error"] = field(default="drop", metadata={
+        "help": "a prompt longer than max_prompt_length is left out (drop) or stops the run (error)"})
+    max_rows: int | None = field(default=None, metadata={"help": "use only the first this many rows; null: all"})
+    shuffle: bool = field(default=True, metadata={
+        "help": "visit the rows in a new seeded order each epoch (training.seed); false: file order"})
 
 
 @dataclass
 class RolloutConfig:
     """How completions are sampled."""
 
-    engine: str = "hf"
-    num_generations: int = 4
-    max_completion_length: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    # != 1 is refused with GRPO's rollout_is (the learner does not score it: docs/sampling.md)
-    repetition_penalty: float = 1.0
-    # vLLM engines (vllm_colocate, vllm_pool)
-    vllm_dtype: str = "auto"  # "float32" on CPU makes sampler and learner numerics closest
-    vllm_max_model_len: int = 8192
-    vllm_max_images_per_prompt: int = 8
-    vllm_max_videos_per_prompt: int = 1
-    vllm_gpu_memory_utilization: float = 0.3  # colocate: the rollout engine's share of each GPU
-    vllm_sleep_mode: bool = True  # colocate on GPU: free the KV cache and weights between rollouts
-    vllm_tensor_parallel_size: int = 1
-    vllm_data_parallel_size: int = 1  # pool servers only
-    # vLLM's executor: auto = vLLM's choice (one process with one GPU; the learner's process group under
-    # torchrun for the colocated engine); mp = worker processes that get pickled arguments (what tensor
-    # parallel > 1 runs; selectable with 1 so this path is tested on one device)
-    vllm_executor: Literal["auto", "mp"] = "auto"
-    # vLLM's scheduler limits (None: vLLM's defaults, on GPUs 8192-16384 tokens and 256-1024 sequences per
-    # step); the colocated engine at a low memory share wants a smaller token budget (docs/gpu.md)
-    vllm_max_num_batched_tokens: int | None = None
-    vllm_max_num_seqs: int | None = None
-    weight_sync_bucket_mb: int = 256  # ZeRO-3: parameters are gathered and sent in buckets this large
-    pool_servers: list[str] = field(default_factory=list)  # base URLs of running `r1-mm serve rollout`s
-    pool_size: int = 2  # servers the pool starts itself (beside rank 0) when pool_servers is empty
-    pool_gpu_memory_utilization: float = 0.9  # pool servers started by the run: share of each of their own GPUs
-    # where those servers listen and are reached: default 127.0.0.1 on one machine, machine 0's address
-    # (MASTER_ADDR) when the launch spans machines
-    pool_host: str | None = None
-    # those servers take concurrent requests (several ranks) into one running batch; false: one at a time
-    # (on CPU sampling then does not depend on which ranks' requests overlap)
-    pool_server_batching: bool = True
-    pool_on_server_failure: Literal["restart", "fail"] = "restart"  # restart needs pool_weight_sync=shm
-    # how weights reach the servers: shm = safetensors in /dev/shm (same host); broadcast = a process group
-    # (NCCL on GPU, gloo on CPU) with every server worker; auto = shm when every server is on this host
-    pool_weight_sync: Literal["auto", "shm", "broadcast"] = "auto"
-    # rank 0's address as the servers reach it (broadcast sync); default: its address on the route to them
-    pool_sync_host: str | None = None
-    pool_request_timeout_s: float = 600.0
-    # broadcast sync: each collective's deadline (learner and servers); the learner also stops as soon as a
-    # server reports its side failed. Covers the first collective's NCCL connection set-up and, on servers,
-    # the wait while the learner gathers the next ZeRO-3 bucket
-    pool_sync_timeout_s: float = 300.0
-    # environment variable holding the servers' API key (sent as a bearer token; never put in argv or logs)
-    pool_api_key_env: str = "R1MM_ROLLOUT_API_KEY"
-    pool_startup_timeout_s: float = 600.0
+    engine: str = field(default="hf", metadata={
+        "help": "rollout engine: hf (transformers' generate in the learner), vllm_colocate (vLLM in each learner "
+                "process), vllm_pool (vLLM servers), or a registered plugin's name"})
+    num_generations: int = field(default=4, metadata={
+        "help": "completions sampled per prompt (G, the group size); GRPO needs >= 2"})
+    max_completion_length: int = field(default=64, metadata={"help": "most new tokens per completion"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature; 0 = greedy"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: keep the smallest token set of this "
+                                                        "probability mass, in (0, 1]"})
+    top_k: int | None = field(default=None, metadata={
+        "help": "sample among the k most likely tokens only; null: no limit"})
+    repetition_penalty: float = field(default=1.0, metadata={
+        "help": "penalty on tokens already seen; != 1 is refused with GRPO's algorithm.rollout_is (the learner "
+                "does not score it: docs/sampling.md)"})
+    vllm_dtype: str = field(default="auto", metadata={
+        "help": "vLLM engines: the engine's dtype; \"float32\" on CPU makes sampler and learner numerics closest"})
+    vllm_max_model_len: int = field(default=8192, metadata={
+        "help": "vLLM engines: most tokens per sequence (>= data.max_prompt_length + max_completion_length)"})
+    vllm_max_images_per_prompt: int = field(default=8, metadata={"help": "vLLM engines: most images in one prompt"})
+    vllm_max_videos_per_prompt: int = field(default=1, metadata={"help": "vLLM engines: most videos in one prompt"})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={
+        "help": "vllm_colocate: the rollout engine's share of each GPU"})
+    vllm_sleep_mode: bool = field(default=True, metadata={
+        "help": "vllm_colocate on GPU: free the KV cache and weights between rollouts"})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={
+        "help": "vLLM engines: GPUs one engine's model is split over (tensor parallel)"})
+    vllm_data_parallel_size: int = field(default=1, metadata={"help": "vllm_pool servers only: data-parallel replicas"})
+    vllm_executor: Literal["auto", "mp"] = field(default="auto", metadata={
+        "help": "vLLM's executor: auto = vLLM's choice (one process with one GPU; the learner's process group "
+                "under torchrun for the colocated engine); mp = worker processes that get pickled arguments (what "
+                "tensor parallel > 1 runs; selectable with 1 so this path is tested on one device)"})
+    vllm_max_num_batched_tokens: int | None = field(default=None, metadata={
+        "help": "vLLM's scheduler token budget per step (null: vLLM's default, on GPUs 8192-16384); the colocated "
+                "engine at a low memory share wants a smaller one (docs/gpu.md)"})
+    vllm_max_num_seqs: int | None = field(default=None, metadata={
+        "help": "vLLM's scheduler limit of sequences per step (null: vLLM's default, on GPUs 256-1024)"})
+    weight_sync_bucket_mb: int = field(default=256, metadata={
+        "help": "vLLM engines: parameters are gathered (ZeRO-3) and sent to the engine in buckets this large"})
+    pool_servers: list[str] = field(default_factory=list, metadata={
+        "help": "vllm_pool: base URLs of running `r1-mm serve rollout`s; empty: the run starts its own"})
+    pool_size: int = field(default=2, metadata={
+        "help": "vllm_pool: servers the pool starts itself (beside rank 0) when pool_servers is empty"})
+    pool_gpu_memory_utilization: float = field(default=0.9, metadata={
+        "help": "vllm_pool: servers started by the run take this share of each of their own GPUs"})
+    pool_host: str | None = field(default=None, metadata={
+        "help": "vllm_pool: where the run's servers listen and are reached; null: 127.0.0.1 on one machine, "
+                "machine 0's address (MASTER_ADDR) when the launch spans machines"})
+    pool_server_batching: bool = field(default=True, metadata={
+        "help": "vllm_pool: servers take concurrent requests (several ranks) into one running batch; false: one "
+                "at a time (on CPU sampling then does not depend on which ranks' requests overlap)"})
+    pool_on_server_failure: Literal["restart", "fail"] = field(default="restart", metadata={
+        "help": "vllm_pool: a server that dies is restarted (needs pool_weight_sync=shm) or stops the run"})
+    pool_weight_sync: Literal["auto", "shm", "broadcast"] = field(default="auto", metadata={
+        "help": "vllm_pool: how weights reach the servers: shm = safetensors in /dev/shm (same host); broadcast = "
+                "a process group (NCCL on GPU, gloo on CPU) with every server worker; auto = shm when every server "
+                "is on this host"})
+    pool_sync_host: str | None = field(default=None, metadata={
+        "help": "vllm_pool broadcast sync: rank 0's address as the servers reach it; null: its address on the "
+                "route to them"})
+    pool_request_timeout_s: float = field(default=600.0, metadata={
+        "help": "vllm_pool: seconds one HTTP request to a server may take"})
+    pool_sync_timeout_s: float = field(default=300.0, metadata={
+        "help": "vllm_pool broadcast sync: each collective's deadline in seconds (learner and servers); the "
+                "learner also stops as soon as a server reports its side failed. Covers the first collective's "
+                "NCCL connection set-up and, on servers, the wait while the learner gathers the next ZeRO-3 "
+                "bucket"})
+    pool_api_key_env: str = field(default="R1MM_ROLLOUT_API_KEY", metadata={
+        "help": "vllm_pool: environment variable holding the servers' API key (sent as a bearer token; never put "
+                "in argv or logs)"})
+    pool_startup_timeout_s: float = field(default=600.0, metadata={
+        "help": "vllm_pool: seconds a server may take to become healthy (start or restart)"})
 
 
 @dataclass
 class RewardSpec:
     """One reward: a registered name, a dotted path ``pkg.mod:fn`` or a file path ``file.py:fn``."""
 
-    name: str = ""
-    weight: float = 1.0
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    # how completions reach the function: text, or TRL's conversational [{"role": "assistant", "content": text}];
-    # auto = messages for TRL's own reward functions (trl.rewards), text otherwise
-    completions: Literal["auto", "text", "messages"] = "auto"
-    # where the function runs: process = a worker process, killed at a time limit; inline = this process
-    # (a limit stops only the wait); auto = process for user code named by path under a time limit
-    isolation: Literal["auto", "process", "inline"] = "auto"
+    name: str = field(default="", metadata={
+        "help": "a registered reward name (r1-mm rewards list), pkg.mod:fn or path/to/file.py:fn"})
+    weight: float = field(default=1.0, metadata={"help": "the reward's weight in the weighted sum of rewards"})
+    kwargs: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "keyword arguments passed to the reward function on every call"})
+    completions: Literal["auto", "text", "messages"] = field(default="auto", metadata={
+        "help": "how completions reach the function: text, or TRL's conversational "
+                "[{\"role\": \"assistant\", \"content\": text}]; auto = messages for TRL's own reward functions "
+                "(trl.rewards), text otherwise"})
+    isolation: Literal["auto", "process", "inline"] = field(default="auto", metadata={
+        "help": "where the function runs: process = a worker process, killed at a time limit; inline = this "
+                "process (a limit stops only the wait); auto = process for user code named by path under a time "
+                "limit"})
 
 
 @dataclass
 class RewardsConfig:
-    functions: list[RewardSpec] = field(default_factory=list)
-    on_error: Literal["raise", "none"] = "raise"  # a raising reward stops the run, or scores None
-    timeout_s: float | None = None  # a reward call longer than this fails (and on_error applies); None = no limit
-    batch_timeout_s: float | None = None  # all of one batch's reward calls together; None = no limit
+    """The reward functions and what happens when one fails or hangs."""
+
+    functions: list[RewardSpec] = field(default_factory=list, metadata={
+        "help": "the rewards; each a name string or a mapping of the fields below"})
+    on_error: Literal["raise", "none"] = field(default="raise", metadata={
+        "help": "a raising reward stops the run (raise), or scores None (none)"})
+    timeout_s: float | None = field(default=None, metadata={
+        "help": "a reward call longer than this many seconds fails (and on_error applies); null: no limit"})
+    batch_timeout_s: float | None = field(default=None, metadata={
+        "help": "seconds for all of one batch's reward calls together; null: no limit"})
 
 
 @dataclass
 class AlgorithmConfig:
     """Policy-optimisation knobs; names follow TRL's GRPOConfig where both have them."""
 
-    name: Literal["grpo", "dpo", "tpo", "iterative_dpo"] = "grpo"
-    beta: float = 0.04
-    loss_type: str = "dapo"
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    importance_sampling_level: Literal["token", "sequence"] = "token"
-    # weight the k3 KL term by the importance ratio pi/pi_old (TRL's use_bias_correction_kl, its default)
-    kl_importance_weighting: bool = True
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    num_iterations: int = 1
-    mask_truncated_completions: bool = False
-    dynamic_sampling: bool = False
-    max_resample_rounds: int = 3
-    ref_sync_steps: int | None = None
-    ref_sync_mix_alpha: float = 1.0
-    advantage_estimator: str = "grpo"
-    # T-GRPO (Video-R1): extra samples on shuffled frames; correct answers earn a bonus only when
-    # ordered frames beat shuffled ones (ordered accuracy >= temporal_margin x shuffled accuracy).
-    temporal_contrast: bool = False
-    temporal_num_shuffled: int | None = None  # completions on shuffled frames (default: G // 2)
-    temporal_bonus: float = 0.3
-    temporal_margin: float = 0.8
-    temporal_reward: str = "accuracy"  # the reward whose value decides "correct"
-    temporal_correct_threshold: float = 0.5
-    # Video-R1's length control: when more than one completion of a group is correct
-    # (length_bonus_reward > length_bonus_threshold), the correct ones whose token count lies in
-    # [length_bonus_min_tokens, length_bonus_max_tokens] earn length_bonus; 0 turns it off
-    length_bonus: float = 0.0
-    length_bonus_min_tokens: int = 320
-    length_bonus_max_tokens: int = 512
-    length_bonus_reward: str = "accuracy"
-    length_bonus_threshold: float = 0.1
-    # off-policy correction between the rollout engine's sampling logprobs and the learner's (TRL's modes):
-    # token_/sequence_ x truncate (weights capped at rollout_is_cap) or mask (tokens/sequences outside
-    # [rollout_is_floor, rollout_is_cap] are dropped); "none" turns it off
-    rollout_is: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "token_truncate"
-    rollout_is_cap: float = 3.0
-    rollout_is_floor: float | None = None
-    # preference learning (dpo, tpo): rows carry `chosen` and `rejected` responses
-    dpo_loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
-    dpo_beta: float = 0.1
-    label_smoothing: float = 0.0  # robust DPO: assumed share of flipped preference labels, in [0, 0.5)
-    nll_weight: float = 0.0  # weight of the NLL (SFT) term on chosen responses: TPO's and RPO's extra loss
-    precomputed_reference: bool = False  # read ref_chosen_logps / ref_rejected_logps columns instead of a forward
-    # iterative DPO (LLaVA-OneVision-Chat with LLaVA-Critic): each round samples rollout.num_generations
-    # responses for round_prompts prompts, scores them with rewards.functions (e.g. critic), pairs best vs
-    # worst (ties skipped) and trains one DPO pass over them; the reference restarts from the policy
-    round_prompts: int = 16
-    reference_from_policy_each_round: bool = True
+    name: Literal["grpo", "dpo", "tpo", "iterative_dpo"] = field(default="grpo", metadata={
+        "help": "the learner: grpo (online RL), dpo / tpo (preference pairs), iterative_dpo (sampled pairs per "
+                "round)"})
+    beta: float = field(default=0.04, metadata={
+        "help": "GRPO: weight of the k3 KL term to the reference; 0 = no KL (and no reference model)"})
+    loss_type: str = field(default="dapo", metadata={
+        "help": "GRPO: how per-token losses are aggregated: grpo, bnpo, dr_grpo or dapo (TRL's names)"})
+    epsilon: float = field(default=0.2, metadata={"help": "GRPO: the ratio clip range's lower side (1 - epsilon)"})
+    epsilon_high: float | None = field(default=None, metadata={
+        "help": "GRPO: the clip range's upper side (1 + epsilon_high, clip-higher); null: epsilon"})
+    importance_sampling_level: Literal["token", "sequence"] = field(default="token", metadata={
+        "help": "GRPO: importance ratio per token, or per sequence from the mean token log ratio (GSPO)"})
+    kl_importance_weighting: bool = field(default=True, metadata={
+        "help": "GRPO: weight the k3 KL term by the importance ratio pi/pi_old (TRL's use_bias_correction_kl, "
+                "its default)"})
+    scale_rewards: Literal["group", "batch", "none"] = field(default="group", metadata={
+        "help": "GRPO: advantages are reward - group mean, divided by the group's std, the batch's std, or 1"})
+    num_iterations: int = field(default=1, metadata={
+        "help": "GRPO: optimizer updates per sampled batch (> 1: later ones are off-policy, clipped)"})
+    mask_truncated_completions: bool = field(default=False, metadata={
+        "help": "GRPO: completions cut at max_completion_length contribute no loss"})
+    dynamic_sampling: bool = field(default=False, metadata={
+        "help": "GRPO: replace groups whose rewards all agree by freshly sampled ones (DAPO)"})
+    max_resample_rounds: int = field(default=3, metadata={
+        "help": "GRPO dynamic sampling: resampling rounds per step at most"})
+    ref_sync_steps: int | None = field(default=None, metadata={
+        "help": "GRPO: every this many steps the reference moves toward the policy (ref_sync_mix_alpha); "
+                "null: a frozen reference"})
+    ref_sync_mix_alpha: float = field(default=1.0, metadata={
+        "help": "GRPO reference sync: ref <- alpha x policy + (1 - alpha) x ref, in (0, 1]"})
+    advantage_estimator: str = field(default="grpo", metadata={"help": "GRPO: a registered advantage estimator"})
+    temporal_contrast: bool = field(default=False, metadata={
+        "help": "T-GRPO (Video-R1): extra samples on shuffled frames; correct answers earn temporal_bonus only "
+                "when ordered frames beat shuffled ones (ordered accuracy >= temporal_margin x shuffled accuracy)"})
+    temporal_num_shuffled: int | None = field(default=None, metadata={
+        "help": "T-GRPO: completions sampled on shuffled frames; null: G // 2"})
+    temporal_bonus: float = field(default=0.3, metadata={"help": "T-GRPO: the bonus a correct answer earns"})
+    temporal_margin: float = field(default=0.8, metadata={
+        "help": "T-GRPO: the bonus applies when ordered accuracy >= this x shuffled accuracy"})
+    temporal_reward: str = field(default="accuracy", metadata={
+        "help": "T-GRPO: the reward whose value decides \"correct\""})
+    temporal_correct_threshold: float = field(default=0.5, metadata={
+        "help": "T-GRPO: a completion is correct when its temporal_reward is >= this"})
+    length_bonus: float = field(default=0.0, metadata={
+        "help": "Video-R1's length control: when more than one completion of a group is correct "
+                "(length_bonus_reward > length_bonus_threshold), the correct ones whose token count lies in "
+                "[length_bonus_min_tokens, length_bonus_max_tokens] earn this bonus; 0 turns it off"})
+    length_bonus_min_tokens: int = field(default=320, metadata={
+        "help": "length control: shortest completion (tokens) that earns the bonus"})
+    length_bonus_max_tokens: int = field(default=512, metadata={
+        "help": "length control: longest completion (tokens) that earns the bonus"})
+    length_bonus_reward: str = field(default="accuracy", metadata={
+        "help": "length control: the reward (one of rewards.functions) whose score decides which answers are "
+                "correct"})
+    length_bonus_threshold: float = field(default=0.1, metadata={
+        "help": "length control: a completion is correct when length_bonus_reward is above this"})
+    rollout_is: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = field(
+        default="token_truncate", metadata={
+            "help": "GRPO: off-policy correction between the rollout engine's sampling logprobs and the learner's "
+                    "(TRL's modes): token_/sequence_ x truncate (weights capped at rollout_is_cap) or mask "
+                    "(tokens/sequences outside [rollout_is_floor, rollout_is_cap] are dropped); none turns it off"})
+    rollout_is_cap: float = field(default=3.0, metadata={
+        "help": "rollout_is: the largest importance weight (truncate) or ratio kept (mask)"})
+    rollout_is_floor: float | None = field(default=None, metadata={
+        "help": "rollout_is mask modes: the smallest ratio kept; null: 0"})
+    dpo_loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = field(default="sigmoid", metadata={
+        "help": "preference learning (dpo, tpo, iterative_dpo; rows carry chosen and rejected responses): the "
+                "DPO loss, as TRL's DPOTrainer computes it"})
+    dpo_beta: float = field(default=0.1, metadata={
+        "help": "preference learning: DPO's beta (how far the policy may move from the reference)"})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "robust DPO: assumed share of flipped preference labels, in [0, 0.5)"})
+    nll_weight: float = field(default=0.0, metadata={
+        "help": "weight of the NLL (SFT) term on chosen responses: TPO's and RPO's extra loss"})
+    precomputed_reference: bool = field(default=False, metadata={
+        "help": "read ref_chosen_logps / ref_rejected_logps columns (r1-mm dpo precompute-ref) instead of a "
+                "reference forward"})
+    round_prompts: int = field(default=16, metadata={
+        "help": "iterative DPO (LLaVA-OneVision-Chat with LLaVA-Critic): each round samples "
+                "rollout.num_generations responses for this many prompts, scores them with rewards.functions "
+                "(e.g. critic), pairs best vs worst (ties skipped) and trains one DPO pass over them"})
+    reference_from_policy_each_round: bool = field(default=True, metadata={
+        "help": "iterative DPO: the reference restarts from the policy at each round"})
 
 
 @dataclass
 class TrainingConfig:
-    output_dir: str = "runs/default"
-    # a fresh run refuses a folder that holds another run's files; true deletes them first
-    overwrite_output_dir: bool = False
-    seed: int = 0
-    max_steps: int = 10
-    prompts_per_step: int = 2  # per process and optimizer step (rollouts are sampled for all of them at once)
-    # the learner's forward/backward runs in micro-batches of prompts (with their G completions), the
-    # gradients accumulated to exactly the full step's; set either field (the other follows)
-    gradient_accumulation_steps: int | None = None  # micro-batches per optimizer step (default 1)
-    micro_batch_size: int | None = None  # prompts per micro-batch (default prompts_per_step)
-    learning_rate: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0  # fraction of max_steps, used when warmup_steps is 0 (TRL / HF Trainer's name)
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    max_grad_norm: float = 1.0
-    # the launch config (accelerate / DeepSpeed) and the machine decide the device; true forces the CPU
-    # on a machine with GPUs (plain DDP/single process only: DeepSpeed runs where accelerate puts it)
-    use_cpu: bool = False
-    save_steps: int | None = None
-    save_total_limit: int = 2
-    eval_steps: int | None = None  # score data.eval_path every this many steps (and after the last)
-    eval_samples: int = 1  # completions per eval prompt: 1 = greedy; k > 1 = k samples at rollout.temperature
-    eval_max_rows: int | None = None
-    eval_batch_size: int = 8
-    resume_from: str | None = None  # "latest" (this run's newest checkpoint, if any) or a checkpoint folder
-    max_nonfinite_steps: int = 3  # consecutive non-finite losses before the run saves and stops
-    # grouped = prompt and media once per group, completions as varlen sequences (any attention above);
-    # naive = G repeated sequences (the library way)
-    forward_mode: Literal["grouped", "naive"] = "grouped"
+    """The optimisation loop: steps, batch sizes, optimizer, checkpoints, evaluation."""
+
+    output_dir: str = field(default="runs/default", metadata={
+        "help": "the run folder (metrics, completions, checkpoints, run_info)"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "a fresh run refuses a folder that holds another run's files; true deletes them first"})
+    seed: int = field(default=0, metadata={"help": "the run's seed (sampling, data order)"})
+    max_steps: int = field(default=10, metadata={
+        "help": "steps the run takes: one rollout batch each, trained on algorithm.num_iterations times"})
+    prompts_per_step: int = field(default=2, metadata={
+        "help": "prompts per process and optimizer step (rollouts are sampled for all of them at once)"})
+    gradient_accumulation_steps: int | None = field(default=None, metadata={
+        "help": "micro-batches per optimizer step (default 1): the learner's forward/backward runs in "
+                "micro-batches of prompts (with their G completions), the gradients accumulated to exactly the "
+                "full step's; set this or micro_batch_size (the other follows)"})
+    micro_batch_size: int | None = field(default=None, metadata={
+        "help": "prompts per micro-batch (default prompts_per_step); set this or gradient_accumulation_steps"})
+    learning_rate: float = field(default=1e-5, metadata={"help": "the optimizer's peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "the optimizer's weight decay"})
+    warmup_steps: int = field(default=0, metadata={
+        "help": "optimizer steps of learning-rate warm-up (linear and cosine schedules; constant has none)"})
+    warmup_ratio: float = field(default=0.0, metadata={
+        "help": "warm-up as a fraction of max_steps, used when warmup_steps is 0 (TRL / HF Trainer's name)"})
+    lr_scheduler: Literal["constant", "linear", "cosine"] = field(default="constant", metadata={
+        "help": "the learning-rate schedule after warm-up (transformers' get_scheduler)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradients are clipped to this global norm"})
+    use_cpu: bool = field(default=False, metadata={
+        "help": "the launch config (accelerate / DeepSpeed) and the machine decide the device; true forces the "
+                "CPU on a machine with GPUs (plain DDP/single process only: DeepSpeed runs where accelerate puts "
+                "it)"})
+    save_steps: int | None = field(default=None, metadata={
+        "help": "save a checkpoint every this many steps (a final one is always saved); null: only the final"})
+    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept in the run folder (oldest deleted)"})
+    eval_steps: int | None = field(default=None, metadata={
+        "help": "score data.eval_path every this many steps (and after the last); null: no evaluation"})
+    eval_samples: int = field(default=1, metadata={
+        "help": "completions per eval prompt: 1 = greedy; k > 1 = k samples at rollout.temperature"})
+    eval_max_rows: int | None = field(default=None, metadata={
+        "help": "score only the first this many evaluation rows; null: all"})
+    eval_batch_size: int = field(default=8, metadata={"help": "evaluation prompts sampled together"})
+    resume_from: str | None = field(default=None, metadata={
+        "help": "\"latest\" (this run's newest checkpoint, if any) or a checkpoint folder"})
+    max_nonfinite_steps: int = field(default=3, metadata={
+        "help": "consecutive non-finite losses before the run saves and stops"})
+    forward_mode: Literal["grouped", "naive"] = field(default="grouped", metadata={
+        "help": "grouped = prompt and media once per group, completions as varlen sequences (any attention); "
+                "naive = G repeated sequences (the library way)"})
 
 
 @dataclass
 class LoggingConfig:
-    # accelerate's trackers by name (wandb, tensorboard, mlflow, ...) or a plugin file.py:Class
-    report_to: list[str] = field(default_factory=list)
-    # per tracker, keyword arguments for its start (e.g. {wandb: {tags: [a]}, tensorboard: {flush_secs: 30}})
-    tracker_kwargs: dict[str, Any] = field(default_factory=dict)
-    project: str = "r1-mm"
-    run_name: str | None = None
-    group: str | None = None
-    logging_steps: int = 1
-    table_steps: int = 10  # W&B completions table (with images / frames) every this many steps
-    # share of each step's groups written to completions.jsonl (1 = every group, 0 = none; for big runs)
-    completions_sample_rate: float = 1.0
-    progress_bar: bool = True
+    """Where metrics and completions go."""
+
+    report_to: list[str] = field(default_factory=list, metadata={
+        "help": "accelerate's trackers by name (wandb, tensorboard, mlflow, ...) or a plugin file.py:Class"})
+    tracker_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "per tracker, keyword arguments for its start (e.g. {wandb: {tags: [a]}, tensorboard: "
+                "{flush_secs: 30}})"})
+    project: str = field(default="r1-mm", metadata={"help": "the trackers' project name"})
+    run_name: str | None = field(default=None, metadata={"help": "the run's name in the trackers (W&B)"})
+    group: str | None = field(default=None, metadata={"help": "W&B group of the run (r1-mm sweep sets it)"})
+    logging_steps: int = field(default=1, metadata={
+        "help": "write metrics (metrics.jsonl and trackers) every this many steps, and at the last"})
+    table_steps: int = field(default=10, metadata={
+        "help": "W&B completions table (with images / frames) every this many steps"})
+    completions_sample_rate: float = field(default=1.0, metadata={
+        "help": "share of each step's groups written to completions.jsonl (1 = every group, 0 = none; for big "
+                "runs)"})
+    progress_bar: bool = field(default=True, metadata={"help": "show a progress bar on the main process"})
 
 
 @dataclass
 class RecipeConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    media: MediaConfig = field(default_factory=MediaConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    rewards: RewardsConfig = field(default_factory=RewardsConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """One run: every section of a recipe YAML."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={
+        "help": "the policy (and its reference copy) and how it is loaded"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={
+        "help": "where rows come from and how prompts are built from them"})
+    media: MediaConfig = field(default_factory=MediaConfig, metadata={
+        "help": "frame and pixel budgets: the same decoded media feed rollout, learner and critic"})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "how completions are sampled"})
+    rewards: RewardsConfig = field(default_factory=RewardsConfig, metadata={
+        "help": "the reward functions and what happens when one fails"})
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig, metadata={
+        "help": "policy-optimisation knobs; names follow TRL's GRPOConfig where both have them"})
+    training: TrainingConfig = field(default_factory=TrainingConfig, metadata={
+        "help": "the optimisation loop: steps, batch sizes, optimizer, checkpoints, evaluation"})
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={
+        "help": "where metrics and completions go (trackers, completions.jsonl)"})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

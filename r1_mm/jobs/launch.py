@@ -18,12 +18,15 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from r1_mm.config.doc import OVERRIDES_EPILOG
+
     p = argparse.ArgumentParser(prog="r1-mm launch", description=(
         "accelerate launch --config_file CONFIG -m r1_mm.train RECIPE OVERRIDES, in this process: "
-        "Ctrl-C / SIGTERM save a checkpoint and exit with 128 + the signal, without a launcher traceback."))
+        "Ctrl-C / SIGTERM save a checkpoint and exit with 128 + the signal, without a launcher traceback."),
+        epilog=OVERRIDES_EPILOG)
     p.add_argument("config", help="accelerate config YAML, e.g. recipes/accelerate/zero3.yaml")
     p.add_argument("recipe", help="recipe YAML file")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. algorithm.beta=0.0")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. algorithm.beta=0.0")
     p.add_argument("--shutdown-timeout", type=int, default=1800,
                    help="seconds the workers get to save after a signal before they are killed (default 1800)")
     args = p.parse_args(argv)

@@ -284,18 +284,20 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
+    from r1_mm.config.doc import OVERRIDES_EPILOG
     from r1_mm.config.recipe import ConfigError
     from r1_mm.jobs.train import resolve
 
-    p = argparse.ArgumentParser(prog="r1-mm plan", description="Estimate the memory one learner process needs.")
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", help="key.sub=value recipe overrides")
+    p = argparse.ArgumentParser(prog="r1-mm plan", description="Estimate the memory one learner process needs.",
+                                epilog=OVERRIDES_EPILOG)
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="section.field=value recipe overrides")
     p.add_argument("--gpus", type=int, default=1, help="learner processes the launch starts (one per GPU)")
     p.add_argument("--launch", help="accelerate launch config (its ZeRO stage and mixed precision are used)")
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="instead of --launch")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (for a colocated vLLM's share)")
     p.add_argument("--cpu", action="store_true", help="estimate a CPU run (no CUDA context, no vLLM reservation)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = p.parse_intermixed_args(argv)  # overrides before or after the options
     try:
         cfg, _ = resolve([args.recipe, *args.overrides], prog="r1-mm plan")

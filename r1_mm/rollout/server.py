@@ -264,20 +264,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="r1-mm serve rollout", description="A vLLM rollout server for the vllm_pool engine.")
     p.add_argument("--model", required=True, help="path, hub id or tiny:... name (the policy's starting weights)")
     p.add_argument("--host", default="127.0.0.1", help=f"loopback unless you need otherwise (then set {API_KEY_ENV})")
-    p.add_argument("--port", type=int, default=8100)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--max-model-len", type=int, default=8192)
-    p.add_argument("--max-images", type=int, default=8)
-    p.add_argument("--max-videos", type=int, default=1)
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--data-parallel-size", type=int, default=1)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--port", type=int, default=8100, help="port to listen on (default 8100)")
+    p.add_argument("--dtype", default="auto", help="vLLM's dtype (the recipe's rollout.vllm_dtype; default auto)")
+    p.add_argument("--max-model-len", type=int, default=8192, help="most tokens per sequence (default 8192)")
+    p.add_argument("--max-images", type=int, default=8, help="most images in one prompt (default 8)")
+    p.add_argument("--max-videos", type=int, default=1, help="most videos in one prompt (default 1)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per model; only 1 is supported yet")
+    p.add_argument("--data-parallel-size", type=int, default=1, help="model replicas; only 1 is supported yet")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="GPU only: the share of the GPU's memory vLLM takes (default 0.9)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vLLM's token budget per step (default: vLLM's)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="vLLM's sequences per step (default: vLLM's)")
     p.add_argument("--executor", choices=["auto", "mp"], default="auto",
                    help="vLLM's executor: auto (vLLM's choice: in-process with one GPU) or mp (worker processes, "
                         "arguments pickled, as with tensor parallel > 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="vLLM's engine seed (default 0)")
     p.add_argument("--max-request-mb", type=float, default=1024.0, help="larger request bodies get HTTP 413")
     p.add_argument("--no-batching", action="store_true",
                    help="run concurrent generate requests one after the other (CPU: sampling then does not "
