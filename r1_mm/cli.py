@@ -435,10 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        import difflib
+        from r1_mm.core.registry import suggest
 
-        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
-        print(f"r1-mm: unknown command '{name}'" + (f"; did you mean '{close[0]}'?" if close else ""), file=sys.stderr)
+        print(f"r1-mm: unknown command '{name}'" + suggest(name, COMMANDS, listing=None), file=sys.stderr)
         return 2
     return COMMANDS[name][0](rest)
 

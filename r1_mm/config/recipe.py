@@ -8,7 +8,6 @@ run with the field's full path and the closest valid name, not be silently ignor
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import types
 import typing
@@ -19,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from r1_mm.config.visual_budget import budget_problem
+from r1_mm.core.registry import suggest
 
 
 class ConfigError(ValueError):
@@ -426,11 +426,6 @@ class RecipeConfig:
 # Building a typed config from plain data
 
 
-def _suggest(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(choices))}"
-
-
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -460,7 +455,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{path}: must be one of {list(args)}, got {value!r}" + (
-                _suggest(str(value), [str(a) for a in args]) if isinstance(value, str) else ""))
+                suggest(str(value), [str(a) for a in args], listing="valid keys") if isinstance(value, str) else ""))
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -510,7 +505,7 @@ def build_dataclass(cls: type, data: dict[str, Any], path: str = "") -> Any:
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
         if key not in hints:
-            raise ConfigError(f"unknown key '{full}'" + _suggest(str(key), names))
+            raise ConfigError(f"unknown key '{full}'" + suggest(str(key), names, listing="valid keys"))
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
 

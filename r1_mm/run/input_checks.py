@@ -10,21 +10,16 @@ one line each, naming the file, row, field and what to do.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from pathlib import Path
 from typing import Any
 
 from r1_mm.config.recipe import ConfigError, RecipeConfig, RewardSpec
+from r1_mm.core.registry import suggest
 from r1_mm.data.loading import DataError
 from r1_mm.data.prompts import PROMPT_KEYS, row_id
 from r1_mm.data.row_checks import row_problems as data_row_problems
 from r1_mm.rewards.signature import PASSED_BY_RUNNER, needed_columns
-
-
-def _close(name: str, choices: list[str]) -> str:
-    found = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
-    return f"; did you mean '{found[0]}'?" if found else f"; known: {', '.join(sorted(choices))}"
 
 
 def name_problems(cfg: RecipeConfig) -> list[str]:
@@ -36,14 +31,14 @@ def name_problems(cfg: RecipeConfig) -> list[str]:
     problems = []
     engines = sorted(set(ENGINES) | set(LAZY_ENGINES))
     if cfg.rollout.engine not in engines:
-        problems.append(f"rollout.engine '{cfg.rollout.engine}' is not an engine" + _close(cfg.rollout.engine, engines))
+        problems.append(f"rollout.engine '{cfg.rollout.engine}' is not an engine" + suggest(cfg.rollout.engine, engines))
     if cfg.algorithm.name == "grpo":
         if cfg.algorithm.loss_type not in LOSS_AGGREGATORS:
             problems.append(f"algorithm.loss_type '{cfg.algorithm.loss_type}' is not a loss"
-                            + _close(cfg.algorithm.loss_type, list(LOSS_AGGREGATORS)))
+                            + suggest(cfg.algorithm.loss_type, list(LOSS_AGGREGATORS)))
         if cfg.algorithm.advantage_estimator not in ADVANTAGE_ESTIMATORS:
             problems.append(f"algorithm.advantage_estimator '{cfg.algorithm.advantage_estimator}' is not an estimator"
-                            + _close(cfg.algorithm.advantage_estimator, list(ADVANTAGE_ESTIMATORS)))
+                            + suggest(cfg.algorithm.advantage_estimator, list(ADVANTAGE_ESTIMATORS)))
     return problems
 
 
@@ -70,7 +65,7 @@ def kwarg_problems(fn: Any, kwargs: dict[str, Any], where: str, forwarded_to: li
     problems = []
     for key in kwargs:
         if key not in names and options:
-            problems.append(f"{where}.kwargs.{key} is not an option of this reward" + _close(key, sorted(options)))
+            problems.append(f"{where}.kwargs.{key} is not an option of this reward" + suggest(key, sorted(options)))
     return problems
 
 

@@ -7,13 +7,13 @@ flatten it, and a short run would look steadier than it was.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from r1_mm.core.registry import suggest
 from r1_mm.run.tracking import read_metrics
 
 # "rewards": every reward function's mean (rewards/<fn>/mean), one curve each
@@ -67,8 +67,7 @@ def panel_keys(panel: str, names: Sequence[str]) -> list[str]:
         keys = [k for k in names if fnmatch.fnmatchcase(k, panel)]
     if keys:
         return keys
-    close = difflib.get_close_matches(panel, list(names), n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else f" ({len(names)} metrics; e.g. {', '.join(names[:5])})"
+    hint = suggest(panel, names, listing=None) or f" ({len(names)} metrics; e.g. {', '.join(names[:5])})"
     raise UnknownMetricError(f"metric '{panel}' is not in this run's metrics.jsonl{hint}")
 
 

@@ -11,6 +11,7 @@ run passes its run id so W&B continues the same run; the start-up below is accel
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -20,6 +21,7 @@ from typing import Any
 
 from r1_mm.config.recipe import ConfigError, RecipeConfig
 from r1_mm.core.plugins import PluginError, is_plugin_name, load_object
+from r1_mm.core.registry import Registry, suggest
 
 # the pip package each of accelerate's trackers needs (as accelerate's is_*_available checks)
 TRACKER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "comet_ml": "comet-ml",
@@ -41,9 +43,21 @@ def _available(name: str) -> bool:
     return bool(check and check())
 
 
+@functools.cache
+def accelerate_trackers() -> Registry[type]:
+    """accelerate's trackers by ``report_to`` name (its ``LOGGER_TYPE_TO_CLASS``), as a registry so an
+    unknown name reads as every other unknown name; built on first use (importing accelerate is slow)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    trackers: Registry[type] = Registry("tracker")
+    for name, cls in LOGGER_TYPE_TO_CLASS.items():
+        trackers.register(name, cls, origin=f"accelerate {cls.__module__}:{cls.__qualname__}")
+    return trackers
+
+
 def tracker_class(name: str) -> type:
     """The tracker class a ``logging.report_to`` entry names, or ConfigError saying what to do."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker
+    from accelerate.tracking import GeneralTracker
 
     if is_plugin_name(name):
         try:
@@ -53,16 +67,13 @@ def tracker_class(name: str) -> type:
         if not (isinstance(cls, type) and issubclass(cls, GeneralTracker)):
             raise ConfigError(f"logging.report_to '{name}' is not a subclass of accelerate.tracking.GeneralTracker")
         return cls
-    if name not in LOGGER_TYPE_TO_CLASS:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(LOGGER_TYPE_TO_CLASS), n=1, cutoff=0.5)
-        raise ConfigError(f"logging.report_to '{name}' is not a tracker"
-                          + (f"; did you mean '{close[0]}'?" if close else "")
-                          + f" (accelerate's: {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}; or a plugin file.py:Class)")
+    trackers = accelerate_trackers()
+    if name not in trackers:
+        raise ConfigError(f"logging.report_to '{name}' is not a tracker" + suggest(name, trackers, listing=None)
+                          + f" (accelerate's: {', '.join(trackers.names())}; or a plugin file.py:Class)")
     if not _available(name):
         raise ConfigError(f"logging.report_to '{name}' needs its package: pip install {TRACKER_PACKAGES.get(name, name)}")
-    return LOGGER_TYPE_TO_CLASS[name]
+    return trackers.get(name)
 
 
 def tracker_problems(report_to: list[str]) -> list[str]:

@@ -1,0 +1,81 @@
+"""The one Registry (r1_mm.core.registry): duplicates refused, lazy entries imported on get only,
+did-you-mean and the list of known names in the unknown-name error."""
+
+import sys
+
+import pytest
+
+from r1_mm.core.registry import DuplicateNameError, Registry, RegistryError, UnknownNameError, suggest
+
+
+def test_register_as_decorator_and_as_call():
+    reg: Registry = Registry("widget")
+
+    @reg.register("a")
+    def a():
+        return 1
+
+    reg.register("b", len, origin="builtin len")
+    assert reg.get("a") is a and reg.get("b") is len
+    assert reg.names() == ["a", "b"] and "a" in reg and "c" not in reg
+    assert reg.origin("a").endswith("test_register_as_decorator_and_as_call.<locals>.a")
+    assert reg.origin("b") == "builtin len" and reg.origin("c") == ""
+
+
+def test_duplicate_refused_unless_replace():
+    reg: Registry = Registry("widget")
+    reg.register("a", 1)
+    with pytest.raises(DuplicateNameError, match="widget 'a' is already registered"):
+        reg.register("a", 2)
+    assert reg.get("a") == 1
+    reg.register("a", 2, replace=True)
+    assert reg.get("a") == 2
+    with pytest.raises(DuplicateNameError):
+        reg.add_lazy("a", "some.module")
+
+
+def test_unknown_name_suggests_or_lists_known_names():
+    reg: Registry = Registry("rollout.engine")
+    for name in ("hf", "vllm_pool", "vllm_colocate"):
+        reg.register(name, object())
+    with pytest.raises(UnknownNameError, match=r"unknown rollout.engine 'vllm_colocated'; did you mean 'vllm_colocate'\?"):
+        reg.get("vllm_colocated")
+    with pytest.raises(UnknownNameError, match=r"unknown rollout.engine 'zzz'; known: hf, vllm_colocate, vllm_pool$"):
+        reg.get("zzz")
+    assert issubclass(UnknownNameError, ValueError) and issubclass(UnknownNameError, LookupError)
+
+
+def test_suggest():
+    assert suggest("acuracy", ["accuracy", "format"]) == "; did you mean 'accuracy'?"
+    assert suggest("zzz", ["b", "a"]) == "; known: a, b"
+    assert suggest("zzz", ["b", "a"], listing="valid keys") == "; valid keys: a, b"
+    assert suggest("zzz", ["b", "a"], listing=None) == ""
+
+
+def test_lazy_entry_is_imported_on_get_only(tmp_path, monkeypatch):
+    package = tmp_path / "r1mm_lazy_probe"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "engine.py").write_text("from tests.test_registry import LAZY\n"
+                                       "LAZY.register('probe', 'the probe engine')\n")
+    (package / "silent.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    LAZY.remove("probe")
+    LAZY.add_lazy("probe", "r1mm_lazy_probe.engine")
+    LAZY.add_lazy("silent", "r1mm_lazy_probe.silent")
+    try:
+        assert "probe" in LAZY and LAZY.names() == ["probe", "silent"]
+        assert "r1mm_lazy_probe.engine" not in sys.modules  # known by name, not imported
+        assert LAZY.get("probe") == "the probe engine"
+        assert "r1mm_lazy_probe.engine" in sys.modules
+        with pytest.raises(RegistryError, match="module r1mm_lazy_probe.silent did not register it"):
+            LAZY.get("silent")
+    finally:
+        for name in ("r1mm_lazy_probe", "r1mm_lazy_probe.engine", "r1mm_lazy_probe.silent"):
+            sys.modules.pop(name, None)
+        LAZY.remove("probe")
+        LAZY.remove("silent")
+
+
+LAZY: Registry = Registry("probe")
+
