@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from r1_mm.config.algorithms import algorithm_spec
 from r1_mm.config.visual_budget import budget_problem
 from r1_mm.core.registry import suggest
 
@@ -537,7 +538,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def validate(cfg: RecipeConfig) -> RecipeConfig:
     """Cross-field checks that the type system cannot express."""
     problems = []
-    if cfg.rollout.num_generations < 2 and cfg.algorithm.name == "grpo":
+    if cfg.rollout.num_generations < 2 and algorithm_spec(cfg.algorithm.name).groups:
         problems.append("rollout.num_generations must be >= 2 for GRPO (group advantages need a group)")
     if cfg.media.min_frames > cfg.media.max_frames:
         problems.append("media.min_frames must be <= media.max_frames")
@@ -568,7 +569,7 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     problems += _accumulation_problems(cfg.training)
     problems += _bound_problems(cfg)
     problems += _unscored_sampling_problems(cfg)
-    if cfg.algorithm.name in ("grpo", "iterative_dpo") and cfg.rollout.temperature == 0:
+    if algorithm_spec(cfg.algorithm.name).samples_while_training and cfg.rollout.temperature == 0:
         problems.append(f"rollout.temperature is 0 (greedy): the {cfg.rollout.num_generations} samples of each prompt "
                         f"would all be the same answer and {cfg.algorithm.name} would learn nothing; use a temperature > 0")
     if cfg.model.attn_implementation.startswith("flash_attention") and cfg.model.dtype == "float32":
@@ -600,7 +601,7 @@ def _unscored_sampling_problems(cfg: RecipeConfig) -> list[str]:
     with engine-specific prompt ids), so that ratio is not 1 even at identical weights and the
     correction would reweight every token by the penalty, not by off-policy drift. Nothing else reads
     the sampler's logprobs (DPO variants, ``rollout_is: none``), so the setting stays allowed there."""
-    if cfg.algorithm.name != "grpo" or cfg.algorithm.rollout_is == "none":
+    if not algorithm_spec(cfg.algorithm.name).reads_sampler_logprobs or cfg.algorithm.rollout_is == "none":
         return []
     return [f"rollout.{name}={getattr(cfg.rollout, name)} changes the rollout engines' logprobs in a way the learner "
             f"does not reproduce, so algorithm.rollout_is={cfg.algorithm.rollout_is} would reweight tokens by a ratio "

@@ -32,6 +32,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from r1_mm.config.algorithms import algorithm_spec
 from r1_mm.config.recipe import RecipeConfig, accumulation
 from r1_mm.config.visual_budget import PLAN_FACTOR, video_token_budget
 
@@ -226,7 +227,7 @@ def plan(cfg: RecipeConfig, *, gpus: int, zero_stage: int, mixed_bf16: bool = Fa
     add = lambda name, value, note: out.lines.append(Line(name, float(value), note))  # noqa: E731
     shard3 = gpus if zero_stage >= 3 else 1
     a = cfg.algorithm
-    preference = a.name in ("dpo", "tpo", "iterative_dpo")
+    preference = algorithm_spec(a.name).preference_loss
     g = 2 if preference else cfg.rollout.num_generations
 
     trainable = shape.lora_params if cfg.model.lora else shape.total_params - (

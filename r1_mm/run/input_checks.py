@@ -14,6 +14,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+from r1_mm.config.algorithms import algorithm_spec
 from r1_mm.config.recipe import ConfigError, RecipeConfig, RewardSpec
 from r1_mm.core.registry import suggest
 from r1_mm.data.loading import DataError
@@ -32,7 +33,7 @@ def name_problems(cfg: RecipeConfig) -> list[str]:
     engines = sorted(set(ENGINES) | set(LAZY_ENGINES))
     if cfg.rollout.engine not in engines:
         problems.append(f"rollout.engine '{cfg.rollout.engine}' is not an engine" + suggest(cfg.rollout.engine, engines))
-    if cfg.algorithm.name == "grpo":
+    if algorithm_spec(cfg.algorithm.name).policy_losses:
         if cfg.algorithm.loss_type not in LOSS_AGGREGATORS:
             problems.append(f"algorithm.loss_type '{cfg.algorithm.loss_type}' is not a loss"
                             + suggest(cfg.algorithm.loss_type, list(LOSS_AGGREGATORS)))
@@ -118,7 +119,7 @@ def reward_problems(specs: list[RewardSpec], section: str = "rewards.functions")
 def algorithm_columns(cfg: RecipeConfig) -> dict[str, set[str]]:
     a = cfg.algorithm
     out: dict[str, set[str]] = {}
-    if a.name in ("dpo", "tpo"):
+    if algorithm_spec(a.name).pairs_in_rows:
         for column in ("chosen", "rejected"):
             out.setdefault(column, set()).add(f"algorithm.name={a.name}")
         if a.precomputed_reference:
@@ -188,7 +189,7 @@ def check(cfg: RecipeConfig, rows: list[dict[str, Any]] | None = None, source: s
             needs.setdefault(column, set()).update(users)
         source = source or cfg.data.train_path
         found = row_problems(rows, source, needs)
-        if not found and cfg.algorithm.name in ("dpo", "tpo"):
+        if not found and algorithm_spec(cfg.algorithm.name).pairs_in_rows:
             found = preference_problems(rows, source)
         if not found:
             found = data_row_problems(cfg, rows, source, media_root) or route_problems(cfg.rewards.functions, rows, source)

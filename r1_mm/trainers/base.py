@@ -16,6 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from r1_mm.config.algorithms import algorithm_spec
 from r1_mm.config.recipe import ConfigError, RecipeConfig
 from r1_mm.data import PromptStream
 from r1_mm.models.loading import load_processor, prepare_processor
@@ -156,7 +157,7 @@ class BaseTrainer:
     def reference_moves(self) -> bool:
         """Does the reference change during the run (then checkpoints must carry it)?"""
         a = self.cfg.algorithm
-        return bool(a.ref_sync_steps) or (a.name == "iterative_dpo" and a.reference_from_policy_each_round)
+        return bool(a.ref_sync_steps) or (algorithm_spec(a.name).reference_each_round and a.reference_from_policy_each_round)
 
     def write_run_info(self) -> None:
         """What really runs (back-end, ZeRO stage and partitioning, device, kernels, engine, versions)."""

@@ -1,0 +1,44 @@
+"""The algorithm table (config/algorithms.py) and the trainer registry name the same algorithms, and the
+recipe's algorithm.name choices are exactly those; what each entry says is what the checks enforce."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+
+from r1_mm.config.algorithms import ALGORITHMS, algorithm_spec
+from r1_mm.config.recipe import AlgorithmConfig, ConfigError, RecipeConfig
+
+
+def test_every_algorithm_has_a_trainer_and_a_recipe_name():
+    import r1_mm.trainers  # noqa: F401  (registers the trainers)
+    from r1_mm.trainers.registry import TRAINERS
+
+    names = typing.get_args(typing.get_type_hints(AlgorithmConfig)["name"])
+    assert sorted(ALGORITHMS.names()) == sorted(TRAINERS.names() if hasattr(TRAINERS, "names") else TRAINERS) == sorted(names)
+
+
+def test_unknown_algorithm_is_refused_with_the_closest_name():
+    with pytest.raises(ValueError, match="did you mean 'grpo'"):
+        algorithm_spec("gpro")
+
+
+@pytest.mark.parametrize("name", ["grpo", "iterative_dpo"])
+def test_algorithms_that_sample_refuse_greedy_sampling(name):
+    assert algorithm_spec(name).samples_while_training
+    with pytest.raises(ConfigError, match="temperature"):
+        RecipeConfig.from_dict({"algorithm": {"name": name}, "rollout": {"temperature": 0}})
+
+
+@pytest.mark.parametrize("name", ["dpo", "tpo"])
+def test_algorithms_on_given_pairs_take_greedy_settings(name):
+    assert not algorithm_spec(name).samples_while_training and algorithm_spec(name).pairs_in_rows
+    RecipeConfig.from_dict({"algorithm": {"name": name}, "rollout": {"temperature": 0}})
+
+
+def test_groups_need_two_generations():
+    assert algorithm_spec("grpo").groups and not algorithm_spec("dpo").groups
+    with pytest.raises(ConfigError, match="num_generations"):
+        RecipeConfig.from_dict({"algorithm": {"name": "grpo"}, "rollout": {"num_generations": 1}})
+    RecipeConfig.from_dict({"algorithm": {"name": "dpo"}, "rollout": {"num_generations": 1}})
