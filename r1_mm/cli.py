@@ -349,7 +349,7 @@ def _cmd_dpo(argv: list[str]) -> int:
     n, code = _exit_2_on_bad_input(lambda: precompute_reference(cfg, args.out))
     if code:
         return code
-    print(f"{n} rows with reference logprobs written to {args.out}; train with algorithm.precomputed_reference=true")
+    print(f"{n} rows with reference logprobs written to {args.out}; train with algorithm.dpo.precomputed_reference=true")
     return 0
 
 

@@ -70,7 +70,7 @@ def _grpo(tmp_path, data, name, *extra):
         "rollout.num_generations=4", "rollout.max_completion_length=4", "training.prompts_per_step=4",
         "training.max_steps=2", "training.learning_rate=1e-2", "logging.progress_bar=false",
         f"rewards.functions=[{{name: '{REPO / 'tests' / 'plugins' / 'test_rewards.py'}:length_reward'}}]",
-        "algorithm.beta=0.04", *extra])
+        "algorithm.grpo.beta=0.04", *extra])
 
 
 def _final(run) -> dict[str, torch.Tensor]:
@@ -93,7 +93,7 @@ def test_grpo_accumulated_equals_unaccumulated(tmp_path, synthetic_data, tiny_ca
     data = synthetic_data["counting"]
     runs = {}
     for name, extra in (("whole", []), ("split", ["training.gradient_accumulation_steps=4"])):
-        cfg = _grpo(tmp_path, data, name, f"algorithm.loss_type={loss_type}", "algorithm.num_iterations=2", *extra)
+        cfg = _grpo(tmp_path, data, name, f"algorithm.grpo.loss_type={loss_type}", "algorithm.grpo.num_iterations=2", *extra)
         GRPOTrainer(cfg).train()
         runs[name] = tmp_path / name
     info = json.loads((runs["split"] / "run_info.json").read_text())
@@ -115,7 +115,7 @@ def test_dpo_accumulated_equals_unaccumulated(tmp_path, synthetic_data, tiny_cac
                                          "rejected": "7 squares " * (i % 3 + 1)}) + "\n" for i, r in enumerate(rows)))
     runs = {}
     for name, extra in (("whole", []), ("split", ["training.micro_batch_size=1"])):
-        cfg = _grpo(tmp_path, pairs, name, "algorithm.name=dpo", "algorithm.nll_weight=0.5", *extra)
+        cfg = _grpo(tmp_path, pairs, name, "algorithm.name=dpo", "algorithm.dpo.nll_weight=0.5", *extra)
         PreferenceTrainer(cfg).train()
         runs[name] = tmp_path / name
     whole, split = _metrics(runs["whole"]), _metrics(runs["split"])

@@ -34,7 +34,8 @@ rewards:
   functions:
     - {{name: "{PLUGIN}:length_reward"}}
 algorithm:
-  beta: 0.04
+  grpo:
+    beta: 0.04
 training:
   max_steps: 3
   prompts_per_step: 2
@@ -132,7 +133,7 @@ def test_ddp_two_processes(setup, initial_weights):
 def test_zero3_two_processes_with_reference(setup, initial_weights):
     root, recipe, z3, data, cache = setup
     out = root / "zero3"
-    metrics = launch(z3, recipe, out, data, cache, "algorithm.ref_sync_steps=3")  # synced after the last step
+    metrics = launch(z3, recipe, out, data, cache, "algorithm.grpo.ref_sync_steps=3")  # synced after the last step
     info = assert_backend(out, "zero3", engine="hf")
     assert info["reference"] == "DeepSpeedEngine"  # the reference is sharded the same way
     check_run(metrics, out, initial_weights)
@@ -209,7 +210,7 @@ def test_dpo_with_lora_on_two_processes(setup, initial_weights, config):
     out = root / f"dpo_{config}"
     launcher = z3 if config == "zero3_partitioned" else REPO / "recipes" / "accelerate" / "ddp.yaml"
     metrics = launch(launcher, recipe, out, pairs, cache, "algorithm.name=dpo", "model.lora=true",
-                     "algorithm.nll_weight=0.5")
+                     "algorithm.dpo.nll_weight=0.5")
     assert_backend(out, "zero3" if config == "zero3_partitioned" else "ddp")
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert metrics[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6) and metrics[-1]["rewards/margins"] > 0
@@ -234,8 +235,8 @@ def test_iterative_dpo_under_zero3(setup, initial_weights):
     """Rounds of sampling (hf engine, parameters gathered for generate), reward ranking and DPO on sharded weights."""
     root, recipe, z3, data, cache = setup
     out = root / "iterative_zero3"
-    metrics = launch(z3, recipe, out, data, cache, "algorithm.name=iterative_dpo", "algorithm.round_prompts=4",
-                     "algorithm.dpo_beta=0.5", "training.learning_rate=1.0e-2")
+    metrics = launch(z3, recipe, out, data, cache, "algorithm.name=iterative_dpo", "algorithm.iterative_dpo.round_prompts=4",
+                     "algorithm.dpo.beta=0.5", "training.learning_rate=1.0e-2")
     assert_backend(out, "zero3", engine="hf")
     assert [m["step"] for m in metrics] == [0, 1, 2]
     # 2 steps per round: the round's second step sees the first step's update against the round's reference

@@ -63,9 +63,9 @@ def test_invalid_yaml_names_the_file_and_line(run, tmp_path):
 
 
 @pytest.mark.parametrize(("override", "expected"), [
-    ("algorithm.loss_type=dapoo", "algorithm.loss_type 'dapoo' is not a loss; did you mean 'dapo'?"),
+    ("algorithm.grpo.loss_type=dapoo", "algorithm.grpo.loss_type 'dapoo' is not a loss; did you mean 'dapo'?"),
     ("rollout.engine=vllm_colocated", "rollout.engine 'vllm_colocated' is not an engine; did you mean 'vllm_colocate'?"),
-    ("algorithm.advantage_estimator=grpoo", "did you mean 'grpo'?"),
+    ("algorithm.grpo.advantage_estimator=grpoo", "did you mean 'grpo'?"),
     ("rewards.functions=[{name: numeric, kwargs: {require_tags: false}}]",
      "kwargs.require_tags is not an option of this reward; did you mean 'require_tag'?"),
     ("rewards.functions=[{name: numerik}]", "unknown reward 'numerik'; did you mean 'numeric'?"),
@@ -73,7 +73,7 @@ def test_invalid_yaml_names_the_file_and_line(run, tmp_path):
      "kwargs.tagg is not an option of this reward; did you mean 'tag'?"),
     ("logging.logging_steps=0", "logging.logging_steps must be >= 1, got 0"),
     ("logging.completions_sample_rate=1.5", "logging.completions_sample_rate must be >= 0 and <= 1, got 1.5"),
-    ("algorithm.num_iterations=0", "algorithm.num_iterations must be >= 1, got 0"),
+    ("algorithm.grpo.num_iterations=0", "algorithm.grpo.num_iterations must be >= 1, got 0"),
     ("rollout.temperature=-1", "rollout.temperature must be >= 0, got -1.0"),
     ("rollout.temperature=0", "rollout.temperature is 0 (greedy)"),
     ("rollout.top_p=1.5", "rollout.top_p must be > 0 and <= 1, got 1.5"),
@@ -125,9 +125,9 @@ def test_preference_rows_need_chosen_and_rejected(run, tmp_path, synthetic_data)
 def test_command_line_prints_one_line_and_no_traceback(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)
-    proc = subprocess.run([str(BIN / "r1-mm"), "train", str(recipe), "algorithm.loss_type=zzz",
+    proc = subprocess.run([str(BIN / "r1-mm"), "train", str(recipe), "algorithm.grpo.loss_type=zzz",
                            f"model.name_or_path={tmp_path / 'no-model'}", "data.train_path=x.jsonl"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
-        "error: algorithm.loss_type 'zzz' is not a loss; known: bnpo, dapo, dr_grpo, grpo"]
+        "error: algorithm.grpo.loss_type 'zzz' is not a loss; known: bnpo, dapo, dr_grpo, grpo"]

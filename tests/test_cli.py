@@ -71,14 +71,14 @@ def test_demo_rerun_starts_fresh_metrics(tmp_path):
 
 def test_sweep_prints_and_runs_every_combination(tmp_path, synthetic_data, capsys, tiny_cache, monkeypatch):
     recipe = str(REPO / "recipes" / "demo_counting_grpo.yaml")
-    assert main(["sweep", recipe, "--grid", "algorithm.beta=0,0.04", "--grid", "rollout.num_generations=4,8",
+    assert main(["sweep", recipe, "--grid", "algorithm.grpo.beta=0,0.04", "--grid", "rollout.num_generations=4,8",
                  "--seeds", "1,2", "--print", "--out", str(tmp_path / "s")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 8
     assert any("logging.run_name=beta=0.04,num_generations=8,seed=2" in line for line in lines)
     assert all("logging.group=demo_counting_grpo" in line for line in lines)
     monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
-    assert main(["sweep", recipe, "--grid", "algorithm.beta=0,0.04", "--seeds", "0", "--out", str(tmp_path / "run"),
+    assert main(["sweep", recipe, "--grid", "algorithm.grpo.beta=0,0.04", "--seeds", "0", "--out", str(tmp_path / "run"),
                  f"data.train_path={synthetic_data['counting']}", "training.max_steps=1", "training.save_steps=null",
                  "logging.progress_bar=false", "rollout.num_generations=2"]) == 0
     for name in ("beta=0,seed=0", "beta=0.04,seed=0"):

@@ -15,15 +15,15 @@ def write(tmp_path, text):
 
 
 def test_defaults_load_and_overrides_apply(tmp_path):
-    path = write(tmp_path, "rollout:\n  num_generations: 8\nalgorithm:\n  beta: 0.1\n")
-    cfg = load_recipe(path, ["algorithm.beta=0", "media.max_frames=32", "logging.report_to=[wandb]",
-                             "algorithm.epsilon_high=0.28"])
+    path = write(tmp_path, "rollout:\n  num_generations: 8\nalgorithm:\n  grpo:\n    beta: 0.1\n")
+    cfg = load_recipe(path, ["algorithm.grpo.beta=0", "media.max_frames=32", "logging.report_to=[wandb]",
+                             "algorithm.grpo.epsilon_high=0.28"])
     assert isinstance(cfg, RecipeConfig)
     assert cfg.rollout.num_generations == 8
-    assert cfg.algorithm.beta == 0.0 and isinstance(cfg.algorithm.beta, float)
+    assert cfg.algorithm.grpo.beta == 0.0 and isinstance(cfg.algorithm.grpo.beta, float)
     assert cfg.media.max_frames == 32
     assert cfg.logging.report_to == ["wandb"]
-    assert cfg.algorithm.epsilon_high == 0.28
+    assert cfg.algorithm.grpo.epsilon_high == 0.28
 
 
 def test_unknown_key_names_field_and_suggests(tmp_path):
@@ -37,8 +37,8 @@ def test_unknown_key_names_field_and_suggests(tmp_path):
 def test_wrong_types_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"rollout.num_generations: expected an integer, got 'eight'"):
         load_recipe(None, ["rollout.num_generations=eight"])
-    with pytest.raises(ConfigError, match=r"algorithm.scale_rewards: must be one of .*'grop'"):
-        load_recipe(None, ["algorithm.scale_rewards=grop"])
+    with pytest.raises(ConfigError, match=r"algorithm.grpo.scale_rewards: must be one of .*'grop'"):
+        load_recipe(None, ["algorithm.grpo.scale_rewards=grop"])
     with pytest.raises(ConfigError, match=r"model.lora: expected true/false"):
         load_recipe(None, ["model.lora=3"])
     with pytest.raises(ConfigError, match=r"logging.report_to: expected a list"):
@@ -52,7 +52,7 @@ def test_exponent_floats_without_dot(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("training:\n  learning_rate: 1e-5\n")
     assert load_recipe(recipe).training.learning_rate == 1e-5
-    assert load_recipe(None, ["algorithm.beta=4e-2"]).algorithm.beta == 0.04
+    assert load_recipe(None, ["algorithm.grpo.beta=4e-2"]).algorithm.grpo.beta == 0.04
 
 
 def test_cross_field_validation():
@@ -69,7 +69,7 @@ def test_reward_specs_accept_names_and_mappings():
 
 def test_override_syntax_errors():
     with pytest.raises(ConfigError, match="must look like key.sub=value"):
-        apply_overrides({}, ["algorithm.beta"])
+        apply_overrides({}, ["algorithm.grpo.beta"])
 
 
 def test_recipe_not_a_mapping(tmp_path):
@@ -87,7 +87,7 @@ def _print_config(cmd, tmp_path):
 def test_same_resolution_under_cli_and_accelerate_launch(tmp_path):
     """`r1-mm train` and `accelerate launch -m r1_mm.train` resolve a recipe identically."""
     recipe = REPO / "recipes" / "demo_rollout.yaml"
-    overrides = ["algorithm.beta=0.02", "rollout.num_generations=6"]
+    overrides = ["algorithm.grpo.beta=0.02", "rollout.num_generations=6"]
     bin_dir = __import__("pathlib").Path(sys.executable).parent
     via_cli = _print_config([str(bin_dir / "r1-mm"), "train", str(recipe), *overrides, "--print-config"], tmp_path)
     via_accelerate = _print_config(
@@ -104,11 +104,11 @@ def test_every_shipped_recipe_loads(path):
 
 
 def test_extends_deep_merges_over_the_base_and_rejects_cycles(tmp_path):
-    (tmp_path / "base.yaml").write_text("model: {name_or_path: tiny:qwen2_vl, lora: true}\nalgorithm: {beta: 0.1}\n")
+    (tmp_path / "base.yaml").write_text("model: {name_or_path: tiny:qwen2_vl, lora: true}\nalgorithm: {grpo: {beta: 0.1}}\n")
     (tmp_path / "child.yaml").write_text("extends: base.yaml\nmodel: {name_or_path: tiny:qwen2_5_vl}\n")
-    cfg = load_recipe(tmp_path / "child.yaml", ["algorithm.beta=0.2"])
+    cfg = load_recipe(tmp_path / "child.yaml", ["algorithm.grpo.beta=0.2"])
     assert cfg.model.name_or_path == "tiny:qwen2_5_vl" and cfg.model.lora is True  # merged, not replaced
-    assert cfg.algorithm.beta == 0.2
+    assert cfg.algorithm.grpo.beta == 0.2
     (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ConfigError, match="extends itself"):
@@ -126,6 +126,6 @@ def test_vllm_context_must_hold_the_longest_allowed_prompt_and_completion():
 
 
 def test_length_bonus_must_name_a_configured_reward():
-    with pytest.raises(ConfigError, match=r"algorithm.length_bonus_reward 'accuracy' must name one of rewards.functions"):
-        load_recipe(None, ["algorithm.length_bonus=0.2", "rewards.functions=[numeric]"])
-    load_recipe(None, ["algorithm.length_bonus=0.2", "rewards.functions=[accuracy]"])
+    with pytest.raises(ConfigError, match=r"algorithm.grpo.length_bonus_reward 'accuracy' must name one of rewards.functions"):
+        load_recipe(None, ["algorithm.grpo.length_bonus=0.2", "rewards.functions=[numeric]"])
+    load_recipe(None, ["algorithm.grpo.length_bonus=0.2", "rewards.functions=[accuracy]"])

@@ -24,7 +24,7 @@ def test_every_field_has_help():
 
 def test_field_help_rows_carry_type_and_default():
     rows = {row.name: row for row in field_help(RecipeConfig)}
-    assert rows["algorithm.beta"].default == 0.04 and rows["algorithm.beta"].type == "float"
+    assert rows["algorithm.grpo.beta"].default == 0.04 and rows["algorithm.grpo.beta"].type == "float"
     assert rows["rollout.top_k"].default is None and rows["rollout.top_k"].type == "int | None"
     assert rows["model.lora_target_modules"].default[0] == "q_proj"
     name, type_, default, help_ = rows["training.seed"]  # a plain tuple as well
@@ -41,5 +41,5 @@ def test_config_doc_command_prints_the_reference(capsys):
     assert main(["config", "--doc"]) == 0
     out = capsys.readouterr().out
     assert out == config_doc()
-    assert "## `algorithm`" in out and "- `algorithm.beta` (`float`, default `0.04`): " in out
+    assert "## `algorithm`" in out and "- `algorithm.grpo.beta` (`float`, default `0.04`): " in out
     assert main(["config"]) == 2  # nothing asked for: the usage, not silence

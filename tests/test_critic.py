@@ -227,7 +227,7 @@ def test_critic_driven_iterative_dpo(tmp_path, synthetic_data, tiny_cache, monke
         cfg = load_recipe(None, [
             "model.name_or_path=tiny:qwen2_5_vl:small", f"data.train_path={synthetic_data['counting']}",
             f"training.output_dir={tmp_path / 'run'}", "media.max_pixels=3136", "algorithm.name=iterative_dpo",
-            "algorithm.round_prompts=2", "rollout.num_generations=4", "rollout.max_completion_length=6",
+            "algorithm.iterative_dpo.round_prompts=2", "rollout.num_generations=4", "rollout.max_completion_length=6",
             "rollout.temperature=1.0", "training.prompts_per_step=2", "training.max_steps=2",
             "logging.progress_bar=false", f"rewards.functions=[{{name: critic, kwargs: {{base_url: '{base}'}}}}]"])
         before = critic.metrics()  # counters are per process (other tests' judges included)

@@ -78,7 +78,7 @@ def test_nonfinite_losses_skip_then_save_and_stop(tmp_path, synthetic_data, monk
 
 def test_dynamic_sampling_replaces_flat_groups(tmp_path, synthetic_data):
     # a reward that is flat (always 1) on even rows: those groups carry no signal and are resampled
-    cfg = recipe(tmp_path, synthetic_data["counting"], "algorithm.dynamic_sampling=true", "training.max_steps=1",
+    cfg = recipe(tmp_path, synthetic_data["counting"], "algorithm.grpo.dynamic_sampling=true", "training.max_steps=1",
                  f"rewards.functions=[{{name: '{PLUGINS}/faulty.py:flat_on_even_rows'}}]")
     trainer = GRPOTrainer(cfg)
     exp = trainer.collect()
@@ -88,8 +88,8 @@ def test_dynamic_sampling_replaces_flat_groups(tmp_path, synthetic_data):
 
 
 def test_temporal_contrast_scores_shuffled_frames(tmp_path, synthetic_data):
-    cfg = recipe(tmp_path, synthetic_data["events"], "algorithm.temporal_contrast=true",
-                 "algorithm.temporal_reward=accuracy", "media.max_frames=4", "media.min_frames=4",
+    cfg = recipe(tmp_path, synthetic_data["events"], "algorithm.grpo.temporal_contrast=true",
+                 "algorithm.grpo.temporal_reward=accuracy", "media.max_frames=4", "media.min_frames=4",
                  "rewards.functions=[{name: accuracy}]", "training.max_steps=1")
     GRPOTrainer(cfg).train()
     m = read_metrics(cfg.training.output_dir)[0]
@@ -97,8 +97,8 @@ def test_temporal_contrast_scores_shuffled_frames(tmp_path, synthetic_data):
 
 
 def test_num_iterations_and_reference_sync(tmp_path, synthetic_data):
-    cfg = recipe(tmp_path, synthetic_data["counting"], "algorithm.num_iterations=2", "algorithm.ref_sync_steps=2",
-                 "algorithm.beta=0.1", f"rewards.functions=[{{name: '{PLUGINS}/faulty.py:alternating'}}]")
+    cfg = recipe(tmp_path, synthetic_data["counting"], "algorithm.grpo.num_iterations=2", "algorithm.grpo.ref_sync_steps=2",
+                 "algorithm.grpo.beta=0.1", f"rewards.functions=[{{name: '{PLUGINS}/faulty.py:alternating'}}]")
     trainer = GRPOTrainer(cfg)
     trainer.train()
     policy = trainer.learner.unwrapped.state_dict()
@@ -111,7 +111,7 @@ def test_num_iterations_and_reference_sync(tmp_path, synthetic_data):
 
 
 def test_reference_not_synced_without_ref_sync_steps(tmp_path, synthetic_data):
-    cfg = recipe(tmp_path, synthetic_data["counting"], "algorithm.beta=0.1",
+    cfg = recipe(tmp_path, synthetic_data["counting"], "algorithm.grpo.beta=0.1",
                  f"rewards.functions=[{{name: '{PLUGINS}/faulty.py:alternating'}}]")
     trainer = GRPOTrainer(cfg)
     trainer.train()

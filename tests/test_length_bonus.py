@@ -1,4 +1,4 @@
-"""Video-R1's length control (algorithm.length_bonus) and per-type answer hints in prompts."""
+"""Video-R1's length control (algorithm.grpo.length_bonus) and per-type answer hints in prompts."""
 
 from __future__ import annotations
 

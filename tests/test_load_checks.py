@@ -89,7 +89,7 @@ def edited(tmp_path: Path, source: Path, edit, name: str = "rows.jsonl") -> Path
 
 @pytest.mark.parametrize(("override", "expected"), [
     ("training.learning_rate=inf", "training.learning_rate must be a finite number, got inf"),
-    ("algorithm.beta=nan", "algorithm.beta must be a finite number, got nan"),
+    ("algorithm.grpo.beta=nan", "algorithm.grpo.beta must be a finite number, got nan"),
     ("training.max_grad_norm=.nan", "training.max_grad_norm must be a finite number, got nan"),
     ("rollout.temperature=-.inf", "rollout.temperature must be a finite number, got -inf"),
     ("rollout.vllm_max_images_per_prompt=-1", "rollout.vllm_max_images_per_prompt must be >= 0, got -1"),

@@ -118,7 +118,7 @@ data: {{max_prompt_length: 512, format_instruction: null}}
 media: {{min_pixels: 50176, max_pixels: 50176}}
 rollout: {{num_generations: {g}, max_completion_length: {c}}}
 rewards: {{functions: [{{name: "{plugin}:length_reward"}}]}}
-algorithm: {{beta: 0.04}}
+algorithm: {{grpo: {{beta: 0.04}}}}
 training: {{max_steps: 2, prompts_per_step: 1, learning_rate: 1.0e-4}}
 logging: {{progress_bar: false}}
 """

@@ -129,7 +129,7 @@ def test_dpo_trains_on_image_and_video_pairs(tmp_path, synthetic_data):
 
 def test_tpo_adds_the_nll_term_and_bad_rows_are_named(tmp_path, synthetic_data):
     data = preference_file(tmp_path, synthetic_data, kinds=("events",))
-    cfg = recipe(tmp_path, data, "algorithm.name=tpo", "algorithm.nll_weight=1.0", "training.max_steps=1")
+    cfg = recipe(tmp_path, data, "algorithm.name=tpo", "algorithm.dpo.nll_weight=1.0", "training.max_steps=1")
     PreferenceTrainer(cfg).train()
     assert read_metrics(cfg.training.output_dir)[0]["train/nll"] > 0
     broken = tmp_path / "broken.jsonl"
@@ -155,7 +155,7 @@ def test_tpo_build_on_event_videos_then_train(tmp_path, synthetic_data):
     for p in pairs:
         assert p["chosen"] != p["rejected"] and Path(p["video"]).is_absolute() and Path(p["video"]).exists()
         assert p["id"] == f"{p['source_id']}-{p['tpo_kind']}"
-    cfg = recipe(tmp_path, out, "algorithm.name=tpo", "algorithm.nll_weight=0.5", "training.max_steps=2")
+    cfg = recipe(tmp_path, out, "algorithm.name=tpo", "algorithm.dpo.nll_weight=0.5", "training.max_steps=2")
     PreferenceTrainer(cfg).train()
     assert len(read_metrics(cfg.training.output_dir)) == 2
 
@@ -172,7 +172,7 @@ def test_iterative_dpo_rounds_with_rewards(tmp_path, synthetic_data):
     from r1_mm.trainers.iterative_dpo import IterativeDPOTrainer
 
     plugin = Path(__file__).parent / "plugins" / "faulty.py"
-    cfg = recipe(tmp_path, synthetic_data["counting"], "algorithm.name=iterative_dpo", "algorithm.round_prompts=4",
+    cfg = recipe(tmp_path, synthetic_data["counting"], "algorithm.name=iterative_dpo", "algorithm.iterative_dpo.round_prompts=4",
                  "rollout.num_generations=4", "rollout.max_completion_length=4", "data.format_instruction=null",
                  f"rewards.functions=[{{name: '{plugin}:alternating'}}]")
     IterativeDPOTrainer(cfg).train()
@@ -181,7 +181,7 @@ def test_iterative_dpo_rounds_with_rewards(tmp_path, synthetic_data):
     assert all(m["iterative/pairs"] == 4 and m["iterative/skipped_ties"] == 0 for m in metrics)
     assert metrics[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     assert metrics[2]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # the reference restarted from the policy
-    cfg = recipe(tmp_path, synthetic_data["counting"], "algorithm.name=iterative_dpo", "algorithm.round_prompts=2",
+    cfg = recipe(tmp_path, synthetic_data["counting"], "algorithm.name=iterative_dpo", "algorithm.iterative_dpo.round_prompts=2",
                  "rollout.num_generations=2", "rollout.max_completion_length=2", f"training.output_dir={tmp_path / 'ties'}",
                  "rewards.functions=[{name: format, kwargs: {pattern: 'never'}}]")  # every response scores 0: ties
     with pytest.raises(RuntimeError, match="every response group tied on its rewards in 5 rounds"):
@@ -201,7 +201,7 @@ def test_precomputed_reference_matches_on_the_fly(tmp_path, synthetic_data):
     live = recipe(tmp_path, data, "algorithm.name=dpo", "data.shuffle=false", "training.max_steps=2")
     PreferenceTrainer(live).train()
     stored = recipe(tmp_path, out, "algorithm.name=dpo", "data.shuffle=false", "training.max_steps=2",
-                    "algorithm.precomputed_reference=true", f"training.output_dir={tmp_path / 'stored'}")
+                    "algorithm.dpo.precomputed_reference=true", f"training.output_dir={tmp_path / 'stored'}")
     trainer = PreferenceTrainer(stored)
     assert trainer.learner.reference is None  # no reference model in memory
     trainer.train()

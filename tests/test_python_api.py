@@ -59,7 +59,7 @@ def test_objects_replace_names(tmp_path, tiny_path, synthetic_data, monkeypatch,
     cfg = load_recipe(None, [f"training.output_dir={tmp_path / 'run'}", f"data.media_root={synthetic_data['counting'].parent}",
                              "data.format_instruction=null", "media.max_pixels=3136", "media.min_pixels=3136",
                              "rollout.num_generations=2", "rollout.max_completion_length=3", "training.max_steps=1",
-                             "training.prompts_per_step=2", "logging.progress_bar=false", "algorithm.beta=0.1"])
+                             "training.prompts_per_step=2", "logging.progress_bar=false", "algorithm.grpo.beta=0.1"])
     trainer = GRPOTrainer(cfg, model=model, train_dataset=rows, reward_funcs=[my_reward])
     assert trainer.learner.unwrapped is model  # the object itself is trained
     with backend.reference_model(trainer.learner) as ref:  # the reference is a copy of the object as given

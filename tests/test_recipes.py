@@ -91,11 +91,11 @@ def cpu_overrides(name: str, cfg, tmp: Path) -> list[str]:
     out = [f"model.name_or_path=tiny:{tiny_family(cfg.model.name_or_path)}:small", "model.attn_implementation=sdpa", "rollout.engine=hf", "rollout.max_completion_length=8",
            "training.max_steps=2", "training.save_steps=null", f"training.output_dir={tmp / 'run'}",
            "logging.report_to=[]", "logging.progress_bar=false"]
-    if cfg.algorithm.length_bonus:  # make the 320-512 token band reachable with 8-token completions
-        out += ["algorithm.length_bonus_min_tokens=1", "algorithm.length_bonus_max_tokens=8"]
+    if cfg.algorithm.grpo.length_bonus:  # make the 320-512 token band reachable with 8-token completions
+        out += ["algorithm.grpo.length_bonus_min_tokens=1", "algorithm.grpo.length_bonus_max_tokens=8"]
     if cfg.algorithm.name == "iterative_dpo":
         # the judge is a model too: a deterministic local reward stands in for the critic server
-        out += ["algorithm.round_prompts=2", f"rewards.functions=[{{name: '{PLUGIN}:alternating'}}]"]
+        out += ["algorithm.iterative_dpo.round_prompts=2", f"rewards.functions=[{{name: '{PLUGIN}:alternating'}}]"]
     if (cfg.training.gradient_accumulation_steps or 1) > 2:  # fewer micro-batches on 2 CPU cores, still accumulated
         out += ["training.prompts_per_step=2", "training.gradient_accumulation_steps=2"]
     return out
@@ -125,9 +125,9 @@ def test_recipe_trains_two_steps_on_the_tiny_model(path, synthetic_data, tiny_ca
     if original.algorithm.name == "grpo":
         names = {f.name for f in original.rewards.functions}
         assert all(f"rewards/{n}/mean" in metrics[0] for n in names), sorted(metrics[0])
-    if original.algorithm.temporal_contrast:
+    if original.algorithm.grpo.temporal_contrast:
         assert sum(m["temporal/video_prompts"] for m in metrics) > 0
-    if original.algorithm.length_bonus:
+    if original.algorithm.grpo.length_bonus:
         assert "length_bonus/rate" in metrics[0]
 
 

@@ -47,8 +47,8 @@ def read(out: Path) -> tuple[list[dict], list[tuple[int, str]]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("extra", "backend"), [(["algorithm.ref_sync_steps=3"], "single"),
-                                                (["algorithm.ref_sync_steps=3"], "zero3")],
+@pytest.mark.parametrize(("extra", "backend"), [(["algorithm.grpo.ref_sync_steps=3"], "single"),
+                                                (["algorithm.grpo.ref_sync_steps=3"], "zero3")],
                          ids=["synced_reference", "zero3_synced_reference"])
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, synthetic_data, tiny_cache, extra, backend):
     """With ref_sync_steps the reference moves (synced after step 3), so checkpoints must carry it. Under
@@ -66,7 +66,7 @@ data: {{format_instruction: null}}
 media: {{max_pixels: 3136, min_pixels: 3136}}
 rollout: {{num_generations: 4, max_completion_length: 3}}
 rewards: {{functions: [{{name: "{PLUGIN}:alternating"}}, {{name: numeric, kwargs: {{require_tag: false}}}}]}}
-algorithm: {{beta: 0.04}}
+algorithm: {{grpo: {{beta: 0.04}}}}
 training: {{max_steps: 8, prompts_per_step: 2, learning_rate: 1.0e-3, save_steps: 2, save_total_limit: 2,
            resume_from: latest}}
 logging: {{progress_bar: false}}
@@ -124,7 +124,7 @@ def test_iterative_dpo_resumed_mid_round_trains_the_saved_pairs(tmp_path, synthe
         cfg = load_recipe(None, [
             "model.name_or_path=tiny:qwen2_5_vl:small", f"data.train_path={synthetic_data['counting']}",
             f"training.output_dir={out}", "media.max_pixels=3136", "algorithm.name=iterative_dpo",
-            "algorithm.round_prompts=4", "rollout.num_generations=4", "rollout.max_completion_length=6",
+            "algorithm.iterative_dpo.round_prompts=4", "rollout.num_generations=4", "rollout.max_completion_length=6",
             "training.prompts_per_step=1", "training.max_steps=4", "training.save_steps=2",
             "training.learning_rate=1.0e-3", "logging.progress_bar=false",
             f"rewards.functions=[{{name: '{PLUGIN}:alternating'}}]", *extra])

@@ -143,9 +143,9 @@ def test_identical_weights_give_importance_ratio_one_on_every_engine(tmp_path, s
         f"training.output_dir={tmp_path / 'run'}", "data.format_instruction=null", "media.max_pixels=3136",
         "media.min_pixels=3136", "rollout.num_generations=4", "rollout.max_completion_length=8",
         "training.prompts_per_step=2", f"rollout.engine={engine}", "rollout.pool_size=1",
-        "rollout.vllm_max_model_len=1024", "data.max_prompt_length=512", "algorithm.beta=0.04",
+        "rollout.vllm_max_model_len=1024", "data.max_prompt_length=512", "algorithm.grpo.beta=0.04",
         "logging.progress_bar=false", "rewards.functions=[{name: numeric, kwargs: {require_tag: false}}]"])
-    assert cfg.rollout.vllm_dtype == "auto" and cfg.algorithm.rollout_is == "token_truncate"
+    assert cfg.rollout.vllm_dtype == "auto" and cfg.algorithm.grpo.rollout_is == "token_truncate"
     trainer = GRPOTrainer(cfg)
     try:
         assert trainer.engine.name == engine
@@ -211,11 +211,11 @@ def test_repetition_penalty_is_refused_where_the_samplers_logprobs_are_used(tmp_
     from r1_mm.config.recipe import ConfigError, load_recipe
 
     out = [f"training.output_dir={tmp_path}"]
-    with pytest.raises(ConfigError, match=r"rollout\.repetition_penalty=1\.2 .*algorithm\.rollout_is=token_truncate"):
+    with pytest.raises(ConfigError, match=r"rollout\.repetition_penalty=1\.2 .*algorithm\.grpo\.rollout_is=token_truncate"):
         load_recipe(None, out + ["rollout.repetition_penalty=1.2"])
-    with pytest.raises(ConfigError, match=r"rollout\.repetition_penalty=1\.1 .*algorithm\.rollout_is=sequence_mask"):
-        load_recipe(None, out + ["rollout.repetition_penalty=1.1", "algorithm.rollout_is=sequence_mask"])
-    assert load_recipe(None, out + ["rollout.repetition_penalty=1.2", "algorithm.rollout_is=none"]).rollout.repetition_penalty == 1.2
+    with pytest.raises(ConfigError, match=r"rollout\.repetition_penalty=1\.1 .*algorithm\.grpo\.rollout_is=sequence_mask"):
+        load_recipe(None, out + ["rollout.repetition_penalty=1.1", "algorithm.grpo.rollout_is=sequence_mask"])
+    assert load_recipe(None, out + ["rollout.repetition_penalty=1.2", "algorithm.grpo.rollout_is=none"]).rollout.repetition_penalty == 1.2
     assert load_recipe(None, out + ["rollout.repetition_penalty=1.2", "algorithm.name=iterative_dpo"]).algorithm.name == "iterative_dpo"
     assert load_recipe(None, out).rollout.repetition_penalty == 1.0  # the default passes
     recipe = tmp_path / "recipe.yaml"

@@ -51,7 +51,7 @@ def test_wandb_and_a_plugin_get_the_recipe_metrics_and_tables(tmp_path, syntheti
     events = recorded(run_dir)
     assert events[0] == {"event": "init", "project": "r1-mm", "run_id": trainer.run_id, "resumed": False, "tag": "x"}
     config = next(e["values"] for e in events if e["event"] == "config")
-    assert config["algorithm.beta"] == cfg.algorithm.beta and config["rollout.num_generations"] == 4
+    assert config["algorithm.grpo.beta"] == cfg.algorithm.grpo.beta and config["rollout.num_generations"] == 4
     logs = [e for e in events if e["event"] == "log"]
     assert [e["step"] for e in logs] == [0, 1] and events[-1]["event"] == "finish"
     assert {"rewards/format/mean", "rewards/mra/mean", "train/kl", "train/entropy", "train/clip_ratio_low",

@@ -31,12 +31,12 @@ class AlgorithmSpec:
     preference_loss: bool = False
     """A DPO-family loss over two responses of one prompt (the planner counts G = 2)."""
     reads_sampler_logprobs: bool = False
-    """Its importance weights (``algorithm.rollout_is``) read the sampler's logprobs, which must then be
+    """Its importance weights (``algorithm.grpo.rollout_is``) read the sampler's logprobs, which must then be
     the distribution the learner scores (no repetition penalty the learner cannot reproduce)."""
     policy_losses: bool = False
-    """It takes ``algorithm.loss_type`` and ``algorithm.advantage_estimator`` from the loss registries."""
+    """It takes ``algorithm.grpo.loss_type`` and ``algorithm.grpo.advantage_estimator`` from the loss registries."""
     reference_each_round: bool = False
-    """The reference restarts from the policy every round (``algorithm.reference_from_policy_each_round``),
+    """The reference restarts from the policy every round (``algorithm.iterative_dpo.reference_from_policy_each_round``),
     so checkpoints must carry it."""
     uses_rewards: bool = False
     """Reward functions (verifiable or the critic) score its samples."""

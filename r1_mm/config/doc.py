@@ -18,7 +18,7 @@ from r1_mm.config.recipe import RecipeConfig
 DOC_COMMAND = "r1-mm config --doc > docs/config.md"
 
 # the epilog of every command that takes a recipe: how overrides are spelt and where the fields are listed
-OVERRIDES_EPILOG = ("Overrides are section.field=value (e.g. algorithm.beta=0.0 or rollout.temperature=0.7; the "
+OVERRIDES_EPILOG = ("Overrides are section.field=value (e.g. algorithm.grpo.beta=0.0 or rollout.temperature=0.7; the "
                     "value is parsed as YAML) and apply on top of the recipe. `r1-mm config --doc` lists every "
                     "section and field with its type, default and help (also in docs/config.md).")
 
@@ -71,7 +71,7 @@ def config_doc() -> str:
              "# Recipe reference", "",
              "A recipe is one YAML file with the sections below (`extends: other.yaml` starts from another recipe). "
              "Any field can be overridden on the command line as `section.field=value` (the value is parsed as "
-             "YAML), e.g. `r1-mm train RECIPE.yaml algorithm.beta=0.0 rollout.temperature=0.7`. "
+             "YAML), e.g. `r1-mm train RECIPE.yaml algorithm.grpo.beta=0.0 rollout.temperature=0.7`. "
              "Unknown keys and wrong types stop the run with the field's name and the closest valid one."]
     for row in field_help(RecipeConfig):
         if "." not in row.name:  # a top-level section

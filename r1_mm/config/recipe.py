@@ -138,7 +138,7 @@ class RolloutConfig:
     top_k: int | None = field(default=None, metadata={
         "help": "sample among the k most likely tokens only; null: no limit"})
     repetition_penalty: float = field(default=1.0, metadata={
-        "help": "penalty on tokens already seen; != 1 is refused with GRPO's algorithm.rollout_is (the learner "
+        "help": "penalty on tokens already seen; != 1 is refused with GRPO's algorithm.grpo.rollout_is (the learner "
                 "does not score it: docs/sampling.md)"})
     vllm_dtype: str = field(default="auto", metadata={
         "help": "vLLM engines: the engine's dtype; \"float32\" on CPU makes sampler and learner numerics closest"})
@@ -233,40 +233,39 @@ class RewardsConfig:
 
 
 @dataclass
-class AlgorithmConfig:
-    """Policy-optimisation knobs; names follow TRL's GRPOConfig where both have them."""
+class GRPOConfig:
+    """``algorithm.grpo``: GRPO's knobs (names follow TRL's GRPOConfig where both have them): the
+    policy loss and its clipping, KL to the reference, advantages, off-policy correction, dynamic
+    sampling, and Video-R1's T-GRPO and length control."""
 
-    name: Literal["grpo", "dpo", "tpo", "iterative_dpo"] = field(default="grpo", metadata={
-        "help": "the learner: grpo (online RL), dpo / tpo (preference pairs), iterative_dpo (sampled pairs per "
-                "round)"})
     beta: float = field(default=0.04, metadata={
-        "help": "GRPO: weight of the k3 KL term to the reference; 0 = no KL (and no reference model)"})
+        "help": "weight of the k3 KL term to the reference; 0 = no KL (and no reference model)"})
     loss_type: str = field(default="dapo", metadata={
-        "help": "GRPO: how per-token losses are aggregated: grpo, bnpo, dr_grpo or dapo (TRL's names)"})
-    epsilon: float = field(default=0.2, metadata={"help": "GRPO: the ratio clip range's lower side (1 - epsilon)"})
+        "help": "how per-token losses are aggregated: grpo, bnpo, dr_grpo or dapo (TRL's names)"})
+    epsilon: float = field(default=0.2, metadata={"help": "the ratio clip range's lower side (1 - epsilon)"})
     epsilon_high: float | None = field(default=None, metadata={
-        "help": "GRPO: the clip range's upper side (1 + epsilon_high, clip-higher); null: epsilon"})
+        "help": "the clip range's upper side (1 + epsilon_high, clip-higher); null: epsilon"})
     importance_sampling_level: Literal["token", "sequence"] = field(default="token", metadata={
-        "help": "GRPO: importance ratio per token, or per sequence from the mean token log ratio (GSPO)"})
+        "help": "importance ratio per token, or per sequence from the mean token log ratio (GSPO)"})
     kl_importance_weighting: bool = field(default=True, metadata={
-        "help": "GRPO: weight the k3 KL term by the importance ratio pi/pi_old (TRL's use_bias_correction_kl, "
+        "help": "weight the k3 KL term by the importance ratio pi/pi_old (TRL's use_bias_correction_kl, "
                 "its default)"})
     scale_rewards: Literal["group", "batch", "none"] = field(default="group", metadata={
-        "help": "GRPO: advantages are reward - group mean, divided by the group's std, the batch's std, or 1"})
+        "help": "advantages are reward - group mean, divided by the group's std, the batch's std, or 1"})
     num_iterations: int = field(default=1, metadata={
-        "help": "GRPO: optimizer updates per sampled batch (> 1: later ones are off-policy, clipped)"})
+        "help": "optimizer updates per sampled batch (> 1: later ones are off-policy, clipped)"})
     mask_truncated_completions: bool = field(default=False, metadata={
-        "help": "GRPO: completions cut at max_completion_length contribute no loss"})
+        "help": "completions cut at max_completion_length contribute no loss"})
     dynamic_sampling: bool = field(default=False, metadata={
-        "help": "GRPO: replace groups whose rewards all agree by freshly sampled ones (DAPO)"})
+        "help": "replace groups whose rewards all agree by freshly sampled ones (DAPO)"})
     max_resample_rounds: int = field(default=3, metadata={
-        "help": "GRPO dynamic sampling: resampling rounds per step at most"})
+        "help": "dynamic sampling: resampling rounds per step at most"})
     ref_sync_steps: int | None = field(default=None, metadata={
-        "help": "GRPO: every this many steps the reference moves toward the policy (ref_sync_mix_alpha); "
+        "help": "every this many steps the reference moves toward the policy (ref_sync_mix_alpha); "
                 "null: a frozen reference"})
     ref_sync_mix_alpha: float = field(default=1.0, metadata={
-        "help": "GRPO reference sync: ref <- alpha x policy + (1 - alpha) x ref, in (0, 1]"})
-    advantage_estimator: str = field(default="grpo", metadata={"help": "GRPO: a registered advantage estimator"})
+        "help": "reference sync: ref <- alpha x policy + (1 - alpha) x ref, in (0, 1]"})
+    advantage_estimator: str = field(default="grpo", metadata={"help": "a registered advantage estimator"})
     temporal_contrast: bool = field(default=False, metadata={
         "help": "T-GRPO (Video-R1): extra samples on shuffled frames; correct answers earn temporal_bonus only "
                 "when ordered frames beat shuffled ones (ordered accuracy >= temporal_margin x shuffled accuracy)"})
@@ -294,18 +293,25 @@ class AlgorithmConfig:
         "help": "length control: a completion is correct when length_bonus_reward is above this"})
     rollout_is: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = field(
         default="token_truncate", metadata={
-            "help": "GRPO: off-policy correction between the rollout engine's sampling logprobs and the learner's "
+            "help": "off-policy correction between the rollout engine's sampling logprobs and the learner's "
                     "(TRL's modes): token_/sequence_ x truncate (weights capped at rollout_is_cap) or mask "
                     "(tokens/sequences outside [rollout_is_floor, rollout_is_cap] are dropped); none turns it off"})
     rollout_is_cap: float = field(default=3.0, metadata={
         "help": "rollout_is: the largest importance weight (truncate) or ratio kept (mask)"})
     rollout_is_floor: float | None = field(default=None, metadata={
         "help": "rollout_is mask modes: the smallest ratio kept; null: 0"})
-    dpo_loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = field(default="sigmoid", metadata={
+
+
+@dataclass
+class PreferenceConfig:
+    """``algorithm.dpo``: the preference loss of dpo, tpo and iterative_dpo (rows, or rounds, of chosen
+    and rejected responses), as TRL's DPOTrainer computes it."""
+
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = field(default="sigmoid", metadata={
         "help": "preference learning (dpo, tpo, iterative_dpo; rows carry chosen and rejected responses): the "
                 "DPO loss, as TRL's DPOTrainer computes it"})
-    dpo_beta: float = field(default=0.1, metadata={
-        "help": "preference learning: DPO's beta (how far the policy may move from the reference)"})
+    beta: float = field(default=0.1, metadata={
+        "help": "DPO's beta (how far the policy may move from the reference)"})
     label_smoothing: float = field(default=0.0, metadata={
         "help": "robust DPO: assumed share of flipped preference labels, in [0, 0.5)"})
     nll_weight: float = field(default=0.0, metadata={
@@ -313,12 +319,73 @@ class AlgorithmConfig:
     precomputed_reference: bool = field(default=False, metadata={
         "help": "read ref_chosen_logps / ref_rejected_logps columns (r1-mm dpo precompute-ref) instead of a "
                 "reference forward"})
+
+
+@dataclass
+class IterativeDPOConfig:
+    """``algorithm.iterative_dpo``: the rounds of iterative DPO (LLaVA-OneVision-Chat with LLaVA-Critic)."""
+
     round_prompts: int = field(default=16, metadata={
         "help": "iterative DPO (LLaVA-OneVision-Chat with LLaVA-Critic): each round samples "
                 "rollout.num_generations responses for this many prompts, scores them with rewards.functions "
                 "(e.g. critic), pairs best vs worst (ties skipped) and trains one DPO pass over them"})
     reference_from_policy_each_round: bool = field(default=True, metadata={
-        "help": "iterative DPO: the reference restarts from the policy at each round"})
+        "help": "the reference restarts from the policy at each round"})
+
+
+# keys that lived directly under algorithm: before the sections: where each one is now
+MOVED_ALGORITHM_KEYS = {
+    "beta": "grpo.beta",
+    "loss_type": "grpo.loss_type",
+    "epsilon": "grpo.epsilon",
+    "epsilon_high": "grpo.epsilon_high",
+    "importance_sampling_level": "grpo.importance_sampling_level",
+    "kl_importance_weighting": "grpo.kl_importance_weighting",
+    "scale_rewards": "grpo.scale_rewards",
+    "num_iterations": "grpo.num_iterations",
+    "mask_truncated_completions": "grpo.mask_truncated_completions",
+    "dynamic_sampling": "grpo.dynamic_sampling",
+    "max_resample_rounds": "grpo.max_resample_rounds",
+    "ref_sync_steps": "grpo.ref_sync_steps",
+    "ref_sync_mix_alpha": "grpo.ref_sync_mix_alpha",
+    "advantage_estimator": "grpo.advantage_estimator",
+    "temporal_contrast": "grpo.temporal_contrast",
+    "temporal_num_shuffled": "grpo.temporal_num_shuffled",
+    "temporal_bonus": "grpo.temporal_bonus",
+    "temporal_margin": "grpo.temporal_margin",
+    "temporal_reward": "grpo.temporal_reward",
+    "temporal_correct_threshold": "grpo.temporal_correct_threshold",
+    "length_bonus": "grpo.length_bonus",
+    "length_bonus_min_tokens": "grpo.length_bonus_min_tokens",
+    "length_bonus_max_tokens": "grpo.length_bonus_max_tokens",
+    "length_bonus_reward": "grpo.length_bonus_reward",
+    "length_bonus_threshold": "grpo.length_bonus_threshold",
+    "rollout_is": "grpo.rollout_is",
+    "rollout_is_cap": "grpo.rollout_is_cap",
+    "rollout_is_floor": "grpo.rollout_is_floor",
+    "dpo_loss_type": "dpo.loss_type",
+    "dpo_beta": "dpo.beta",
+    "label_smoothing": "dpo.label_smoothing",
+    "nll_weight": "dpo.nll_weight",
+    "precomputed_reference": "dpo.precomputed_reference",
+    "round_prompts": "iterative_dpo.round_prompts",
+    "reference_from_policy_each_round": "iterative_dpo.reference_from_policy_each_round",
+}
+
+
+@dataclass
+class AlgorithmConfig:
+    """Which learner runs (``name``, an entry of :mod:`r1_mm.config.algorithms`), and one section of
+    settings per algorithm family, each read only by its learner."""
+
+    name: Literal["grpo", "dpo", "tpo", "iterative_dpo"] = field(default="grpo", metadata={
+        "help": "the learner: grpo (online RL), dpo / tpo (preference pairs), iterative_dpo (sampled pairs per "
+                "round)"})
+    grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={"help": "settings of grpo"})
+    dpo: PreferenceConfig = field(default_factory=PreferenceConfig, metadata={
+        "help": "settings of the preference loss: dpo, tpo, iterative_dpo"})
+    iterative_dpo: IterativeDPOConfig = field(default_factory=IterativeDPOConfig, metadata={
+        "help": "settings of iterative_dpo's rounds"})
 
 
 @dataclass
@@ -331,7 +398,7 @@ class TrainingConfig:
         "help": "a fresh run refuses a folder that holds another run's files; true deletes them first"})
     seed: int = field(default=0, metadata={"help": "the run's seed (sampling, data order)"})
     max_steps: int = field(default=10, metadata={
-        "help": "steps the run takes: one rollout batch each, trained on algorithm.num_iterations times"})
+        "help": "steps the run takes: one rollout batch each, trained on algorithm.grpo.num_iterations times"})
     prompts_per_step: int = field(default=2, metadata={
         "help": "prompts per process and optimizer step (rollouts are sampled for all of them at once)"})
     gradient_accumulation_steps: int | None = field(default=None, metadata={
@@ -506,9 +573,25 @@ def build_dataclass(cls: type, data: dict[str, Any], path: str = "") -> Any:
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
         if key not in hints:
-            raise ConfigError(f"unknown key '{full}'" + suggest(str(key), names, listing="valid keys"))
+            raise ConfigError(f"unknown key '{full}'" + (_misplaced(str(key), cls)
+                                                          or suggest(str(key), names, listing="valid keys")))
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
+
+
+def _misplaced(key: str, cls: type) -> str:
+    """Where an algorithm key belongs when it is given in the wrong place: directly under ``algorithm:``
+    (where every key lived before the per-algorithm sections) or in another algorithm's section."""
+    sections = {f.name: f.type for f in dataclasses.fields(AlgorithmConfig) if f.name != "name"}
+    if cls is AlgorithmConfig and key in MOVED_ALGORITHM_KEYS:
+        where = MOVED_ALGORITHM_KEYS[key]
+        return f": it belongs under algorithm.{where.split('.')[0]} (algorithm.{where})"
+    section_types = typing.get_type_hints(AlgorithmConfig)
+    if cls in {section_types[s] for s in sections}:
+        for section in sections:
+            if key in {f.name for f in dataclasses.fields(section_types[section])}:
+                return f": it belongs under algorithm.{section} (algorithm.{section}.{key})"
+    return ""
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -552,10 +635,10 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         problems.append("media.nframes must be >= 1")
     if cfg.media.fps <= 0:
         problems.append("media.fps must be > 0")
-    if cfg.algorithm.epsilon_high is not None and cfg.algorithm.epsilon_high < cfg.algorithm.epsilon:
-        problems.append("algorithm.epsilon_high must be >= algorithm.epsilon")
-    if cfg.algorithm.beta < 0:
-        problems.append("algorithm.beta must be >= 0")
+    if cfg.algorithm.grpo.epsilon_high is not None and cfg.algorithm.grpo.epsilon_high < cfg.algorithm.grpo.epsilon:
+        problems.append("algorithm.grpo.epsilon_high must be >= algorithm.grpo.epsilon")
+    if cfg.algorithm.grpo.beta < 0:
+        problems.append("algorithm.grpo.beta must be >= 0")
     if cfg.data.max_prompt_length < 1:
         problems.append("data.max_prompt_length must be >= 1")
     if not cfg.training.output_dir.strip():
@@ -576,8 +659,8 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         problems.append(f"model.attn_implementation={cfg.model.attn_implementation} needs model.dtype bfloat16 or "
                         "float16 (flash-attention has no float32 kernels); or use attn_implementation=sdpa")
     names = [f.name for f in cfg.rewards.functions]
-    if cfg.algorithm.length_bonus and cfg.algorithm.length_bonus_reward not in names:
-        problems.append(f"algorithm.length_bonus_reward {cfg.algorithm.length_bonus_reward!r} must name one of "
+    if cfg.algorithm.grpo.length_bonus and cfg.algorithm.grpo.length_bonus_reward not in names:
+        problems.append(f"algorithm.grpo.length_bonus_reward {cfg.algorithm.grpo.length_bonus_reward!r} must name one of "
                         f"rewards.functions ({', '.join(names) or 'none'}): its score decides which answers are correct")
     for i, spec in enumerate(cfg.rewards.functions):
         if not spec.name:
@@ -596,16 +679,16 @@ UNSCORED_SAMPLING = {"repetition_penalty": 1.0}
 def _unscored_sampling_problems(cfg: RecipeConfig) -> list[str]:
     """Refuse a sampling setting the learner does not score when the sampler's logprobs are used.
 
-    Why: GRPO's ``algorithm.rollout_is`` weights each token by exp(learner - sampler). A repetition
+    Why: GRPO's ``algorithm.grpo.rollout_is`` weights each token by exp(learner - sampler). A repetition
     penalty moves the sampler's distribution per position by the tokens seen so far (prompt included,
     with engine-specific prompt ids), so that ratio is not 1 even at identical weights and the
     correction would reweight every token by the penalty, not by off-policy drift. Nothing else reads
     the sampler's logprobs (DPO variants, ``rollout_is: none``), so the setting stays allowed there."""
-    if not algorithm_spec(cfg.algorithm.name).reads_sampler_logprobs or cfg.algorithm.rollout_is == "none":
+    if not algorithm_spec(cfg.algorithm.name).reads_sampler_logprobs or cfg.algorithm.grpo.rollout_is == "none":
         return []
     return [f"rollout.{name}={getattr(cfg.rollout, name)} changes the rollout engines' logprobs in a way the learner "
-            f"does not reproduce, so algorithm.rollout_is={cfg.algorithm.rollout_is} would reweight tokens by a ratio "
-            f"that is not 1 at identical weights: set rollout.{name}={neutral:g} or algorithm.rollout_is=none"
+            f"does not reproduce, so algorithm.grpo.rollout_is={cfg.algorithm.grpo.rollout_is} would reweight tokens by a ratio "
+            f"that is not 1 at identical weights: set rollout.{name}={neutral:g} or algorithm.grpo.rollout_is=none"
             for name, neutral in UNSCORED_SAMPLING.items() if getattr(cfg.rollout, name) != neutral]
 
 
@@ -623,16 +706,16 @@ _BOUNDS: list[tuple[str, float | None, bool, float | None, bool]] = [
     ("rollout.pool_size", 1, True, None, False),
     ("rollout.pool_gpu_memory_utilization", 0, False, 1, True),
     ("rollout.weight_sync_bucket_mb", 1, True, None, False),
-    ("algorithm.epsilon", 0, False, None, False),
-    ("algorithm.num_iterations", 1, True, None, False),
-    ("algorithm.max_resample_rounds", 0, True, None, False),
-    ("algorithm.ref_sync_steps", 1, True, None, False),
-    ("algorithm.ref_sync_mix_alpha", 0, False, 1, True),
-    ("algorithm.rollout_is_cap", 0, False, None, False),
-    ("algorithm.dpo_beta", 0, False, None, False),
-    ("algorithm.label_smoothing", 0, True, 0.5, False),
-    ("algorithm.nll_weight", 0, True, None, False),
-    ("algorithm.round_prompts", 1, True, None, False),
+    ("algorithm.grpo.epsilon", 0, False, None, False),
+    ("algorithm.grpo.num_iterations", 1, True, None, False),
+    ("algorithm.grpo.max_resample_rounds", 0, True, None, False),
+    ("algorithm.grpo.ref_sync_steps", 1, True, None, False),
+    ("algorithm.grpo.ref_sync_mix_alpha", 0, False, 1, True),
+    ("algorithm.grpo.rollout_is_cap", 0, False, None, False),
+    ("algorithm.dpo.beta", 0, False, None, False),
+    ("algorithm.dpo.label_smoothing", 0, True, 0.5, False),
+    ("algorithm.dpo.nll_weight", 0, True, None, False),
+    ("algorithm.iterative_dpo.round_prompts", 1, True, None, False),
     ("training.max_steps", 1, True, None, False),
     ("training.learning_rate", 0, True, None, False),
     ("training.weight_decay", 0, True, None, False),
@@ -655,8 +738,8 @@ _BOUNDS: list[tuple[str, float | None, bool, float | None, bool]] = [
     ("rollout.pool_request_timeout_s", 0, False, None, False),
     ("rollout.pool_sync_timeout_s", 0, False, None, False),
     ("rollout.pool_startup_timeout_s", 0, False, None, False),
-    ("algorithm.temporal_num_shuffled", 1, True, None, False),
-    ("algorithm.rollout_is_floor", 0, True, None, False),
+    ("algorithm.grpo.temporal_num_shuffled", 1, True, None, False),
+    ("algorithm.grpo.rollout_is_floor", 0, True, None, False),
     ("data.max_rows", 1, True, None, False),
     ("training.eval_max_rows", 1, True, None, False),
     ("model.lora_r", 1, True, None, False),
@@ -676,11 +759,17 @@ def _finite_problems(cfg: RecipeConfig) -> list[str]:
     """Every number of the recipe is finite: a NaN passes every comparison (``beta=nan`` skipped every
     update and the run exited 0) and ``inf`` passes every lower bound (``learning_rate=inf``)."""
     found = []
+
+    def visit(obj: Any, path: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):  # a section inside a section (algorithm.grpo)
+                visit(value, f"{path}.{f.name}")
+            elif isinstance(value, float) and not math.isfinite(value):
+                found.append(f"{path}.{f.name} must be a finite number, got {value!r}")
+
     for section in dataclasses.fields(cfg):
-        for f in dataclasses.fields(getattr(cfg, section.name)):
-            value = getattr(getattr(cfg, section.name), f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                found.append(f"{section.name}.{f.name} must be a finite number, got {value!r}")
+        visit(getattr(cfg, section.name), section.name)
     for i, spec in enumerate(cfg.rewards.functions):
         if not math.isfinite(spec.weight):
             found.append(f"rewards.functions[{i}].weight must be a finite number, got {spec.weight!r}")
@@ -690,8 +779,9 @@ def _finite_problems(cfg: RecipeConfig) -> list[str]:
 def _bound_problems(cfg: RecipeConfig) -> list[str]:
     found = _finite_problems(cfg)
     for path, low, low_in, high, high_in in _BOUNDS:
-        section, name = path.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value: Any = cfg
+        for part in path.split("."):
+            value = getattr(value, part)
         if value is None or (isinstance(value, float) and not math.isfinite(value)):  # reported above
             continue
         below = low is not None and (value < low if low_in else value <= low)

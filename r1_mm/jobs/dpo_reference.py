@@ -1,5 +1,5 @@
 """``r1-mm dpo precompute-ref``: the reference model's log-probabilities of every pair, written into
-the data once, so DPO/TPO training with ``algorithm.precomputed_reference=true`` needs no reference
+the data once, so DPO/TPO training with ``algorithm.dpo.precomputed_reference=true`` needs no reference
 model (nor its memory)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from r1_mm.trainers.preference import response_ids
 
 def precompute_reference(cfg: RecipeConfig, out_path: str | Path) -> int:
     """Write the data file again with ref_chosen_logps / ref_rejected_logps from the reference model,
-    so training with algorithm.precomputed_reference=true needs no reference forward (or memory)."""
+    so training with algorithm.dpo.precomputed_reference=true needs no reference forward (or memory)."""
     rows, source, default_root = load_split(cfg.data, "train")
     root = media_root(cfg.data, default_root)
     check_generation_job(cfg, rows, source, root)  # every row before the model loads

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog=OVERRIDES_EPILOG)
     p.add_argument("config", help="accelerate config YAML, e.g. recipes/accelerate/zero3.yaml")
     p.add_argument("recipe", help="recipe YAML file")
-    p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. algorithm.beta=0.0")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. algorithm.grpo.beta=0.0")
     p.add_argument("--shutdown-timeout", type=int, default=1800,
                    help="seconds the workers get to save after a signal before they are killed (default 1800)")
     args = p.parse_args(argv)

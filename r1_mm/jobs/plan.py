@@ -234,7 +234,7 @@ def plan(cfg: RecipeConfig, *, gpus: int, zero_stage: int, mixed_bf16: bool = Fa
         shape.vision_params if cfg.model.freeze_vision_tower else 0)
     add("policy weights", (shape.total_params + shape.lora_params) * b / shard3,
         f"{shape.total_params / 1e9:.3f} B parameters x {b} bytes" + (", sharded" if shard3 > 1 else ""))
-    needs_reference = (not a.precomputed_reference) if preference else a.beta != 0.0
+    needs_reference = (not a.dpo.precomputed_reference) if preference else a.grpo.beta != 0.0
     if needs_reference and not cfg.model.lora:  # LoRA: the adapter-disabled policy is the reference
         add("reference weights", shape.total_params * b / shard3, "frozen copy" + (", sharded" if shard3 > 1 else ""))
     add("gradients", trainable * precision.gradients / (gpus if zero_stage >= 2 else 1),

@@ -16,7 +16,7 @@ from r1_mm.config.recipe import ConfigError, RecipeConfig, dump_recipe, load_rec
 def parser(prog: str = "r1-mm train", description: str = "Train a policy from a recipe YAML.") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description, epilog=OVERRIDES_EPILOG)
     p.add_argument("recipe", help="recipe YAML file")
-    p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. algorithm.beta=0.0")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. algorithm.grpo.beta=0.0")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     return p
 

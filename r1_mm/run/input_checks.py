@@ -34,12 +34,12 @@ def name_problems(cfg: RecipeConfig) -> list[str]:
     if cfg.rollout.engine not in engines:
         problems.append(f"rollout.engine '{cfg.rollout.engine}' is not an engine" + suggest(cfg.rollout.engine, engines))
     if algorithm_spec(cfg.algorithm.name).policy_losses:
-        if cfg.algorithm.loss_type not in LOSS_AGGREGATORS:
-            problems.append(f"algorithm.loss_type '{cfg.algorithm.loss_type}' is not a loss"
-                            + suggest(cfg.algorithm.loss_type, list(LOSS_AGGREGATORS)))
-        if cfg.algorithm.advantage_estimator not in ADVANTAGE_ESTIMATORS:
-            problems.append(f"algorithm.advantage_estimator '{cfg.algorithm.advantage_estimator}' is not an estimator"
-                            + suggest(cfg.algorithm.advantage_estimator, list(ADVANTAGE_ESTIMATORS)))
+        if cfg.algorithm.grpo.loss_type not in LOSS_AGGREGATORS:
+            problems.append(f"algorithm.grpo.loss_type '{cfg.algorithm.grpo.loss_type}' is not a loss"
+                            + suggest(cfg.algorithm.grpo.loss_type, list(LOSS_AGGREGATORS)))
+        if cfg.algorithm.grpo.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            problems.append(f"algorithm.grpo.advantage_estimator '{cfg.algorithm.grpo.advantage_estimator}' is not an estimator"
+                            + suggest(cfg.algorithm.grpo.advantage_estimator, list(ADVANTAGE_ESTIMATORS)))
     return problems
 
 
@@ -122,9 +122,9 @@ def algorithm_columns(cfg: RecipeConfig) -> dict[str, set[str]]:
     if algorithm_spec(a.name).pairs_in_rows:
         for column in ("chosen", "rejected"):
             out.setdefault(column, set()).add(f"algorithm.name={a.name}")
-        if a.precomputed_reference:
+        if a.dpo.precomputed_reference:
             for column in ("ref_chosen_logps", "ref_rejected_logps"):
-                out.setdefault(column, set()).add("algorithm.precomputed_reference")
+                out.setdefault(column, set()).add("algorithm.dpo.precomputed_reference")
     return out
 
 

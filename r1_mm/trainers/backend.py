@@ -56,7 +56,7 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: RecipeConfig) -> Any:
     from transformers import get_scheduler
 
     return get_scheduler(cfg.training.lr_scheduler, optimizer, num_warmup_steps=warmup_steps(cfg.training),
-                         num_training_steps=max(1, cfg.training.max_steps * cfg.algorithm.num_iterations))
+                         num_training_steps=max(1, cfg.training.max_steps * cfg.algorithm.grpo.num_iterations))
 
 
 def accelerator_kwargs(cfg: RecipeConfig, *, cuda: bool, deepspeed_launch: bool) -> dict[str, Any]:

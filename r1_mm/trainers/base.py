@@ -157,7 +157,7 @@ class BaseTrainer:
     def reference_moves(self) -> bool:
         """Does the reference change during the run (then checkpoints must carry it)?"""
         a = self.cfg.algorithm
-        return bool(a.ref_sync_steps) or (algorithm_spec(a.name).reference_each_round and a.reference_from_policy_each_round)
+        return bool(a.grpo.ref_sync_steps) or (algorithm_spec(a.name).reference_each_round and a.iterative_dpo.reference_from_policy_each_round)
 
     def write_run_info(self) -> None:
         """What really runs (back-end, ZeRO stage and partitioning, device, kernels, engine, versions)."""

@@ -78,7 +78,7 @@ class GRPOTrainer(BaseTrainer):
         torch.manual_seed(cfg.training.seed)
         if not cfg.rewards.functions:
             raise ConfigError("rewards.functions is empty: GRPO needs at least one reward (or reward_funcs=)")
-        super().__init__(cfg, need_reference=cfg.algorithm.beta != 0.0, objects=objects)
+        super().__init__(cfg, need_reference=cfg.algorithm.grpo.beta != 0.0, objects=objects)
         cfg = self.cfg
         self.suppressed_ids = media_token_ids(self.learner.unwrapped.config)
         self.rewards = RewardRunner.from_recipe(cfg)
@@ -87,18 +87,18 @@ class GRPOTrainer(BaseTrainer):
         if model is not None and not getattr(self.engine, "samples_from_policy", False):
             self.engine.update_weights(self.learner.unwrapped)  # it loaded the path: sample from the object's weights
         self.temporal_rewards = None
-        if cfg.algorithm.temporal_contrast:
+        if cfg.algorithm.grpo.temporal_contrast:
             # the shuffled group is scored by the recipe's own spec of that reward (kwargs included)
-            spec = next((f for f in cfg.rewards.functions if f.name == cfg.algorithm.temporal_reward),
-                        RewardSpec(name=cfg.algorithm.temporal_reward))
+            spec = next((f for f in cfg.rewards.functions if f.name == cfg.algorithm.grpo.temporal_reward),
+                        RewardSpec(name=cfg.algorithm.grpo.temporal_reward))
             self.temporal_rewards = RewardRunner.from_recipe(cfg, [spec])
         a = cfg.algorithm
         self.loss_settings = LossSettings(
-            loss_type=a.loss_type, epsilon_low=a.epsilon,
-            epsilon_high=a.epsilon_high if a.epsilon_high is not None else a.epsilon, beta=a.beta,
-            importance_sampling_level=a.importance_sampling_level,
+            loss_type=a.grpo.loss_type, epsilon_low=a.grpo.epsilon,
+            epsilon_high=a.grpo.epsilon_high if a.grpo.epsilon_high is not None else a.grpo.epsilon, beta=a.grpo.beta,
+            importance_sampling_level=a.grpo.importance_sampling_level,
             max_completion_length=cfg.rollout.max_completion_length,
-            kl_importance_weighting=a.kl_importance_weighting)
+            kl_importance_weighting=a.grpo.kl_importance_weighting)
         self.nonfinite_in_a_row = 0
         self._warned_no_sampler_logprobs = False
         self._last_exp: Experience | None = None
@@ -116,8 +116,8 @@ class GRPOTrainer(BaseTrainer):
     def _temporal_bonus(self, samples: list[Sample], groups: list[list[Completion]], batch: RewardBatch) -> dict[str, float]:
         a = self.cfg.algorithm
         g = self.cfg.rollout.num_generations
-        n_shuffled = a.temporal_num_shuffled or max(1, g // 2)
-        col = batch.names.index(a.temporal_reward) if a.temporal_reward in batch.names else None
+        n_shuffled = a.grpo.temporal_num_shuffled or max(1, g // 2)
+        col = batch.names.index(a.grpo.temporal_reward) if a.grpo.temporal_reward in batch.names else None
         bonus_total, video_prompts, earned = torch.zeros(len(samples) * g), 0, 0
         for i, sample in enumerate(samples):
             if not temporal_contrast.has_video(sample):
@@ -128,10 +128,10 @@ class GRPOTrainer(BaseTrainer):
             shuffled_scores = self.temporal_rewards.score_groups([shuffled], [shuffled_group]).per_function[:, 0]
             ordered_scores = (batch.per_function[i * g:(i + 1) * g, col] if col is not None else
                               self.temporal_rewards.score_groups([sample], [groups[i]]).per_function[:, 0])
-            thr = a.temporal_correct_threshold
+            thr = a.grpo.temporal_correct_threshold
             bonus = temporal_contrast.temporal_bonus(torch.nan_to_num(ordered_scores) >= thr,
                                                      torch.nan_to_num(shuffled_scores) >= thr,
-                                                     bonus=a.temporal_bonus, margin=a.temporal_margin)
+                                                     bonus=a.grpo.temporal_bonus, margin=a.grpo.temporal_margin)
             earned += int(bonus.sum() > 0)
             bonus_total[i * g:(i + 1) * g] = bonus
         batch.add_bonus(bonus_total)
@@ -144,22 +144,22 @@ class GRPOTrainer(BaseTrainer):
         stats: dict[str, float] = {}
         if self.temporal_rewards is not None:
             stats = self._temporal_bonus(samples, groups, batch)
-        if self.cfg.algorithm.length_bonus:
+        if self.cfg.algorithm.grpo.length_bonus:
             stats.update(self._length_bonus(groups, batch))
         return groups, batch, stats
 
     def _length_bonus(self, groups: list[list[Completion]], batch: RewardBatch) -> dict[str, float]:
         """Video-R1's length control, added to the total after the rewards (and T-GRPO's bonus)."""
         a = self.cfg.algorithm
-        col = batch.names.index(a.length_bonus_reward)
+        col = batch.names.index(a.grpo.length_bonus_reward)
         bonus = torch.zeros_like(batch.total)
         start = 0
         for group in groups:
             scores = torch.nan_to_num(batch.per_function[start:start + len(group), col])
             lengths = torch.tensor([len(c.token_ids) for c in group])
             bonus[start:start + len(group)] = length_band_bonus(
-                scores > a.length_bonus_threshold, lengths, bonus=a.length_bonus,
-                min_tokens=a.length_bonus_min_tokens, max_tokens=a.length_bonus_max_tokens)
+                scores > a.grpo.length_bonus_threshold, lengths, bonus=a.grpo.length_bonus,
+                min_tokens=a.grpo.length_bonus_min_tokens, max_tokens=a.grpo.length_bonus_max_tokens)
             start += len(group)
         batch.add_bonus(bonus)
         return {"length_bonus/rate": float((bonus > 0).float().mean())}
@@ -171,8 +171,8 @@ class GRPOTrainer(BaseTrainer):
         samples = self.stream.next_batch(cfg.training.prompts_per_step)
         groups, batch, stats = self._rollout(samples)
         resampled = 0
-        if cfg.algorithm.dynamic_sampling:
-            for _ in range(cfg.algorithm.max_resample_rounds):
+        if cfg.algorithm.grpo.dynamic_sampling:
+            for _ in range(cfg.algorithm.grpo.max_resample_rounds):
                 flat = flat_groups(batch.total, g)
                 if not any(flat):
                     break
@@ -195,8 +195,8 @@ class GRPOTrainer(BaseTrainer):
         g = self.cfg.rollout.num_generations
         totals = exp.rewards.total.to(acc.device)
         gathered = acc.gather(totals)  # groups never span processes; "batch" scaling needs every process
-        est = ADVANTAGE_ESTIMATORS[self.cfg.algorithm.advantage_estimator]
-        adv = est(gathered.cpu(), g, scale=self.cfg.algorithm.scale_rewards)
+        est = ADVANTAGE_ESTIMATORS[self.cfg.algorithm.grpo.advantage_estimator]
+        adv = est(gathered.cpu(), g, scale=self.cfg.algorithm.grpo.scale_rewards)
         n = totals.numel()
         lo = acc.process_index * n
         exp.advantages = adv.values[lo:lo + n]
@@ -226,7 +226,7 @@ class GRPOTrainer(BaseTrainer):
                             mask: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, float]]:
         """Truncated IS weights between the engine's sampling logprobs and the learner's (None = off)."""
         a = self.cfg.algorithm
-        if a.rollout_is == "none":
+        if a.grpo.rollout_is == "none":
             return None, {}
         sampler = sampling_logprobs([c.logprobs for c in exp.completions], learner_logps.shape[1], learner_logps.device)
         if sampler is None:
@@ -235,12 +235,12 @@ class GRPOTrainer(BaseTrainer):
                             self.engine.name)
                 self._warned_no_sampler_logprobs = True
             return None, {}
-        return importance_weights(learner_logps, sampler, mask, a.rollout_is, a.rollout_is_cap, a.rollout_is_floor)
+        return importance_weights(learner_logps, sampler, mask, a.grpo.rollout_is, a.grpo.rollout_is_cap, a.grpo.rollout_is_floor)
 
     def _step_norm(self, exp: Experience) -> LossNorm:
         """The whole step's denominators, from completion lengths alone (known before any forward)."""
         acc = self.learner.accelerator
-        lengths = torch.tensor([0 if (c.truncated and self.cfg.algorithm.mask_truncated_completions) else
+        lengths = torch.tensor([0 if (c.truncated and self.cfg.algorithm.grpo.mask_truncated_completions) else
                                 len(c.token_ids) for c in exp.completions], dtype=torch.float, device=acc.device)
         local = lengths.sum()
         items = float(acc.gather(local.reshape(1)).sum()) / acc.num_processes
@@ -278,14 +278,14 @@ class GRPOTrainer(BaseTrainer):
         ref_logps: list[torch.Tensor | None] = [None] * len(micro)
         with torch.no_grad():
             for k, part in enumerate(micro):
-                if cfg.algorithm.num_iterations > 1:
+                if cfg.algorithm.grpo.num_iterations > 1:
                     old_logps[k] = self._score(policy, part)[0]
-                if cfg.algorithm.beta != 0.0:
+                if cfg.algorithm.grpo.beta != 0.0:
                     with reference_model(learner) as ref:
                         ref_logps[k] = self._score(ref, part, truncated=False)[0]
         is_weights: list[torch.Tensor | None] = [None] * len(micro)
         sums = StepMetrics()
-        for iteration in range(cfg.algorithm.num_iterations):
+        for iteration in range(cfg.algorithm.grpo.num_iterations):
             policy.train()
             skipped = False
             with accumulation_cycle(learner):
@@ -293,7 +293,7 @@ class GRPOTrainer(BaseTrainer):
                     with acc.accumulate(policy):
                         logps, entropy, mask, kl_logps = self._score(policy, part, with_entropy=True,
                                                                      with_full_logps=True)
-                        if cfg.algorithm.mask_truncated_completions:
+                        if cfg.algorithm.grpo.mask_truncated_completions:
                             truncated = torch.tensor([c.truncated for c in part.completions], device=acc.device)
                             mask = mask * (~truncated).long().unsqueeze(1)
                         behaviour = old_logps[k] if old_logps[k] is not None else logps.detach()
@@ -325,8 +325,8 @@ class GRPOTrainer(BaseTrainer):
         if "train/loss" in metrics:
             metrics.setdefault("train/kl", 0.0)  # beta = 0: no KL term
         self.engine.update_weights(learner.unwrapped)
-        if cfg.algorithm.ref_sync_steps and (self.step + 1) % cfg.algorithm.ref_sync_steps == 0:
-            sync_reference(learner, cfg.algorithm.ref_sync_mix_alpha)
+        if cfg.algorithm.grpo.ref_sync_steps and (self.step + 1) % cfg.algorithm.grpo.ref_sync_steps == 0:
+            sync_reference(learner, cfg.algorithm.grpo.ref_sync_mix_alpha)
         return metrics
 
     # -- loop -----------------------------------------------------------------------------------

@@ -57,13 +57,13 @@ class IterativeDPOTrainer(PreferenceTrainer):
         cfg = self.cfg
         if self.round > 0:
             self.engine.update_weights(self.learner.unwrapped)
-            if cfg.algorithm.reference_from_policy_each_round:
+            if cfg.algorithm.iterative_dpo.reference_from_policy_each_round:
                 sync_reference(self.learner, 1.0)
         k = cfg.rollout.num_generations
         for _attempt in range(MAX_EMPTY_ROUNDS):  # a round where every group ties yields nothing: sample again
             if self._fewest_pairs_on_any_rank() > 0:
                 break
-            samples = self.stream.next_batch(cfg.algorithm.round_prompts)
+            samples = self.stream.next_batch(cfg.algorithm.iterative_dpo.round_prompts)
             seed = cfg.training.seed * 100_003 + self.round * 7919 + self.learner.accelerator.process_index
             groups = generate_groups(self.learner, self.engine, samples, k,
                                      SamplingSettings.from_config(cfg.rollout, seed=seed))
@@ -87,7 +87,7 @@ class IterativeDPOTrainer(PreferenceTrainer):
             self.buffer = (self.buffer * (target // len(self.buffer) + 1))[:target]
             return
         raise RuntimeError(f"iterative DPO: every response group tied on its rewards in {MAX_EMPTY_ROUNDS} rounds of "
-                           f"{cfg.algorithm.round_prompts} prompts, so there is no preference to learn; check the "
+                           f"{cfg.algorithm.iterative_dpo.round_prompts} prompts, so there is no preference to learn; check the "
                            "rewards (rewards/*) or raise rollout.temperature / rollout.num_generations")
 
     def _fewest_pairs_on_any_rank(self) -> int:

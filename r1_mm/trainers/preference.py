@@ -3,7 +3,7 @@ Optimization; not TRL's "Triple Preference Optimization").
 
 A row holds a prompt with its media plus ``chosen`` and ``rejected`` responses. Both responses of a
 pair share one grouped forward of the prompt and media (G = 2). TPO is this trainer with its data
-(``r1-mm tpo build``) and, as in the paper, an NLL term on the chosen response (algorithm.nll_weight).
+(``r1-mm tpo build``) and, as in the paper, an NLL term on the chosen response (algorithm.dpo.nll_weight).
 """
 
 from __future__ import annotations
@@ -53,11 +53,11 @@ class PreferenceTrainer(BaseTrainer):
         cfg = with_objects(cfg, objects)
         torch.manual_seed(cfg.training.seed)
         a = cfg.algorithm
-        super().__init__(cfg, need_reference=not a.precomputed_reference, objects=objects)
+        super().__init__(cfg, need_reference=not a.dpo.precomputed_reference, objects=objects)
         cfg = self.cfg
         self.name = a.name
-        self.settings = PreferenceLossSettings(loss_type=a.dpo_loss_type, beta=a.dpo_beta,
-                                               label_smoothing=a.label_smoothing, nll_weight=a.nll_weight)
+        self.settings = PreferenceLossSettings(loss_type=a.dpo.loss_type, beta=a.dpo.beta,
+                                               label_smoothing=a.dpo.label_smoothing, nll_weight=a.dpo.nll_weight)
         self.tokenizer = self.processor.tokenizer
 
     def pairs(self, samples: list[Sample]) -> list[list[int]]:
@@ -69,12 +69,12 @@ class PreferenceTrainer(BaseTrainer):
 
     def reference_logps(self, samples: list[Sample], completions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.learner.accelerator.device
-        if self.cfg.algorithm.precomputed_reference:
+        if self.cfg.algorithm.dpo.precomputed_reference:
             try:
                 chosen = [float(s.row["ref_chosen_logps"]) for s in samples]
                 rejected = [float(s.row["ref_rejected_logps"]) for s in samples]
             except (KeyError, TypeError, ValueError) as exc:
-                raise PreferenceDataError(f"algorithm.precomputed_reference needs ref_chosen_logps and "
+                raise PreferenceDataError(f"algorithm.dpo.precomputed_reference needs ref_chosen_logps and "
                                           f"ref_rejected_logps on every row ({exc})") from exc
             return torch.tensor(chosen, device=device), torch.tensor(rejected, device=device)
         with torch.no_grad(), reference_model(self.learner) as ref:

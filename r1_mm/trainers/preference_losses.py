@@ -24,9 +24,9 @@ class PreferenceLossSettings:
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"algorithm.dpo_loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+            raise ValueError(f"algorithm.dpo.loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
         if self.loss_type == "robust" and not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"robust DPO needs 0 <= algorithm.label_smoothing < 0.5, got {self.label_smoothing}")
+            raise ValueError(f"robust DPO needs 0 <= algorithm.dpo.label_smoothing < 0.5, got {self.label_smoothing}")
 
 
 @dataclass(frozen=True)
