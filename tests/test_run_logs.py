@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from r1_mm.core.seeds import derive_seed
 from r1_mm.rewards.reward_metrics import metric_labels
 from r1_mm.rollout.records import sampled_groups
 from r1_mm.trainers.grpo import GRPOTrainer
@@ -95,7 +96,7 @@ def test_sampled_share_of_groups(tmp_path, synthetic_data):
     for r in rows:
         logged[r["step"]].append(r["group"])
     # whole groups, and the groups a resumed run would pick again (seeded by run seed, step, rank)
-    expected = {s: sampled_groups(4, 0.5, f"{cfg.training.seed}:{s}:0") for s in range(3)}
+    expected = {s: sampled_groups(4, 0.5, derive_seed(cfg.training.seed, "completion_log", s, 0)) for s in range(3)}
     assert {s: sorted(set(g)) for s, g in logged.items()} == {s: g for s, g in expected.items() if g}
     assert all(g.count(i) == 4 for g in logged.values() for i in set(g))
     assert 0 < len(rows) < 3 * 4 * 4  # some groups, not all (the premise of a sample)

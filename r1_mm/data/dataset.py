@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from r1_mm.config.recipe import DataConfig, MediaConfig
+from r1_mm.core.seeds import derive_seed
 from r1_mm.data.loading import DataError, load_split, media_root
 from r1_mm.data.media import MediaError
 from r1_mm.data.prompts import PromptBuilder, PromptTooLongError, Sample, row_id
@@ -74,7 +75,7 @@ class PromptStream:
     def _epoch_order(self, epoch: int) -> list[int]:
         order = list(range(len(self.rows)))
         if self.data_cfg.shuffle:
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            random.Random(derive_seed(self.seed, "data.shuffle", epoch)).shuffle(order)
         return order[self.shard_index::self.num_shards] or order[:1]
 
     def _advance(self) -> int:

@@ -22,7 +22,6 @@ from PIL import Image
 from r1_mm.config.recipe import MediaConfig
 from r1_mm.config.visual_budget import choose_frame_count, fit_to_budget, frame_pixel_range
 
-VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
@@ -301,10 +300,6 @@ def _video_from_sampled(sampled: list[np.ndarray], idx: list[int], total: int, f
         source=source,
         source_indices=idx,
     )
-
-
-def is_video_path(ref: Any) -> bool:
-    return isinstance(ref, (str, Path)) and Path(str(ref)).suffix.lower() in VIDEO_SUFFIXES
 
 
 def media_preview(sample: Any, max_frames: int = 4) -> Any:

@@ -1,1 +1,1 @@
-"""Commands that run inside one run context: train, rollout, build-tpo, eval, rewards check, plan, sweep, launch."""
+"""Commands that run inside one run context: train, rollout, tpo (build TPO pairs), eval, rewards check, plan, sweep, launch."""

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from r1_mm.config.recipe import RecipeConfig
+from r1_mm.core.seeds import derive_seed
 from r1_mm.data import PromptStream
 from r1_mm.models.loading import load_for_inference, load_processor
 from r1_mm.rollout.base import RolloutEngine, SamplingSettings, make_engine
@@ -49,7 +50,7 @@ def _sample(cfg: RecipeConfig, stream: PromptStream, engine: RolloutEngine, logg
         for step in bar:
             t0 = time.time()
             batch = stream.next_batch(cfg.training.prompts_per_step)
-            results = engine.generate(batch, n, SamplingSettings.from_config(cfg.rollout, seed=cfg.training.seed + step))
+            results = engine.generate(batch, n, SamplingSettings.from_config(cfg.rollout, seed=derive_seed(cfg.training.seed, "jobs.rollout", step)))
             seconds = time.time() - t0
             lengths = [len(c.token_ids) for r in results for c in r.completions]
             for r in results:

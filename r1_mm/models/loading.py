@@ -7,7 +7,6 @@ Model names are whatever ``from_pretrained`` accepts (hub id or local folder), p
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -129,18 +128,3 @@ def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, bias="none")
     return get_peft_model(model, lora)
-
-
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return total, trainable
-
-
-def export_pretrained(model: torch.nn.Module, processor: Any, out_dir: str | Path) -> Path:
-    """A plain transformers folder (LoRA merged) that ``from_pretrained`` and lmms-eval can load."""
-    out_dir = Path(out_dir)
-    to_save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    to_save.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir

@@ -34,9 +34,9 @@ def completion_record(sample: Any, completion: Any) -> dict[str, Any]:
             "completion": completion.text, "tokens": len(completion.token_ids), "truncated": completion.truncated}
 
 
-def sampled_groups(n_groups: int, rate: float, seed: str) -> list[int]:
+def sampled_groups(n_groups: int, rate: float, seed: int) -> list[int]:
     """The groups to log: all at rate 1, none at 0, otherwise each with probability ``rate`` from a
-    generator seeded by ``seed`` (run seed, step, rank), so a resumed run logs the same groups."""
+    generator seeded by ``seed`` (derived from run seed, step, rank), so a resumed run logs the same groups."""
     if rate >= 1.0:
         return list(range(n_groups))
     rng = random.Random(seed)

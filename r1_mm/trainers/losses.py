@@ -190,9 +190,3 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
     low = (ratio_full < 1 - settings.epsilon_low) & (adv_full < 0) & mask.bool()
     high = (ratio_full > 1 + settings.epsilon_high) & (adv_full > 0) & mask.bool()
     return LossOutput(loss=loss, per_token_kl=kl, clipped_low=low, clipped_high=high)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    x = x.detach()
-    mask = mask.to(x.dtype)
-    return float((x * mask).sum() / mask.sum().clamp(min=1.0))

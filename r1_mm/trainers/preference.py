@@ -48,7 +48,7 @@ class PreferenceTrainer(BaseTrainer):
                  train_dataset: Any = None, eval_dataset: Any = None, reward_funcs: Any = None):
         """``cfg``: a RecipeConfig, a dict of recipe sections or a recipe YAML path; the keywords take
         Python objects instead of the recipe's names (see ``r1_mm.trainers.objects``). Rows need
-        ``chosen`` and ``rejected`` (TPO: built by ``r1-mm build-tpo``)."""
+        ``chosen`` and ``rejected`` (TPO: built by ``r1-mm tpo``)."""
         objects = RunObjects(model, processor, train_dataset, eval_dataset, reward_funcs)
         cfg = with_objects(cfg, objects)
         torch.manual_seed(cfg.training.seed)
