@@ -79,3 +79,15 @@ def test_lazy_entry_is_imported_on_get_only(tmp_path, monkeypatch):
 
 LAZY: Registry = Registry("probe")
 
+
+
+def test_rollout_engines_are_lazy():
+    """Importing the engine interface imports no engine: hf and the vLLM ones load when asked for."""
+    import subprocess
+
+    code = ("import sys; from r1_mm.rollout.base import ENGINES; "
+            "assert ENGINES.names() == ['hf', 'vllm_colocate', 'vllm_pool'], ENGINES.names(); "
+            "assert not any(m in sys.modules for m in ('r1_mm.rollout.hf', 'r1_mm.rollout.vllm_colocate', 'vllm')); "
+            "ENGINES.get('hf'); assert 'r1_mm.rollout.hf' in sys.modules and 'vllm' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from r1_mm.config.recipe import RolloutConfig
+from r1_mm.core.registry import Registry
 from r1_mm.data.prompts import Sample
 
 
@@ -88,29 +89,19 @@ def media_token_ids(config: Any) -> list[int]:
     return sorted(i for i in ids if isinstance(i, int) and i >= 0)
 
 
-ENGINES: dict[str, Callable[..., RolloutEngine]] = {}
+# Every engine is a lazy entry: its module (transformers' generate, vLLM) is imported by the runs that ask
+# for it, and importing this interface imports no engine (so hf.py can import it without a circle).
+LAZY_ENGINES = {"hf": "r1_mm.rollout.hf", "vllm_colocate": "r1_mm.rollout.vllm_colocate",
+                "vllm_pool": "r1_mm.rollout.vllm_pool"}
+ENGINES: Registry[Callable[..., RolloutEngine]] = Registry("rollout.engine", lazy=LAZY_ENGINES)
 
 
 def register_engine(name: str) -> Callable[[Callable[..., RolloutEngine]], Callable[..., RolloutEngine]]:
-    def wrap(factory: Callable[..., RolloutEngine]) -> Callable[..., RolloutEngine]:
-        ENGINES[name] = factory
-        return factory
-    return wrap
-
-
-LAZY_ENGINES = {"vllm_colocate": "r1_mm.rollout.vllm_colocate", "vllm_pool": "r1_mm.rollout.vllm_pool"}
+    """``@register_engine("name")`` on an engine class or factory (called with the model, processor and cfg)."""
+    return ENGINES.register(name)
 
 
 def make_engine(name: str, **kwargs: Any) -> RolloutEngine:
-    import difflib
-    import importlib
-
-    import r1_mm.rollout.hf  # noqa: F401  (registers the built-in engine)
-
-    if name in LAZY_ENGINES and name not in ENGINES:
-        importlib.import_module(LAZY_ENGINES[name])  # vLLM is imported only when asked for
-    if name not in ENGINES:
-        close = difflib.get_close_matches(name, list(set(ENGINES) | set(LAZY_ENGINES)), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(set(ENGINES) | set(LAZY_ENGINES)))}"
-        raise ValueError(f"unknown rollout.engine '{name}'" + hint)
-    return ENGINES[name](**kwargs)
+    """The engine ``name`` built with ``kwargs``; an unknown name raises ValueError (UnknownNameError)
+    with the closest engine name."""
+    return ENGINES.get(name)(**kwargs)

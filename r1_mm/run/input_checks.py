@@ -25,12 +25,11 @@ from r1_mm.rewards.signature import PASSED_BY_RUNNER, needed_columns
 
 def name_problems(cfg: RecipeConfig) -> list[str]:
     """Registry-backed names (third-party code can add to these registries, so they are not Literals)."""
-    import r1_mm.rollout.hf  # noqa: F401  (registers the built-in engine)
-    from r1_mm.rollout.base import ENGINES, LAZY_ENGINES
+    from r1_mm.rollout.base import ENGINES
     from r1_mm.trainers.losses import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATORS
 
     problems = []
-    engines = sorted(set(ENGINES) | set(LAZY_ENGINES))
+    engines = ENGINES.names()
     if cfg.rollout.engine not in engines:
         problems.append(f"rollout.engine '{cfg.rollout.engine}' is not an engine" + suggest(cfg.rollout.engine, engines))
     if algorithm_spec(cfg.algorithm.name).policy_losses:
