@@ -200,7 +200,7 @@ class GRPOTrainer(BaseTrainer):
         g = self.cfg.rollout.num_generations
         totals = exp.rewards.total.to(acc.device)
         gathered = acc.gather(totals)  # groups never span processes; "batch" scaling needs every process
-        est = ADVANTAGE_ESTIMATORS[self.cfg.algorithm.grpo.advantage_estimator]
+        est = ADVANTAGE_ESTIMATORS.get(self.cfg.algorithm.grpo.advantage_estimator)
         adv = est(gathered.cpu(), g, scale=self.cfg.algorithm.grpo.scale_rewards)
         n = totals.numel()
         lo = acc.process_index * n
