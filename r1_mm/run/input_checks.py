@@ -73,7 +73,7 @@ def spec_problems(spec: RewardSpec, where: str) -> tuple[list[str], set[str]]:
     """(problems, columns every row needs) of one configured reward: its name resolves, it can run where
     its isolation setting asks, its kwargs are options it takes, and so for the rewards it routes to
     (``r1-mm rewards check`` asks the same)."""
-    from r1_mm.rewards.registry import SOURCES, RewardError, get
+    from r1_mm.rewards.registry import REGISTRY, RewardError, get
     from r1_mm.rewards.worker import placement
 
     try:
@@ -82,7 +82,7 @@ def spec_problems(spec: RewardSpec, where: str) -> tuple[list[str], set[str]]:
         return [f"{where}: {exc}"], set()
     problems: list[str] = []
     try:
-        placement(spec.name, SOURCES.get(spec.name, ""), spec.isolation, limited=True)
+        placement(spec.name, REGISTRY.origin(spec.name), spec.isolation, limited=True)
     except ValueError as exc:
         problems.append(f"{where}: {exc}")
     nested: list[RewardSpec] = []
