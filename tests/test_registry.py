@@ -91,3 +91,11 @@ def test_rollout_engines_are_lazy():
             "ENGINES.get('hf'); assert 'r1_mm.rollout.hf' in sys.modules and 'vllm' not in sys.modules")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_one_did_you_mean():
+    """Every "did you mean" goes through core.registry.suggest: no other module calls difflib."""
+    from .conftest import REPO
+
+    users = sorted(str(f.relative_to(REPO)) for f in (REPO / "r1_mm").rglob("*.py") if "difflib" in f.read_text())
+    assert users == ["r1_mm/core/registry.py"]
