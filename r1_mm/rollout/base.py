@@ -2,19 +2,18 @@
 
 Engines receive :class:`~r1_mm.data.prompts.Sample` objects (raw media plus messages), never
 pre-tokenised ids with images, so no engine can re-process images differently from the learner.
+The engines are found by name in :mod:`r1_mm.rollout.engines`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from r1_mm.config.recipe import RolloutConfig
-from r1_mm.core.registry import Registry
 from r1_mm.data.prompts import Sample
 
 
@@ -87,21 +86,3 @@ def media_token_ids(config: Any) -> list[int]:
              "image_token_index", "video_token_index")
     ids = {getattr(config, n, None) for n in names}
     return sorted(i for i in ids if isinstance(i, int) and i >= 0)
-
-
-# Every engine is a lazy entry: its module (transformers' generate, vLLM) is imported by the runs that ask
-# for it, and importing this interface imports no engine (so hf.py can import it without a circle).
-LAZY_ENGINES = {"hf": "r1_mm.rollout.hf", "vllm_colocate": "r1_mm.rollout.vllm_colocate",
-                "vllm_pool": "r1_mm.rollout.vllm_pool"}
-ENGINES: Registry[Callable[..., RolloutEngine]] = Registry("rollout.engine", lazy=LAZY_ENGINES)
-
-
-def register_engine(name: str) -> Callable[[Callable[..., RolloutEngine]], Callable[..., RolloutEngine]]:
-    """``@register_engine("name")`` on an engine class or factory (called with the model, processor and cfg)."""
-    return ENGINES.register(name)
-
-
-def make_engine(name: str, **kwargs: Any) -> RolloutEngine:
-    """The engine ``name`` built with ``kwargs``; an unknown name raises ValueError (UnknownNameError)
-    with the closest engine name."""
-    return ENGINES.get(name)(**kwargs)

@@ -25,7 +25,7 @@ from r1_mm.rewards.signature import PASSED_BY_RUNNER, needed_columns
 
 def name_problems(cfg: RecipeConfig) -> list[str]:
     """Registry-backed names (third-party code can add to these registries, so they are not Literals)."""
-    from r1_mm.rollout.base import ENGINES
+    from r1_mm.rollout.engines import ENGINES
     from r1_mm.trainers.losses import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATORS
 
     problems = []

@@ -23,7 +23,8 @@ from r1_mm.models.forward.scoring import score_completions
 from r1_mm.models.forward.truncated_scores import Truncation
 from r1_mm.rewards.reward_metrics import metric_labels, reward_metrics
 from r1_mm.rewards.runner import RewardBatch, RewardRunner
-from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, make_engine, media_token_ids
+from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, media_token_ids
+from r1_mm.rollout.engines import make_engine
 from r1_mm.rollout.records import append_rows, sampled_groups, scored_rows
 from r1_mm.trainers import temporal_contrast
 from r1_mm.trainers.backend import (
