@@ -95,3 +95,13 @@ def test_one_did_you_mean():
 
     users = sorted(str(f.relative_to(REPO)) for f in (REPO / "r1_mm").rglob("*.py") if "difflib" in f.read_text())
     assert users == ["r1_mm/core/registry.py"]
+
+
+def test_each_lazy_engine_names_its_engine_class():
+    """LAZY_ENGINES names classes by string: each must load, be a RolloutEngine and carry its own name."""
+    from r1_mm.rollout.base import RolloutEngine
+    from r1_mm.rollout.engines import ENGINES, LAZY_ENGINES
+
+    for name in LAZY_ENGINES:
+        engine = ENGINES.get(name)
+        assert issubclass(engine, RolloutEngine) and engine.name == name
