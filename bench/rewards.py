@@ -119,7 +119,7 @@ def accuracy_under_budget(items: list[tuple[str, str, int]], batch: int, budget_
     """Batch times through the reward runner with ``rewards.batch_timeout_s``; and the checks skipped."""
     from r1_mm.config.recipe import RewardSpec
     from r1_mm.rewards import math_check
-    from r1_mm.rewards.registry import RewardRunner
+    from r1_mm.rewards.runner import RewardRunner
 
     fresh_math_checker()
     math_check.checker().equivalent("$1$", "$2$", 60.0)  # the worker's start-up is not a batch's cost
@@ -138,7 +138,7 @@ def bomb_batch(count: int, budget_s: float) -> str:
     without a budget, the same batch again (every verdict cached), and cold with ``budget_s``."""
     from r1_mm.config.recipe import RewardSpec
     from r1_mm.rewards import math_check
-    from r1_mm.rewards.registry import RewardRunner
+    from r1_mm.rewards.runner import RewardRunner
 
     texts = [f"<answer>\\gcd(10^{{{100_000 + k}}}!, 7)</answer>" for k in range(count)]
     out = []

@@ -15,7 +15,7 @@ import pytest
 from r1_mm.cli import main
 from r1_mm.config.recipe import RewardSpec
 from r1_mm.models.tiny import FAMILY_NAMES
-from r1_mm.rewards.registry import RewardRunner
+from r1_mm.rewards.runner import RewardRunner
 
 BIN = Path(sys.executable).parent
 

@@ -88,7 +88,7 @@ def test_object_errors_are_one_line(tmp_path, tiny_cache, monkeypatch):
     redefined = with_objects({"training": {"output_dir": str(tmp_path)}},  # the notebook cell, edited and run again
                              RunObjects(reward_funcs={"cell": again_edited}))
     assert [f.name for f in first.rewards.functions] == [f.name for f in redefined.rewards.functions] == ["cell"]
-    assert REGISTRY["cell"] is again_edited
+    assert REGISTRY.get("cell") is again_edited
     with pytest.raises(ConfigError, match="'numeric' is already a reward"):
         GRPOTrainer({"training": {"output_dir": str(tmp_path)}}, reward_funcs={"numeric": len})
     with pytest.raises(ConfigError, match="rollout.engine: must be one of|is not an engine"):

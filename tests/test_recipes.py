@@ -170,7 +170,7 @@ def test_recipe_context_fits_its_checkpoints_positions(path):
 
 def test_video_r1_recipe_scores_each_problem_type_as_the_source_does():
     """The recipe's reward routes, called on one right and one wrong answer per Video-R1 problem type."""
-    from r1_mm.rewards.registry import RewardRunner
+    from r1_mm.rewards.runner import RewardRunner
 
     cfg = load_recipe(REPO / "recipes" / "video_r1_qwen2_5vl_7b.yaml")
     runner = RewardRunner([next(f for f in cfg.rewards.functions if f.name == "by_problem_type")])

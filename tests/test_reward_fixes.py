@@ -10,7 +10,8 @@ import pytest
 
 from r1_mm.config.recipe import RewardSpec
 from r1_mm.rewards.parsing import extract_answer
-from r1_mm.rewards.registry import RewardError, RewardRunner
+from r1_mm.rewards.registry import RewardError
+from r1_mm.rewards.runner import RewardRunner
 from r1_mm.rewards.text_similarity import word_accuracy
 from r1_mm.rewards.verifiable import accuracy, mcq, numeric, relative_accuracy
 

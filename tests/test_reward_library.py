@@ -11,7 +11,8 @@ from r1_mm.config.recipe import RewardSpec
 from r1_mm.rewards import get, math_check
 from r1_mm.rewards.math_check import MathChecker
 from r1_mm.rewards.parsing import extract_answer, first_number, numbers
-from r1_mm.rewards.registry import RewardError, RewardRunner
+from r1_mm.rewards.registry import RewardError
+from r1_mm.rewards.runner import RewardRunner
 from r1_mm.rewards.verifiable import mean_relative_accuracy, vsi_parse_number
 
 

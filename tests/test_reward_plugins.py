@@ -12,7 +12,7 @@ import pytest
 
 from r1_mm.config.recipe import RewardSpec, load_recipe
 from r1_mm.rewards import available, get, reward
-from r1_mm.rewards.registry import RewardRunner
+from r1_mm.rewards.runner import RewardRunner
 from r1_mm.run.tracking import read_metrics
 from r1_mm.trainers.grpo import GRPOTrainer
 

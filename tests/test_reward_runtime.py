@@ -24,7 +24,8 @@ import pytest
 from r1_mm.config.recipe import ConfigError, RewardSpec, load_recipe
 from r1_mm.rewards import math_check
 from r1_mm.rewards.math_check import MathChecker
-from r1_mm.rewards.registry import RewardError, RewardRunner
+from r1_mm.rewards.registry import RewardError
+from r1_mm.rewards.runner import RewardRunner
 
 from .conftest import REPO
 
@@ -134,16 +135,16 @@ def test_a_script_with_hung_rewards_exits(plugin, tmp_path):
         import time
         from r1_mm.config.recipe import RewardSpec
         from r1_mm.rewards import registry
+        from r1_mm.rewards.runner import RewardRunner
 
         def stuck(completions, **_):
             while True:
                 pass
 
-        registry.REGISTRY["stuck"] = stuck
-        registry.SOURCES["stuck"] = "object __main__:stuck"
-        runner = registry.RewardRunner([RewardSpec(name="{plugin}:spin", kwargs={{"pid_file": "{tmp_path / 'pids'}"}}),
-                                        RewardSpec(name="stuck"), RewardSpec(name="{plugin}:length")],
-                                       on_error="none", timeout_s=3.0)
+        registry.REGISTRY.register("stuck", stuck, origin="object __main__:stuck")
+        runner = RewardRunner([RewardSpec(name="{plugin}:spin", kwargs={{"pid_file": "{tmp_path / 'pids'}"}}),
+                               RewardSpec(name="stuck"), RewardSpec(name="{plugin}:length")],
+                              on_error="none", timeout_s=3.0)
         batch = runner(prompts=[""], completions=["abc"], completion_ids=[[0]], rows=[{{}}], row_ids=["r"])
         print(batch.per_function.tolist())
     """))
@@ -158,8 +159,8 @@ def test_isolation_process_of_a_python_object_is_refused_at_load(tmp_path, synth
     from r1_mm.rewards import registry
     from r1_mm.run import input_checks
 
-    registry.REGISTRY["closure_reward"] = lambda completions, **_: [1.0] * len(completions)
-    registry.SOURCES["closure_reward"] = "object __main__:closure_reward"
+    registry.REGISTRY.register("closure_reward", lambda completions, **_: [1.0] * len(completions),
+                               origin="object __main__:closure_reward")
     try:
         spec = RewardSpec(name="closure_reward", isolation="process")
         with pytest.raises(RewardError, match="closure_reward': isolation=process runs the reward in a worker process "
@@ -169,7 +170,7 @@ def test_isolation_process_of_a_python_object_is_refused_at_load(tmp_path, synth
         assert len(problems) == 1 and problems[0].startswith("rewards.functions[0] (closure_reward): isolation=process")
         assert RewardRunner([RewardSpec(name="closure_reward")], timeout_s=1.0).workers == [None]  # auto: inline
     finally:
-        del registry.REGISTRY["closure_reward"], registry.SOURCES["closure_reward"]
+        registry.REGISTRY.remove("closure_reward")
     with pytest.raises(ConfigError, match=r"rewards.batch_timeout_s must be > 0, got 0"):
         load_recipe(None, ["rewards.batch_timeout_s=0"])
 

@@ -177,7 +177,8 @@ def test_repetition_penalty_moves_the_samplers_logprobs_off_the_learners(tiny_pa
     from r1_mm.config.recipe import DataConfig, MediaConfig
     from r1_mm.data import PromptBuilder
     from r1_mm.data.loading import default_media_root, read_rows
-    from r1_mm.rollout.base import SamplingSettings, make_engine, media_token_ids
+    from r1_mm.rollout.base import SamplingSettings, media_token_ids
+    from r1_mm.rollout.engines import make_engine
 
     path = tiny_path("qwen2_5_vl")
     model = AutoModelForImageTextToText.from_pretrained(path).eval()

@@ -8,9 +8,10 @@ silently replaced a name given twice, some listed the known names, some did not)
 
 - ``register(name)`` as a decorator, or ``register(name, obj)`` as a plain call; a name given twice
   is refused (:class:`DuplicateNameError`) unless the caller opts in with ``replace=True``;
-- lazy entries, a module path imported on the first ``get`` of the name, so that a heavy dependency
-  (vLLM) is imported only by the runs that ask for it; the module registers the name when it is
-  imported, as any other module does;
+- lazy entries, ``"package.module:attribute"`` imported on the first ``get`` of the name, so that a
+  heavy dependency (vLLM) is imported only by the runs that ask for it. The entry names the object,
+  so its module need not import the registry (the table naming a module that imports the table back
+  would be an import cycle);
 - ``get(name)`` raises :class:`UnknownNameError` saying what is unknown, with the closest name
   (:func:`suggest`) or the list of known ones.
 """
@@ -53,15 +54,17 @@ def suggest(name: str, choices: Iterable[str], *, listing: str | None = "known")
 class Registry(Generic[T]):
     """Named objects of one ``kind`` (used in messages: ``unknown <kind> 'x'``).
 
-    ``lazy`` maps names to modules that register them when imported. Each entry may carry an
-    ``origin``, a line saying where it comes from (``r1-mm rewards list`` shows it).
+    ``lazy`` maps names to ``"module:attribute"`` paths imported on first ``get``. Each entry carries
+    an ``origin``, a line saying where it comes from (``r1-mm rewards list`` shows it).
     """
 
     def __init__(self, kind: str, *, lazy: Mapping[str, str] | None = None):
         self.kind = kind
         self._entries: dict[str, T] = {}
         self._origins: dict[str, str] = {}
-        self._lazy: dict[str, str] = dict(lazy or {})
+        self._lazy: dict[str, str] = {}
+        for name, target in (lazy or {}).items():
+            self.add_lazy(name, target)
 
     @overload
     def register(self, name: str, obj: None = None, *, replace: bool = False,
@@ -73,12 +76,11 @@ class Registry(Generic[T]):
     def register(self, name: str, obj: Any = None, *, replace: bool = False, origin: str | None = None) -> Any:
         """``@registry.register("name")`` or ``registry.register("name", obj)``; returns ``obj``.
 
-        A lazy entry's module registering its own name is not a duplicate: that is how it is loaded.
-        ``origin`` defaults to the object's ``module:qualname``.
+        A lazy name counts as registered. ``origin`` defaults to the object's ``module:qualname``.
         """
 
         def add(value: T) -> T:
-            if name in self._entries and not replace:
+            if name in self and not replace:
                 raise DuplicateNameError(f"{self.kind} '{name}' is already registered ({self.origin(name) or '?'}); "
                                          "register it under another name")
             self._entries[name] = value
@@ -87,18 +89,24 @@ class Registry(Generic[T]):
 
         return add if obj is None else add(obj)
 
-    def add_lazy(self, name: str, module: str) -> None:
-        """Make ``name`` known now and importable later: ``get(name)`` imports ``module`` first."""
+    def add_lazy(self, name: str, target: str) -> None:
+        """Make ``name`` known now and loaded later: ``get(name)`` imports ``target``'s module
+        (``"package.module:attribute"``) and registers the attribute."""
+        if ":" not in target:
+            raise RegistryError(f"{self.kind} '{name}': a lazy entry is 'package.module:attribute', got {target!r}")
         if name in self:
-            raise DuplicateNameError(f"{self.kind} '{name}' is already registered ({self.origin(name) or module})")
-        self._lazy[name] = module
+            raise DuplicateNameError(f"{self.kind} '{name}' is already registered ({self.origin(name) or target})")
+        self._lazy[name] = target
 
     def get(self, name: str) -> T:
         """The object registered as ``name`` (importing its module if the entry is lazy)."""
         if name not in self._entries and name in self._lazy:
-            importlib.import_module(self._lazy[name])
-            if name not in self._entries:
-                raise RegistryError(f"{self.kind} '{name}': module {self._lazy[name]} did not register it")
+            target = self._lazy[name]
+            module, _, attribute = target.partition(":")
+            value = getattr(importlib.import_module(module), attribute, _MISSING)
+            if value is _MISSING:
+                raise RegistryError(f"{self.kind} '{name}': module {module} has no '{attribute}'")
+            self._entries[name], self._origins[name] = value, target
         if name not in self._entries:
             raise UnknownNameError(f"unknown {self.kind} '{name}'" + suggest(name, self.names()))
         return self._entries[name]
@@ -114,7 +122,7 @@ class Registry(Generic[T]):
         return self._origins.get(name, "")
 
     def names(self) -> list[str]:
-        """Every known name, registered or lazy, sorted."""
+        """Every known name, loaded or lazy, sorted."""
         return sorted(set(self._entries) | set(self._lazy))
 
     def items(self) -> list[tuple[str, T]]:
@@ -132,6 +140,9 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {self.names()})"
+
+
+_MISSING = object()
 
 
 def _where(obj: Any) -> str:

@@ -11,7 +11,7 @@ import torch
 
 from r1_mm.config.recipe import ModelConfig, RecipeConfig
 from r1_mm.models.loading import load_for_inference, load_processor
-from r1_mm.rewards.registry import RewardRunner
+from r1_mm.rewards.runner import RewardRunner
 from r1_mm.rollout import make_engine
 from r1_mm.run import input_checks
 from r1_mm.run.context import RunContext

@@ -14,7 +14,8 @@ from typing import Any
 from r1_mm.config.recipe import DataConfig, RewardSpec
 from r1_mm.data.loading import map_columns, read_rows
 from r1_mm.data.prompts import build_messages, row_id
-from r1_mm.rewards.registry import RewardError, RewardRunner, get
+from r1_mm.rewards.registry import RewardError, get
+from r1_mm.rewards.runner import RewardRunner
 from r1_mm.rewards.signature import PROTOCOL_ARGUMENTS
 from r1_mm.run.context import RunContext
 

@@ -17,7 +17,8 @@ from r1_mm.config.recipe import RecipeConfig
 from r1_mm.core.seeds import derive_seed
 from r1_mm.data import PromptStream
 from r1_mm.models.loading import load_for_inference, load_processor
-from r1_mm.rollout.base import RolloutEngine, SamplingSettings, make_engine
+from r1_mm.rollout.base import RolloutEngine, SamplingSettings
+from r1_mm.rollout.engines import make_engine
 from r1_mm.rollout.records import completion_record
 from r1_mm.run import info as run_info
 from r1_mm.run import input_checks

@@ -40,12 +40,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m r1_mm.train") -> 
     import r1_mm.trainers  # noqa: F401  (registers the learners)
     from r1_mm.trainers.registry import TRAINERS
 
-    trainer = TRAINERS.get(cfg.algorithm.name)
-    if trainer is None:
+    if cfg.algorithm.name not in TRAINERS:
         print(f"error: no learner is registered for algorithm.name={cfg.algorithm.name!r} in this version "
-              f"(available: {', '.join(sorted(TRAINERS)) or 'none'}); `r1-mm rollout RECIPE` runs the "
+              f"(available: {', '.join(TRAINERS.names()) or 'none'}); `r1-mm rollout RECIPE` runs the "
               "rollout-only job", file=sys.stderr)
         return 2
+    trainer = TRAINERS.get(cfg.algorithm.name)
     from r1_mm.data.loading import DataError
     from r1_mm.trainers.base import TrainingInterrupted
 

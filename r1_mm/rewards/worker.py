@@ -25,10 +25,12 @@ import time
 from typing import Any, BinaryIO
 
 from r1_mm.core.plugins import is_plugin_name
+from r1_mm.rewards import budget
+from r1_mm.rewards.registry import call_reward, get
 
 STARTUP_TIMEOUT_S = 120.0  # importing the reward's module (it may import torch); not counted in any limit
 _HEADER = struct.Struct(">Q")
-# not ``-m r1_mm.rewards.worker``: the package's __init__ imports this module first, and runpy warns
+# not ``-m r1_mm.rewards.worker``: runpy would run a second copy of this module as ``__main__``
 WORKER_MAIN = "from r1_mm.rewards.worker import serve; serve()"
 
 
@@ -226,9 +228,6 @@ def _die_with_parent() -> None:
 
 def serve() -> None:
     """Load the reward named in the first message, then answer ("call", kwargs, deadline) messages."""
-    from r1_mm.rewards import budget
-    from r1_mm.rewards.registry import call_reward, get
-
     _die_with_parent()
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # the reward's own prints go to stderr, not into the replies

@@ -2,12 +2,12 @@
 
 Engines receive :class:`~r1_mm.data.prompts.Sample` objects (raw media plus messages), never
 pre-tokenised ids with images, so no engine can re-process images differently from the learner.
+The engines are found by name in :mod:`r1_mm.rollout.engines`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,31 +86,3 @@ def media_token_ids(config: Any) -> list[int]:
              "image_token_index", "video_token_index")
     ids = {getattr(config, n, None) for n in names}
     return sorted(i for i in ids if isinstance(i, int) and i >= 0)
-
-
-ENGINES: dict[str, Callable[..., RolloutEngine]] = {}
-
-
-def register_engine(name: str) -> Callable[[Callable[..., RolloutEngine]], Callable[..., RolloutEngine]]:
-    def wrap(factory: Callable[..., RolloutEngine]) -> Callable[..., RolloutEngine]:
-        ENGINES[name] = factory
-        return factory
-    return wrap
-
-
-LAZY_ENGINES = {"vllm_colocate": "r1_mm.rollout.vllm_colocate", "vllm_pool": "r1_mm.rollout.vllm_pool"}
-
-
-def make_engine(name: str, **kwargs: Any) -> RolloutEngine:
-    import difflib
-    import importlib
-
-    import r1_mm.rollout.hf  # noqa: F401  (registers the built-in engine)
-
-    if name in LAZY_ENGINES and name not in ENGINES:
-        importlib.import_module(LAZY_ENGINES[name])  # vLLM is imported only when asked for
-    if name not in ENGINES:
-        close = difflib.get_close_matches(name, list(set(ENGINES) | set(LAZY_ENGINES)), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(set(ENGINES) | set(LAZY_ENGINES)))}"
-        raise ValueError(f"unknown rollout.engine '{name}'" + hint)
-    return ENGINES[name](**kwargs)

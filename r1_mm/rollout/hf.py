@@ -20,7 +20,6 @@ from r1_mm.rollout.base import (
     RolloutEngine,
     SamplingSettings,
     media_token_ids,
-    register_engine,
 )
 
 
@@ -88,7 +87,6 @@ class SampledLogprobs(LogitsProcessor):
         return torch.stack(self.steps, dim=1)
 
 
-@register_engine("hf")
 class HFRolloutEngine(RolloutEngine):
     name = "hf"
     samples_from_policy = True  # the learner lends its (gathered) model for each generate call

@@ -36,7 +36,6 @@ from r1_mm.rollout.base import (
     RolloutEngine,
     SamplingSettings,
     media_token_ids,
-    register_engine,
 )
 from r1_mm.rollout.reload import (
     reload_folder_in_place,
@@ -64,7 +63,6 @@ def max_media_per_prompt(cfg: RecipeConfig) -> dict[str, int]:
     return {"image": cfg.rollout.vllm_max_images_per_prompt, "video": cfg.rollout.vllm_max_videos_per_prompt}
 
 
-@register_engine("vllm_colocate")
 class VLLMColocateEngine(RolloutEngine):
     name = "vllm_colocate"
     samples_from_policy = False

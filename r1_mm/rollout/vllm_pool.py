@@ -33,7 +33,6 @@ from r1_mm.rollout.base import (
     RolloutEngine,
     SamplingSettings,
     media_token_ids,
-    register_engine,
 )
 from r1_mm.rollout.servers import ServerProcess, free_port, wait_until_ready
 from r1_mm.rollout.shm_segments import WeightSegment
@@ -164,7 +163,6 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-@register_engine("vllm_pool")
 class VLLMPoolEngine(RolloutEngine):
     name = "vllm_pool"
     samples_from_policy = False

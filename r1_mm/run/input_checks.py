@@ -25,12 +25,11 @@ from r1_mm.rewards.signature import PASSED_BY_RUNNER, needed_columns
 
 def name_problems(cfg: RecipeConfig) -> list[str]:
     """Registry-backed names (third-party code can add to these registries, so they are not Literals)."""
-    import r1_mm.rollout.hf  # noqa: F401  (registers the built-in engine)
-    from r1_mm.rollout.base import ENGINES, LAZY_ENGINES
+    from r1_mm.rollout.engines import ENGINES
     from r1_mm.trainers.losses import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATORS
 
     problems = []
-    engines = sorted(set(ENGINES) | set(LAZY_ENGINES))
+    engines = ENGINES.names()
     if cfg.rollout.engine not in engines:
         problems.append(f"rollout.engine '{cfg.rollout.engine}' is not an engine" + suggest(cfg.rollout.engine, engines))
     if algorithm_spec(cfg.algorithm.name).policy_losses:
@@ -74,7 +73,7 @@ def spec_problems(spec: RewardSpec, where: str) -> tuple[list[str], set[str]]:
     """(problems, columns every row needs) of one configured reward: its name resolves, it can run where
     its isolation setting asks, its kwargs are options it takes, and so for the rewards it routes to
     (``r1-mm rewards check`` asks the same)."""
-    from r1_mm.rewards.registry import SOURCES, RewardError, get
+    from r1_mm.rewards.registry import REGISTRY, RewardError, get
     from r1_mm.rewards.worker import placement
 
     try:
@@ -83,7 +82,7 @@ def spec_problems(spec: RewardSpec, where: str) -> tuple[list[str], set[str]]:
         return [f"{where}: {exc}"], set()
     problems: list[str] = []
     try:
-        placement(spec.name, SOURCES.get(spec.name, ""), spec.isolation, limited=True)
+        placement(spec.name, REGISTRY.origin(spec.name), spec.isolation, limited=True)
     except ValueError as exc:
         problems.append(f"{where}: {exc}")
     nested: list[RewardSpec] = []

@@ -13,8 +13,8 @@ import torch
 from r1_mm.config.recipe import RecipeConfig
 from r1_mm.data import PromptStream
 from r1_mm.data.loading import has_split
-from r1_mm.rewards.registry import RewardRunner
 from r1_mm.rewards.reward_metrics import metric_labels, reward_metrics
+from r1_mm.rewards.runner import RewardRunner
 from r1_mm.rollout.base import RolloutEngine, SamplingSettings
 
 

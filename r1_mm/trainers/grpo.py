@@ -21,9 +21,10 @@ from r1_mm.data.loading import has_split
 from r1_mm.data.media import media_preview
 from r1_mm.models.forward.scoring import score_completions
 from r1_mm.models.forward.truncated_scores import Truncation
-from r1_mm.rewards.registry import RewardBatch, RewardRunner
 from r1_mm.rewards.reward_metrics import metric_labels, reward_metrics
-from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, make_engine, media_token_ids
+from r1_mm.rewards.runner import RewardBatch, RewardRunner
+from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, media_token_ids
+from r1_mm.rollout.engines import make_engine
 from r1_mm.rollout.records import append_rows, sampled_groups, scored_rows
 from r1_mm.trainers import temporal_contrast
 from r1_mm.trainers.backend import (
@@ -200,7 +201,7 @@ class GRPOTrainer(BaseTrainer):
         g = self.cfg.rollout.num_generations
         totals = exp.rewards.total.to(acc.device)
         gathered = acc.gather(totals)  # groups never span processes; "batch" scaling needs every process
-        est = ADVANTAGE_ESTIMATORS[self.cfg.algorithm.grpo.advantage_estimator]
+        est = ADVANTAGE_ESTIMATORS.get(self.cfg.algorithm.grpo.advantage_estimator)
         adv = est(gathered.cpu(), g, scale=self.cfg.algorithm.grpo.scale_rewards)
         n = totals.numel()
         lo = acc.process_index * n

@@ -16,8 +16,9 @@ import torch
 from r1_mm.config.recipe import ConfigError, RecipeConfig
 from r1_mm.core.seeds import derive_seed
 from r1_mm.data import Sample
-from r1_mm.rewards.registry import RewardRunner
-from r1_mm.rollout.base import SamplingSettings, make_engine
+from r1_mm.rewards.runner import RewardRunner
+from r1_mm.rollout.base import SamplingSettings
+from r1_mm.rollout.engines import make_engine
 from r1_mm.trainers.backend import generate_groups, sync_reference
 from r1_mm.trainers.objects import RunObjects, with_objects
 from r1_mm.trainers.preference import PreferenceTrainer

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from r1_mm.core.registry import Registry
+
 STD_EPS = 1e-4  # added to the std before dividing, as TRL does
 
 
@@ -31,14 +33,12 @@ class Advantages:
     group_std_zero: torch.Tensor  # (N,) bool: the completion's group had identical rewards
 
 
-ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Advantages]] = {}
+ADVANTAGE_ESTIMATORS: Registry[Callable[..., Advantages]] = Registry("advantage estimator")
 
 
-def register_advantage(name: str):
-    def wrap(fn):
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-    return wrap
+def register_advantage(name: str) -> Callable[[Callable[..., Advantages]], Callable[..., Advantages]]:
+    """``@register_advantage("name")``: an ``algorithm.advantage_estimator`` (rewards, G -> Advantages)."""
+    return ADVANTAGE_ESTIMATORS.register(name)
 
 
 @register_advantage("grpo")
@@ -107,26 +107,30 @@ class LossNorm:
         return cls(sequences=float(mask.shape[0]), tokens=tokens, items=tokens if num_items is None else num_items)
 
 
+# ``algorithm.loss_type``: how per-token losses become the batch's loss (one entry per TRL loss type)
+LOSS_AGGREGATORS: Registry[Callable[[torch.Tensor, torch.Tensor, LossSettings, LossNorm], torch.Tensor]] = \
+    Registry("loss_type")
+
+
+@LOSS_AGGREGATORS.register("grpo")
 def _agg_grpo(per_token: torch.Tensor, mask: torch.Tensor, s: LossSettings, norm: LossNorm) -> torch.Tensor:
     return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / max(norm.sequences, 1.0)
 
 
+@LOSS_AGGREGATORS.register("bnpo")
 def _agg_bnpo(per_token: torch.Tensor, mask: torch.Tensor, s: LossSettings, norm: LossNorm) -> torch.Tensor:
     return (per_token * mask).sum() / max(norm.tokens, 1.0)
 
 
+@LOSS_AGGREGATORS.register("dr_grpo")
 def _agg_dr_grpo(per_token: torch.Tensor, mask: torch.Tensor, s: LossSettings, norm: LossNorm) -> torch.Tensor:
     return (per_token * mask).sum() / (max(norm.sequences, 1.0) * s.max_completion_length)
 
 
+@LOSS_AGGREGATORS.register("dapo")
 def _agg_dapo(per_token: torch.Tensor, mask: torch.Tensor, s: LossSettings, norm: LossNorm) -> torch.Tensor:
     """Token-level mean over the whole (global) batch: ``norm.items`` is its token count per process."""
     return (per_token * mask).sum() / max(norm.items, 1.0)
-
-
-LOSS_AGGREGATORS: dict[str, Callable[[torch.Tensor, torch.Tensor, LossSettings, LossNorm], torch.Tensor]] = {
-    "grpo": _agg_grpo, "bnpo": _agg_bnpo, "dr_grpo": _agg_dr_grpo, "dapo": _agg_dapo,
-}
 
 
 def importance_ratio(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
@@ -166,8 +170,7 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
     logprobs under the KL term's convention when it differs from the ratio's (untruncated when sampling
     truncates, see docs/sampling.md; default ``logps``).
     """
-    if settings.loss_type not in LOSS_AGGREGATORS:
-        raise ValueError(f"unknown loss_type {settings.loss_type!r}; known: {', '.join(LOSS_AGGREGATORS)}")
+    aggregate = LOSS_AGGREGATORS.get(settings.loss_type)  # ValueError naming the known ones
     mask = mask.to(logps.dtype)
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     ratio = importance_ratio(logps, old_logps, mask, settings.importance_sampling_level)
@@ -184,7 +187,7 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
         per_token = per_token + settings.beta * weighted_kl
     if norm is None:
         norm = LossNorm.of(mask, num_items)
-    loss = LOSS_AGGREGATORS[settings.loss_type](per_token, mask, settings, norm)
+    loss = aggregate(per_token, mask, settings, norm)
     ratio_full = ratio.expand_as(logps)
     adv_full = adv.expand_as(logps)
     low = (ratio_full < 1 - settings.epsilon_low) & (adv_full < 0) & mask.bool()

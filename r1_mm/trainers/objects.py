@@ -53,19 +53,16 @@ def _named(reward_funcs: Any) -> list[tuple[str, Callable[..., Any]]]:
 
 def with_objects(recipe: Any, objects: RunObjects) -> RecipeConfig:
     """The recipe, with given reward callables registered and appended to rewards.functions."""
-    from r1_mm.rewards import registry
+    from r1_mm.core.registry import DuplicateNameError
+    from r1_mm.rewards.registry import register_object
 
     cfg = as_recipe(recipe)
-    registry._load_builtins()
     specs = list(cfg.rewards.functions)
     for name, fn in _named(objects.reward_funcs):
-        known = registry.REGISTRY.get(name)
-        given_earlier = registry.SOURCES.get(name, "").startswith("object ")  # a notebook cell run again
-        if known is not None and known is not fn and not given_earlier:
-            raise ConfigError(f"reward_funcs: '{name}' is already a reward ({registry.SOURCES.get(name, '?')}); "
-                              f"pass {{'another_name': {getattr(fn, '__name__', 'fn')}}}")
-        registry.REGISTRY[name] = fn
-        registry.SOURCES[name] = f"object {getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', name)}"
+        try:  # an object given again under its name (a notebook cell run again) replaces the earlier one
+            register_object(name, fn)
+        except DuplicateNameError as exc:
+            raise ConfigError(f"reward_funcs: {exc}; pass {{'another_name': {getattr(fn, '__name__', 'fn')}}}") from None
         if not any(s.name == name for s in specs):
             specs.append(RewardSpec(name=name))
     return dataclasses.replace(cfg, rewards=dataclasses.replace(cfg.rewards, functions=specs))

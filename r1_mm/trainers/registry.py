@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-TRAINERS: dict[str, Callable[[Any], object]] = {}
+from r1_mm.core.registry import Registry
+
+TRAINERS: Registry[Callable[[Any], object]] = Registry("algorithm")
 
 
 def register_trainer(name: str) -> Callable[[Callable[[Any], object]], Callable[[Any], object]]:
-    def wrap(fn: Callable[[Any], object]) -> Callable[[Any], object]:
-        TRAINERS[name] = fn
-        return fn
-    return wrap
+    """``@register_trainer("grpo")`` on the function that runs a recipe of that ``algorithm.name``."""
+    return TRAINERS.register(name)
