@@ -65,13 +65,14 @@ def recipe_data(name: str, synthetic: dict[str, Path], tmp: Path) -> list[str]:
         root = video_root
     elif name.startswith("video_r1"):  # Video-R1-260k columns: path + data_type, tagged solutions, five types
         kinds = ["numerical", "regression", "OCR", "free-form"]
-        data = [{"path": str(image_root / r["image"]), "data_type": "image", "problem": r["prompt"],
-                 "problem_type": kinds[i % 4], "options": [],
-                 "solution": f"<answer>{r['solution'] if i % 4 < 2 else 'a red square'}</answer>"}
-                for i, r in enumerate(counting[:4])]
-        data += [{"path": str(video_root / r["video"]), "data_type": "video", "problem": r["prompt"],
-                  "problem_type": "multiple choice", "options": r["options"], "solution": f"<answer>{r['solution']}</answer>"}
-                 for r in events if r["problem_type"] == "mcq"]
+        images = [{"path": str(image_root / r["image"]), "data_type": "image", "problem": r["prompt"],
+                   "problem_type": kinds[i % 4], "options": [],
+                   "solution": f"<answer>{r['solution'] if i % 4 < 2 else 'a red square'}</answer>"}
+                  for i, r in enumerate(counting[:4])]
+        videos = [{"path": str(video_root / r["video"]), "data_type": "video", "problem": r["prompt"],
+                   "problem_type": "multiple choice", "options": r["options"], "solution": f"<answer>{r['solution']}</answer>"}
+                  for r in events if r["problem_type"] == "mcq"]
+        data = [row for pair in zip(videos, images, strict=False) for row in pair] + images[len(videos):] + videos[len(images):]
         root = tmp
     elif name.startswith("tpo"):  # pair rows as `r1-mm tpo build` writes them
         data = [{"video": r["video"], "prompt": r["prompt"], "chosen": "The square appears in the middle.",
@@ -96,6 +97,8 @@ def cpu_overrides(name: str, cfg, tmp: Path) -> list[str]:
     if cfg.algorithm.name == "iterative_dpo":
         # the judge is a model too: a deterministic local reward stands in for the critic server
         out += ["algorithm.iterative_dpo.round_prompts=2", f"rewards.functions=[{{name: '{PLUGIN}:alternating'}}]"]
+    if cfg.algorithm.grpo.temporal_contrast:  # the data lists a video row first: two steps surely draw one
+        out += ["data.shuffle=false"]
     if (cfg.training.gradient_accumulation_steps or 1) > 2:  # fewer micro-batches on 2 CPU cores, still accumulated
         out += ["training.prompts_per_step=2", "training.gradient_accumulation_steps=2"]
     return out

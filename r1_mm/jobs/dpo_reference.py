@@ -13,7 +13,6 @@ from r1_mm.config.recipe import RecipeConfig
 from r1_mm.data.loading import DataError, load_split, media_root
 from r1_mm.data.prompts import PromptBuilder
 from r1_mm.models.forward.scoring import score_completions
-from r1_mm.models.loading import load_model, load_processor
 from r1_mm.run.input_checks import check_generation_job, preference_problems
 from r1_mm.trainers.preference import response_ids
 
@@ -21,6 +20,8 @@ from r1_mm.trainers.preference import response_ids
 def precompute_reference(cfg: RecipeConfig, out_path: str | Path) -> int:
     """Write the data file again with ref_chosen_logps / ref_rejected_logps from the reference model,
     so training with algorithm.dpo.precomputed_reference=true needs no reference forward (or memory)."""
+    from r1_mm.models.loading import load_model, load_processor  # at call time, as every job loads models
+
     rows, source, default_root = load_split(cfg.data, "train")
     root = media_root(cfg.data, default_root)
     check_generation_job(cfg, rows, source, root)  # every row before the model loads

@@ -10,9 +10,7 @@ from pathlib import Path
 import torch
 
 from r1_mm.config.recipe import ModelConfig, RecipeConfig
-from r1_mm.models.loading import load_for_inference, load_processor
 from r1_mm.rewards.runner import RewardRunner
-from r1_mm.rollout import make_engine
 from r1_mm.run import input_checks
 from r1_mm.run.context import RunContext
 from r1_mm.trainers.evaluation import eval_rows, evaluate
@@ -20,6 +18,12 @@ from r1_mm.trainers.evaluation import eval_rows, evaluate
 
 def evaluate_checkpoint(cfg: RecipeConfig, checkpoint: str | Path) -> dict[str, float]:
     """Score a checkpoint's exported model (CHECKPOINT/model, or a plain transformers folder)."""
+    from r1_mm.models.loading import (  # at call time, as every job loads models
+        load_for_inference,
+        load_processor,
+    )
+    from r1_mm.rollout import make_engine
+
     folder = Path(checkpoint)
     folder = folder / "model" if (folder / "model" / "config.json").exists() else folder
     model_cfg = ModelConfig(**{**cfg.model.__dict__, "name_or_path": str(folder), "lora": False})
