@@ -19,10 +19,21 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:  # the budget reads the media section; the recipe's check calls this module
-    from r1_mm.config.recipe import MediaConfig
+
+class MediaConfig(Protocol):
+    """The fields of the recipe's ``media`` section the budget reads (``r1_mm.config.recipe.MediaConfig``
+    has them): named here, so the recipe's check can call this module without the two importing each other."""
+
+    fps: float
+    frame_factor: int
+    min_frames: int
+    max_frames: int
+    nframes: int | None
+    video_min_pixels: int
+    video_max_pixels: int | None
+    video_total_pixels: int | None
 
 DEFAULT_VIDEO_MAX_PIXELS = 28 * 28 * 16  # per frame, when the recipe states no video budget
 PLAN_FACTOR = 28  # pixels per token side the planner assumes (Qwen-VL: 14-pixel patches merged 2 x 2)
