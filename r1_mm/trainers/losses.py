@@ -38,7 +38,7 @@ ADVANTAGE_ESTIMATORS: Registry[Callable[..., Advantages]] = Registry("advantage 
 
 
 def register_advantage(name: str) -> Callable[[Callable[..., Advantages]], Callable[..., Advantages]]:
-    """``@register_advantage("name")``: an ``algorithm.advantage_estimator`` (rewards, G -> Advantages)."""
+    """``@register_advantage("name")``: an ``algorithm.advantage_estimator`` (rewards, per-completion group ids, scale -> Advantages)."""
     return ADVANTAGE_ESTIMATORS.register(name)
 
 
