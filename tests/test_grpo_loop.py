@@ -87,6 +87,8 @@ def test_dynamic_sampling_replaces_flat_groups(tmp_path, synthetic_data):
     exp = trainer.collect()
     assert exp.stats["dynamic_sampling/resampled_groups"] >= 1
     assert len(exp.samples) == 2 and len(exp.completions) == 8
+    # replacements keep their slot's group id; every completion was sampled by the step-0 policy (synchronous)
+    assert exp.batch.group_ids.tolist() == [0] * 4 + [1] * 4 and exp.batch.policy_version.tolist() == [0] * 8
     assert trainer.stream.report.counts()["data/rows_prepared"] > 2  # refills came from the stream
 
 

@@ -14,6 +14,7 @@ from r1_mm.models.forward.grouped import grouped_logprobs, pack_groups, pad_comp
 from r1_mm.trainers.losses import LossSettings, grpo_advantages, policy_loss
 
 G = 3
+GROUP_IDS = torch.tensor([0, 0, 0, 1, 1, 1])  # two prompts' groups of G completions
 TEMPERATURE = 0.9
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
 
@@ -92,7 +93,7 @@ def test_loss_and_logprobs_equal_trl(setup, loss_type, is_level, kl_weighting):
     shift = torch.tensor([0.5, -0.5, 0.0, 0.4, -0.4, 0.1])[:, None]  # moves sequence-level ratios out of the clip
     old = (logps.detach() + shift + 0.3 * torch.randn(logps.shape, generator=gen)) * mask  # exercises both clips
     ref = (logps.detach() + 0.2 * torch.randn(logps.shape, generator=gen)) * mask
-    advantages = grpo_advantages(rewards, G, scale="group").values
+    advantages = grpo_advantages(rewards, GROUP_IDS, scale="group").values
 
     inputs = trl_inputs(processor, prompts, completions, advantages, old, ref)
     input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
@@ -120,17 +121,17 @@ def test_loss_and_logprobs_equal_trl(setup, loss_type, is_level, kl_weighting):
 
 def test_advantages_match_trl_definition():
     rewards = torch.tensor([1.0, 0.0, 0.0, 2.0, 2.0, 2.0, float("nan"), 1.0, 3.0])
-    adv = grpo_advantages(rewards, 3, scale="group")
+    adv = grpo_advantages(rewards, torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2]), scale="group")
     grouped = rewards.view(-1, 3)
     g0 = (grouped[0] - grouped[0].mean()) / (grouped[0].std() + 1e-4)
     torch.testing.assert_close(adv.values[:3], g0)
     assert adv.values[3:6].abs().max() == 0 and adv.group_std_zero[3:6].all()
     assert adv.values[6] == 0  # None rewards get no advantage and do not shift the baseline
     torch.testing.assert_close(adv.values[7:], torch.tensor([-1.0, 1.0]) / (torch.tensor([1.0, 3.0]).std() + 1e-4))
-    batch = grpo_advantages(torch.tensor([1.0, 0.0, 3.0, 3.0]), 2, scale="batch")
+    batch = grpo_advantages(torch.tensor([1.0, 0.0, 3.0, 3.0]), torch.tensor([0, 0, 1, 1]), scale="batch")
     std = torch.tensor([1.0, 0.0, 3.0, 3.0]).std()
     torch.testing.assert_close(batch.values, torch.tensor([0.5, -0.5, 0.0, 0.0]) / (std + 1e-4))
-    none = grpo_advantages(torch.tensor([1.0, 0.0]), 2, scale="none")
+    none = grpo_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), scale="none")
     torch.testing.assert_close(none.values, torch.tensor([0.5, -0.5]))
 
 
@@ -180,7 +181,7 @@ def test_outlier_tokens_and_zero_length_completions_match_trl_within_verl_bounds
     trainer = trl_trainer(path, processor, tmp / f"outliers-{loss_type}-{is_level}", loss_type=loss_type, beta=beta,
                           epsilon=0.2, epsilon_high=0.28, importance_sampling_level=is_level,
                           max_completion_length=max_len)
-    advantages = grpo_advantages(torch.tensor([0.0, 1.0, 0.5, 1.0, 0.0, 0.0]), G, scale="group").values
+    advantages = grpo_advantages(torch.tensor([0.0, 1.0, 0.5, 1.0, 0.0, 0.0]), GROUP_IDS, scale="group").values
     placeholder = torch.zeros(len(completions), max(map(len, completions)))
     inputs = trl_inputs(processor, prompts, completions, advantages, placeholder, placeholder)
     mask = inputs["completion_mask"]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from r1_mm.rewards.critic.reward import question_text
+from r1_mm.rollout.batch import RolloutBatch
 
 
 def _number(value: float) -> float | None:
@@ -43,15 +44,16 @@ def sampled_groups(n_groups: int, rate: float, seed: int) -> list[int]:
     return [i for i in range(n_groups) if rng.random() < rate]
 
 
-def scored_rows(step: int, samples: Sequence[Any], completions: Sequence[Any], per_function: Any, total: Any,
-                advantages: Any, labels: Sequence[str], groups: Sequence[int], first_group: int = 0) -> list[dict]:
-    """Rows of the chosen ``groups`` of a step (completions[i*G:(i+1)*G] belong to samples[i]);
-    ``first_group``: this process's offset in the step's global group numbering."""
-    g = len(completions) // max(len(samples), 1)
+def scored_rows(step: int, batch: RolloutBatch, per_function: Any, total: Any, advantages: Any,
+                labels: Sequence[str], groups: Sequence[int]) -> list[dict]:
+    """Rows of the chosen ``groups`` (prompt positions in ``batch``) of a step, one per completion of
+    each, with the completion's group id (numbered across the step's processes) as ``group``."""
     rows = []
     for i in groups:
-        for j in range(i * g, (i + 1) * g):
-            rows.append({"step": step, "group": first_group + i, **completion_record(samples[i], completions[j]),
+        span = batch.rows(i)
+        for j in range(span.start, span.stop):
+            rows.append({"step": step, "group": int(batch.group_ids[j]),
+                         **completion_record(batch.samples[i], batch.completions[j]),
                          "rewards": {label: _number(per_function[j, k]) for k, label in enumerate(labels)},
                          "reward": _number(total[j]), "advantage": _number(advantages[j])})
     return rows

@@ -6,8 +6,10 @@ One learner serves every back-end (single process, DDP, ZeRO-2/3, LoRA); the mat
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from r1_mm.models.forward.truncated_scores import Truncation
 from r1_mm.rewards.reward_metrics import metric_labels, reward_metrics
 from r1_mm.rewards.runner import RewardBatch, RewardRunner
 from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, media_token_ids
+from r1_mm.rollout.batch import RolloutBatch
 from r1_mm.rollout.engines import make_engine
 from r1_mm.rollout.records import append_rows, sampled_groups, scored_rows
 from r1_mm.trainers import temporal_contrast
@@ -53,19 +56,47 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class Experience:
-    """One step's rollouts, grouped by prompt: completions[i*G:(i+1)*G] belong to samples[i]."""
+    """One step's rollouts as the learner sees them: the :class:`RolloutBatch` (what was sampled, by
+    which policy, in which groups) plus what the learner derived from it, one value per completion in
+    the batch's row order (rewards, advantages).
 
-    samples: list[Sample]
-    completions: list[Completion]
+    Kept apart from the batch because the batch is what an engine produces and could be produced
+    ahead of the learner (asynchronous rollouts), while rewards and advantages belong to the step that
+    consumes it."""
+
+    batch: RolloutBatch
     rewards: RewardBatch
     advantages: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     group_std_zero: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
     stats: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def samples(self) -> list[Sample]:
+        return self.batch.samples
 
-def flat_groups(totals: torch.Tensor, g: int) -> list[bool]:
-    """Per group: do all G rewards agree (None counted as 0)? Such groups carry no GRPO signal."""
-    return [bool(torch.nan_to_num(t, nan=0.0).std() == 0) for t in totals.view(-1, g)]
+    @property
+    def completions(self) -> list[Completion]:
+        return self.batch.completions
+
+    def select(self, prompts: Sequence[int]) -> Experience:
+        """The given prompts' share (a micro-batch), every per-completion value taken along (values not
+        computed yet, still empty, stay empty)."""
+        rows = self.batch.rows_of(prompts)
+
+        def take(values: torch.Tensor) -> torch.Tensor:
+            return values[rows] if len(values) else values
+
+        rewards = dataclasses.replace(self.rewards, per_function=take(self.rewards.per_function),
+                                      total=take(self.rewards.total))
+        return Experience(batch=self.batch.select(prompts), rewards=rewards, advantages=take(self.advantages),
+                          group_std_zero=take(self.group_std_zero))
+
+
+def flat_groups(totals: torch.Tensor, batch: RolloutBatch) -> list[bool]:
+    """Per group: do all its rewards agree (None counted as 0)? Such groups carry no GRPO signal, and
+    neither does a group of one completion."""
+    return [rows.stop - rows.start < 2 or bool(torch.nan_to_num(totals[rows], nan=0.0).std() == 0)
+            for _, _, rows in batch.groups()]
 
 
 class GRPOTrainer(BaseTrainer):
@@ -117,97 +148,98 @@ class GRPOTrainer(BaseTrainer):
     def _generate(self, samples: list[Sample], n: int, *stream: int | str) -> list[list[Completion]]:
         return generate_groups(self.learner, self.engine, samples, n, self._sampling(*stream))
 
-    def _temporal_bonus(self, samples: list[Sample], groups: list[list[Completion]], batch: RewardBatch) -> dict[str, float]:
+    def _temporal_bonus(self, rollout: RolloutBatch, rewards: RewardBatch) -> dict[str, float]:
         a = self.cfg.algorithm
-        g = self.cfg.rollout.num_generations
-        n_shuffled = a.grpo.temporal_num_shuffled or max(1, g // 2)
-        col = batch.names.index(a.grpo.temporal_reward) if a.grpo.temporal_reward in batch.names else None
-        bonus_total, video_prompts, earned = torch.zeros(len(samples) * g), 0, 0
-        for i, sample in enumerate(samples):
+        col = rewards.names.index(a.grpo.temporal_reward) if a.grpo.temporal_reward in rewards.names else None
+        bonus_total, video_prompts, earned = torch.zeros(len(rollout)), 0, 0
+        for i, sample, rows in rollout.groups():
             if not temporal_contrast.has_video(sample):
                 continue
             video_prompts += 1
+            n_shuffled = a.grpo.temporal_num_shuffled or max(1, (rows.stop - rows.start) // 2)  # half the ordered group
             rank = self.learner.accelerator.process_index
             shuffled = temporal_contrast.shuffled_frames_sample(
                 sample, self.processor, seed=derive_seed(self.cfg.training.seed, "grpo.temporal_shuffle", self.step, rank, i))
             shuffled_group = self._generate([shuffled], n_shuffled, "temporal", i)[0]
             shuffled_scores = self.temporal_rewards.score_groups([shuffled], [shuffled_group]).per_function[:, 0]
-            ordered_scores = (batch.per_function[i * g:(i + 1) * g, col] if col is not None else
-                              self.temporal_rewards.score_groups([sample], [groups[i]]).per_function[:, 0])
+            ordered_scores = (rewards.per_function[rows, col] if col is not None else
+                              self.temporal_rewards.score_groups([sample], [rollout.completions[rows]])
+                              .per_function[:, 0])
             thr = a.grpo.temporal_correct_threshold
             bonus = temporal_contrast.temporal_bonus(torch.nan_to_num(ordered_scores) >= thr,
                                                      torch.nan_to_num(shuffled_scores) >= thr,
                                                      bonus=a.grpo.temporal_bonus, margin=a.grpo.temporal_margin)
             earned += int(bonus.sum() > 0)
-            bonus_total[i * g:(i + 1) * g] = bonus
-        batch.add_bonus(bonus_total)
+            bonus_total[rows] = bonus
+        rewards.add_bonus(bonus_total)
         return {"temporal/video_prompts": video_prompts,
                 "temporal/bonus_rate": earned / video_prompts if video_prompts else 0.0}
 
-    def _rollout(self, samples: list[Sample]) -> tuple[list[list[Completion]], RewardBatch, dict[str, float]]:
-        groups = self._generate(samples, self.cfg.rollout.num_generations)
-        batch = self.rewards.score_groups(samples, groups)
+    def _rollout(self, samples: list[Sample]) -> tuple[RolloutBatch, RewardBatch, dict[str, float]]:
+        """G completions per prompt from the current policy, scored (with T-GRPO's and the length bonus)."""
+        acc = self.learner.accelerator
+        rollout = RolloutBatch.from_groups(
+            samples, self._generate(samples, self.cfg.rollout.num_generations),
+            policy_version=self.step,  # synchronous: sampled by the weights of this very step
+            first_group=acc.process_index * self.cfg.training.prompts_per_step,  # group ids unique across processes
+            mask_truncated=self.cfg.algorithm.grpo.mask_truncated_completions)
+        rewards = self.rewards.score_groups(rollout.samples, rollout.grouped_completions())
         stats: dict[str, float] = {}
         if self.temporal_rewards is not None:
-            stats = self._temporal_bonus(samples, groups, batch)
+            stats = self._temporal_bonus(rollout, rewards)
         if self.cfg.algorithm.grpo.length_bonus:
-            stats.update(self._length_bonus(groups, batch))
-        return groups, batch, stats
+            stats.update(self._length_bonus(rollout, rewards))
+        return rollout, rewards, stats
 
-    def _length_bonus(self, groups: list[list[Completion]], batch: RewardBatch) -> dict[str, float]:
+    def _length_bonus(self, rollout: RolloutBatch, rewards: RewardBatch) -> dict[str, float]:
         """Video-R1's length control, added to the total after the rewards (and T-GRPO's bonus)."""
         a = self.cfg.algorithm
-        col = batch.names.index(a.grpo.length_bonus_reward)
-        bonus = torch.zeros_like(batch.total)
-        start = 0
-        for group in groups:
-            scores = torch.nan_to_num(batch.per_function[start:start + len(group), col])
-            lengths = torch.tensor([len(c.token_ids) for c in group])
-            bonus[start:start + len(group)] = length_band_bonus(
+        col = rewards.names.index(a.grpo.length_bonus_reward)
+        bonus = torch.zeros_like(rewards.total)
+        for _, _, rows in rollout.groups():
+            scores = torch.nan_to_num(rewards.per_function[rows, col])
+            lengths = torch.tensor([len(c.token_ids) for c in rollout.completions[rows]])
+            bonus[rows] = length_band_bonus(
                 scores > a.grpo.length_bonus_threshold, lengths, bonus=a.grpo.length_bonus,
                 min_tokens=a.grpo.length_bonus_min_tokens, max_tokens=a.grpo.length_bonus_max_tokens)
-            start += len(group)
-        batch.add_bonus(bonus)
+        rewards.add_bonus(bonus)
         return {"length_bonus/rate": float((bonus > 0).float().mean())}
 
     def collect(self) -> Experience:
         """Sample a batch; with dynamic sampling, replace groups whose rewards all agree (DAPO)."""
         cfg = self.cfg
-        g = cfg.rollout.num_generations
         samples = self.stream.next_batch(cfg.training.prompts_per_step)
-        groups, batch, stats = self._rollout(samples)
+        rollout, rewards, stats = self._rollout(samples)
         resampled = 0
         if cfg.algorithm.grpo.dynamic_sampling:
             for _ in range(cfg.algorithm.grpo.max_resample_rounds):
-                flat = flat_groups(batch.total, g)
+                flat = flat_groups(rewards.total, rollout)
                 if not any(flat):
                     break
                 drop = [i for i, f in enumerate(flat) if f]
-                new_samples = self.stream.next_batch(len(drop))
-                new_groups, new_batch, _ = self._rollout(new_samples)
+                new_rollout, new_rewards, _ = self._rollout(self.stream.next_batch(len(drop)))
                 resampled += len(drop)
-                new_flat = flat_groups(new_batch.total, g)
+                new_flat = flat_groups(new_rewards.total, new_rollout)
                 # informative new groups replace flat old ones; the rest keep the old (flat) groups
                 replacements = [j for j, f in enumerate(new_flat) if not f]
-                for slot, j in zip(drop, replacements, strict=False):
-                    samples[slot], groups[slot] = new_samples[j], new_groups[j]
-                    batch.per_function[slot * g:(slot + 1) * g] = new_batch.per_function[j * g:(j + 1) * g]
-                    batch.total[slot * g:(slot + 1) * g] = new_batch.total[j * g:(j + 1) * g]
+                rollout, take = rollout.replace_groups(list(zip(drop, replacements, strict=False)), new_rollout)
+                rewards.per_function = torch.cat([rewards.per_function, new_rewards.per_function])[take]
+                rewards.total = torch.cat([rewards.total, new_rewards.total])[take]
         stats["dynamic_sampling/resampled_groups"] = resampled
-        return Experience(samples=samples, completions=[c for grp in groups for c in grp], rewards=batch, stats=stats)
+        return Experience(batch=rollout, rewards=rewards, stats=stats)
 
     def compute_advantages(self, exp: Experience) -> None:
+        """Advantages over the groups of every process (``batch`` scaling needs them all); a group never
+        spans processes, and the step-global group ids keep each process's groups apart."""
         acc = self.learner.accelerator
-        g = self.cfg.rollout.num_generations
-        totals = exp.rewards.total.to(acc.device)
-        gathered = acc.gather(totals)  # groups never span processes; "batch" scaling needs every process
+        gathered = acc.gather(exp.rewards.total.to(acc.device)).cpu()
+        group_ids = acc.gather(exp.batch.group_ids.to(acc.device)).cpu()
         est = ADVANTAGE_ESTIMATORS.get(self.cfg.algorithm.grpo.advantage_estimator)
-        adv = est(gathered.cpu(), g, scale=self.cfg.algorithm.grpo.scale_rewards)
-        n = totals.numel()
-        lo = acc.process_index * n
-        exp.advantages = adv.values[lo:lo + n]
-        exp.group_std_zero = adv.group_std_zero[lo:lo + n]
-        exp.stats["rewards/gathered_mean"] = float(torch.nanmean(gathered.cpu()))
+        adv = est(gathered, group_ids, scale=self.cfg.algorithm.grpo.scale_rewards)
+        mine = torch.isin(group_ids, exp.batch.group_ids)  # this process's completions, in its own order
+        exp.advantages = adv.values[mine]
+        exp.group_std_zero = adv.group_std_zero[mine]
+        exp.stats["rewards/gathered_mean"] = float(torch.nanmean(gathered))
 
     # -- update -------------------------------------------------------------------------------------
     def _score(self, model: torch.nn.Module, exp: Experience, with_entropy: bool = False, truncated: bool = True,
@@ -216,9 +248,8 @@ class GRPOTrainer(BaseTrainer):
         the sampler's top-p / top-k kept set): what the engines report, so the ratios compare like with
         like. The KL term uses the untruncated distribution on both sides (docs/sampling.md)."""
         r = self.cfg.rollout
-        return score_completions(model, exp.samples, [c.token_ids for c in exp.completions],
-                                 self.cfg.rollout.num_generations, self.pad_id,
-                                 temperature=max(self.cfg.rollout.temperature, 1e-6),
+        return score_completions(model, exp.samples, exp.batch.token_ids, exp.batch.uniform_group_size,
+                                 self.pad_id, temperature=max(self.cfg.rollout.temperature, 1e-6),
                                  mode=self.cfg.training.forward_mode, with_entropy=with_entropy,
                                  suppressed_ids=self.suppressed_ids,
                                  truncation=Truncation(r.top_p, r.top_k) if truncated else None,
@@ -234,7 +265,7 @@ class GRPOTrainer(BaseTrainer):
         a = self.cfg.algorithm
         if a.grpo.rollout_is == "none":
             return None, {}
-        sampler = sampling_logprobs([c.logprobs for c in exp.completions], learner_logps.shape[1], learner_logps.device)
+        sampler = sampling_logprobs(exp.batch.sampler_logprobs, learner_logps.shape[1], learner_logps.device)
         if sampler is None:
             if not self._warned_no_sampler_logprobs:
                 log.warning("rollout engine %s returns no sampling logprobs: rollout_is correction is off",
@@ -244,19 +275,12 @@ class GRPOTrainer(BaseTrainer):
         return importance_weights(learner_logps, sampler, mask, a.grpo.rollout_is, a.grpo.rollout_is_cap, a.grpo.rollout_is_floor)
 
     def _step_norm(self, exp: Experience) -> LossNorm:
-        """The whole step's denominators, from completion lengths alone (known before any forward)."""
+        """The whole step's denominators, from the loss mask alone (known before any forward)."""
         acc = self.learner.accelerator
-        lengths = torch.tensor([0 if (c.truncated and self.cfg.algorithm.grpo.mask_truncated_completions) else
-                                len(c.token_ids) for c in exp.completions], dtype=torch.float, device=acc.device)
+        lengths = exp.batch.loss_mask.sum(-1).to(dtype=torch.float, device=acc.device)
         local = lengths.sum()
         items = float(acc.gather(local.reshape(1)).sum()) / acc.num_processes
         return LossNorm(sequences=float(len(exp.completions)), tokens=float(local), items=items)
-
-    def _micro(self, exp: Experience, prompts: range) -> Experience:
-        g = self.cfg.rollout.num_generations
-        return Experience(samples=exp.samples[prompts.start:prompts.stop],
-                          completions=exp.completions[prompts.start * g:prompts.stop * g], rewards=exp.rewards,
-                          advantages=exp.advantages[prompts.start * g:prompts.stop * g])
 
     def _nonfinite(self, micro_index: int) -> None:
         """Skip the step (its gradients are dropped); after max_nonfinite_steps in a row, save and stop.
@@ -278,7 +302,7 @@ class GRPOTrainer(BaseTrainer):
         cfg, learner = self.cfg, self.learner
         acc = learner.accelerator
         policy = learner.policy
-        micro = [self._micro(exp, r) for r in micro_batches(len(exp.samples), cfg)]
+        micro = [exp.select(r) for r in micro_batches(len(exp.samples), cfg)]
         norm = self._step_norm(exp)
         old_logps: list[torch.Tensor | None] = [None] * len(micro)
         ref_logps: list[torch.Tensor | None] = [None] * len(micro)
@@ -297,11 +321,9 @@ class GRPOTrainer(BaseTrainer):
             with accumulation_cycle(learner):
                 for k, part in enumerate(micro):
                     with acc.accumulate(policy):
-                        logps, entropy, mask, kl_logps = self._score(policy, part, with_entropy=True,
-                                                                     with_full_logps=True)
-                        if cfg.algorithm.grpo.mask_truncated_completions:
-                            truncated = torch.tensor([c.truncated for c in part.completions], device=acc.device)
-                            mask = mask * (~truncated).long().unsqueeze(1)
+                        logps, entropy, _, kl_logps = self._score(policy, part, with_entropy=True,
+                                                                  with_full_logps=True)
+                        mask = part.batch.loss_mask.to(acc.device)  # the scorer's completion mask, truncation applied
                         behaviour = old_logps[k] if old_logps[k] is not None else logps.detach()
                         if iteration == 0:
                             is_weights[k], is_stats = self._rollout_correction(part, behaviour, mask)
@@ -339,8 +361,7 @@ class GRPOTrainer(BaseTrainer):
     def rollout_metrics(self, exp: Experience) -> dict[str, float]:
         lengths = torch.tensor([len(c.token_ids) for c in exp.completions], dtype=torch.float)
         labels = metric_labels(exp.rewards.names)
-        g = self.cfg.rollout.num_generations
-        types = [s.row.get("problem_type") for s in exp.samples for _ in range(g)]
+        types = [s.row.get("problem_type") for s in exp.batch.completion_samples]
         out = {
             **reward_metrics(exp.rewards.per_function, exp.rewards.total, labels, types),
             "rewards/total_std": float(torch.nan_to_num(exp.rewards.total).std()) if len(exp.completions) > 1 else 0.0,
@@ -350,7 +371,7 @@ class GRPOTrainer(BaseTrainer):
             "completions/max_length": float(lengths.max()),
             "completions/truncated_ratio": sum(c.truncated for c in exp.completions) / len(exp.completions),
             # tokens the engine prefilled for this step's rollouts (every sample of a group counts its prompt)
-            "rollout/prefill_tokens": float(sum(s.num_prompt_tokens for s in exp.samples) * self.cfg.rollout.num_generations),
+            "rollout/prefill_tokens": float(sum(s.num_prompt_tokens for s in exp.batch.completion_samples)),
         }
         for name, label in zip(exp.rewards.names, labels, strict=True):
             if self.rewards.failure_counts.get(name):
@@ -366,17 +387,16 @@ class GRPOTrainer(BaseTrainer):
         acc = self.learner.accelerator
         picked = sampled_groups(len(exp.samples), self.cfg.logging.completions_sample_rate,
                                 seed=derive_seed(self.cfg.training.seed, "completion_log", self.step, acc.process_index))
-        rows = scored_rows(self.step, exp.samples, exp.completions, exp.rewards.per_function, exp.rewards.total,
-                           exp.advantages, metric_labels(exp.rewards.names), picked,
-                           first_group=acc.process_index * len(exp.samples))
+        rows = scored_rows(self.step, exp.batch, exp.rewards.per_function, exp.rewards.total, exp.advantages,
+                           metric_labels(exp.rewards.names), picked)
         rows = gather_object(rows)  # a collective: every process calls it, the main one writes
         if not acc.is_main_process:
             return
         append_rows(self.run_dir / "completions.jsonl", rows)
         if self.step % self.cfg.logging.table_steps == 0:
             sample = exp.samples[0]
-            first = scored_rows(self.step, exp.samples, exp.completions, exp.rewards.per_function,
-                                exp.rewards.total, exp.advantages, [], [0])
+            first = scored_rows(self.step, exp.batch, exp.rewards.per_function, exp.rewards.total,
+                                exp.advantages, [], [0])
             self.metrics.log_completions_table([{**r, "media": media_preview(sample)} for r in first], self.step)
 
     def trainer_state(self) -> dict:

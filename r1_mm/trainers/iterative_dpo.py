@@ -18,6 +18,7 @@ from r1_mm.core.seeds import derive_seed
 from r1_mm.data import Sample
 from r1_mm.rewards.runner import RewardRunner
 from r1_mm.rollout.base import SamplingSettings
+from r1_mm.rollout.batch import RolloutBatch
 from r1_mm.rollout.engines import make_engine
 from r1_mm.trainers.backend import generate_groups, sync_reference
 from r1_mm.trainers.objects import RunObjects, with_objects
@@ -67,15 +68,18 @@ class IterativeDPOTrainer(PreferenceTrainer):
                 break
             samples = self.stream.next_batch(cfg.algorithm.iterative_dpo.round_prompts)
             seed = derive_seed(cfg.training.seed, "iterative_dpo.round", self.round, self.learner.accelerator.process_index)
-            groups = generate_groups(self.learner, self.engine, samples, k,
-                                     SamplingSettings.from_config(cfg.rollout, seed=seed))
-            batch = self.rewards.score_groups(samples, groups)
+            rollout = RolloutBatch.from_groups(
+                samples, generate_groups(self.learner, self.engine, samples, k,
+                                         SamplingSettings.from_config(cfg.rollout, seed=seed)),
+                policy_version=self.step)
+            batch = self.rewards.score_groups(rollout.samples, rollout.grouped_completions())
             ties = 0
-            for i, (sample, group) in enumerate(zip(samples, groups, strict=True)):
-                pick = best_and_worst(batch.total[i * k:(i + 1) * k])
+            for _, sample, rows in rollout.groups():
+                pick = best_and_worst(batch.total[rows])
                 if pick is None:
                     ties += 1
                     continue
+                group = rollout.completions[rows]
                 self.buffer.append((sample, group[pick[0]].token_ids, group[pick[1]].token_ids))
             self.round += 1
             self.round_stats = {"iterative/round": float(self.round), "iterative/pairs": float(len(self.buffer)),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from r1_mm.core.registry import Registry
+from r1_mm.rollout.batch import group_grid
 
 STD_EPS = 1e-4  # added to the std before dividing, as TRL does
 
@@ -37,19 +38,21 @@ ADVANTAGE_ESTIMATORS: Registry[Callable[..., Advantages]] = Registry("advantage 
 
 
 def register_advantage(name: str) -> Callable[[Callable[..., Advantages]], Callable[..., Advantages]]:
-    """``@register_advantage("name")``: an ``algorithm.advantage_estimator`` (rewards, G -> Advantages)."""
+    """``@register_advantage("name")``: an ``algorithm.advantage_estimator`` (rewards, per-completion group ids, scale -> Advantages)."""
     return ADVANTAGE_ESTIMATORS.register(name)
 
 
 @register_advantage("grpo")
-def grpo_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "group") -> Advantages:
+def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, scale: str = "group") -> Advantages:
     """reward - group mean, divided by the group std (``group``), the batch std (``batch``) or 1 (``none``).
 
-    NaN rewards (no reward applied) are left out of means and stds and get advantage 0.
+    ``group_ids`` (N,): each completion's group (any integers; groups of any size, in any order), as a
+    :class:`~r1_mm.rollout.batch.RolloutBatch` carries them. NaN rewards (no reward applied) are left out
+    of means and stds and get advantage 0.
     """
-    grouped = rewards.view(-1, num_generations)
-    mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)
-    group_std = nan_std(grouped, dim=1).repeat_interleave(num_generations)
+    grid, group = group_grid(rewards, group_ids)  # equal groups in order: exactly rewards.view(-1, G)
+    mean = torch.nanmean(grid, dim=1)[group]
+    group_std = nan_std(grid, dim=1)[group]
     if scale == "batch":
         std = nan_std(rewards).expand_as(rewards)
     elif scale in ("group", "none"):
