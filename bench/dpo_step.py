@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from grpo_step import CASES, bench_model_path, make_inputs, run_workers, time_steps  # noqa: E402
+from grpo_step import CASES, bench_model_path, make_inputs, median, run_workers, time_steps  # noqa: E402
 
 BETA = 0.1
 PROMPTS = {"toy": "long", "real": "real"}  # the GRPO bench case whose prompt, vocabulary and lengths are used
@@ -91,8 +91,9 @@ def worker(case: str, impl: str, repeats: int) -> dict:
             preference_loss(logps, mask, seq[0::2], seq[1::2], settings).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-    seconds, peak = time_steps(step, params, repeats)
-    return {"case": case, "impl": impl, "seconds": seconds, "peak_rss_mib": peak,
+    times, peak = time_steps(step, params, repeats)
+    return {"case": case, "impl": impl, "seconds": median(times), "min_s": min(times), "max_s": max(times),
+            "peak_rss_mib": peak,
             "prompt_tokens": int(sample.num_prompt_tokens), "response_tokens": len(chosen),
             "vocab": model.config.get_text_config().vocab_size}
 
@@ -110,14 +111,15 @@ def main() -> None:
     for case in cases:
         bench_model_path(CASES[PROMPTS[case]].vocab)
     results = run_workers(__file__, [(case, impl) for case in cases for impl in ("trl", "r1-mm")], args.repeats)
-    print(f"DPO learner step, 1 pair, median of {args.repeats}, CPU\n")
+    print(f"DPO learner step, 1 pair, median (min-max) of {args.repeats} after a warm-up step, CPU\n")
     print("| case | vocabulary | prompt tokens | response tokens | TRL s | r1-mm s | speed-up | TRL peak RSS MiB | "
           "r1-mm peak RSS MiB | r1-mm / TRL memory |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for case in cases:
         t, o = results[(case, "trl")], results[(case, "r1-mm")]
-        print(f"| {case} | {o['vocab']} | {o['prompt_tokens']} | {o['response_tokens']} | {t['seconds']:.3f} | "
-              f"{o['seconds']:.3f} | {t['seconds'] / o['seconds']:.2f}x | {t['peak_rss_mib']:.0f} | "
+        print(f"| {case} | {o['vocab']} | {o['prompt_tokens']} | {o['response_tokens']} | {t['seconds']:.3f} "
+              f"({t['min_s']:.3f}-{t['max_s']:.3f}) | {o['seconds']:.3f} ({o['min_s']:.3f}-{o['max_s']:.3f}) | "
+              f"{t['seconds'] / o['seconds']:.2f}x | {t['peak_rss_mib']:.0f} | "
               f"{o['peak_rss_mib']:.0f} | {o['peak_rss_mib'] / t['peak_rss_mib']:.2f} |")
 
 
