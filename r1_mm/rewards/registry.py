@@ -116,15 +116,6 @@ def available() -> dict[str, str]:
     return {name: REGISTRY.origin(name) for name in REGISTRY.names()}
 
 
-def accepts_keyword(fn: RewardFn, name: str) -> bool:
-    """Does ``fn`` take ``name`` as a keyword (by name or through ``**kwargs``)?"""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return True
-    return any(p.kind is p.VAR_KEYWORD or (p.name == name and p.kind is not p.POSITIONAL_ONLY) for p in params)
-
-
 def call_reward(fn: RewardFn, **kwargs: Any) -> list[Any]:
     """Call a sync or async reward with TRL's keyword arguments.
 

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from r1_mm.rewards import budget
-from r1_mm.rewards.registry import REGISTRY, RewardError, RewardFn, accepts_keyword, call_reward, get
+from r1_mm.rewards.registry import REGISTRY, RewardError, RewardFn, call_reward, get
+from r1_mm.rewards.signature import accepts_keyword
 from r1_mm.rewards.worker import RewardWorker, WorkerError, WorkerTimeout, placement
 
 if TYPE_CHECKING:  # torch is imported where it is used: a reward worker process never needs it

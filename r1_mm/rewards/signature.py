@@ -1,8 +1,10 @@
-"""What a reward function asks for, read from its signature: the columns every row must carry for it.
+"""What a reward function asks for, read from its signature: the keywords it takes and the columns
+every row must carry for it.
 
-The reward runner passes the protocol arguments and the rows' columns; the load checks
-(:mod:`r1_mm.run.input_checks`) and the router (:mod:`r1_mm.rewards.routing`) both need to know which
-columns a reward requires, so the rule is written once, here, below both.
+The reward runner passes the protocol arguments, the run context and the rows' columns; the runner
+(which keywords to pass), the load checks (:mod:`r1_mm.run.input_checks`: misspelt options, missing
+columns) and the router (:mod:`r1_mm.rewards.routing`) all read signatures, so the reading is written
+once, here, below them.
 """
 
 from __future__ import annotations
@@ -28,3 +30,21 @@ def needed_columns(fn: Any, kwargs: dict[str, Any]) -> set[str]:
         return set()
     return {p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
             and p.name not in PASSED_BY_RUNNER and p.name not in kwargs}
+
+
+def accepts_keyword(fn: Any, name: str) -> bool:
+    """Does ``fn`` take ``name`` as a keyword (by name or through ``**kwargs``)?"""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is p.VAR_KEYWORD or (p.name == name and p.kind is not p.POSITIONAL_ONLY) for p in params)
+
+
+def explicit_parameters(fn: Any) -> set[str] | None:
+    """Names a reward takes as keywords; None when its signature cannot be read."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}

@@ -10,7 +10,6 @@ one line each, naming the file, row, field and what to do.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from r1_mm.core.registry import suggest
 from r1_mm.data.loading import DataError
 from r1_mm.data.prompts import PROMPT_KEYS, row_id
 from r1_mm.data.row_checks import row_problems as data_row_problems
-from r1_mm.rewards.signature import PASSED_BY_RUNNER, needed_columns
+from r1_mm.rewards.signature import PASSED_BY_RUNNER, explicit_parameters, needed_columns
 
 
 def name_problems(cfg: RecipeConfig) -> list[str]:
@@ -40,15 +39,6 @@ def name_problems(cfg: RecipeConfig) -> list[str]:
             problems.append(f"algorithm.grpo.advantage_estimator '{cfg.algorithm.grpo.advantage_estimator}' is not an estimator"
                             + suggest(cfg.algorithm.grpo.advantage_estimator, list(ADVANTAGE_ESTIMATORS)))
     return problems
-
-
-def explicit_parameters(fn: Any) -> set[str] | None:
-    """Names a reward takes as keywords; None when its signature cannot be read."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def kwarg_problems(fn: Any, kwargs: dict[str, Any], where: str, forwarded_to: list[Any] = ()) -> list[str]:
