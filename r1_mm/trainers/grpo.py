@@ -125,13 +125,13 @@ class GRPOTrainer(BaseTrainer):
             spec = next((f for f in cfg.rewards.functions if f.name == cfg.algorithm.grpo.temporal_reward),
                         RewardSpec(name=cfg.algorithm.grpo.temporal_reward))
             self.temporal_rewards = RewardRunner.from_recipe(cfg, [spec])
-        a = cfg.algorithm
+        a = cfg.algorithm.grpo
         self.loss_settings = LossSettings(
-            loss_type=a.grpo.loss_type, epsilon_low=a.grpo.epsilon,
-            epsilon_high=a.grpo.epsilon_high if a.grpo.epsilon_high is not None else a.grpo.epsilon, beta=a.grpo.beta,
-            importance_sampling_level=a.grpo.importance_sampling_level,
+            loss_type=a.loss_type, epsilon_low=a.epsilon,
+            epsilon_high=a.epsilon_high if a.epsilon_high is not None else a.epsilon, beta=a.beta,
+            importance_sampling_level=a.importance_sampling_level,
             max_completion_length=cfg.rollout.max_completion_length,
-            kl_importance_weighting=a.grpo.kl_importance_weighting)
+            kl_importance_weighting=a.kl_importance_weighting)
         self.nonfinite_in_a_row = 0
         self._warned_no_sampler_logprobs = False
         self._last_exp: Experience | None = None
@@ -149,14 +149,14 @@ class GRPOTrainer(BaseTrainer):
         return generate_groups(self.learner, self.engine, samples, n, self._sampling(*stream))
 
     def _temporal_bonus(self, rollout: RolloutBatch, rewards: RewardBatch) -> dict[str, float]:
-        a = self.cfg.algorithm
-        col = rewards.names.index(a.grpo.temporal_reward) if a.grpo.temporal_reward in rewards.names else None
+        a = self.cfg.algorithm.grpo
+        col = rewards.names.index(a.temporal_reward) if a.temporal_reward in rewards.names else None
         bonus_total, video_prompts, earned = torch.zeros(len(rollout)), 0, 0
         for i, sample, rows in rollout.groups():
             if not temporal_contrast.has_video(sample):
                 continue
             video_prompts += 1
-            n_shuffled = a.grpo.temporal_num_shuffled or max(1, (rows.stop - rows.start) // 2)  # half the ordered group
+            n_shuffled = a.temporal_num_shuffled or max(1, (rows.stop - rows.start) // 2)  # half the ordered group
             rank = self.learner.accelerator.process_index
             shuffled = temporal_contrast.shuffled_frames_sample(
                 sample, self.processor, seed=derive_seed(self.cfg.training.seed, "grpo.temporal_shuffle", self.step, rank, i))
@@ -165,10 +165,10 @@ class GRPOTrainer(BaseTrainer):
             ordered_scores = (rewards.per_function[rows, col] if col is not None else
                               self.temporal_rewards.score_groups([sample], [rollout.completions[rows]])
                               .per_function[:, 0])
-            thr = a.grpo.temporal_correct_threshold
+            thr = a.temporal_correct_threshold
             bonus = temporal_contrast.temporal_bonus(torch.nan_to_num(ordered_scores) >= thr,
                                                      torch.nan_to_num(shuffled_scores) >= thr,
-                                                     bonus=a.grpo.temporal_bonus, margin=a.grpo.temporal_margin)
+                                                     bonus=a.temporal_bonus, margin=a.temporal_margin)
             earned += int(bonus.sum() > 0)
             bonus_total[rows] = bonus
         rewards.add_bonus(bonus_total)
@@ -193,15 +193,15 @@ class GRPOTrainer(BaseTrainer):
 
     def _length_bonus(self, rollout: RolloutBatch, rewards: RewardBatch) -> dict[str, float]:
         """Video-R1's length control, added to the total after the rewards (and T-GRPO's bonus)."""
-        a = self.cfg.algorithm
-        col = rewards.names.index(a.grpo.length_bonus_reward)
+        a = self.cfg.algorithm.grpo
+        col = rewards.names.index(a.length_bonus_reward)
         bonus = torch.zeros_like(rewards.total)
         for _, _, rows in rollout.groups():
             scores = torch.nan_to_num(rewards.per_function[rows, col])
             lengths = torch.tensor([len(c.token_ids) for c in rollout.completions[rows]])
             bonus[rows] = length_band_bonus(
-                scores > a.grpo.length_bonus_threshold, lengths, bonus=a.grpo.length_bonus,
-                min_tokens=a.grpo.length_bonus_min_tokens, max_tokens=a.grpo.length_bonus_max_tokens)
+                scores > a.length_bonus_threshold, lengths, bonus=a.length_bonus,
+                min_tokens=a.length_bonus_min_tokens, max_tokens=a.length_bonus_max_tokens)
         rewards.add_bonus(bonus)
         return {"length_bonus/rate": float((bonus > 0).float().mean())}
 
@@ -262,8 +262,8 @@ class GRPOTrainer(BaseTrainer):
     def _rollout_correction(self, exp: Experience, learner_logps: torch.Tensor,
                             mask: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, float]]:
         """Truncated IS weights between the engine's sampling logprobs and the learner's (None = off)."""
-        a = self.cfg.algorithm
-        if a.grpo.rollout_is == "none":
+        a = self.cfg.algorithm.grpo
+        if a.rollout_is == "none":
             return None, {}
         sampler = sampling_logprobs(exp.batch.sampler_logprobs, learner_logps.shape[1], learner_logps.device)
         if sampler is None:
@@ -272,7 +272,7 @@ class GRPOTrainer(BaseTrainer):
                             self.engine.name)
                 self._warned_no_sampler_logprobs = True
             return None, {}
-        return importance_weights(learner_logps, sampler, mask, a.grpo.rollout_is, a.grpo.rollout_is_cap, a.grpo.rollout_is_floor)
+        return importance_weights(learner_logps, sampler, mask, a.rollout_is, a.rollout_is_cap, a.rollout_is_floor)
 
     def _step_norm(self, exp: Experience) -> LossNorm:
         """The whole step's denominators, from the loss mask alone (known before any forward)."""
