@@ -76,19 +76,22 @@ def worker(case: str, impl: str, repeats: int) -> dict:
             opt.zero_grad(set_to_none=True)
     else:
         from r1_mm.models.forward.scoring import score_completions
+        from r1_mm.trainers.preference_batch import PreferenceBatch
         from r1_mm.trainers.preference_losses import PreferenceLossSettings, preference_loss
 
         settings = PreferenceLossSettings(beta=BETA)
         params = model.parameters()
+        pairs = PreferenceBatch([sample], [chosen], [rejected])
+        rows = pairs.rows
 
         def step(opt):
             with torch.no_grad():
-                ref_logps, _, mask = score_completions(ref, [sample], [chosen, rejected], 2, pad, temperature=1.0,
+                ref_logps, _, mask = score_completions(ref, pairs.samples, pairs.completions, 2, pad, temperature=1.0,
                                                        mode="grouped")
             seq = (ref_logps * mask).sum(-1)
-            logps, _, mask = score_completions(model, [sample], [chosen, rejected], 2, pad, temperature=1.0,
+            logps, _, mask = score_completions(model, pairs.samples, pairs.completions, 2, pad, temperature=1.0,
                                                mode="grouped", with_entropy=True)
-            preference_loss(logps, mask, seq[0::2], seq[1::2], settings).loss.backward()
+            preference_loss(logps, mask, rows, seq[rows.chosen], seq[rows.rejected], settings).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     times, peak = time_steps(step, params, repeats)

@@ -14,6 +14,7 @@ from r1_mm.config.recipe import ConfigError, accumulation, load_recipe
 from r1_mm.trainers.grpo import GRPOTrainer
 from r1_mm.trainers.losses import LossNorm, LossSettings, policy_loss
 from r1_mm.trainers.preference import PreferenceTrainer
+from r1_mm.trainers.preference_batch import PairRows
 from r1_mm.trainers.preference_losses import PreferenceLossSettings, PreferenceNorm, preference_loss
 
 from .conftest import REPO, assert_same_updates
@@ -45,10 +46,14 @@ def test_preference_shares_sum_to_the_step_loss():
     mask = (torch.arange(5)[None, :] < torch.randint(1, 6, (8, 1), generator=gen)).long()
     ref_c, ref_r = torch.randn(4, generator=gen), torch.randn(4, generator=gen)
     settings = PreferenceLossSettings(loss_type="sigmoid", beta=0.1, nll_weight=0.5)
-    full = preference_loss(logps, mask, ref_c, ref_r, settings).loss
-    norm = PreferenceNorm.of(mask)
-    shares = [preference_loss(logps[2 * a:2 * b], mask[2 * a:2 * b], ref_c[a:b], ref_r[a:b], settings, norm).loss
-              for a, b in ((0, 1), (1, 4))]
+    rows = PairRows(chosen=torch.arange(4) * 2, rejected=torch.arange(4) * 2 + 1)
+    full = preference_loss(logps, mask, rows, ref_c, ref_r, settings).loss
+    norm = PreferenceNorm.of(mask, rows)
+    shares = []
+    for a, b in ((0, 1), (1, 4)):
+        part = PairRows(chosen=torch.arange(b - a) * 2, rejected=torch.arange(b - a) * 2 + 1)
+        shares.append(preference_loss(logps[2 * a:2 * b], mask[2 * a:2 * b], part, ref_c[a:b], ref_r[a:b], settings,
+                                      norm).loss)
     torch.testing.assert_close(sum(shares), full, atol=1e-6, rtol=0)
 
 

@@ -16,6 +16,7 @@ from r1_mm.data.loading import DataError, default_media_root, read_rows
 from r1_mm.models.forward.scoring import score_completions
 from r1_mm.run.tracking import read_metrics
 from r1_mm.trainers.preference import PreferenceTrainer
+from r1_mm.trainers.preference_batch import PairRows, PreferenceBatch
 from r1_mm.trainers.preference_losses import PreferenceLossSettings, preference_loss
 
 CASES = [("sigmoid", 0.0, 0.0), ("hinge", 0.0, 0.0), ("ipo", 0.0, 0.0), ("robust", 0.2, 0.0), ("sigmoid", 0.0, 0.5)]
@@ -80,7 +81,8 @@ def test_dpo_losses_equal_trl(image_pairs, tmp_path, loss_type, smoothing, nll):
         ref_logps, _, mask = score_completions(ref, samples, completions, 2, pad, temperature=1.0, mode="grouped")
     seq = (ref_logps * mask).sum(-1)
     logps, _, mask = score_completions(trainer.model, samples, completions, 2, pad, temperature=1.0, mode="grouped")
-    ours = preference_loss(logps, mask, seq[0::2], seq[1::2],
+    rows = PreferenceBatch(samples, completions[0::2], completions[1::2]).rows  # the fixture interleaves them
+    ours = preference_loss(logps, mask, rows, seq[rows.chosen], seq[rows.rejected],
                            PreferenceLossSettings(loss_type=loss_type, beta=beta, label_smoothing=smoothing,
                                                   nll_weight=nll))
     assert ours.loss.item() == pytest.approx(trl_loss.item(), abs=1e-5)
@@ -208,3 +210,28 @@ def test_precomputed_reference_matches_on_the_fly(tmp_path, synthetic_data):
     a, b = read_metrics(live.training.output_dir), read_metrics(stored.training.output_dir)
     for m_live, m_stored in zip(a, b, strict=True):
         assert m_stored["train/loss"] == pytest.approx(m_live["train/loss"], abs=1e-4)
+
+
+def test_the_loss_reads_pairs_by_their_rows_not_their_positions():
+    """The loss finds each pair's responses through PreferenceBatch's row indices: scoring the same
+    responses in another row order, with rows that say so, gives the same loss and rewards."""
+    gen = torch.Generator().manual_seed(3)
+    batch = PreferenceBatch(samples=[None] * 3, chosen=[[1, 2], [3], [4, 5, 6]], rejected=[[7], [8, 9], [10]])
+    assert batch.completions == [[1, 2], [7], [3], [8, 9], [4, 5, 6], [10]]
+    logps = torch.randn(6, 3, generator=gen) - 2
+    mask = (torch.arange(3)[None, :] < torch.tensor([len(c) for c in batch.completions])[:, None]).long()
+    ref_c, ref_r = torch.randn(3, generator=gen), torch.randn(3, generator=gen)
+    settings = PreferenceLossSettings(loss_type="ipo", beta=0.2, nll_weight=0.3)
+    out = preference_loss(logps, mask, batch.rows, ref_c, ref_r, settings)
+    order = torch.tensor([5, 0, 3, 2, 4, 1])  # scored row k holds original row order[k]
+    where = torch.argsort(order)
+    moved = PairRows(chosen=where[batch.rows.chosen], rejected=where[batch.rows.rejected])
+    out2 = preference_loss(logps[order], mask[order], moved, ref_c, ref_r, settings)
+    torch.testing.assert_close(out2.loss, out.loss)
+    torch.testing.assert_close(out2.chosen_rewards, out.chosen_rewards)
+    # the stride reading of the permuted rows would be a different loss (the check above can fail)
+    stride = PairRows(chosen=torch.arange(3) * 2, rejected=torch.arange(3) * 2 + 1)
+    assert not torch.allclose(preference_loss(logps[order], mask[order], stride, ref_c, ref_r, settings).loss, out.loss)
+    assert batch.select(1, 3).chosen == [[3], [4, 5, 6]] and batch.chosen_tokens == 6
+    with pytest.raises(ValueError, match="one of each per prompt"):
+        PreferenceBatch(samples=[None] * 2, chosen=[[1]], rejected=[[2], [3]])

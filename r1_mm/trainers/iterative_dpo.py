@@ -23,6 +23,7 @@ from r1_mm.rollout.engines import make_engine
 from r1_mm.trainers.backend import generate_groups, sync_reference
 from r1_mm.trainers.objects import RunObjects, with_objects
 from r1_mm.trainers.preference import PreferenceTrainer
+from r1_mm.trainers.preference_batch import PreferenceBatch
 from r1_mm.trainers.registry import register_trainer
 
 MAX_EMPTY_ROUNDS = 5
@@ -101,11 +102,12 @@ class IterativeDPOTrainer(PreferenceTrainer):
         count = torch.tensor([len(self.buffer)], device=acc.device)
         return int(acc.gather(count).min())
 
-    def next_pairs(self) -> tuple[list[Sample], list[list[int]]]:
+    def next_pairs(self) -> PreferenceBatch:
         if not self.buffer:
             self.new_round()
         take, self.buffer = self.buffer[:self.cfg.training.prompts_per_step], self.buffer[self.cfg.training.prompts_per_step:]
-        return [s for s, _, _ in take], [ids for _, c, r in take for ids in (c, r)]
+        return PreferenceBatch(samples=[s for s, _, _ in take], chosen=[c for _, c, _ in take],
+                               rejected=[r for _, _, r in take])
 
     def train_step(self) -> dict[str, float]:
         metrics = super().train_step()

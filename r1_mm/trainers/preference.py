@@ -25,6 +25,7 @@ from r1_mm.trainers.backend import (
 )
 from r1_mm.trainers.base import BaseTrainer
 from r1_mm.trainers.objects import RunObjects, with_objects
+from r1_mm.trainers.preference_batch import PreferenceBatch
 from r1_mm.trainers.preference_losses import PreferenceLossSettings, PreferenceNorm, preference_loss
 from r1_mm.trainers.registry import register_trainer
 from r1_mm.trainers.step_metrics import StepMetrics
@@ -60,57 +61,57 @@ class PreferenceTrainer(BaseTrainer):
                                                label_smoothing=a.dpo.label_smoothing, nll_weight=a.dpo.nll_weight)
         self.tokenizer = self.processor.tokenizer
 
-    def pairs(self, samples: list[Sample]) -> list[list[int]]:
-        out = []
-        for s in samples:
-            out.append(response_ids(self.tokenizer, s.row.get("chosen"), s.row_id, "chosen"))
-            out.append(response_ids(self.tokenizer, s.row.get("rejected"), s.row_id, "rejected"))
-        return out
+    def pairs(self, samples: list[Sample]) -> PreferenceBatch:
+        """These rows' chosen and rejected responses, tokenized as the policy would have ended them."""
+        return PreferenceBatch(
+            samples=list(samples),
+            chosen=[response_ids(self.tokenizer, s.row.get("chosen"), s.row_id, "chosen") for s in samples],
+            rejected=[response_ids(self.tokenizer, s.row.get("rejected"), s.row_id, "rejected") for s in samples])
 
-    def reference_logps(self, samples: list[Sample], completions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference_logps(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P,) each pair's chosen and rejected sequence logprob under the reference model (or the
+        row's precomputed ``ref_chosen_logps`` / ``ref_rejected_logps``)."""
         device = self.learner.accelerator.device
         if self.cfg.algorithm.dpo.precomputed_reference:
             try:
-                chosen = [float(s.row["ref_chosen_logps"]) for s in samples]
-                rejected = [float(s.row["ref_rejected_logps"]) for s in samples]
+                chosen = [float(s.row["ref_chosen_logps"]) for s in batch.samples]
+                rejected = [float(s.row["ref_rejected_logps"]) for s in batch.samples]
             except (KeyError, TypeError, ValueError) as exc:
                 raise PreferenceDataError(f"algorithm.dpo.precomputed_reference needs ref_chosen_logps and "
                                           f"ref_rejected_logps on every row ({exc})") from exc
             return torch.tensor(chosen, device=device), torch.tensor(rejected, device=device)
         with torch.no_grad(), reference_model(self.learner) as ref:
-            logps, _, mask = self._score(ref, samples, completions)
+            logps, _, mask = self._score(ref, batch)
         seq = (logps * mask).sum(-1)
-        return seq[0::2], seq[1::2]
+        rows = batch.rows.to(seq.device)
+        return seq[rows.chosen], seq[rows.rejected]
 
-    def _score(self, model: torch.nn.Module, samples: list[Sample], completions: list[list[int]], entropy: bool = False):
-        return score_completions(model, samples, completions, 2, self.pad_id, temperature=1.0,
-                                 mode=self.cfg.training.forward_mode, with_entropy=entropy)
+    def _score(self, model: torch.nn.Module, batch: PreferenceBatch, entropy: bool = False):
+        return score_completions(model, batch.samples, batch.completions, batch.responses_per_prompt, self.pad_id,
+                                 temperature=1.0, mode=self.cfg.training.forward_mode, with_entropy=entropy)
 
-    def next_pairs(self) -> tuple[list[Sample], list[list[int]]]:
-        """The next batch: samples and their [chosen, rejected] token ids, interleaved per sample."""
-        samples = self.stream.next_batch(self.cfg.training.prompts_per_step)
-        return samples, self.pairs(samples)
+    def next_pairs(self) -> PreferenceBatch:
+        """The next batch of pairs from the dataset's rows."""
+        return self.pairs(self.stream.next_batch(self.cfg.training.prompts_per_step))
 
     def train_step(self) -> dict[str, float]:
-        samples, completions = self.next_pairs()
-        return self.dpo_update(samples, completions)
+        return self.dpo_update(self.next_pairs())
 
-    def dpo_update(self, samples: list[Sample], completions: list[list[int]]) -> dict[str, float]:
+    def dpo_update(self, batch: PreferenceBatch) -> dict[str, float]:
         """One optimizer step over these pairs, in the recipe's micro-batches (gradients accumulated)."""
         learner = self.learner
         acc = learner.accelerator
-        norm = PreferenceNorm(pairs=float(len(samples)), chosen_tokens=float(sum(len(c) for c in completions[0::2])))
+        norm = PreferenceNorm(pairs=float(len(batch)), chosen_tokens=float(batch.chosen_tokens))
         sums = StepMetrics()
         chosen_all, rejected_all = [], []
         learner.policy.train()
         with accumulation_cycle(learner):
-            for part in micro_batches(len(samples), self.cfg):
-                part_samples = samples[part.start:part.stop]
-                part_completions = completions[2 * part.start:2 * part.stop]
+            for part in micro_batches(len(batch), self.cfg):
+                pairs = batch.select(part.start, part.stop)
                 with acc.accumulate(learner.policy):
-                    ref_chosen, ref_rejected = self.reference_logps(part_samples, part_completions)
-                    logps, entropy, mask = self._score(learner.policy, part_samples, part_completions, entropy=True)
-                    out = preference_loss(logps, mask, ref_chosen, ref_rejected, self.settings, norm)
+                    ref_chosen, ref_rejected = self.reference_logps(pairs)
+                    logps, entropy, mask = self._score(learner.policy, pairs, entropy=True)
+                    out = preference_loss(logps, mask, pairs.rows, ref_chosen, ref_rejected, self.settings, norm)
                     backward_share(learner, out.loss)
                 sums.add_sum("train/loss", float(out.loss.detach()))
                 if out.nll is not None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from r1_mm.trainers.preference_batch import PairRows
+
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
@@ -37,8 +39,9 @@ class PreferenceNorm:
     chosen_tokens: float
 
     @classmethod
-    def of(cls, mask: torch.Tensor) -> PreferenceNorm:
-        return cls(pairs=mask.shape[0] / 2, chosen_tokens=float(mask[0::2].sum()))
+    def of(cls, mask: torch.Tensor, rows: PairRows) -> PreferenceNorm:
+        """The denominators of these rows alone (when they are the whole step)."""
+        return cls(pairs=float(len(rows)), chosen_tokens=float(mask[rows.chosen.to(mask.device)].sum()))
 
 
 @dataclass
@@ -49,15 +52,17 @@ class PreferenceLossOutput:
     nll: torch.Tensor | None
 
 
-def preference_loss(token_logps: torch.Tensor, mask: torch.Tensor, ref_chosen: torch.Tensor,
+def preference_loss(token_logps: torch.Tensor, mask: torch.Tensor, rows: PairRows, ref_chosen: torch.Tensor,
                     ref_rejected: torch.Tensor, settings: PreferenceLossSettings,
                     norm: PreferenceNorm | None = None) -> PreferenceLossOutput:
-    """``token_logps``/``mask``: (2B, C) rows ordered chosen, rejected per pair (pair i = rows 2i, 2i+1)."""
-    norm = norm or PreferenceNorm.of(mask)
+    """``token_logps``/``mask``: (rows, C) scored responses; pair ``i``'s are rows ``rows.chosen[i]`` and
+    ``rows.rejected[i]``; ``ref_chosen``/``ref_rejected``: (P,) the reference's sequence logprobs."""
+    norm = norm or PreferenceNorm.of(mask, rows)
+    rows = rows.to(token_logps.device)
     m = mask.to(token_logps.dtype)
     seq = (token_logps * m).sum(-1)
     lengths = m.sum(-1).clamp(min=1.0)
-    chosen, rejected = seq[0::2], seq[1::2]
+    chosen, rejected = seq[rows.chosen], seq[rows.rejected]
     chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
     delta = chosen_ratio - rejected_ratio
     b, eps = settings.beta, settings.label_smoothing
@@ -66,14 +71,14 @@ def preference_loss(token_logps: torch.Tensor, mask: torch.Tensor, ref_chosen: t
     elif settings.loss_type == "hinge":
         per_pair = torch.relu(1 - b * delta)
     elif settings.loss_type == "ipo":
-        avg = chosen_ratio / lengths[0::2] - rejected_ratio / lengths[1::2]
+        avg = chosen_ratio / lengths[rows.chosen] - rejected_ratio / lengths[rows.rejected]
         per_pair = (avg - 1 / (2 * b)) ** 2
     else:
         per_pair = ((1 - eps) * -F.logsigmoid(b * delta) - eps * -F.logsigmoid(-b * delta)) / (1 - 2 * eps)
     loss = per_pair.sum() / max(norm.pairs, 1.0)
     nll = None
     if settings.nll_weight:
-        nll = -(token_logps[0::2] * m[0::2]).sum() / max(norm.chosen_tokens, 1.0)
+        nll = -(token_logps[rows.chosen] * m[rows.chosen]).sum() / max(norm.chosen_tokens, 1.0)
         loss = loss + settings.nll_weight * nll
     return PreferenceLossOutput(loss=loss, chosen_rewards=(b * chosen_ratio).detach(),
                                 rejected_rewards=(b * rejected_ratio).detach(), nll=None if nll is None else nll.detach())
