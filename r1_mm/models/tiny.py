@@ -17,62 +17,16 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from r1_mm.models.families import FAMILIES as FAMILY_REGISTRY
+from r1_mm.models.families import get_family
+from r1_mm.models.families.tiny_parts import QWEN_SPECIAL_TOKENS
+
 # family -> the model it stands for (what `r1-mm make-tiny --help` names)
-FAMILY_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "llava_onevision": "LLaVA-OneVision"}
+FAMILY_NAMES = {name: get_family(name).display_name for name in FAMILY_REGISTRY.names()}
 FAMILIES = tuple(FAMILY_NAMES)
 
-QWEN_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|image_pad|>", "<|video_pad|>",
-]
 # Reasoning/answer tags are single tokens so that an RL demo can reach the answer format.
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
-
-# Turn scaffolding shared by both families' templates: a default system turn, role headers,
-# string or part-list content, and the generation prompt. Each family fills in how parts render.
-_TURNS_HEAD = (
-    "{%- for message in messages -%}"
-    "{%- if loop.first and message['role'] != 'system' -%}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-)
-_TURNS_TAIL = (
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
-
-# The Qwen2-VL chat format (the same rendering as the family's hub template), written for r1-mm:
-# a default system turn, media placeholders wrapped in vision start/end, and the generation prompt.
-QWEN_VL_CHAT_TEMPLATE = (
-    "{%- set image_count = namespace(value=0) -%}{%- set video_count = namespace(value=0) -%}"
-    + _TURNS_HEAD + (
-    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
-    "{%- set image_count.value = image_count.value + 1 -%}"
-    "{%- if add_vision_id -%}{{ 'Picture ' + image_count.value|string + ': ' }}{%- endif -%}"
-    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{%- elif part['type'] == 'video' or 'video' in part -%}"
-    "{%- set video_count.value = video_count.value + 1 -%}"
-    "{%- if add_vision_id -%}{{ 'Video ' + video_count.value|string + ': ' }}{%- endif -%}"
-    "{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
-    "{%- elif 'text' in part -%}{{ part['text'] }}"
-    ) + _TURNS_TAIL
-)
-
-
-# LLaVA-OneVision (Qwen2 language model): the same turns, media as "<image>\n" / "<video>\n".
-LLAVA_OV_CHAT_TEMPLATE = (
-    _TURNS_HEAD + (
-    "{%- if part['type'] == 'image' -%}{{ '<image>\\n' }}"
-    "{%- elif part['type'] == 'video' -%}{{ '<video>\\n' }}"
-    "{%- elif 'text' in part -%}{{ part['text'] }}"
-    ) + _TURNS_TAIL
-)
-LLAVA_MEDIA_TOKENS = ("<image>", "<video>")
 
 
 @dataclass(frozen=True)
@@ -128,8 +82,8 @@ def _training_corpus() -> list[str]:
 
 def build_tokenizer(spec: TinySpec):
     """Train a byte-level BPE with digits split one per token, wrapped as a fast HF tokenizer."""
-    llava = spec.family == "llava_onevision"
-    extra_special_tokens = LLAVA_MEDIA_TOKENS if llava else ()
+    family = get_family(spec.family)
+    extra_special_tokens = family.media_tokens
     specials = QWEN_SPECIAL_TOKENS[1:] + list(extra_special_tokens)
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -161,105 +115,9 @@ def build_tokenizer(spec: TinySpec):
     )
     fast.add_special_tokens({"additional_special_tokens": specials})
     fast.add_tokens(TAG_TOKENS)  # ordinary (decoded) tokens, but never split
-    fast.chat_template = LLAVA_OV_CHAT_TEMPLATE if llava else QWEN_VL_CHAT_TEMPLATE
+    fast.chat_template = family.chat_template
     fast.padding_side = "left"
     return fast
-
-
-def _build_processor(spec: TinySpec, tokenizer):
-    if spec.family == "llava_onevision":
-        return _build_llava_processor(spec, tokenizer)
-    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-
-    size = {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}
-    image_processor = Qwen2VLImageProcessor(size=size, patch_size=14, temporal_patch_size=2, merge_size=2)
-    video_processor = Qwen2VLVideoProcessor(size=size, patch_size=14, temporal_patch_size=2, merge_size=2,
-                                            do_sample_frames=False, cap_pixels_per_frame=True)
-    if spec.family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLProcessor as Proc
-    else:
-        from transformers import Qwen2VLProcessor as Proc
-    return Proc(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-                chat_template=QWEN_VL_CHAT_TEMPLATE)
-
-
-_LLAVA_TILE = 56  # SigLIP input side: 4x4 patches of 14 px -> 16 tokens per tile
-_LLAVA_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
-
-
-def _build_llava_processor(spec: TinySpec, tokenizer):
-    from transformers import (
-        LlavaOnevisionImageProcessor,
-        LlavaOnevisionProcessor,
-        LlavaOnevisionVideoProcessor,
-    )
-
-    tile = {"height": _LLAVA_TILE, "width": _LLAVA_TILE}
-    image_processor = LlavaOnevisionImageProcessor(size=tile, crop_size=tile, image_grid_pinpoints=_LLAVA_PINPOINTS)
-    video_processor = LlavaOnevisionVideoProcessor(size=tile, crop_size=tile)
-    return LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-                                   num_image_tokens=(_LLAVA_TILE // 14) ** 2, vision_feature_select_strategy="full",
-                                   chat_template=LLAVA_OV_CHAT_TEMPLATE)
-
-
-def _build_llava_config(spec: TinySpec, tokenizer, text: dict):
-    from transformers import LlavaOnevisionConfig
-
-    text = {k: v for k, v in text.items() if k != "rope_parameters"} | {"model_type": "qwen2"}
-    vision = {"model_type": "siglip_vision_model", "hidden_size": spec.vision_hidden_size,
-              "intermediate_size": spec.vision_hidden_size * 2, "num_hidden_layers": spec.vision_depth,
-              "num_attention_heads": spec.vision_heads, "image_size": _LLAVA_TILE, "patch_size": 14}
-    return LlavaOnevisionConfig(
-        text_config=text, vision_config=vision, image_grid_pinpoints=_LLAVA_PINPOINTS,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-        vision_feature_select_strategy="full", vision_feature_layer=-1, tie_word_embeddings=False)
-
-
-def _build_config(spec: TinySpec, tokenizer):
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    head_dim = spec.hidden_size // spec.num_heads
-    if head_dim < 32:
-        raise ValueError(f"head_dim {head_dim} < 32: vLLM's CPU attention rejects it")
-    half = head_dim // 2  # M-RoPE splits the rotary half into temporal/height/width sections
-    mrope_section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
-    vocab = (len(tokenizer) + 63) // 64 * 64
-    if spec.model_vocab_size is not None:
-        if spec.model_vocab_size < len(tokenizer):
-            raise ValueError(f"model_vocab_size {spec.model_vocab_size} is below the tokenizer's {len(tokenizer)} tokens")
-        vocab = spec.model_vocab_size
-    text = dict(
-        vocab_size=vocab, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads, max_position_embeddings=8192, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False,
-    )
-    if spec.family == "llava_onevision":
-        return _build_llava_config(spec, tokenizer, text)
-    common = dict(
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
-    if spec.family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig
-
-        vision = dict(depth=spec.vision_depth, hidden_size=spec.vision_hidden_size,
-                      intermediate_size=spec.vision_hidden_size * 2, num_heads=spec.vision_heads,
-                      out_hidden_size=spec.hidden_size, patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2, window_size=112, fullatt_block_indexes=[spec.vision_depth - 1],
-                      tokens_per_second=2)
-        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
-    if spec.family == "qwen2_vl":
-        from transformers import Qwen2VLConfig
-
-        vision = dict(depth=spec.vision_depth, embed_dim=spec.vision_hidden_size, hidden_size=spec.hidden_size,
-                      num_heads=spec.vision_heads, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2)
-        return Qwen2VLConfig(text_config=text, vision_config=vision, **common)
-    raise ValueError(f"unknown tiny model family '{spec.family}'; known: {', '.join(FAMILIES)}")
 
 
 def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
@@ -272,8 +130,7 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
         raise ValueError(f"unknown tiny model family '{spec.family}'; known: {', '.join(FAMILIES)}")
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(spec)
-    processor = _build_processor(spec, tokenizer)
-    config = _build_config(spec, tokenizer)
+    config, processor = get_family(spec.family).build_tiny(spec, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)

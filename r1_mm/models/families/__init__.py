@@ -1,0 +1,39 @@
+"""The model families r1-mm trains, one module each, found by transformers' ``model_type``.
+
+Adding a family is one module here that defines ``FAMILY`` (a :class:`~r1_mm.models.families.base.ModelFamily`)
+and one line in :data:`LAZY_FAMILIES`. A model whose ``model_type`` is not listed is refused before
+it loads (:func:`family_of`), because nothing has checked that the grouped forward, the engines and
+the weight sync give it exact numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from r1_mm.core.registry import Registry, suggest
+from r1_mm.models.families.base import CAPABILITIES, TESTED, ModelFamily, UnsupportedModelError
+
+LAZY_FAMILIES = {
+    "qwen2_vl": "r1_mm.models.families.qwen2_vl:FAMILY",
+    "qwen2_5_vl": "r1_mm.models.families.qwen2_5_vl:FAMILY",
+    "llava_onevision": "r1_mm.models.families.llava_onevision:FAMILY",
+}
+FAMILIES: Registry[ModelFamily] = Registry("model family", lazy=LAZY_FAMILIES)
+
+__all__ = ["CAPABILITIES", "FAMILIES", "TESTED", "ModelFamily", "UnsupportedModelError", "family_of", "get_family"]
+
+
+def get_family(model_type: str) -> ModelFamily:
+    """The family registered as ``model_type`` (UnknownNameError with a suggestion otherwise)."""
+    return FAMILIES.get(model_type)
+
+
+def family_of(config: Any) -> ModelFamily:
+    """The family of a model config (its ``model_type``); one-line UnsupportedModelError for any other."""
+    model_type = str(getattr(config, "model_type", "") or "")
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(
+            f"model_type '{model_type}' ({type(config).__name__}) is not a family r1-mm has verified, so it is not "
+            f"trained (the grouped forward, the engines and the weight sync are untested for it)"
+            + suggest(model_type, FAMILIES.names(), listing="supported"))
+    return FAMILIES.get(model_type)

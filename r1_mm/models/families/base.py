@@ -1,0 +1,70 @@
+"""What r1-mm knows about one model family: how to build its tiny model, what it has been tested to do,
+and what it must refuse.
+
+Why a declared table and not checks spread through the code: an architecture the grouped forward, an
+engine or the weight sync does not handle exactly must be refused before step 1 in one line, never
+trained with wrong numbers. Each family module states, per capability, either that it is tested
+(the test that shows it) or why it is refused; the load checks, ``r1-mm families`` and the README's
+table all read this one statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Capabilities a family is tested for or refused, in the order the README's table shows them.
+CAPABILITIES = ("grouped", "hf", "vllm_colocate", "vllm_pool", "weight_sync", "video", "lora")
+CAPABILITY_HELP = {
+    "grouped": "training.forward_mode=grouped (packed completions) equals the naive forward",
+    "hf": "rollout.engine=hf samples it",
+    "vllm_colocate": "rollout.engine=vllm_colocate samples it",
+    "vllm_pool": "rollout.engine=vllm_pool samples it",
+    "weight_sync": "weights synced to vLLM give the learner's logprobs",
+    "video": "video rows",
+    "lora": "model.lora adapters",
+}
+TESTED = "tested"
+
+
+class UnsupportedModelError(ValueError):
+    """A model (or a use of it) r1-mm has not verified; the message is the one line a run stops with."""
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One family, named by transformers' ``model_type``.
+
+    ``support`` maps each of :data:`CAPABILITIES` to ``"tested"`` or to the reason it is refused.
+    ``build_tiny(spec, tokenizer)`` returns (config, processor) of a tiny random-weight model;
+    ``chat_template`` and ``media_tokens`` shape its tiny tokenizer. ``vllm_processor_kwargs`` are
+    what vLLM's processor for this family needs so that it neither resizes nor re-samples the media
+    r1-mm already decoded.
+    """
+
+    model_type: str
+    display_name: str
+    build_tiny: Callable[[Any, Any], tuple[Any, Any]]
+    chat_template: str
+    support: Mapping[str, str]
+    media_tokens: tuple[str, ...] = ()
+    vllm_processor_kwargs: Mapping[str, Any] = field(default_factory=lambda: {"do_resize": False})
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        missing = [c for c in CAPABILITIES if c not in self.support]
+        extra = [c for c in self.support if c not in CAPABILITIES]
+        if missing or extra:
+            raise ValueError(f"model family {self.model_type}: support must state every capability "
+                             f"(missing {missing}, unknown {extra})")
+
+    def supports(self, capability: str) -> bool:
+        return self.support[capability] == TESTED
+
+    def refusal(self, capability: str) -> str | None:
+        """The one line a run using ``capability`` stops with, or None when it is tested."""
+        if self.supports(capability):
+            return None
+        return f"{self.display_name} ({self.model_type}): {CAPABILITY_HELP[capability]} is not verified: " \
+               f"{self.support[capability]}"
