@@ -188,3 +188,17 @@ def test_eval_rows_are_checked_when_the_run_will_evaluate(job, tmp_path, synthet
                        lambda i, r: {**r, "prompt": "<video> How many?"} if i == 1 else r, name="eval.jsonl")
     line = job("train", f"data.eval_path={eval_data}", "training.eval_steps=1")
     assert f"{eval_data}: row 1 (id counting-1): prompt has 0 <image> and 1 <video> marks" in line
+
+
+@pytest.mark.parametrize("command", ["train", "rollout", "tpo", "eval", "dpo"])
+def test_a_model_family_r1_mm_has_not_verified(job, tmp_path, synthetic_data, command):
+    """Every job that runs a model refuses a model_type outside models/families before it loads
+    (the folder has a config.json only: reading past the config would fail differently)."""
+    from transformers import AutoConfig
+
+    folder = tmp_path / ("checkpoint" if command == "eval" else "unverified-model")  # eval reads --checkpoint
+    AutoConfig.for_model("mistral", hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=64).save_pretrained(folder)
+    data = edited(tmp_path, synthetic_data["counting"], lambda i, row: {**row, "chosen": "3", "rejected": "4"})
+    line = job(command, f"model.name_or_path={folder}", "training.forward_mode=naive", data=data)
+    assert "model_type 'mistral'" in line and "not a family r1-mm has verified" in line, line

@@ -40,3 +40,55 @@ def test_vllm_context_past_the_checkpoints_positions(tiny_config, monkeypatch):
     assert check_model_config(load_recipe(None, ["rollout.engine=hf", *long]), tiny_config) == []
     monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # vLLM's own override
     assert check_model_config(load_recipe(None, ["rollout.engine=vllm_colocate", *long]), tiny_config) == []
+
+
+def test_a_family_r1_mm_has_not_verified_is_refused_in_one_line():
+    """Never train an unverified architecture: a model_type outside models/families is refused by the
+    load checks (before any weights load), for training and for rollout-only jobs alike."""
+    from r1_mm.models.families import FAMILIES
+
+    config = AutoConfig.for_model("mistral", hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  num_key_value_heads=1, intermediate_size=64)
+    assert "mistral" not in FAMILIES  # the premise
+    for learner in (True, False):
+        found = check_model_config(load_recipe(None, ["training.forward_mode=naive"]), config, learner=learner)
+        assert len(found) == 1 and "model_type 'mistral'" in found[0] and "\n" not in found[0], found
+
+
+def test_a_capability_the_family_does_not_have_is_refused(tiny_config, monkeypatch):
+    """A family states per capability tested or why not; a recipe using a refused one stops at load."""
+    import dataclasses
+
+    from r1_mm.models.families import FAMILIES, get_family
+
+    family = get_family("qwen2_5_vl")
+    limited = dataclasses.replace(family, support={**family.support, "grouped": "packed rows are not checked",
+                                                   "vllm_pool": "the pool's processor resizes frames"})
+    monkeypatch.setattr(FAMILIES, "_entries", {**FAMILIES._entries, "qwen2_5_vl": limited})
+    grouped = check_model_config(load_recipe(None, ["training.forward_mode=grouped"]), tiny_config)
+    assert len(grouped) == 1 and "packed rows are not checked" in grouped[0] and "forward_mode=naive" in grouped[0]
+    assert check_model_config(load_recipe(None, ["training.forward_mode=naive"]), tiny_config) == []
+    pool = check_model_config(load_recipe(None, ["training.forward_mode=naive", "rollout.engine=vllm_pool"]),
+                              tiny_config, learner=False)
+    assert len(pool) == 1 and "rollout.engine=vllm_pool" in pool[0]
+
+
+@pytest.mark.parametrize(("model_type", "fields", "refused"), [
+    ("qwen2", {}, None),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0}, "sliding_attention"),
+    ("gemma3_text", {}, "sliding_attention"),  # Gemma 3: no use_sliding_window flag, the old guard let it through
+    ("qwen3_next", {}, "linear_attention"),  # Gated DeltaNet layers (Qwen3.5's kind)
+    ("mistral", {"sliding_window": 4096}, "sliding_window=4096"),
+    ("mistral", {"sliding_window": None}, None),
+])
+def test_grouped_forward_refuses_layers_it_cannot_pack(model_type, fields, refused):
+    """The packed layout is exact for full-attention layers only; a config with sliding-window or
+    linear-attention layers is refused for forward_mode=grouped whatever flag names them."""
+    from r1_mm.models.forward.packed_attention import PackedAttentionError, check_supported
+
+    config = AutoConfig.for_model(model_type, **fields)
+    if refused is None:
+        check_supported(config, "sdpa")
+        return
+    with pytest.raises(PackedAttentionError, match=refused):
+        check_supported(config, "sdpa")

@@ -76,6 +76,7 @@ def build_tpo_pairs(cfg: RecipeConfig, out_path: str | Path, settings: TPOSettin
     from r1_mm.run.context import RunContext
     from r1_mm.run.folder import writable_problem
     from r1_mm.run.input_checks import check_generation_job
+    from r1_mm.run.preflight import check_model
 
     s = settings or TPOSettings()
     out_path = Path(out_path)
@@ -85,6 +86,7 @@ def build_tpo_pairs(cfg: RecipeConfig, out_path: str | Path, settings: TPOSettin
     rows, source, default_root = load_split(cfg.data, "train")
     root = media_root(cfg.data, default_root)
     check_generation_job(cfg, rows, source, root)
+    check_model(cfg)  # a verified family, on this engine
     processor = load_processor(cfg.model)
     with RunContext(cfg) as run:  # the engine (and its servers) released however the job ends
         if engine is None:

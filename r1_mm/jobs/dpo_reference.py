@@ -14,6 +14,7 @@ from r1_mm.data.loading import DataError, load_split, media_root
 from r1_mm.data.prompts import PromptBuilder
 from r1_mm.models.forward.scoring import score_completions
 from r1_mm.run.input_checks import check_generation_job, preference_problems
+from r1_mm.run.preflight import check_model
 from r1_mm.trainers.preference import response_ids
 from r1_mm.trainers.preference_batch import PreferenceBatch
 
@@ -29,6 +30,7 @@ def precompute_reference(cfg: RecipeConfig, out_path: str | Path) -> int:
     bad_pair = preference_problems(rows, source)
     if bad_pair:
         raise DataError(bad_pair[0])
+    check_model(cfg, learner=True)  # a verified family in this forward mode (the recipe that will train)
     processor = load_processor(cfg.model)
     model = load_model(cfg.model, trainable=False, grouped=cfg.training.forward_mode == "grouped").eval()
     builder = PromptBuilder(processor, cfg.data, cfg.media, root)

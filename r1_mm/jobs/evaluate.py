@@ -13,6 +13,7 @@ from r1_mm.config.recipe import ModelConfig, RecipeConfig
 from r1_mm.rewards.runner import RewardRunner
 from r1_mm.run import input_checks
 from r1_mm.run.context import RunContext
+from r1_mm.run.preflight import check_model
 from r1_mm.trainers.evaluation import eval_rows, evaluate
 
 
@@ -30,6 +31,7 @@ def evaluate_checkpoint(cfg: RecipeConfig, checkpoint: str | Path) -> dict[str, 
     cfg = type(cfg)(**{**cfg.__dict__, "model": model_cfg})
     input_checks.check(cfg)  # the recipe's rewards, then every eval row, before the model loads
     input_checks.check_eval_split(cfg, evaluating=True)
+    check_model(cfg)  # the checkpoint's family, on this engine
     processor = load_processor(model_cfg)
     model = load_for_inference(model_cfg, cfg.rollout.engine)
     with RunContext(cfg) as run:  # the engine and the reward workers released however the job ends

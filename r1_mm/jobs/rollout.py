@@ -29,7 +29,7 @@ from r1_mm.run.tracking import MetricsLogger
 def run_rollouts(cfg: RecipeConfig) -> Path:
     torch.manual_seed(cfg.training.seed)
     run = RunContext(cfg)
-    run.preflight(read_model_config=False)  # no learner: the grouped forward is not used
+    run.preflight(learner=False)  # the model's family and the engine; no learner, so no forward mode
     processor = load_processor(cfg.model)
     stream = PromptStream.from_config(processor, cfg.data, cfg.media, seed=cfg.training.seed)
     input_checks.check_generation_job(cfg, stream.rows, stream.source, stream.builder.media_root)

@@ -114,14 +114,13 @@ def engine_sizing_problems(cfg: RecipeConfig) -> list[str]:
     return []
 
 
-def check_model_config(cfg: RecipeConfig, config: Any = None) -> list[str]:
+def check_model_config(cfg: RecipeConfig, config: Any = None, *, learner: bool = True) -> list[str]:
     """What the model's config.json (read without weights), or the config of a model object given
-    through the Python API, says the recipe cannot do."""
+    through the Python API, says the recipe cannot do. ``learner``: the job trains (its forward mode,
+    LoRA and weight sync are checked too); a rollout-only job checks the engine alone."""
     flash = cfg.model.attn_implementation in FLASH_PACKAGES
     vllm = cfg.rollout.engine in VLLM_ENGINES
-    grouped = cfg.training.forward_mode == "grouped"
-    if not (grouped or flash or vllm):
-        return []
+    grouped = learner and cfg.training.forward_mode == "grouped"
     from r1_mm.models.forward.packed_attention import PackedAttentionError, check_supported
     from r1_mm.models.hub import read_model_config
 
@@ -130,7 +129,9 @@ def check_model_config(cfg: RecipeConfig, config: Any = None) -> list[str]:
             config = read_model_config(cfg.model)
     except ConfigError as exc:
         return [str(exc)]
-    found = []
+    found = family_problems(cfg, config, learner=learner)
+    if found:
+        return found  # an unverified family: nothing else about it is worth reading
     if grouped:
         try:
             check_supported(config, cfg.model.attn_implementation)
@@ -141,6 +142,41 @@ def check_model_config(cfg: RecipeConfig, config: Any = None) -> list[str]:
                      f"model.dtype={cfg.model.dtype} loads this checkpoint in float32: set model.dtype=bfloat16")
     if vllm:
         found += context_length_problems(cfg, config)
+    return found
+
+
+def check_model(cfg: RecipeConfig, *, learner: bool = False) -> None:
+    """For jobs without a run's full preflight (tpo build, eval, dpo precompute-ref): the model's
+    config.json against the recipe, one ConfigError before the processor or the weights load."""
+    found = check_model_config(cfg, learner=learner)
+    if found:
+        raise ConfigError("; ".join(found))
+
+
+def family_problems(cfg: RecipeConfig, config: Any, *, learner: bool = True) -> list[str]:
+    """The model's family must be one r1-mm verified, for every capability this recipe uses (its
+    engine; when training also its forward mode, the weight sync to vLLM and LoRA). Refused in one
+    line each: an unverified path would train with numbers nobody checked."""
+    from r1_mm.models.families import UnsupportedModelError, family_of
+
+    try:
+        family = family_of(config)
+    except UnsupportedModelError as exc:
+        return [str(exc)]
+    uses = [cfg.rollout.engine]
+    if learner:
+        if cfg.training.forward_mode == "grouped":
+            uses.append("grouped")
+        if cfg.rollout.engine in VLLM_ENGINES:
+            uses.append("weight_sync")
+        if cfg.model.lora:
+            uses.append("lora")
+    found = []
+    for capability in uses:
+        line = family.refusal(capability) if capability in family.support else None
+        if line:
+            hint = " (set training.forward_mode=naive)" if capability == "grouped" and family.supports("hf") else ""
+            found.append(line + hint)
     return found
 
 
@@ -173,11 +209,11 @@ def context_length_problems(cfg: RecipeConfig, config: Any) -> list[str]:
 
 
 def preflight(cfg: RecipeConfig, machine: Machine | None = None, *, read_model_config: bool = True,
-              model_config: Any = None) -> None:
+              model_config: Any = None, learner: bool = True) -> None:
     """Raise one ConfigError naming every problem, before anything heavy happens (``model_config``:
     the config of a model object, instead of reading config.json)."""
     found = problems(cfg, machine or Machine.current())
     if read_model_config and not found:
-        found = check_model_config(cfg, model_config)
+        found = check_model_config(cfg, model_config, learner=learner)
     if found:
         raise ConfigError("; ".join(found))
