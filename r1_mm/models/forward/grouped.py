@@ -123,7 +123,7 @@ class PackedGroups:
     num_generations: int
 
     def model_kwargs(self, model: torch.nn.Module) -> dict[str, Any]:
-        kwargs = {"input_ids": self.input_ids, "attention_mask": packed_attention.layout_mask(unwrap(model), self.layout),
+        kwargs = {"input_ids": self.input_ids, "attention_mask": packed_attention.layout_mask(self.layout, self.input_ids.device),
                   "position_ids": self.position_ids, **self.vision}
         if self.mm_token_type_ids is not None:
             kwargs["mm_token_type_ids"] = self.mm_token_type_ids

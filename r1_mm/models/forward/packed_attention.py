@@ -13,9 +13,9 @@ keys are gathered by index once per layer and one varlen kernel call does the re
 - ``sdpa``: ``scaled_dot_product_attention`` per sequence (CPU, or GPUs without flash-attn);
 - ``eager``: the same in plain matmul + softmax.
 
-The layout travels as the text model's prepared attention mask (``attention_mask={"full_attention":
-layout}``), which transformers passes to every decoder layer untouched, so it survives gradient
-checkpointing's recompute. Any call without a layout (generation, the naive forward, the vision
+The layout travels on the row's 2-D attention mask (:func:`layout_mask`); the mask function registered
+with the grouped attention hands it to every decoder layer, so it survives gradient checkpointing's
+recompute. Any call without a layout (generation, the naive forward, the vision
 tower) goes to the model's original attention implementation unchanged.
 """
 
@@ -230,9 +230,26 @@ def base_implementation(name: str) -> str:
     return name.removeprefix(PREFIX)
 
 
+LAYOUT_ATTRIBUTE = "r1mm_layout"
+
+
+def _make_mask(base_mask: Callable[..., Any]) -> Callable[..., Any]:
+    """The mask function registered with the grouped attention: for a packed row, the layout itself
+    (carried by the row's 2-D attention mask, see :func:`layout_mask`); for any other call, the base
+    implementation's mask, so generation with the grouped attention enabled gets the masks it always got."""
+
+    def mask(*args: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
+        layout = getattr(attention_mask, LAYOUT_ATTRIBUTE, None)
+        if layout is not None:
+            return layout
+        return base_mask(*args, attention_mask=attention_mask, **kwargs)
+
+    return mask
+
+
 def register() -> None:
-    """Register one grouped attention per supported base implementation (idempotent), with the base's
-    mask function so that calls without a layout (generation) get the masks they always got."""
+    """Register one grouped attention per supported base implementation (idempotent), with a mask
+    function that hands the packed layout to the attention (and the base's mask to anything else)."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
@@ -241,7 +258,7 @@ def register() -> None:
         if name in ALL_ATTENTION_FUNCTIONS:
             continue
         AttentionInterface.register(name, _make_attention(base))
-        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, _make_mask(ALL_MASK_ATTENTION_FUNCTIONS[base]))
 
 
 def text_config(model: torch.nn.Module) -> Any:
@@ -293,7 +310,15 @@ def is_enabled(model: torch.nn.Module) -> bool:
     return str(text_config(model)._attn_implementation or "").startswith(PREFIX)
 
 
-def layout_mask(model: torch.nn.Module, layout: PackedLayout) -> dict[str, PackedLayout]:
-    """The prepared-mask mapping the text model accepts in place of a mask (one entry per layer type)."""
-    types = getattr(text_config(model), "layer_types", None) or ["full_attention"]
-    return dict.fromkeys(set(types), layout)
+def layout_mask(layout: PackedLayout, device: torch.device) -> torch.Tensor:
+    """The packed row's attention mask as every model takes it: a (1, T) mask of ones carrying the layout.
+
+    Why this form: each model builds its decoder's masks through transformers' ``create_causal_mask``
+    (Qwen3-VL, GLM-4.1V), or accepts a prepared mapping instead (Qwen2-VL); the one input all of them
+    pass on untouched is a 2-D bool mask (already bool and on the device, ``create_causal_mask``'s
+    ``.to`` returns the same object). The mask function registered for the grouped attention
+    (:func:`_make_mask`) returns the layout it carries, so every decoder layer receives the layout,
+    also when gradient checkpointing recomputes it, and no (T x T) mask is ever built."""
+    mask = torch.ones((1, layout.length), dtype=torch.bool, device=device)
+    setattr(mask, LAYOUT_ATTRIBUTE, layout)
+    return mask
