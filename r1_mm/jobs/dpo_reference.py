@@ -41,10 +41,12 @@ def precompute_reference(cfg: RecipeConfig, out_path: str | Path) -> int:
     with out_path.open("w") as out, torch.no_grad():
         for index, row in enumerate(rows):
             sample = builder.prepare(row, index)
-            ids = [response_ids(tokenizer, row.get(f), sample.row_id, f) for f in ("chosen", "rejected")]
-            logps, _, mask = score_completions(model, [sample], ids, 2, tokenizer.pad_token_id, temperature=1.0,
-                                               mode=cfg.training.forward_mode)
+            pair = PreferenceBatch([sample], [response_ids(tokenizer, row.get("chosen"), sample.row_id, "chosen")],
+                                   [response_ids(tokenizer, row.get("rejected"), sample.row_id, "rejected")])
+            logps, _, mask = score_completions(model, pair.samples, pair.completions, pair.responses_per_prompt,
+                                               tokenizer.pad_token_id, temperature=1.0, mode=cfg.training.forward_mode)
             seq = (logps * mask).sum(-1)
-            out.write(json.dumps({**row, "ref_chosen_logps": float(seq[0]), "ref_rejected_logps": float(seq[1])}) + "\n")
+            chosen, rejected = float(seq[pair.rows.chosen[0]]), float(seq[pair.rows.rejected[0]])
+            out.write(json.dumps({**row, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected}) + "\n")
             written += 1
     return written
