@@ -85,8 +85,14 @@ def load_for_inference(cfg: ModelConfig, engine: str) -> torch.nn.Module:
 
 def prepare_model(model: torch.nn.Module, cfg: ModelConfig, *, trainable: bool = True,
                   grouped: bool = False) -> torch.nn.Module:
-    """What r1-mm does to a loaded model, also for a model object given through the Python API: the
-    recipe's dtype and attention, the grouped forward's attention, freezing, checkpointing, LoRA."""
+    """What r1-mm does to a loaded model, also for a model object given through the Python API: its
+    family's corrections, the recipe's dtype and attention, the grouped forward's attention, freezing,
+    checkpointing, LoRA."""
+    from r1_mm.models.families import FAMILIES
+
+    family = FAMILIES.get(model.config.model_type) if model.config.model_type in FAMILIES else None
+    if family is not None and family.prepare is not None:
+        family.prepare(model)  # e.g. positions as the checkpoint was trained (families/rope_index.py)
     if cfg.dtype != "auto" and next(model.parameters()).dtype != _DTYPES[cfg.dtype]:
         model = model.to(_DTYPES[cfg.dtype])
     current = getattr(model.config, "_attn_implementation", None)

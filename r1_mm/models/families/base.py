@@ -50,6 +50,9 @@ class ModelFamily:
     support: Mapping[str, str]
     media_tokens: tuple[str, ...] = ()
     vllm_processor_kwargs: Mapping[str, Any] = field(default_factory=lambda: {"do_resize": False})
+    # what r1-mm changes on a loaded model of this family so the learner computes what the checkpoint was
+    # trained with and what vLLM computes (e.g. rope_index.install); applied by models.loading.prepare_model
+    prepare: Callable[[Any], None] | None = None
     note: str = ""
 
     def __post_init__(self) -> None:

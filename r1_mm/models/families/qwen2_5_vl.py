@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from r1_mm.models.families import rope_index
 from r1_mm.models.families.base import TESTED, ModelFamily
 from r1_mm.models.families.tiny_parts import (
     QWEN_VL_CHAT_TEMPLATE,
@@ -34,4 +35,5 @@ def build_tiny(spec: Any, tokenizer: Any) -> tuple[Any, Any]:
 
 FAMILY = ModelFamily(
     model_type="qwen2_5_vl", display_name="Qwen2.5-VL", build_tiny=build_tiny, chat_template=QWEN_VL_CHAT_TEMPLATE,
+    prepare=rope_index.install,
     support=dict.fromkeys(("grouped", "hf", "vllm_colocate", "vllm_pool", "weight_sync", "video", "lora"), TESTED))
