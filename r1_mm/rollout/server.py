@@ -294,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from r1_mm.config.recipe import ModelConfig
-    from r1_mm.models.loading import resolve_model_path
-    from r1_mm.rollout.vllm_common import engine_sizing, set_cpu_defaults
+    from r1_mm.models.loading import load_processor, resolve_model_path
+    from r1_mm.rollout.vllm_common import engine_sizing, normalisation_kwargs, set_cpu_defaults
 
     set_cpu_defaults()
     from vllm import LLM
@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                                   data_parallel_size=args.data_parallel_size,
                                   worker_extension_cls="r1_mm.rollout.weight_channel.WeightReceiverExtension")
     kwargs.update(engine_sizing(args.max_num_batched_tokens, args.max_num_seqs))
+    kwargs.update(normalisation_kwargs(load_processor(ModelConfig(name_or_path=args.model))))
     if args.executor == "mp":
         kwargs["distributed_executor_backend"] = "mp"
     if torch.cuda.is_available():

@@ -50,6 +50,7 @@ from r1_mm.rollout.vllm_common import (
     engine_info,
     engine_sizing,
     generate,
+    normalisation_kwargs,
     reset_caches,
     sampling_kwargs,
     set_cpu_defaults,
@@ -81,7 +82,8 @@ class VLLMColocateEngine(RolloutEngine):
             model=resolve_model_path(cfg.model), dtype=engine_dtype(r.vllm_dtype, model), max_model_len=r.vllm_max_model_len,
             limit_mm_per_prompt=max_media_per_prompt(cfg), logprobs_mode="processed_logprobs",
             seed=cfg.training.seed, trust_remote_code=cfg.model.trust_remote_code,
-            tensor_parallel_size=r.vllm_tensor_parallel_size, **engine_sizing(r.vllm_max_num_batched_tokens, r.vllm_max_num_seqs))
+            tensor_parallel_size=r.vllm_tensor_parallel_size, **engine_sizing(r.vllm_max_num_batched_tokens, r.vllm_max_num_seqs),
+            **normalisation_kwargs(processor))
         several_ranks = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
         if r.vllm_executor == "mp":
             if self.on_gpu and several_ranks:

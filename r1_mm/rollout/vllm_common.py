@@ -31,6 +31,33 @@ def set_cpu_defaults() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # weights are loaded through the engine object
 
 
+NORMALISATION_FIELDS = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+
+
+def normalisation_kwargs(processor: Any) -> dict[str, Any]:
+    """vLLM engine arguments that keep its pixels equal to the learner's.
+
+    vLLM (0.32) rescales and normalises media on the device (``mm_device_do_normalize``) with the *image*
+    processor's mean, std and rescale factor, for video frames too. A checkpoint whose video processor
+    normalises differently would then have its frames sampled from other pixels than the learner scores
+    (a tiny Qwen3-VL with CLIP image statistics and 0.5 video statistics: 1.7e-2 nats per token at the
+    first video token). For such a processor the device normalisation is turned off, so vLLM's copy of
+    the HF processor normalises each modality as the learner's does."""
+    image = getattr(processor, "image_processor", None)
+    video = getattr(processor, "video_processor", None)
+    if image is None or video is None:
+        return {}
+    differ = [f for f in NORMALISATION_FIELDS if _as_list(getattr(image, f, None)) != _as_list(getattr(video, f, None))]
+    if differ:
+        log.info("video frames are normalised unlike images (%s): vLLM normalises on the host", ", ".join(differ))
+        return {"mm_device_do_normalize": False}
+    return {}
+
+
+def _as_list(value: Any) -> Any:
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
 def media_request(prompt: str, images: list[Any], videos: list[tuple[Any, dict[str, Any]]]) -> dict[str, Any]:
     """The prompt as vLLM's ``generate`` takes it: text + decoded images + (frames, metadata) videos."""
     media: dict[str, Any] = {}
