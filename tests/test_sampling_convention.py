@@ -129,17 +129,19 @@ ENGINE_STEPS = [("temperature 0.7", 0.7, 1.0, None), ("top_p 0.7", 1.0, 0.7, Non
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("engine", ["hf", "vllm_colocate", "vllm_pool"])
 def test_identical_weights_give_importance_ratio_one_on_every_engine(tmp_path, synthetic_data, tiny_cache, monkeypatch,
-                                                                     engine):
+                                                                     engine, family):
     """GRPO steps, each at identical sampler and learner weights (the engine is synced after every step),
-    one per sampling setting. vllm_dtype is left at auto: the engine must follow the float32 learner."""
+    one per sampling setting, on each family's tiny model. vllm_dtype is left at auto: the engine must
+    follow the float32 learner."""
     from r1_mm.config.recipe import load_recipe
     from r1_mm.trainers.grpo import GRPOTrainer
 
     monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
     cfg = load_recipe(None, [
-        "model.name_or_path=tiny:qwen2_5_vl:small", f"data.train_path={synthetic_data['counting']}",
+        f"model.name_or_path=tiny:{family}:small", f"data.train_path={synthetic_data['counting']}",
         f"training.output_dir={tmp_path / 'run'}", "data.format_instruction=null", "media.max_pixels=3136",
         "media.min_pixels=3136", "rollout.num_generations=4", "rollout.max_completion_length=8",
         "training.prompts_per_step=2", f"rollout.engine={engine}", "rollout.pool_size=1",
