@@ -4,6 +4,7 @@ video rows through sdpa, eager and the flash route, with and without gradient ch
 engine samples image and video rows with the learner's logprobs."""
 
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from r1_mm.models.families import get_family
 from r1_mm.models.forward import packed_attention
 from r1_mm.models.forward.scoring import score_completions
 from r1_mm.models.tiny import TinySpec, build_tiny_model, parse_tiny_name
+from r1_mm.models.weights import iter_policy_weights
 from r1_mm.rollout import SamplingSettings, make_engine
 from r1_mm.rollout.base import media_token_ids
 
@@ -23,6 +25,7 @@ from . import flash_emulation
 from .test_grouped_forward import compare, load, prompts_for
 
 FAMILY = "internvl"
+PLUGIN = Path(__file__).parent / "plugins" / "test_rewards.py"  # a reward that varies for a random policy
 TASKS = ["counting", "multi_image", "events"]  # one image, two images, a video
 
 
@@ -178,3 +181,45 @@ def test_vllm_samples_images_and_video_and_follows_weight_syncs(tmp_path, tiny_c
             previous = tokens
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("engine_name,task,lora", [
+    ("vllm_colocate", "events", False), ("vllm_colocate", "multi_image", True), ("hf", "events", True)])
+def test_grpo_steps_keep_sampler_and_learner_logprobs_equal(tmp_path, tiny_cache, synthetic_data, monkeypatch,
+                                                            engine_name, task, lora):
+    """3 GRPO steps (optimizer updates, the engine synced after each; LoRA-merged weights when adapters train):
+    the rollout/logprob_abs_diff metrics between the sampler's and the learner's logprobs stay at float
+    noise, and the weights really moved."""
+    from r1_mm.config.recipe import load_recipe
+    from r1_mm.trainers.grpo import GRPOTrainer
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    cfg = load_recipe(None, [
+        f"model.name_or_path=tiny:{FAMILY}:small", f"data.train_path={synthetic_data[task]}",
+        f"training.output_dir={tmp_path / 'run'}", "data.format_instruction=null", f"model.lora={str(lora).lower()}",
+        "rollout.num_generations=3", "rollout.max_completion_length=6", "training.prompts_per_step=2",
+        f"rollout.engine={engine_name}", "rollout.vllm_max_model_len=2048", "data.max_prompt_length=1024",
+        "training.learning_rate=1e-2", "logging.progress_bar=false",
+        f"rewards.functions=[{{name: '{PLUGIN}:length_reward'}}]"])
+    assert cfg.training.forward_mode == "grouped"
+    trainer = GRPOTrainer(cfg)
+    try:
+        assert trainer.engine.name == engine_name
+        assert (type(trainer.learner.unwrapped).__name__ == "PeftModel") == lora
+        policy = trainer.learner.unwrapped
+        start = {n: w.clone() for n, w in iter_policy_weights(policy)}  # what a sync sends (LoRA merged)
+        syncs = []
+        update = trainer.engine.update_weights
+        monkeypatch.setattr(trainer.engine, "update_weights", lambda model: (syncs.append(1), update(model)))
+        for step in range(3):
+            trainer.step = step
+            metrics = trainer.train_step()
+            assert "rollout/logprob_abs_diff_max" in metrics  # the premise: the engine reported sampling logprobs
+            print(engine_name, task, "lora" if lora else "full", step, metrics["rollout/logprob_abs_diff_max"])
+            assert metrics["rollout/logprob_abs_diff_max"] < 1e-4, (step, metrics)
+        moved = max(float((w - start[n]).abs().max()) for n, w in iter_policy_weights(policy))
+        assert moved > 1e-3, moved  # the premise: the policy the sampler must follow really changed
+        if engine_name != "hf":  # the hf engine samples from the learner's own module
+            assert len(syncs) == 3
+    finally:
+        trainer.close()

@@ -64,6 +64,4 @@ FAMILY = ModelFamily(
     # vLLM runs the same InternVLProcessor (saved with the model) on the same decoded media: tiles and frames
     # must be resized to the ViT's tile exactly as the learner's processor does, so nothing is overridden
     vllm_processor_kwargs={},
-    support={"grouped": TESTED, "hf": "not yet tested", "vllm_colocate": "not yet tested",
-             "vllm_pool": "not yet tested", "weight_sync": "not yet tested", "video": "not yet tested",
-             "lora": "not yet tested"})
+    support=dict.fromkeys(("grouped", "hf", "vllm_colocate", "vllm_pool", "weight_sync", "video", "lora"), TESTED))
