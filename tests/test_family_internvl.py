@@ -52,6 +52,15 @@ def test_tiny_build_is_deterministic_and_loads(tmp_path):
     assert (processor.start_image_token, processor.end_image_token, processor.video_token) == ("<img>", "</img>", "<video>")
 
 
+def test_make_tiny_command_is_deterministic(tmp_path):
+    from r1_mm.cli import main
+
+    assert main(["make-tiny", FAMILY, str(tmp_path / "a")]) == 0
+    assert main(["make-tiny", FAMILY, str(tmp_path / "b")]) == 0
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    assert AutoModelForImageTextToText.from_pretrained(tmp_path / "a").config.model_type == FAMILY
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_prompt_expands_every_tile_and_frame(tiny_path, synthetic_data, task):
     """The placeholders the processor writes match the tiles/frames it returns: 4 context tokens per tile."""
