@@ -64,4 +64,7 @@ FAMILY = ModelFamily(
     # vLLM runs the same InternVLProcessor (saved with the model) on the same decoded media: tiles and frames
     # must be resized to the ViT's tile exactly as the learner's processor does, so nothing is overridden
     vllm_processor_kwargs={},
+    note="vLLM writes a video frame's context tokens as <video> where transformers writes <IMG_CONTEXT>; both "
+         "models put the same frame features there (tests/test_family_internvl.py). Tiny model: Qwen2 decoder "
+         "(InternVL3); the Qwen3 decoder of InternVL3.5 shares the code path but has no tiny model of its own.",
     support=dict.fromkeys(("grouped", "hf", "vllm_colocate", "vllm_pool", "weight_sync", "video", "lora"), TESTED))
