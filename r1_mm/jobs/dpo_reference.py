@@ -16,7 +16,6 @@ from r1_mm.models.forward.scoring import score_completions
 from r1_mm.run.input_checks import check_generation_job, preference_problems
 from r1_mm.run.preflight import check_model
 from r1_mm.trainers.preference import response_ids
-from r1_mm.trainers.preference_batch import PreferenceBatch
 
 
 def precompute_reference(cfg: RecipeConfig, out_path: str | Path) -> int:

@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from r1_mm.models.families.base import TESTED, ModelFamily
-from r1_mm.models.families.tiny_parts import QWEN_VL_CHAT_TEMPLATE, mrope_section, qwen2_vl_processors, qwen_vision_ids, text_sizes
+from r1_mm.models.families.tiny_parts import (
+    QWEN_VL_CHAT_TEMPLATE,
+    mrope_section,
+    qwen2_vl_processors,
+    qwen_vision_ids,
+    text_sizes,
+)
 
 
 def build_tiny(spec: Any, tokenizer: Any) -> tuple[Any, Any]:
