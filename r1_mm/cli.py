@@ -410,7 +410,7 @@ COMMANDS = {
     "rollout": (_cmd_rollout, "sample completions for a recipe's data without training"),
     "demo": (_cmd_demo, "build the tiny model and synthetic data, then run the demo recipe"),
     "plot": (_cmd_plot, "draw a run's metrics to a PNG"),
-    "make-tiny": (_cmd_make_tiny, "build a tiny offline Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision"),
+    "make-tiny": (_cmd_make_tiny, "build a tiny offline model of a supported family (make-tiny --help lists them)"),
     "make-data": (_cmd_make_data, "write a synthetic image/video task"),
     "rewards": (_cmd_rewards, "list rewards, or check one on sample rows"),
     "sweep": (_cmd_sweep, "run every combination of a grid of overrides x seeds"),

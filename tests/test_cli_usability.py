@@ -67,8 +67,9 @@ def test_help_texts(capsys):
     make_tiny = capsys.readouterr().out
     main(["--help"])
     top = capsys.readouterr().out
-    for name in FAMILY_NAMES.values():
-        assert name in make_tiny and name in top
+    assert "make-tiny" in top
+    for name in FAMILY_NAMES.values():  # the families come from models/families, not a hand-kept list
+        assert name in make_tiny
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     assert "--lmms-eval TASKS" in capsys.readouterr().out

@@ -11,7 +11,7 @@ from r1_mm.models.tiny import TAG_TOKENS, TinySpec, build_tiny_model, parse_tiny
 from r1_mm.rollout import SamplingSettings, make_engine
 from r1_mm.rollout.base import media_token_ids
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision", "qwen3_vl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision", "qwen3_vl", "internvl"]
 
 
 def weights_digest(folder):
@@ -33,21 +33,25 @@ def test_loads_like_a_hub_model(tiny_path, family):
     processor = AutoProcessor.from_pretrained(path)
     assert model.config.model_type == family
     assert type(processor).__name__ == {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
-                                        "llava_onevision": "LlavaOnevisionProcessor", "qwen3_vl": "Qwen3VLProcessor"}[family]
+                                        "llava_onevision": "LlavaOnevisionProcessor", "qwen3_vl": "Qwen3VLProcessor",
+                                        "internvl": "InternVLProcessor"}[family]
     assert processor.video_processor is not None and processor.image_processor is not None
     tok = processor.tokenizer
-    image_token, video_token = ("<image>", "<video>") if family == "llava_onevision" else ("<|image_pad|>", "<|video_pad|>")
+    image_token, video_token = {"llava_onevision": ("<image>", "<video>"), "internvl": ("<IMG_CONTEXT>", "<video>")}.get(
+        family, ("<|image_pad|>", "<|video_pad|>"))
     for special in ["<|im_start|>", "<|im_end|>", image_token, video_token]:
         assert len(tok.tokenize(special)) == 1
     assert model.config.image_token_id == tok.convert_tokens_to_ids(image_token)
-    assert model.config.video_token_id == tok.convert_tokens_to_ids(video_token)
+    if family != "internvl":  # InternVL's frames are image tiles: its config names only the image context token
+        assert model.config.video_token_id == tok.convert_tokens_to_ids(video_token)
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     head_dim = model.config.text_config.hidden_size // model.config.text_config.num_attention_heads
     assert head_dim >= 32  # vLLM's CPU attention needs it
     rendered = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
         tokenize=False, add_generation_prompt=True)
-    media = "<image>\n" if family == "llava_onevision" else "<|vision_start|><|image_pad|><|vision_end|>"
+    media = {"llava_onevision": "<image>\n", "internvl": "<IMG_CONTEXT>\n"}.get(
+        family, "<|vision_start|><|image_pad|><|vision_end|>")
     assert rendered == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                         f"{media}Hi<|im_end|>\n<|im_start|>assistant\n")
 

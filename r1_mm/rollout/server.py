@@ -122,7 +122,13 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
     from r1_mm.rollout.batching import ContinuousBatcher, RequestRejected
     from r1_mm.rollout.reload import reload_folder_in_place, workers_in_process
     from r1_mm.rollout.transport import decode_request
-    from r1_mm.rollout.vllm_common import engine_info, engine_params, reset_caches, seed_engine_stream
+    from r1_mm.rollout.vllm_common import (
+        engine_info,
+        engine_params,
+        processor_kwargs,
+        reset_caches,
+        seed_engine_stream,
+    )
     from r1_mm.rollout.weight_channel import DEFAULT_TIMEOUT_S
 
     app = FastAPI(title="r1-mm rollout server")
@@ -134,6 +140,7 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
     limits = PromptLimits.of(llm)
     workers = llm.llm_engine.vllm_config.parallel_config.world_size_across_dp
     in_process = workers_in_process(llm)
+    mm_kwargs = processor_kwargs(llm.llm_engine.vllm_config.model_config.hf_config)
 
     @app.exception_handler(BadRequest)
     async def client_error(request: Request, exc: BadRequest) -> Any:
@@ -172,7 +179,7 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
     def generate(body: dict[str, Any]) -> dict[str, Any]:
         usable()
         prompts, params = check_generate(body, limits)  # the client's mistakes: 4xx, the engine never sees them
-        requests = [decode_request(p) for p in prompts]
+        requests = [decode_request(p, mm_kwargs) for p in prompts]
         try:
             outputs = batcher.submit(requests, params)
         except RequestRejected as exc:  # vLLM's input processing refused one prompt: only this request fails

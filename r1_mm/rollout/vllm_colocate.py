@@ -51,6 +51,7 @@ from r1_mm.rollout.vllm_common import (
     engine_sizing,
     generate,
     normalisation_kwargs,
+    processor_kwargs,
     reset_caches,
     sampling_kwargs,
     set_cpu_defaults,
@@ -76,6 +77,7 @@ class VLLMColocateEngine(RolloutEngine):
         self.cfg = cfg
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.suppressed_ids = media_token_ids(model.config)
+        self.mm_kwargs = processor_kwargs(model.config)
         self.on_gpu = torch.cuda.is_available()
         self.sleeping = False
         kwargs: dict[str, Any] = dict(
@@ -158,7 +160,7 @@ class VLLMColocateEngine(RolloutEngine):
         self._wake_for_generation()
         try:
             params = [sampling_kwargs(sampling, n, self.suppressed_ids, i) for i in range(len(batch))]
-            outputs = generate(self.llm, [vllm_request(s) for s in batch], params)
+            outputs = generate(self.llm, [vllm_request(s, self.mm_kwargs) for s in batch], params)
         finally:
             self._sleep()
         return [PromptCompletions(sample=s, completions=[completion_from_vllm(c, self.tokenizer) for c in out.outputs],

