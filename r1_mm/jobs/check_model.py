@@ -91,14 +91,26 @@ def _family(config: Any) -> tuple[Any, str]:
     return family, f"{family.display_name} ({family.model_type}): a verified family"
 
 
-def perturb(model: torch.nn.Module, seed: int, sign: float = 1.0) -> None:
-    """Add (``sign`` = -1: take back) seeded noise of PERTURB_SCALE x each tensor's std to every weight."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            spread = float(p.float().std()) if p.numel() > 1 else 0.0
-            p.add_((sign * PERTURB_SCALE * spread * noise).to(p.dtype))
+@dataclass
+class Perturbation:
+    """Seeded noise of PERTURB_SCALE x each tensor's std (measured once, before any change), added to every
+    weight and exactly the same noise taken back: the learner's weights before the sync are what a missed
+    sync leaves in the engine."""
+
+    seed: int
+    spreads: list[float]
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, seed: int) -> Perturbation:
+        with torch.no_grad():
+            return cls(seed, [float(p.float().std()) if p.numel() > 1 else 0.0 for p in model.parameters()])
+
+    def apply(self, model: torch.nn.Module, sign: float = 1.0) -> None:
+        gen = torch.Generator().manual_seed(self.seed)
+        with torch.no_grad():
+            for p, spread in zip(model.parameters(), self.spreads, strict=True):
+                noise = torch.randn(p.shape, generator=gen)
+                p.add_((sign * PERTURB_SCALE * spread * noise).to(p.dtype))
 
 
 def _learner_logprobs(model: torch.nn.Module, samples: list[Any], outputs: list[Any], pad_id: int) -> tuple:
@@ -128,7 +140,7 @@ def check_engine(model: torch.nn.Module, processor: Any, cfg: Any, samples: dict
                  seed: int) -> list[CheckLine]:
     """Checks (c) learner vs sampler after a sync and (d) weight names, on the recipe's engine."""
     from r1_mm.models.weights import policy_weight_specs
-    from r1_mm.rollout import SamplingSettings, make_engine
+    from r1_mm.rollout import make_engine
 
     engine_name = cfg.rollout.engine
     tolerance = ENGINE_TOLERANCE[engine_name]
@@ -142,15 +154,15 @@ def check_engine(model: torch.nn.Module, processor: Any, cfg: Any, samples: dict
         return [*(CheckLine("learner_vs_sampler", kind, "error", f"<= {tolerance:g}", False, note) for kind in kinds),
                 CheckLine("weight_names", "all", "error", "all", False, note)]
     try:
-        perturb(model, seed)
+        perturbation = Perturbation.of(model, seed)
+        perturbation.apply(model)
         try:
             engine.update_weights(model)
-            outputs = engine.generate(list(samples.values()), SAMPLES_PER_PROMPT,
-                                      SamplingSettings(max_tokens=MAX_TOKENS, temperature=1.0, seed=seed))
         except Exception as exc:  # noqa: BLE001
-                lines += [CheckLine("learner_vs_sampler", k, "error", f"<= {tolerance:g}", False, one_line(exc)) for k in kinds]
+            note = f"weight sync failed: {one_line(exc)}"
+            lines += [CheckLine("learner_vs_sampler", k, "error", f"<= {tolerance:g}", False, note) for k in kinds]
         else:
-            lines += _compare(model, tokenizer.pad_token_id, samples, outputs, tolerance, seed)
+            lines += _sample_and_compare(engine, model, tokenizer.pad_token_id, samples, tolerance, perturbation)
         if engine_name == "hf":
             lines.append(CheckLine("weight_names", "all", "-", "-", None, "not applicable: the hf engine samples from "
                                    "the learner's own tensors (no sync)"))
@@ -168,31 +180,44 @@ def check_engine(model: torch.nn.Module, processor: Any, cfg: Any, samples: dict
     return lines
 
 
-def _compare(model: torch.nn.Module, pad_id: int, samples: dict[str, Any], outputs: list[Any], tolerance: float,
-             seed: int) -> list[CheckLine]:
-    """Per row kind: max |learner - sampler| after the sync, and the premise that the sync was observable
-    (the learner's logprobs before the perturbation differ from after by more than the tolerance)."""
-    learner, sampler, mask = _learner_logprobs(model, list(samples.values()), outputs, pad_id)
-    perturb(model, seed, sign=-1.0)  # the weights a missed sync would have left in the engine
+def _sample_and_compare(engine: Any, model: torch.nn.Module, pad_id: int, samples: dict[str, Any], tolerance: float,
+                        perturbation: Perturbation) -> list[CheckLine]:
+    """Per row kind (each sampled alone, so that one failing row does not hide the others): max |learner -
+    sampler| after the sync, and its premise, that a missed sync would show (the learner's logprobs of the
+    same tokens before the perturbation differ from the sampler's by more than the tolerance)."""
+    from r1_mm.rollout import SamplingSettings
+
+    sampling = SamplingSettings(max_tokens=MAX_TOKENS, temperature=1.0, seed=perturbation.seed)
+    lines: dict[str, CheckLine] = {}
+    scored: dict[str, tuple] = {}
+    for kind, sample in samples.items():
+        try:
+            outputs = engine.generate([sample], SAMPLES_PER_PROMPT, sampling)
+            scored[kind] = (outputs, *_learner_logprobs(model, [sample], outputs, pad_id))
+        except Exception as exc:  # noqa: BLE001 - an unverified model's failure is the finding
+            lines[kind] = CheckLine("learner_vs_sampler", kind, "error", f"<= {tolerance:g}", False, one_line(exc))
+    perturbation.apply(model, sign=-1.0)  # the weights a missed sync would have left in the engine
     try:
-        stale, _, _ = _learner_logprobs(model, list(samples.values()), outputs, pad_id)
+        stale = {kind: _learner_logprobs(model, [samples[kind]], got[0], pad_id)[0] for kind, got in scored.items()}
     finally:
-        perturb(model, seed)
-    lines = []
-    for i, kind in enumerate(samples):
-        rows = slice(i * SAMPLES_PER_PROMPT, (i + 1) * SAMPLES_PER_PROMPT)
+        perturbation.apply(model)
+    for kind, (_, learner, sampler, mask) in scored.items():
         if sampler is None:
-            lines.append(CheckLine("learner_vs_sampler", kind, "no sampler logprobs", f"<= {tolerance:g}", False))
+            lines[kind] = CheckLine("learner_vs_sampler", kind, "no sampler logprobs", f"<= {tolerance:g}", False)
             continue
-        stats = _abs_diff(learner[rows], sampler[rows], mask[rows])
-        missed = _abs_diff(stale[rows], sampler[rows], mask[rows])["rollout/logprob_abs_diff_max"]
+        stats = _abs_diff(learner, sampler, mask)
+        missed = _abs_diff(stale[kind], sampler, mask)["rollout/logprob_abs_diff_max"]
         gap = stats["rollout/logprob_abs_diff_max"]
         observable = missed > tolerance
-        note = "" if observable else "the perturbation moved the logprobs too little to tell a missed sync"
-        lines.append(CheckLine("learner_vs_sampler", kind,
-                               f"max {gap:.2e} mean {stats['rollout/logprob_abs_diff_mean']:.2e} "
-                               f"(unsynced {missed:.2e})", f"<= {tolerance:g}", gap <= tolerance and observable, note))
-    return lines
+        note = ""
+        if gap > tolerance and missed < gap:
+            note = "the sampler is nearer the weights before the sync: the sync did not reach the engine"
+        elif not observable:
+            note = "the perturbation moved the logprobs too little to tell a missed sync"
+        lines[kind] = CheckLine("learner_vs_sampler", kind,
+                                f"max {gap:.2e} mean {stats['rollout/logprob_abs_diff_mean']:.2e} "
+                                f"(unsynced {missed:.2e})", f"<= {tolerance:g}", gap <= tolerance and observable, note)
+    return [lines[kind] for kind in samples]
 
 
 def check_model(model: str, *, engine: str = "hf", seed: int = 0) -> ModelCheck:
