@@ -149,6 +149,19 @@ def test_refused_grouped_is_skipped_with_the_familys_line(tiny_qwen):
     assert all("no packed layout for its layers" in x.note and "Qwen2.5-VL" in x.note for x in lines)
 
 
+def test_a_family_that_refuses_video_gets_no_video_row(tiny_qwen):
+    from r1_mm.models.families import get_family
+
+    model, processor = tiny_qwen
+    family = get_family("qwen2_5_vl")
+    no_video = dataclasses.replace(family, support={**family.support, "video": "its processor takes no video"})
+    lines = cheap_contract(model, processor, family=no_video)
+    assert [(x.check, x.kind) for x in lines] == [(c, k) for c in ("placeholders", "grouped_vs_naive") for k in ROW_KINDS]
+    video = [x for x in lines if x.kind == "video"]
+    assert all(x.status == "skip" and "its processor takes no video" in x.note for x in video)
+    assert all(x.passed for x in lines if x.kind != "video")
+
+
 def test_unverified_family_is_still_checked(capsys, monkeypatch):
     """A model_type outside the registered families: the header says so and every check still runs
     (grouped included: not skipped, since nothing refused it)."""

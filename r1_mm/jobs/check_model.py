@@ -28,7 +28,14 @@ from typing import Any
 import torch
 
 from r1_mm.config.recipe import ConfigError
-from r1_mm.models.contract import CheckLine, cheap_contract, one_line, synthetic_samples
+from r1_mm.models.contract import (
+    CheckLine,
+    SyntheticRows,
+    cheap_contract,
+    in_table_order,
+    one_line,
+    synthetic_samples,
+)
 
 ENGINES = ("hf", "vllm_colocate")
 # Max |sampler - learner| per token, float32 both sides. hf: the learner's own model, measured <= 1e-6
@@ -136,9 +143,14 @@ def _abs_diff(learner: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) 
     return stats
 
 
-def check_engine(model: torch.nn.Module, processor: Any, cfg: Any, samples: dict[str, Any],
-                 seed: int) -> list[CheckLine]:
+def check_engine(model: torch.nn.Module, processor: Any, cfg: Any, rows: SyntheticRows, seed: int) -> list[CheckLine]:
     """Checks (c) learner vs sampler after a sync and (d) weight names, on the recipe's engine."""
+    tolerance = ENGINE_TOLERANCE[cfg.rollout.engine]
+    return in_table_order(_check_engine(model, processor, cfg, rows.samples, seed)
+                          + rows.missing_lines("learner_vs_sampler", f"<= {tolerance:g}"))
+
+
+def _check_engine(model: torch.nn.Module, processor: Any, cfg: Any, samples: dict[str, Any], seed: int) -> list[CheckLine]:
     from r1_mm.models.weights import policy_weight_specs
     from r1_mm.rollout import make_engine
 
@@ -239,6 +251,6 @@ def check_model(model: str, *, engine: str = "hf", seed: int = 0) -> ModelCheck:
     processor = load_processor(cfg.model)
     learner = load_model(cfg.model, trainable=False)
     report.lines += cheap_contract(learner, processor, family=family, seed=seed)
-    report.lines += check_engine(learner, processor, cfg, synthetic_samples(processor, seed), seed)
+    report.lines += check_engine(learner, processor, cfg, synthetic_samples(processor, family, seed), seed)
     report.seconds = time.perf_counter() - t0
     return report

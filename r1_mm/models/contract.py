@@ -86,11 +86,42 @@ def synthetic_rows(seed: int = 0) -> dict[str, dict[str, Any]]:
     }
 
 
-def synthetic_samples(processor: Any, seed: int = 0) -> dict[str, Sample]:
+@dataclass
+class SyntheticRows:
+    """The synthetic rows as Samples, and the row kinds that could not be built with why: ``missing`` maps
+    a kind to (passed, note), None = skipped (the family refuses video), False = the processor failed."""
+
+    samples: dict[str, Sample]
+    missing: dict[str, tuple[bool | None, str]]
+
+    def missing_lines(self, check: str, tolerance: str) -> list[CheckLine]:
+        return [CheckLine(check, kind, "-" if passed is None else "error", tolerance, passed, note)
+                for kind, (passed, note) in self.missing.items()]
+
+
+def synthetic_samples(processor: Any, family: Any = None, seed: int = 0) -> SyntheticRows:
     """The synthetic rows through the same prompt builder (media budgets, chat template, processor) as
-    training data."""
+    training data. A family that refuses video gets no video row (skipped with its line); a row the
+    processor cannot encode is a failure of that row kind, not of the whole check."""
     builder = PromptBuilder(processor, DataConfig(format_instruction=None, max_prompt_length=4096), MediaConfig(), None)
-    return {kind: builder.prepare(row, i) for i, (kind, row) in enumerate(synthetic_rows(seed).items())}
+    rows = SyntheticRows({}, {})
+    for i, (kind, row) in enumerate(synthetic_rows(seed).items()):
+        refusal = family.refusal("video") if family is not None and kind == "video" else None
+        if refusal:
+            rows.missing[kind] = (None, refusal)
+            continue
+        try:
+            rows.samples[kind] = builder.prepare(row, i)
+        except Exception as exc:  # noqa: BLE001 - an unverified model's failure is the finding
+            rows.missing[kind] = (False, f"the processor could not encode this row: {one_line(exc)}")
+    return rows
+
+
+def in_table_order(lines: list[CheckLine]) -> list[CheckLine]:
+    """Lines grouped by check (in the order they first appear), each in ROW_KINDS order."""
+    checks = list(dict.fromkeys(x.check for x in lines))
+    kinds = {k: i for i, k in enumerate(ROW_KINDS)}
+    return sorted(lines, key=lambda x: (checks.index(x.check), kinds.get(x.kind, len(kinds))))
 
 
 # -- (a) placeholders vs vision features -------------------------------------------------------------------
@@ -226,8 +257,11 @@ def cheap_contract(model: torch.nn.Module, processor: Any, *, family: Any = None
     was_training = model.training
     model.eval()
     try:
-        samples = synthetic_samples(processor, seed)
-        return check_placeholders(model, samples) + check_grouped(model, processor, samples, family, seed=seed)
+        rows = synthetic_samples(processor, family, seed)
+        lines = check_placeholders(model, rows.samples) + rows.missing_lines("placeholders", "equal")
+        lines += check_grouped(model, processor, rows.samples, family, seed=seed)
+        lines += rows.missing_lines("grouped_vs_naive", f"<= {GROUPED_TOLERANCE:g}")
+        return in_table_order(lines)
     finally:
         model.train(was_training)
 
