@@ -451,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         lines = ["usage: r1-mm COMMAND [ARGS]", "", "RL post-training for image and video language models.", "",
                  "commands:"]
-        lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+        width = max(len(name) for name in COMMANDS)
+        lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
         lines += ["", "Run `r1-mm COMMAND --help` for a command's options."]
         print("\n".join(lines))
         return 0 if argv else 2

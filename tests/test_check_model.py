@@ -221,8 +221,16 @@ def test_vllm_colocate_passes_and_a_missed_sync_fails(capsys, monkeypatch):
         real(self, model)
 
     monkeypatch.setattr(VLLMColocateEngine, "update_weights", first_only)
+    import r1_mm.models.weights as weights
+
+    real_specs = weights.policy_weight_specs
+    # and one exported name the engine's model has no parameter for (as a fused-expert layout would be)
+    bogus = "model.language_model.layers.0.mlp.experts.gate_up_proj"
+    monkeypatch.setattr(weights, "policy_weight_specs", lambda m: [*real_specs(m), (bogus, [1], "torch.float32")])
     code, out, _ = run(capsys, "tiny:qwen2_5_vl", "--engine", "vllm_colocate")
     rows = table_rows(out)
     assert code == 1, out
+    names = rows[("weight_names", "all")]
+    assert f"{accepted.group(2)}/{int(accepted.group(2)) + 1} accepted" in names and "FAIL" in names and bogus in names
     assert all("FAIL" in rows[("learner_vs_sampler", k)] and "the sync did not reach the engine" in rows[("learner_vs_sampler", k)]
                for k in ROW_KINDS), out
