@@ -138,6 +138,19 @@ def test_cheap_contract_is_callable_before_step_1(tiny_qwen):
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_cheap_contract_gives_one_line_to_refuse_with(tiny_qwen, monkeypatch):
+    import r1_mm.models.forward.scoring as scoring
+    from r1_mm.models.contract import contract_refusal
+
+    model, processor = tiny_qwen
+    assert contract_refusal(cheap_contract(model, processor)) is None
+    real = scoring.grouped_logprobs
+    monkeypatch.setattr(scoring, "grouped_logprobs", lambda *a, **k: (real(*a, **k)[0] + 1e-3, *real(*a, **k)[1:]))
+    line = contract_refusal(cheap_contract(model, processor))
+    assert line is not None and "\n" not in line and "(3 of 6 checks)" in line
+    assert "grouped_vs_naive on image: 1.00e-03" in line and "tolerance <= 1e-05" in line
+
+
 def test_refused_grouped_is_skipped_with_the_familys_line(tiny_qwen):
     from r1_mm.models.families import get_family
 

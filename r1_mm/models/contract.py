@@ -266,6 +266,16 @@ def cheap_contract(model: torch.nn.Module, processor: Any, *, family: Any = None
         model.train(was_training)
 
 
+def contract_refusal(lines: list[CheckLine]) -> str | None:
+    """The one line a run stops with when :func:`cheap_contract` found a mismatch, or None when it passed."""
+    failed = [x for x in lines if x.passed is False]
+    if not failed:
+        return None
+    what = "; ".join(f"{x.check} on {x.kind}: {x.measured}" + (f" ({x.note})" if x.note else "") + f", tolerance {x.tolerance}"
+                     for x in failed)
+    return f"the model fails r1-mm's sampler/learner contract ({len(failed)} of {len(lines)} checks): {what}"
+
+
 def one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
