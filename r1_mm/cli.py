@@ -110,6 +110,27 @@ def _cmd_make_tiny(argv: list[str]) -> int:
     return 0
 
 
+def _cmd_check_model(argv: list[str]) -> int:
+    from r1_mm.jobs.check_model import ENGINE_TOLERANCE, ENGINES, check_model
+
+    p = argparse.ArgumentParser(prog="r1-mm check-model", description=(
+        "Check a model's sampler/learner contract on synthetic rows (one image, two images, a short video) and "
+        "print a table: processor placeholders vs vision features, grouped vs naive logprobs, learner vs sampler "
+        "logprobs after a weight sync, weight names the engine accepts. Exit 0 when all pass, 1 on any mismatch, "
+        "2 for a model that cannot be read."))
+    p.add_argument("model", help="a local model folder, a hub id (cached, when offline) or tiny:FAMILY[:small]")
+    p.add_argument("--engine", choices=ENGINES, default="hf", help="the rollout engine to sample with and sync to "
+                   "(default hf; vllm_colocate also checks the weight names its loader accepts); tolerances: "
+                   + ", ".join(f"{k} {v:g}" for k, v in ENGINE_TOLERANCE.items()))
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic rows, completions and perturbation (default 0)")
+    args = p.parse_args(argv)
+    report, code = _exit_2_on_bad_input(lambda: check_model(args.model, engine=args.engine, seed=args.seed))
+    if code:
+        return code
+    print(report.table())
+    return report.code
+
+
 def _cmd_make_data(argv: list[str]) -> int:
     from r1_mm.testing import synthetic
 
@@ -411,6 +432,7 @@ COMMANDS = {
     "demo": (_cmd_demo, "build the tiny model and synthetic data, then run the demo recipe"),
     "plot": (_cmd_plot, "draw a run's metrics to a PNG"),
     "make-tiny": (_cmd_make_tiny, "build a tiny offline model of a supported family (make-tiny --help lists them)"),
+    "check-model": (_cmd_check_model, "check a model's sampler/learner contract on synthetic rows (exit 1 on a mismatch)"),
     "make-data": (_cmd_make_data, "write a synthetic image/video task"),
     "rewards": (_cmd_rewards, "list rewards, or check one on sample rows"),
     "sweep": (_cmd_sweep, "run every combination of a grid of overrides x seeds"),
@@ -429,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         lines = ["usage: r1-mm COMMAND [ARGS]", "", "RL post-training for image and video language models.", "",
                  "commands:"]
-        lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+        width = max(len(name) for name in COMMANDS)
+        lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
         lines += ["", "Run `r1-mm COMMAND --help` for a command's options."]
         print("\n".join(lines))
         return 0 if argv else 2
