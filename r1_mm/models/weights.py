@@ -1,4 +1,11 @@
-"""The policy's weights as (name, tensor) pairs in Hugging Face naming, ready for vLLM's loader.
+"""The policy's weights as (name, tensor) pairs in the checkpoint's own naming, ready for vLLM's loader.
+
+Names and layouts: transformers 5 renames some weights when it loads a checkpoint (LLaVA-OneVision's
+``vision_tower.vision_model.*`` becomes ``model.vision_tower.*``; MoE experts are fused) and reverts that
+on ``save_pretrained``. vLLM's loaders read the checkpoint's format, not the in-memory one (a sync of
+LLaVA-OneVision's in-memory names failed: "no module or parameter named 'vision_tower.embeddings'").
+So every sync goes out through transformers' own reverse conversion (:func:`checkpoint_format`), not a
+table per model.
 
 Under ZeRO-3 parameters are gathered in buckets of ``bucket_mb`` (every rank must iterate: the
 gather is collective), so no process ever holds the whole model for a sync. LoRA deltas are merged
@@ -8,7 +15,8 @@ on the fly (W + scale * B @ A); the adapter modules themselves are never sent.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 
 import torch
 
@@ -72,15 +80,46 @@ def _base_params(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]
             if "lora_" not in n and ".original_module." not in n]
 
 
+def checkpoint_format(model: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """A function taking base-model weights (in-memory names) to the checkpoint's names and layouts.
+
+    transformers' ``revert_weight_conversion`` with the model class's current conversions, prefix changes
+    included: the ones recorded at load depend on the file loaded (a checkpoint already in memory naming
+    records no prefix change), and transformers drops prefix changes for a model built from a config,
+    leaving names vLLM cannot place. Each weight is converted alone (renames, and splits of fused tensors,
+    are one-to-one or one-to-many), so the order of the weights is kept."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import revert_weight_conversion
+
+    base = unwrap(model)
+    conversions = get_model_conversion_mapping(base, add_legacy=False)
+    holder = SimpleNamespace(_weight_conversions=list(conversions), config=base.config)
+
+    def convert(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not holder._weight_conversions:
+            return weights
+        return {k: v for name, tensor in weights.items() for k, v in revert_weight_conversion(holder, {name: tensor}).items()}
+
+    return convert
+
+
 def policy_weight_specs(model: torch.nn.Module) -> list[tuple[str, list[int], str]]:
-    """(name, shape, dtype) of what :func:`iter_policy_weights` yields, in the same order (no gather)."""
-    return [(hf_name(n), list(p.ds_shape if _is_zero3(p) else p.shape), str(p.dtype)) for n, p in _base_params(model)]
+    """(name, shape, dtype) of what :func:`iter_policy_weights` yields, in the same order (no gather: the
+    conversion runs on meta tensors)."""
+    convert = checkpoint_format(model)
+    specs = []
+    for n, p in _base_params(model):
+        shape = p.ds_shape if _is_zero3(p) else p.shape
+        for name, t in convert({hf_name(n): torch.empty(shape, dtype=p.dtype, device="meta")}).items():
+            specs.append((name, list(t.shape), str(t.dtype)))
+    return specs
 
 
 def iter_policy_weights(model: torch.nn.Module, bucket_mb: int = 256) -> Iterator[tuple[str, torch.Tensor]]:
     """Every base-model weight once (tied ones under each name), LoRA merged, gathered bucket by bucket."""
     lora = _lora_layers(model)
     params = _base_params(model)
+    convert = checkpoint_format(model)
     limit = bucket_mb * 2**20
     bucket: list[tuple[str, torch.nn.Parameter]] = []
     size = 0
@@ -88,10 +127,10 @@ def iter_policy_weights(model: torch.nn.Module, bucket_mb: int = 256) -> Iterato
         bucket.append(item)
         size += _size_bytes(item[1])
         if size >= limit:
-            yield from _emit(bucket, lora)
+            yield from convert(dict(_emit(bucket, lora))).items()
             bucket, size = [], 0
     if bucket:
-        yield from _emit(bucket, lora)
+        yield from convert(dict(_emit(bucket, lora))).items()
 
 
 def _emit(bucket: list[tuple[str, torch.nn.Parameter]], lora: dict[str, torch.nn.Module]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -49,4 +49,7 @@ def build_tiny(spec: Any, tokenizer: Any) -> tuple[Any, Any]:
 FAMILY = ModelFamily(
     model_type="llava_onevision", display_name="LLaVA-OneVision", build_tiny=build_tiny, chat_template=CHAT_TEMPLATE,
     media_tokens=MEDIA_TOKENS,
+    # the learner's processor resizes images and frames to its tiles (media.py does not: no patch x merge
+    # factor), so vLLM's must too; do_resize=False sent 112 px frames to a 56 px SigLIP
+    vllm_processor_kwargs={},
     support=dict.fromkeys(("grouped", "hf", "vllm_colocate", "vllm_pool", "weight_sync", "video", "lora"), TESTED))
