@@ -23,7 +23,7 @@ from .test_vllm_engines import learner_logprobs, perturb, recipe, samples_for
 
 # float32 on both sides: measured <= 1e-5 per token; bf16 sampling alone would give ~3e-3
 TOLERANCE = 1e-4
-VLLM_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+VLLM_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision"]  # InternVL: tests/test_family_internvl.py
 
 
 @pytest.fixture(autouse=True)
@@ -31,14 +31,27 @@ def _cache(tiny_cache, monkeypatch):
     monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
 
 
+# every family on the colocated engine; the pool for the families the GRPO importance-ratio test
+# (test_sampling_convention) does not run on it; LoRA (adapters merged into each sync) where no other test
+# runs it (Qwen2.5-VL: test_backends; InternVL: its own file)
+CASES = ([(family, "vllm_colocate", False) for family in VLLM_FAMILIES]
+         + [("qwen2_vl", "vllm_pool", False), ("llava_onevision", "vllm_pool", False)]
+         + [(family, "vllm_colocate", True) for family in ("qwen2_vl", "qwen3_vl", "llava_onevision")])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", VLLM_FAMILIES)
-def test_prompt_tokens_and_logprobs_after_three_syncs(tmp_path, synthetic_data, family):
-    assert get_family(family).supports("vllm_colocate") and get_family(family).supports("weight_sync")
-    cfg = recipe(tmp_path, f"model.name_or_path=tiny:{family}:small")
+@pytest.mark.parametrize(("family", "engine_name", "lora"), CASES,
+                         ids=[f"{f}-{e}{'-lora' if lora else ''}" for f, e, lora in CASES])
+def test_prompt_tokens_and_logprobs_after_three_syncs(tmp_path, synthetic_data, family, engine_name, lora):
+    for capability in (engine_name, "weight_sync", "video", *(["lora"] if lora else [])):
+        assert get_family(family).supports(capability), capability  # what this test shows is what is claimed
+    cfg = recipe(tmp_path, f"model.name_or_path=tiny:{family}:small", f"model.lora={str(lora).lower()}",
+                 "rollout.pool_size=1")
     processor, model = load_processor(cfg.model), load_model(cfg.model)
     assert model.config.model_type == family  # the premise: this family's model is the one sampled
-    engine = make_engine("vllm_colocate", model=model, processor=processor, cfg=cfg)
+    assert (type(model).__name__ == "PeftModel") == lora
+    engine = make_engine(engine_name, model=model, processor=processor, cfg=cfg)
+    assert engine.name == engine_name
     try:
         samples = samples_for(cfg, processor, synthetic_data)  # one image, two images, a video
         if family == "qwen3_vl":  # frames are separated by their timestamps in the prompt text
@@ -61,7 +74,7 @@ def test_prompt_tokens_and_logprobs_after_three_syncs(tmp_path, synthetic_data, 
                 old = learner_logprobs(before, processor, sample, out.completions)
                 worst = max(worst, *(float((a - b).abs().max()) for a, b in zip(sampler, learner)))
                 stale = max(stale, *(float((a - b).abs().max()) for a, b in zip(sampler, old)))
-            print(family, "round", round_, "sampler vs learner", worst, "vs the weights before the sync", stale)
+            print(family, engine_name, "lora" if lora else "", "round", round_, "sampler vs learner", worst, "vs the weights before the sync", stale)
             assert worst < TOLERANCE, (family, round_, worst)
             assert stale > 100 * TOLERANCE, (family, round_, stale)  # the sync really changed the engine
     finally:

@@ -67,5 +67,5 @@ FAMILY = ModelFamily(
     support={
         "grouped": TESTED, "hf": TESTED, "vllm_colocate": TESTED, "vllm_pool": TESTED, "weight_sync": TESTED,
         "video": TESTED,
-        "lora": "no LoRA run has been checked on this family yet (sampler vs learner after a merged-adapter sync)",
+        "lora": TESTED,
     })
