@@ -6,27 +6,15 @@ from typing import Any
 
 from r1_mm.models.families import rope_index
 from r1_mm.models.families.base import TESTED, ModelFamily
-from r1_mm.models.families.tiny_parts import (
-    QWEN_VL_CHAT_TEMPLATE,
-    mrope_section,
-    qwen2_vl_processors,
-    qwen_vision_ids,
-    text_sizes,
-)
+from r1_mm.models.families.tiny_parts import QWEN_VL_CHAT_TEMPLATE, qwen2_vl_style_parts
 
 
 def build_tiny(spec: Any, tokenizer: Any) -> tuple[Any, Any]:
     from transformers import Qwen2VLConfig, Qwen2VLProcessor
 
-    text = text_sizes(spec, tokenizer) | {"rope_parameters": {
-        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section(spec.hidden_size // spec.num_heads)}}
     vision = dict(depth=spec.vision_depth, embed_dim=spec.vision_hidden_size, hidden_size=spec.hidden_size,
                   num_heads=spec.vision_heads, mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **qwen_vision_ids(tokenizer))
-    image, video = qwen2_vl_processors(spec)
-    processor = Qwen2VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
-                                 chat_template=QWEN_VL_CHAT_TEMPLATE)
-    return config, processor
+    return qwen2_vl_style_parts(spec, tokenizer, Qwen2VLConfig, Qwen2VLProcessor, vision)
 
 
 FAMILY = ModelFamily(

@@ -98,3 +98,16 @@ def qwen2_vl_processors(spec: Any, patch_size: int = 14) -> tuple[Any, Any]:
     video = Qwen2VLVideoProcessor(size=size, patch_size=patch_size, temporal_patch_size=2, merge_size=2,
                                   do_sample_frames=False, cap_pixels_per_frame=True)
     return image, video
+
+
+def qwen2_vl_style_parts(spec: Any, tokenizer: Any, config_class: type, processor_class: type,
+                         vision: dict[str, Any]) -> tuple[Any, Any]:
+    """Config and processor of a Qwen2-VL-style tiny model (M-RoPE decoder, Qwen2-VL processors); the
+    family gives its config and processor classes and its vision tower's sizes."""
+    text = text_sizes(spec, tokenizer) | {"rope_parameters": {
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section(spec.hidden_size // spec.num_heads)}}
+    config = config_class(text_config=text, vision_config=vision, tie_word_embeddings=False, **qwen_vision_ids(tokenizer))
+    image, video = qwen2_vl_processors(spec)
+    processor = processor_class(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                                chat_template=QWEN_VL_CHAT_TEMPLATE)
+    return config, processor
