@@ -75,8 +75,9 @@ def merge_vision_inputs(prompts: list[dict[str, torch.Tensor]], repeats: int = 1
     for p in prompts:
         unknown = [k for k in p if k not in VISION_KEYS + TEXT_KEYS]
         if unknown:
-            raise GroupedForwardError(f"processor outputs {unknown} are not supported by the grouped forward; "
-                                      "set training.forward_mode=naive")
+            # both forwards pass the processor's outputs through here, so naive mode is no way out
+            raise GroupedForwardError(f"processor outputs {unknown} are not passed to the model by r1-mm's forward "
+                                      "(grouped or naive): this model's family is not verified; run r1-mm check-model")
     merged: dict[str, torch.Tensor] = {}
     for key in VISION_KEYS:
         parts = [p[key] for p in prompts if key in p for _ in range(repeats)]
