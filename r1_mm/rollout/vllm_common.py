@@ -14,6 +14,7 @@ from typing import Any
 
 from r1_mm.core.seeds import derive_seed
 from r1_mm.data.prompts import Sample
+from r1_mm.models.families.base import DEFAULT_VLLM_PROCESSOR_KWARGS
 from r1_mm.rollout.base import Completion, SamplingSettings
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,6 @@ def _as_list(value: Any) -> Any:
     return [float(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-DEFAULT_PROCESSOR_KWARGS: dict[str, Any] = {"do_resize": False}  # pixels are already within the recipe's budget
-
-
 def processor_kwargs(config: Any) -> dict[str, Any]:
     """What vLLM's processor for this model's family needs so that it treats the decoded media as the
     learner's processor does (``ModelFamily.vllm_processor_kwargs``). InternVL, for one, must resize every
@@ -71,7 +69,7 @@ def processor_kwargs(config: Any) -> dict[str, Any]:
     try:
         return dict(family_of(config).vllm_processor_kwargs)
     except UnsupportedModelError:
-        return dict(DEFAULT_PROCESSOR_KWARGS)
+        return dict(DEFAULT_VLLM_PROCESSOR_KWARGS)
 
 
 def media_request(prompt: str, images: list[Any], videos: list[tuple[Any, dict[str, Any]]],
@@ -86,7 +84,7 @@ def media_request(prompt: str, images: list[Any], videos: list[tuple[Any, dict[s
     request: dict[str, Any] = {"prompt": prompt}
     if media:
         request["multi_modal_data"] = media
-        kwargs = DEFAULT_PROCESSOR_KWARGS if mm_kwargs is None else mm_kwargs
+        kwargs = DEFAULT_VLLM_PROCESSOR_KWARGS if mm_kwargs is None else mm_kwargs
         if kwargs:
             request["mm_processor_kwargs"] = dict(kwargs)
     return request

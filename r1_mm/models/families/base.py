@@ -26,6 +26,9 @@ CAPABILITY_HELP = {
     "lora": "model.lora adapters",
 }
 TESTED = "tested"
+# what vLLM's processor is told unless a family says otherwise: media.py already sized the pixels within the
+# recipe's budget, so vLLM must not resize them again
+DEFAULT_VLLM_PROCESSOR_KWARGS: Mapping[str, Any] = {"do_resize": False}
 
 
 class UnsupportedModelError(ValueError):
@@ -49,7 +52,7 @@ class ModelFamily:
     chat_template: str
     support: Mapping[str, str]
     media_tokens: tuple[str, ...] = ()
-    vllm_processor_kwargs: Mapping[str, Any] = field(default_factory=lambda: {"do_resize": False})
+    vllm_processor_kwargs: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_VLLM_PROCESSOR_KWARGS))
     # what r1-mm changes on a loaded model of this family so the learner computes what the checkpoint was
     # trained with and what vLLM computes (e.g. rope_index.install); applied by models.loading.prepare_model
     prepare: Callable[[Any], None] | None = None
