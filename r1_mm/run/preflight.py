@@ -175,7 +175,7 @@ def family_problems(cfg: RecipeConfig, config: Any, *, learner: bool = True) -> 
     for capability in uses:
         line = family.refusal(capability) if capability in family.support else None
         if line:
-            hint = " (set training.forward_mode=naive)" if capability == "grouped" and family.supports("hf") else ""
+            hint = " (set training.forward_mode=naive)" if capability == "grouped" else ""
             found.append(line + hint)
     return found
 
