@@ -30,7 +30,47 @@ def test_every_family_states_every_capability_and_builds_by_its_name():
 
 def test_unknown_model_type_is_refused_with_a_suggestion():
     class Config:
-        model_type = "qwen3_vl_mo"
+        model_type = "qwen3vl"
 
     with pytest.raises(UnsupportedModelError, match="did you mean 'qwen3_vl'"):
         family_of(Config())
+
+
+def test_fused_experts_are_saved_and_sent_in_the_checkpoints_layout(tiny_path):
+    """Qwen3-VL-MoE's checkpoints store experts as (experts, in, out), transformers holds them as
+    (experts, out, in), and vLLM's loader always transposes them: the tiny model's file and every sync
+    must carry the checkpoint's layout (transformers' own save writes the in-memory one)."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    from r1_mm.models.weights import iter_policy_weights, policy_weight_specs
+
+    path = tiny_path("qwen3_vl_moe", small=True)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    text = model.config.text_config
+    memory = dict(model.named_parameters())
+    name = "model.language_model.layers.0.mlp.experts.gate_up_proj"
+    assert list(memory[name].shape) == [text.num_experts, 2 * text.moe_intermediate_size, text.hidden_size]
+    with safe_open(str(path / "model.safetensors"), "pt") as saved:
+        assert saved.get_slice(name).get_shape() == [text.num_experts, text.hidden_size, 2 * text.moe_intermediate_size]
+        sent = dict(iter_policy_weights(model))
+        assert set(sent) == set(saved.keys())
+        assert all(torch.equal(sent[k], saved.get_tensor(k)) for k in saved.keys())  # noqa: SIM118
+    assert {n: s for n, s, _ in policy_weight_specs(model)}[name] == list(sent[name].shape)
+    # and transformers reads the file back into the model it came from
+    assert torch.equal(memory[name], torch.transpose(sent[name], 1, 2))
+
+
+def test_a_config_vllm_would_read_differently_is_refused_in_one_line(tiny_path):
+    from transformers import AutoConfig
+
+    from r1_mm.config.recipe import load_recipe
+    from r1_mm.run.preflight import family_problems
+
+    config = AutoConfig.from_pretrained(tiny_path("qwen3_vl_moe", small=True))
+    cfg = load_recipe(None, ["model.name_or_path=tiny:qwen3_vl_moe:small"])
+    assert family_problems(cfg, config) == []
+    del config.text_config.norm_topk_prob
+    (line,) = family_problems(cfg, config)
+    assert line.startswith("Qwen3-VL-MoE (qwen3_vl_moe): text_config.norm_topk_prob must be true") and "\n" not in line

@@ -23,7 +23,7 @@ from .test_vllm_engines import learner_logprobs, perturb, recipe, samples_for
 
 # float32 on both sides: measured <= 1e-5 per token; bf16 sampling alone would give ~3e-3
 TOLERANCE = 1e-4
-VLLM_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision"]  # InternVL: tests/test_family_internvl.py
+VLLM_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision"]  # InternVL: tests/test_family_internvl.py
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +35,7 @@ def _cache(tiny_cache, monkeypatch):
 # (test_sampling_convention) does not run on it; LoRA (adapters merged into each sync) where no other test
 # runs it (Qwen2.5-VL: test_backends; InternVL: its own file)
 CASES = ([(family, "vllm_colocate", False) for family in VLLM_FAMILIES]
-         + [("qwen2_vl", "vllm_pool", False), ("llava_onevision", "vllm_pool", False)]
+         + [("qwen2_vl", "vllm_pool", False), ("llava_onevision", "vllm_pool", False), ("qwen3_vl_moe", "vllm_pool", True)]
          + [(family, "vllm_colocate", True) for family in ("qwen2_vl", "qwen3_vl", "llava_onevision")])
 
 
@@ -54,7 +54,7 @@ def test_prompt_tokens_and_logprobs_after_three_syncs(tmp_path, synthetic_data, 
     assert engine.name == engine_name
     try:
         samples = samples_for(cfg, processor, synthetic_data)  # one image, two images, a video
-        if family == "qwen3_vl":  # frames are separated by their timestamps in the prompt text
+        if family.startswith("qwen3_vl"):  # frames are separated by their timestamps in the prompt text
             assert "seconds>" in processor.tokenizer.decode(samples[2].inputs["input_ids"][0])
         sampling = SamplingSettings(max_tokens=6, seed=3)
         outputs = engine.generate(samples, 2, sampling)

@@ -35,6 +35,27 @@ def test_parameter_counts_are_exact_without_loading_weights():
     assert shape.total_params == sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
 
 
+def test_mixture_of_experts_holds_every_expert_and_computes_with_top_k():
+    """Qwen3-VL-MoE: memory counts every expert, compute the router's top_k of them per token; its
+    activations keep top_k experts' inputs; its visual tokens are 32 x 32 pixels (16-px patches, 2x2 merge)."""
+    cfg = load_recipe(None, ["model.name_or_path=tiny:qwen3_vl_moe", "media.max_pixels=50176"])
+    shape = model_shape(cfg)
+    from r1_mm.models.loading import load_model
+
+    model = load_model(cfg.model)
+    text = model.config.text_config
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert experts > 0 and shape.total_params == sum(p.numel() for p in model.parameters())
+    assert shape.active_params == shape.total_params - experts + experts * text.num_experts_per_tok // text.num_experts
+    assert shape.active < shape.total_params
+    assert shape.intermediate == text.num_experts_per_tok * text.moe_intermediate_size
+    assert shape.pixels_per_token_side == 32
+    table = plan(cfg, gpus=1, zero_stage=0, shape=shape).table()
+    assert f"{shape.active / 1e9:.3f} B parameters active per token of {shape.total_params / 1e9:.3f} B" in table
+    dense = model_shape(load_recipe(None, ["model.name_or_path=tiny:qwen2_5_vl"]))
+    assert dense.active_params == 0 and dense.active == dense.total_params and dense.pixels_per_token_side == 28
+
+
 def test_zero_stages_shard_what_they_shard():
     cfg = load_recipe(None, ["model.name_or_path=tiny:qwen2_5_vl", "model.dtype=bfloat16"])
     shape = model_shape(cfg)

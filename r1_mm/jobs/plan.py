@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from r1_mm.config.algorithms import algorithm_spec
 from r1_mm.config.recipe import RecipeConfig, accumulation
@@ -70,6 +71,7 @@ class MemoryPlan:
     device: str
     lines: list[Line] = field(default_factory=list)
     video: str = ""  # the largest video's frames x tokens per frame, as the loader budgets it
+    compute: str = ""  # active parameters per token (what compute scales with; all of a dense model's)
 
     @property
     def total_bytes(self) -> float:
@@ -80,7 +82,8 @@ class MemoryPlan:
 
     def table(self) -> str:
         rows = [f"memory per learner process: {self.recipe}, {self.gpus} process(es), ZeRO stage {self.zero_stage}, "
-                f"{self.device}", *([f"visual tokens: {self.video}"] if self.video else []), "",
+                f"{self.device}", *([f"visual tokens: {self.video}"] if self.video else []),
+                *([f"compute: {self.compute}"] if self.compute else []), "",
                 "| part | GiB | how |", "|---|---|---|"]
         rows += [f"| {line.name} | {line.bytes / GIB:.2f} | {line.note} |" for line in self.lines]
         rows.append(f"| **total** | **{self.total_bytes / GIB:.2f}** | |")
@@ -89,7 +92,11 @@ class MemoryPlan:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the estimate needs from a model: exact parameter counts and the layer sizes."""
+    """What the estimate needs from a model: exact parameter counts and the layer sizes.
+
+    Mixture-of-experts models: memory holds every expert (``total_params``), while each token runs
+    through the router's ``top_k`` of them (``active_params``, what compute scales with), and a layer
+    keeps for backward the inputs of those ``top_k`` experts (``intermediate`` is their summed width)."""
 
     total_params: int
     vision_params: int
@@ -103,6 +110,23 @@ class ModelShape:
     vision_hidden: int
     vision_intermediate: int
     tied_head: bool
+    active_params: int = 0  # 0: every parameter is active (a dense model)
+    pixels_per_token_side: int = PLAN_FACTOR  # the vision tower's patch x spatial merge (Qwen3-VL: 16 x 2)
+
+    @property
+    def active(self) -> int:
+        return self.active_params or self.total_params
+
+
+def expert_counts(model: Any, text: Any) -> tuple[int, int]:
+    """(parameters of the routed experts, of them active per token) of a model on the meta device:
+    every parameter under an ``experts`` module (fused 3-D tensors or one module per expert), scaled by
+    top_k / experts. (0, 0) for a dense model."""
+    experts, top_k = getattr(text, "num_experts", 0) or 0, getattr(text, "num_experts_per_tok", 0) or 0
+    if not experts or not top_k:
+        return 0, 0
+    routed = sum(p.numel() for name, p in model.named_parameters() if ".experts." in f".{name}")
+    return routed, routed * top_k // experts
 
 
 def model_shape(cfg: RecipeConfig) -> ModelShape:
@@ -128,24 +152,35 @@ def model_shape(cfg: RecipeConfig) -> ModelShape:
     text = config.get_text_config()
     vision = getattr(config, "vision_config", None)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    routed, active_routed = expert_counts(model, text)
+    total = sum(p.numel() for p in model.parameters())
+    # per token, a sparse layer runs top_k experts of moe_intermediate_size (plus a shared expert, if any)
+    intermediate = text.intermediate_size
+    if routed and getattr(text, "moe_intermediate_size", None):
+        intermediate = text.num_experts_per_tok * text.moe_intermediate_size + (
+            getattr(text, "shared_expert_intermediate_size", 0) or 0)
+    side = PLAN_FACTOR
+    if vision is not None and getattr(vision, "patch_size", None) and getattr(vision, "spatial_merge_size", None):
+        side = vision.patch_size * vision.spatial_merge_size
     # Qwen2-VL names the tower's width embed_dim (its hidden_size is the projector's output)
     vision_hidden = (getattr(vision, "embed_dim", None) or getattr(vision, "hidden_size", 0)) if vision else 0
     return ModelShape(
-        total_params=sum(p.numel() for p in model.parameters()), vision_params=vision_params, lora_params=lora,
-        text_layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size,
+        total_params=total, vision_params=vision_params, lora_params=lora,
+        text_layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=intermediate,
         kv_dim=getattr(text, "num_key_value_heads", text.num_attention_heads) * head_dim, vocab=text.vocab_size,
         vision_layers=(getattr(vision, "depth", None) or getattr(vision, "num_hidden_layers", 0)) if vision else 0,
         vision_hidden=vision_hidden,
         vision_intermediate=(getattr(vision, "intermediate_size", None) or 4 * vision_hidden) if vision else 0,
-        tied_head=bool(getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)))
+        tied_head=bool(getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)),
+        active_params=total - routed + active_routed if routed else 0, pixels_per_token_side=side)
 
 
-def visual_tokens_per_prompt(cfg: RecipeConfig) -> int:
-    """The most visual tokens one prompt can hold: one image or one video at the media budgets (28 x 28
-    pixels per token; the video as the loader budgets it, ``visual_budget.video_token_budget``), never
-    more than the prompt length allows."""
-    per_image = cfg.media.max_pixels // (PLAN_FACTOR * PLAN_FACTOR)
-    return min(max(per_image, video_token_budget(cfg.media).total), cfg.data.max_prompt_length)
+def visual_tokens_per_prompt(cfg: RecipeConfig, side: int = PLAN_FACTOR) -> int:
+    """The most visual tokens one prompt can hold: one image or one video at the media budgets (``side`` x
+    ``side`` pixels per token: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL; the video as the loader budgets it,
+    ``visual_budget.video_token_budget``), never more than the prompt length allows."""
+    per_image = cfg.media.max_pixels // (side * side)
+    return min(max(per_image, video_token_budget(cfg.media, factor=side).total), cfg.data.max_prompt_length)
 
 
 def launch_zero_stage(launch_config: str | Path | None) -> tuple[int, bool]:
@@ -233,7 +268,9 @@ def plan(cfg: RecipeConfig, *, gpus: int, zero_stage: int, mixed_bf16: bool = Fa
     trainable = shape.lora_params if cfg.model.lora else shape.total_params - (
         shape.vision_params if cfg.model.freeze_vision_tower else 0)
     add("policy weights", (shape.total_params + shape.lora_params) * b / shard3,
-        f"{shape.total_params / 1e9:.3f} B parameters x {b} bytes" + (", sharded" if shard3 > 1 else ""))
+        f"{shape.total_params / 1e9:.3f} B parameters x {b} bytes" + (", sharded" if shard3 > 1 else "")
+        + (f" (mixture of experts: every expert held; {shape.active / 1e9:.3f} B active per token)"
+           if shape.active_params else ""))
     needs_reference = (not a.dpo.precomputed_reference) if preference else a.grpo.beta != 0.0
     if needs_reference and not cfg.model.lora:  # LoRA: the adapter-disabled policy is the reference
         add("reference weights", shape.total_params * b / shard3, "frozen copy" + (", sharded" if shard3 > 1 else ""))
@@ -261,9 +298,13 @@ def plan(cfg: RecipeConfig, *, gpus: int, zero_stage: int, mixed_bf16: bool = Fa
         text_acts = tokens * per_token_layer * layers + gathered_kv * layers
         how = f"{layers} layers kept for backward"
     add("activations: language model", text_acts, f"{tokens} tokens per micro-batch ({micro} prompt(s), G={g}); {how}")
-    video = video_token_budget(cfg.media)
-    out.video = f"{video.describe()} at most per video (media budget, {PLAN_FACTOR}x{PLAN_FACTOR} pixels per token)"
-    patches = micro * visual_tokens_per_prompt(cfg) * 4  # 2x2 patches merge into one token
+    side = shape.pixels_per_token_side
+    video = video_token_budget(cfg.media, factor=side)
+    out.video = f"{video.describe()} at most per video (media budget, {side}x{side} pixels per token)"
+    out.compute = (f"{shape.active / 1e9:.3f} B parameters active per token"
+                   + (f" of {shape.total_params / 1e9:.3f} B (mixture of experts)" if shape.active_params else "")
+                   + f": ~{6 * shape.active / 1e9:.1f} GFLOP per trained token (6 x active, forward and backward)")
+    patches = micro * visual_tokens_per_prompt(cfg, side) * 4  # 2x2 patches merge into one token
     if shape.vision_layers and not cfg.model.freeze_vision_tower and not cfg.model.lora:
         vision_per = (6 * shape.vision_hidden + 2 * shape.vision_intermediate) * b
         vision_acts = patches * vision_per * (1 if cfg.model.gradient_checkpointing else shape.vision_layers)

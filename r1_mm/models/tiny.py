@@ -60,7 +60,7 @@ class TinySpec:
         return f"{self.family}{'-small' if self.small_vocab else ''}-s{self.seed}-{hashlib.sha1(blob.encode()).hexdigest()[:8]}"
 
 
-_BUILDER_VERSION = "3"  # 3: checkpoint-format names (LLaVA-OneVision's vision_model prefix)
+_BUILDER_VERSION = "4"  # 3: checkpoint-format names (LLaVA-OneVision's vision_model prefix); 4: expert layout
 
 
 def _training_corpus() -> list[str]:
@@ -140,10 +140,11 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     # saved in the checkpoint format a hub model has (and vLLM's loaders read): transformers reverts its
     # in-memory renames on save, but for a model built from a config it skips the prefix changes
-    # (LLaVA-OneVision's vision_tower.vision_model.*), unless the conversions are recorded as loaded ones
-    from transformers.conversion_mapping import get_model_conversion_mapping
+    # (LLaVA-OneVision's vision_tower.vision_model.*), unless the conversions are recorded as loaded ones, and
+    # it writes fused experts in the in-memory layout (see checkpoint_conversions)
+    from r1_mm.models.weights import checkpoint_conversions
 
-    model._weight_conversions = get_model_conversion_mapping(model, add_legacy=False)
+    model._weight_conversions = checkpoint_conversions(model)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     (out_dir / "r1_mm_tiny.json").write_text(json.dumps(asdict(spec), indent=1))

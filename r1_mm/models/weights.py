@@ -15,8 +15,10 @@ on the fly (W + scale * B @ A); the adapter modules themselves are never sent.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -80,20 +82,39 @@ def _base_params(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]
             if "lora_" not in n and ".original_module." not in n]
 
 
+def checkpoint_conversions(model: torch.nn.Module) -> list[Any]:
+    """transformers' conversions between ``model``'s checkpoint and in-memory weights, prefix changes included,
+    with every transpose made unconditional.
+
+    Why unconditional: transformers marks the fused-expert transposes (Qwen3-VL-MoE's ``gate_up_proj`` /
+    ``down_proj``, stored (experts, in, out) in the checkpoint and (experts, out, in) in memory) as
+    ``check_dims``: transpose only when the shape differs from the model's parameter. That reads legacy
+    files of either layout, but reverting it compares an in-memory tensor with itself and never
+    transposes, so ``save_pretrained`` writes the in-memory layout and vLLM, which always transposes
+    these tensors, fails (gate_up) or silently loads a square tensor transposed (down_proj when the
+    expert width equals the hidden size)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import Transpose
+
+    conversions = copy.deepcopy(list(get_model_conversion_mapping(unwrap(model), add_legacy=False)))
+    for conversion in conversions:
+        for op in getattr(conversion, "operations", []):
+            if isinstance(op, Transpose):
+                op.check_dims = False
+    return conversions
+
+
 def checkpoint_format(model: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """A function taking base-model weights (in-memory names) to the checkpoint's names and layouts.
 
     transformers' ``revert_weight_conversion`` with the model class's current conversions, prefix changes
     included: the ones recorded at load depend on the file loaded (a checkpoint already in memory naming
     records no prefix change), and transformers drops prefix changes for a model built from a config,
-    leaving names vLLM cannot place. Each weight is converted alone (renames, and splits of fused tensors,
+    leaving names vLLM cannot place; transposes always applied (:func:`checkpoint_conversions`). Each weight is converted alone (renames, and splits of fused tensors,
     are one-to-one or one-to-many), so the order of the weights is kept."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import revert_weight_conversion
 
-    base = unwrap(model)
-    conversions = get_model_conversion_mapping(base, add_legacy=False)
-    holder = SimpleNamespace(_weight_conversions=list(conversions), config=base.config)
+    holder = SimpleNamespace(_weight_conversions=checkpoint_conversions(model), config=unwrap(model).config)
 
     def convert(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not holder._weight_conversions:

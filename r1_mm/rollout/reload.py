@@ -75,10 +75,45 @@ def reload_worker(worker: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> N
     the engine thread's; the server releases its engine lock when this returns, so without the sync the
     next step could read weights still being copied. A worker process runs RPCs and steps on one thread,
     where the sync only costs the wait for copies that were about to finish anyway."""
-    with quiet_buffer_only_layers(worker.model_runner.get_model()):
+    model = worker.model_runner.get_model()
+    with quiet_buffer_only_layers(model):
         worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+    repack_cpu_experts(model)
     if torch.cuda.is_available():
         torch.cuda.synchronize(getattr(worker, "device", None))
+
+
+def repack_cpu_experts(model: torch.nn.Module) -> int:
+    """Re-pack the experts of every mixture-of-experts layer that runs on vLLM's CPU kernel; returns how many.
+
+    Why: vLLM 0.32's CPU MoE kernel reads expert weights in a pre-packed layout it makes once, after the
+    first load (``CPUUnquantizedExperts.process_weights_after_loading``). An in-place reload copies the new
+    weights into that storage in the checkpoint's plain layout and skips the packing ("the moe kernel has
+    already been set up", ``UnquantizedFusedMoEMethod._setup_kernel``), so after every sync the kernel read
+    plain weights as packed ones: Qwen3-VL-MoE's sampler differed from the learner by 0.57 nats. GPU kernels
+    read the plain layout and are not touched."""
+    try:
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import (
+            CPUUnquantizedExperts,
+            cpu_prepack_moe_weight,
+        )
+        from vllm.model_executor.utils import replace_parameter
+    except ImportError:  # a vLLM without the CPU kernel
+        return 0
+    repacked = 0
+    for module in model.modules():
+        experts = getattr(getattr(getattr(module, "quant_method", None), "moe_kernel", None), "fused_experts", None)
+        if not isinstance(experts, CPUUnquantizedExperts) or experts._use_zentorch:
+            continue
+        config = experts.moe_config
+        if experts._padded_intermediate_size(config) != config.intermediate_size_per_partition:
+            raise NotImplementedError(
+                f"vLLM's CPU MoE kernel pads this model's expert width ({config.intermediate_size_per_partition}) and "
+                f"its weights cannot be re-packed after a reload; use a width divisible by {experts._intermediate_alignment()}")
+        replace_parameter(module, "w13_weight", cpu_prepack_moe_weight(module.w13_weight, experts.isa))
+        replace_parameter(module, "w2_weight", cpu_prepack_moe_weight(module.w2_weight, experts.isa))
+        repacked += 1
+    return repacked
 
 
 def read_weights(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:

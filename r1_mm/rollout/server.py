@@ -44,16 +44,22 @@ def safetensors_specs(folder: Path) -> dict[str, list[int]]:
 
 
 def expected_specs(model_dir: Path) -> dict[str, list[int]]:
-    """What an update may contain: the tensors under the checkpoint's names and under transformers'
-    in-memory names (what a learner sends; the model is built on the meta device from config.json, no
-    weights read), and an LM head tied to the embeddings under its own name, as the learner sends it."""
+    """What an update may contain: the tensors in the checkpoint's names and layouts (its files, and the
+    model built on the meta device from config.json through transformers' reverse conversion, as a
+    learner sends them: models/weights.py), transformers' in-memory names where they differ, and an LM
+    head tied to the embeddings under its own name, as the learner sends it. A name both formats use keeps
+    the checkpoint's shape: Qwen3-VL-MoE's experts are stored transposed, and vLLM's loader reads that."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from r1_mm.models.weights import policy_weight_specs
 
     specs = safetensors_specs(model_dir)
     with torch.device("meta"):
         meta = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_dir))
-    specs.update({name: list(p.shape) for name, p in meta.state_dict(keep_vars=True).items()})
+    specs.update({name: shape for name, shape, _ in policy_weight_specs(meta)})
+    for name, p in meta.state_dict(keep_vars=True).items():
+        specs.setdefault(name, list(p.shape))
     embed = next((n for n in specs if n.endswith("embed_tokens.weight")), None)
     if embed is not None and "lm_head.weight" not in specs:
         specs["lm_head.weight"] = specs[embed]

@@ -163,6 +163,8 @@ def family_problems(cfg: RecipeConfig, config: Any, *, learner: bool = True) -> 
         family = family_of(config)
     except UnsupportedModelError as exc:
         return [str(exc)]
+    if family.check_config is not None and (line := family.check_config(config)):
+        return [f"{family.display_name} ({family.model_type}): {line}"]
     uses = [cfg.rollout.engine]
     if learner:
         if cfg.training.forward_mode == "grouped":

@@ -19,6 +19,7 @@ LAZY_FAMILIES = {
     "llava_onevision": "r1_mm.models.families.llava_onevision:FAMILY",
     "qwen3_vl": "r1_mm.models.families.qwen3_vl:FAMILY",
     "internvl": "r1_mm.models.families.internvl:FAMILY",
+    "qwen3_vl_moe": "r1_mm.models.families.qwen3_vl_moe:FAMILY",
 }
 FAMILIES: Registry[ModelFamily] = Registry("model family", lazy=LAZY_FAMILIES)
 

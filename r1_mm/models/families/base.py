@@ -56,6 +56,9 @@ class ModelFamily:
     # what r1-mm changes on a loaded model of this family so the learner computes what the checkpoint was
     # trained with and what vLLM computes (e.g. rope_index.install); applied by models.loading.prepare_model
     prepare: Callable[[Any], None] | None = None
+    # a problem of one checkpoint's config that would make the engines and the learner compute different
+    # things (one line), or None; run at load with the family checks (run/preflight.family_problems)
+    check_config: Callable[[Any], str | None] | None = None
     note: str = ""
 
     def __post_init__(self) -> None:

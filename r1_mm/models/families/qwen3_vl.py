@@ -41,8 +41,10 @@ def tiny_parts(spec: Any, tokenizer: Any, *, moe: bool = False) -> tuple[Any, An
     if moe:
         from transformers import Qwen3VLMoeConfig as Config
 
-        text |= {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": spec.intermediate_size // 2,
-                 "decoder_sparse_step": 1}
+        text |= {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": spec.intermediate_size * 3 // 4,
+                 "decoder_sparse_step": 1,
+                 # what the released checkpoints' config.json carries and vLLM reads (qwen3_vl_moe.check_config)
+                 "norm_topk_prob": True}
     else:
         from transformers import Qwen3VLConfig as Config
     config = Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **qwen_vision_ids(tokenizer))
