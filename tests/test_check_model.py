@@ -209,6 +209,13 @@ def test_weight_names_the_loader_would_drop_or_not_place():
     assert rejected == {"model.rotary.inv_freq": "dropped by the engine's name mapping",
                         "model.language_model.layers.0.mlp.experts.gate_up":
                             "no engine parameter 'language_model.model.layers.0.mlp.experts.gate_up'"}
+    # an MoE layer places fused experts by its own mapping (vLLM's RoutedExperts.get_expert_mapping)
+    layer = "language_model.model.layers.0.mlp.experts"
+    experts = {layer: (f"{layer}.routed_experts", [("w13_", "gate_up_proj."), ("w2_", "down_proj.")])}
+    targets |= {f"{layer}.routed_experts.w13_weight", f"{layer}.routed_experts.w2_weight"}
+    names = [f"model.language_model.layers.0.mlp.experts.{n}" for n in ("gate_up_proj.weight", "down_proj.weight", "up_proj.weight")]
+    rejected = resolve_names(names, Mapper(), targets, packed, experts)
+    assert rejected == {names[2]: f"no engine parameter '{layer}.up_proj.weight'"}
 
 
 @pytest.mark.slow
