@@ -39,7 +39,8 @@ def tiny_family(model_name: str) -> str:
     name = model_name.lower()
     if name.startswith("tiny:"):
         return name.split(":")[1]
-    for marker, family in (("qwen2.5-vl", "qwen2_5_vl"), ("qwen2-vl", "qwen2_vl"), ("onevision", "llava_onevision")):
+    for marker, family in (("qwen2.5-vl", "qwen2_5_vl"), ("qwen2-vl", "qwen2_vl"), ("onevision", "llava_onevision"),
+                           ("qwen3-vl-30b-a3b", "qwen3_vl_moe"), ("qwen3-vl-235b-a22b", "qwen3_vl_moe"), ("qwen3-vl", "qwen3_vl")):
         if marker in name:
             return family
     raise AssertionError(f"no tiny model family for {model_name!r}: map it in tests/test_recipes.py")
@@ -155,7 +156,7 @@ def test_recipe_passes_preflight_on_a_gpu_machine(path, tiny_cache, monkeypatch)
 CHECKPOINT_POSITIONS = {
     "Qwen/Qwen2-VL-2B-Instruct": 32768, "Qwen/Qwen2-VL-7B-Instruct": 32768,
     "Qwen/Qwen2.5-VL-7B-Instruct": 128000, "Video-R1/Qwen2.5-VL-7B-COT-SFT": 128000,
-    "llava-hf/llava-onevision-qwen2-7b-ov-hf": 32768,
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf": 32768, "Qwen/Qwen3-VL-8B-Instruct": 262144,
 }
 
 
@@ -195,7 +196,8 @@ def test_video_r1_recipe_scores_each_problem_type_as_the_source_does():
 
 
 # Video recipes: each header states the visual tokens per frame its model gets at a stated resolution
-VIDEO_RECIPES = ["tpo_qwen2_5vl_7b", "video_r1_qwen2_5vl_7b", "vsgrpo_qwen2vl_2b", "vsgrpo_qwen2vl_7b"]
+VIDEO_RECIPES = ["tpo_qwen2_5vl_7b", "video_r1_qwen2_5vl_7b", "video_r1_qwen3vl_8b", "vsgrpo_qwen2vl_2b", "vsgrpo_qwen2vl_7b",
+                 "vsgrpo_qwen3vl_8b"]
 TOKENS_STATEMENT = re.compile(r"^# Visual tokens per frame: (\d+) for a (\d+)x(\d+) video", re.MULTILINE)
 
 
