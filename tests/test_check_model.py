@@ -254,3 +254,73 @@ def test_vllm_colocate_passes_and_a_missed_sync_fails(capsys, monkeypatch):
     assert f"{accepted.group(2)}/{int(accepted.group(2)) + 1} accepted" in names and "FAIL" in names and bogus in names
     assert all("FAIL" in rows[("learner_vs_sampler", k)] and "the sync did not reach the engine" in rows[("learner_vs_sampler", k)]
                for k in ROW_KINDS), out
+
+
+def _unregistered(monkeypatch, model_type: str) -> None:
+    """Make ``model_type`` a family r1-mm has not verified (every reader goes through family_of)."""
+    import r1_mm.models.families as families
+
+    real = families.family_of
+
+    def family_of(config):
+        if getattr(config, "model_type", None) == model_type:
+            raise families.UnsupportedModelError(f"model_type '{model_type}' is not a family r1-mm has verified")
+        return real(config)
+
+    monkeypatch.setattr(families, "family_of", family_of)
+
+
+def _train(tmp_path, synthetic_data, *overrides):
+    from r1_mm.jobs.train import main as train_main
+
+    from .test_bad_inputs import RECIPE
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    return train_main([str(recipe), f"data.train_path={synthetic_data['counting']}",
+                       f"training.output_dir={tmp_path / 'run'}", *overrides])
+
+
+def test_an_unverified_family_trains_on_hf_after_the_cheap_contract_passed(tmp_path, synthetic_data, tiny_cache,
+                                                                          monkeypatch, caplog):
+    """Point 5: a model_type outside the table is not refused outright with the hf engine: the cheap contract
+    runs on the loaded policy before step 1, and the run trains when it passes."""
+    import logging
+
+    import r1_mm.models.contract as contract
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    _unregistered(monkeypatch, "qwen2_5_vl")
+    ran = []
+    real = contract.cheap_contract
+    monkeypatch.setattr(contract, "cheap_contract", lambda *a, **k: ran.append(1) or real(*a, **k))
+    with caplog.at_level(logging.WARNING, logger="r1_mm.trainers.backend"):
+        assert _train(tmp_path, synthetic_data, "rollout.engine=hf") == 0
+    assert ran == [1]  # the premise: the contract really ran, once, before training
+    assert any("not a family r1-mm has verified; the cheap contract" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_an_unverified_family_that_fails_the_contract_stops_before_step_1(tmp_path, synthetic_data, tiny_cache,
+                                                                         monkeypatch, capsys):
+    """The same model with a planted grouped-forward error (one completion token's logprob shifted):
+    one line, exit 2, no step taken."""
+    import r1_mm.models.forward.scoring as scoring
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    _unregistered(monkeypatch, "qwen2_5_vl")
+    real = scoring.grouped_logprobs
+
+    def off_by_1e3(*args, **kwargs):
+        logps, *rest = real(*args, **kwargs)
+        return (logps + 1e-3, *rest)
+
+    monkeypatch.setattr(scoring, "grouped_logprobs", off_by_1e3)
+    assert _train(tmp_path, synthetic_data, "rollout.engine=hf") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "model_type 'qwen2_5_vl' is not a family r1-mm has verified, and the model fails" in err[0]
+    assert "grouped_vs_naive" in err[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
+    # with the naive forward the grouped lines do not count: the same model trains
+    assert _train(tmp_path, synthetic_data, "rollout.engine=hf", "training.forward_mode=naive",
+                  f"training.output_dir={tmp_path / 'naive'}") == 0

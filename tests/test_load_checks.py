@@ -192,13 +192,16 @@ def test_eval_rows_are_checked_when_the_run_will_evaluate(job, tmp_path, synthet
 
 @pytest.mark.parametrize("command", ["train", "rollout", "tpo", "eval", "dpo"])
 def test_a_model_family_r1_mm_has_not_verified(job, tmp_path, synthetic_data, command):
-    """Every job that runs a model refuses a model_type outside models/families before it loads
-    (the folder has a config.json only: reading past the config would fail differently)."""
+    """Every job that runs a model on a vLLM engine refuses a model_type outside models/families before it
+    loads (the folder has a config.json only: reading past the config would fail differently); with the
+    hf engine the training run checks the cheap contract instead (tests/test_check_model.py)."""
     from transformers import AutoConfig
 
     folder = tmp_path / ("checkpoint" if command == "eval" else "unverified-model")  # eval reads --checkpoint
     AutoConfig.for_model("mistral", hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
                          num_key_value_heads=1, intermediate_size=64).save_pretrained(folder)
     data = edited(tmp_path, synthetic_data["counting"], lambda i, row: {**row, "chosen": "3", "rejected": "4"})
-    line = job(command, f"model.name_or_path={folder}", "training.forward_mode=naive", data=data)
+    line = job(command, f"model.name_or_path={folder}", "training.forward_mode=naive", "rollout.engine=vllm_colocate",
+               data=data)
     assert "model_type 'mistral'" in line and "not a family r1-mm has verified" in line, line
+    assert "rollout.engine=hf only" in line and f"check-model {folder} --engine vllm_colocate" in line

@@ -43,16 +43,23 @@ def test_vllm_context_past_the_checkpoints_positions(tiny_config, monkeypatch):
 
 
 def test_a_family_r1_mm_has_not_verified_is_refused_in_one_line():
-    """Never train an unverified architecture: a model_type outside models/families is refused by the
-    load checks (before any weights load), for training and for rollout-only jobs alike."""
+    """Never train an unverified architecture with numbers nobody checked: a model_type outside
+    models/families is refused by the load checks (before any weights load) on the vLLM engines, for
+    training and for rollout-only jobs alike; with the hf engine it passes them, and the training run
+    checks the cheap contract before step 1 (tests/test_check_model.py)."""
     from r1_mm.models.families import FAMILIES
 
     config = AutoConfig.for_model("mistral", hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
                                   num_key_value_heads=1, intermediate_size=64)
     assert "mistral" not in FAMILIES  # the premise
     for learner in (True, False):
-        found = check_model_config(load_recipe(None, ["training.forward_mode=naive"]), config, learner=learner)
-        assert len(found) == 1 and "model_type 'mistral'" in found[0] and "\n" not in found[0], found
+        for engine in ("vllm_colocate", "vllm_pool"):
+            found = check_model_config(load_recipe(None, ["training.forward_mode=naive", f"rollout.engine={engine}"]),
+                                       config, learner=learner)
+            assert len(found) == 1 and "model_type 'mistral'" in found[0] and "\n" not in found[0], found
+            assert "rollout.engine=hf only" in found[0]
+        assert check_model_config(load_recipe(None, ["training.forward_mode=naive", "rollout.engine=hf"]), config,
+                                  learner=learner) == []
 
 
 def test_a_capability_the_family_does_not_have_is_refused(tiny_config, monkeypatch):

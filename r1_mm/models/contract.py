@@ -276,6 +276,14 @@ def contract_refusal(lines: list[CheckLine]) -> str | None:
     return f"the model fails r1-mm's sampler/learner contract ({len(failed)} of {len(lines)} checks): {what}"
 
 
+def unverified_model_refusal(model: torch.nn.Module, processor: Any, *, grouped: bool) -> str | None:
+    """For a model whose family r1-mm has not verified, before step 1: the one line the run stops with when
+    the cheap contract fails, or None. The grouped-forward lines count only when the run uses it."""
+    lines = [x for x in cheap_contract(model, processor) if grouped or x.check != "grouped_vs_naive"]
+    line = contract_refusal(lines)
+    return None if line is None else f"model_type '{model.config.model_type}' is not a family r1-mm has verified, and {line}"
+
+
 def one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]

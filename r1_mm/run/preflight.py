@@ -131,7 +131,7 @@ def check_model_config(cfg: RecipeConfig, config: Any = None, *, learner: bool =
         return [str(exc)]
     found = family_problems(cfg, config, learner=learner)
     if found:
-        return found  # an unverified family: nothing else about it is worth reading
+        return found  # a refused family: nothing else about it is worth reading
     if grouped:
         try:
             check_supported(config, cfg.model.attn_implementation)
@@ -156,13 +156,21 @@ def check_model(cfg: RecipeConfig, *, learner: bool = False) -> None:
 def family_problems(cfg: RecipeConfig, config: Any, *, learner: bool = True) -> list[str]:
     """The model's family must be one r1-mm verified, for every capability this recipe uses (its
     engine; when training also its forward mode, the weight sync to vLLM and LoRA). Refused in one
-    line each: an unverified path would train with numbers nobody checked."""
+    line each: an unverified path would train with numbers nobody checked.
+
+    A model_type outside the families runs with the hf engine only: the learner's own model samples
+    (no engine processing or weight sync that could differ), and a training run checks the cheap
+    contract on it before step 1 (``trainers/backend.build_learner``)."""
     from r1_mm.models.families import UnsupportedModelError, family_of
 
     try:
         family = family_of(config)
     except UnsupportedModelError as exc:
-        return [str(exc)]
+        if cfg.rollout.engine == "hf":
+            return []
+        return [f"{exc}: it runs with rollout.engine=hf only (the learner's own model samples; a training run "
+                f"checks placeholders and the grouped forward before step 1); `r1-mm check-model "
+                f"{cfg.model.name_or_path} --engine {cfg.rollout.engine}` shows what breaks in the engine"]
     if family.check_config is not None and (line := family.check_config(config)):
         return [f"{family.display_name} ({family.model_type}): {line}"]
     uses = [cfg.rollout.engine]

@@ -9,6 +9,7 @@ parameter gathering for generation.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from accelerate.utils import DistributedType
 from r1_mm.config.recipe import ConfigError, RecipeConfig, accumulation
 from r1_mm.models.loading import load_model, load_processor, prepare_model
 from r1_mm.trainers.master_weights import make_optimizer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -158,6 +161,7 @@ def build_learner(cfg: RecipeConfig, *, need_reference: bool, accelerator: Accel
         policy = prepare_model(model, cfg.model, trainable=True, grouped=grouped)
     else:
         policy = load_model(cfg.model, trainable=True, grouped=grouped)
+    check_unverified_family(policy, processor, grouped=grouped)
     params = [p for p in policy.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters (frozen vision tower + no LoRA targets?)")
@@ -179,6 +183,26 @@ def build_learner(cfg: RecipeConfig, *, need_reference: bool, accelerator: Accel
                 reference = reference.to(accelerator.device)
     return Learner(accelerator=accelerator, processor=processor, policy=policy, reference=reference,
                    optimizer=optimizer, scheduler=scheduler)
+
+
+def check_unverified_family(policy: torch.nn.Module, processor: Any, *, grouped: bool) -> None:
+    """A model whose family r1-mm has not verified (preflight let it through with the hf engine only) is
+    trained only after the cheap contract passed on it (placeholders vs vision features, grouped vs naive
+    logprobs: models/contract.py), before any sharding; otherwise the run stops in one line. Costs a
+    float32 copy of the model when it is loaded in half precision, and a few seconds."""
+    from r1_mm.models.families import is_verified
+
+    config = getattr(policy, "config", None)
+    if config is None or is_verified(config):
+        return
+    from r1_mm.models.contract import unverified_model_refusal
+
+    line = unverified_model_refusal(policy, processor, grouped=grouped)
+    if line:
+        raise ConfigError(line)
+    logger.warning("model_type '%s' is not a family r1-mm has verified; the cheap contract (placeholders, %s) "
+                   "passed on it before step 1", config.model_type,
+                   "grouped vs naive forward" if grouped else "the naive forward")
 
 
 @contextlib.contextmanager

@@ -1,9 +1,11 @@
 """The model families r1-mm trains, one module each, found by transformers' ``model_type``.
 
 Adding a family is one module here that defines ``FAMILY`` (a :class:`~r1_mm.models.families.base.ModelFamily`)
-and one line in :data:`LAZY_FAMILIES`. A model whose ``model_type`` is not listed is refused before
-it loads (:func:`family_of`), because nothing has checked that the grouped forward, the engines and
-the weight sync give it exact numbers.
+and one line in :data:`LAZY_FAMILIES`. A model whose ``model_type`` is not listed trains only with the hf
+engine (the learner's own model samples: no engine processing or weight sync can differ), after the
+cheap contract (placeholders vs features, grouped vs naive: ``models/contract.py``) passed on it
+before step 1; with a vLLM engine it is refused before it loads, because nothing has checked that the
+engines and the weight sync give it exact numbers.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ LAZY_FAMILIES = {
 }
 FAMILIES: Registry[ModelFamily] = Registry("model family", lazy=LAZY_FAMILIES)
 
-__all__ = ["CAPABILITIES", "FAMILIES", "TESTED", "ModelFamily", "UnsupportedModelError", "family_of", "get_family"]
+__all__ = ["CAPABILITIES", "FAMILIES", "TESTED", "ModelFamily", "UnsupportedModelError", "family_of", "get_family",
+           "is_verified"]
 
 
 def get_family(model_type: str) -> ModelFamily:
@@ -40,3 +43,12 @@ def family_of(config: Any) -> ModelFamily:
             f"trained (the grouped forward, the engines and the weight sync are untested for it)"
             + suggest(model_type, FAMILIES.names(), listing="supported"))
     return FAMILIES.get(model_type)
+
+
+def is_verified(config: Any) -> bool:
+    """Is the config's ``model_type`` one of the registered families (read through :func:`family_of`)?"""
+    try:
+        family_of(config)
+    except UnsupportedModelError:
+        return False
+    return True
