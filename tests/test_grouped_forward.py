@@ -115,7 +115,7 @@ def test_grouped_equals_naive_with_gradient_checkpointing(tiny_path, synthetic_d
     compare(model, processor, prompts_for(processor, synthetic_data["multi_image"]))
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
 def test_grouped_equals_naive_eager_attention(tiny_path, synthetic_data, family):
     model, processor = load(tiny_path, family, attn="eager")
     compare(model, processor, prompts_for(processor, synthetic_data["counting"]))
