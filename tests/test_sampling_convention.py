@@ -129,7 +129,7 @@ ENGINE_STEPS = [("temperature 0.7", 0.7, 1.0, None), ("top_p 0.7", 1.0, 0.7, Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "glm4v"])
 @pytest.mark.parametrize("engine", ["hf", "vllm_colocate", "vllm_pool"])
 def test_identical_weights_give_importance_ratio_one_on_every_engine(tmp_path, synthetic_data, tiny_cache, monkeypatch,
                                                                      engine, family):
