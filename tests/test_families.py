@@ -74,3 +74,35 @@ def test_a_config_vllm_would_read_differently_is_refused_in_one_line(tiny_path):
     del config.text_config.norm_topk_prob
     (line,) = family_problems(cfg, config)
     assert line.startswith("Qwen3-VL-MoE (qwen3_vl_moe): text_config.norm_topk_prob must be true") and "\n" not in line
+
+
+def test_glm4v_config_without_attention_bias_is_refused_in_one_line(tiny_path):
+    """vLLM builds GLM-4.1V's q/k/v without biases unless text_config.attention_bias is true (transformers
+    always has them): synced biases were dropped, up to 0.56 nats per token between sampler and learner."""
+    from transformers import AutoConfig
+
+    from r1_mm.config.recipe import load_recipe
+    from r1_mm.run.preflight import family_problems
+
+    config = AutoConfig.from_pretrained(tiny_path("glm4v", small=True))
+    cfg = load_recipe(None, ["model.name_or_path=tiny:glm4v:small"])
+    assert config.text_config.attention_bias is True and family_problems(cfg, config) == []
+    del config.text_config.attention_bias
+    (line,) = family_problems(cfg, config)
+    assert line.startswith("GLM-4.1V (glm4v): text_config.attention_bias must be true") and "\n" not in line
+
+
+def test_video_requests_tell_vllm_not_to_sample_the_frames_again():
+    """vLLM's GLM-4.1V processor reads do_sample_frames from each video's metadata (default: sample again),
+    so a family that sets it in its processor kwargs gets it in the metadata too; without it vLLM re-sampled
+    16 decoded frames as if they were the 32-frame source and failed (IndexError). Others are unchanged."""
+    import numpy as np
+
+    from r1_mm.rollout.vllm_common import media_request
+
+    frames, metadata = np.zeros((2, 28, 28, 3), dtype=np.uint8), {"fps": 4.0, "frames_indices": [0, 2]}
+    glm = media_request("p", [], [(frames, metadata)], dict(get_family("glm4v").vllm_processor_kwargs))
+    assert glm["multi_modal_data"]["video"][0][1] == {**metadata, "do_sample_frames": False}
+    assert glm["mm_processor_kwargs"] == {"do_resize": False, "do_sample_frames": False}
+    qwen = media_request("p", [], [(frames, metadata)], dict(get_family("qwen2_vl").vllm_processor_kwargs))
+    assert qwen["multi_modal_data"]["video"][0][1] == metadata

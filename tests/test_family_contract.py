@@ -23,7 +23,7 @@ from .test_vllm_engines import learner_logprobs, perturb, recipe, samples_for
 
 # float32 on both sides: measured <= 1e-5 per token; bf16 sampling alone would give ~3e-3
 TOLERANCE = 1e-4
-VLLM_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision"]  # InternVL: tests/test_family_internvl.py
+VLLM_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision", "glm4v"]  # InternVL: tests/test_family_internvl.py
 
 
 @pytest.fixture(autouse=True)
@@ -31,12 +31,14 @@ def _cache(tiny_cache, monkeypatch):
     monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
 
 
-# every family on the colocated engine; the pool for the families the GRPO importance-ratio test
-# (test_sampling_convention) does not run on it; LoRA (adapters merged into each sync) where no other test
-# runs it (Qwen2.5-VL: test_backends; InternVL: its own file)
-CASES = ([(family, "vllm_colocate", False) for family in VLLM_FAMILIES]
-         + [("qwen2_vl", "vllm_pool", False), ("llava_onevision", "vllm_pool", False), ("qwen3_vl_moe", "vllm_pool", True)]
-         + [(family, "vllm_colocate", True) for family in ("qwen2_vl", "qwen3_vl", "llava_onevision")])
+# every family on the colocated engine, with LoRA (adapters merged into each sync) for the families no other
+# test runs it on (Qwen2.5-VL: test_backends; InternVL: its own file); the pool for the families the GRPO
+# importance-ratio test (test_sampling_convention) does not run on it. One engine start per case: a LoRA case
+# also shows the plain sync (every base weight goes out, merged), so no family runs both on one engine.
+LORA_COLOCATE = ("qwen2_vl", "qwen3_vl", "llava_onevision")
+CASES = ([(family, "vllm_colocate", family in LORA_COLOCATE) for family in VLLM_FAMILIES]
+         + [("qwen2_vl", "vllm_pool", False), ("llava_onevision", "vllm_pool", False), ("qwen3_vl_moe", "vllm_pool", True),
+            ("glm4v", "vllm_pool", True)])
 
 
 @pytest.mark.slow
@@ -56,6 +58,9 @@ def test_prompt_tokens_and_logprobs_after_three_syncs(tmp_path, synthetic_data, 
         samples = samples_for(cfg, processor, synthetic_data)  # one image, two images, a video
         if family.startswith("qwen3_vl"):  # frames are separated by their timestamps in the prompt text
             assert "seconds>" in processor.tokenizer.decode(samples[2].inputs["input_ids"][0])
+        if family == "glm4v":  # one <|begin_of_image|> span per two frames, each followed by its second as text
+            spans = processor.tokenizer.decode(samples[2].inputs["input_ids"][0]).count("<|begin_of_image|>")
+            assert spans == int(samples[2].inputs["video_grid_thw"][0, 0]) > 1
         sampling = SamplingSettings(max_tokens=6, seed=3)
         outputs = engine.generate(samples, 2, sampling)
         for sample, out in zip(samples, outputs, strict=True):
@@ -81,12 +86,13 @@ def test_prompt_tokens_and_logprobs_after_three_syncs(tmp_path, synthetic_data, 
         engine.close()
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v"])
 def test_text_after_a_video_starts_past_the_videos_positions(tiny_path, synthetic_data, family):
     """Each span (text or vision) starts one past the largest M-RoPE position before it, as the released
     Qwen code and vLLM place it (families/rope_index.py). The pinned transformers leaves the video's
     temporal extent out for Qwen2-VL and Qwen2.5-VL (the premise, asserted: if transformers changes, the
-    patch is no longer needed); Qwen3-VL separates frames by timestamps and needs no change."""
+    patch is no longer needed); Qwen3-VL and GLM-4.1V separate frames by timestamps (each frame is a span of
+    one temporal step, as vLLM's get_mrope_input_positions places it) and need no change."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from r1_mm.config.recipe import DataConfig, MediaConfig
@@ -108,7 +114,7 @@ def test_text_after_a_video_starts_past_the_videos_positions(tiny_path, syntheti
     after = int(video.max()) + 1
     assert int(fixed[:, after:].min()) == int(fixed[:, :after].max()) + 1
     assert torch.equal(fixed[:, :after], raw[:, :after])  # the spans before are as transformers places them
-    if family == "qwen3_vl":
+    if family in ("qwen3_vl", "glm4v"):
         assert torch.equal(fixed, raw)
     else:
         assert int(raw[:, after].min()) <= int(raw[:, :after].max())  # transformers reuses the video's positions

@@ -100,14 +100,14 @@ def compare(model, processor, prompts, temperature=0.7, reference=None):
     assert any(("visual" in n or "vision_tower" in n) and g.abs().sum() > 0 for n, g in g_grouped.items())
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"])
 @pytest.mark.parametrize("task", ["counting", "multi_image", "events"])
 def test_grouped_equals_naive(tiny_path, synthetic_data, family, task):
     model, processor = load(tiny_path, family)
     compare(model, processor, prompts_for(processor, synthetic_data[task]))
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"])
 def test_grouped_equals_naive_with_gradient_checkpointing(tiny_path, synthetic_data, family):
     model, processor = load(tiny_path, family, checkpointing=True)
     assert model.is_gradient_checkpointing
@@ -115,7 +115,7 @@ def test_grouped_equals_naive_with_gradient_checkpointing(tiny_path, synthetic_d
     compare(model, processor, prompts_for(processor, synthetic_data["multi_image"]))
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"])
 def test_grouped_equals_naive_eager_attention(tiny_path, synthetic_data, family):
     model, processor = load(tiny_path, family, attn="eager")
     compare(model, processor, prompts_for(processor, synthetic_data["counting"]))
@@ -209,7 +209,7 @@ def test_grouped_equals_naive_under_truncation(tiny_path, synthetic_data, monkey
         assert (g_grouped[param] - g).abs().max() / scale < 1e-4, param
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"])
 def test_grouped_flash_attention_route(tiny_path, synthetic_data, monkeypatch, family):
     """What a recipe's flash_attention_2 runs on a GPU: transformers' flash integration called with the
     packed varlen sequences. The CUDA kernel itself is replaced by a CPU stand-in (tests/flash_emulation.py);
@@ -270,7 +270,7 @@ def test_16k_token_prompt_needs_no_quadratic_memory(tiny_path):
     assert result["grown"] < length * length * 4, result
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v"])
 def test_long_video_temporal_positions_past_the_text(tiny_path, long_video_task, family):
     model, processor = load(tiny_path, family)
     media = MediaConfig(nframes=4, video_total_pixels=10**9)

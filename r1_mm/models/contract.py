@@ -162,6 +162,20 @@ def _call_features(fn: Callable[..., Any], inputs: dict[str, Any], pixels_key: s
     return fn(**kwargs)
 
 
+def _placeholders(config: Any, ids: torch.Tensor, modality: str, token_names: tuple[str, ...]) -> int:
+    """Placeholder tokens of one modality in ``ids``. GLM-4.1V writes no video token: each frame's features
+    sit on image tokens between the video's start and end tokens (its processor and model both place them
+    so); those are the video's placeholders when the config names such delimiters."""
+    token = _token_id(config, *token_names)
+    count = int((ids == token).sum()) if token is not None else 0
+    delimiters = [_token_id(config, n) for n in ("video_start_token_id", "video_end_token_id", "image_token_id")]
+    if modality != "video" or count or None in delimiters:
+        return count
+    start, end, image = delimiters
+    inside = (ids == start).cumsum(-1) > (ids == end).cumsum(-1)
+    return int(((ids == image) & inside).sum())
+
+
 def placeholder_counts(model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, tuple[int, int]]:
     """modality -> (placeholder tokens in input_ids, feature rows the vision path produces), for each
     modality the inputs carry."""
@@ -173,8 +187,7 @@ def placeholder_counts(model: torch.nn.Module, inputs: dict[str, Any]) -> dict[s
     for modality, key, method, token_names in media:
         if inputs.get(key) is None:
             continue
-        token = _token_id(config, *token_names)
-        placeholders = int((ids == token).sum()) if token is not None else 0
+        placeholders = _placeholders(config, ids, modality, token_names)
         fn = getattr(model, method, None) or getattr(getattr(model, "model", None), method, None)
         if fn is None:
             raise AttributeError(f"{type(model).__name__} has no {method}")

@@ -72,19 +72,28 @@ def processor_kwargs(config: Any) -> dict[str, Any]:
         return dict(DEFAULT_VLLM_PROCESSOR_KWARGS)
 
 
+def video_metadata(metadata: dict[str, Any], mm_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A video's metadata as vLLM reads it. A family whose processor kwargs set ``do_sample_frames`` gets it
+    in each video's metadata too: vLLM's GLM-4.1V processor takes it from there only and otherwise samples
+    r1-mm's decoded frames again at its own fps (other prompt tokens, other pixels than the learner's)."""
+    if "do_sample_frames" not in mm_kwargs:
+        return metadata
+    return {**metadata, "do_sample_frames": bool(mm_kwargs["do_sample_frames"])}
+
+
 def media_request(prompt: str, images: list[Any], videos: list[tuple[Any, dict[str, Any]]],
                   mm_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The prompt as vLLM's ``generate`` takes it: text + decoded images + (frames, metadata) videos, with
     the family's processor kwargs (``mm_kwargs``, see :func:`processor_kwargs`)."""
+    kwargs = DEFAULT_VLLM_PROCESSOR_KWARGS if mm_kwargs is None else mm_kwargs
     media: dict[str, Any] = {}
     if images:
         media["image"] = list(images)
     if videos:
-        media["video"] = list(videos)
+        media["video"] = [(frames, video_metadata(metadata, dict(kwargs))) for frames, metadata in videos]
     request: dict[str, Any] = {"prompt": prompt}
     if media:
         request["multi_modal_data"] = media
-        kwargs = DEFAULT_VLLM_PROCESSOR_KWARGS if mm_kwargs is None else mm_kwargs
         if kwargs:
             request["mm_processor_kwargs"] = dict(kwargs)
     return request

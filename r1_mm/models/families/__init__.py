@@ -22,6 +22,7 @@ LAZY_FAMILIES = {
     "qwen3_vl": "r1_mm.models.families.qwen3_vl:FAMILY",
     "internvl": "r1_mm.models.families.internvl:FAMILY",
     "qwen3_vl_moe": "r1_mm.models.families.qwen3_vl_moe:FAMILY",
+    "glm4v": "r1_mm.models.families.glm4v:FAMILY",
 }
 FAMILIES: Registry[ModelFamily] = Registry("model family", lazy=LAZY_FAMILIES)
 
