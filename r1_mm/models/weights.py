@@ -110,8 +110,9 @@ def checkpoint_format(model: torch.nn.Module) -> Callable[[dict[str, torch.Tenso
     transformers' ``revert_weight_conversion`` with the model class's current conversions, prefix changes
     included: the ones recorded at load depend on the file loaded (a checkpoint already in memory naming
     records no prefix change), and transformers drops prefix changes for a model built from a config,
-    leaving names vLLM cannot place; transposes always applied (:func:`checkpoint_conversions`). Each weight is converted alone (renames, and splits of fused tensors,
-    are one-to-one or one-to-many), so the order of the weights is kept."""
+    leaving names vLLM cannot place; transposes are always applied (:func:`checkpoint_conversions`). Each
+    weight is converted alone (renames, and splits of fused tensors, are one-to-one or one-to-many), so the
+    order of the weights is kept."""
     from transformers.core_model_loading import revert_weight_conversion
 
     holder = SimpleNamespace(_weight_conversions=checkpoint_conversions(model), config=unwrap(model).config)

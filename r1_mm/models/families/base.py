@@ -31,6 +31,20 @@ TESTED = "tested"
 DEFAULT_VLLM_PROCESSOR_KWARGS: Mapping[str, Any] = {"do_resize": False}
 
 
+def required_text_flag(name: str, transformers_does: str, vllm_does: str) -> Callable[[Any], str | None]:
+    """A ``ModelFamily.check_config`` for a boolean of the text config that transformers' config class no longer
+    declares (the released config.json files carry it) and vLLM reads: without it true, vLLM computes something
+    other than what transformers always computes."""
+
+    def check(config: Any) -> str | None:
+        if getattr(config.get_text_config(), name, None) is not True:
+            return (f"text_config.{name} must be true (transformers always {transformers_does}; vLLM {vllm_does} "
+                    f"only when this is set): add \"{name}\": true to text_config in config.json")
+        return None
+
+    return check
+
+
 class UnsupportedModelError(ValueError):
     """A model (or a use of it) r1-mm has not verified; the message is the one line a run stops with."""
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from r1_mm.models.families.base import DEFAULT_VLLM_PROCESSOR_KWARGS, TESTED, ModelFamily
+from r1_mm.models.families.base import DEFAULT_VLLM_PROCESSOR_KWARGS, TESTED, ModelFamily, required_text_flag
 from r1_mm.models.families.tiny_parts import TURNS_HEAD, TURNS_TAIL, text_sizes
 
 IMAGE_SPAN = ("<|begin_of_image|>", "<|image|>", "<|end_of_image|>")
@@ -50,15 +50,10 @@ def ids(tokenizer: Any) -> dict[str, int]:
     return {name: tokenizer.convert_tokens_to_ids(token) for name, token in zip(names, MEDIA_TOKENS, strict=True)}
 
 
-def check_config(config: Any) -> str | None:
-    """transformers always gives GLM-4.1V's q/k/v projections a bias; vLLM builds them with one only when
-    the text config's ``attention_bias`` is true (transformers' config class does not declare the field, the
-    released config.json files carry it). Without it vLLM drops the synced biases: up to 0.56 nats per token
-    between sampler and learner on the tiny model once training moved them."""
-    if getattr(config.get_text_config(), "attention_bias", None) is not True:
-        return ("text_config.attention_bias must be true (transformers always adds the q/k/v biases; vLLM loads "
-                "them only when this is set): add \"attention_bias\": true to text_config in config.json")
-    return None
+# transformers always gives GLM-4.1V's q/k/v projections a bias; vLLM builds them with one only when
+# attention_bias is true, and otherwise drops the synced biases: up to 0.56 nats per token between sampler and
+# learner on the tiny model once training moved them
+check_config = required_text_flag("attention_bias", "adds the q/k/v biases", "loads them")
 
 
 def build_tiny(spec: Any, tokenizer: Any) -> tuple[Any, Any]:

@@ -3,28 +3,22 @@ sparse mixture-of-experts decoder.
 
 Why it needs nothing of its own beyond the tiny model: the grouped forward only changes how tokens are
 laid out and attended, which the router and the experts never see (they act per token); the weight
-sync sends the experts in the checkpoint's per-expert layout through transformers' own reverse
-conversion (models/weights.checkpoint_format), which is what vLLM's loader reads.
+sync sends the fused experts in the checkpoint's (experts, in, out) layout through transformers' own
+reverse conversion with its transposes made unconditional (models/weights.checkpoint_conversions), which is
+what vLLM's loader reads.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from r1_mm.models.families.base import TESTED, ModelFamily
+from r1_mm.models.families.base import TESTED, ModelFamily, required_text_flag
 from r1_mm.models.families.qwen3_vl import tiny_parts
 from r1_mm.models.families.tiny_parts import QWEN_VL_CHAT_TEMPLATE
 
-
-def check_config(config: Any) -> str | None:
-    """transformers always renormalises the chosen experts' router weights; vLLM does only when the text
-    config's ``norm_topk_prob`` is true (and fails without it: transformers' config class no longer
-    declares the field, the released config.json files carry it)."""
-    if getattr(config.get_text_config(), "norm_topk_prob", None) is not True:
-        return ("text_config.norm_topk_prob must be true (transformers always renormalises the top-k router "
-                "weights; vLLM does so only when this is set): add \"norm_topk_prob\": true to text_config in "
-                "config.json")
-    return None
+# transformers always renormalises the chosen experts' router weights; vLLM does only when norm_topk_prob is
+# true (and fails without it)
+check_config = required_text_flag("norm_topk_prob", "renormalises the top-k router weights", "does so")
 
 
 def build_tiny(spec: Any, tokenizer: Any) -> tuple[Any, Any]:
