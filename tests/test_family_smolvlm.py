@@ -173,6 +173,13 @@ def test_vllm_samples_tiled_images_and_follows_weight_syncs(tmp_path, tiny_cache
             tokens = [[c.token_ids for c in o.completions] for o in outs]
             assert tokens != previous  # the new weights really changed the samples
             previous = tokens
+        if engine_name == "vllm_colocate":  # why video is refused: vLLM's model has no video modality, and says so
+            video = PromptBuilder(processor, cfg.data, cfg.media, synthetic_data["events"].parent).prepare(
+                read_rows(synthetic_data["events"])[0], 0)
+            from vllm.exceptions import VLLMValidationError
+
+            with pytest.raises(VLLMValidationError, match=r"At most 0 video\(s\) may be provided"):
+                engine.generate([video], 1, sampling)
     finally:
         engine.close()
 

