@@ -124,7 +124,7 @@ def test_hf_engine_prefills_once_per_prompt(tiny_path, synthetic_data, family):
     data = synthetic_data["events"]
     builder = PromptBuilder(processor, DataConfig(), MediaConfig(), default_media_root(data))
     sample = builder.prepare(read_rows(data)[0], 0)
-    tower = getattr(model.model, "visual", None) or model.model.vision_tower
+    tower = getattr(model.model, "visual", None) or getattr(model.model, "vision_model", None) or model.model.vision_tower
     calls = []
     handle = tower.register_forward_hook(lambda mod, args, kwargs, out: calls.append(
         (args[0] if args else next(iter(kwargs.values()))).shape[0]), with_kwargs=True)
