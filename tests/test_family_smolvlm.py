@@ -73,6 +73,17 @@ def test_prompt_expands_every_tile_and_frame(tiny_path, synthetic_data, task):
         assert globals_ == len(sample.images) and tiles > len(sample.images)  # the premise: images were split
 
 
+def test_videos_go_to_the_processor_per_text(tiny_path):
+    """SmolVLMProcessor counts videos per text (a flat list of one video's frames read as one video per frame);
+    other processors take one flat list."""
+    from r1_mm.data.prompts import videos_argument
+
+    processor = AutoProcessor.from_pretrained(tiny_path(FAMILY))
+    a, b = object(), object()
+    assert videos_argument(processor, ["x<video>", "y", "<video>z"], [a, b]) == [[a], [], [b]]
+    assert videos_argument(object(), ["<video>", "<video>"], [a, b]) == [a, b]
+
+
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_grouped_equals_naive(tiny_path, synthetic_data, monkeypatch, task, attn):
@@ -97,7 +108,8 @@ def test_grouped_packs_prompts_with_different_tile_counts(tiny_path, synthetic_d
     compare(monkeypatch, model, processor, [one, two])
 
 
-def test_grouped_flash_attention_route(tiny_path, synthetic_data, monkeypatch):
+@pytest.mark.parametrize("task", TASKS)
+def test_grouped_flash_attention_route(tiny_path, synthetic_data, monkeypatch, task):
     """transformers' flash integration with the packed varlen sequences (CUDA kernel replaced by the CPU
     stand-in of tests/flash_emulation.py); reference: plain sdpa on an identical model."""
     calls = flash_emulation.install(monkeypatch)
@@ -105,7 +117,7 @@ def test_grouped_flash_attention_route(tiny_path, synthetic_data, monkeypatch):
     reference, _ = load(tiny_path, FAMILY)
     packed_attention.register()
     model.set_attn_implementation({"text_config": packed_attention.grouped_name("flash_attention_2")})
-    compare(monkeypatch, model, processor, prompts_for(processor, synthetic_data["multi_image"]), reference=reference)
+    compare(monkeypatch, model, processor, prompts_for(processor, synthetic_data[task]), reference=reference)
     assert calls["varlen"] == model.config.get_text_config().num_hidden_layers
 
 
