@@ -11,7 +11,8 @@ from r1_mm.models.tiny import TAG_TOKENS, TinySpec, build_tiny_model, parse_tiny
 from r1_mm.rollout import SamplingSettings, make_engine
 from r1_mm.rollout.base import media_token_ids
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision", "qwen3_vl", "qwen3_vl_moe", "internvl", "glm4v", "smolvlm"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision", "qwen3_vl", "qwen3_vl_moe", "internvl", "glm4v", "qwen3_5",
+            "qwen3_5_moe", "smolvlm"]
 
 
 def weights_digest(folder):
@@ -34,6 +35,7 @@ def test_loads_like_a_hub_model(tiny_path, family):
     assert model.config.model_type == family
     assert type(processor).__name__ == {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
                                         "llava_onevision": "LlavaOnevisionProcessor", "qwen3_vl": "Qwen3VLProcessor", "qwen3_vl_moe": "Qwen3VLProcessor",
+                                        "qwen3_5": "Qwen3VLProcessor", "qwen3_5_moe": "Qwen3VLProcessor",
                                         "internvl": "InternVLProcessor", "glm4v": "Glm4vProcessor",
                                         "smolvlm": "SmolVLMProcessor"}[family]
     assert processor.video_processor is not None and processor.image_processor is not None

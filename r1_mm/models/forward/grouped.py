@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from r1_mm.models.forward import packed_attention, token_scores
+from r1_mm.models.forward import packed_attention, packed_linear_attention, token_scores
 from r1_mm.models.forward.packed_attention import PackedLayout
 from r1_mm.models.forward.token_scores import ScoreRequest
 from r1_mm.models.forward.truncated_scores import Truncation, kept_threshold
@@ -155,6 +155,7 @@ def pack_groups(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]], 
     if len(completions) != len(prompts) * g:
         raise GroupedForwardError(f"{len(completions)} completions for {len(prompts)} prompts x G={g}")
     packed_attention.enable(unwrap(model))
+    packed_linear_attention.enable(unwrap(model))
     device = prompts[0]["input_ids"].device
     prompts = [_strip_padding(p) for p in prompts]
     comp_ids, comp_mask = pad_completions(completions, pad_id, device)

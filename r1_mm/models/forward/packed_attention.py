@@ -273,12 +273,13 @@ def check_supported(config: Any, base: str) -> None:
             f"training.forward_mode=grouped has no kernel for attn_implementation={base!r} "
             f"(supported: {', '.join(SUPPORTED_BASES)}); pick one of those or set training.forward_mode=naive")
     text = getattr(config, "text_config", None) or config
-    other = sorted(set(getattr(text, "layer_types", None) or []) - {"full_attention"})
-    if other:  # sliding-window, linear-attention (Gated DeltaNet) or chunked layers
+    # linear-attention (Gated DeltaNet) layers: each completion starts from its prompt's states (packed_linear_attention)
+    other = sorted(set(getattr(text, "layer_types", None) or []) - {"full_attention", "linear_attention"})
+    if other:  # sliding-window or chunked layers
         raise PackedAttentionError(
-            f"training.forward_mode=grouped packs completions for full-attention layers only, and "
+            f"training.forward_mode=grouped packs completions for full- and linear-attention layers only, and "
             f"{type(config).__name__} also has {', '.join(other)} layers (packing them would let a completion see "
-            "past its window or continue the previous completion's state); set training.forward_mode=naive")
+            "past its window); set training.forward_mode=naive")
     sliding = getattr(text, "sliding_window", None)
     flagged = getattr(text, "use_sliding_window", None)
     if sliding and (flagged or (flagged is None and not getattr(text, "layer_types", None))):
