@@ -103,7 +103,7 @@ def compare(model, processor, prompts, temperature=0.7, reference=None):
         scale = g.abs().max().clamp(min=1e-3 * largest)
         assert (g_grouped[name] - g).abs().max() / scale < 1e-4, name
     # the vision tower received gradient through the grouped route too
-    assert any(("visual" in n or "vision_tower" in n) and g.abs().sum() > 0 for n, g in g_grouped.items())
+    assert any(("visual" in n or "vision_tower" in n or "vision_model" in n) and g.abs().sum() > 0 for n, g in g_grouped.items())
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"])

@@ -25,6 +25,7 @@ LAZY_FAMILIES = {
     "glm4v": "r1_mm.models.families.glm4v:FAMILY",
     "qwen3_5": "r1_mm.models.families.qwen3_5:FAMILY",
     "qwen3_5_moe": "r1_mm.models.families.qwen3_5_moe:FAMILY",
+    "smolvlm": "r1_mm.models.families.smolvlm:FAMILY",
 }
 FAMILIES: Registry[ModelFamily] = Registry("model family", lazy=LAZY_FAMILIES)
 

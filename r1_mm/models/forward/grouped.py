@@ -33,7 +33,8 @@ from r1_mm.models.weights import unwrap
 
 # Per-prompt processor outputs that are concatenated across prompts (row-wise for patches).
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
-               "image_sizes", "batch_num_images")  # the last two: LLaVA-OneVision's anyres images
+               "image_sizes", "batch_num_images",  # these two: LLaVA-OneVision's anyres images
+               "pixel_attention_mask")  # SmolVLM / Idefics3: the valid pixels of each padded tile
 TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
@@ -83,18 +84,24 @@ def merge_vision_inputs(prompts: list[dict[str, torch.Tensor]], repeats: int = 1
         parts = [p[key] for p in prompts if key in p for _ in range(repeats)]
         if parts:
             parts = [torch.as_tensor(t) for t in parts]
-            if key == "pixel_values" and parts[0].dim() == 5:
+            if (key, parts[0].dim()) in (("pixel_values", 5), ("pixel_attention_mask", 4)):
                 parts = _pad_patches(parts)
             merged[key] = torch.cat(parts, dim=0)
     return merged
 
 
 def _pad_patches(parts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """LLaVA-OneVision images are (images, patches, C, H, W) with a patch count per image size: pad
-    with zeros to the largest count, as its processor does for a batch (the model drops the padding
-    using ``image_sizes``)."""
+    """LLaVA-OneVision images are (images, patches, C, H, W) with a patch count per image size, SmolVLM's
+    (prompts, tiles, C, H, W) with a tile count per prompt (and its pixel mask (prompts, tiles, H, W)): pad
+    dim 1 with zeros to the largest count, as their processors do for a batch (the models drop the padding:
+    LLaVA-OneVision by ``image_sizes``, SmolVLM the all-zero tiles)."""
     most = max(t.shape[1] for t in parts)
-    return [torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 0, 0, most - t.shape[1])) for t in parts]
+    padded = []
+    for t in parts:
+        out = t.new_zeros((t.shape[0], most, *t.shape[2:]))
+        out[:, : t.shape[1]] = t
+        padded.append(out)
+    return padded
 
 
 def pad_completions(completions: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
