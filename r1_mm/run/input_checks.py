@@ -170,7 +170,7 @@ def video_problems(cfg: RecipeConfig, rows: list[dict[str, Any]], source: str) -
         family = family_of(read_model_config(cfg.model))
     except (UnsupportedModelError, ConfigError, ValueError):  # unverified or unreadable: preflight says so
         return []
-    if family.supports("video"):
+    if family.supports("video") or (family.video_on_hf and cfg.rollout.engine == "hf"):
         return []
     with_video = []
     for index, row in enumerate(rows):

@@ -73,6 +73,9 @@ class ModelFamily:
     # a problem of one checkpoint's config that would make the engines and the learner compute different
     # things (one line), or None; run at load with the family checks (run/preflight.family_problems)
     check_config: Callable[[Any], str | None] | None = None
+    # video refused for the vLLM engines only: with rollout.engine=hf (the learner's own model samples) video rows
+    # are tested exact (SmolVLM: vLLM's model has no video modality)
+    video_on_hf: bool = False
     note: str = ""
 
     def __post_init__(self) -> None:

