@@ -1,0 +1,139 @@
+"""Gemma 3 (transformers' Gemma3ForConditionalGeneration): the tiny model builds deterministically with sliding-window
+and full-attention layers; the grouped forward equals the naive one (logprobs and gradients, 1e-5) for one-image
+and two-image rows longer than the window, with completions longer than the window, through sdpa, eager and the
+flash route, with and without gradient checkpointing, keeping the window per layer and one image's tokens
+bidirectional; the engines sample it with the learner's prompt tokens and logprobs."""
+
+import hashlib
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from r1_mm.models.families import get_family
+from r1_mm.models.forward import packed_attention
+from r1_mm.models.forward.grouped import naive_logprobs
+from r1_mm.models.tiny import TinySpec, build_tiny_model
+
+from . import flash_emulation, test_grouped_forward
+from .test_family_internvl import perturb
+from .test_grouped_forward import prompts_for
+
+FAMILY = "gemma3"
+TASKS = ["counting", "multi_image"]  # one image, two images (Gemma 3 takes no video)
+# completions of up to 2 windows: their sliding layers see less and less of the prompt
+LENGTHS = [5, 26, 3, 14, 1, 19]
+
+
+def digest(folder):
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_tiny_build_is_deterministic_and_loads(tmp_path):
+    a = build_tiny_model(tmp_path / "a", TinySpec(family=FAMILY, seed=3))
+    b = build_tiny_model(tmp_path / "b", TinySpec(family=FAMILY, seed=3))
+    c = build_tiny_model(tmp_path / "c", TinySpec(family=FAMILY, seed=4))
+    assert digest(a) == digest(b) != digest(c)
+    model = AutoModelForImageTextToText.from_pretrained(a)
+    processor = AutoProcessor.from_pretrained(a)
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    assert type(processor).__name__ == "Gemma3Processor"
+    text = model.config.get_text_config()
+    assert set(text.layer_types) == {"sliding_attention", "full_attention"} and text.sliding_window <= 16
+    tok = processor.tokenizer
+    for token in get_family(FAMILY).media_tokens:
+        assert len(tok.tokenize(token)) == 1
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<image_soft_token>")
+    assert get_family(FAMILY).refusal("video") is not None
+
+
+def load(tiny_path, family=FAMILY, attn="sdpa", checkpointing=False):
+    """test_grouped_forward.load with every weight moved by N(0, 0.05) noise: at the random initialisation the
+    image tokens' bidirectional attention moves the completions' logprobs by only ~1e-4; moved, by far more
+    than the comparisons' 1e-5 (test_window_and_image_blocks_matter)."""
+    model, processor = test_grouped_forward.load(tiny_path, family, attn=attn, checkpointing=checkpointing)
+    perturb(model, 11)
+    return model, processor
+
+
+def prompts(tiny_path, synthetic_data, processor, task):
+    out = prompts_for(processor, synthetic_data[task])
+    window = AutoModelForImageTextToText.from_pretrained(tiny_path(FAMILY)).config.get_text_config().sliding_window
+    images = [int((p["token_type_ids"] == 1).sum()) for p in out]
+    # the premises: every prompt is longer than the window, and has one (or two) image blocks
+    assert all(p["input_ids"].shape[1] > 3 * window for p in out)
+    assert images == [processor.image_seq_length * (2 if task == "multi_image" else 1)] * 2
+    return out
+
+
+def compare_abs(monkeypatch, model, processor, prompts, **kwargs):
+    """test_grouped_forward.compare (logprobs at 1e-5, every gradient within 1e-4 of its parameter's largest, the
+    packed kernel served every layer), and every gradient also equal within 1e-5 of the model's largest gradient."""
+    seen = []
+    take = test_grouped_forward.grads
+    monkeypatch.setattr(test_grouped_forward, "grads", lambda m: seen.append(take(m)) or seen[-1])
+    test_grouped_forward.compare(model, processor, prompts, **kwargs)
+    grouped, naive = seen
+    worst = max(float((grouped[n] - g).abs().max()) for n, g in naive.items())
+    largest = max(float(g.abs().max()) for g in naive.values())
+    print("worst gradient difference", worst, "largest gradient", largest)
+    assert worst < 1e-5 * largest, (worst, largest)
+
+
+@pytest.fixture
+def long_completions(monkeypatch):
+    monkeypatch.setattr(test_grouped_forward, "LENGTHS", LENGTHS)
+
+
+def test_window_and_image_blocks_matter(tiny_path, synthetic_data, long_completions):
+    """The premise of the comparisons below: the naive forward's logprobs change (by far more than 1e-5) when the
+    window is widened or the image tokens lose their bidirectional attention, so matching them tests both."""
+    model, processor = load(tiny_path, FAMILY)
+    model.eval()
+    rows = prompts(tiny_path, synthetic_data, processor, "counting")
+    comps = test_grouped_forward.completions(len(processor.tokenizer) - 16)
+    pad = processor.tokenizer.pad_token_id
+
+    def naive(rows):
+        with torch.no_grad():
+            return naive_logprobs(model, [dict(p) for p in rows], comps, 3, pad)[0]
+
+    base = naive(rows)
+    no_blocks = naive([{k: v for k, v in p.items() if k != "token_type_ids"} for p in rows])
+    model.config.get_text_config().sliding_window = 10_000
+    for layer in model.model.language_model.layers:
+        layer.self_attn.sliding_window = 10_000 if layer.self_attn.sliding_window else None
+    wide = naive(rows)
+    print("image blocks", float((base - no_blocks).abs().max()), "window", float((base - wide).abs().max()))
+    assert float((base - no_blocks).abs().max()) > 1e-3
+    assert float((base - wide).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_grouped_equals_naive(tiny_path, synthetic_data, monkeypatch, long_completions, task, attn):
+    model, processor = load(tiny_path, FAMILY, attn=attn)
+    compare_abs(monkeypatch, model, processor, prompts(tiny_path, synthetic_data, processor, task))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_grouped_equals_naive_with_gradient_checkpointing(tiny_path, synthetic_data, monkeypatch, long_completions,
+                                                          task):
+    model, processor = load(tiny_path, FAMILY, checkpointing=True)
+    assert model.is_gradient_checkpointing
+    compare_abs(monkeypatch, model, processor, prompts(tiny_path, synthetic_data, processor, task))
+
+
+def test_grouped_flash_attention_route(tiny_path, synthetic_data, monkeypatch, long_completions):
+    """transformers' flash integration with the packed varlen sequences (CUDA kernel replaced by the CPU stand-in
+    of tests/flash_emulation.py, which applies flash's window_size): the sliding layers pass their window to
+    the kernel, and the image blocks run as a second, non-causal varlen call; reference: plain sdpa."""
+    calls = flash_emulation.install(monkeypatch)
+    model, processor = load(tiny_path, FAMILY)
+    reference, _ = load(tiny_path, FAMILY)
+    packed_attention.register()
+    model.set_attn_implementation({"text_config": packed_attention.grouped_name("flash_attention_2")})
+    compare_abs(monkeypatch, model, processor, prompts(tiny_path, synthetic_data, processor, "multi_image"),
+                reference=reference)
+    # the kernel really ran: per layer one causal and one bidirectional call, in the forward only
+    assert calls["varlen"] == 2 * model.config.get_text_config().num_hidden_layers
