@@ -5,6 +5,7 @@ flash route, with and without gradient checkpointing, keeping the window per lay
 bidirectional; the engines sample it with the learner's prompt tokens and logprobs."""
 
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from .test_family_internvl import perturb
 from .test_grouped_forward import prompts_for
 
 FAMILY = "gemma3"
+PLUGIN = Path(__file__).parent / "plugins" / "test_rewards.py"  # a reward that varies for a random policy
 TASKS = ["counting", "multi_image"]  # one image, two images (Gemma 3 takes no video)
 # completions of up to 2 windows: their sliding layers see less and less of the prompt
 LENGTHS = [5, 26, 3, 14, 1, 19]
@@ -137,3 +139,81 @@ def test_grouped_flash_attention_route(tiny_path, synthetic_data, monkeypatch, l
                 reference=reference)
     # the kernel really ran: per layer one causal and one bidirectional call, in the forward only
     assert calls["varlen"] == 2 * model.config.get_text_config().num_hidden_layers
+
+
+def engine_samples(processor, synthetic_data, data_cfg=None, media=None):
+    from r1_mm.config.recipe import DataConfig, MediaConfig
+    from r1_mm.data import PromptBuilder
+    from r1_mm.data.loading import default_media_root, read_rows
+
+    return [PromptBuilder(processor, data_cfg or DataConfig(), media or MediaConfig(), default_media_root(synthetic_data[t]))
+            .prepare(read_rows(synthetic_data[t])[0], 0) for t in TASKS]
+
+
+def test_hf_engine_samples_one_and_two_images_with_the_learners_logprobs(tiny_path, synthetic_data):
+    """transformers' generate (bidirectional image tokens in the prefill, the sliding-window cache after it)
+    samples completions longer than the window whose logprobs the learner reproduces in both forward modes."""
+    from r1_mm.rollout import SamplingSettings, make_engine
+    from r1_mm.rollout.base import media_token_ids
+
+    from .test_family_internvl import max_gap
+
+    model, processor = load(tiny_path)
+    model.eval()
+    samples = engine_samples(processor, synthetic_data)
+    engine = make_engine("hf", model=model, processor=processor)
+    assert engine.name == "hf"
+    window = model.config.get_text_config().sliding_window
+    outs = engine.generate(samples, 3, SamplingSettings(max_tokens=2 * window, temperature=1.0, seed=5))
+    assert [len(o.completions) for o in outs] == [3, 3]
+    assert max(len(c.token_ids) for o in outs for c in o.completions) > window  # the premise
+    assert not any(t in media_token_ids(model.config) for o in outs for c in o.completions for t in c.token_ids)
+    with torch.no_grad():
+        for mode in ("grouped", "naive"):
+            assert max_gap(model, processor, samples, outs, mode) < 1e-5, mode
+
+
+def grpo_trainer(tmp_path, synthetic_data, tiny_cache, monkeypatch, engine, task, lora=False):
+    from r1_mm.config.recipe import load_recipe
+    from r1_mm.trainers.grpo import GRPOTrainer
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    cfg = load_recipe(None, [
+        f"model.name_or_path=tiny:{FAMILY}:small", f"data.train_path={synthetic_data[task]}",
+        f"training.output_dir={tmp_path / 'run'}", "data.format_instruction=null", f"model.lora={str(lora).lower()}",
+        "rollout.num_generations=3", "rollout.max_completion_length=16", "training.prompts_per_step=2",
+        f"rollout.engine={engine}", "rollout.pool_size=1", "rollout.vllm_max_model_len=1024",
+        "data.max_prompt_length=512", "training.learning_rate=1e-2", "logging.progress_bar=false",
+        f"rewards.functions=[{{name: '{PLUGIN}:length_reward'}}]"])
+    assert cfg.training.forward_mode == "grouped"
+    return GRPOTrainer(cfg)
+
+
+@pytest.mark.parametrize(("task", "lora"), [("multi_image", False), ("counting", True)])
+def test_hf_grpo_steps_keep_importance_ratio_one(tmp_path, synthetic_data, tiny_cache, monkeypatch, task, lora):
+    """3 GRPO steps on the hf engine, one per sampling setting (temperature 0.7, top_p 0.7, top_k 5), with full
+    weights or LoRA adapters: the importance ratio stays 1 and the sampler's logprobs equal the learner's, while
+    the weights really move."""
+    from r1_mm.models.weights import iter_policy_weights
+
+    from .test_sampling_convention import ENGINE_STEPS
+
+    trainer = grpo_trainer(tmp_path, synthetic_data, tiny_cache, monkeypatch, "hf", task, lora)
+    try:
+        assert trainer.engine.name == "hf"
+        assert (type(trainer.learner.unwrapped).__name__ == "PeftModel") == lora
+        policy = trainer.learner.unwrapped
+        start = {n: w.clone() for n, w in iter_policy_weights(policy)}
+        for step, (name, temperature, top_p, top_k) in enumerate(ENGINE_STEPS):
+            trainer.step = step
+            trainer.cfg.rollout.temperature, trainer.cfg.rollout.top_p, trainer.cfg.rollout.top_k = temperature, top_p, top_k
+            metrics = trainer.train_step()
+            assert "rollout/is_ratio_mean" in metrics, name  # the premise: the engine reported sampling logprobs
+            print(name, "lora" if lora else "full", {k: metrics[k] for k in ("rollout/is_ratio_mean",
+                                                                            "rollout/logprob_abs_diff_max")})
+            assert metrics["rollout/is_ratio_mean"] == pytest.approx(1.0, abs=1e-4), (name, metrics)
+            assert metrics["rollout/logprob_abs_diff_max"] < 1e-4, (name, metrics)
+        moved = max(float((w - start[n]).abs().max()) for n, w in iter_policy_weights(policy))
+        assert moved > 1e-3, moved
+    finally:
+        trainer.close()

@@ -70,6 +70,6 @@ FAMILY = ModelFamily(
     vllm_processor_kwargs={},
     note="The grouped forward keeps sliding-window layers to their window and one image's soft tokens "
          "bidirectional (token_type_ids), as transformers' eager/sdpa masks do.",
-    support={"grouped": TESTED, "hf": "not verified yet", "vllm_colocate": "not verified yet",
+    support={"grouped": TESTED, "hf": TESTED, "vllm_colocate": "not verified yet",
              "vllm_pool": "not verified yet", "weight_sync": "not verified yet", "video": NO_VIDEO,
-             "lora": "not verified yet"})
+             "lora": TESTED})
