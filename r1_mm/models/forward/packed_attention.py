@@ -281,8 +281,8 @@ def _make_attention(base: str) -> Callable[..., Any]:
                                        f"got query {tuple(query.shape)}")
         q = query[0].transpose(0, 1)  # (L, H, D)
         k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)
-        # the layer's sliding window (Gemma 3, Qwen2 pass it to the attention function; None in full layers)
-        window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+        # the layer's sliding window, as its attention passes it to the attention function (None in full layers)
+        window = kwargs.get("sliding_window")
         out = kernel(module, q.index_select(0, layout.q_index), k.index_select(0, layout.k_index),
                      v.index_select(0, layout.k_index), layout, scaling, dropout, window)
         KERNEL_CALLS[base] += 1
