@@ -43,6 +43,9 @@ def test_tiny_build_is_deterministic_and_loads(tmp_path):
     assert type(processor).__name__ == "Gemma3Processor"
     text = model.config.get_text_config()
     assert set(text.layer_types) == {"sliding_attention", "full_attention"} and text.sliding_window <= 16
+    # as released: no SigLIP pooling head (vLLM's SigLIP has none; `r1-mm check-model tiny:gemma3 --engine
+    # vllm_colocate` measured 11 of 79 weight names the engine could not place with it)
+    assert model.config.vision_config.vision_use_head is False and not any(".head." in n for n, _ in model.named_parameters())
     tok = processor.tokenizer
     for token in get_family(FAMILY).media_tokens:
         assert len(tok.tokenize(token)) == 1

@@ -50,7 +50,10 @@ def build_tiny(spec: Any, tokenizer: Any) -> tuple[Any, Any]:
         "layer_types": [LAYER_TYPES[i % len(LAYER_TYPES)] for i in range(spec.num_layers)]}
     vision = {"hidden_size": spec.vision_hidden_size, "intermediate_size": spec.vision_hidden_size * 2,
               "num_hidden_layers": spec.vision_depth, "num_attention_heads": spec.vision_heads,
-              "image_size": IMAGE_SIZE, "patch_size": PATCH}
+              "image_size": IMAGE_SIZE, "patch_size": PATCH,
+              # as released: Gemma 3 pools the patch features itself, SigLIP's attention-pooling head is unused
+              # (and vLLM's SigLIP has none, so its weights would be names the engine cannot place)
+              "vision_use_head": False}
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in zip(
         ("boi_token_index", "image_token_index", "eoi_token_index"), MEDIA_TOKENS, strict=True)}
     config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=MM_TOKENS_PER_IMAGE,
