@@ -268,3 +268,17 @@ def test_vllm_cpu_is_refused_for_the_measured_reason(tmp_path, tiny_cache, synth
         assert max(gaps[1:]) > 1e-2, gaps  # the refusal's reason, measured
     finally:
         engine.close()
+
+
+def test_layout_runs_image_blocks_bidirectionally_and_flash_refuses_blocks_wider_than_the_window():
+    """A prompt with an image block becomes text / block / text sequences, each with the prompt's keys up to its
+    end (the block's queries see all of them); flash's window also bounds keys to the right, so a block longer
+    than the window is refused in one line rather than computed wrongly."""
+    layout = packed_attention.build_layout([(0, 10)], [[(10, 13)]], 13, torch.device("cpu"), bidirectional=[[(3, 7)]])
+    assert layout.spans() == [(0, 3, 0, 3), (3, 7, 3, 10), (7, 10, 10, 20), (10, 13, 20, 33)]
+    assert layout.causal == (True, False, True, True)
+    q = torch.randn(layout.q_index.numel(), 2, 32)
+    k = v = torch.randn(layout.k_index.numel(), 1, 32)
+    kernel = packed_attention.VARLEN_KERNELS["flash_attention_2"]
+    with pytest.raises(packed_attention.PackedAttentionError, match="shorter than a bidirectional image block"):
+        kernel(None, q, k, v, layout, None, 0.0, 3)
