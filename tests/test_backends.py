@@ -130,14 +130,18 @@ def test_ddp_two_processes(setup, initial_weights):
 
 
 @pytest.mark.slow
-def test_zero3_two_processes_with_reference(setup, initial_weights):
-    root, recipe, z3, data, cache = setup
-    out = root / "zero3"
-    metrics = launch(z3, recipe, out, data, cache, "algorithm.grpo.ref_sync_steps=3")  # synced after the last step
+def test_zero3_recipe_config_as_shipped_with_reference(setup, initial_weights):
+    """The shipped ZeRO-3 launch config, a frozen vision tower, and a reference model sharded like the policy
+    and synced after the last step (so the checkpoint carries it, gathered to full shapes)."""
+    root, recipe, _, data, cache = setup
+    out = root / "zero3_shipped"
+    metrics = launch(REPO / "recipes" / "accelerate" / "zero3.yaml", recipe, out, data, cache,
+                     "model.freeze_vision_tower=true", "algorithm.grpo.ref_sync_steps=3")
     info = assert_backend(out, "zero3", engine="hf")
+    assert info["mixed_precision"] == "no"  # the shipped file says bf16; the CPU test's --mixed_precision no won
     assert info["reference"] == "DeepSpeedEngine"  # the reference is sharded the same way
-    check_run(metrics, out, initial_weights)
-    # the synced reference moved, so the checkpoint carries it, gathered to full shapes
+    changed = check_run(metrics, out, initial_weights)
+    assert not any(k.startswith("model.visual.") for k in changed)  # the frozen tower stayed frozen
     reference = load_file(out / "checkpoints" / "step-000003" / "reference.safetensors")
     assert all(v.numel() > 0 for v in reference.values())  # full tensors, not empty ZeRO-3 partitions
     ref_numel, initial_numel = sum(v.numel() for v in reference.values()), sum(v.numel() for v in initial_weights.values())
@@ -145,41 +149,22 @@ def test_zero3_two_processes_with_reference(setup, initial_weights):
 
 
 @pytest.mark.slow
-def test_zero3_recipe_config_as_shipped(setup, initial_weights):
-    root, recipe, _, data, cache = setup
-    out = root / "zero3_shipped"
-    metrics = launch(REPO / "recipes" / "accelerate" / "zero3.yaml", recipe, out, data, cache,
-                     "model.freeze_vision_tower=true")
-    info = assert_backend(out, "zero3")
-    assert info["mixed_precision"] == "no"  # the shipped file says bf16; the CPU test's --mixed_precision no won
-    changed = check_run(metrics, out, initial_weights)
-    assert not any(k.startswith("model.visual.") for k in changed)  # the frozen tower stayed frozen
-
-
-@pytest.mark.slow
-def test_lora_under_zero3_exports_merged_weights(setup, initial_weights):
+def test_lora_zero3_weight_sync_to_vllm_pool(setup, initial_weights):
+    """ZeRO-3 + LoRA (with gradient checkpointing) + a vLLM rollout server: merged weights gathered in buckets by
+    both ranks reach the server after every step, so its sampling logprobs keep matching the learner's; the
+    checkpoint exports the merged weights."""
     root, recipe, z3, data, cache = setup
-    out = root / "lora_zero3"
-    metrics = launch(z3, recipe, out, data, cache, "model.lora=true", "model.gradient_checkpointing=true")
-    info = assert_backend(out, "zero3")
+    out = root / "lora_zero3_pool"
+    metrics = launch(z3, recipe, out, data, cache, "model.lora=true", "model.gradient_checkpointing=true",
+                     "rollout.engine=vllm_pool",
+                     "rollout.pool_size=1", "rollout.vllm_dtype=float32", "rollout.vllm_max_model_len=2048",
+                     "rollout.weight_sync_bucket_mb=1", "training.learning_rate=1.0e-2")
+    info = assert_backend(out, "zero3", engine="vllm_pool")
     assert info["lora"] and info["reference"] is None  # the adapter-disabled policy is the reference
     changed = check_run(metrics, out, initial_weights)
     # LoRA touches only the targeted language-model projections; the merge put them into the base weights
     assert changed and all(k.split(".")[-2] in {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                 "down_proj"} for k in changed)
-
-
-@pytest.mark.slow
-def test_lora_zero3_weight_sync_to_vllm_pool(setup, initial_weights):
-    """ZeRO-3 + LoRA + a vLLM rollout server: merged weights gathered in buckets by both ranks reach the
-    server after every step, so its sampling logprobs keep matching the learner's."""
-    root, recipe, z3, data, cache = setup
-    out = root / "lora_zero3_pool"
-    metrics = launch(z3, recipe, out, data, cache, "model.lora=true", "rollout.engine=vllm_pool",
-                     "rollout.pool_size=1", "rollout.vllm_dtype=float32", "rollout.vllm_max_model_len=2048",
-                     "rollout.weight_sync_bucket_mb=1", "training.learning_rate=1.0e-2")
-    assert_backend(out, "zero3", engine="vllm_pool")
-    check_run(metrics, out, initial_weights)
     for m in metrics:
         assert m["rollout/logprob_abs_diff_mean"] < 0.05 and m["rollout/is_dropped_frac"] == 0.0
 

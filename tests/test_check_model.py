@@ -41,7 +41,7 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out[out.find("check-model "):] if "check-model " in out else out, captured.err
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "glm4v"])  # GLM: video features on image tokens
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "glm4v", "qwen3_5"])  # GLM: video features on image tokens
 def test_passes_on_verified_tiny_families_with_hf(capsys, family):
     code, out, _ = run(capsys, f"tiny:{family}")
     print(out)

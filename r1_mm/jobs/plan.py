@@ -155,7 +155,8 @@ def model_shape(cfg: RecipeConfig) -> ModelShape:
     routed, active_routed = expert_counts(model, text)
     total = sum(p.numel() for p in model.parameters())
     # per token, a sparse layer runs top_k experts of moe_intermediate_size (plus a shared expert, if any)
-    intermediate = text.intermediate_size
+    # (an all-sparse decoder such as Qwen3.5-MoE declares no dense intermediate_size)
+    intermediate = getattr(text, "intermediate_size", 0) or 0
     if routed and getattr(text, "moe_intermediate_size", None):
         intermediate = text.num_experts_per_tok * text.moe_intermediate_size + (
             getattr(text, "shared_expert_intermediate_size", 0) or 0)

@@ -41,8 +41,29 @@ def _shared_prefill(model: torch.nn.Module, inputs: Any, n: int) -> Any:
     head = {k: (v[:, :-1] if k in _PER_TOKEN_KEYS else v) for k, v in inputs.items()}
     out = model(**head, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
-    cache.batch_repeat_interleave(n)
+    repeat_cache_rows(cache, n)
     return cache
+
+
+def repeat_cache_rows(cache: Any, n: int) -> None:
+    """Repeat every row of the prefill's cache ``n`` times, linear-attention states included.
+
+    Why not ``cache.batch_repeat_interleave``: transformers' linear-attention cache layers (Qwen3.5's Gated
+    DeltaNet: a convolution state and a recurrent state per layer) do not implement it, so a hybrid model's
+    cache fails there; their states are repeated here, and attention layers by their own method."""
+    from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin
+
+    for layer in cache.layers:
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            for states, ready in ((layer.conv_states, layer.is_conv_states_initialized),
+                                  (layer.recurrent_states, layer.is_recurrent_states_initialized)):
+                for i in states:
+                    if ready[i]:
+                        states[i] = states[i].repeat_interleave(n, dim=0)
+            if isinstance(layer, DynamicLayer):  # a layer holding both kinds (LinearAttentionAndFullAttentionLayer)
+                DynamicLayer.batch_repeat_interleave(layer, n)
+        else:
+            layer.batch_repeat_interleave(n)
 
 
 _PER_TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")

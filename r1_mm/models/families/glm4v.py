@@ -85,9 +85,7 @@ FAMILY = ModelFamily(
     media_tokens=MEDIA_TOKENS, check_config=check_config,
     # frames arrive decoded at r1-mm's fps: vLLM must neither resize nor re-sample them (see the module's doc)
     vllm_processor_kwargs=dict(DEFAULT_VLLM_PROCESSOR_KWARGS) | {"do_sample_frames": False},
-    note="GLM-4.5V (glm4v_moe: the same vision side and video layout, a MoE decoder) has no module yet and stays "
-         "refused. The MLP's gate and up projections are one fused gate_up_proj: LoRA adapts it only when "
-         "model.lora_target_modules names it (the default names gate_proj/up_proj).",
+    note="The MLP's gate and up projections are one fused gate_up_proj (in model.lora_target_modules' default).",
     support={
         "grouped": TESTED, "hf": TESTED, "video": TESTED, "vllm_colocate": TESTED, "weight_sync": TESTED,
         "vllm_pool": TESTED, "lora": TESTED,

@@ -26,8 +26,6 @@ def interleaved_mrope_section(head_dim: int) -> list[int]:
 
 def tiny_parts(spec: Any, tokenizer: Any, *, moe: bool = False) -> tuple[Any, Any]:
     """Config and processor of a tiny Qwen3-VL (``moe``: Qwen3-VL-MoE's sparse decoder)."""
-    from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
-
     head_dim = spec.hidden_size // spec.num_heads
     text = text_sizes(spec, tokenizer) | {"head_dim": head_dim, "rope_parameters": {
         "rope_type": "default", "rope_theta": 10000.0, "mrope_section": interleaved_mrope_section(head_dim),
@@ -48,6 +46,13 @@ def tiny_parts(spec: Any, tokenizer: Any, *, moe: bool = False) -> tuple[Any, An
     else:
         from transformers import Qwen3VLConfig as Config
     config = Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **qwen_vision_ids(tokenizer))
+    return config, qwen3_vl_processor(spec, tokenizer)
+
+
+def qwen3_vl_processor(spec: Any, tokenizer: Any) -> Any:
+    """Qwen3-VL's processor within the tiny spec's pixel budget (Qwen3.5 uses the same one)."""
+    from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
+
     image, _ = qwen2_vl_processors(spec, patch_size=PATCH)
     # the released checkpoints normalise images and video frames alike (mean = std = 0.5); vLLM's on-device
     # normalisation applies the image processor's values to video frames too
@@ -55,9 +60,8 @@ def tiny_parts(spec: Any, tokenizer: Any, *, moe: bool = False) -> tuple[Any, An
     size = {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}
     video = Qwen3VLVideoProcessor(size=size, patch_size=PATCH, temporal_patch_size=2, merge_size=2,
                                   do_sample_frames=False, cap_pixels_per_frame=True)
-    processor = Qwen3VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
-                                 chat_template=QWEN_VL_CHAT_TEMPLATE)
-    return config, processor
+    return Qwen3VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                            chat_template=QWEN_VL_CHAT_TEMPLATE)
 
 
 def build_tiny(spec: Any, tokenizer: Any) -> tuple[Any, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from r1_mm.models.forward import packed_attention, token_scores
+from r1_mm.models.forward import packed_attention, packed_linear_attention, token_scores
 from r1_mm.models.forward.packed_attention import PackedLayout
 from r1_mm.models.forward.token_scores import ScoreRequest
 from r1_mm.models.forward.truncated_scores import Truncation, kept_threshold
@@ -33,7 +33,8 @@ from r1_mm.models.weights import unwrap
 
 # Per-prompt processor outputs that are concatenated across prompts (row-wise for patches).
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
-               "image_sizes", "batch_num_images")  # the last two: LLaVA-OneVision's anyres images
+               "image_sizes", "batch_num_images",  # these two: LLaVA-OneVision's anyres images
+               "pixel_attention_mask")  # SmolVLM / Idefics3: the valid pixels of each padded tile
 # token_type_ids: Gemma 3's image tokens (1), which attend to each other both ways; the naive forward passes
 # them to the model, the grouped one turns them into bidirectional sequences of the packed layout
 TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
@@ -85,18 +86,24 @@ def merge_vision_inputs(prompts: list[dict[str, torch.Tensor]], repeats: int = 1
         parts = [p[key] for p in prompts if key in p for _ in range(repeats)]
         if parts:
             parts = [torch.as_tensor(t) for t in parts]
-            if key == "pixel_values" and parts[0].dim() == 5:
+            if (key, parts[0].dim()) in (("pixel_values", 5), ("pixel_attention_mask", 4)):
                 parts = _pad_patches(parts)
             merged[key] = torch.cat(parts, dim=0)
     return merged
 
 
 def _pad_patches(parts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """LLaVA-OneVision images are (images, patches, C, H, W) with a patch count per image size: pad
-    with zeros to the largest count, as its processor does for a batch (the model drops the padding
-    using ``image_sizes``)."""
+    """LLaVA-OneVision images are (images, patches, C, H, W) with a patch count per image size, SmolVLM's
+    (prompts, tiles, C, H, W) with a tile count per prompt (and its pixel mask (prompts, tiles, H, W)): pad
+    dim 1 with zeros to the largest count, as their processors do for a batch (the models drop the padding:
+    LLaVA-OneVision by ``image_sizes``, SmolVLM the all-zero tiles)."""
     most = max(t.shape[1] for t in parts)
-    return [torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 0, 0, most - t.shape[1])) for t in parts]
+    padded = []
+    for t in parts:
+        out = t.new_zeros((t.shape[0], most, *t.shape[2:]))
+        out[:, : t.shape[1]] = t
+        padded.append(out)
+    return padded
 
 
 def bidirectional_blocks(token_types: torch.Tensor, offset: int) -> list[tuple[int, int]]:
@@ -158,6 +165,7 @@ def pack_groups(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]], 
     if len(completions) != len(prompts) * g:
         raise GroupedForwardError(f"{len(completions)} completions for {len(prompts)} prompts x G={g}")
     packed_attention.enable(unwrap(model))
+    packed_linear_attention.enable(unwrap(model))
     device = prompts[0]["input_ids"].device
     prompts = [_strip_padding(p) for p in prompts]
     comp_ids, comp_mask = pad_completions(completions, pad_id, device)

@@ -350,13 +350,16 @@ def check_supported(config: Any, base: str) -> None:
             f"training.forward_mode=grouped has no kernel for attn_implementation={base!r} "
             f"(supported: {', '.join(SUPPORTED_BASES)}); pick one of those or set training.forward_mode=naive")
     text = getattr(config, "text_config", None) or config
-    packed = {"full_attention"} | ({"sliding_attention"} if getattr(text, "model_type", None) in WINDOWED_DECODERS else set())
+    # linear-attention (Gated DeltaNet) layers: each completion starts from its prompt's states (packed_linear_attention)
+    packed = {"full_attention", "linear_attention"}
+    if getattr(text, "model_type", None) in WINDOWED_DECODERS:  # each packed sequence keeps its queries' window
+        packed.add("sliding_attention")
     other = sorted(set(getattr(text, "layer_types", None) or []) - packed)
-    if other:  # sliding-window (unverified decoders), linear-attention (Gated DeltaNet) or chunked layers
+    if other:  # sliding-window (unverified decoders) or chunked layers
         raise PackedAttentionError(
-            f"training.forward_mode=grouped packs completions for full-attention layers only, and "
+            f"training.forward_mode=grouped packs completions for full- and linear-attention layers only, and "
             f"{type(config).__name__} also has {', '.join(other)} layers (packing them would let a completion see "
-            "past its window or continue the previous completion's state); set training.forward_mode=naive")
+            "past its window); set training.forward_mode=naive")
     if getattr(text, "attn_logit_softcapping", None):  # Gemma 2 style: the varlen kernels do not cap logits
         raise PackedAttentionError(
             f"training.forward_mode=grouped does not cap attention logits ({type(config).__name__} has "
