@@ -5,7 +5,8 @@ above the kernel is real: transformers' flash-attention integration (its lazy im
 processing, dtype handling, varlen dispatch) and r1-mm's packed attention. The stand-in follows
 flash_attn_varlen_func's documented semantics, written independently of r1-mm's kernels in plain
 matmul + softmax: sequences given by cumulative lengths, and with ``causal=True`` a query shorter than
-its keys aligned to the bottom-right (flash-attn >= 2.1).
+its keys aligned to the bottom-right (flash-attn >= 2.1), and ``window_size=(left, right)`` keys from
+query - left to query + right in those aligned positions (-1: unlimited).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None):
     CALLS["varlen"] += 1
-    assert dropout_p == 0.0 and softcap == 0.0 and alibi_slopes is None and tuple(window_size) == (-1, -1)
+    assert dropout_p == 0.0 and softcap == 0.0 and alibi_slopes is None
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     groups = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
@@ -34,9 +35,16 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         vs = v[bk[s]:bk[s + 1]].float().repeat_interleave(groups, dim=1)
         scores = torch.einsum("qhd,khd->hqk", qs, ks) * scale
         lq, lk = qs.shape[0], ks.shape[0]
+        key, query = torch.arange(lk)[None, :], torch.arange(lq)[:, None] + (lk - lq)  # bottom-right aligned
+        allowed = torch.ones((lq, lk), dtype=torch.bool)
         if causal:
-            allowed = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
-            scores = scores.masked_fill(~allowed, float("-inf"))
+            allowed &= key <= query
+        left, right = window_size  # -1 = unlimited; otherwise keys in [query - left, query + right]
+        if left >= 0:
+            allowed &= key >= query - left
+        if right >= 0:
+            allowed &= key <= query + right
+        scores = scores.masked_fill(~allowed, float("-inf"))
         out[bq[s]:bq[s + 1]] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vs).to(q.dtype)
     return out
 

@@ -69,7 +69,8 @@ def compare(model, processor, prompts, temperature=0.7, reference=None):
     kernel = packed_attention.base_implementation(packed_attention.text_config(model)._attn_implementation)
     text = model.config.get_text_config()
     types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
-    layers, linear = types.count("full_attention"), types.count("linear_attention")
+    # softmax-attention layers (full or sliding-window: the packed kernel serves both) and Gated DeltaNet layers
+    layers, linear = types.count("full_attention") + types.count("sliding_attention"), types.count("linear_attention")
     before = packed_attention.KERNEL_CALLS[kernel], LINEAR_CALLS["linear_attention"]
     lp_g, ent_g = grouped_logprobs(model, packed, temperature=temperature, with_entropy=True)
     # the packed kernel served every attention layer, the packed linear attention every Gated DeltaNet layer
@@ -352,12 +353,12 @@ def test_grouped_flash_model_still_generates_and_scores_unpacked(tiny_path, synt
 
 
 def test_unknown_processor_outputs_are_refused_in_both_modes():
-    """An output r1-mm does not hand to the model (Gemma 3's token_type_ids) stops both forwards with
+    """An output r1-mm does not hand to the model (a processor output no verified family has) stops both forwards with
     one message, which no longer sends the user to forward_mode=naive (that route fails the same way)."""
     from r1_mm.models.forward.grouped import GroupedForwardError, merge_vision_inputs
 
     prompt = {"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3, dtype=torch.long),
-              "token_type_ids": torch.zeros(1, 3, dtype=torch.long)}
+              "unknown_processor_output": torch.zeros(1, 3, dtype=torch.long)}
     for repeats in (1, 3):  # the grouped forward merges once, the naive one G times
         with pytest.raises(GroupedForwardError, match=r"grouped or naive\): this model's family is not verified"):
             merge_vision_inputs([prompt], repeats=repeats)

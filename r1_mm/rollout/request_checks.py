@@ -15,6 +15,9 @@ from typing import Any
 # config fields holding a modality's placeholder token (Qwen-VL: *_token_id, LLaVA-style: *_token_index)
 PLACEHOLDER_FIELDS = {"image": ("image_token_id", "image_token_index"),
                       "video": ("video_token_id", "video_token_index")}
+# models whose prompt text holds another token per medium than the one the processor expands to: Gemma 3's text
+# has <start_of_image> (boi_token_index) per image, expanded to it plus its <image_soft_token>s
+PLACEHOLDER_FIELDS_BY_MODEL = {"gemma3": {"image": ("boi_token_index",)}}
 
 
 class BadRequest(ValueError):
@@ -39,7 +42,8 @@ class PromptLimits:
         """From a ``vllm.LLM``: its model's config and tokenizer."""
         config = llm.llm_engine.model_config
         placeholders = {}
-        for modality, fields in PLACEHOLDER_FIELDS.items():
+        fields_of = PLACEHOLDER_FIELDS_BY_MODEL.get(getattr(config.hf_config, "model_type", None), PLACEHOLDER_FIELDS)
+        for modality, fields in fields_of.items():
             token = next((getattr(config.hf_config, f) for f in fields if isinstance(getattr(config.hf_config, f, None), int)),
                          None)
             if token is not None:

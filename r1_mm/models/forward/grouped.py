@@ -35,7 +35,9 @@ from r1_mm.models.weights import unwrap
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
                "image_sizes", "batch_num_images",  # these two: LLaVA-OneVision's anyres images
                "pixel_attention_mask")  # SmolVLM / Idefics3: the valid pixels of each padded tile
-TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
+# token_type_ids: Gemma 3's image tokens (1), which attend to each other both ways; the naive forward passes
+# them to the model, the grouped one turns them into bidirectional sequences of the packed layout
+TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
 class GroupedForwardError(ValueError):
@@ -104,6 +106,14 @@ def _pad_patches(parts: list[torch.Tensor]) -> list[torch.Tensor]:
     return padded
 
 
+def bidirectional_blocks(token_types: torch.Tensor, offset: int) -> list[tuple[int, int]]:
+    """(start, end) of each run of image tokens (type 1) in one prompt's ``token_type_ids``, shifted by
+    ``offset``: the blocks transformers' Gemma 3 lets attend to each other both ways."""
+    is_image = (token_types == 1).int()
+    edges = torch.diff(torch.nn.functional.pad(is_image, (1, 1))).nonzero().flatten().tolist()
+    return [(offset + a, offset + b) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
 def pad_completions(completions: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(1, max(len(c) for c in completions))
     ids = torch.full((len(completions), length), pad_id, dtype=torch.long, device=device)
@@ -161,6 +171,7 @@ def pack_groups(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]], 
     comp_ids, comp_mask = pad_completions(completions, pad_id, device)
     ids_parts, pos_parts, type_parts = [], [], []
     prompt_spans, completion_spans, logits_index = [], [], []
+    blocks: list[list[tuple[int, int]]] = []
     cursor = 0
     for i, p in enumerate(prompts):
         n = p["input_ids"].shape[1]
@@ -170,6 +181,7 @@ def pack_groups(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]], 
         if "mm_token_type_ids" in p:
             type_parts.append(p["mm_token_type_ids"][0])
         prompt_spans.append((cursor, cursor + n))
+        blocks.append(bidirectional_blocks(p["token_type_ids"][0], cursor) if "token_type_ids" in p else [])
         last_prompt = cursor + n - 1
         cursor += n
         spans = []
@@ -186,7 +198,7 @@ def pack_groups(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]], 
     if type_parts and len(type_parts) != len(prompts) * (g + 1):
         raise GroupedForwardError("some prompts carry mm_token_type_ids and others do not")
     positions = torch.cat(pos_parts, dim=1)[:, None, :]  # (axes, 1, T)
-    layout = packed_attention.build_layout(prompt_spans, completion_spans, cursor, device)
+    layout = packed_attention.build_layout(prompt_spans, completion_spans, cursor, device, bidirectional=blocks)
     targets = torch.tensor([t for c in completions for t in c], dtype=torch.long, device=device)
     return PackedGroups(input_ids=torch.cat(ids_parts)[None], layout=layout,
                         position_ids=positions if positions.shape[0] == 3 else positions[0],
@@ -269,6 +281,8 @@ def naive_logprobs(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]
     attention = torch.zeros((rows, p_max + c), dtype=torch.long, device=device)
     has_types = "mm_token_type_ids" in prompts[0]
     mm_types = torch.zeros((rows, p_max + c), dtype=torch.long, device=device) if has_types else None
+    has_token_types = "token_type_ids" in prompts[0]
+    token_types = torch.zeros((rows, p_max + c), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         n = p["input_ids"].shape[1]
         for j in range(g):
@@ -277,12 +291,16 @@ def naive_logprobs(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]
             attention[row, p_max - n:p_max] = 1
             if has_types:
                 mm_types[row, p_max - n:p_max] = p["mm_token_type_ids"][0]
+            if has_token_types:
+                token_types[row, p_max - n:p_max] = p["token_type_ids"][0]
     input_ids[:, p_max:] = comp_ids
     attention[:, p_max:] = comp_mask
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention,
                               **merge_vision_inputs(prompts, repeats=g)}
     if has_types:
         kwargs["mm_token_type_ids"] = mm_types
+    if has_token_types:
+        kwargs["token_type_ids"] = token_types
     width = p_max + c
     positions = (torch.arange(rows, device=device)[:, None] * width + p_max - 1
                  + torch.arange(c, device=device)[None, :]).reshape(-1)  # the position before each completion token

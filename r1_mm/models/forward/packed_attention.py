@@ -55,6 +55,8 @@ class PackedLayout:
     max_q: int
     max_k: int
     length: int  # tokens in the packed row
+    # per sequence: False where its queries (one image's tokens) see all its keys (bidirectional), None = all causal
+    causal: tuple[bool, ...] | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -65,20 +67,48 @@ class PackedLayout:
         q, k = self.cu_q.tolist(), self.cu_k.tolist()
         return [(q[s], q[s + 1], k[s], k[s + 1]) for s in range(self.num_sequences)]
 
+    def is_causal(self, sequence: int) -> bool:
+        return self.causal is None or self.causal[sequence]
+
+
+def _prompt_runs(p0: int, p1: int, blocks: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
+    """The prompt's queries cut at its bidirectional blocks: (start, end, causal) runs covering [p0, p1)."""
+    runs, cursor = [], p0
+    for b0, b1 in sorted(blocks):
+        if not p0 <= cursor <= b0 < b1 <= p1:
+            raise PackedAttentionError(f"bidirectional block {(b0, b1)} overlaps another or leaves its prompt {(p0, p1)}")
+        if b0 > cursor:
+            runs.append((cursor, b0, True))
+        runs.append((b0, b1, False))
+        cursor = b1
+    if cursor < p1:
+        runs.append((cursor, p1, True))
+    return runs
+
 
 def build_layout(prompt_spans: list[tuple[int, int]], completion_spans: list[list[tuple[int, int]]],
-                 length: int, device: torch.device) -> PackedLayout:
-    """``prompt_spans[i]`` = (start, end) of prompt i in the row; ``completion_spans[i]`` its completions'."""
+                 length: int, device: torch.device,
+                 bidirectional: list[list[tuple[int, int]]] | None = None) -> PackedLayout:
+    """``prompt_spans[i]`` = (start, end) of prompt i in the row; ``completion_spans[i]`` its completions'.
+
+    ``bidirectional[i]``: spans of prompt i whose tokens attend to each other in both directions (Gemma 3's
+    image tokens). Such a prompt becomes several sequences, each a run of its queries with the prompt's keys
+    up to the run's end: causal for text runs, all-to-all for a block. Every sequence's queries are then the
+    last of its keys, so one bottom-right alignment (and one sliding-window rule) serves all of them.
+    """
     q_parts: list[torch.Tensor] = []
     k_parts: list[torch.Tensor] = []
     q_lens: list[int] = []
     k_lens: list[int] = []
-    for (p0, p1), comps in zip(prompt_spans, completion_spans, strict=True):
+    causal: list[bool] = []
+    for i, ((p0, p1), comps) in enumerate(zip(prompt_spans, completion_spans, strict=True)):
         prompt = torch.arange(p0, p1, device=device)
-        q_parts.append(prompt)
-        k_parts.append(prompt)
-        q_lens.append(p1 - p0)
-        k_lens.append(p1 - p0)
+        for r0, r1, is_causal in _prompt_runs(p0, p1, bidirectional[i] if bidirectional else []):
+            q_parts.append(torch.arange(r0, r1, device=device))
+            k_parts.append(prompt[:r1 - p0])
+            q_lens.append(r1 - r0)
+            k_lens.append(r1 - p0)
+            causal.append(is_causal)
         for c0, c1 in comps:
             if c1 <= c0:
                 continue
@@ -87,48 +117,63 @@ def build_layout(prompt_spans: list[tuple[int, int]], completion_spans: list[lis
             k_parts.append(torch.cat([prompt, own]))
             q_lens.append(c1 - c0)
             k_lens.append(p1 - p0 + c1 - c0)
+            causal.append(True)
 
     def cumulative(lengths: list[int]) -> torch.Tensor:
         return torch.tensor([0, *lengths], dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
 
     return PackedLayout(q_index=torch.cat(q_parts), k_index=torch.cat(k_parts), cu_q=cumulative(q_lens),
-                        cu_k=cumulative(k_lens), max_q=max(q_lens), max_k=max(k_lens), length=length)
+                        cu_k=cumulative(k_lens), max_q=max(q_lens), max_k=max(k_lens), length=length,
+                        causal=None if all(causal) else tuple(causal))
 
 
-# -- varlen kernels: (module, q (Tq,H,D), k (Tk,Hkv,D), v, layout, scaling, dropout) -> (Tq,H,D) --------
+# -- varlen kernels: (module, q (Tq,H,D), k (Tk,Hkv,D), v, layout, scaling, dropout, window) -> (Tq,H,D) ---
+# window: the layer's sliding window (tokens a query sees, itself included) or None
 
 
-def _bottom_right_causal(lq: int, lk: int, device: torch.device) -> torch.Tensor:
-    """True = attend; query i is key position lk - lq + i (a completion after its prompt)."""
-    return torch.ones((lq, lk), dtype=torch.bool, device=device).tril(diagonal=lk - lq)
+def _allowed(lq: int, lk: int, causal: bool, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """True = attend; query i is key position lk - lq + i (a completion after its prompt, a prompt run after
+    the prompt's earlier tokens). None = no restriction."""
+    if not causal and window is None:
+        return None
+    q_pos = torch.arange(lk - lq, lk, device=device)[:, None]
+    k_pos = torch.arange(lk, device=device)[None, :]
+    allowed = k_pos <= q_pos if causal else torch.ones((lq, lk), dtype=torch.bool, device=device)
+    if window is not None:
+        allowed = allowed & (k_pos > q_pos - window)  # transformers' sliding_window_overlay
+    return allowed
+
 
 
 def _sdpa_varlen(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout,
-                 scaling: float | None, dropout: float) -> torch.Tensor:
+                 scaling: float | None, dropout: float, window: int | None = None) -> torch.Tensor:
     outs = []
-    for q0, q1, k0, k1 in layout.spans():
+    for s, (q0, q1, k0, k1) in enumerate(layout.spans()):
         qs, ks, vs = (t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1]))  # (1, H, len, D)
         lq, lk = q1 - q0, k1 - k0
-        mask = None if lq == lk else _bottom_right_causal(lq, lk, q.device)
+        causal = layout.is_causal(s)
+        plain_causal = causal and lq == lk and (window is None or window >= lk)
+        mask = None if plain_causal else _allowed(lq, lk, causal, window, q.device)
         out = torch.nn.functional.scaled_dot_product_attention(
-            qs, ks, vs, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling,
+            qs, ks, vs, attn_mask=mask, dropout_p=dropout, is_causal=plain_causal, scale=scaling,
             enable_gqa=qs.shape[1] != ks.shape[1])
         outs.append(out[0].transpose(0, 1))
     return torch.cat(outs)
 
 
 def _eager_varlen(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout,
-                  scaling: float | None, dropout: float) -> torch.Tensor:
+                  scaling: float | None, dropout: float, window: int | None = None) -> torch.Tensor:
     groups = q.shape[1] // k.shape[1]
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     outs = []
-    for q0, q1, k0, k1 in layout.spans():
+    for s, (q0, q1, k0, k1) in enumerate(layout.spans()):
         qs = q[q0:q1].transpose(0, 1)  # (H, lq, D)
         ks = k[k0:k1].transpose(0, 1).repeat_interleave(groups, dim=0)
         vs = v[k0:k1].transpose(0, 1).repeat_interleave(groups, dim=0)
         scores = (qs @ ks.transpose(1, 2)) * scale
-        allowed = _bottom_right_causal(q1 - q0, k1 - k0, q.device)
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        allowed = _allowed(q1 - q0, k1 - k0, layout.is_causal(s), window, q.device)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(qs.dtype)
         probs = torch.nn.functional.dropout(probs, p=dropout, training=dropout > 0)
         outs.append((probs @ vs).transpose(0, 1))
@@ -136,18 +181,42 @@ def _eager_varlen(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 def _flash_varlen(base: str) -> Callable[..., torch.Tensor]:
-    def kernel(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout,
-               scaling: float | None, dropout: float) -> torch.Tensor:
+    def call(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+             scaling: float | None, dropout: float, window: int | None, causal: bool) -> torch.Tensor:
         from transformers.integrations.flash_attention import get_target_dtype
         from transformers.modeling_flash_attention_utils import _flash_attention_forward
 
-        # transformers' own flash path (kernel import, dtype handling, kwargs), in its varlen form
+        lengths_q, lengths_k = cu_q.diff(), cu_k.diff()
+        # transformers' own flash path (kernel import, dtype handling, kwargs), in its varlen form; its window is
+        # (window - 1) tokens each side, which with the bottom-right alignment is the causal window
         out = _flash_attention_forward(
-            q[None], k[None], v[None], None, query_length=q.shape[0], is_causal=True, dropout=dropout,
-            softmax_scale=scaling, cu_seq_lens_q=layout.cu_q, cu_seq_lens_k=layout.cu_k,
-            max_length_q=layout.max_q, max_length_k=layout.max_k, attn_implementation=base,
+            q[None], k[None], v[None], None, query_length=q.shape[0], is_causal=causal, dropout=dropout,
+            softmax_scale=scaling, cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, max_length_q=int(lengths_q.max()),
+            max_length_k=int(lengths_k.max()), attn_implementation=base, sliding_window=window,
             target_dtype=get_target_dtype(q, module))
         return out.reshape(q.shape[0], q.shape[1], -1)
+
+    def kernel(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout,
+               scaling: float | None, dropout: float, window: int | None = None) -> torch.Tensor:
+        if layout.causal is None:
+            return call(module, q, k, v, layout.cu_q, layout.cu_k, scaling, dropout, window, True)
+        # bidirectional sequences (one image's tokens) run in a second, non-causal call; flash's window there
+        # also limits keys to the right (window - 1 positions), so a block must fit in the window
+        spans = layout.spans()
+        if window is not None and any(q1 - q0 > window for s, (q0, q1, _, _) in enumerate(spans) if not layout.is_causal(s)):
+            raise PackedAttentionError(f"flash-attention's window ({window} tokens) is shorter than a bidirectional "
+                                       "image block: the varlen kernel cannot apply it; use attn_implementation=sdpa")
+        out = q.new_empty(q.shape[:2] + (v.shape[-1],))
+        for causal in (True, False):
+            chosen = [sp for s, sp in enumerate(spans) if layout.is_causal(s) == causal]
+            if not chosen:
+                continue
+            q_idx = torch.cat([torch.arange(q0, q1, device=q.device) for q0, q1, _, _ in chosen])
+            k_idx = torch.cat([torch.arange(k0, k1, device=q.device) for _, _, k0, k1 in chosen])
+            cu = [torch.tensor([0, *[b - a for a, b, _, _ in chosen]], device=q.device).cumsum(0, dtype=torch.int32),
+                  torch.tensor([0, *[b - a for _, _, a, b in chosen]], device=q.device).cumsum(0, dtype=torch.int32)]
+            out[q_idx] = call(module, q[q_idx], k[k_idx], v[k_idx], cu[0], cu[1], scaling, dropout, window, causal)
+        return out
     return kernel
 
 
@@ -212,8 +281,10 @@ def _make_attention(base: str) -> Callable[..., Any]:
                                        f"got query {tuple(query.shape)}")
         q = query[0].transpose(0, 1)  # (L, H, D)
         k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)
+        # the layer's sliding window, as its attention passes it to the attention function (None in full layers)
+        window = kwargs.get("sliding_window")
         out = kernel(module, q.index_select(0, layout.q_index), k.index_select(0, layout.k_index),
-                     v.index_select(0, layout.k_index), layout, scaling, dropout)
+                     v.index_select(0, layout.k_index), layout, scaling, dropout, window)
         KERNEL_CALLS[base] += 1
         full = out.new_zeros((length, heads, out.shape[-1])).index_copy(0, layout.q_index, out)
         return full[None], None
@@ -266,6 +337,12 @@ def text_config(model: torch.nn.Module) -> Any:
     return getattr(config, "text_config", None) or config
 
 
+# decoders whose sliding-window layers the grouped forward packs exactly (tests/test_family_gemma3.py): their
+# attention passes its window to the attention function (``sliding_window``), which keeps each packed sequence's
+# queries to it; other decoders' sliding layers stay refused until a test shows the same
+WINDOWED_DECODERS = ("gemma3_text",)
+
+
 def check_supported(config: Any, base: str) -> None:
     """Raise a one-line, actionable error for what the grouped forward cannot run (before weights load)."""
     if base not in SUPPORTED_BASES:
@@ -274,12 +351,19 @@ def check_supported(config: Any, base: str) -> None:
             f"(supported: {', '.join(SUPPORTED_BASES)}); pick one of those or set training.forward_mode=naive")
     text = getattr(config, "text_config", None) or config
     # linear-attention (Gated DeltaNet) layers: each completion starts from its prompt's states (packed_linear_attention)
-    other = sorted(set(getattr(text, "layer_types", None) or []) - {"full_attention", "linear_attention"})
-    if other:  # sliding-window or chunked layers
+    packed = {"full_attention", "linear_attention"}
+    if getattr(text, "model_type", None) in WINDOWED_DECODERS:  # each packed sequence keeps its queries' window
+        packed.add("sliding_attention")
+    other = sorted(set(getattr(text, "layer_types", None) or []) - packed)
+    if other:  # sliding-window (unverified decoders) or chunked layers
         raise PackedAttentionError(
             f"training.forward_mode=grouped packs completions for full- and linear-attention layers only, and "
             f"{type(config).__name__} also has {', '.join(other)} layers (packing them would let a completion see "
             "past its window); set training.forward_mode=naive")
+    if getattr(text, "attn_logit_softcapping", None):  # Gemma 2 style: the varlen kernels do not cap logits
+        raise PackedAttentionError(
+            f"training.forward_mode=grouped does not cap attention logits ({type(config).__name__} has "
+            f"attn_logit_softcapping={text.attn_logit_softcapping}); set training.forward_mode=naive")
     sliding = getattr(text, "sliding_window", None)
     flagged = getattr(text, "use_sliding_window", None)
     if sliding and (flagged or (flagged is None and not getattr(text, "layer_types", None))):
