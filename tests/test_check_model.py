@@ -324,3 +324,16 @@ def test_an_unverified_family_that_fails_the_contract_stops_before_step_1(tmp_pa
     # with the naive forward the grouped lines do not count: the same model trains
     assert _train(tmp_path, synthetic_data, "rollout.engine=hf", "training.forward_mode=naive",
                   f"training.output_dir={tmp_path / 'naive'}") == 0
+
+
+def test_an_engine_the_family_refuses_never_reads_as_a_pass(capsys, monkeypatch):
+    """Gemma 3's vLLM engines are refused for a mismatch (image blocks) that shows only once training moved the
+    weights, so the engine checks on the tiny weights can pass; the table carries the family's refusal and
+    check-model exits 1. (The engine itself is not started here: its lines are what they are.)"""
+    import r1_mm.jobs.check_model as job
+
+    monkeypatch.setattr(job, "check_engine", lambda *args, **kwargs: [])
+    code, out, _ = run(capsys, "tiny:gemma3", "--engine", "vllm_colocate")
+    assert code == 1, out
+    line = next(x for x in out.splitlines() if x.startswith("family"))
+    assert "refused" in line and "vllm_colocate samples it is not verified" in line and "0.11 nats" in line

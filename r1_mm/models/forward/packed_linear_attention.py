@@ -107,6 +107,9 @@ def enable(model: torch.nn.Module) -> int:
 
 def _sequences(layout: PackedLayout) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
     """(prompt token indices, [each completion's token indices]) per prompt, from the layout's sequences."""
+    if layout.causal is not None:  # a prompt cut into runs (Gemma 3's image blocks): not one sequence per prompt
+        raise PackedAttentionError("packed linear attention takes prompts without bidirectional blocks; no verified "
+                                   "family has both; set training.forward_mode=naive")
     groups: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
     for q0, q1, k0, k1 in layout.spans():
         tokens = layout.q_index[q0:q1]
