@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from r1_mm.models.families import glm_placeholders
 from r1_mm.models.families.base import DEFAULT_VLLM_PROCESSOR_KWARGS, TESTED, ModelFamily
 from r1_mm.models.families.glm4v import (
     CHAT_TEMPLATE,
@@ -58,6 +59,8 @@ def build_tiny(spec: Any, tokenizer: Any) -> tuple[Any, Any]:
 FAMILY = ModelFamily(
     model_type="glm4v_moe", display_name="GLM-4.5V", build_tiny=build_tiny, chat_template=CHAT_TEMPLATE,
     media_tokens=MEDIA_TOKENS, check_config=check_config,
+    # image and video rows in one learner forward (families/glm_placeholders)
+    prepare=glm_placeholders.install,
     # frames arrive decoded at r1-mm's fps: vLLM must neither resize nor re-sample them (families/glm4v)
     vllm_processor_kwargs=dict(DEFAULT_VLLM_PROCESSOR_KWARGS) | {"do_sample_frames": False},
     note="LoRA adapts the attention, the dense layers' MLP and the shared experts (nn.Linear); the routed experts "
