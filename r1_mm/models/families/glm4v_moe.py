@@ -11,7 +11,10 @@ experts through transformers' own reverse conversion (``models/weights.checkpoin
 checkpoint stores one gate/up/down projection per expert, transformers fuses them in memory), which is
 what vLLM's loader reads. The tiny model's experts are non-square (their width is not the hidden size), so
 an expert sent transposed fails to load instead of loading silently, and its ``routed_scaling_factor`` is
-not 1, so a side that skipped it would differ.
+not 1, so a side that skipped it would differ; the file-only score-correction bias (a buffer: never synced,
+never trained) is read by both, measured with a bias that changes the routing (tests/test_family_glm4v_moe).
+Group-limited top-k with more than one group (the released model and the tiny one use ``n_group`` 1) is the
+same computation in vLLM's CPU router by reading (top-2 sums of the biased scores per group), not measured.
 """
 
 from __future__ import annotations
