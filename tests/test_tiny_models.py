@@ -12,7 +12,7 @@ from r1_mm.rollout import SamplingSettings, make_engine
 from r1_mm.rollout.base import media_token_ids
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision", "qwen3_vl", "qwen3_vl_moe", "internvl", "glm4v", "qwen3_5",
-            "qwen3_5_moe", "smolvlm"]
+            "qwen3_5_moe", "smolvlm", "glm4v_moe"]
 
 
 def weights_digest(folder):
@@ -37,11 +37,12 @@ def test_loads_like_a_hub_model(tiny_path, family):
                                         "llava_onevision": "LlavaOnevisionProcessor", "qwen3_vl": "Qwen3VLProcessor", "qwen3_vl_moe": "Qwen3VLProcessor",
                                         "qwen3_5": "Qwen3VLProcessor", "qwen3_5_moe": "Qwen3VLProcessor",
                                         "internvl": "InternVLProcessor", "glm4v": "Glm4vProcessor",
-                                        "smolvlm": "SmolVLMProcessor"}[family]
+                                        "smolvlm": "SmolVLMProcessor", "glm4v_moe": "Glm4vProcessor"}[family]
     assert processor.video_processor is not None and processor.image_processor is not None
     tok = processor.tokenizer
     image_token, video_token = {"llava_onevision": ("<image>", "<video>"), "internvl": ("<IMG_CONTEXT>", "<video>"),
-                                "glm4v": ("<|image|>", "<|video|>"), "smolvlm": ("<image>", "<video>")}.get(
+                                "glm4v": ("<|image|>", "<|video|>"), "smolvlm": ("<image>", "<video>"),
+                                "glm4v_moe": ("<|image|>", "<|video|>")}.get(
         family, ("<|image_pad|>", "<|video_pad|>"))
     for special in ["<|im_start|>", "<|im_end|>", image_token, video_token]:
         assert len(tok.tokenize(special)) == 1
@@ -55,7 +56,8 @@ def test_loads_like_a_hub_model(tiny_path, family):
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
         tokenize=False, add_generation_prompt=True)
     media = {"llava_onevision": "<image>\n", "internvl": "<IMG_CONTEXT>\n",
-             "glm4v": "<|begin_of_image|><|image|><|end_of_image|>", "smolvlm": "<image>"}.get(
+             "glm4v": "<|begin_of_image|><|image|><|end_of_image|>", "smolvlm": "<image>",
+             "glm4v_moe": "<|begin_of_image|><|image|><|end_of_image|>"}.get(
         family, "<|vision_start|><|image_pad|><|vision_end|>")
     assert rendered == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                         f"{media}Hi<|im_end|>\n<|im_start|>assistant\n")

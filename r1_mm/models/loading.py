@@ -7,6 +7,8 @@ Model names are whatever ``from_pretrained`` accepts (hub id or local folder), p
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -133,4 +135,27 @@ def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
         raise ValueError(f"model.lora_target_modules={cfg.lora_target_modules} matched no linear layer")
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, bias="none")
-    return get_peft_model(model, lora)
+    with _exact_lora_targets():
+        return get_peft_model(model, lora)
+
+
+@contextmanager
+def _exact_lora_targets() -> Iterator[None]:
+    """PEFT's conversion of transformers-v4 MoE adapters off while a new adapter is made.
+
+    Why: for a model transformers loads in qwen2_moe's expert layout (GLM-4.5V), PEFT takes every target
+    named gate_proj/up_proj/down_proj for a v4 expert projection and moves it onto the fused experts'
+    parameters: the dense MLPs and shared experts lost their adapters, and the experts got nested parameter
+    adapters the weight sync neither names nor merges (vLLM refused the update). r1-mm's targets are exact
+    linear layers, so nothing is converted."""
+    try:
+        from peft.utils import transformers_weight_conversion as conversion
+    except ImportError:
+        yield
+        return
+    original = conversion._convert_peft_config_moe
+    conversion._convert_peft_config_moe = lambda *_args, **_kwargs: None
+    try:
+        yield
+    finally:
+        conversion._convert_peft_config_moe = original

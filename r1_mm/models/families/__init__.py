@@ -23,6 +23,7 @@ LAZY_FAMILIES = {
     "internvl": "r1_mm.models.families.internvl:FAMILY",
     "qwen3_vl_moe": "r1_mm.models.families.qwen3_vl_moe:FAMILY",
     "glm4v": "r1_mm.models.families.glm4v:FAMILY",
+    "glm4v_moe": "r1_mm.models.families.glm4v_moe:FAMILY",
     "qwen3_5": "r1_mm.models.families.qwen3_5:FAMILY",
     "qwen3_5_moe": "r1_mm.models.families.qwen3_5_moe:FAMILY",
     "smolvlm": "r1_mm.models.families.smolvlm:FAMILY",

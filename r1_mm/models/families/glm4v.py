@@ -56,28 +56,44 @@ def ids(tokenizer: Any) -> dict[str, int]:
 check_config = required_text_flag("attention_bias", "adds the q/k/v biases", "loads them")
 
 
-def build_tiny(spec: Any, tokenizer: Any) -> tuple[Any, Any]:
-    from transformers import Glm4vConfig, Glm4vImageProcessor, Glm4vProcessor, Glm4vVideoProcessor
-
+def text_rope(spec: Any) -> dict[str, Any]:
+    """The released partial M-RoPE (GLM-4.5V's decoder has the same)."""
     head_dim = spec.hidden_size // spec.num_heads
-    # attention_bias: what the released config.json carries and vLLM reads (see check_config)
-    text = text_sizes(spec, tokenizer) | {"attention_bias": True, "rope_parameters": {
-        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": PARTIAL_ROTARY,
-        "mrope_section": mrope_section(head_dim)}}
-    vision = dict(depth=spec.vision_depth, hidden_size=spec.vision_hidden_size, num_heads=spec.vision_heads,
-                  intermediate_size=spec.intermediate_size, out_hidden_size=spec.hidden_size, patch_size=PATCH,
-                  image_size=VISION_IMAGE_SIZE, spatial_merge_size=2, temporal_patch_size=2)
-    config = Glm4vConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids(tokenizer))
-    # Glm4v's smart_resize counts an image as two frames and a video's pixels over all its frames; r1-mm's
-    # media.py sizes both and the processors run with do_resize=False, so these budgets only bound what
-    # vLLM profiles
+    return {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": PARTIAL_ROTARY,
+            "mrope_section": mrope_section(head_dim)}
+
+
+def vision_sizes(spec: Any) -> dict[str, Any]:
+    """The tiny ViT (GLM-4.1V's and GLM-4.5V's vision configs take the same fields)."""
+    return dict(depth=spec.vision_depth, hidden_size=spec.vision_hidden_size, num_heads=spec.vision_heads,
+                intermediate_size=spec.intermediate_size, out_hidden_size=spec.hidden_size, patch_size=PATCH,
+                image_size=VISION_IMAGE_SIZE, spatial_merge_size=2, temporal_patch_size=2)
+
+
+def glm4v_processor(spec: Any, tokenizer: Any) -> Any:
+    """Glm4vProcessor (GLM-4.5V's too) over the tiny tokenizer.
+
+    Glm4v's smart_resize counts an image as two frames and a video's pixels over all its frames; r1-mm's
+    media.py sizes both and the processors run with do_resize=False, so these budgets only bound what vLLM
+    profiles."""
+    from transformers import Glm4vImageProcessor, Glm4vProcessor, Glm4vVideoProcessor
+
     image = Glm4vImageProcessor(size={"shortest_edge": spec.min_pixels, "longest_edge": 2 * spec.max_pixels},
                                 patch_size=PATCH, temporal_patch_size=2, merge_size=2)
     video = Glm4vVideoProcessor(size={"shortest_edge": spec.min_pixels, "longest_edge": 16 * spec.max_pixels},
                                 patch_size=PATCH, temporal_patch_size=2, merge_size=2, do_sample_frames=False)
-    processor = Glm4vProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
-                               chat_template=CHAT_TEMPLATE)
-    return config, processor
+    return Glm4vProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                          chat_template=CHAT_TEMPLATE)
+
+
+def build_tiny(spec: Any, tokenizer: Any) -> tuple[Any, Any]:
+    from transformers import Glm4vConfig
+
+    # attention_bias: what the released config.json carries and vLLM reads (see check_config)
+    text = text_sizes(spec, tokenizer) | {"attention_bias": True, "rope_parameters": text_rope(spec)}
+    config = Glm4vConfig(text_config=text, vision_config=vision_sizes(spec), tie_word_embeddings=False,
+                         **ids(tokenizer))
+    return config, glm4v_processor(spec, tokenizer)
 
 
 FAMILY = ModelFamily(
@@ -85,7 +101,8 @@ FAMILY = ModelFamily(
     media_tokens=MEDIA_TOKENS, check_config=check_config,
     # frames arrive decoded at r1-mm's fps: vLLM must neither resize nor re-sample them (see the module's doc)
     vllm_processor_kwargs=dict(DEFAULT_VLLM_PROCESSOR_KWARGS) | {"do_sample_frames": False},
-    note="The MLP's gate and up projections are one fused gate_up_proj (in model.lora_target_modules' default).",
+    note="The MLP's gate and up projections are one fused gate_up_proj (in model.lora_target_modules' default). "
+         "GLM-4.5V (glm4v_moe, the same vision side with a MoE decoder): families/glm4v_moe.py.",
     support={
         "grouped": TESTED, "hf": TESTED, "video": TESTED, "vllm_colocate": TESTED, "weight_sync": TESTED,
         "vllm_pool": TESTED, "lora": TESTED,
