@@ -99,11 +99,12 @@ def test_grouped_flash_attention_route(tiny_path, synthetic_data, monkeypatch):
     assert calls["varlen"] == model.config.get_text_config().num_hidden_layers
 
 
-def test_hf_engine_samples_images_and_video_with_the_learners_logprobs(tiny_path, synthetic_data):
+@pytest.mark.parametrize("family", ["glm4v", FAMILY])
+def test_hf_engine_samples_images_and_video_with_the_learners_logprobs(tiny_path, synthetic_data, family):
     """The hf engine samples one-image, two-image and video rows; the learner scores all of them in one forward
     (grouped and naive) with the engine's logprobs. The premise: transformers' own placeholder masks fail on that
-    mixed forward (families/glm_placeholders)."""
-    path = tiny_path(FAMILY)
+    mixed forward (families/glm_placeholders), for GLM-4.1V as for GLM-4.5V."""
+    path = tiny_path(family)
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     processor = AutoProcessor.from_pretrained(path)
     samples = hf_samples(processor, synthetic_data)
@@ -114,9 +115,31 @@ def test_hf_engine_samples_images_and_video_with_the_learners_logprobs(tiny_path
     with torch.no_grad():
         with pytest.raises(ValueError, match="Image features and image tokens do not match"):
             max_gap(model, processor, samples, outs, "grouped")
-        get_family(FAMILY).prepare(model)
+        get_family(family).prepare(model)
         for mode in ("grouped", "naive"):
             assert max_gap(model, processor, samples, outs, mode) < 1e-5, mode
+
+
+def test_a_deep_copy_of_a_prepared_model_runs_its_own_weights(tiny_path, synthetic_data):
+    """The reference model is a deep copy of the policy; the placeholder fix must travel with the copy's class,
+    not as a method bound to the policy (the copy would then run the policy's forward with the policy's weights)."""
+    import copy
+
+    path = tiny_path(FAMILY)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    get_family(FAMILY).prepare(model)
+    twin = copy.deepcopy(model)
+    perturb(twin, 0)
+    fresh = AutoModelForImageTextToText.from_pretrained(path).eval()  # the twin's weights, in a model of its own
+    fresh.load_state_dict(twin.state_dict())
+    get_family(FAMILY).prepare(fresh)
+    inputs = dict(prompts_for(processor, synthetic_data["events"])[0])
+    with torch.no_grad():
+        own, copied, expected = (m(**inputs).logits for m in (model, twin, fresh))
+    assert type(twin.model) is type(model.model) and type(model.model).__name__ == "Glm4vMoeModel"
+    assert (own - copied).abs().max() > 1e-2
+    torch.testing.assert_close(copied, expected, atol=1e-5, rtol=0)  # the copy computed with its own weights
 
 
 def spy_repacks(monkeypatch) -> list[int]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from r1_mm.models.families import glm_placeholders
 from r1_mm.models.families.base import DEFAULT_VLLM_PROCESSOR_KWARGS, TESTED, ModelFamily, required_text_flag
 from r1_mm.models.families.tiny_parts import TURNS_HEAD, TURNS_TAIL, text_sizes
 
@@ -99,6 +100,8 @@ def build_tiny(spec: Any, tokenizer: Any) -> tuple[Any, Any]:
 FAMILY = ModelFamily(
     model_type="glm4v", display_name="GLM-4.1V", build_tiny=build_tiny, chat_template=CHAT_TEMPLATE,
     media_tokens=MEDIA_TOKENS, check_config=check_config,
+    # image and video rows in one learner forward (families/glm_placeholders)
+    prepare=glm_placeholders.install,
     # frames arrive decoded at r1-mm's fps: vLLM must neither resize nor re-sample them (see the module's doc)
     vllm_processor_kwargs=dict(DEFAULT_VLLM_PROCESSOR_KWARGS) | {"do_sample_frames": False},
     note="The MLP's gate and up projections are one fused gate_up_proj (in model.lora_target_modules' default). "
