@@ -5,7 +5,6 @@ flash route, with and without gradient checkpointing, keeping the window per lay
 bidirectional; the engines sample it with the learner's prompt tokens and logprobs."""
 
 import copy
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -15,11 +14,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from r1_mm.models.families import get_family
 from r1_mm.models.forward import packed_attention
 from r1_mm.models.forward.grouped import naive_logprobs
-from r1_mm.models.tiny import TinySpec, build_tiny_model
 
 from . import flash_emulation, test_grouped_forward
 from .test_family_internvl import perturb
 from .test_grouped_forward import prompts_for
+from .tiny_checks import built_twice_identically
 
 FAMILY = "gemma3"
 PLUGIN = Path(__file__).parent / "plugins" / "test_rewards.py"  # a reward that varies for a random policy
@@ -28,15 +27,8 @@ TASKS = ["counting", "multi_image"]  # one image, two images (Gemma 3 takes no v
 LENGTHS = [5, 26, 3, 14, 1, 19]
 
 
-def digest(folder):
-    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
-
-
 def test_tiny_build_is_deterministic_and_loads(tmp_path):
-    a = build_tiny_model(tmp_path / "a", TinySpec(family=FAMILY, seed=3))
-    b = build_tiny_model(tmp_path / "b", TinySpec(family=FAMILY, seed=3))
-    c = build_tiny_model(tmp_path / "c", TinySpec(family=FAMILY, seed=4))
-    assert digest(a) == digest(b) != digest(c)
+    a = built_twice_identically(tmp_path, FAMILY)
     model = AutoModelForImageTextToText.from_pretrained(a)
     processor = AutoProcessor.from_pretrained(a)
     assert type(model).__name__ == "Gemma3ForConditionalGeneration"

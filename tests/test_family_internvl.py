@@ -3,7 +3,6 @@ the grouped forward equals the naive one (logprobs and gradients, 1e-5) for sing
 video rows through sdpa, eager and the flash route, with and without gradient checkpointing, and the hf
 engine samples image and video rows with the learner's logprobs."""
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -16,29 +15,22 @@ from r1_mm.data.loading import default_media_root, read_rows
 from r1_mm.models.families import get_family
 from r1_mm.models.forward import packed_attention
 from r1_mm.models.forward.scoring import score_completions
-from r1_mm.models.tiny import TinySpec, build_tiny_model, parse_tiny_name
+from r1_mm.models.tiny import TinySpec, parse_tiny_name
 from r1_mm.models.weights import iter_policy_weights
 from r1_mm.rollout import SamplingSettings, make_engine
 from r1_mm.rollout.base import media_token_ids
 
 from . import flash_emulation, test_grouped_forward
 from .test_grouped_forward import load, prompts_for
+from .tiny_checks import built_twice_identically, digest
 
 FAMILY = "internvl"
 PLUGIN = Path(__file__).parent / "plugins" / "test_rewards.py"  # a reward that varies for a random policy
 TASKS = ["counting", "multi_image", "events"]  # one image, two images, a video
 
 
-def digest(folder):
-    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
-
-
 def test_tiny_build_is_deterministic_and_loads(tmp_path):
-    a = build_tiny_model(tmp_path / "a", TinySpec(family=FAMILY, seed=3))
-    b = build_tiny_model(tmp_path / "b", TinySpec(family=FAMILY, seed=3))
-    c = build_tiny_model(tmp_path / "c", TinySpec(family=FAMILY, seed=4))
-    assert digest(a) == digest(b) != digest(c)
-    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+    a = built_twice_identically(tmp_path, FAMILY)
     assert parse_tiny_name("tiny:internvl:small") == TinySpec(family=FAMILY, small_vocab=True)
     model = AutoModelForImageTextToText.from_pretrained(a)
     processor = AutoProcessor.from_pretrained(a)

@@ -4,7 +4,6 @@ split into tiles and videos into frames as the placeholders say, the grouped for
 route, with and without gradient checkpointing, and the hf engine samples image and video rows with the
 learner's logprobs."""
 
-import hashlib
 
 import pytest
 import torch
@@ -16,28 +15,21 @@ from r1_mm.data.loading import default_media_root, read_rows
 from r1_mm.models.families import get_family
 from r1_mm.models.families.smolvlm import image_seq_len
 from r1_mm.models.forward import packed_attention
-from r1_mm.models.tiny import TinySpec, build_tiny_model, parse_tiny_name
+from r1_mm.models.tiny import TinySpec, parse_tiny_name
 from r1_mm.rollout import SamplingSettings, make_engine
 from r1_mm.rollout.base import media_token_ids
 
 from . import flash_emulation
 from .test_family_internvl import PLUGIN, compare, hf_samples, max_gap
 from .test_grouped_forward import load, prompts_for
+from .tiny_checks import built_twice_identically
 
 FAMILY = "smolvlm"
 TASKS = ["counting", "multi_image", "events"]  # one image, two images, a video
 
 
-def digest(folder):
-    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
-
-
 def test_tiny_build_is_deterministic_and_loads(tmp_path):
-    a = build_tiny_model(tmp_path / "a", TinySpec(family=FAMILY, seed=3))
-    b = build_tiny_model(tmp_path / "b", TinySpec(family=FAMILY, seed=3))
-    c = build_tiny_model(tmp_path / "c", TinySpec(family=FAMILY, seed=4))
-    assert digest(a) == digest(b) != digest(c)
-    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+    a = built_twice_identically(tmp_path, FAMILY)
     assert parse_tiny_name("tiny:smolvlm:small") == TinySpec(family=FAMILY, small_vocab=True)
     model = AutoModelForImageTextToText.from_pretrained(a)
     processor = AutoProcessor.from_pretrained(a)
