@@ -135,7 +135,10 @@ def max_gap(model, processor, samples, outs, mode="grouped") -> float:
 
 
 def test_hf_engine_samples_images_and_video_with_the_learners_logprobs(tiny_path, synthetic_data):
-    path = tiny_path(FAMILY)
+    hf_engine_matches_learner(tiny_path(FAMILY), synthetic_data)
+
+
+def hf_engine_matches_learner(path, synthetic_data):
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     processor = AutoProcessor.from_pretrained(path)
     samples = hf_samples(processor, synthetic_data)
@@ -285,6 +288,10 @@ def test_qwen3_grouped_equals_naive(qwen3_path, synthetic_data, monkeypatch, tas
     attention = model.model.language_model.layers[0].self_attn
     assert type(attention).__name__ == "Qwen3Attention" and attention.q_norm.weight.shape == (text.head_dim,)
     compare(monkeypatch, model, processor, prompts_for(processor, synthetic_data[task]))
+
+
+def test_qwen3_hf_engine_samples_with_the_learners_logprobs(qwen3_path, synthetic_data):
+    hf_engine_matches_learner(qwen3_path(), synthetic_data)
 
 
 def test_qwen3_vllm_colocate_samples_and_follows_weight_syncs(tmp_path, qwen3_path, synthetic_data):

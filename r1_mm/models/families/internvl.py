@@ -50,8 +50,8 @@ def check_config(config: Any) -> str | None:
     if text in VERIFIED_TEXT_DECODERS:
         return None
     return (f"text decoder model_type '{text}' is not verified inside InternVL (verified: "
-            f"{', '.join(VERIFIED_TEXT_DECODERS)}); use an InternVL3 / InternVL3.5 checkpoint with one of those, "
-            f"or `r1-mm check-model` it and add a test in tests/test_family_internvl.py before allowing it")
+            f"{', '.join(VERIFIED_TEXT_DECODERS)}); use a checkpoint with one of those (InternVL3, the dense "
+            f"InternVL3.5), or verify this decoder first (a tiny model with it in tests/test_family_internvl.py)")
 
 
 def text_decoder(spec: Any, tokenizer: Any) -> dict[str, Any]:
@@ -98,6 +98,7 @@ FAMILY = ModelFamily(
     vllm_processor_kwargs={},
     note="vLLM writes a video frame's context tokens as <video> where transformers writes <IMG_CONTEXT>; both "
          "models put the same frame features there (tests/test_family_internvl.py). Text decoders verified: Qwen2 "
-         "(InternVL3, tiny:internvl) and Qwen3 (InternVL3.5 dense; TinySpec text_model_type='qwen3'); any other "
+         "(InternVL3, tiny:internvl: every capability) and Qwen3 (InternVL3.5 dense; TinySpec text_model_type='qwen3': "
+         "grouped sdpa, hf, vllm_colocate + weight sync; the rest shares Qwen2's code path untested); any other "
          "(InternVL3.5's Qwen3-MoE / GPT-OSS) is refused at load.",
     support=dict.fromkeys(("grouped", "hf", "vllm_colocate", "vllm_pool", "weight_sync", "video", "lora"), TESTED))
