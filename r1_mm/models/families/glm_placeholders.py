@@ -16,51 +16,46 @@ from typing import Any
 
 import torch
 
+from r1_mm.models.class_swap import swap_class
+
 TYPES_ATTRIBUTE = "_r1mm_mm_token_types"
-_TYPED_CLASSES: dict[type, type] = {}
+TYPED_MARKER = "r1mm_typed_placeholders"  # on the swapped class: the model's own class
 
 
-def _typed_class(base: type) -> type:
-    """``base`` whose placeholder masks follow the token types of the forward being run.
+def _typed_methods(base: type) -> dict[str, Any]:
+    """``base``'s forward and placeholder masks, the masks following the token types of the forward being run
+    (a swapped class, not wrapped methods: see models/class_swap)."""
 
-    Why a subclass (the instance's class is swapped) and not wrapped methods on the instance: a wrapped bound
-    method keeps pointing at the module it was taken from, so a deep copy (the reference model is one) would
-    run the original's forward, with the policy's weights."""
-    if base not in _TYPED_CLASSES:
-        def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-            setattr(self, TYPES_ATTRIBUTE, kwargs.get("mm_token_type_ids"))
-            try:
-                return base.forward(self, *args, **kwargs)
-            finally:
-                setattr(self, TYPES_ATTRIBUTE, None)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        setattr(self, TYPES_ATTRIBUTE, kwargs.get("mm_token_type_ids"))
+        try:
+            return base.forward(self, *args, **kwargs)
+        finally:
+            setattr(self, TYPES_ATTRIBUTE, None)
 
-        def get_placeholder_mask(self: Any, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor,
-                                 image_features: torch.Tensor | None = None,
-                                 video_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-            kinds = getattr(self, TYPES_ATTRIBUTE, None)
-            if input_ids is None or kinds is None or kinds.shape != input_ids.shape:
-                return base.get_placeholder_mask(self, input_ids, inputs_embeds, image_features=image_features,
-                                                 video_features=video_features)
-            placeholder = input_ids == self.config.image_token_id
-            masks = {"image": placeholder & (kinds == 1), "video": placeholder & (kinds == 2)}
-            for kind, features in (("image", image_features), ("video", video_features)):
-                found = int(masks[kind].sum())
-                if features is not None and found * inputs_embeds.shape[-1] != features.numel():
-                    raise ValueError(f"{kind} features and {kind} tokens do not match: {found} tokens, "
-                                     f"{features.numel() // inputs_embeds.shape[-1]} features")
-            device = inputs_embeds.device
-            return masks["image"].unsqueeze(-1).to(device), masks["video"].unsqueeze(-1).to(device)
+    def get_placeholder_mask(self: Any, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor,
+                             image_features: torch.Tensor | None = None,
+                             video_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        kinds = getattr(self, TYPES_ATTRIBUTE, None)
+        if input_ids is None or kinds is None or kinds.shape != input_ids.shape:
+            return base.get_placeholder_mask(self, input_ids, inputs_embeds, image_features=image_features,
+                                             video_features=video_features)
+        placeholder = input_ids == self.config.image_token_id
+        masks = {"image": placeholder & (kinds == 1), "video": placeholder & (kinds == 2)}
+        for kind, features in (("image", image_features), ("video", video_features)):
+            found = int(masks[kind].sum())
+            if features is not None and found * inputs_embeds.shape[-1] != features.numel():
+                raise ValueError(f"{kind} features and {kind} tokens do not match: {found} tokens, "
+                                 f"{features.numel() // inputs_embeds.shape[-1]} features")
+        device = inputs_embeds.device
+        return masks["image"].unsqueeze(-1).to(device), masks["video"].unsqueeze(-1).to(device)
 
-        _TYPED_CLASSES[base] = type(base.__name__, (base,), {
-            "forward": forward, "get_placeholder_mask": get_placeholder_mask, "__module__": base.__module__,
-            "r1mm_typed_placeholders": True})
-    return _TYPED_CLASSES[base]
+    return {"forward": forward, "get_placeholder_mask": get_placeholder_mask}
 
 
 def install(model: torch.nn.Module) -> None:
     """Swap the inner model's class for the typed one (idempotent). ``model``: the ForConditionalGeneration or
     its inner model."""
     core = getattr(model, "model", model)
-    if getattr(core, "get_placeholder_mask", None) is None or getattr(type(core), "r1mm_typed_placeholders", False):
-        return
-    core.__class__ = _typed_class(type(core))
+    if getattr(core, "get_placeholder_mask", None) is not None:
+        swap_class(core, TYPED_MARKER, _typed_methods)

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from r1_mm.models.class_swap import swap_class
 from r1_mm.models.forward.packed_attention import LAYOUT_ATTRIBUTE, PackedAttentionError, PackedLayout
 
 LINEAR_ATTENTION = "linear_attention"
@@ -38,7 +39,7 @@ LINEAR_CALLS: Counter[str] = Counter()
 # what a Gated DeltaNet layer must have for the packed computation below to be the library's computation
 REQUIRED = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "conv1d", "A_log", "dt_bias", "norm", "out_proj",
             "head_k_dim", "head_v_dim", "num_k_heads", "num_v_heads", "key_dim", "value_dim", "activation")
-_PACKED_CLASSES: dict[type, type] = {}
+PACKED_MARKER = "r1mm_packed_base"  # on the swapped class: the library's own layer class
 
 
 def linear_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -63,21 +64,18 @@ def _hand_layout_to_layers(module: torch.nn.Module, args: tuple, kwargs: dict) -
     return args, dict(kwargs, attention_mask=dict.fromkeys(types, layout))
 
 
-def _packed_class(base: type) -> type:
-    """``base`` with a forward that serves a packed layout and otherwise calls the library's forward."""
-    if base not in _PACKED_CLASSES:
-        def forward(self: Any, hidden_states: torch.Tensor, cache_params: Any = None, attention_mask: Any = None,
-                    **kwargs: Any) -> torch.Tensor:
-            if isinstance(attention_mask, PackedLayout):
-                if cache_params is not None:
-                    raise PackedAttentionError("a packed row is scored without a cache")
-                return packed_forward(self, hidden_states, attention_mask)
-            return base.forward(self, hidden_states, cache_params=cache_params, attention_mask=attention_mask,
-                                **kwargs)
+def _packed_methods(base: type) -> dict[str, Any]:
+    """A forward that serves a packed layout and otherwise calls ``base``'s (the library's) forward."""
 
-        _PACKED_CLASSES[base] = type(base.__name__, (base,), {"forward": forward, "__module__": base.__module__,
-                                                              "r1mm_packed_base": base})
-    return _PACKED_CLASSES[base]
+    def forward(self: Any, hidden_states: torch.Tensor, cache_params: Any = None, attention_mask: Any = None,
+                **kwargs: Any) -> torch.Tensor:
+        if isinstance(attention_mask, PackedLayout):
+            if cache_params is not None:
+                raise PackedAttentionError("a packed row is scored without a cache")
+            return packed_forward(self, hidden_states, attention_mask)
+        return base.forward(self, hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+
+    return {"forward": forward}
 
 
 def enable(model: torch.nn.Module) -> int:
@@ -95,8 +93,7 @@ def enable(model: torch.nn.Module) -> int:
                 f"training.forward_mode=grouped knows Gated DeltaNet linear-attention layers only, and "
                 f"{type(layer).__name__} lacks {missing or ['torch_chunk_gated_delta_rule']}; set "
                 "training.forward_mode=naive")
-        if not hasattr(type(layer), "r1mm_packed_base"):
-            layer.__class__ = _packed_class(type(layer))
+        swap_class(layer, PACKED_MARKER, _packed_methods)
     for stack in _decoder_stacks(model):
         if not getattr(stack, "r1mm_layout_hook", False):
             stack.register_forward_pre_hook(_hand_layout_to_layers, with_kwargs=True)
