@@ -61,6 +61,8 @@ def test_prompt_tokens_and_logprobs_after_three_syncs(tmp_path, synthetic_data, 
     assert (type(model).__name__ == "PeftModel") == lora
     engine = make_engine(engine_name, model=model, processor=processor, cfg=cfg)
     assert engine.name == engine_name
+    info = engine.info()  # the premise of the tolerance: the engine's own dtype
+    assert (info["dtype"] if engine_name == "vllm_colocate" else info["server_engines"][0]["dtype"]) == dtype
     try:
         samples = samples_for(cfg, processor, synthetic_data)  # one image, two images, a video
         if family.startswith("qwen3_vl"):  # frames are separated by their timestamps in the prompt text
