@@ -212,6 +212,40 @@ def _cmd_rewards(argv: list[str]) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_tools(argv: list[str]) -> int:
+    from r1_mm.jobs.tools_check import check_tool
+    from r1_mm.tools.registry import available
+
+    p = argparse.ArgumentParser(prog="r1-mm tools", description="List tools or call one on a row of your data.")
+    sub = p.add_subparsers(dest="action", required=True, help="list or check (`r1-mm tools check --help`)")
+    sub.add_parser("list", help="every registered tool and where it comes from")
+    check = sub.add_parser("check", help="call a tool on a row and show what the model would get back")
+    check.add_argument("spec", help="name, pkg.module:fn or path/to/file.py:fn")
+    check.add_argument("--data", required=True, help="a jsonl/json/csv data file")
+    check.add_argument("--row", type=int, default=0, help="the row (0-based position in the file; default 0)")
+    check.add_argument("--args", required=True, help='JSON object of the call\'s arguments, as the model writes '
+                       'them, e.g. \'{"bbox_2d": [10, 10, 60, 60]}\'')
+    check.add_argument("--kwargs", default="{}", help="JSON object of the tool's recipe kwargs, e.g. "
+                       '\'{"coordinates": "thousandths"}\'')
+    check.add_argument("--columns", default="{}", help="JSON object: the recipe's data.columns")
+    check.add_argument("--out", type=Path, help="write the returned images here as PNG files")
+    args = p.parse_args(argv)
+    if args.action == "list":
+        for name, source in available().items():
+            print(f"{name:<18} {source}")
+        return 0
+    report, code = _exit_2_on_bad_input(lambda: check_tool(
+        args.spec, args.data, arguments=_json_object(args.args, "--args"), row=args.row,
+        kwargs=_json_object(args.kwargs, "--kwargs"), columns=_json_object(args.columns, "--columns"), out=args.out))
+    if code:
+        return code
+    print("\n".join(report.lines))
+    for problem in report.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    print("ok" if report.ok else f"{len(report.problems)} problem(s)")
+    return 0 if report.ok else 1
+
+
 def _cmd_serve(argv: list[str]) -> int:
     if argv[:1] == ["rollout"]:
         from r1_mm.rollout.server import main as serve_rollout
@@ -435,6 +469,7 @@ COMMANDS = {
     "check-model": (_cmd_check_model, "check a model's sampler/learner contract on synthetic rows (exit 1 on a mismatch)"),
     "make-data": (_cmd_make_data, "write a synthetic image/video task"),
     "rewards": (_cmd_rewards, "list rewards, or check one on sample rows"),
+    "tools": (_cmd_tools, "list tools (agentic rollouts), or call one on a row of your data"),
     "sweep": (_cmd_sweep, "run every combination of a grid of overrides x seeds"),
     "eval": (_cmd_eval, "score a checkpoint on the eval split with the recipe's rewards"),
     "dpo": (_cmd_dpo, "preference-data tools (precompute-ref)"),

@@ -9,7 +9,7 @@ from r1_mm.cli import COMMANDS, main
 
 # every command, and the sub-commands whose own --help is a different parser
 HELP_COMMANDS = [[name] for name in COMMANDS] + [
-    ["rewards", "list"], ["rewards", "check"], ["dpo", "precompute-ref"], ["tpo", "build"], ["serve", "rollout"],
+    ["rewards", "list"], ["rewards", "check"], ["tools", "list"], ["tools", "check"], ["dpo", "precompute-ref"], ["tpo", "build"], ["serve", "rollout"],
     ["eval", "--lmms-eval", "x"],
 ]
 TAKES_A_RECIPE = [["train"], ["launch"], ["rollout"], ["demo"], ["sweep"], ["eval"], ["plan"], ["dpo", "precompute-ref"],

@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "r1_mm"
 
-LAYERS = ["core", "config", "data", "models", "rewards", "rollout", "trainers", "run", "jobs", "testing"]
+LAYERS = ["core", "config", "data", "models", "rewards", "tools", "rollout", "trainers", "run", "jobs", "testing"]
 TOP = {"r1_mm", "r1_mm.cli", "r1_mm.train"}  # the faces: the Python API, the command line, -m r1_mm.train
 
 ALLOWED_UPWARD: dict[tuple[str, str], str] = {

@@ -236,6 +236,37 @@ class RewardsConfig:
 
 
 @dataclass
+class ToolSpec:
+    """One tool: a registered name, a dotted path ``pkg.mod:fn`` or a file path ``file.py:fn``."""
+
+    name: str = field(default="", metadata={
+        "help": "a registered tool name (r1-mm tools list), pkg.mod:fn or path/to/file.py:fn"})
+    kwargs: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "the recipe's fixed keyword arguments of the tool (e.g. crop_image's coordinates)"})
+
+
+@dataclass
+class ToolsConfig:
+    """Tools the policy may call mid-reasoning (agentic rollouts), and the limits of a trajectory."""
+
+    functions: list[ToolSpec] = field(default_factory=list, metadata={
+        "help": "the tools; each a name string or a mapping of the fields below; empty: single-turn rollouts"})
+    call_format: str = field(default="hermes", metadata={
+        "help": "how the model writes a call: hermes = <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call> "
+                "(the Qwen-VL chat templates)"})
+    max_turns: int = field(default=3, metadata={
+        "help": "model turns per trajectory, the final answer's included"})
+    max_tool_calls: int = field(default=2, metadata={"help": "tool calls executed per trajectory"})
+    max_images_per_call: int = field(default=4, metadata={
+        "help": "images one call may return to the model (a tool's further images are dropped, and counted)"})
+    max_pixels_per_image: int = field(default=401408, metadata={
+        "help": "a tool image is resized to at most this many pixels (as media.max_pixels does for the prompt's)"})
+    call_timeout_s: float = field(default=30.0, metadata={
+        "help": "seconds one call may take; a slower one returns an error text to the model"})
+    workers: int = field(default=8, metadata={"help": "calls of a batch run concurrently on this many threads"})
+
+
+@dataclass
 class GRPOConfig:
     """``algorithm.grpo``: GRPO's knobs (names follow TRL's GRPOConfig where both have them): the
     policy loss and its clipping, KL to the reference, advantages, off-policy correction, dynamic
@@ -477,6 +508,8 @@ class RecipeConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "how completions are sampled"})
     rewards: RewardsConfig = field(default_factory=RewardsConfig, metadata={
         "help": "the reward functions and what happens when one fails"})
+    tools: ToolsConfig = field(default_factory=ToolsConfig, metadata={
+        "help": "tools the policy may call mid-reasoning (agentic rollouts) and a trajectory's limits"})
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig, metadata={
         "help": "policy-optimisation knobs; names follow TRL's GRPOConfig where both have them"})
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={
@@ -539,7 +572,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
-        if isinstance(value, str) and tp is RewardSpec:
+        if isinstance(value, str) and tp in (RewardSpec, ToolSpec):
             value = {"name": value}
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping of {tp.__name__} fields, got {value!r}")
@@ -644,6 +677,14 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         problems.append("algorithm.grpo.beta must be >= 0")
     if cfg.data.max_prompt_length < 1:
         problems.append("data.max_prompt_length must be >= 1")
+    if cfg.tools.functions:
+        problems.append("tools.functions: multi-turn (agentic) rollouts are not in this version yet, so the tools "
+                        "would never be called; try a tool on your rows with `r1-mm tools check NAME --data FILE`")
+    for name in ("max_turns", "max_tool_calls", "max_images_per_call", "max_pixels_per_image", "workers"):
+        if getattr(cfg.tools, name) < 1:
+            problems.append(f"tools.{name} must be >= 1")
+    if cfg.tools.call_timeout_s <= 0:
+        problems.append("tools.call_timeout_s must be > 0")
     if not cfg.training.output_dir.strip():
         problems.append("training.output_dir is empty (the run would write into the working directory); "
                         "give a folder, e.g. training.output_dir=runs/my-run")

@@ -278,6 +278,55 @@ def load_video(ref: Any, cfg: MediaConfig, *, factor: int, root: Path | None = N
     return _video_from_sampled([frames[i] for i in idx], idx, total, fps, cfg, factor=factor, source=source, row=row)
 
 
+def decode_span(ref: Any, start: float, end: float, count: int, *, root: Path | None = None,
+                frames_fps: float | None = None, row: str | int | None = None) -> tuple[list[np.ndarray], list[float]]:
+    """``count`` evenly spaced frames of the span [start, end] seconds of a video (an mp4 decoded at those
+    frames only, or a folder / list of frames at ``frames_fps``), at their source resolution, with their
+    times. What a tool re-watching a stretch of video decodes: the prompt's frames were sampled for the
+    whole video and budgeted for it, these for the span."""
+    if count < 1 or not end >= start >= 0:
+        raise ValueError(f"a span needs 0 <= start <= end and count >= 1, got [{start}, {end}] x {count}")
+    source = "<frames>"
+    try:
+        if isinstance(ref, (str, Path)) and not Path(str(ref)).is_dir() and not str(ref).startswith("data:"):
+            import av
+
+            path = _resolve(str(ref), root)
+            source = str(path)
+            if not path.exists():
+                raise MediaError("file not found", source=source, row=row)
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                meta = _probe(container, stream)
+                fps, total = meta.fps, meta.total_frames
+                wanted = _span_indices(start, end, count, fps, total)
+                kept = _decode_indices(container, stream, meta, wanted)
+            return [kept[i] for i in wanted], [i / fps for i in wanted]
+        if isinstance(ref, (str, Path)):
+            path = _resolve(str(ref), root)
+            source = str(path)
+            frames_refs: Sequence[Any] = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif isinstance(ref, np.ndarray) and ref.ndim == 4:
+            frames_refs = list(ref)
+        else:
+            frames_refs = list(ref)
+        fps = float(frames_fps or 1.0)
+        wanted = _span_indices(start, end, count, fps, len(frames_refs))
+        return _frames_from_refs([frames_refs[i] for i in wanted], root, row), [i / fps for i in wanted]
+    except MediaError:
+        raise
+    except Exception as exc:
+        raise MediaError(f"{type(exc).__name__}: {exc}", source=source, row=row) from exc
+
+
+def _span_indices(start: float, end: float, count: int, fps: float, total: int) -> list[int]:
+    if total <= 0:
+        raise ValueError("video has no frames")
+    first = min(total - 1, int(round(start * fps)))
+    last = max(first, min(total - 1, int(round(end * fps))))
+    return sorted({int(round(x)) for x in np.linspace(first, last, count)})
+
+
 def _video_from_sampled(sampled: list[np.ndarray], idx: list[int], total: int, fps: float, cfg: MediaConfig, *,
                         factor: int, source: str, row: str | int | None) -> Video:
     """The sampled frames resized to the recipe's per-frame budget, with their timing."""
