@@ -17,18 +17,43 @@ QWEN_SPECIAL_TOKENS = [
 
 # Turn scaffolding shared by the families' templates: a default system turn, role headers,
 # string or part-list content, and the generation prompt. Each family fills in how parts render.
+# Tools as Qwen's hub templates (Qwen2.5, Qwen3-VL) render them: their schemas in the system turn, and each
+# tool message inside <tool_response> in a user turn (consecutive tool messages share one turn); a tool
+# message's parts (its images) render as the family renders any part. Without tools and tool messages the
+# rendering is exactly the earlier one.
+TOOLS_SYSTEM = (
+    "{%- if tools -%}"
+    "{{ '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' and messages[0]['content'] is string -%}{{ messages[0]['content'] }}"
+    "{%- else -%}{{ 'You are a helpful assistant.' }}{%- endif -%}"
+    "{{ '\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are "
+    "provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools -%}{{ '\\n' }}{{ tool | tojson }}{%- endfor -%}"
+    "{{ '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- endif -%}"
+)
 TURNS_HEAD = (
+    TOOLS_SYSTEM +
     "{%- for message in messages -%}"
-    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{%- if not (tools and loop.first and message['role'] == 'system') -%}"
+    "{%- if loop.first and message['role'] != 'system' and not tools -%}"
     "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
     "{%- endif -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'tool' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{ '<|im_start|>user' }}{%- endif -%}"
+    "{{ '\\n<tool_response>\\n' }}"
+    "{%- else -%}{{ '<|im_start|>' + message['role'] + '\\n' }}{%- endif -%}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for part in message['content'] -%}"
 )
 TURNS_TAIL = (
     "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{{ '<|im_end|>\\n' }}"
+    "{%- if message['role'] == 'tool' -%}{{ '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{ '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- else -%}{{ '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from r1_mm.data.turns import ToolContext
 from r1_mm.models.forward import packed_attention, packed_linear_attention, token_scores
 from r1_mm.models.forward.packed_attention import PackedLayout
 from r1_mm.models.forward.token_scores import ScoreRequest
@@ -114,6 +115,37 @@ def bidirectional_blocks(token_types: torch.Tensor, offset: int) -> list[tuple[i
     return [(offset + a, offset + b) for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
 
+def trajectory_positions(model: torch.nn.Module, prompt: dict[str, torch.Tensor], completion: list[int],
+                         context: ToolContext) -> torch.Tensor:
+    """Positions (axes, C) of a completion holding tool turns with images: the model's own position rule run on
+    prompt + completion (M-RoPE gives each image mid-conversation its grid positions and moves the text after
+    it on), of which the completion's part. Exactly what the processor's whole conversation would get."""
+    n = prompt["input_ids"].shape[1]
+    device = prompt["input_ids"].device
+    joint = {"input_ids": torch.cat([prompt["input_ids"][0], torch.tensor(completion, dtype=torch.long, device=device)])[None]}
+    if "mm_token_type_ids" in prompt and context.token_types is not None:
+        types = torch.tensor(context.token_types, dtype=prompt["mm_token_type_ids"].dtype, device=device)
+        joint["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"][0], types])[None]
+    for key in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts"):
+        parts = [t.to(device) for t in (prompt.get(key), context.vision.get(key)) if t is not None]
+        if parts:
+            joint[key] = torch.cat(parts)
+    return prompt_positions(model, joint)[:, n:]
+
+
+def scored_mask(completions: list[list[int]], contexts: list[ToolContext | None], device: torch.device) -> torch.Tensor:
+    """(rows, C) long: 1 on the tokens the learner scores: every token of a single-turn completion, only the
+    model's own tokens of a trajectory with tool turns (tool turns are context, never scored)."""
+    _, mask = pad_completions(completions, 0, device)
+    for row, context in enumerate(contexts):
+        if context is not None:
+            if len(context.model_mask) != len(completions[row]):
+                raise GroupedForwardError(f"completion {row}: {len(completions[row])} tokens but a model mask of "
+                                          f"{len(context.model_mask)}")
+            mask[row, : len(context.model_mask)] = torch.tensor(context.model_mask, dtype=torch.long, device=device)
+    return mask
+
+
 def pad_completions(completions: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(1, max(len(c) for c in completions))
     ids = torch.full((len(completions), length), pad_id, dtype=torch.long, device=device)
@@ -137,7 +169,7 @@ class PackedGroups:
     logits_index: torch.Tensor  # (N,) one per completion token, in (completion, token) order
     targets: torch.Tensor  # (N,) the completion tokens those logits score
     completion_ids: torch.Tensor  # (B*G, C) right-padded, for callers working per completion
-    completion_mask: torch.Tensor  # (B*G, C)
+    completion_mask: torch.Tensor  # (B*G, C): the scored tokens (a trajectory's tool turns are 0)
     num_generations: int
 
     def model_kwargs(self, model: torch.nn.Module) -> dict[str, Any]:
@@ -154,12 +186,17 @@ class PackedGroups:
 
 
 def pack_groups(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]], completions: list[list[int]],
-                num_generations: int, pad_id: int) -> PackedGroups:
+                num_generations: int, pad_id: int, contexts: list[ToolContext | None] | None = None) -> PackedGroups:
     """Pack B prompts and B*G completions (grouped by prompt, in order) into one row.
 
     Layout ``[p1 | c11 .. c1G | p2 | c21 .. c2G | ..]`` with no padding; every completion's positions
     restart at "last position of its prompt + 1". The model's language attention is switched to the
     grouped implementation (once; calls without a layout behave as before).
+
+    ``contexts``: per completion, the tool turns of a multi-turn trajectory (None: single-turn). A
+    trajectory's tool images join the row's vision inputs after its prompt's (in the row's order, as the
+    model scatters image features), its positions come from the model's rule on prompt + trajectory, and
+    only its model-sampled tokens are scored.
     """
     g = num_generations
     if len(completions) != len(prompts) * g:
@@ -168,14 +205,18 @@ def pack_groups(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]], 
     packed_linear_attention.enable(unwrap(model))
     device = prompts[0]["input_ids"].device
     prompts = [_strip_padding(p) for p in prompts]
-    comp_ids, comp_mask = pad_completions(completions, pad_id, device)
+    contexts = list(contexts) if contexts is not None else [None] * len(completions)
+    comp_ids, _ = pad_completions(completions, pad_id, device)
+    comp_mask = scored_mask(completions, contexts, device)
     ids_parts, pos_parts, type_parts = [], [], []
+    vision_parts: list[dict[str, torch.Tensor]] = []
     prompt_spans, completion_spans, logits_index = [], [], []
     blocks: list[list[tuple[int, int]]] = []
     cursor = 0
     for i, p in enumerate(prompts):
         n = p["input_ids"].shape[1]
         ids_parts.append(p["input_ids"][0])
+        vision_parts.append(p)
         pos = prompt_positions(model, p)  # (axes, n)
         pos_parts.append(pos)
         if "mm_token_type_ids" in p:
@@ -186,24 +227,31 @@ def pack_groups(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]], 
         cursor += n
         spans = []
         for j in range(g):
-            c = completions[i * g + j]
+            c, context = completions[i * g + j], contexts[i * g + j]
             ids_parts.append(torch.tensor(c, dtype=torch.long, device=device))
-            pos_parts.append(pos[:, -1:] + 1 + torch.arange(len(c), device=device)[None, :])
+            if context is not None and context.vision:
+                pos_parts.append(trajectory_positions(model, p, c, context))
+                vision_parts.append(context.vision)
+            else:
+                pos_parts.append(pos[:, -1:] + 1 + torch.arange(len(c), device=device)[None, :])
             if type_parts:
-                type_parts.append(torch.zeros(len(c), dtype=type_parts[0].dtype, device=device))
+                types = context.token_types if context is not None and context.token_types is not None else [0] * len(c)
+                type_parts.append(torch.tensor(types, dtype=type_parts[0].dtype, device=device))
             spans.append((cursor, cursor + len(c)))
-            logits_index.extend([last_prompt] + list(range(cursor, cursor + len(c) - 1)) if c else [])
+            before = [last_prompt] + list(range(cursor, cursor + len(c) - 1)) if c else []
+            scored = context.model_mask if context is not None else [1] * len(c)
+            logits_index.extend(index for index, keep in zip(before, scored) if keep)
             cursor += len(c)
         completion_spans.append(spans)
     if type_parts and len(type_parts) != len(prompts) * (g + 1):
         raise GroupedForwardError("some prompts carry mm_token_type_ids and others do not")
     positions = torch.cat(pos_parts, dim=1)[:, None, :]  # (axes, 1, T)
     layout = packed_attention.build_layout(prompt_spans, completion_spans, cursor, device, bidirectional=blocks)
-    targets = torch.tensor([t for c in completions for t in c], dtype=torch.long, device=device)
+    targets = comp_ids[comp_mask.bool()]
     return PackedGroups(input_ids=torch.cat(ids_parts)[None], layout=layout,
                         position_ids=positions if positions.shape[0] == 3 else positions[0],
                         mm_token_type_ids=torch.cat(type_parts)[None] if type_parts else None,
-                        vision=merge_vision_inputs(prompts),
+                        vision=merge_vision_inputs(vision_parts),
                         logits_index=torch.tensor(logits_index, dtype=torch.long, device=device), targets=targets,
                         completion_ids=comp_ids, completion_mask=comp_mask, num_generations=g)
 
@@ -267,13 +315,16 @@ def grouped_logprobs(model: torch.nn.Module, packed: PackedGroups, *, temperatur
 def naive_logprobs(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]], completions: list[list[int]],
                    num_generations: int, pad_id: int, *, temperature: float = 1.0, with_entropy: bool = False,
                    suppressed_ids: list[int] | None = None, truncation: Truncation | None = None,
-                   with_full_logps: bool = False) -> tuple:
-    """The library way: B*G full sequences (left-padded prompt + right-padded completion), media repeated.
-    Returns what ``grouped_logprobs`` returns."""
+                   with_full_logps: bool = False, contexts: list[ToolContext | None] | None = None) -> tuple:
+    """The library way: B*G full sequences (left-padded prompt + right-padded completion), media repeated;
+    a trajectory's tool images follow its prompt's, and the model places them itself. Returns what
+    ``grouped_logprobs`` returns."""
     g = num_generations
     device = prompts[0]["input_ids"].device
     prompts = [_strip_padding(p) for p in prompts]
+    contexts = list(contexts) if contexts is not None else [None] * len(completions)
     comp_ids, comp_mask = pad_completions(completions, pad_id, device)
+    scored = scored_mask(completions, contexts, device)
     c = comp_ids.shape[1]
     p_max = max(p["input_ids"].shape[1] for p in prompts)
     rows = len(completions)
@@ -283,28 +334,41 @@ def naive_logprobs(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]
     mm_types = torch.zeros((rows, p_max + c), dtype=torch.long, device=device) if has_types else None
     has_token_types = "token_type_ids" in prompts[0]
     token_types = torch.zeros((rows, p_max + c), dtype=torch.long, device=device)
+    vision_parts: list[dict[str, torch.Tensor]] = []
     for i, p in enumerate(prompts):
         n = p["input_ids"].shape[1]
         for j in range(g):
             row = i * g + j
+            context = contexts[row]
+            vision_parts.append(p)
             input_ids[row, p_max - n:p_max] = p["input_ids"][0]
             attention[row, p_max - n:p_max] = 1
             if has_types:
                 mm_types[row, p_max - n:p_max] = p["mm_token_type_ids"][0]
+            if context is not None:
+                vision_parts.append(context.vision)
+                if has_types and context.token_types is not None:
+                    types = torch.tensor(context.token_types, dtype=torch.long, device=device)
+                    mm_types[row, p_max:p_max + len(types)] = types
             if has_token_types:
                 token_types[row, p_max - n:p_max] = p["token_type_ids"][0]
     input_ids[:, p_max:] = comp_ids
     attention[:, p_max:] = comp_mask
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention,
-                              **merge_vision_inputs(prompts, repeats=g)}
+                              **merge_vision_inputs(vision_parts)}
     if has_types:
         kwargs["mm_token_type_ids"] = mm_types
     if has_token_types:
         kwargs["token_type_ids"] = token_types
     width = p_max + c
     positions = (torch.arange(rows, device=device)[:, None] * width + p_max - 1
-                 + torch.arange(c, device=device)[None, :]).reshape(-1)  # the position before each completion token
-    out = token_scores.score(model, kwargs, _request(positions, comp_ids.reshape(-1), temperature, with_entropy,
+                 + torch.arange(c, device=device)[None, :])  # the position before each completion token
+    if all(context is None for context in contexts):  # every token scored (padding zeroed after)
+        out = token_scores.score(model, kwargs, _request(positions.reshape(-1), comp_ids.reshape(-1), temperature,
+                                                         with_entropy, suppressed_ids, truncation, with_full_logps))
+        mask = comp_mask.to(out.logps.dtype)
+        return _grids(out, lambda t: t.reshape(rows, c) * mask, with_full_logps)
+    keep = scored.bool()
+    out = token_scores.score(model, kwargs, _request(positions[keep], comp_ids[keep], temperature, with_entropy,
                                                      suppressed_ids, truncation, with_full_logps))
-    mask = comp_mask.to(out.logps.dtype)
-    return _grids(out, lambda t: t.reshape(rows, c) * mask, with_full_logps)
+    return _grids(out, lambda t: t.new_zeros((rows, c)).masked_scatter(keep, t), with_full_logps)
