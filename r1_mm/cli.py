@@ -94,11 +94,23 @@ def _cmd_demo(argv: list[str]) -> int:
     return code
 
 
+class _WholeNamesFormatter(argparse.HelpFormatter):
+    """Wraps the description at spaces only, so that a family name (LLaVA-OneVision, Qwen3-VL-MoE) is never
+    split at its hyphen across two lines."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)
+
+
 def _cmd_make_tiny(argv: list[str]) -> int:
     from r1_mm.models.tiny import FAMILIES, FAMILY_NAMES, TinySpec, build_tiny_model
 
     p = argparse.ArgumentParser(prog="r1-mm make-tiny", description="Build a tiny random-weight VLM offline: "
-                                + ", ".join(f"{name} ({family})" for family, name in FAMILY_NAMES.items()) + ".")
+                                + ", ".join(f"{name} ({family})" for family, name in FAMILY_NAMES.items()) + ".",
+                                formatter_class=_WholeNamesFormatter)
     p.add_argument("family", choices=FAMILIES, help="the model family to build")
     p.add_argument("out", help="folder to write the model and processor to (loads with from_pretrained)")
     p.add_argument("--small-vocab", action="store_true",

