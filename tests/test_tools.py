@@ -249,7 +249,7 @@ def test_tools_check_calls_a_tool_on_a_row_at_full_resolution(tmp_path, syntheti
     assert main(["tools", "check", "crop_image", "--data", str(data), "--args", '{"bbox_2d": [9, 9, 1, 1]}']) == 1
     assert "the arguments are refused (the model would read this): crop_image: bbox_2d must be" in capsys.readouterr().err
     assert main(["tools", "check", "crop_image", "--data", str(data), "--args", "{}", "--kwargs", '{"zom": 2}']) == 1
-    assert "kwargs.zom is not an option of this tool" in capsys.readouterr().err
+    assert "kwargs.zom is not an option of tool 'crop_image'; did you mean 'zoom'?" in capsys.readouterr().err
     assert main(["tools", "check", "crop_imag", "--data", str(data), "--args", "{}"]) == 1
     assert "did you mean 'crop_image'" in capsys.readouterr().err
     assert main(["tools", "check", "crop_image", "--data", str(data), "--row", "99", "--args", "{}"]) == 1
@@ -265,12 +265,22 @@ def test_tools_check_re_watches_a_videos_span(synthetic_data, capsys):
     assert "video 0: 8.00 s" in out and "3 frame(s) of video 0 at 1.00 s, 1.50 s, 2.00 s" in out
 
 
-def test_a_recipe_with_tools_is_refused_until_rollouts_call_them():
-    """The multi-turn rollout is not built yet: tools named in a recipe would silently never be called."""
+def test_a_tool_recipe_is_checked_at_load():
+    """Tools run on the hf engine with GRPO; names and options resolve before any model loads."""
     from r1_mm.config.recipe import ConfigError, RecipeConfig
+    from r1_mm.run.input_checks import check
 
     assert RecipeConfig.from_dict({}).tools.functions == []
-    with pytest.raises(ConfigError, match="tools.functions: multi-turn .* not in this version yet"):
-        RecipeConfig.from_dict({"tools": {"functions": ["crop_image"]}})
+    ok = RecipeConfig.from_dict({"rewards": {"functions": ["accuracy"]},
+                                 "tools": {"functions": ["crop_image", {"name": "video_frames", "kwargs": {"max_frames": 4}}]}})
+    check(ok)
+    with pytest.raises(ConfigError, match="run on rollout.engine=hf only"):
+        RecipeConfig.from_dict({"rollout": {"engine": "vllm_colocate"}, "tools": {"functions": ["crop_image"]}})
     with pytest.raises(ConfigError, match="tools.max_turns must be >= 1"):
         RecipeConfig.from_dict({"tools": {"max_turns": 0}})
+    bad = RecipeConfig.from_dict({"rewards": {"functions": ["accuracy"]},
+                                  "tools": {"functions": ["crop_imag", {"name": "crop_image", "kwargs": {"zom": 2}}]}})
+    with pytest.raises(ConfigError) as info:
+        check(bad)
+    assert "tools.functions[0]: unknown tool 'crop_imag'; did you mean 'crop_image'?" in str(info.value)
+    assert "tools.functions[1].kwargs.zom is not an option of tool 'crop_image'; did you mean 'zoom'?" in str(info.value)

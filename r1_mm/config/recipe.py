@@ -257,6 +257,10 @@ class ToolsConfig:
     max_turns: int = field(default=3, metadata={
         "help": "model turns per trajectory, the final answer's included"})
     max_tool_calls: int = field(default=2, metadata={"help": "tool calls executed per trajectory"})
+    max_total_tokens: int | None = field(default=None, metadata={
+        "help": "tokens after the prompt per trajectory, model and tool turns (vision tokens) together; a tool turn "
+                "that would pass it ends the trajectory; null: max_turns x rollout.max_completion_length plus the tool "
+                "turns"})
     max_images_per_call: int = field(default=4, metadata={
         "help": "images one call may return to the model (a tool's further images are dropped, and counted)"})
     max_pixels_per_image: int = field(default=401408, metadata={
@@ -677,9 +681,14 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         problems.append("algorithm.grpo.beta must be >= 0")
     if cfg.data.max_prompt_length < 1:
         problems.append("data.max_prompt_length must be >= 1")
-    if cfg.tools.functions:
-        problems.append("tools.functions: multi-turn (agentic) rollouts are not in this version yet, so the tools "
-                        "would never be called; try a tool on your rows with `r1-mm tools check NAME --data FILE`")
+    if cfg.tools.functions and cfg.rollout.engine in ("vllm_colocate", "vllm_pool"):
+        problems.append(f"tools.functions: multi-turn tool rollouts run on rollout.engine=hf only so far (the vLLM "
+                        f"engines do not continue a trajectory yet); got rollout.engine={cfg.rollout.engine}")
+    if cfg.tools.functions and cfg.algorithm.name != "grpo":
+        problems.append(f"tools.functions: tool rollouts are trained by GRPO only; algorithm.name={cfg.algorithm.name} "
+                        "would never call them")
+    if cfg.tools.max_total_tokens is not None and cfg.tools.max_total_tokens < 1:
+        problems.append("tools.max_total_tokens must be >= 1 (or null)")
     for name in ("max_turns", "max_tool_calls", "max_images_per_call", "max_pixels_per_image", "workers"):
         if getattr(cfg.tools, name) < 1:
             problems.append(f"tools.{name} must be >= 1")

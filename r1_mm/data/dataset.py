@@ -63,11 +63,12 @@ class PromptStream:
     @classmethod
     def from_config(cls, processor: Any, data_cfg: DataConfig, media_cfg: MediaConfig, *, split: str = "train",
                     path: str | None = None, dataset: Any = None, seed: int = 0,
-                    shard: tuple[int, int] = (0, 1)) -> PromptStream:
-        """The recipe's train or eval split (or ``dataset``, an object given through the Python API)."""
+                    shard: tuple[int, int] = (0, 1), tools: list[dict[str, Any]] | None = None) -> PromptStream:
+        """The recipe's train or eval split (or ``dataset``, an object given through the Python API);
+        ``tools``: the function schemas the prompts show an agentic model."""
         rows, source, default_root = load_split(data_cfg, split, path=path, dataset=dataset)
         root = media_root(data_cfg, default_root)
-        builder = PromptBuilder(processor, data_cfg, media_cfg, root)
+        builder = PromptBuilder(processor, data_cfg, media_cfg, root, tools=tools)
         stream = cls(rows, builder, data_cfg=data_cfg, media_cfg=media_cfg, seed=seed, shard=shard)
         stream.source = source
         return stream

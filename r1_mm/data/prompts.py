@@ -41,6 +41,7 @@ class Sample:
     prompt_text: str = ""
     num_prompt_tokens: int = 0
     inputs: Any = None  # the processor's output for this prompt alone (BatchFeature)
+    media_root: Path | None = None  # where the row's relative media references resolve (tools open them again)
 
 
 def row_id(row: dict[str, Any], index: int) -> str:
@@ -205,15 +206,19 @@ def encode_prompts(processor: Any, texts: list[str], images: list[Image.Image], 
 class PromptBuilder:
     """Turns a row into a :class:`Sample`: decodes media, renders the template, measures the prompt."""
 
-    def __init__(self, processor: Any, data_cfg: DataConfig, media_cfg: MediaConfig, media_root: Path | None):
+    def __init__(self, processor: Any, data_cfg: DataConfig, media_cfg: MediaConfig, media_root: Path | None,
+                 tools: list[dict[str, Any]] | None = None):
+        """``tools``: the function schemas an agentic recipe's model is shown (the chat template renders them)."""
         self.processor = processor
         self.data_cfg = data_cfg
         self.media_cfg = media_cfg
         self.media_root = media_root
+        self.tools = tools or None
         self.factor = visual_factor(processor)
 
     def render(self, messages: list[dict[str, Any]]) -> str:
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        extra = {"tools": self.tools} if self.tools else {}
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
 
     def decode_media(self, row: dict[str, Any], index: int) -> tuple[list[Image.Image], list[Video]]:
         rid = row_id(row, index)
@@ -246,4 +251,4 @@ class PromptBuilder:
                 "would cut visual tokens. Raise max_prompt_length, lower media.max_pixels/max_frames, or set "
                 "data.on_long_prompt=drop")
         return Sample(index=index, row_id=rid, row=row, messages=messages, images=images, videos=videos,
-                      prompt_text=text, num_prompt_tokens=n_tokens, inputs=inputs)
+                      prompt_text=text, num_prompt_tokens=n_tokens, inputs=inputs, media_root=self.media_root)

@@ -7,7 +7,6 @@ tool that raises. With ``--out`` the returned images are written as PNG files to
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,8 @@ from r1_mm.config.recipe import DataConfig, MediaConfig
 from r1_mm.data.loading import default_media_root, map_columns, read_rows
 from r1_mm.data.media import load_image, load_video
 from r1_mm.data.prompts import Sample, media_refs, row_id
-from r1_mm.tools.base import Tool, ToolArgumentError
-from r1_mm.tools.registry import ToolError, get
+from r1_mm.tools.base import ToolArgumentError
+from r1_mm.tools.registry import ToolError, get, option_problems
 from r1_mm.tools.row_media import tool_media
 
 QWEN_FACTOR = 28  # patch 14 x merge 2: how Qwen-VL processors align a budgeted image (the default shown size)
@@ -33,14 +32,6 @@ class ToolCheckReport:
         return not self.problems
 
 
-def kwarg_problems(entry: Tool, kwargs: dict[str, Any]) -> list[str]:
-    """Recipe kwargs the tool's function does not take (a misspelt option is not swallowed by ``**_``)."""
-    params = inspect.signature(entry.fn).parameters
-    options = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
-    return [f"tool '{entry.name}': kwargs.{key} is not an option of this tool (options: "
-            f"{', '.join(sorted(options)) or 'none'})" for key in kwargs if key not in options]
-
-
 def check_tool(name: str, data: str | Path, *, arguments: dict[str, Any], row: int = 0,
                kwargs: dict[str, Any] | None = None, columns: dict[str, str] | None = None,
                media: MediaConfig | None = None, factor: int = QWEN_FACTOR, out: Path | None = None) -> ToolCheckReport:
@@ -53,7 +44,7 @@ def check_tool(name: str, data: str | Path, *, arguments: dict[str, Any], row: i
         report.problems.append(str(exc))
         return report
     report.lines.append(f"tool {entry.name!r}: {getattr(entry.fn, '__module__', '?')}:{entry.fn.__qualname__}")
-    report.problems += kwarg_problems(entry, dict(kwargs or {}))
+    report.problems += option_problems(entry, dict(kwargs or {}), f"tool '{entry.name}'")
     table = map_columns(read_rows(data), DataConfig(columns=dict(columns or {})), str(data))
     if not 0 <= row < len(table):
         report.problems.append(f"{data} has {len(table)} row(s); --row {row} is not one of them")

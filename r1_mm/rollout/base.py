@@ -15,6 +15,7 @@ import torch
 
 from r1_mm.config.recipe import RolloutConfig
 from r1_mm.data.prompts import Sample
+from r1_mm.data.turns import ToolContext
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,16 @@ class SamplingSettings:
 
 @dataclass
 class Completion:
-    """One sampled completion of one prompt."""
+    """One sampled completion of one prompt; with tools, a whole trajectory (model turns and tool turns)."""
 
     text: str
     token_ids: list[int]
-    logprobs: list[float] | None  # the sampler's logprob of each token (None if the engine has none)
+    logprobs: list[float] | None  # the sampler's logprob of each token (None if the engine has none; 0 at tool tokens)
     truncated: bool  # hit max_tokens without an end-of-sequence token
+    # multi-turn trajectories only: which tokens the model sampled, the tool images (what the learner needs)
+    context: ToolContext | None = None
+    tool_turns: list[Any] = field(default_factory=list)  # rollout.agentic.ToolTurn records, in order
+    stop_reason: str = ""  # multi-turn: answer, max_turns, max_tool_calls, max_total_tokens or truncated
 
 
 @dataclass

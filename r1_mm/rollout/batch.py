@@ -22,6 +22,7 @@ from functools import cached_property
 import torch
 
 from r1_mm.data.prompts import Sample
+from r1_mm.data.turns import ToolContext
 from r1_mm.rollout.base import Completion
 
 
@@ -81,7 +82,7 @@ class RolloutBatch:
     policy_version: torch.Tensor
     mask_truncated: bool = False  # truncated completions count no tokens in the loss (loss_mask)
     completion_mask: torch.Tensor = field(init=False)  # (N, C) long: 1 on the completion's tokens
-    loss_mask: torch.Tensor = field(init=False)  # (N, C) long: the tokens the loss counts
+    loss_mask: torch.Tensor = field(init=False)  # (N, C) long: the tokens the loss counts (model-sampled ones)
 
     def __post_init__(self) -> None:
         n = len(self.completions)
@@ -95,7 +96,11 @@ class RolloutBatch:
                              "(each prompt's completions contiguous, prompts in order)")
         mask = completion_mask(self.token_ids)
         object.__setattr__(self, "completion_mask", mask)
-        loss_mask = mask * (~self.truncated).long().unsqueeze(1) if self.mask_truncated else mask
+        trained = mask.clone()
+        for row, context in enumerate(self.contexts):
+            if context is not None:  # a trajectory's tool turns are context: never in the loss or the KL
+                trained[row, : len(context.model_mask)] = torch.tensor(context.model_mask, dtype=torch.long)
+        loss_mask = trained * (~self.truncated).long().unsqueeze(1) if self.mask_truncated else trained
         object.__setattr__(self, "loss_mask", loss_mask)
 
     @classmethod
@@ -122,6 +127,15 @@ class RolloutBatch:
     @property
     def token_ids(self) -> list[list[int]]:
         return [c.token_ids for c in self.completions]
+
+    @property
+    def contexts(self) -> list[ToolContext | None]:
+        """Each completion's tool turns (None: a single-turn completion): what the learner's forward needs."""
+        return [c.context for c in self.completions]
+
+    @property
+    def has_tool_turns(self) -> bool:
+        return any(c is not None for c in self.contexts)
 
     @property
     def sampler_logprobs(self) -> list[list[float] | None]:

@@ -14,6 +14,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from r1_mm.data.prompts import Sample
+from r1_mm.data.turns import ToolContext
 from r1_mm.rollout.base import (
     Completion,
     PromptCompletions,
@@ -116,29 +117,47 @@ class HFRolloutEngine(RolloutEngine):
         self.model = model
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        # processors run after the sampled-logprob recorder (it reads the model's own distribution first); empty
+        # in training. Tests put a scripted policy here: it picks the tokens, the recorder still reports their
+        # logprobs under the model, so learner and sampler can be compared on a trajectory that calls tools.
+        self.after_recorder: list[LogitsProcessor] = []
 
     def update_weights(self, model: torch.nn.Module) -> None:
         self.model = model  # same process, same tensors: nothing to copy
 
-    @torch.no_grad()
-    def generate(self, batch: list[Sample], n: int, sampling: SamplingSettings) -> list[PromptCompletions]:
+    def _generate_kwargs(self, sampling: SamplingSettings, max_tokens: int) -> dict[str, Any]:
         model = self.model
-        was_training = model.training
-        model.eval()
-        eos = _eos_ids(model, self.tokenizer)
-        pad = self.tokenizer.pad_token_id
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_tokens,
-                                      return_dict_in_generate=True, pad_token_id=pad,
-                                      eos_token_id=sorted(eos), use_cache=True,
-                                      suppress_tokens=media_token_ids(model.config) or None)
+        kwargs: dict[str, Any] = dict(max_new_tokens=max_tokens, return_dict_in_generate=True,
+                                      pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.eos),
+                                      use_cache=True, suppress_tokens=media_token_ids(model.config) or None)
         if sampling.greedy:
             kwargs.update(do_sample=False)
         else:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
                           top_k=sampling.top_k if sampling.top_k is not None else 0,
                           repetition_penalty=sampling.repetition_penalty)
+        return kwargs
+
+    @property
+    def eos(self) -> set[int]:
+        return _eos_ids(self.model, self.tokenizer)
+
+    def _completion(self, ids: list[int], logprobs: torch.Tensor) -> Completion:
+        """A sampled row cut after its first end-of-sequence token."""
+        eos = self.eos
+        end = next((i for i, t in enumerate(ids) if t in eos), None)
+        kept = ids if end is None else ids[: end + 1]
+        return Completion(text=self.tokenizer.decode(kept, skip_special_tokens=True), token_ids=kept,
+                          logprobs=logprobs[: len(kept)].tolist(), truncated=end is None)
+
+    @torch.no_grad()
+    def generate(self, batch: list[Sample], n: int, sampling: SamplingSettings) -> list[PromptCompletions]:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        kwargs = self._generate_kwargs(sampling, sampling.max_tokens)
         results = []
         try:
             for sample in batch:
@@ -147,22 +166,43 @@ class HFRolloutEngine(RolloutEngine):
                 cache = _shared_prefill(model, inputs, n)
                 recorder = SampledLogprobs(sampling)
                 out = model.generate(input_ids=ids.repeat(n, 1), attention_mask=mask.repeat(n, 1),
-                                     past_key_values=cache, logits_processor=LogitsProcessorList([recorder]), **kwargs)
-                prompt_len = ids.shape[1]
-                sequences = out.sequences[:, prompt_len:]
+                                     past_key_values=cache,
+                                     logits_processor=LogitsProcessorList([recorder, *self.after_recorder]), **kwargs)
+                sequences = out.sequences[:, ids.shape[1]:]
                 token_logprobs = recorder.finish(sequences[:, -1])
-                completions = []
-                for row in range(sequences.shape[0]):
-                    ids = sequences[row].tolist()
-                    end = next((i for i, t in enumerate(ids) if t in eos), None)
-                    kept = ids if end is None else ids[: end + 1]
-                    completions.append(Completion(
-                        text=self.tokenizer.decode(kept, skip_special_tokens=True),
-                        token_ids=kept,
-                        logprobs=token_logprobs[row, : len(kept)].tolist(),
-                        truncated=end is None,
-                    ))
+                completions = [self._completion(sequences[row].tolist(), token_logprobs[row])
+                               for row in range(sequences.shape[0])]
                 results.append(PromptCompletions(sample=sample, completions=completions))
         finally:
             model.train(was_training)
         return results
+
+    @torch.no_grad()
+    def continue_trajectory(self, sample: Sample, ids: list[int], context: ToolContext,
+                            sampling: SamplingSettings, max_tokens: int) -> Completion:
+        """The next model turn of a trajectory: ``ids`` (the completion so far: model turns and tool turns) after
+        the prompt, with the tool images of ``context``. The whole conversation is prefilled again (the model
+        places the new images itself, as the learner's forward will)."""
+        from r1_mm.models.forward.grouped import merge_vision_inputs
+
+        model = self.model
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        prompt = sample.inputs.to(device)
+        keep = prompt["attention_mask"][0].bool()
+        full = torch.cat([prompt["input_ids"][0, keep], torch.tensor(ids, dtype=torch.long, device=device)])[None]
+        inputs: dict[str, Any] = {"input_ids": full, "attention_mask": torch.ones_like(full)}
+        if "mm_token_type_ids" in prompt and context.token_types is not None:
+            types = torch.tensor(context.token_types, dtype=prompt["mm_token_type_ids"].dtype, device=device)
+            inputs["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"][0, keep], types])[None]
+        vision = [{k: v for k, v in prompt.items() if k not in _PER_TOKEN_KEYS}, context.vision]
+        inputs.update({k: v.to(device) for k, v in merge_vision_inputs(vision).items()})
+        recorder = SampledLogprobs(sampling)
+        try:
+            out = model.generate(**inputs, logits_processor=LogitsProcessorList([recorder, *self.after_recorder]),
+                                 **self._generate_kwargs(sampling, max_tokens))
+            sequence = out.sequences[:, full.shape[1]:]
+            return self._completion(sequence[0].tolist(), recorder.finish(sequence[:, -1])[0])
+        finally:
+            model.train(was_training)

@@ -197,6 +197,10 @@ def check(cfg: RecipeConfig, rows: list[dict[str, Any]] | None = None, source: s
                  for name in cfg.logging.tracker_kwargs if name not in cfg.logging.report_to]
     reward_found, needs = reward_problems(cfg.rewards.functions)
     problems += reward_found
+    if cfg.tools.functions:
+        from r1_mm.tools.registry import spec_problems as tool_spec_problems
+
+        problems += tool_spec_problems(cfg.tools.functions)
     if problems:
         raise ConfigError("; ".join(problems))
     if rows is not None:

@@ -188,6 +188,9 @@ def family_problems(cfg: RecipeConfig, config: Any, *, learner: bool = True) -> 
     try:
         family = family_of(config)
     except UnsupportedModelError as exc:
+        if cfg.tools.functions:
+            return [f"{exc}: tool rollouts (tools.functions) run only on families whose tool trajectories a test has "
+                    "verified (README's families table, column tools)"]
         if cfg.rollout.engine == "hf":
             return []
         return [f"{exc}: it runs with rollout.engine=hf only (the learner's own model samples; a training run "
@@ -203,9 +206,11 @@ def family_problems(cfg: RecipeConfig, config: Any, *, learner: bool = True) -> 
             uses.append("weight_sync")
         if cfg.model.lora:
             uses.append("lora")
+    if cfg.tools.functions:
+        uses.append("tools")
     found = []
     for capability in uses:
-        line = family.refusal(capability) if capability in family.support else None
+        line = family.refusal(capability) if capability in family.support or capability == "tools" else None
         if line:
             hint = " (set training.forward_mode=naive)" if capability == "grouped" else ""
             found.append(line + hint)

@@ -104,3 +104,32 @@ def available() -> dict[str, str]:
     _load_builtins()
     _load_entry_points()
     return {name: REGISTRY.origin(name) for name in REGISTRY.names()}
+
+
+def option_problems(entry: Tool, kwargs: Mapping[str, Any], where: str) -> list[str]:
+    """Recipe kwargs the tool's function does not take as keyword-only options (a misspelt option would
+    otherwise vanish into its ``**_``)."""
+    import inspect
+
+    params = inspect.signature(entry.fn).parameters
+    options = sorted(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY)
+    return [f"{where}.kwargs.{key} is not an option of tool '{entry.name}'" + suggest(key, options, listing="options")
+            for key in kwargs if key not in options]
+
+
+def spec_problems(specs: list[Any], section: str = "tools.functions") -> list[str]:
+    """Every configured tool resolves, its recipe kwargs are options it takes, and no name is given twice."""
+    problems: list[str] = []
+    seen: set[str] = set()
+    for i, spec in enumerate(specs):
+        where = f"{section}[{i}]"
+        try:
+            entry = get(spec.name)
+        except ToolError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        if entry.name in seen:
+            problems.append(f"{where}: tool '{entry.name}' is given twice")
+        seen.add(entry.name)
+        problems += option_problems(entry, spec.kwargs, where)
+    return problems

@@ -20,6 +20,7 @@ from r1_mm.config.algorithms import algorithm_spec
 from r1_mm.config.recipe import ConfigError, RecipeConfig
 from r1_mm.data import PromptStream
 from r1_mm.models.loading import load_processor, prepare_processor
+from r1_mm.rollout.agentic import tool_schemas
 from r1_mm.run.context import RunContext
 from r1_mm.trainers.backend import Learner, build_learner, load_reference_state, make_accelerator
 from r1_mm.trainers.objects import RunObjects
@@ -69,7 +70,7 @@ class BaseTrainer:
         self.pad_id = self.processor.tokenizer.pad_token_id
         self.stream = PromptStream.from_config(self.processor, cfg.data, cfg.media, seed=cfg.training.seed,
                                                shard=(acc.process_index, acc.num_processes),
-                                               dataset=objects.train_dataset)
+                                               dataset=objects.train_dataset, tools=tool_schemas(cfg.tools))
         run.check_inputs(self.stream.rows, self.stream.source, self.stream.builder.media_root,
                          eval_dataset=objects.eval_dataset)
         run.claim_for_training(acc)

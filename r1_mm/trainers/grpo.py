@@ -27,6 +27,7 @@ from r1_mm.rewards.reward_metrics import metric_labels, reward_metrics
 from r1_mm.rewards.runner import RewardBatch, RewardRunner
 from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, media_token_ids
 from r1_mm.rollout.batch import RolloutBatch
+from r1_mm.rollout.agentic import ToolRollout
 from r1_mm.rollout.engines import make_engine
 from r1_mm.rollout.records import append_rows, sampled_groups, scored_rows
 from r1_mm.trainers import temporal_contrast
@@ -117,6 +118,8 @@ class GRPOTrainer(BaseTrainer):
         self.rewards = RewardRunner.from_recipe(cfg)
         self.engine: RolloutEngine = make_engine(cfg.rollout.engine, model=self.learner.unwrapped,
                                                  processor=self.processor, cfg=cfg)
+        if cfg.tools.functions:  # agentic: the recipe's tools run between the engine's turns
+            self.engine = ToolRollout(self.engine, self.processor, cfg.tools, cfg.media)
         if model is not None and not getattr(self.engine, "samples_from_policy", False):
             self.engine.update_weights(self.learner.unwrapped)  # it loaded the path: sample from the object's weights
         self.temporal_rewards = None
@@ -184,7 +187,7 @@ class GRPOTrainer(BaseTrainer):
             first_group=acc.process_index * self.cfg.training.prompts_per_step,  # group ids unique across processes
             mask_truncated=self.cfg.algorithm.grpo.mask_truncated_completions)
         rewards = self.rewards.score_groups(rollout.samples, rollout.grouped_completions())
-        stats: dict[str, float] = {}
+        stats: dict[str, float] = dict(getattr(self.engine, "stats", {}))  # agentic: tool calls, turns, errors
         if self.temporal_rewards is not None:
             stats = self._temporal_bonus(rollout, rewards)
         if self.cfg.algorithm.grpo.length_bonus:
@@ -253,7 +256,8 @@ class GRPOTrainer(BaseTrainer):
                                  mode=self.cfg.training.forward_mode, with_entropy=with_entropy,
                                  suppressed_ids=self.suppressed_ids,
                                  truncation=Truncation(r.top_p, r.top_k) if truncated else None,
-                                 with_full_logps=with_full_logps)
+                                 with_full_logps=with_full_logps,
+                                 contexts=exp.batch.contexts if exp.batch.has_tool_turns else None)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=self.learner.accelerator.device)

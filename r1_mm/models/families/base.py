@@ -24,8 +24,11 @@ CAPABILITY_HELP = {
     "weight_sync": "weights synced to vLLM give the learner's logprobs",
     "video": "video rows",
     "lora": "model.lora adapters",
+    "tools": "tools.functions (multi-turn tool rollouts)",
 }
 TESTED = "tested"
+UNVERIFIED_TOOLS = ("no test has run a tool trajectory of this family (tool turns tokenised alone equal to the whole "
+                    "conversation, learner == engine logprobs: tests/test_tool_turns.py)")
 # what vLLM's processor is told unless a family says otherwise: media.py already sized the pixels within the
 # recipe's budget, so vLLM must not resize them again
 DEFAULT_VLLM_PROCESSOR_KWARGS: Mapping[str, Any] = {"do_resize": False}
@@ -76,6 +79,9 @@ class ModelFamily:
     # video refused for the vLLM engines only: with rollout.engine=hf (the learner's own model samples) video rows
     # are tested exact (SmolVLM: vLLM's model has no video modality)
     video_on_hf: bool = False
+    # tools.functions (multi-turn tool rollouts): "tested" where tests/test_tool_turns.py shows a trajectory built
+    # turn by turn scores as the processor's whole conversation and the engine samples it as the learner scores it
+    tools: str = UNVERIFIED_TOOLS
     note: str = ""
 
     def __post_init__(self) -> None:
@@ -86,11 +92,11 @@ class ModelFamily:
                              f"(missing {missing}, unknown {extra})")
 
     def supports(self, capability: str) -> bool:
-        return self.support[capability] == TESTED
+        return (self.tools if capability == "tools" else self.support[capability]) == TESTED
 
     def refusal(self, capability: str) -> str | None:
         """The one line a run using ``capability`` stops with, or None when it is tested."""
         if self.supports(capability):
             return None
-        return f"{self.display_name} ({self.model_type}): {CAPABILITY_HELP[capability]} is not verified: " \
-               f"{self.support[capability]}"
+        reason = self.tools if capability == "tools" else self.support[capability]
+        return f"{self.display_name} ({self.model_type}): {CAPABILITY_HELP[capability]} is not verified: {reason}"

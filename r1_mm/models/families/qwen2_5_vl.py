@@ -21,6 +21,7 @@ def build_tiny(spec: Any, tokenizer: Any) -> tuple[Any, Any]:
 
 
 FAMILY = ModelFamily(
-    model_type="qwen2_5_vl", display_name="Qwen2.5-VL", build_tiny=build_tiny, chat_template=QWEN_VL_CHAT_TEMPLATE,
+    model_type="qwen2_5_vl", tools=TESTED,  # tests/test_tool_turns.py, tests/test_agentic_rollout.py
+    display_name="Qwen2.5-VL", build_tiny=build_tiny, chat_template=QWEN_VL_CHAT_TEMPLATE,
     prepare=rope_index.install,
     support=dict.fromkeys(("grouped", "hf", "vllm_colocate", "vllm_pool", "weight_sync", "video", "lora"), TESTED))

@@ -69,7 +69,8 @@ def build_tiny(spec: Any, tokenizer: Any) -> tuple[Any, Any]:
 
 
 FAMILY = ModelFamily(
-    model_type="qwen3_vl", display_name="Qwen3-VL", build_tiny=build_tiny, chat_template=QWEN_VL_CHAT_TEMPLATE,
+    model_type="qwen3_vl", tools=TESTED,  # tests/test_tool_turns.py, tests/test_agentic_rollout.py
+    display_name="Qwen3-VL", build_tiny=build_tiny, chat_template=QWEN_VL_CHAT_TEMPLATE,
     support={
         "grouped": TESTED, "hf": TESTED, "vllm_colocate": TESTED, "vllm_pool": TESTED, "weight_sync": TESTED,
         "video": TESTED,
