@@ -212,7 +212,7 @@ def vllm_rounds(tmp_path, synthetic_data, engine_name: str, model_name: str, tex
 
 @pytest.mark.parametrize("engine_name,task,lora,decoder", [
     ("vllm_colocate", "events", False, None), ("vllm_colocate", "multi_image", True, None), ("hf", "events", True, None),
-    ("vllm_colocate", "events", True, "qwen3")])
+    ("vllm_colocate", "events", True, "qwen3"), ("vllm_colocate", "multi_image", True, "qwen3_moe")])
 def test_grpo_steps_keep_sampler_and_learner_logprobs_equal(tmp_path, tiny_cache, decoder_path, synthetic_data,
                                                             monkeypatch, engine_name, task, lora, decoder):
     """3 GRPO steps (optimizer updates, the engine synced after each; LoRA-merged weights when adapters train):
@@ -338,7 +338,8 @@ def test_decoder_hf_engine_samples_with_the_learners_logprobs(decoder_path, synt
 
 
 @pytest.mark.parametrize("kind,engine_name", [("qwen3", "vllm_colocate"), ("qwen3_moe", "vllm_colocate"),
-                                              pytest.param("qwen3", "vllm_pool", marks=pytest.mark.slow)])
+                                              pytest.param("qwen3", "vllm_pool", marks=pytest.mark.slow),
+                                              pytest.param("qwen3_moe", "vllm_pool", marks=pytest.mark.slow)])
 def test_decoder_vllm_samples_and_follows_weight_syncs(tmp_path, decoder_path, synthetic_data, kind, engine_name):
     """3 perturbations of every weight (the experts too) + syncs; for Qwen3-MoE the sync must send the experts in
     the layout vLLM's loader reads (one gate/up/down projection per expert, models/weights.py)."""

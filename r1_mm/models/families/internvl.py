@@ -107,9 +107,9 @@ FAMILY = ModelFamily(
     vllm_processor_kwargs={},
     note="vLLM writes a video frame's context tokens as <video> where transformers writes <IMG_CONTEXT>; both "
          "models put the same frame features there (tests/test_family_internvl.py). Text decoders verified: Qwen2 "
-         "(InternVL3, tiny:internvl: every capability), Qwen3 (InternVL3.5 dense; TinySpec text_model_type='qwen3': "
-         "grouped sdpa/eager/flash/gradient checkpointing, hf, vllm_colocate and vllm_pool + weight sync, LoRA) and "
-         "Qwen3-MoE (InternVL3.5-30B-A3B, -241B-A28B; text_model_type='qwen3_moe': grouped sdpa/eager/flash/gradient "
-         "checkpointing, hf, vllm_colocate + weight sync of every expert; vllm_pool and LoRA share the dense code "
-         "paths, untested here); any other (InternVL3.5-GPT-OSS's GPT-OSS) is refused at load.",
+         "(InternVL3, tiny:internvl), Qwen3 (InternVL3.5 dense; TinySpec text_model_type='qwen3') and Qwen3-MoE "
+         "(InternVL3.5-30B-A3B, -241B-A28B; text_model_type='qwen3_moe'), each on every capability: grouped (sdpa, "
+         "eager, flash route, gradient checkpointing), hf, vllm_colocate and vllm_pool through weight syncs (Qwen3-MoE: "
+         "every expert perturbed and synced), LoRA (on Qwen3-MoE the adapters sit on attention: the experts are fused "
+         "tensors, no linear layers); any other decoder (InternVL3.5-GPT-OSS's gpt_oss) is refused at load.",
     support=dict.fromkeys(("grouped", "hf", "vllm_colocate", "vllm_pool", "weight_sync", "video", "lora"), TESTED))
