@@ -2,7 +2,9 @@
 the grouped forward equals the naive one (logprobs and gradients, 1e-5) for single-image, two-image and
 video rows through sdpa, eager and the flash route, with and without gradient checkpointing, and the hf
 engine samples image and video rows with the learner's logprobs. InternVL3.5's Qwen3 decoder (q/k norm, its
-own head_dim): grouped == naive and vLLM through weight syncs; any other text decoder is refused at load."""
+own head_dim) and Qwen3-MoE decoder (fused experts): grouped == naive on every attention route, hf, vllm_colocate
+and vllm_pool through weight syncs that move every weight (the experts too), LoRA GRPO steps, and `r1-mm plan`'s
+total vs active parameters; any other text decoder is refused at load."""
 
 import re
 from pathlib import Path
