@@ -72,7 +72,8 @@ def test_prompt_expands_every_tile_and_frame(tiny_path, synthetic_data, task):
 
 def compare(monkeypatch, model, processor, prompts, **kwargs):
     """test_grouped_forward.compare (logprobs at 1e-5, gradients relative to the largest, the packed kernel
-    served every layer), and every gradient also equal at 1e-5 absolute (measured <= 3.8e-6)."""
+    served every layer), and every gradient also equal at 1e-5 absolute (measured <= 3.8e-6 with the Qwen2 decoder,
+    <= 5.7e-6 with Qwen3 and Qwen3-MoE; logprobs <= 9.5e-7)."""
     seen = []
     take = test_grouped_forward.grads
     monkeypatch.setattr(test_grouped_forward, "grads", lambda m: seen.append(take(m)) or seen[-1])
