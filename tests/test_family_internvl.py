@@ -2,8 +2,11 @@
 the grouped forward equals the naive one (logprobs and gradients, 1e-5) for single-image, two-image and
 video rows through sdpa, eager and the flash route, with and without gradient checkpointing, and the hf
 engine samples image and video rows with the learner's logprobs. InternVL3.5's Qwen3 decoder (q/k norm, its
-own head_dim): grouped == naive and vLLM through weight syncs; any other text decoder is refused at load."""
+own head_dim) and Qwen3-MoE decoder (fused experts): grouped == naive on every attention route, hf, vllm_colocate
+and vllm_pool through weight syncs that move every weight (the experts too), LoRA GRPO steps, and `r1-mm plan`'s
+total vs active parameters; any other text decoder is refused at load."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -69,7 +72,8 @@ def test_prompt_expands_every_tile_and_frame(tiny_path, synthetic_data, task):
 
 def compare(monkeypatch, model, processor, prompts, **kwargs):
     """test_grouped_forward.compare (logprobs at 1e-5, gradients relative to the largest, the packed kernel
-    served every layer), and every gradient also equal at 1e-5 absolute (measured <= 3.8e-6)."""
+    served every layer), and every gradient also equal at 1e-5 absolute (measured <= 3.8e-6 with the Qwen2 decoder,
+    <= 5.7e-6 with Qwen3 and Qwen3-MoE; logprobs <= 9.5e-7)."""
     seen = []
     take = test_grouped_forward.grads
     monkeypatch.setattr(test_grouped_forward, "grads", lambda m: seen.append(take(m)) or seen[-1])
@@ -77,6 +81,7 @@ def compare(monkeypatch, model, processor, prompts, **kwargs):
     grouped, naive = seen
     worst = max(float((grouped[n] - g).abs().max()) for n, g in naive.items())
     assert worst < 1e-5, worst
+    return grouped
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -208,19 +213,21 @@ def vllm_rounds(tmp_path, synthetic_data, engine_name: str, model_name: str, tex
         engine.close()
 
 
-@pytest.mark.parametrize("engine_name,task,lora", [
-    ("vllm_colocate", "events", False), ("vllm_colocate", "multi_image", True), ("hf", "events", True)])
-def test_grpo_steps_keep_sampler_and_learner_logprobs_equal(tmp_path, tiny_cache, synthetic_data, monkeypatch,
-                                                            engine_name, task, lora):
+@pytest.mark.parametrize("engine_name,task,lora,decoder", [
+    ("vllm_colocate", "events", False, None), ("vllm_colocate", "multi_image", True, None), ("hf", "events", True, None),
+    ("vllm_colocate", "events", True, "qwen3"), ("vllm_colocate", "multi_image", True, "qwen3_moe")])
+def test_grpo_steps_keep_sampler_and_learner_logprobs_equal(tmp_path, tiny_cache, decoder_path, synthetic_data,
+                                                            monkeypatch, engine_name, task, lora, decoder):
     """3 GRPO steps (optimizer updates, the engine synced after each; LoRA-merged weights when adapters train):
     the rollout/logprob_abs_diff metrics between the sampler's and the learner's logprobs stay at float
-    noise, and the weights really moved."""
+    noise, and the weights really moved. ``decoder``: InternVL3.5's Qwen3 decoder instead of Qwen2."""
     from r1_mm.config.recipe import load_recipe
     from r1_mm.trainers.grpo import GRPOTrainer
 
     monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    name = str(decoder_path(decoder, small=True)) if decoder else f"tiny:{FAMILY}:small"
     cfg = load_recipe(None, [
-        f"model.name_or_path=tiny:{FAMILY}:small", f"data.train_path={synthetic_data[task]}",
+        f"model.name_or_path={name}", f"data.train_path={synthetic_data[task]}",
         f"training.output_dir={tmp_path / 'run'}", "data.format_instruction=null", f"model.lora={str(lora).lower()}",
         "rollout.num_generations=3", "rollout.max_completion_length=6", "training.prompts_per_step=2",
         f"rollout.engine={engine_name}", "rollout.vllm_max_model_len=2048", "data.max_prompt_length=1024",
@@ -231,6 +238,7 @@ def test_grpo_steps_keep_sampler_and_learner_logprobs_equal(tmp_path, tiny_cache
     try:
         assert trainer.engine.name == engine_name
         assert (type(trainer.learner.unwrapped).__name__ == "PeftModel") == lora
+        assert trainer.learner.unwrapped.config.get_text_config().model_type == (decoder or "qwen2")
         policy = trainer.learner.unwrapped
         start = {n: w.clone() for n, w in iter_policy_weights(policy)}  # what a sync sends (LoRA merged)
         syncs = []
@@ -250,49 +258,115 @@ def test_grpo_steps_keep_sampler_and_learner_logprobs_equal(tmp_path, tiny_cache
         trainer.close()
 
 
-# ---- InternVL3.5: the Qwen3 text decoder (TinySpec text_model_type="qwen3"), and unverified decoders refused ----
+# ---- InternVL3.5: the Qwen3 and Qwen3-MoE text decoders (TinySpec text_model_type), unverified decoders refused ----
+
+DECODERS = ["qwen3", "qwen3_moe"]  # InternVL3.5's dense models; its -30B-A3B / -241B-A28B
+
 
 @pytest.fixture(scope="module")
-def qwen3_path(tiny_cache):
-    """tiny InternVL with InternVL3.5's Qwen3 decoder (built once per module; `small` for vLLM's short runs)."""
-    def get(small: bool = False) -> Path:
-        spec = TinySpec(family=FAMILY, small_vocab=small, text_model_type="qwen3")
-        return tiny_model_path(spec, cache_dir=tiny_cache)
+def decoder_path(tiny_cache):
+    """decoder_path(kind, small) -> tiny InternVL with InternVL3.5's ``kind`` decoder (built once per module;
+    `small` for vLLM's short runs)."""
+    def get(kind: str, small: bool = False) -> Path:
+        return tiny_model_path(TinySpec(family=FAMILY, small_vocab=small, text_model_type=kind), cache_dir=tiny_cache)
     return get
 
 
-def test_qwen3_variant_keeps_the_default_tiny_model():
-    """The variant has its own cache key; tiny:internvl's key (other tests' cached models) is unchanged."""
+def test_decoder_variants_keep_the_default_tiny_model():
+    """Each variant has its own cache key; tiny:internvl's key (other tests' cached models) is unchanged."""
     default = TinySpec(family=FAMILY)
     assert default.key() == parse_tiny_name(f"tiny:{FAMILY}").key()
-    assert TinySpec(family=FAMILY, text_model_type="qwen3").key() != default.key()
+    keys = {TinySpec(family=FAMILY, text_model_type=kind).key() for kind in DECODERS}
+    assert len(keys) == len(DECODERS) and default.key() not in keys
     # the keys main had before the field existed
     assert (default.key(), TinySpec(family=FAMILY, small_vocab=True).key()) == ("internvl-s0-f1542823",
                                                                               "internvl-small-s0-e0fd40a3")
 
 
-@pytest.mark.parametrize("task", TASKS)
-def test_qwen3_grouped_equals_naive(qwen3_path, synthetic_data, monkeypatch, task):
-    model, processor = load(lambda family: qwen3_path(), FAMILY)
+def check_decoder(model, kind: str) -> None:
+    """The premise: InternVL3.5's decoder of ``kind``: q/k norm, a head_dim apart from hidden_size / heads, and
+    for qwen3_moe a sparse MoE block in every layer with non-square fused experts."""
     text = model.config.get_text_config()
-    # the premise: a Qwen3 decoder with q/k norm and a head_dim apart from hidden_size / heads
-    assert text.model_type == "qwen3" and text.head_dim != text.hidden_size // text.num_attention_heads
-    attention = model.model.language_model.layers[0].self_attn
-    assert type(attention).__name__ == "Qwen3Attention" and attention.q_norm.weight.shape == (text.head_dim,)
-    compare(monkeypatch, model, processor, prompts_for(processor, synthetic_data[task]))
+    assert text.model_type == kind and text.head_dim != text.hidden_size // text.num_attention_heads
+    for layer in model.model.language_model.layers:
+        assert type(layer.self_attn).__name__ in ("Qwen3Attention", "Qwen3MoeAttention") and layer.self_attn.q_norm.weight.shape == (text.head_dim,)
+        if kind == "qwen3_moe":
+            assert type(layer.mlp).__name__ == "Qwen3MoeSparseMoeBlock"
+            down = layer.mlp.experts.down_proj
+            assert down.shape[0] == text.num_experts > text.num_experts_per_tok == 2
+            assert text.moe_intermediate_size != text.hidden_size and text.norm_topk_prob is True
 
 
-def test_qwen3_hf_engine_samples_with_the_learners_logprobs(qwen3_path, synthetic_data):
-    hf_engine_matches_learner(qwen3_path(), synthetic_data)
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("kind", DECODERS)
+def test_decoder_grouped_equals_naive(decoder_path, synthetic_data, monkeypatch, kind, task):
+    model, processor = load(lambda family: decoder_path(kind), FAMILY)
+    check_decoder(model, kind)
+    grouped = compare(monkeypatch, model, processor, prompts_for(processor, synthetic_data[task]))
+    experts = [g for n, g in grouped.items() if ".experts." in n]
+    # the premise: every routed expert weight got a gradient (the experts were really compared)
+    assert (len(experts) == 2 * text_layers(model) and all(float(g.abs().max()) > 0 for g in experts)) \
+        if kind == "qwen3_moe" else not experts
 
 
-def test_qwen3_vllm_colocate_samples_and_follows_weight_syncs(tmp_path, qwen3_path, synthetic_data):
-    vllm_rounds(tmp_path, synthetic_data, "vllm_colocate", str(qwen3_path(small=True)), "qwen3")
+def text_layers(model) -> int:
+    return model.config.get_text_config().num_hidden_layers
+
+
+@pytest.mark.parametrize("kind", DECODERS)
+@pytest.mark.parametrize("route", ["eager", "checkpointing", "flash"])
+def test_decoder_grouped_equals_naive_on_every_route(decoder_path, synthetic_data, monkeypatch, kind, route):
+    """eager attention, gradient checkpointing and transformers' flash route (the CPU stand-in of
+    tests/flash_emulation.py; reference: plain sdpa on an identical model) on the video row, whose frames
+    and prompt exercise the same placeholders as the image rows."""
+    path = lambda family: decoder_path(kind)  # noqa: E731
+    calls = flash_emulation.install(monkeypatch) if route == "flash" else None
+    model, processor = load(path, FAMILY, attn="eager" if route == "eager" else "sdpa",
+                            checkpointing=route == "checkpointing")
+    check_decoder(model, kind)
+    assert model.is_gradient_checkpointing == (route == "checkpointing")
+    reference = None
+    if route == "flash":
+        reference, _ = load(path, FAMILY)
+        packed_attention.register()
+        model.set_attn_implementation({"text_config": packed_attention.grouped_name("flash_attention_2")})
+    compare(monkeypatch, model, processor, prompts_for(processor, synthetic_data["events"]), reference=reference)
+    if calls is not None:
+        assert calls["varlen"] == text_layers(model)
+
+
+@pytest.mark.parametrize("kind", DECODERS)
+def test_decoder_hf_engine_samples_with_the_learners_logprobs(decoder_path, synthetic_data, kind):
+    hf_engine_matches_learner(decoder_path(kind), synthetic_data)
+
+
+@pytest.mark.parametrize("kind,engine_name", [("qwen3", "vllm_colocate"), ("qwen3_moe", "vllm_colocate"),
+                                              pytest.param("qwen3", "vllm_pool", marks=pytest.mark.slow),
+                                              pytest.param("qwen3_moe", "vllm_pool", marks=pytest.mark.slow)])
+def test_decoder_vllm_samples_and_follows_weight_syncs(tmp_path, decoder_path, synthetic_data, kind, engine_name):
+    """3 perturbations of every weight (the experts too) + syncs; for Qwen3-MoE the sync must send the experts in
+    the layout vLLM's loader reads (one gate/up/down projection per expert, models/weights.py)."""
+    path = decoder_path(kind, small=True)
+    if kind == "qwen3_moe":
+        from transformers import AutoModelForImageTextToText as Auto
+
+        from r1_mm.models.weights import policy_weight_specs
+
+        specs = {name: shape for name, shape, _ in policy_weight_specs(Auto.from_pretrained(path))}
+        text = Auto.from_pretrained(path).config.get_text_config()
+        experts = [n for n in specs if ".mlp.experts." in n]
+        # the premise: every expert goes out as its own (out, in) projections, as the checkpoint stores them
+        assert len(experts) == 3 * text.num_experts * text.num_hidden_layers, experts
+        gate = next(n for n in experts if n.endswith("experts.0.gate_proj.weight"))
+        down = next(n for n in experts if n.endswith("experts.0.down_proj.weight"))
+        assert specs[gate] == [text.moe_intermediate_size, text.hidden_size]
+        assert specs[down] == [text.hidden_size, text.moe_intermediate_size]
+    vllm_rounds(tmp_path, synthetic_data, engine_name, str(path), kind)
 
 
 def test_unverified_text_decoder_is_refused_at_load(tiny_path):
-    """InternVL3.5's large checkpoints carry Qwen3-MoE or GPT-OSS decoders; a text decoder no test here ran is
-    refused in one line naming its model_type, by the same check every run makes at load."""
+    """InternVL3.5-GPT-OSS carries a GPT-OSS decoder; a text decoder no test here ran is refused in one line naming
+    its model_type, by the same check every run makes at load."""
     from transformers import AutoConfig, InternVLConfig
 
     from r1_mm.config.recipe import load_recipe
@@ -302,11 +376,51 @@ def test_unverified_text_decoder_is_refused_at_load(tiny_path):
     for engine in ("hf", "vllm_colocate"):
         cfg = load_recipe(None, [f"rollout.engine={engine}"])
         assert check_model_config(cfg, base) == []
-        for text_type in ("llama", "qwen3_moe"):
+        for text_type in ("llama", "gpt_oss"):
             text = base.text_config.to_dict() | {"model_type": text_type}
             config = InternVLConfig(text_config=text, vision_config=base.vision_config.to_dict(),
                                     image_token_id=base.image_token_id)
             assert config.get_text_config().model_type == text_type  # the premise
             found = check_model_config(cfg, config)
             assert len(found) == 1 and "\n" not in found[0], found
-            assert f"'{text_type}'" in found[0] and "InternVL" in found[0] and "qwen2, qwen3" in found[0]
+            assert f"'{text_type}'" in found[0] and "InternVL" in found[0] and "qwen2, qwen3, qwen3_moe" in found[0]
+            assert ("0.39 nats" in found[0]) == (text_type == "gpt_oss")  # the measured reason, where there is one
+
+
+def test_plan_gives_total_and_active_parameters_of_the_moe_decoder(tmp_path, decoder_path, capsys):
+    """`r1-mm plan`: exact counts for the tiny Qwen3-MoE InternVL (every expert held, top_k of num_experts active),
+    and InternVL3.5-30B-A3B's shape (its config.json's sizes, on the meta device) planned as 30.85 B total,
+    3.67 B active per token (Qwen3-30B-A3B's 30.5 B / 3.3 B plus the 0.3 B InternViT and projector)."""
+    from transformers import InternVLConfig
+
+    from r1_mm.cli import main
+    from r1_mm.config.recipe import load_recipe
+    from r1_mm.jobs.plan import model_shape
+
+    path = decoder_path("qwen3_moe")
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    text = model.config.get_text_config()
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    shape = model_shape(load_recipe(None, [f"model.name_or_path={path}"]))
+    assert experts > 0 and shape.total_params == sum(p.numel() for p in model.parameters())
+    assert shape.active_params == shape.total_params - experts + experts * text.num_experts_per_tok // text.num_experts
+    assert shape.intermediate == text.num_experts_per_tok * text.moe_intermediate_size
+
+    real = tmp_path / "internvl3_5_30b_a3b"
+    InternVLConfig(
+        text_config=dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                         moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                         head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                         tie_word_embeddings=False),
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           image_size=448, patch_size=14),
+        downsample_ratio=0.5, image_seq_length=256, tie_word_embeddings=False).save_pretrained(real)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("training: {seed: 1}\n")
+    assert main(["plan", str(recipe), f"model.name_or_path={real}"]) == 0
+    compute = re.search(r"compute: ([\d.]+) B parameters active per token of ([\d.]+) B \(mixture of experts\)",
+                        capsys.readouterr().out)
+    assert compute, "no total vs active parameters in the plan"
+    active, total = float(compute[1]), float(compute[2])
+    print(compute[0])
+    assert 30.8 < total < 30.9 and 3.6 < active < 3.7, compute[0]

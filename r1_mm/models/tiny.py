@@ -49,8 +49,8 @@ class TinySpec:
     # embedding / LM-head rows when they should exceed the tokenizer's (Qwen2.5-VL checkpoints carry 151,936):
     # benchmarks at the vocabulary users run; None = the tokenizer's size rounded up to 64
     model_vocab_size: int | None = None
-    # the text decoder's model_type when the family offers another than its default (InternVL: "qwen3", the
-    # InternVL3.5 decoder); None = the family's default
+    # the text decoder's model_type when the family offers another than its default (InternVL: "qwen3" or
+    # "qwen3_moe", InternVL3.5's dense and MoE decoders); None = the family's default
     text_model_type: str | None = None
 
     @property

