@@ -21,8 +21,8 @@ from r1_mm.data import PromptBuilder
 from r1_mm.data.loading import default_media_root, read_rows
 from r1_mm.models.forward.scoring import score_completions
 from r1_mm.rollout import SamplingSettings
-from r1_mm.rollout.base import media_token_ids
 from r1_mm.rollout.agentic import ToolRollout, tool_schemas
+from r1_mm.rollout.base import media_token_ids
 from r1_mm.rollout.hf import HFRolloutEngine
 
 CALL = '<tool_call>\n{{"name": "crop_image", "arguments": {{"bbox_2d": {box}}}}}\n</tool_call>'
@@ -96,10 +96,10 @@ def test_tool_trajectories_are_sampled_and_scored_alike(setting, temperature):
     completions = [c for r in results for c in r.completions]
     image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     for c in completions:
-        assert c.stop_reason == "answer" and not c.truncated
-        assert [call["status"] for turn in c.tool_turns for call in turn.calls] == ["ok", "ok"]
-        assert [call["arguments"]["bbox_2d"] for turn in c.tool_turns for call in turn.calls] == [[0, 0, 56, 56],
-                                                                                               [20, 20, 100, 90]]
+        assert c.trajectory.stop_reason == "answer" and not c.truncated
+        assert c.trajectory.final_text == "<answer>3</answer>" and c.trajectory.model_turns == 3
+        assert [call["status"] for call in c.trajectory.calls] == ["ok", "ok"]
+        assert [call["arguments"]["bbox_2d"] for call in c.trajectory.calls] == [[0, 0, 56, 56], [20, 20, 100, 90]]
         assert c.context.num_images == 2 and image_pad in c.token_ids
         assert c.text.endswith("<answer>3</answer>") and "<tool_response>" in c.text
         mask = torch.tensor(c.context.model_mask, dtype=torch.bool)
@@ -135,11 +135,11 @@ def test_bad_calls_return_errors_to_the_model_and_limits_hold(setting):
     finally:
         rollout.close()
     (c,) = result.completions
-    statuses = [call["status"] for turn in c.tool_turns for call in turn.calls]
+    statuses = [call["status"] for call in c.trajectory.calls]
     assert statuses == ["unknown_tool", "bad_arguments"]
     assert "Error: unknown tool 'zoom'; the tools are: crop_image" in c.text
     assert "bbox_2d must have 4 items, got 3" in c.text
-    assert c.stop_reason == "max_turns" and c.context.num_images == 0
+    assert c.trajectory.stop_reason == "max_turns" and c.context.num_images == 0
     assert rollout.stats["tools/call_rate"] == 0.0 and rollout.stats["tools/success_rate"] == 0.0
     assert rollout.stats["tools/errors/unknown_tool"] == 1.0
 
@@ -167,7 +167,7 @@ def test_grpo_trains_on_tool_trajectories(tmp_path, synthetic_data, tiny_cache, 
             "media.min_pixels=3136", "rollout.engine=scripted_hf", "rollout.num_generations=2",
             "rollout.max_completion_length=96", "training.prompts_per_step=2", "training.max_steps=2",
             "training.learning_rate=1e-3", "logging.progress_bar=false", "algorithm.grpo.rollout_is=token_truncate",
-            "rewards.functions=[{name: numeric, kwargs: {require_tag: false}}]",
+            "rewards.functions=[accuracy, tool_use]", "data.shuffle=false",
             "tools.functions=[crop_image]", "tools.max_turns=3", "tools.max_tool_calls=2"])
         trainer = GRPOTrainer(cfg)
         assert isinstance(trainer.engine, ToolRollout)
@@ -182,3 +182,7 @@ def test_grpo_trains_on_tool_trajectories(tmp_path, synthetic_data, tiny_cache, 
         assert m["tools/call_rate"] == 1.0 and m["tools/success_rate"] == 1.0 and m["tools/turns"] == 3.0
         assert m["tools/tool_tokens"] > 0
         assert abs(m["rollout/is_ratio_mean"] - 1.0) < 1e-4 and m["rollout/logprob_abs_diff_max"] < 1e-4
+        # every trajectory called and answered 3: the bonus is paid exactly where the answer is right
+        assert m["rewards/tool_use/mean"] == m["rewards/accuracy/mean"] == m["tools/accuracy_with_call"]
+        assert m["tools/accuracy_without_call"] == "nan"  # no trajectory went without a call (NaN is logged as "nan")
+    assert {m["rewards/accuracy/mean"] for m in metrics} != {0.0}  # some row's answer is 3: the bonus was paid

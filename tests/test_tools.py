@@ -14,7 +14,17 @@ import pytest
 from PIL import Image
 
 from r1_mm.testing.synthetic import clock_frames, clock_index, write_mp4
-from r1_mm.tools import ToolArgumentError, ToolCall, ToolError, ToolMedia, ToolResult, VideoSource, available, get, tool
+from r1_mm.tools import (
+    ToolArgumentError,
+    ToolCall,
+    ToolError,
+    ToolMedia,
+    ToolResult,
+    VideoSource,
+    available,
+    get,
+    tool,
+)
 from r1_mm.tools.calls import parse_calls
 from r1_mm.tools.executor import ToolExecutor
 
@@ -284,3 +294,42 @@ def test_a_tool_recipe_is_checked_at_load():
         check(bad)
     assert "tools.functions[0]: unknown tool 'crop_imag'; did you mean 'crop_image'?" in str(info.value)
     assert "tools.functions[1].kwargs.zom is not an option of tool 'crop_image'; did you mean 'zoom'?" in str(info.value)
+
+
+# -- the tool_use reward (DeepEyes' bonus) ----------------------------------------------------------------
+
+TOOL_USE_CASES = [
+    # (executed calls, completion, solution, reward)
+    (1, "<answer>3</answer>", "3", 1.0),  # a successful call and a right answer: the bonus
+    (2, "<answer>3</answer>", "3", 1.0),
+    (1, "<answer>4</answer>", "3", 0.0),  # a call, a wrong answer: nothing (DeepEyes: 1[R_acc > 0] R_tool)
+    (0, "<answer>3</answer>", "3", 0.0),  # right without a call: no bonus
+    (0, "<answer>4</answer>", "3", 0.0),
+    (1, "3", "3", 0.0),  # no answer tag: accuracy 0
+]
+
+
+def test_tool_use_pays_for_calls_only_with_right_answers():
+    from r1_mm.rewards.registry import get as get_reward
+
+    fn = get_reward("tool_use")
+    trajectories = [{"executed_calls": n, "calls": [], "model_turns": 1 + n, "final_text": "", "stop_reason": "answer"}
+                    for n, *_ in TOOL_USE_CASES]
+    got = fn(completions=[c for _, c, _, _ in TOOL_USE_CASES], solution=[s for *_, s, _ in TOOL_USE_CASES],
+             trajectories=trajectories, prompts=[None] * len(TOOL_USE_CASES))
+    assert got == [r for *_, r in TOOL_USE_CASES]
+    # not a tool run: not applicable; a trajectory-less completion in a tool run, too
+    assert fn(completions=["<answer>3</answer>"], solution=["3"]) == [None]
+    assert fn(completions=["<answer>3</answer>"] * 2, solution=["3"] * 2, trajectories=[None, trajectories[0]]) == [None, 1.0]
+    # another judge: numeric with its own kwargs
+    assert fn(completions=["3.0"], solution=["3"], trajectories=trajectories[:1], answer_reward="numeric",
+              answer_kwargs={"require_tag": False}) == [1.0]
+    assert fn.needs_for({}) == {"solution"}
+
+
+def test_accuracy_with_and_without_a_call():
+    from r1_mm.rollout.agentic import accuracy_by_call
+
+    got = accuracy_by_call([True, False, True, None, True], [True, True, False, False, False])
+    assert got == {"tools/accuracy_with_call": 0.5, "tools/accuracy_without_call": 1.0}
+    assert np.isnan(accuracy_by_call([True], [False])["tools/accuracy_with_call"])

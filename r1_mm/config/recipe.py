@@ -268,6 +268,9 @@ class ToolsConfig:
     call_timeout_s: float = field(default=30.0, metadata={
         "help": "seconds one call may take; a slower one returns an error text to the model"})
     workers: int = field(default=8, metadata={"help": "calls of a batch run concurrently on this many threads"})
+    accuracy_reward: str = field(default="accuracy", metadata={
+        "help": "the reward (one of rewards.functions) whose score above 0.5 counts an answer as right in the "
+                "tools/accuracy_with_call and tools/accuracy_without_call metrics"})
 
 
 @dataclass

@@ -55,7 +55,7 @@ _builtins_loaded = False
 _entry_points_loaded = False
 
 
-BUILTIN_MODULES = ("verifiable", "spatiotemporal", "text_similarity", "shaping", "routing", "critic.reward")
+BUILTIN_MODULES = ("verifiable", "spatiotemporal", "text_similarity", "shaping", "routing", "tool_use", "critic.reward")
 
 
 def _load_builtins() -> None:

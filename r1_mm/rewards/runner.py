@@ -134,8 +134,11 @@ class RewardRunner:
         self._worker_metrics: dict[str, dict[str, float]] = {}
 
     def __call__(self, *, prompts: list[Any], completions: list[str], completion_ids: list[list[int]],
-                 rows: list[dict[str, Any]], row_ids: list[str], media: list[Any] | None = None) -> RewardBatch:
-        """``media``: per completion, the decoded images/frames the policy saw (passed as ``prompt_media``)."""
+                 rows: list[dict[str, Any]], row_ids: list[str], media: list[Any] | None = None,
+                 trajectories: list[dict[str, Any] | None] | None = None) -> RewardBatch:
+        """``media``: per completion, the decoded images/frames the policy saw (passed as ``prompt_media``);
+        ``trajectories``: per completion of a tool run, what happened in it (``TrajectoryRecord.to_dict``: its
+        calls and their results, model turns, final text), passed as ``trajectories``."""
         import torch
 
         n = len(completions)
@@ -144,6 +147,8 @@ class RewardRunner:
             columns[key] = [r.get(key) for r in rows]
         if media is not None:
             columns["prompt_media"] = media
+        if trajectories is not None:
+            columns["trajectories"] = trajectories
         out = torch.full((n, len(self.fns)), float("nan"))
         failures: dict[str, int] = {}
         messages = [[{"role": "assistant", "content": c}] for c in completions]
@@ -305,9 +310,11 @@ class RewardRunner:
         """Rewards of each sample's group of completions (objects with .text and .token_ids), flattened
         in order; the samples themselves go along as ``prompt_media`` (their decoded images / frames)."""
         pairs = [(s, c) for s, group in zip(samples, groups, strict=True) for c in group]
+        records = [getattr(c, "trajectory", None) for _, c in pairs]
+        trajectories = [r.to_dict() if r is not None else None for r in records] if any(records) else None
         return self(prompts=[s.messages for s, _ in pairs], completions=[c.text for _, c in pairs],
                     completion_ids=[c.token_ids for _, c in pairs], rows=[s.row for s, _ in pairs],
-                    row_ids=[s.row_id for s, _ in pairs], media=[s for s, _ in pairs])
+                    row_ids=[s.row_id for s, _ in pairs], media=[s for s, _ in pairs], trajectories=trajectories)
 
 
 def _without_inputs(sample: Any) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 PROTOCOL_ARGUMENTS = ("prompts", "completions", "completion_ids")
 # arguments the runner always passes besides the rows' columns and the run context
-PASSED_BY_RUNNER = (*PROTOCOL_ARGUMENTS, "prompt_media", "max_completion_length")
+PASSED_BY_RUNNER = (*PROTOCOL_ARGUMENTS, "prompt_media", "max_completion_length", "trajectories")
 
 
 def needed_columns(fn: Any, kwargs: dict[str, Any]) -> set[str]:

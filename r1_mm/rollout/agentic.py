@@ -27,23 +27,19 @@ from r1_mm.data.turns import (
     encode_turn,
     tool_message,
 )
-from r1_mm.rollout.base import Completion, PromptCompletions, RolloutEngine, SamplingSettings
+from r1_mm.rollout.base import (
+    Completion,
+    PromptCompletions,
+    RolloutEngine,
+    SamplingSettings,
+    ToolTurn,
+    TrajectoryRecord,
+)
 from r1_mm.tools.base import Tool, ToolMedia
 from r1_mm.tools.calls import CALL_FORMATS, ParsedCalls
 from r1_mm.tools.executor import ToolExecutor, ToolOutcome, error_result, parse_failure
 from r1_mm.tools.registry import get as get_tool
 from r1_mm.tools.row_media import tool_media
-
-
-@dataclass
-class ToolTurn:
-    """One tool turn of a trajectory: the calls the model wrote in the turn before it and what each gave."""
-
-    calls: list[dict[str, Any]] = field(default_factory=list)  # {"name", "arguments", "status", "text", "images"}
-
-    @property
-    def executed(self) -> int:
-        return sum(c["status"] == "ok" for c in self.calls)
 
 
 @dataclass
@@ -214,10 +210,11 @@ class ToolRollout(RolloutEngine):
     def _completion(self, t: _Trajectory) -> Completion:
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         ids = t.builder.ids
+        record = TrajectoryRecord(turns=[replace(turn) for turn in t.turns], model_turns=t.model_turns,
+                                  final_text=t.last_text, stop_reason=t.stop)
         return Completion(text=tokenizer.decode(ids, skip_special_tokens=True), token_ids=list(ids),
                           logprobs=list(t.builder.logprobs), truncated=t.truncated or t.stop == "max_total_tokens",
-                          context=t.builder.context(),
-                          tool_turns=[replace(turn) for turn in t.turns], stop_reason=t.stop)
+                          context=t.builder.context(), trajectory=record)
 
     def _stats(self, flat: list[_Trajectory]) -> dict[str, float]:
         n = max(1, len(flat))
@@ -235,3 +232,13 @@ class ToolRollout(RolloutEngine):
         for reason, count in Counter(t.stop for t in flat).items():
             out[f"tools/stop/{reason}"] = count / n
         return out
+
+
+def accuracy_by_call(correct: list[bool | None], called: list[bool]) -> dict[str, float]:
+    """Accuracy of the trajectories that executed a call and of those that did not (NaN where there are none):
+    whether calling helps, the number a zoom-in run is judged by."""
+    out = {}
+    for name, want in (("tools/accuracy_with_call", True), ("tools/accuracy_without_call", False)):
+        picked = [float(c) for c, k in zip(correct, called, strict=True) if k == want and c is not None]
+        out[name] = sum(picked) / len(picked) if picked else float("nan")
+    return out

@@ -40,6 +40,41 @@ class SamplingSettings:
 
 
 @dataclass
+class ToolTurn:
+    """One tool turn of a trajectory: the calls the model wrote in the turn before it and what each gave."""
+
+    calls: list[dict[str, Any]] = field(default_factory=list)  # {"name", "arguments", "status", "text", "images", ...}
+
+    @property
+    def executed(self) -> int:
+        """Calls that ran and returned (status ok)."""
+        return sum(c["status"] == "ok" for c in self.calls)
+
+
+@dataclass
+class TrajectoryRecord:
+    """What happened in a multi-turn trajectory, for rewards, metrics and the completions log."""
+
+    turns: list[ToolTurn] = field(default_factory=list)
+    model_turns: int = 1
+    final_text: str = ""  # the model's last turn (where its answer is)
+    stop_reason: str = ""  # answer, max_turns, max_tool_calls, max_total_tokens or truncated
+
+    @property
+    def calls(self) -> list[dict[str, Any]]:
+        return [c for turn in self.turns for c in turn.calls]
+
+    @property
+    def executed_calls(self) -> int:
+        return sum(turn.executed for turn in self.turns)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The form rewards receive (``trajectories=``) and completions.jsonl stores."""
+        return {"model_turns": self.model_turns, "calls": self.calls, "executed_calls": self.executed_calls,
+                "final_text": self.final_text, "stop_reason": self.stop_reason}
+
+
+@dataclass
 class Completion:
     """One sampled completion of one prompt; with tools, a whole trajectory (model turns and tool turns)."""
 
@@ -47,10 +82,10 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float] | None  # the sampler's logprob of each token (None if the engine has none; 0 at tool tokens)
     truncated: bool  # hit max_tokens without an end-of-sequence token
-    # multi-turn trajectories only: which tokens the model sampled, the tool images (what the learner needs)
+    # multi-turn trajectories only: which tokens the model sampled and the tool images (what the learner needs),
+    # and what happened (what rewards and metrics read)
     context: ToolContext | None = None
-    tool_turns: list[Any] = field(default_factory=list)  # rollout.agentic.ToolTurn records, in order
-    stop_reason: str = ""  # multi-turn: answer, max_turns, max_tool_calls, max_total_tokens or truncated
+    trajectory: TrajectoryRecord | None = None
 
 
 @dataclass

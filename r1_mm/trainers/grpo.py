@@ -25,9 +25,9 @@ from r1_mm.models.forward.scoring import score_completions
 from r1_mm.models.forward.truncated_scores import Truncation
 from r1_mm.rewards.reward_metrics import metric_labels, reward_metrics
 from r1_mm.rewards.runner import RewardBatch, RewardRunner
+from r1_mm.rollout.agentic import ToolRollout, accuracy_by_call
 from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, media_token_ids
 from r1_mm.rollout.batch import RolloutBatch
-from r1_mm.rollout.agentic import ToolRollout
 from r1_mm.rollout.engines import make_engine
 from r1_mm.rollout.records import append_rows, sampled_groups, scored_rows
 from r1_mm.trainers import temporal_contrast
@@ -188,6 +188,11 @@ class GRPOTrainer(BaseTrainer):
             mask_truncated=self.cfg.algorithm.grpo.mask_truncated_completions)
         rewards = self.rewards.score_groups(rollout.samples, rollout.grouped_completions())
         stats: dict[str, float] = dict(getattr(self.engine, "stats", {}))  # agentic: tool calls, turns, errors
+        if rollout.has_tool_turns and self.cfg.tools.accuracy_reward in rewards.names:
+            scores = rewards.per_function[:, rewards.names.index(self.cfg.tools.accuracy_reward)].tolist()
+            stats.update(accuracy_by_call([None if v != v else v > 0.5 for v in scores],
+                                          [c.trajectory is not None and c.trajectory.executed_calls > 0
+                                           for c in rollout.completions]))
         if self.temporal_rewards is not None:
             stats = self._temporal_bonus(rollout, rewards)
         if self.cfg.algorithm.grpo.length_bonus:
