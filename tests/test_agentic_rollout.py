@@ -144,15 +144,11 @@ def test_bad_calls_return_errors_to_the_model_and_limits_hold(setting):
     assert rollout.stats["tools/errors/unknown_tool"] == 1.0
 
 
-def test_grpo_trains_on_tool_trajectories(tmp_path, synthetic_data, tiny_cache, monkeypatch):
-    """A whole GRPO run with tools: calls run every step, the learner's importance ratio against the engine is 1
-    on the model's tokens (tool tokens out of the loss), and the step logs the tool metrics."""
-    from r1_mm.config.recipe import load_recipe
+@pytest.fixture
+def scripted_engine_name():
+    """A registered engine "scripted_hf": the hf engine with SCRIPT's turns (prompts with a tools system turn,
+    a user turn and the generation header hold 3 <|im_start|>)."""
     from r1_mm.rollout.engines import ENGINES
-    from r1_mm.run.tracking import read_metrics
-    from r1_mm.trainers.grpo import GRPOTrainer
-
-    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
 
     def scripted(model, processor, **_):
         engine = HFRolloutEngine(model, processor)
@@ -160,24 +156,38 @@ def test_grpo_trains_on_tool_trajectories(tmp_path, synthetic_data, tiny_cache, 
         return engine
 
     ENGINES.register("scripted_hf", scripted, replace=True)
-    try:
-        cfg = load_recipe(None, [
-            "model.name_or_path=tiny:qwen2_5_vl", f"data.train_path={synthetic_data['counting']}",
-            f"training.output_dir={tmp_path / 'run'}", "data.format_instruction=null", "media.max_pixels=12544",
-            "media.min_pixels=3136", "rollout.engine=scripted_hf", "rollout.num_generations=2",
-            "rollout.max_completion_length=96", "training.prompts_per_step=2", "training.max_steps=2",
-            "training.learning_rate=1e-3", "logging.progress_bar=false", "algorithm.grpo.rollout_is=token_truncate",
-            "rewards.functions=[accuracy, tool_use]", "data.shuffle=false",
-            "tools.functions=[crop_image]", "tools.max_turns=3", "tools.max_tool_calls=2"])
-        trainer = GRPOTrainer(cfg)
-        assert isinstance(trainer.engine, ToolRollout)
-        trainer.train()
-    finally:
-        ENGINES.remove("scripted_hf")
+    yield "scripted_hf"
+    ENGINES.remove("scripted_hf")
+
+
+def tool_recipe(tmp_path, synthetic_data, *overrides):
+    from r1_mm.config.recipe import load_recipe
+
+    return load_recipe(None, [
+        "model.name_or_path=tiny:qwen2_5_vl", f"data.train_path={synthetic_data['counting']}",
+        f"training.output_dir={tmp_path / 'run'}", "data.format_instruction=null", "media.max_pixels=12544",
+        "media.min_pixels=3136", "rollout.engine=scripted_hf", "rollout.num_generations=2",
+        "rollout.max_completion_length=96", "training.prompts_per_step=2", "training.max_steps=2",
+        "training.learning_rate=1e-3", "logging.progress_bar=false", "data.shuffle=false",
+        "tools.functions=[crop_image]", "tools.max_turns=3", "tools.max_tool_calls=2", *overrides])
+
+
+def test_grpo_trains_on_tool_trajectories(tmp_path, synthetic_data, tiny_cache, monkeypatch, scripted_engine_name):
+    """A whole GRPO run with tools: calls run every step, the learner's importance ratio against the engine is 1
+    on the model's tokens (tool tokens out of the loss), and the step logs the tool metrics."""
+    from r1_mm.run.tracking import read_metrics
+    from r1_mm.trainers.grpo import GRPOTrainer
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = tool_recipe(tmp_path, synthetic_data, "algorithm.grpo.rollout_is=token_truncate",
+                      "rewards.functions=[accuracy, tool_use]", "logging.report_to=[wandb]", "logging.table_steps=1",
+                      "logging.run_name=tools")
+    trainer = GRPOTrainer(cfg)
+    assert isinstance(trainer.engine, ToolRollout)
+    trainer.train()
     metrics = read_metrics(cfg.training.output_dir)
     assert len(metrics) == 2, metrics
-    first = json.loads(Path(cfg.training.output_dir, "completions.jsonl").read_text().splitlines()[0])
-    assert "<tool_response>" in first["completion"] and first["completion"].endswith("<answer>3</answer>")
     for m in metrics:
         assert m["tools/call_rate"] == 1.0 and m["tools/success_rate"] == 1.0 and m["tools/turns"] == 3.0
         assert m["tools/tool_tokens"] > 0
@@ -186,3 +196,34 @@ def test_grpo_trains_on_tool_trajectories(tmp_path, synthetic_data, tiny_cache, 
         assert m["rewards/tool_use/mean"] == m["rewards/accuracy/mean"] == m["tools/accuracy_with_call"]
         assert m["tools/accuracy_without_call"] == "nan"  # no trajectory went without a call (NaN is logged as "nan")
     assert {m["rewards/accuracy/mean"] for m in metrics} != {0.0}  # some row's answer is 3: the bonus was paid
+    first = json.loads(Path(cfg.training.output_dir, "completions.jsonl").read_text().splitlines()[0])
+    assert "<tool_response>" in first["completion"] and first["completion"].endswith("<answer>3</answer>")
+    assert [c["status"] for c in first["trajectory"]["calls"]] == ["ok", "ok"]
+    assert len(first["tool_images"]) == 2
+    assert all((Path(cfg.training.output_dir) / p).is_file() for p in first["tool_images"])
+    # W&B (offline, really started): the completions table carries each trajectory's tool images and calls
+    (run,) = sorted((Path(cfg.training.output_dir) / "wandb").glob("offline-run-*"))
+    table = json.loads(sorted((run / "files" / "media" / "table").glob("completions_*.table.json"))[0].read_text())
+    assert table["columns"][-2:] == ["tool_images", "calls"]
+    assert all(row[-2] == "Image" and json.loads(row[-1])[0]["name"] == "crop_image" for row in table["data"])
+
+
+def test_rollout_job_writes_whole_trajectories(tmp_path, synthetic_data, tiny_cache, monkeypatch, scripted_engine_name):
+    """`r1-mm rollout` with tools: each completions.jsonl row holds its trajectory (calls, results, turns) and the
+    tool images the model saw, as PNG files in the run folder; the step's tool metrics are logged."""
+    from PIL import Image
+
+    from r1_mm.jobs.rollout import run_rollouts
+    from r1_mm.run.tracking import read_metrics
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    run_dir = run_rollouts(tool_recipe(tmp_path, synthetic_data, "training.max_steps=1"))
+    rows = [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    for row in rows:
+        assert row["trajectory"]["model_turns"] == 3 and row["trajectory"]["stop_reason"] == "answer"
+        assert [c["arguments"]["bbox_2d"] for c in row["trajectory"]["calls"]] == [[0, 0, 56, 56], [20, 20, 100, 90]]
+        assert row["trajectory"]["calls"][0]["text"].startswith("Zoomed into [0, 0, 56, 56] of image 0")
+        images = [Image.open(run_dir / p) for p in row["tool_images"]]
+        assert len(images) == 2 and all(im.width % 28 == 0 and im.height % 28 == 0 for im in images)
+    assert read_metrics(run_dir)[0]["tools/call_rate"] == 1.0

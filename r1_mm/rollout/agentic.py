@@ -191,6 +191,7 @@ class ToolRollout(RolloutEngine):
                                  "arguments": json.loads(json.dumps(dict(o.call.arguments))) if o.call else None,
                                  "status": o.status, "text": o.result.text, "images": len(budgeted),
                                  "dropped_images": len(o.result.images) - len(kept)})
+        record.images = list(images)
         end = self.end_of_turn.get(t.builder.ids[-1])
         try:
             text = continuation_text(self.processor, messages, end or "")

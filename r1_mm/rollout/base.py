@@ -44,6 +44,7 @@ class ToolTurn:
     """One tool turn of a trajectory: the calls the model wrote in the turn before it and what each gave."""
 
     calls: list[dict[str, Any]] = field(default_factory=list)  # {"name", "arguments", "status", "text", "images", ...}
+    images: list[Any] = field(default_factory=list)  # the PIL images the model was shown, budgeted, in order
 
     @property
     def executed(self) -> int:

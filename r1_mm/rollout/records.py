@@ -28,11 +28,26 @@ def _number(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def completion_record(sample: Any, completion: Any) -> dict[str, Any]:
-    """The prompt and completion columns every completions.jsonl row has (training and rollout jobs)."""
-    return {"row_id": sample.row_id, "problem_type": sample.row.get("problem_type"),
-            "prompt": question_text(sample.messages), "solution": sample.row.get("solution"),
-            "completion": completion.text, "tokens": len(completion.token_ids), "truncated": completion.truncated}
+def completion_record(sample: Any, completion: Any, image_dir: Path | None = None, key: str = "") -> dict[str, Any]:
+    """The prompt and completion columns every completions.jsonl row has (training and rollout jobs). A tool
+    trajectory adds ``trajectory`` (its calls with their arguments, status and result text, model turns, why it
+    stopped) and, with ``image_dir``, ``tool_images``: the images the tools showed the model, written there as
+    PNG files named by ``key`` (paths relative to the image folder's parent, the run folder)."""
+    record = {"row_id": sample.row_id, "problem_type": sample.row.get("problem_type"),
+              "prompt": question_text(sample.messages), "solution": sample.row.get("solution"),
+              "completion": completion.text, "tokens": len(completion.token_ids), "truncated": completion.truncated}
+    trajectory = getattr(completion, "trajectory", None)
+    if trajectory is not None:
+        record["trajectory"] = trajectory.to_dict()
+        if image_dir is not None:
+            image_dir.mkdir(parents=True, exist_ok=True)
+            paths = []
+            for k, image in enumerate(im for turn in trajectory.turns for im in turn.images):
+                path = image_dir / f"{key}-{k}.png"
+                image.save(path)
+                paths.append(str(path.relative_to(image_dir.parent)))
+            record["tool_images"] = paths
+    return record
 
 
 def sampled_groups(n_groups: int, rate: float, seed: int) -> list[int]:
@@ -45,15 +60,18 @@ def sampled_groups(n_groups: int, rate: float, seed: int) -> list[int]:
 
 
 def scored_rows(step: int, batch: RolloutBatch, per_function: Any, total: Any, advantages: Any,
-                labels: Sequence[str], groups: Sequence[int]) -> list[dict]:
+                labels: Sequence[str], groups: Sequence[int], image_dir: Path | None = None) -> list[dict]:
     """Rows of the chosen ``groups`` (prompt positions in ``batch``) of a step, one per completion of
-    each, with the completion's group id (numbered across the step's processes) as ``group``."""
+    each, with the completion's group id (numbered across the step's processes) as ``group``; a tool
+    trajectory's images go to ``image_dir`` (see :func:`completion_record`)."""
     rows = []
     for i in groups:
         span = batch.rows(i)
         for j in range(span.start, span.stop):
-            rows.append({"step": step, "group": int(batch.group_ids[j]),
-                         **completion_record(batch.samples[i], batch.completions[j]),
+            group = int(batch.group_ids[j])
+            rows.append({"step": step, "group": group,
+                         **completion_record(batch.samples[i], batch.completions[j], image_dir,
+                                             key=f"step{step}-group{group}-{j - span.start}"),
                          "rewards": {label: _number(per_function[j, k]) for k, label in enumerate(labels)},
                          "reward": _number(total[j]), "advantage": _number(advantages[j])})
     return rows

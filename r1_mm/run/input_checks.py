@@ -234,6 +234,10 @@ def check_generation_job(cfg: RecipeConfig, rows: list[dict[str, Any]], source: 
     """What a job that only samples (``r1-mm rollout``, ``r1-mm tpo build``) needs of the recipe and of
     every row: no reward runs, so no reward columns are required."""
     problems = name_problems(cfg)
+    if cfg.tools.functions:
+        from r1_mm.tools.registry import spec_problems as tool_spec_problems
+
+        problems += tool_spec_problems(cfg.tools.functions)
     if problems:
         raise ConfigError("; ".join(problems))
     found = row_problems(rows, source, {}) or data_row_problems(cfg, rows, source, media_root) \

@@ -170,24 +170,46 @@ class MetricsLogger:
             tracker.log(numbers, step=step)
 
     def log_completions_table(self, rows: list[dict[str, Any]], step: int) -> None:
-        """A W&B table of sample completions, with the prompt's image or a strip of its sampled frames."""
+        """A W&B table of sample completions, with the prompt's image or a strip of its sampled frames; a tool
+        run adds its trajectories' tool images (a strip) and calls."""
         run = self.tracker("wandb") if self.enabled else None
         if run is None or not rows:
             return
         import wandb
 
+        tools = any("trajectory" in r for r in rows)
         columns = ["step", "row_id", "media", "prompt", "completion", "solution", "reward", "advantage", "problem_type"]
-        table = wandb.Table(columns=columns)
+        table = wandb.Table(columns=columns + (["tool_images", "calls"] if tools else []))
         for r in rows:
             media = wandb.Image(r["media"]) if r.get("media") is not None else None
-            table.add_data(step, r["row_id"], media, r["prompt"], r["completion"], str(r.get("solution")),
-                           r["reward"], r["advantage"], str(r.get("problem_type")))
+            cells = [step, r["row_id"], media, r["prompt"], r["completion"], str(r.get("solution")),
+                     r["reward"], r["advantage"], str(r.get("problem_type"))]
+            if tools:
+                strip = image_strip(r.get("tool_images") or [])
+                cells += [wandb.Image(strip) if strip is not None else None,
+                          json.dumps((r.get("trajectory") or {}).get("calls", []))]
+            table.add_data(*cells)
         run.log({"completions": table}, step=step)
 
     def close(self) -> None:
         for tracker in self.trackers:
             tracker.finish()
         self.trackers = []
+
+
+def image_strip(images: list[Any], height: int = 128) -> Any:
+    """PIL images side by side at one height (None for none): a trajectory's tool images in one table cell."""
+    if not images or not hasattr(images[0], "resize"):
+        return None
+    from PIL import Image
+
+    scaled = [im.resize((max(1, round(im.width * height / im.height)), height)) for im in images]
+    strip = Image.new("RGB", (sum(im.width for im in scaled), height))
+    x = 0
+    for im in scaled:
+        strip.paste(im.convert("RGB"), (x, 0))
+        x += im.width
+    return strip
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

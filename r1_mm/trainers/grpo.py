@@ -397,7 +397,7 @@ class GRPOTrainer(BaseTrainer):
         picked = sampled_groups(len(exp.samples), self.cfg.logging.completions_sample_rate,
                                 seed=derive_seed(self.cfg.training.seed, "completion_log", self.step, acc.process_index))
         rows = scored_rows(self.step, exp.batch, exp.rewards.per_function, exp.rewards.total, exp.advantages,
-                           metric_labels(exp.rewards.names), picked)
+                           metric_labels(exp.rewards.names), picked, image_dir=self.run_dir / "tool_images")
         rows = gather_object(rows)  # a collective: every process calls it, the main one writes
         if not acc.is_main_process:
             return
@@ -406,7 +406,10 @@ class GRPOTrainer(BaseTrainer):
             sample = exp.samples[0]
             first = scored_rows(self.step, exp.batch, exp.rewards.per_function, exp.rewards.total,
                                 exp.advantages, [], [0])
-            self.metrics.log_completions_table([{**r, "media": media_preview(sample)} for r in first], self.step)
+            tool_images = [[im for turn in c.trajectory.turns for im in turn.images] if c.trajectory else []
+                           for c in exp.batch.completions[exp.batch.rows(0)]]
+            self.metrics.log_completions_table([{**r, "media": media_preview(sample), "tool_images": images}
+                                                for r, images in zip(first, tool_images, strict=True)], self.step)
 
     def trainer_state(self) -> dict:
         return {**super().trainer_state(), "nonfinite_in_a_row": self.nonfinite_in_a_row,
