@@ -76,7 +76,7 @@ class VLLMColocateEngine(RolloutEngine):
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.suppressed_ids = media_token_ids(model.config)
         self.mm_kwargs = processor_kwargs(model.config)
-        self.present_video = video_presenter(model.config, self.tokenizer)
+        self.present_video = video_presenter(model.config, processor)
         self.on_gpu = torch.cuda.is_available()
         self.sleeping = False
         kwargs: dict[str, Any] = dict(

@@ -87,14 +87,14 @@ def video_metadata(metadata: dict[str, Any], mm_kwargs: dict[str, Any]) -> dict[
 VideoPresenter = Callable[[str, list[tuple[Any, dict[str, Any]]]], VideoForVLLM]
 
 
-def video_presenter(config: Any, tokenizer: Any) -> VideoPresenter | None:
+def video_presenter(config: Any, processor: Any) -> VideoPresenter | None:
     """How this model's family hands videos to a vLLM model that has no video modality
-    (``ModelFamily.vllm_video_as_images``, bound to the tokenizer whose placeholder tokens it writes), or None
-    when vLLM takes the videos as videos."""
+    (``ModelFamily.vllm_video_as_images``, bound to the learner's processor, whose video text, placeholder tokens
+    and frame processing it reproduces), or None when vLLM takes the videos as videos."""
     hook = _videos_as_images(config)
     if hook is None:
         return None
-    return lambda prompt, videos: hook(prompt, videos, tokenizer)
+    return lambda prompt, videos: hook(prompt, videos, processor)
 
 
 def _videos_as_images(config: Any) -> Any:

@@ -91,7 +91,7 @@ class ModelFamily:
     # turn by turn scores as the processor's whole conversation and the engine samples it as the learner scores it
     tools: str = UNVERIFIED_TOOLS
     # how a prompt's videos reach a vLLM model of this family that has no video modality (SmolVLM: the frames as
-    # unsplit images): ``(prompt, [(frames, metadata)], tokenizer) -> VideoForVLLM``; None: vLLM takes videos.
+    # unsplit images): ``(prompt, [(frames, metadata)], processor) -> VideoForVLLM``; None: vLLM takes videos.
     # Such a family's vLLM engines refuse rows with both images and videos (one prompt's images share one setting)
     vllm_video_as_images: Callable[[str, list[tuple[Any, dict[str, Any]]], Any], VideoForVLLM] | None = None
     note: str = ""
