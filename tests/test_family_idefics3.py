@@ -176,7 +176,7 @@ def test_video_rows_stop_at_load_on_every_engine(tiny_cache, synthetic_data, mon
     from r1_mm.data.loading import DataError
     from r1_mm.run import input_checks
 
-    assert "takes no video" in get_family(FAMILY).support["video"] and not get_family(FAMILY).video_on_hf
+    assert "takes no video" in get_family(FAMILY).support["video"] and get_family(FAMILY).vllm_video_as_images is None
     monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
     data = synthetic_data["events"]
     rows = read_rows(data)

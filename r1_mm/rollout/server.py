@@ -119,9 +119,11 @@ async def _reject(send: Any, status: int, message: str) -> None:
 
 
 def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_key: str | None = None,
-              max_request_bytes: int = 2**30, batching: bool = True) -> Any:
+              max_request_bytes: int = 2**30, batching: bool = True, processor: Any = None) -> Any:
     """``batching``: concurrent generate requests join the engine's running batch (batching.py); off,
-    they run one after the other (on CPU, sampling is then reproducible whatever the timing)."""
+    they run one after the other (on CPU, sampling is then reproducible whatever the timing). ``processor``:
+    the model's, as the learner loads it; a family whose vLLM model has no video modality needs it to send
+    videos (``vllm_common.video_presenter``)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
@@ -134,6 +136,7 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
         processor_kwargs,
         reset_caches,
         seed_engine_stream,
+        video_presenter,
     )
     from r1_mm.rollout.weight_channel import DEFAULT_TIMEOUT_S
 
@@ -147,6 +150,8 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
     workers = llm.llm_engine.vllm_config.parallel_config.world_size_across_dp
     in_process = workers_in_process(llm)
     mm_kwargs = processor_kwargs(llm.llm_engine.vllm_config.model_config.hf_config)
+    present_video = None if processor is None else video_presenter(llm.llm_engine.vllm_config.model_config.hf_config,
+                                                                    processor)
 
     @app.exception_handler(BadRequest)
     async def client_error(request: Request, exc: BadRequest) -> Any:
@@ -185,7 +190,7 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
     def generate(body: dict[str, Any]) -> dict[str, Any]:
         usable()
         prompts, params = check_generate(body, limits)  # the client's mistakes: 4xx, the engine never sees them
-        requests = [decode_request(p, mm_kwargs) for p in prompts]
+        requests = [decode_request(p, mm_kwargs, present_video) for p in prompts]
         try:
             outputs = batcher.submit(requests, params)
         except RequestRejected as exc:  # vLLM's input processing refused one prompt: only this request fails
@@ -322,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                                   data_parallel_size=args.data_parallel_size,
                                   worker_extension_cls="r1_mm.rollout.weight_channel.WeightReceiverExtension")
     kwargs.update(engine_sizing(args.max_num_batched_tokens, args.max_num_seqs))
-    kwargs.update(normalisation_kwargs(load_processor(ModelConfig(name_or_path=args.model))))
+    processor = load_processor(ModelConfig(name_or_path=args.model))
+    kwargs.update(normalisation_kwargs(processor))
     if args.executor == "mp":
         kwargs["distributed_executor_backend"] = "mp"
     if torch.cuda.is_available():
@@ -332,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(**kwargs)
     api_key = os.environ.get(args.api_key_env) or None
     app = build_app(llm, args.model, model_dir=model_dir, api_key=api_key,
-                    max_request_bytes=int(args.max_request_mb * 2**20), batching=not args.no_batching)
+                    max_request_bytes=int(args.max_request_mb * 2**20), batching=not args.no_batching,
+                    processor=processor)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

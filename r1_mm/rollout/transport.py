@@ -33,10 +33,13 @@ def encode_sample(sample: Sample) -> dict[str, Any]:
             "videos": [{"frames": encode_array(v.frames), "metadata": v.metadata()} for v in sample.videos]}
 
 
-def decode_request(payload: dict[str, Any], mm_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+def decode_request(payload: dict[str, Any], mm_kwargs: dict[str, Any] | None = None,
+                   present_video: Any = None) -> dict[str, Any]:
     """A vLLM ``generate`` request, identical to what the colocated engine builds in-process
-    (``mm_kwargs``: the served model family's processor kwargs, ``vllm_common.processor_kwargs``)."""
+    (``mm_kwargs``: the served model family's processor kwargs, ``vllm_common.processor_kwargs``;
+    ``present_video``: how its videos reach a model without a video modality, ``vllm_common.video_presenter``)."""
     from r1_mm.rollout.vllm_common import media_request
 
     return media_request(payload["prompt"], [Image.fromarray(decode_array(a)) for a in payload.get("images", [])],
-                         [(decode_array(v["frames"]), v["metadata"]) for v in payload.get("videos", [])], mm_kwargs)
+                         [(decode_array(v["frames"]), v["metadata"]) for v in payload.get("videos", [])], mm_kwargs,
+                         present_video)

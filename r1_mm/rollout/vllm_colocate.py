@@ -50,19 +50,17 @@ from r1_mm.rollout.vllm_common import (
     engine_info,
     engine_sizing,
     generate,
+    media_limits,
     normalisation_kwargs,
     processor_kwargs,
     reset_caches,
     sampling_kwargs,
     set_cpu_defaults,
+    video_presenter,
     vllm_request,
 )
 
 log = logging.getLogger(__name__)
-
-
-def max_media_per_prompt(cfg: RecipeConfig) -> dict[str, int]:
-    return {"image": cfg.rollout.vllm_max_images_per_prompt, "video": cfg.rollout.vllm_max_videos_per_prompt}
 
 
 class VLLMColocateEngine(RolloutEngine):
@@ -78,11 +76,12 @@ class VLLMColocateEngine(RolloutEngine):
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.suppressed_ids = media_token_ids(model.config)
         self.mm_kwargs = processor_kwargs(model.config)
+        self.present_video = video_presenter(model.config, processor)
         self.on_gpu = torch.cuda.is_available()
         self.sleeping = False
         kwargs: dict[str, Any] = dict(
             model=resolve_model_path(cfg.model), dtype=engine_dtype(r.vllm_dtype, model), max_model_len=r.vllm_max_model_len,
-            limit_mm_per_prompt=max_media_per_prompt(cfg), logprobs_mode="processed_logprobs",
+            limit_mm_per_prompt=media_limits(cfg, model.config), logprobs_mode="processed_logprobs",
             seed=cfg.training.seed, trust_remote_code=cfg.model.trust_remote_code,
             tensor_parallel_size=r.vllm_tensor_parallel_size, **engine_sizing(r.vllm_max_num_batched_tokens, r.vllm_max_num_seqs),
             **normalisation_kwargs(processor))
@@ -167,7 +166,7 @@ class VLLMColocateEngine(RolloutEngine):
         self._wake_for_generation()
         try:
             params = [sampling_kwargs(sampling, n, self.suppressed_ids, i) for i in range(len(batch))]
-            outputs = generate(self.llm, [vllm_request(s, self.mm_kwargs) for s in batch], params)
+            outputs = generate(self.llm, [vllm_request(s, self.mm_kwargs, self.present_video) for s in batch], params)
         finally:
             self._sleep()
         return [PromptCompletions(sample=s, completions=[completion_from_vllm(c, self.tokenizer) for c in out.outputs],

@@ -3,18 +3,21 @@ learner's token suppression, and completions read back with their sampling logpr
 
 A request is the chat-templated prompt text plus the raw media the learner decoded (PIL images,
 video frames with their timing), never pre-tokenised ids: vLLM's own processor expands the
-placeholders from exactly these pixels, so its prompt tokens equal the learner's (tested).
+placeholders from exactly these pixels, so its prompt tokens equal the learner's (tested). A family
+whose vLLM model has no video modality says how its videos go instead (SmolVLM: the frames as unsplit
+images, :func:`video_presenter`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from r1_mm.core.seeds import derive_seed
 from r1_mm.data.prompts import Sample
-from r1_mm.models.families.base import DEFAULT_VLLM_PROCESSOR_KWARGS
+from r1_mm.models.families.base import DEFAULT_VLLM_PROCESSOR_KWARGS, VideoForVLLM
 from r1_mm.rollout.base import Completion, SamplingSettings
 
 log = logging.getLogger(__name__)
@@ -81,27 +84,71 @@ def video_metadata(metadata: dict[str, Any], mm_kwargs: dict[str, Any]) -> dict[
     return {**metadata, "do_sample_frames": bool(mm_kwargs["do_sample_frames"])}
 
 
+VideoPresenter = Callable[[str, list[tuple[Any, dict[str, Any]]]], VideoForVLLM]
+
+
+def video_presenter(config: Any, processor: Any) -> VideoPresenter | None:
+    """How this model's family hands videos to a vLLM model that has no video modality
+    (``ModelFamily.vllm_video_as_images``, bound to the learner's processor, whose video text, placeholder tokens
+    and frame processing it reproduces), or None when vLLM takes the videos as videos."""
+    hook = _videos_as_images(config)
+    if hook is None:
+        return None
+    return lambda prompt, videos: hook(prompt, videos, processor)
+
+
+def _videos_as_images(config: Any) -> Any:
+    from r1_mm.models.families import UnsupportedModelError, family_of
+
+    try:
+        return family_of(config).vllm_video_as_images
+    except UnsupportedModelError:
+        return None
+
+
+def media_limits(cfg: Any, config: Any) -> dict[str, int]:
+    """vLLM's ``limit_mm_per_prompt`` for a recipe: its image and video limits, where a family that sends a video's
+    frames as images (:func:`video_presenter`) has room for every frame of the videos a prompt may hold (such a
+    family's rows never mix images and videos on vLLM: ``run/input_checks.video_problems``)."""
+    from r1_mm.config.visual_budget import max_video_frames
+
+    r = cfg.rollout
+    limits = {"image": r.vllm_max_images_per_prompt, "video": r.vllm_max_videos_per_prompt}
+    if _videos_as_images(config) is not None:
+        limits["image"] = max(limits["image"], limits["video"] * max_video_frames(cfg.media))
+    return limits
+
+
 def media_request(prompt: str, images: list[Any], videos: list[tuple[Any, dict[str, Any]]],
-                  mm_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+                  mm_kwargs: dict[str, Any] | None = None, present_video: VideoPresenter | None = None) -> dict[str, Any]:
     """The prompt as vLLM's ``generate`` takes it: text + decoded images + (frames, metadata) videos, with
-    the family's processor kwargs (``mm_kwargs``, see :func:`processor_kwargs`)."""
-    kwargs = DEFAULT_VLLM_PROCESSOR_KWARGS if mm_kwargs is None else mm_kwargs
+    the family's processor kwargs (``mm_kwargs``, see :func:`processor_kwargs`); videos of a family whose vLLM
+    model has no video modality go as that family presents them (``present_video``, see :func:`video_presenter`)."""
+    kwargs = dict(DEFAULT_VLLM_PROCESSOR_KWARGS if mm_kwargs is None else mm_kwargs)
+    if videos and present_video is not None:
+        if images:
+            raise ValueError("a prompt with both images and a video cannot go to this model's vLLM engine: its videos "
+                             "go as images, which share one processor setting per prompt")
+        shown = present_video(prompt, videos)
+        prompt, images, videos = shown.prompt, list(shown.images), []
+        kwargs.update(shown.processor_kwargs)
     media: dict[str, Any] = {}
     if images:
         media["image"] = list(images)
     if videos:
-        media["video"] = [(frames, video_metadata(metadata, dict(kwargs))) for frames, metadata in videos]
+        media["video"] = [(frames, video_metadata(metadata, kwargs)) for frames, metadata in videos]
     request: dict[str, Any] = {"prompt": prompt}
     if media:
         request["multi_modal_data"] = media
         if kwargs:
-            request["mm_processor_kwargs"] = dict(kwargs)
+            request["mm_processor_kwargs"] = kwargs
     return request
 
 
-def vllm_request(sample: Sample, mm_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+def vllm_request(sample: Sample, mm_kwargs: dict[str, Any] | None = None,
+                 present_video: VideoPresenter | None = None) -> dict[str, Any]:
     return media_request(sample.prompt_text, sample.images, [(v.frames, v.metadata()) for v in sample.videos],
-                         mm_kwargs)
+                         mm_kwargs, present_video)
 
 
 def _prompt_seed(seed: int, prompt_index: int) -> int:

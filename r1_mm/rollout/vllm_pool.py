@@ -37,7 +37,7 @@ from r1_mm.rollout.base import (
 from r1_mm.rollout.servers import ServerProcess, free_port, wait_until_ready
 from r1_mm.rollout.shm_segments import WeightSegment
 from r1_mm.rollout.transport import encode_sample
-from r1_mm.rollout.vllm_common import engine_dtype, sampling_kwargs
+from r1_mm.rollout.vllm_common import engine_dtype, media_limits, sampling_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,15 @@ class ManagedServer(ServerProcess):
     readiness = "healthy"
 
     def __init__(self, cfg: RecipeConfig, port: int, log_dir: Path, host: str = "127.0.0.1",
-                 devices: list[int] | None = None, dtype: str | None = None):
+                 devices: list[int] | None = None, dtype: str | None = None, limits: dict[str, int] | None = None):
         super().__init__(log_dir / f"rollout-server-{port}.log", startup_timeout_s=cfg.rollout.pool_startup_timeout_s,
                          log_mode="a")
         self.cfg, self.port, self.host = cfg, port, host
         self.devices = devices or []
         self.dtype = dtype or cfg.rollout.vllm_dtype  # the engine passes the learner's (engine_dtype)
+        # media per prompt (the engine passes vllm_common.media_limits: room for a video's frames sent as images)
+        self.limits = limits or {"image": cfg.rollout.vllm_max_images_per_prompt,
+                                 "video": cfg.rollout.vllm_max_videos_per_prompt}
 
     def environment(self) -> dict[str, str]:
         """The server's environment: its GPUs only, numbered from 0 inside the server."""
@@ -121,7 +124,7 @@ class ManagedServer(ServerProcess):
         r = self.cfg.rollout
         return [sys.executable, "-m", "r1_mm.cli", "serve", "rollout", "--model", self.cfg.model.name_or_path,
                 "--host", self.host, "--port", str(self.port), "--dtype", self.dtype, "--max-model-len", str(r.vllm_max_model_len),
-                "--max-images", str(r.vllm_max_images_per_prompt), "--max-videos", str(r.vllm_max_videos_per_prompt),
+                "--max-images", str(self.limits["image"]), "--max-videos", str(self.limits["video"]),
                 "--tensor-parallel-size", str(r.vllm_tensor_parallel_size),
                 "--data-parallel-size", str(r.vllm_data_parallel_size), "--seed", str(self.cfg.training.seed),
                 "--gpu-memory-utilization", str(r.pool_gpu_memory_utilization), "--executor", r.vllm_executor,
@@ -174,6 +177,7 @@ class VLLMPoolEngine(RolloutEngine):
         self.suppressed_ids = media_token_ids(model.config)
         self.rank, self.world = _dist()
         self.dtype = engine_dtype(r.vllm_dtype, model)
+        self.limits = media_limits(cfg, model.config)
         # servers this engine starts run beside rank 0 (which writes the shared-memory copy), on any machine count
         local = all(httpx.URL(u).host in topology.LOOPBACK for u in r.pool_servers)
         self.sync_mode = r.pool_weight_sync if r.pool_weight_sync != "auto" else ("shm" if local else "broadcast")
@@ -221,7 +225,7 @@ class VLLMPoolEngine(RolloutEngine):
         r = self.cfg.rollout
         devices = server_devices(r.pool_size, r.vllm_tensor_parallel_size, learners_on_this_machine(),
                                  torch.cuda.device_count() if torch.cuda.is_available() else 0)
-        self.managed = [ManagedServer(self.cfg, free_port(host), log_dir, host, devices[i], self.dtype)
+        self.managed = [ManagedServer(self.cfg, free_port(host), log_dir, host, devices[i], self.dtype, self.limits)
                         for i in range(r.pool_size)]
         for server in self.managed:
             server.start(wait=False)  # all start at once, then each is waited for

@@ -160,9 +160,10 @@ def route_problems(specs: list[RewardSpec], rows: list[dict[str, Any]], source: 
 
 
 def video_problems(cfg: RecipeConfig, rows: list[dict[str, Any]], source: str) -> list[str]:
-    """Video rows for a model family that refuses video (SmolVLM: vLLM has no video modality for it; Gemma 3
-    takes no video): one line naming the first such row and how many there are, before any model loads
-    (the engine or the processor would otherwise fail at the first video prompt)."""
+    """Video rows for a model family that refuses video (Gemma 3 takes no video), and rows with both images and
+    a video where the family's vLLM model takes the video's frames as images (SmolVLM: one prompt's images share
+    one processor setting, and the frames must not be split): one line naming the first such row and how many
+    there are, before any model loads (the engine or the processor would otherwise fail at the first such prompt)."""
     from r1_mm.models.families import UnsupportedModelError, family_of
     from r1_mm.models.hub import read_model_config
 
@@ -170,19 +171,32 @@ def video_problems(cfg: RecipeConfig, rows: list[dict[str, Any]], source: str) -
         family = family_of(read_model_config(cfg.model))
     except (UnsupportedModelError, ConfigError, ValueError):  # unverified or unreadable: preflight says so
         return []
-    if family.supports("video") or (family.video_on_hf and cfg.rollout.engine == "hf"):
+    if family.supports("video"):
+        if family.vllm_video_as_images is None or not cfg.rollout.engine.startswith("vllm"):
+            return []
+        found = _rows_where(rows, lambda images, videos: bool(images) and bool(videos))
+        return [f"{source}: row {found[0]} (and {len(found) - 1} more) has both images and a video, which "
+                f"{family.display_name} ({family.model_type}) does not take on rollout.engine={cfg.rollout.engine}: "
+                "vLLM's model takes the video's frames as unsplit images, and one prompt's images share one "
+                "processor setting; split such rows or use rollout.engine=hf"] if found else []
+    found = _rows_where(rows, lambda images, videos: bool(videos))
+    if not found:
         return []
-    with_video = []
+    return [f"{source}: row {found[0]} (and {len(found) - 1} more) has a video, and "
+            f"{family.refusal('video')}; drop the video rows or pick another model"]
+
+
+def _rows_where(rows: list[dict[str, Any]], test: Any) -> list[str]:
+    """The ids of the rows whose (image refs, video refs) pass ``test``; rows whose media are unreadable are
+    left to the prompt check."""
+    found = []
     for index, row in enumerate(rows):
         try:
-            if media_refs(row)[1]:
-                with_video.append(row_id(row, index))
+            if test(*media_refs(row)):
+                found.append(row_id(row, index))
         except DataError:  # reported by the prompt check
             continue
-    if not with_video:
-        return []
-    return [f"{source}: row {with_video[0]} (and {len(with_video) - 1} more) has a video, and "
-            f"{family.refusal('video')}; drop the video rows or pick another model"]
+    return found
 
 
 def check(cfg: RecipeConfig, rows: list[dict[str, Any]] | None = None, source: str | None = None,

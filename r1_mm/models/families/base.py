@@ -48,6 +48,17 @@ def required_text_flag(name: str, transformers_does: str, vllm_does: str) -> Cal
     return check
 
 
+@dataclass(frozen=True)
+class VideoForVLLM:
+    """A prompt's videos as a family presents them to a vLLM model without a video modality: the prompt text
+    with each video placeholder written out, the frames as images (in prompt order), and the processor kwargs
+    the request needs on top of the family's ``vllm_processor_kwargs``."""
+
+    prompt: str
+    images: list[Any]
+    processor_kwargs: Mapping[str, Any]
+
+
 class UnsupportedModelError(ValueError):
     """A model (or a use of it) r1-mm has not verified; the message is the one line a run stops with."""
 
@@ -76,12 +87,13 @@ class ModelFamily:
     # a problem of one checkpoint's config that would make the engines and the learner compute different
     # things (one line), or None; run at load with the family checks (run/preflight.family_problems)
     check_config: Callable[[Any], str | None] | None = None
-    # video refused for the vLLM engines only: with rollout.engine=hf (the learner's own model samples) video rows
-    # are tested exact (SmolVLM: vLLM's model has no video modality)
-    video_on_hf: bool = False
     # tools.functions (multi-turn tool rollouts): "tested" where tests/test_tool_turns.py shows a trajectory built
     # turn by turn scores as the processor's whole conversation and the engine samples it as the learner scores it
     tools: str = UNVERIFIED_TOOLS
+    # how a prompt's videos reach a vLLM model of this family that has no video modality (SmolVLM: the frames as
+    # unsplit images): ``(prompt, [(frames, metadata)], processor) -> VideoForVLLM``; None: vLLM takes videos.
+    # Such a family's vLLM engines refuse rows with both images and videos (one prompt's images share one setting)
+    vllm_video_as_images: Callable[[str, list[tuple[Any, dict[str, Any]]], Any], VideoForVLLM] | None = None
     note: str = ""
 
     def __post_init__(self) -> None:
