@@ -193,6 +193,15 @@ def _json_object(text: str, flag: str) -> dict[str, Any]:
     return value
 
 
+def _print_report(report: Any) -> int:
+    """A check's lines, its problems on stderr and the verdict; exit 1 on any problem."""
+    print("\n".join(report.lines))
+    for problem in report.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    print("ok" if report.ok else f"{len(report.problems)} problem(s)")
+    return 0 if report.ok else 1
+
+
 def _cmd_rewards(argv: list[str]) -> int:
     from r1_mm.jobs.rewards_check import check_reward
     from r1_mm.rewards.registry import available
@@ -217,11 +226,7 @@ def _cmd_rewards(argv: list[str]) -> int:
         columns=_json_object(args.columns, "--columns")))
     if code:
         return code
-    print("\n".join(report.lines))
-    for problem in report.problems:
-        print(f"problem: {problem}", file=sys.stderr)
-    print("ok" if report.ok else f"{len(report.problems)} problem(s)")
-    return 0 if report.ok else 1
+    return _print_report(report)
 
 
 def _cmd_tools(argv: list[str]) -> int:
@@ -251,11 +256,7 @@ def _cmd_tools(argv: list[str]) -> int:
         kwargs=_json_object(args.kwargs, "--kwargs"), columns=_json_object(args.columns, "--columns"), out=args.out))
     if code:
         return code
-    print("\n".join(report.lines))
-    for problem in report.problems:
-        print(f"problem: {problem}", file=sys.stderr)
-    print("ok" if report.ok else f"{len(report.problems)} problem(s)")
-    return 0 if report.ok else 1
+    return _print_report(report)
 
 
 def _cmd_serve(argv: list[str]) -> int:

@@ -64,7 +64,10 @@ def recipe_data(name: str, synthetic: dict[str, Path], tmp: Path) -> list[str]:
                 data.append({"video": r["video"], "problem": "Is the square to the left or the right of the frame centre?",
                              "solution": "left", "problem_type": "object_rel_direction"})
         root = video_root
-    elif name.startswith("video_r1"):  # Video-R1-260k columns: path + data_type, tagged solutions, five types
+    elif name.startswith("deepeyes"):  # DeepEyes-47k converted: image, problem, short solution
+        data = [{"image": r["image"], "problem": r["prompt"], "solution": r["solution"]} for r in counting]
+        root = image_root
+    elif name.startswith(("video_r1", "video_frames")):  # Video-R1-260k columns: path + data_type, tagged solutions, five types
         kinds = ["numerical", "regression", "OCR", "free-form"]
         images = [{"path": str(image_root / r["image"]), "data_type": "image", "problem": r["prompt"],
                    "problem_type": kinds[i % 4], "options": [],

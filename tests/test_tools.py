@@ -333,3 +333,15 @@ def test_accuracy_with_and_without_a_call():
     got = accuracy_by_call([True, False, True, None, True], [True, True, False, False, False])
     assert got == {"tools/accuracy_with_call": 0.5, "tools/accuracy_without_call": 1.0}
     assert np.isnan(accuracy_by_call([True], [False])["tools/accuracy_with_call"])
+
+
+def test_format_reward_judges_a_trajectory_by_its_answer_turn():
+    from r1_mm.rewards.registry import get as get_reward
+
+    fn = get_reward("format")
+    whole = '<tool_call>{"name": "crop_image"}</tool_call>\n<tool_response>\nZoomed.\n</tool_response>\n' \
+            "<think>three</think><answer>3</answer>"
+    answer = {"final_text": "<think>three</think><answer>3</answer>", "calls": [], "executed_calls": 1,
+              "model_turns": 2, "stop_reason": "answer"}
+    assert fn(completions=[whole]) == [0.0]  # the whole text is not think + answer
+    assert fn(completions=[whole, whole], trajectories=[answer, {**answer, "final_text": "3"}]) == [1.0, 0.0]

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class PluginError(ValueError):
@@ -40,3 +44,20 @@ def load_object(name: str, what: str, kind: str = "object") -> Any:
     if not hasattr(module, attr):
         raise PluginError(f"{what}: {where} has no {kind} '{attr}'")
     return getattr(module, attr)
+
+
+def register_entry_points(group: str, registry: Any, kind: str,
+                          convert: Callable[[Any, str], Any] = lambda obj, what: obj) -> None:
+    """Every entry point of ``group`` (installed packages' plugins) into ``registry``, each object passed through
+    ``convert(obj, what)`` first. A built-in or registered name wins over an entry point's. One that fails to
+    load (or to convert) is logged and left out: a broken plugin must not hide the others, but must be visible."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=group):
+        try:
+            obj = convert(ep.load(), f"entry point {ep.value}")
+        except Exception as exc:
+            log.error("%s entry point %s (%s) failed to load: %s", kind, ep.name, ep.value, exc)
+            continue
+        if ep.name not in registry:
+            registry.register(ep.name, obj, origin=f"entry point {ep.value} ({ep.dist.name if ep.dist else '?'})")

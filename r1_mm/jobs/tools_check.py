@@ -7,7 +7,6 @@ tool that raises. With ``--out`` the returned images are written as PNG files to
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from r1_mm.config.recipe import DataConfig, MediaConfig
 from r1_mm.data.loading import default_media_root, map_columns, read_rows
 from r1_mm.data.media import load_image, load_video
 from r1_mm.data.prompts import Sample, media_refs, row_id
+from r1_mm.jobs.rewards_check import CheckReport
 from r1_mm.tools.base import ToolArgumentError
 from r1_mm.tools.registry import ToolError, get, option_problems
 from r1_mm.tools.row_media import tool_media
@@ -22,22 +22,12 @@ from r1_mm.tools.row_media import tool_media
 QWEN_FACTOR = 28  # patch 14 x merge 2: how Qwen-VL processors align a budgeted image (the default shown size)
 
 
-@dataclass
-class ToolCheckReport:
-    problems: list[str] = field(default_factory=list)
-    lines: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
 def check_tool(name: str, data: str | Path, *, arguments: dict[str, Any], row: int = 0,
                kwargs: dict[str, Any] | None = None, columns: dict[str, str] | None = None,
-               media: MediaConfig | None = None, factor: int = QWEN_FACTOR, out: Path | None = None) -> ToolCheckReport:
+               media: MediaConfig | None = None, factor: int = QWEN_FACTOR, out: Path | None = None) -> CheckReport:
     """Call tool ``name`` with ``arguments`` on row ``row`` of ``data``. The images are shown to the tool at
     the size ``media``'s pixel budget gives them with ``factor`` (Qwen-VL's 28 by default)."""
-    report = ToolCheckReport()
+    report = CheckReport()
     try:
         entry = get(name)
     except ToolError as exc:

@@ -12,15 +12,11 @@ import asyncio
 import concurrent.futures
 import importlib
 import inspect
-import logging
 from collections.abc import Callable
-from importlib.metadata import entry_points
 from typing import Any
 
-from r1_mm.core.plugins import PluginError, is_plugin_name, load_object
+from r1_mm.core.plugins import PluginError, is_plugin_name, load_object, register_entry_points
 from r1_mm.core.registry import DuplicateNameError, Registry, suggest
-
-log = logging.getLogger(__name__)
 
 RewardFn = Callable[..., Any]
 # each entry's origin says where it comes from (``r1-mm rewards list``; a worker process can find only
@@ -68,17 +64,9 @@ def _load_builtins() -> None:
 
 def _load_entry_points() -> None:
     global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            fn = ep.load()
-        except Exception as exc:  # a broken plugin must not hide the others, but must be visible
-            log.error("reward entry point %s (%s) failed to load: %s", ep.name, ep.value, exc)
-            continue
-        if ep.name not in REGISTRY:  # a built-in or registered name wins over an entry point's
-            REGISTRY.register(ep.name, fn, origin=f"entry point {ep.value} ({ep.dist.name if ep.dist else '?'})")
+    if not _entry_points_loaded:
+        _entry_points_loaded = True
+        register_entry_points(ENTRY_POINT_GROUP, REGISTRY, "reward")
 
 
 def get(name: str) -> RewardFn:

@@ -13,13 +13,17 @@ from r1_mm.rewards.registry import reward
 
 
 @reward("format")
-def format_reward(completions: list[Any], *, think_tag: str = "think", answer_tag: str = "answer",
-                  require_think: bool = True, pattern: str | None = None, **_: Any) -> list[float]:
+def format_reward(completions: list[Any], trajectories: list[dict[str, Any] | None] | None = None, *,
+                  think_tag: str = "think", answer_tag: str = "answer", require_think: bool = True,
+                  pattern: str | None = None, **_: Any) -> list[float]:
     """1.0 for exactly ``<think>...</think><answer>...</answer>`` (whitespace between allowed).
 
     ``pattern``: a regular expression the whole (stripped) completion must match instead, e.g.
-    ``"\\d+"`` for a bare number.
+    ``"\\d+"`` for a bare number. A tool trajectory is judged by its last model turn (the answer's; its
+    earlier turns hold the calls, whose form the call parser checks and counts).
     """
+    if trajectories is not None:
+        completions = [t["final_text"] if t is not None else c for c, t in zip(completions, trajectories, strict=True)]
     if pattern is not None:
         custom = re.compile(pattern, re.DOTALL)
         return [1.0 if custom.fullmatch(completion_text(c).strip()) else 0.0 for c in completions]

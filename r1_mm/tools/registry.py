@@ -8,16 +8,12 @@ path ``pkg.module:fn`` or by file path ``path/to/file.py:fn``.
 from __future__ import annotations
 
 import importlib
-import logging
 from collections.abc import Callable, Mapping
-from importlib.metadata import entry_points
 from typing import Any
 
-from r1_mm.core.plugins import PluginError, is_plugin_name, load_object
+from r1_mm.core.plugins import PluginError, is_plugin_name, load_object, register_entry_points
 from r1_mm.core.registry import Registry, suggest
 from r1_mm.tools.base import Tool, ToolFn
-
-log = logging.getLogger(__name__)
 
 REGISTRY: Registry[Tool] = Registry("tool")
 ENTRY_POINT_GROUP = "r1_mm.tools"
@@ -70,17 +66,9 @@ def _as_tool(obj: Any, what: str) -> Tool:
 
 def _load_entry_points() -> None:
     global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            entry = _as_tool(ep.load(), f"entry point {ep.value}")
-        except Exception as exc:  # a broken plugin must not hide the others, but must be visible
-            log.error("tool entry point %s (%s) failed to load: %s", ep.name, ep.value, exc)
-            continue
-        if ep.name not in REGISTRY:  # a built-in or decorated name wins over an entry point's
-            REGISTRY.register(ep.name, entry, origin=f"entry point {ep.value} ({ep.dist.name if ep.dist else '?'})")
+    if not _entry_points_loaded:
+        _entry_points_loaded = True
+        register_entry_points(ENTRY_POINT_GROUP, REGISTRY, "tool", convert=_as_tool)
 
 
 def get(name: str) -> Tool:
