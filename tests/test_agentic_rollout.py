@@ -227,3 +227,14 @@ def test_rollout_job_writes_whole_trajectories(tmp_path, synthetic_data, tiny_ca
         images = [Image.open(run_dir / p) for p in row["tool_images"]]
         assert len(images) == 2 and all(im.width % 28 == 0 and im.height % 28 == 0 for im in images)
     assert read_metrics(run_dir)[0]["tools/call_rate"] == 1.0
+
+
+def test_eval_prompts_of_a_tool_recipe_show_the_tools(tmp_path, synthetic_data, tiny_path):
+    """In-run and offline evaluation render the eval prompts with the tools' schemas, as training does."""
+    from r1_mm.trainers.evaluation import eval_rows
+
+    cfg = tool_recipe(tmp_path, synthetic_data, f"data.eval_path={synthetic_data['counting']}")
+    processor = AutoProcessor.from_pretrained(tiny_path("qwen2_5_vl"))
+    samples = eval_rows(cfg, processor)
+    assert samples and all('<tools>\n{"type": "function", "function": {"name": "crop_image"' in s.prompt_text
+                           for s in samples)

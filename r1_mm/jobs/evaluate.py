@@ -36,6 +36,10 @@ def evaluate_checkpoint(cfg: RecipeConfig, checkpoint: str | Path) -> dict[str, 
     model = load_for_inference(model_cfg, cfg.rollout.engine)
     with RunContext(cfg) as run:  # the engine and the reward workers released however the job ends
         engine = make_engine(cfg.rollout.engine, model=model, processor=processor, cfg=cfg)
+        if cfg.tools.functions:  # a tool recipe is evaluated with its tools, as it trained
+            from r1_mm.rollout.agentic import ToolRollout
+
+            engine = ToolRollout(engine, processor, cfg.tools, cfg.media)
         run.on_close(engine.close)
         runner = RewardRunner.from_recipe(cfg)
         run.on_close(runner.close)

@@ -15,6 +15,7 @@ from r1_mm.data import PromptStream
 from r1_mm.data.loading import has_split
 from r1_mm.rewards.reward_metrics import metric_labels, reward_metrics
 from r1_mm.rewards.runner import RewardRunner
+from r1_mm.rollout.agentic import tool_schemas
 from r1_mm.rollout.base import RolloutEngine, SamplingSettings
 
 
@@ -24,7 +25,9 @@ def eval_rows(cfg: RecipeConfig, processor: Any, shard: tuple[int, int] = (0, 1)
     if dataset is None and not has_split(cfg.data, "eval"):
         raise ValueError("evaluation needs data.eval_path (or data.eval_split with data.dataset_name)")
     data_cfg = type(cfg.data)(**{**cfg.data.__dict__, "shuffle": False, "max_rows": cfg.training.eval_max_rows})
-    stream = PromptStream.from_config(processor, data_cfg, cfg.media, split="eval", shard=shard, dataset=dataset)
+    # a tool recipe's eval prompts show the tools as its training prompts do (and its engine runs them)
+    stream = PromptStream.from_config(processor, data_cfg, cfg.media, split="eval", shard=shard, dataset=dataset,
+                                      tools=tool_schemas(cfg.tools))
     return stream.each_once()
 
 
