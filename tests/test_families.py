@@ -106,3 +106,15 @@ def test_video_requests_tell_vllm_not_to_sample_the_frames_again():
     assert glm["mm_processor_kwargs"] == {"do_resize": False, "do_sample_frames": False}
     qwen = media_request("p", [], [(frames, metadata)], dict(get_family("qwen2_vl").vllm_processor_kwargs))
     assert qwen["multi_modal_data"]["video"][0][1] == metadata
+
+
+def test_the_prompt_placeholder_a_server_counts_is_the_familys():
+    """The rollout server counts a request's media against the token its prompt TEXT carries: Gemma 3 writes
+    <start_of_image> (boi_token_index) per image, the others the token the processor expands."""
+    from types import SimpleNamespace
+
+    from r1_mm.rollout.request_checks import PLACEHOLDER_FIELDS, placeholder_fields
+
+    assert placeholder_fields(SimpleNamespace(model_type="gemma3")) == {"image": ("boi_token_index",)}
+    assert placeholder_fields(SimpleNamespace(model_type="qwen2_5_vl")) == PLACEHOLDER_FIELDS
+    assert placeholder_fields(SimpleNamespace(model_type="not_a_family")) == PLACEHOLDER_FIELDS

@@ -12,12 +12,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-# config fields holding a modality's placeholder token (Qwen-VL: *_token_id, LLaVA-style: *_token_index)
+# config fields holding a modality's placeholder token (Qwen-VL: *_token_id, LLaVA-style: *_token_index); a family
+# whose prompt text carries another token per medium says so (ModelFamily.prompt_placeholder_fields)
 PLACEHOLDER_FIELDS = {"image": ("image_token_id", "image_token_index"),
                       "video": ("video_token_id", "video_token_index")}
-# models whose prompt text holds another token per medium than the one the processor expands to: Gemma 3's text
-# has <start_of_image> (boi_token_index) per image, expanded to it plus its <image_soft_token>s
-PLACEHOLDER_FIELDS_BY_MODEL = {"gemma3": {"image": ("boi_token_index",)}}
+
+
+def placeholder_fields(hf_config: Any) -> dict[str, tuple[str, ...]]:
+    """The config fields holding the prompt text's token per medium for this model's family."""
+    from r1_mm.models.families import FAMILIES
+
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type in FAMILIES:
+        fields = FAMILIES.get(model_type).prompt_placeholder_fields
+        if fields is not None:
+            return dict(fields)
+    return dict(PLACEHOLDER_FIELDS)
 
 
 class BadRequest(ValueError):
@@ -42,7 +52,7 @@ class PromptLimits:
         """From a ``vllm.LLM``: its model's config and tokenizer."""
         config = llm.llm_engine.model_config
         placeholders = {}
-        fields_of = PLACEHOLDER_FIELDS_BY_MODEL.get(getattr(config.hf_config, "model_type", None), PLACEHOLDER_FIELDS)
+        fields_of = placeholder_fields(config.hf_config)
         for modality, fields in fields_of.items():
             token = next((getattr(config.hf_config, f) for f in fields if isinstance(getattr(config.hf_config, f, None), int)),
                          None)

@@ -94,6 +94,10 @@ class ModelFamily:
     # unsplit images): ``(prompt, [(frames, metadata)], processor) -> VideoForVLLM``; None: vLLM takes videos.
     # Such a family's vLLM engines refuse rows with both images and videos (one prompt's images share one setting)
     vllm_video_as_images: Callable[[str, list[tuple[Any, dict[str, Any]]], Any], VideoForVLLM] | None = None
+    # config fields holding the token the prompt TEXT carries per image / video, where it is not the one the
+    # processor expands (Gemma 3: <start_of_image>, boi_token_index); None: the usual *_token_id / *_token_index
+    # (the rollout server counts these against the request's media, rollout/request_checks.py)
+    prompt_placeholder_fields: Mapping[str, tuple[str, ...]] | None = None
     note: str = ""
 
     def __post_init__(self) -> None:

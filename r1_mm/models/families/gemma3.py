@@ -82,6 +82,8 @@ FAMILY = ModelFamily(
          "bidirectional (token_type_ids), as transformers' eager/sdpa masks do; the flash route runs the image "
          "blocks as a second, non-causal varlen call (refused if a block is longer than the window). vLLM takes "
          "the learner's prompt tokens and synced weights but is refused: see vllm_colocate.",
+    # the prompt text holds <start_of_image> per image; the processor expands it to itself + its soft tokens
+    prompt_placeholder_fields={"image": ("boi_token_index",)},
     support={"grouped": TESTED, "hf": TESTED, "vllm_colocate": VLLM_CPU,
              "vllm_pool": VLLM_CPU, "weight_sync": VLLM_CPU, "video": NO_VIDEO,
              "lora": TESTED})
