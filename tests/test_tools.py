@@ -345,3 +345,30 @@ def test_format_reward_judges_a_trajectory_by_its_answer_turn():
               "model_turns": 2, "stop_reason": "answer"}
     assert fn(completions=[whole]) == [0.0]  # the whole text is not think + answer
     assert fn(completions=[whole, whole], trajectories=[answer, {**answer, "final_text": "3"}]) == [1.0, 0.0]
+
+
+def test_the_zoom_task_is_readable_only_after_a_crop(tmp_path):
+    """The demo task's premise: at the prompt budget the whole detail fits in one visual token, while crop_image on
+    the row's region (the call a policy should learn) returns it at full resolution, as many tokens as the plain
+    counting task uses; the squares there are exactly the solution's count."""
+    from r1_mm.config.recipe import MediaConfig
+    from r1_mm.data.loading import read_rows
+    from r1_mm.data.media import load_image
+    from r1_mm.testing.synthetic import counting_image, make_zoom_task
+
+    path = make_zoom_task(tmp_path, 6, seed=3)
+    budget = MediaConfig(min_pixels=3136, max_pixels=112 * 112)
+    for row in read_rows(path):
+        shown = load_image(row["image"], budget, factor=28, root=tmp_path)
+        assert shown.size == (112, 112)  # 4 x 4 tokens of 28 px for the whole 448 image
+        x1, y1, x2, y2 = row["region"]
+        scale = shown.width / 448
+        assert (x2 - x1) * scale <= 28 and (y2 - y1) * scale <= 28  # the detail: one token
+        media = ToolMedia(images=(Image.open(tmp_path / row["image"]).convert("RGB"),), shown_sizes=(shown.size,))
+        crop = get("crop_image").with_kwargs({"coordinates": "original"})(media, {"bbox_2d": row["region"]})
+        (region,) = crop.images
+        assert region.size == (112, 112)  # 16 tokens, the counting demo's image size
+        arr = np.asarray(region)
+        squares = (arr.max(-1) > 100).sum() // (16 * 16)  # each square 16 x 16 px, bright
+        assert squares == int(row["solution"])
+    assert counting_image(2, seed=0).size == (112, 112)

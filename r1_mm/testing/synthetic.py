@@ -236,3 +236,48 @@ def make_multi_image_task(out_dir: str | Path, num_rows: int, *, seed: int = 0, 
                      "prompt": "How many squares are there in the two images together?",
                      "solution": str(sum(counts)), "problem_type": "counting"})
     return write_jsonl(rows, out_dir / f"{name}.jsonl")
+
+
+CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
+
+
+def corner_box(corner: str, size: int, region: int) -> list[int]:
+    """[x1, y1, x2, y2] of the ``region`` x ``region`` square in ``corner`` of a ``size`` x ``size`` image."""
+    x = 0 if corner.endswith("left") else size - region
+    y = 0 if corner.startswith("top") else size - region
+    return [x, y, x + region, y + region]
+
+
+def zoom_image(n: int, corner: str, *, seed: int, size: int = 448, region: int = 112) -> Image.Image:
+    """A large image with exactly ``n`` squares, all inside the ``region`` square at ``corner`` (a counting image
+    of that size pasted there) and faint clutter elsewhere. At a prompt budget that shows the whole image at
+    ``region`` pixels the squares shrink by size / region and the whole detail falls into one visual token; a crop
+    of the corner shows it at full resolution."""
+    rng = random.Random(seed)
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for _ in range(size // 8):  # clutter: dim dots that are not squares to count
+        x, y = rng.randrange(size), rng.randrange(size)
+        draw.point((x, y), fill=(40, 40, 40))
+    x1, y1, _, _ = corner_box(corner, size, region)
+    img.paste(counting_image(n, seed=rng.randrange(2**31), size=region), (x1, y1))
+    return img
+
+
+def make_zoom_task(out_dir: str | Path, num_rows: int, *, seed: int = 0, size: int = 448, region: int = 112,
+                   corners: tuple[str, ...] = CORNERS, min_count: int = 1, max_count: int = 5,
+                   name: str = "zoom") -> Path:
+    """Counting that needs a zoom (issue 23's demo task): "How many squares are in the <corner> corner?" on a
+    ``size`` image whose squares all lie in the ``region`` square at that corner; ``region`` (the row's column,
+    original pixels) is where a right crop_image call looks. problem_type ``counting``."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows = []
+    for i in range(num_rows):
+        n, corner = rng.randint(min_count, max_count), rng.choice(corners)
+        rel = f"images/{name}_{i:05d}.png"
+        zoom_image(n, corner, seed=rng.randrange(2**31), size=size, region=region).save(out_dir / rel)
+        rows.append({"id": f"{name}-{i}", "image": rel, "prompt": f"How many squares are in the {corner} corner?",
+                     "solution": str(n), "problem_type": "counting", "region": corner_box(corner, size, region)})
+    return write_jsonl(rows, out_dir / f"{name}.jsonl")
