@@ -238,3 +238,22 @@ def test_eval_prompts_of_a_tool_recipe_show_the_tools(tmp_path, synthetic_data, 
     samples = eval_rows(cfg, processor)
     assert samples and all('<tools>\n{"type": "function", "function": {"name": "crop_image"' in s.prompt_text
                            for s in samples)
+
+
+def test_the_total_pixel_budget_is_what_the_model_gets(setting):
+    """tools.max_total_pixels: the second crop would pass it, so it is not shown; its call's text says so, and the
+    drop is counted."""
+    processor, model, tools, samples = setting
+    limited = ToolsConfig(functions=[ToolSpec("crop_image")], max_turns=3, max_tool_calls=2,
+                          max_total_pixels=56 * 56 + 100)  # the first crop (56 x 56 shown) fits, the second not
+    rollout = ToolRollout(scripted_engine(processor, model, samples[:1], SCRIPT), processor, limited, MediaConfig())
+    try:
+        (result,) = rollout.generate(samples[:1], 1, SamplingSettings(max_tokens=96, seed=0))
+    finally:
+        rollout.close()
+    (c,) = result.completions
+    first, second = c.trajectory.calls
+    assert (first["images"], first["dropped_images"]) == (1, 0)
+    assert (second["images"], second["dropped_images"]) == (0, 1)
+    assert "1 image(s) not shown" in second["text"] and "tools.max_total_pixels" in second["text"]
+    assert c.context.num_images == 1 and rollout.stats["tools/dropped_images"] == 1.0

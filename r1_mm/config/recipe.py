@@ -265,6 +265,9 @@ class ToolsConfig:
         "help": "images one call may return to the model (a tool's further images are dropped, and counted)"})
     max_pixels_per_image: int = field(default=401408, metadata={
         "help": "a tool image is resized to at most this many pixels (as media.max_pixels does for the prompt's)"})
+    max_total_pixels: int = field(default=4014080, metadata={
+        "help": "pixels of all tool images of one trajectory together (after max_pixels_per_image); images past it are "
+                "not shown, and the call's text says so"})
     call_timeout_s: float = field(default=30.0, metadata={
         "help": "seconds one call may take; a slower one returns an error text to the model"})
     workers: int = field(default=8, metadata={"help": "calls of a batch run concurrently on this many threads"})
@@ -692,7 +695,8 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
                         "would never call them")
     if cfg.tools.max_total_tokens is not None and cfg.tools.max_total_tokens < 1:
         problems.append("tools.max_total_tokens must be >= 1 (or null)")
-    for name in ("max_turns", "max_tool_calls", "max_images_per_call", "max_pixels_per_image", "workers"):
+    for name in ("max_turns", "max_tool_calls", "max_images_per_call", "max_pixels_per_image", "max_total_pixels",
+                 "workers"):
         if getattr(cfg.tools, name) < 1:
             problems.append(f"tools.{name} must be >= 1")
     if cfg.tools.call_timeout_s <= 0:

@@ -51,6 +51,7 @@ class _Trajectory:
     turns: list[ToolTurn] = field(default_factory=list)
     calls_made: int = 0
     model_turns: int = 1
+    tool_pixels: int = 0  # pixels of the tool images shown so far (tools.max_total_pixels)
     stop: str = ""  # why it ended: answer, max_turns, max_tool_calls, max_total_tokens, truncated
 
 
@@ -183,14 +184,23 @@ class ToolRollout(RolloutEngine):
         messages, images, record = [], [], ToolTurn()
         for o in outcomes:
             kept = o.result.images[: self.cfg.max_images_per_call]
-            budgeted = [budget_image(im, self.processor, min_pixels=self.media.min_pixels,
-                                     max_pixels=self.cfg.max_pixels_per_image) for im in kept]
+            budgeted = []
+            for im in kept:
+                im = budget_image(im, self.processor, min_pixels=self.media.min_pixels,
+                                  max_pixels=self.cfg.max_pixels_per_image)
+                if t.tool_pixels + im.width * im.height > self.cfg.max_total_pixels:
+                    break  # this and the call's later images are dropped (counted), the text says so
+                t.tool_pixels += im.width * im.height
+                budgeted.append(im)
+            if len(budgeted) < len(o.result.images):
+                o.result.text += (f" ({len(o.result.images) - len(budgeted)} image(s) not shown: tools.max_images_per_call "
+                                  f"{self.cfg.max_images_per_call}, tools.max_total_pixels {self.cfg.max_total_pixels})")
             images += budgeted
             messages.append(tool_message(o.result.text, len(budgeted)))
             record.calls.append({"name": o.call.name if o.call else None,
                                  "arguments": json.loads(json.dumps(dict(o.call.arguments))) if o.call else None,
                                  "status": o.status, "text": o.result.text, "images": len(budgeted),
-                                 "dropped_images": len(o.result.images) - len(kept)})
+                                 "dropped_images": len(o.result.images) - len(budgeted)})
         record.images = list(images)
         end = self.end_of_turn.get(t.builder.ids[-1])
         try:
@@ -226,7 +236,8 @@ class ToolRollout(RolloutEngine):
                "tools/success_rate": statuses["ok"] / len(calls) if calls else float("nan"),
                "tools/calls_per_trajectory": len(calls) / n,
                "tools/turns": sum(t.model_turns for t in flat) / n,
-               "tools/tool_tokens": sum(t.builder.num_tool_tokens for t in flat) / n}
+               "tools/tool_tokens": sum(t.builder.num_tool_tokens for t in flat) / n,
+               "tools/dropped_images": sum(c.get("dropped_images", 0) for c in calls) / n}
         for status, count in statuses.items():
             if status != "ok":
                 out[f"tools/errors/{status}"] = count / n
