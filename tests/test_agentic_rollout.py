@@ -243,7 +243,7 @@ def test_eval_prompts_of_a_tool_recipe_show_the_tools(tmp_path, synthetic_data, 
 def test_the_total_pixel_budget_is_what_the_model_gets(setting):
     """tools.max_total_pixels: the second crop would pass it, so it is not shown; its call's text says so, and the
     drop is counted."""
-    processor, model, tools, samples = setting
+    processor, model, _, samples = setting
     limited = ToolsConfig(functions=[ToolSpec("crop_image")], max_turns=3, max_tool_calls=2,
                           max_total_pixels=56 * 56 + 100)  # the first crop (56 x 56 shown) fits, the second not
     rollout = ToolRollout(scripted_engine(processor, model, samples[:1], SCRIPT), processor, limited, MediaConfig())
