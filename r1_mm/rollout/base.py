@@ -127,3 +127,12 @@ def media_token_ids(config: Any) -> list[int]:
              "image_token_index", "video_token_index")
     ids = {getattr(config, n, None) for n in names}
     return sorted(i for i in ids if isinstance(i, int) and i >= 0)
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The tokens a turn ends on: the tokenizer's end-of-sequence token and the generation config's (what
+    transformers' ``generate`` and vLLM both stop on)."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
+    return {i for i in ids if i is not None}
