@@ -687,9 +687,10 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         problems.append("algorithm.grpo.beta must be >= 0")
     if cfg.data.max_prompt_length < 1:
         problems.append("data.max_prompt_length must be >= 1")
-    if cfg.tools.functions and cfg.rollout.engine in ("vllm_colocate", "vllm_pool"):
-        problems.append(f"tools.functions: multi-turn tool rollouts run on rollout.engine=hf only so far (the vLLM "
-                        f"engines do not continue a trajectory yet); got rollout.engine={cfg.rollout.engine}")
+    if cfg.tools.functions and cfg.rollout.engine == "vllm_pool":
+        problems.append("tools.functions: multi-turn tool rollouts run on rollout.engine=hf or vllm_colocate (the "
+                        "vllm_pool servers take text prompts, and a trajectory must go on from its token ids); "
+                        "got rollout.engine=vllm_pool")
     if cfg.tools.functions and cfg.algorithm.name != "grpo":
         problems.append(f"tools.functions: tool rollouts are trained by GRPO only; algorithm.name={cfg.algorithm.name} "
                         "would never call them")
