@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from r1_mm.config.recipe import ToolsConfig, ToolSpec, load_recipe
+from r1_mm.config.recipe import MediaConfig, ToolsConfig, ToolSpec, load_recipe
 from r1_mm.data import PromptBuilder
 from r1_mm.data.loading import read_rows
 from r1_mm.data.turns import (
@@ -290,3 +290,44 @@ def test_vllm_continues_a_tool_trajectory_as_the_learner_scores_it(engines, chec
             stale = torch.cat(learner_gaps(before, processor, samples, builders, turns))
             print("round", round_, "engine vs the weights before the sync", float(stale.max()))
             assert float(stale.max()) > MOVED
+
+
+def test_a_sleeping_engine_stays_awake_for_all_turns_of_a_tool_rollout():
+    """On GPU the colocated engine sleeps at level 2 after each generate (weights discarded) and a wake reloads them:
+    a tool rollout's turns run under one wake (ToolRollout enters the engine's awake()), one sync, not one per turn.
+    No GPU here: the engine object is real, vLLM's sleep/wake and the sync are recorders."""
+    from types import SimpleNamespace
+
+    events: list[tuple] = []
+    engine = vllm_colocate.VLLMColocateEngine.__new__(vllm_colocate.VLLMColocateEngine)
+    engine.llm = SimpleNamespace(sleep=lambda level: events.append(("sleep", level)),
+                                 wake_up=lambda tags: events.append(("wake", *tags)))
+    engine.on_gpu, engine.cfg = True, SimpleNamespace(rollout=SimpleNamespace(vllm_sleep_mode=True))
+    engine.sleeping, engine.weights_discarded, engine.held, engine.policy, engine.eos = True, True, 0, object(), set()
+    held: list[int] = []
+
+    def sync(model):
+        events.append(("sync",))
+        engine.weights_discarded = False
+
+    def turn(*_):  # what generate and continue_trajectories do around vLLM's generate
+        held.append(engine.held)
+        engine._wake_for_generation()
+        engine._sleep()
+        return []
+
+    engine.update_weights, engine.generate, engine.continue_trajectories = sync, turn, turn
+    engine.close = lambda: None  # the real one would tear down vLLM's groups of this process
+    turn(), turn()  # the control: two turns outside awake()
+    assert events == [("sync",), ("wake", "kv_cache"), ("sleep", 2)] * 2
+    events.clear()
+    engine.sleeping, engine.weights_discarded = True, True
+    with engine.awake():
+        turn(), turn(), turn()
+    assert events == [("sync",), ("wake", "kv_cache"), ("sleep", 2)]
+    rollout = ToolRollout(engine, SimpleNamespace(), ToolsConfig(functions=[ToolSpec("crop_image")]), MediaConfig())
+    try:
+        assert rollout.generate([], 2, SamplingSettings()) == []
+    finally:
+        rollout.close()
+    assert held == [0, 0, 1, 1, 1, 1]  # ToolRollout's first turn already ran inside awake()

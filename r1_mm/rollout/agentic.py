@@ -14,6 +14,7 @@ gets the ids with the images' placeholders unexpanded and checks that its expans
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -102,6 +103,11 @@ class ToolRollout(RolloutEngine):
         return self.executor.schemas()
 
     def generate(self, batch: list[Sample], n: int, sampling: SamplingSettings) -> list[PromptCompletions]:
+        awake = getattr(self.engine, "awake", None)  # an engine that sleeps between rollouts stays up for all turns
+        with awake() if callable(awake) else contextlib.nullcontext():
+            return self._generate(batch, n, sampling)
+
+    def _generate(self, batch: list[Sample], n: int, sampling: SamplingSettings) -> list[PromptCompletions]:
         first = self.engine.generate(batch, n, sampling)
         with_types = any("mm_token_type_ids" in s.inputs for s in batch)
         trajectories: list[list[_Trajectory]] = []

@@ -20,9 +20,11 @@ takes the live stream of tensors, with no copy (rollout/reload.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -88,6 +90,7 @@ class VLLMColocateEngine(RolloutEngine):
         self.present_video = video_presenter(model.config, processor)
         self.on_gpu = torch.cuda.is_available()
         self.sleeping = False
+        self.held = 0  # open awake() blocks: no sleep until the last ends
         kwargs: dict[str, Any] = dict(
             model=resolve_model_path(cfg.model), dtype=engine_dtype(r.vllm_dtype, model), max_model_len=r.vllm_max_model_len,
             limit_mm_per_prompt=media_limits(cfg, model.config), logprobs_mode="processed_logprobs",
@@ -121,9 +124,21 @@ class VLLMColocateEngine(RolloutEngine):
     def sleep_mode(self) -> bool:
         return self.on_gpu and self.cfg.rollout.vllm_sleep_mode
 
+    @contextlib.contextmanager
+    def awake(self) -> Iterator[None]:
+        """Several generate calls under one wake (a tool rollout's turns): without it every turn would sleep at level
+        2 and wake by reloading the policy's weights, a whole sync per turn."""
+        self._wake_for_generation()
+        self.held += 1
+        try:
+            yield
+        finally:
+            self.held -= 1
+            self._sleep()
+
     def _sleep(self) -> None:
         """Level 2: weights and KV cache discarded (nothing copied to host memory)."""
-        if self.sleep_mode and not self.sleeping:
+        if self.sleep_mode and not self.sleeping and not self.held:
             self.llm.sleep(level=2)
             self.sleeping, self.weights_discarded = True, True
 
