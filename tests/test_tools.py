@@ -289,6 +289,10 @@ def test_a_tool_recipe_is_checked_at_load():
     colocate = RecipeConfig.from_dict({"rewards": {"functions": ["accuracy"]}, "rollout": {"engine": "vllm_colocate"},
                                        "tools": {"functions": ["crop_image"]}})
     check(colocate)
+    with pytest.raises(ConfigError, match=r"vllm_max_model_len \(8192\) is below data.max_prompt_length \+ "
+                                          r"tools.max_total_tokens \(9000\)"):
+        RecipeConfig.from_dict({"rollout": {"engine": "vllm_colocate"}, "data": {"max_prompt_length": 1000},
+                                "tools": {"functions": ["crop_image"], "max_total_tokens": 8000}})
     with pytest.raises(ConfigError, match="tools.max_turns must be >= 1"):
         RecipeConfig.from_dict({"tools": {"max_turns": 0}})
     bad = RecipeConfig.from_dict({"rewards": {"functions": ["accuracy"]},

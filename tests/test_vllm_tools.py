@@ -182,6 +182,22 @@ def test_a_vllm_turn_keeps_its_end_token(colocated):
     assert turn.token_ids == [end] and not turn.truncated and len(turn.logprobs) == 1
 
 
+def test_a_turn_never_asks_vllm_past_its_model_length(colocated, checked_ids, monkeypatch):
+    """A continuation gets at most the tokens left in rollout.vllm_max_model_len (vLLM would refuse the request
+    otherwise), and a trajectory with none left ends with an empty truncated turn, without a request."""
+    cfg, processor, _, engine, samples = colocated
+    builder = two_turns(processor, samples[0], cfg.media, "red")
+    length = len(learner_ids(samples[0], builder.ids))
+    model_config = engine.llm.llm_engine.vllm_config.model_config
+    sampling = SamplingSettings(max_tokens=8, seed=1)
+    monkeypatch.setattr(model_config, "max_model_len", length + 3)
+    (turn,) = engine.continue_trajectories([(samples[0], builder.ids, builder.context(), 8)], sampling)
+    assert len(checked_ids) == 1 and 1 <= len(turn.token_ids) <= 3
+    monkeypatch.setattr(model_config, "max_model_len", length)
+    (turn,) = engine.continue_trajectories([(samples[0], builder.ids, builder.context(), 8)], sampling)
+    assert len(checked_ids) == 1 and turn.token_ids == [] and turn.truncated
+
+
 class FirstTurnFromHF:
     """The engine ToolRollout wraps: the first turn from the hf engine with a scripted policy (a tiny random model
     never writes a tool call; vLLM's sampling cannot be scripted), every later turn from vLLM."""

@@ -1,7 +1,9 @@
 """The rollout engine interface: prompts (messages + decoded media) in, G completions each out.
 
 Engines receive :class:`~r1_mm.data.prompts.Sample` objects (raw media plus messages), never
-pre-tokenised ids with images, so no engine can re-process images differently from the learner.
+pre-tokenised ids with images, so no engine can re-process images differently from the learner. (A tool
+trajectory is continued from its token ids, the sampler's own; its images go along as pixels, and an engine
+that expands their placeholders itself checks that it got the learner's ids: ``vllm_colocate``.)
 The engines are found by name in :mod:`r1_mm.rollout.engines`.
 """
 

@@ -2,10 +2,12 @@
 learner's token suppression, and completions read back with their sampling logprobs.
 
 A request is the chat-templated prompt text plus the raw media the learner decoded (PIL images,
-video frames with their timing), never pre-tokenised ids: vLLM's own processor expands the
+video frames with their timing), never ids with expanded vision tokens: vLLM's own processor expands the
 placeholders from exactly these pixels, so its prompt tokens equal the learner's (tested). A family
 whose vLLM model has no video modality says how its videos go instead (SmolVLM: the frames as unsplit
-images, :func:`video_presenter`).
+images, :func:`video_presenter`). A tool trajectory's next turn is the one request of token ids
+(:func:`continuation_request`): placeholders still unexpanded, and vLLM's expansion checked against the
+learner's ids.
 """
 
 from __future__ import annotations
@@ -123,8 +125,9 @@ def media_limits(cfg: Any, config: Any) -> dict[str, int]:
 def media_request(prompt: str | list[int], images: list[Any], videos: list[tuple[Any, dict[str, Any]]],
                   mm_kwargs: dict[str, Any] | None = None, present_video: VideoPresenter | None = None) -> dict[str, Any]:
     """The prompt as vLLM's ``generate`` takes it: text (or token ids with unexpanded placeholders) + decoded
-    images + (frames, metadata) videos, with the family's processor kwargs (``mm_kwargs``, see :func:`processor_kwargs`); videos of a family whose vLLM
-    model has no video modality go as that family presents them (``present_video``, see :func:`video_presenter`)."""
+    images + (frames, metadata) videos, with the family's processor kwargs (``mm_kwargs``, see
+    :func:`processor_kwargs`); videos of a family whose vLLM model has no video modality go as that family presents
+    them (``present_video``, see :func:`video_presenter`)."""
     kwargs = dict(DEFAULT_VLLM_PROCESSOR_KWARGS if mm_kwargs is None else mm_kwargs)
     if videos and present_video is not None:
         if not isinstance(prompt, str):
