@@ -276,7 +276,7 @@ def test_tools_check_re_watches_a_videos_span(synthetic_data, capsys):
 
 
 def test_a_tool_recipe_is_checked_at_load():
-    """Tools run on the hf engine with GRPO; names and options resolve before any model loads."""
+    """Tools run on the hf and vllm_colocate engines with GRPO; names and options resolve before any model loads."""
     from r1_mm.config.recipe import ConfigError, RecipeConfig
     from r1_mm.run.input_checks import check
 
@@ -284,8 +284,15 @@ def test_a_tool_recipe_is_checked_at_load():
     ok = RecipeConfig.from_dict({"rewards": {"functions": ["accuracy"]},
                                  "tools": {"functions": ["crop_image", {"name": "video_frames", "kwargs": {"max_frames": 4}}]}})
     check(ok)
-    with pytest.raises(ConfigError, match="run on rollout.engine=hf only"):
-        RecipeConfig.from_dict({"rollout": {"engine": "vllm_colocate"}, "tools": {"functions": ["crop_image"]}})
+    with pytest.raises(ConfigError, match="run on rollout.engine=hf or vllm_colocate"):
+        RecipeConfig.from_dict({"rollout": {"engine": "vllm_pool"}, "tools": {"functions": ["crop_image"]}})
+    colocate = RecipeConfig.from_dict({"rewards": {"functions": ["accuracy"]}, "rollout": {"engine": "vllm_colocate"},
+                                       "tools": {"functions": ["crop_image"]}})
+    check(colocate)
+    with pytest.raises(ConfigError, match=r"vllm_max_model_len \(8192\) is below data.max_prompt_length \+ "
+                                          r"tools.max_total_tokens \(9000\)"):
+        RecipeConfig.from_dict({"rollout": {"engine": "vllm_colocate"}, "data": {"max_prompt_length": 1000},
+                                "tools": {"functions": ["crop_image"], "max_total_tokens": 8000}})
     with pytest.raises(ConfigError, match="tools.max_turns must be >= 1"):
         RecipeConfig.from_dict({"tools": {"max_turns": 0}})
     bad = RecipeConfig.from_dict({"rewards": {"functions": ["accuracy"]},

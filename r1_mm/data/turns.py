@@ -72,6 +72,13 @@ def encode_turn(processor: Any, text: str, images: Sequence[Image.Image]) -> Any
     return encode_prompts(processor, [text], list(images), [])
 
 
+def unexpanded_turn_ids(processor: Any, text: str) -> list[int]:
+    """A tool turn's ids as its text tokenises, each image one placeholder as the chat template writes it (what
+    vLLM's processor expands from the images it is given, as it does for a text prompt)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 # keys of a tool turn's processor output that are per token (the rest are its images' vision tensors)
 TURN_TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
@@ -86,6 +93,11 @@ class ToolContext:
     model_mask: list[int]  # one per completion token: 1 = sampled by the model, 0 = a tool turn's
     token_types: list[int] | None = None  # mm_token_type_ids of the completion tokens (None: the family has none)
     vision: dict[str, torch.Tensor] = field(default_factory=dict)
+    # for an engine that expands media placeholders itself (vLLM): the tool images as budgeted (PIL, in order of
+    # appearance) and the completion's ids with each tool turn as its text tokenises, before the processor expanded
+    # its images' placeholders (the model turns as sampled); None where a tool turn was added without them
+    images: list[Image.Image] = field(default_factory=list)
+    unexpanded_ids: list[int] | None = None
 
     @property
     def num_images(self) -> int:
@@ -103,6 +115,8 @@ class TrajectoryBuilder:
         self.model_mask: list[int] = []
         self.token_types: list[int] | None = [] if with_token_types else None
         self.vision_parts: list[dict[str, torch.Tensor]] = []
+        self.images: list[Image.Image] = []
+        self.unexpanded_ids: list[int] | None = []
 
     def add_model_turn(self, ids: Sequence[int], logprobs: Sequence[float] | None = None) -> None:
         self.ids += list(ids)
@@ -110,8 +124,13 @@ class TrajectoryBuilder:
         self.model_mask += [1] * len(ids)
         if self.token_types is not None:
             self.token_types += [0] * len(ids)
+        if self.unexpanded_ids is not None:
+            self.unexpanded_ids += list(ids)
 
-    def add_tool_turn(self, inputs: Any) -> None:
+    def add_tool_turn(self, inputs: Any, images: Sequence[Image.Image] | None = None,
+                      unexpanded_ids: Sequence[int] | None = None) -> None:
+        """``inputs``: the turn's processor output (:func:`encode_turn`); ``images`` (what it was given) and
+        ``unexpanded_ids`` (:func:`unexpanded_turn_ids`) for engines that expand placeholders themselves."""
         ids = inputs["input_ids"][0].tolist()
         self.ids += ids
         self.logprobs += [0.0] * len(ids)
@@ -122,6 +141,11 @@ class TrajectoryBuilder:
         vision = {k: v for k, v in inputs.items() if k not in TURN_TEXT_KEYS}
         if vision:
             self.vision_parts.append(vision)
+        self.images += list(images or [])
+        if unexpanded_ids is None or (vision and not images):
+            self.unexpanded_ids = None  # this trajectory can be continued only by an engine that takes expanded ids
+        elif self.unexpanded_ids is not None:
+            self.unexpanded_ids += list(unexpanded_ids)
 
     @property
     def num_tool_tokens(self) -> int:
@@ -132,4 +156,6 @@ class TrajectoryBuilder:
         for key in {k for part in self.vision_parts for k in part}:
             vision[key] = torch.cat([torch.as_tensor(part[key]) for part in self.vision_parts if key in part])
         return ToolContext(model_mask=list(self.model_mask),
-                           token_types=None if self.token_types is None else list(self.token_types), vision=vision)
+                           token_types=None if self.token_types is None else list(self.token_types), vision=vision,
+                           images=list(self.images),
+                           unexpanded_ids=None if self.unexpanded_ids is None else list(self.unexpanded_ids))

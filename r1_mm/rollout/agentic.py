@@ -7,11 +7,14 @@ alone (:mod:`r1_mm.data.turns`); nothing is decoded and encoded again. Its :clas
 learner which tokens the model sampled (the only ones scored and trained on) and carries the tool images.
 
 Which engines: one that can continue a trajectory from token ids with the tool images
-(``continue_trajectory``): today the hf engine. The vLLM engines are refused at load for tool recipes.
+(``continue_trajectory``, or ``continue_trajectories`` for a batch): the hf engine and ``vllm_colocate`` (which
+gets the ids with the images' placeholders unexpanded and checks that its expansion equals the learner's ids).
+``vllm_pool`` is refused at load for tool recipes (its servers take text prompts).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -26,6 +29,7 @@ from r1_mm.data.turns import (
     continuation_text,
     encode_turn,
     tool_message,
+    unexpanded_turn_ids,
 )
 from r1_mm.rollout.base import (
     Completion,
@@ -69,9 +73,9 @@ class ToolRollout(RolloutEngine):
     """Wraps an engine that samples turns; runs the recipe's tools between them."""
 
     def __init__(self, engine: RolloutEngine, processor: Any, tools: ToolsConfig, media: MediaConfig):
-        if not callable(getattr(engine, "continue_trajectory", None)):
+        if not any(callable(getattr(engine, m, None)) for m in ("continue_trajectory", "continue_trajectories")):
             raise ValueError(f"rollout engine '{engine.name}' cannot continue a trajectory after a tool turn; "
-                             "agentic rollouts run on rollout.engine=hf")
+                             "agentic rollouts run on rollout.engine=hf or vllm_colocate")
         self.engine = engine
         self.name = engine.name
         self.samples_from_policy = getattr(engine, "samples_from_policy", False)
@@ -99,6 +103,11 @@ class ToolRollout(RolloutEngine):
         return self.executor.schemas()
 
     def generate(self, batch: list[Sample], n: int, sampling: SamplingSettings) -> list[PromptCompletions]:
+        awake = getattr(self.engine, "awake", None)  # an engine that sleeps between rollouts stays up for all turns
+        with awake() if callable(awake) else contextlib.nullcontext():
+            return self._generate(batch, n, sampling)
+
+    def _generate(self, batch: list[Sample], n: int, sampling: SamplingSettings) -> list[PromptCompletions]:
         first = self.engine.generate(batch, n, sampling)
         with_types = any("mm_token_type_ids" in s.inputs for s in batch)
         trajectories: list[list[_Trajectory]] = []
@@ -116,6 +125,7 @@ class ToolRollout(RolloutEngine):
             if not live:
                 break
             self._run_tool_turns(live, media_cache)
+            going = []
             for t in live:
                 if t.stop:
                     continue
@@ -123,7 +133,8 @@ class ToolRollout(RolloutEngine):
                 if budget <= 0:
                     t.stop = "max_total_tokens"
                     continue
-                turn = self.engine.continue_trajectory(t.sample, t.builder.ids, t.builder.context(), sampling, budget)
+                going.append((t, budget))
+            for (t, _), turn in zip(going, self._continue(going, sampling), strict=True):
                 t.builder.add_model_turn(turn.token_ids, turn.logprobs)
                 t.last_text, t.truncated = turn.text, turn.truncated
                 t.model_turns += 1
@@ -136,6 +147,17 @@ class ToolRollout(RolloutEngine):
                                   prompt_token_ids=r.prompt_token_ids) for r, group in zip(first, trajectories)]
 
     # -- turns ----------------------------------------------------------------------------------------
+    def _continue(self, going: list[tuple[_Trajectory, int]], sampling: SamplingSettings) -> list[Completion]:
+        """The next model turn of each trajectory: in one batch where the engine takes one (vLLM), else one by one."""
+        items = [(t.sample, t.builder.ids, t.builder.context(), budget) for t, budget in going]
+        if not items:
+            return []
+        batched = getattr(self.engine, "continue_trajectories", None)
+        if callable(batched):
+            return batched(items, sampling)
+        return [self.engine.continue_trajectory(sample, ids, context, sampling, budget)
+                for sample, ids, context, budget in items]
+
     def _parse(self, text: str) -> ParsedCalls:
         return self.call_format.parse(text)
 
@@ -214,7 +236,7 @@ class ToolRollout(RolloutEngine):
             t.stop = "max_total_tokens"
             t.turns.append(record)
             return
-        t.builder.add_tool_turn(inputs)
+        t.builder.add_tool_turn(inputs, images, unexpanded_turn_ids(self.processor, text))
         t.turns.append(record)
 
     # -- results --------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The rollout engine interface: prompts (messages + decoded media) in, G completions each out.
 
 Engines receive :class:`~r1_mm.data.prompts.Sample` objects (raw media plus messages), never
-pre-tokenised ids with images, so no engine can re-process images differently from the learner.
+pre-tokenised ids with images, so no engine can re-process images differently from the learner. (A tool
+trajectory is continued from its token ids, the sampler's own; its images go along as pixels, and an engine
+that expands their placeholders itself checks that it got the learner's ids: ``vllm_colocate``.)
 The engines are found by name in :mod:`r1_mm.rollout.engines`.
 """
 
@@ -127,3 +129,12 @@ def media_token_ids(config: Any) -> list[int]:
              "image_token_index", "video_token_index")
     ids = {getattr(config, n, None) for n in names}
     return sorted(i for i in ids if isinstance(i, int) and i >= 0)
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The tokens a turn ends on: the tokenizer's end-of-sequence token and the generation config's (what
+    transformers' ``generate`` and vLLM both stop on)."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
+    return {i for i in ids if i is not None}

@@ -20,15 +20,9 @@ from r1_mm.rollout.base import (
     PromptCompletions,
     RolloutEngine,
     SamplingSettings,
+    eos_ids,
     media_token_ids,
 )
-
-
-def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
-    return {i for i in ids if i is not None}
 
 
 def _shared_prefill(model: torch.nn.Module, inputs: Any, n: int) -> Any:
@@ -140,7 +134,7 @@ class HFRolloutEngine(RolloutEngine):
 
     @property
     def eos(self) -> set[int]:
-        return _eos_ids(self.model, self.tokenizer)
+        return eos_ids(self.model, self.tokenizer)
 
     def _completion(self, ids: list[int], logprobs: torch.Tensor) -> Completion:
         """A sampled row cut after its first end-of-sequence token."""

@@ -20,21 +20,28 @@ takes the live stream of tensors, with no copy (rollout/reload.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from r1_mm.config.recipe import RecipeConfig
+from r1_mm.core.seeds import derive_seed
 from r1_mm.data.prompts import Sample
+from r1_mm.data.turns import ToolContext
 from r1_mm.models.loading import resolve_model_path
 from r1_mm.models.weights import iter_policy_weights
 from r1_mm.rollout.base import (
+    Completion,
     PromptCompletions,
     RolloutEngine,
     SamplingSettings,
+    eos_ids,
     media_token_ids,
 )
 from r1_mm.rollout.reload import (
@@ -45,11 +52,14 @@ from r1_mm.rollout.reload import (
 )
 from r1_mm.rollout.shm_segments import WeightSegment
 from r1_mm.rollout.vllm_common import (
+    check_prompt_ids,
     completion_from_vllm,
+    continuation_request,
     engine_dtype,
     engine_info,
     engine_sizing,
     generate,
+    learner_ids,
     media_limits,
     normalisation_kwargs,
     processor_kwargs,
@@ -75,10 +85,12 @@ class VLLMColocateEngine(RolloutEngine):
         self.cfg = cfg
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.suppressed_ids = media_token_ids(model.config)
+        self.eos = eos_ids(model, self.tokenizer)  # where a turn ends (ToolRollout reads it to glue tool turns on)
         self.mm_kwargs = processor_kwargs(model.config)
         self.present_video = video_presenter(model.config, processor)
         self.on_gpu = torch.cuda.is_available()
         self.sleeping = False
+        self.held = 0  # open awake() blocks: no sleep until the last ends
         kwargs: dict[str, Any] = dict(
             model=resolve_model_path(cfg.model), dtype=engine_dtype(r.vllm_dtype, model), max_model_len=r.vllm_max_model_len,
             limit_mm_per_prompt=media_limits(cfg, model.config), logprobs_mode="processed_logprobs",
@@ -112,9 +124,21 @@ class VLLMColocateEngine(RolloutEngine):
     def sleep_mode(self) -> bool:
         return self.on_gpu and self.cfg.rollout.vllm_sleep_mode
 
+    @contextlib.contextmanager
+    def awake(self) -> Iterator[None]:
+        """Several generate calls under one wake (a tool rollout's turns): without it every turn would sleep at level
+        2 and wake by reloading the policy's weights, a whole sync per turn."""
+        self._wake_for_generation()
+        self.held += 1
+        try:
+            yield
+        finally:
+            self.held -= 1
+            self._sleep()
+
     def _sleep(self) -> None:
         """Level 2: weights and KV cache discarded (nothing copied to host memory)."""
-        if self.sleep_mode and not self.sleeping:
+        if self.sleep_mode and not self.sleeping and not self.held:
             self.llm.sleep(level=2)
             self.sleeping, self.weights_discarded = True, True
 
@@ -172,3 +196,40 @@ class VLLMColocateEngine(RolloutEngine):
         return [PromptCompletions(sample=s, completions=[completion_from_vllm(c, self.tokenizer) for c in out.outputs],
                                   prompt_token_ids=list(out.prompt_token_ids))
                 for s, out in zip(batch, outputs, strict=True)]
+
+    def continue_trajectory(self, sample: Sample, ids: list[int], context: ToolContext,
+                            sampling: SamplingSettings, max_tokens: int) -> Completion:
+        """The next model turn of a trajectory (see :meth:`continue_trajectories`)."""
+        return self.continue_trajectories([(sample, ids, context, max_tokens)], sampling)[0]
+
+    def continue_trajectories(self, items: list[tuple[Sample, list[int], ToolContext, int]],
+                              sampling: SamplingSettings) -> list[Completion]:
+        """The next model turn of each trajectory ``(sample, ids, context, max_tokens)``, in one ``generate``: the
+        prompt and the completion so far (model turns and tool turns) as token ids with their images unexpanded,
+        the prompt's media and the tool images (:func:`continuation_request`). vLLM's expanded prompt ids are
+        checked against the learner's (prompt ids + ``ids``), so a sample never comes from a context the learner
+        does not score. A trajectory that already fills ``rollout.vllm_max_model_len`` gets an empty truncated turn."""
+        room = self.llm.llm_engine.vllm_config.model_config.max_model_len
+        requests, params, expected, slots = [], [], [], []
+        for i, (sample, ids, context, max_tokens) in enumerate(items):
+            full = learner_ids(sample, ids)
+            budget = min(max_tokens, room - len(full))
+            if budget <= 0:
+                continue
+            seed = None if sampling.seed is None else derive_seed(sampling.seed, "continue", len(ids), i)
+            params.append(sampling_kwargs(replace(sampling, max_tokens=budget, seed=seed), 1, self.suppressed_ids, i))
+            requests.append(continuation_request(sample, context, self.tokenizer, self.mm_kwargs, self.present_video))
+            expected.append(full)
+            slots.append(i)
+        out: list[Completion] = [Completion(text="", token_ids=[], logprobs=[], truncated=True) for _ in items]
+        if not requests:
+            return out
+        self._wake_for_generation()
+        try:
+            outputs = generate(self.llm, requests, params)
+        finally:
+            self._sleep()
+        for slot, want, result in zip(slots, expected, outputs, strict=True):
+            check_prompt_ids(result.prompt_token_ids, want)
+            out[slot] = completion_from_vllm(result.outputs[0], self.tokenizer)
+        return out

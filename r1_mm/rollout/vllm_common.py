@@ -2,10 +2,12 @@
 learner's token suppression, and completions read back with their sampling logprobs.
 
 A request is the chat-templated prompt text plus the raw media the learner decoded (PIL images,
-video frames with their timing), never pre-tokenised ids: vLLM's own processor expands the
+video frames with their timing), never ids with expanded vision tokens: vLLM's own processor expands the
 placeholders from exactly these pixels, so its prompt tokens equal the learner's (tested). A family
 whose vLLM model has no video modality says how its videos go instead (SmolVLM: the frames as unsplit
-images, :func:`video_presenter`).
+images, :func:`video_presenter`). A tool trajectory's next turn is the one request of token ids
+(:func:`continuation_request`): placeholders still unexpanded, and vLLM's expansion checked against the
+learner's ids.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from r1_mm.core.seeds import derive_seed
 from r1_mm.data.prompts import Sample
+from r1_mm.data.turns import ToolContext
 from r1_mm.models.families.base import DEFAULT_VLLM_PROCESSOR_KWARGS, VideoForVLLM
 from r1_mm.rollout.base import Completion, SamplingSettings
 
@@ -119,13 +122,17 @@ def media_limits(cfg: Any, config: Any) -> dict[str, int]:
     return limits
 
 
-def media_request(prompt: str, images: list[Any], videos: list[tuple[Any, dict[str, Any]]],
+def media_request(prompt: str | list[int], images: list[Any], videos: list[tuple[Any, dict[str, Any]]],
                   mm_kwargs: dict[str, Any] | None = None, present_video: VideoPresenter | None = None) -> dict[str, Any]:
-    """The prompt as vLLM's ``generate`` takes it: text + decoded images + (frames, metadata) videos, with
-    the family's processor kwargs (``mm_kwargs``, see :func:`processor_kwargs`); videos of a family whose vLLM
-    model has no video modality go as that family presents them (``present_video``, see :func:`video_presenter`)."""
+    """The prompt as vLLM's ``generate`` takes it: text (or token ids with unexpanded placeholders) + decoded
+    images + (frames, metadata) videos, with the family's processor kwargs (``mm_kwargs``, see
+    :func:`processor_kwargs`); videos of a family whose vLLM model has no video modality go as that family presents
+    them (``present_video``, see :func:`video_presenter`)."""
     kwargs = dict(DEFAULT_VLLM_PROCESSOR_KWARGS if mm_kwargs is None else mm_kwargs)
     if videos and present_video is not None:
+        if not isinstance(prompt, str):
+            raise ValueError("a prompt of token ids with a video cannot go to this model's vLLM engine: its videos go "
+                             "as images, presented from the prompt's text")
         if images:
             raise ValueError("a prompt with both images and a video cannot go to this model's vLLM engine: its videos "
                              "go as images, which share one processor setting per prompt")
@@ -137,7 +144,7 @@ def media_request(prompt: str, images: list[Any], videos: list[tuple[Any, dict[s
         media["image"] = list(images)
     if videos:
         media["video"] = [(frames, video_metadata(metadata, kwargs)) for frames, metadata in videos]
-    request: dict[str, Any] = {"prompt": prompt}
+    request: dict[str, Any] = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
     if media:
         request["multi_modal_data"] = media
         if kwargs:
@@ -149,6 +156,46 @@ def vllm_request(sample: Sample, mm_kwargs: dict[str, Any] | None = None,
                  present_video: VideoPresenter | None = None) -> dict[str, Any]:
     return media_request(sample.prompt_text, sample.images, [(v.frames, v.metadata()) for v in sample.videos],
                          mm_kwargs, present_video)
+
+
+def continuation_request(sample: Sample, context: ToolContext, tokenizer: Any, mm_kwargs: dict[str, Any] | None = None,
+                         present_video: VideoPresenter | None = None) -> dict[str, Any]:
+    """A trajectory's next turn as a vLLM request: token ids with every image and video placeholder unexpanded
+    (the prompt's text tokenised as vLLM tokenises a text prompt, the model turns as sampled, each tool turn as
+    its text tokenises) and the media in order of appearance (the prompt's, then the tool images).
+
+    Why not the expanded ids the learner scores: vLLM (0.32) always expands placeholders itself, also in a
+    token-ids prompt (``BaseMultiModalProcessor.apply`` -> ``_apply_prompt_updates``): given Qwen-VL's run of
+    N ``<|image_pad|>`` it would take each of them for an image of its own. Its expansion of these ids is
+    checked against the learner's ids by the engine (:func:`check_prompt_ids`)."""
+    if context.unexpanded_ids is None or len(context.images) != context.num_images:
+        raise ValueError("this trajectory's tool turns were added without their images or unexpanded ids "
+                         "(TrajectoryBuilder.add_tool_turn(inputs, images, unexpanded_ids)); vLLM cannot continue it")
+    prompt = tokenizer(sample.prompt_text, add_special_tokens=True)["input_ids"]  # as vLLM's renderer does
+    return media_request(list(prompt) + list(context.unexpanded_ids), [*sample.images, *context.images],
+                         [(v.frames, v.metadata()) for v in sample.videos], mm_kwargs, present_video)
+
+
+def learner_ids(sample: Sample, ids: list[int]) -> list[int]:
+    """What the learner scores: the prompt's ids (vision tokens expanded, padding dropped), then the trajectory's."""
+    prompt = sample.inputs["input_ids"][0]
+    mask = sample.inputs.get("attention_mask")
+    keep = prompt if mask is None else prompt[mask[0].bool()]
+    return keep.tolist() + list(ids)
+
+
+class PromptMismatchError(RuntimeError):
+    """vLLM expanded a continuation to other token ids than the learner's: its samples would come from a context
+    the learner never scores."""
+
+
+def check_prompt_ids(engine_ids: list[int], expected: list[int]) -> None:
+    if list(engine_ids) == list(expected):
+        return
+    first = next((i for i, (a, b) in enumerate(zip(engine_ids, expected)) if a != b), min(len(engine_ids), len(expected)))
+    raise PromptMismatchError(f"vLLM's prompt of a continued trajectory differs from the learner's at token {first} "
+                              f"(lengths {len(engine_ids)} vs {len(expected)}): "
+                              f"{list(engine_ids[first:first + 5])} vs {list(expected[first:first + 5])}")
 
 
 def _prompt_seed(seed: int, prompt_index: int) -> int:
