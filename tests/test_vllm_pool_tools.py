@@ -21,7 +21,15 @@ from r1_mm.rollout.transport import encode_array, encode_continuation
 from r1_mm.rollout.vllm_common import PromptMismatchError, check_prompt_ids, learner_ids, sampling_kwargs
 
 from .test_vllm_engines import perturb
-from .test_vllm_tools import MOVED, TOLERANCE, learner_gaps, tool_prompts, tool_recipe, two_turns
+from .test_vllm_tools import (
+    MOVED,
+    TOLERANCE,
+    check_tool_rollout,
+    learner_gaps,
+    tool_prompts,
+    tool_recipe,
+    two_turns,
+)
 
 IMAGE = encode_array(np.zeros((28, 28, 3), dtype=np.uint8))
 
@@ -82,6 +90,13 @@ def checked_ids(monkeypatch):
 
 def requests_run(engine) -> int:
     return engine.client.get(f"{engine.urls[0]}/health").json()["batches"]["requests"]
+
+
+@pytest.mark.slow
+def test_tool_rollout_continues_on_the_pool(pooled, checked_ids):
+    """ToolRollout end to end with the pool's turns (test_vllm_tools' check): the scripted first turn calls crop_image,
+    the server samples the next from the trajectory's ids (checked equal to the learner's); logprobs to 1e-5."""
+    check_tool_rollout(*pooled, checked_ids)
 
 
 @pytest.mark.slow

@@ -213,10 +213,9 @@ class FirstTurnFromHF:
     """The engine ToolRollout wraps: the first turn from the hf engine with a scripted policy (a tiny random model
     never writes a tool call; vLLM's sampling cannot be scripted), every later turn from vLLM."""
 
-    name = "vllm_colocate"
-
     def __init__(self, hf: HFRolloutEngine, vllm):
         self.hf, self.vllm = hf, vllm
+        self.name = vllm.name
         self.eos = vllm.eos
 
     def generate(self, batch, n, sampling):
@@ -239,7 +238,12 @@ def test_tool_rollout_continues_on_vllm(colocated, checked_ids):
     """ToolRollout end to end with vLLM's turns: the scripted first turn calls crop_image, the crop comes back as an
     image (the video row: an error text), vLLM samples the next turn from the trajectory's ids (checked equal to the learner's); every model token
     of the trajectories (hf's and vLLM's) has the learner's logprob to 1e-5."""
-    cfg, processor, model, engine, samples = colocated
+    check_tool_rollout(*colocated, checked_ids)
+
+
+def check_tool_rollout(cfg, processor, model, engine, samples, checked_ids) -> None:
+    """The scripted first turn from hf, the second from ``engine`` (which records its prompt checks in
+    ``checked_ids``); every model token's logprob is the learner's to 1e-5."""
     tokenizer = processor.tokenizer
     headers = int((samples[0].inputs["input_ids"][0] == tokenizer.convert_tokens_to_ids("<|im_start|>")).sum())
     hf = HFRolloutEngine(model, processor)
