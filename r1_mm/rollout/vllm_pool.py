@@ -229,7 +229,8 @@ class VLLMPoolEngine(RolloutEngine):
         self._check_server_dtypes()
         # the servers' context length (their /health; the recipe's for a server too old to say): a continuation's room
         lengths = [self.client.get(f"{url}/health").json().get("max_model_len") for url in self.urls]
-        self.max_model_len = min(int(n) if n is not None else r.vllm_max_model_len for n in lengths)
+        self.max_model_len = min((int(n) if n is not None else r.vllm_max_model_len for n in lengths),
+                                 default=r.vllm_max_model_len)
         self.channel = None
         self.update_weights(model)  # the policy may differ from the checkpoint (LoRA, resumed run)
 
