@@ -49,6 +49,26 @@ MOVED = 1e-2  # the logprobs of the weights before a sync differ by more (the sy
 TURN_ONE = CALL.format(box="[0, 0, 56, 56]")
 
 
+def tool_recipe(root, family: str, *extra: str):
+    """A float32 recipe for the tiny ``family`` with the full vocabulary (the small one cannot spell a tool call)."""
+    return load_recipe(None, [f"model.name_or_path=tiny:{family}", "rollout.vllm_dtype=float32",
+                              "rollout.vllm_max_model_len=2048", "data.max_prompt_length=1024",
+                              f"training.output_dir={root / family}", "data.format_instruction=null",
+                              "media.max_pixels=12544", "media.min_pixels=3136", *extra])
+
+
+def tool_prompts(processor, cfg, data) -> list:
+    """Two prompts shown the crop tool: one image, one video."""
+    tools = tool_schemas(ToolsConfig(functions=[ToolSpec("crop_image")]))
+    samples = []
+    for task in ("counting", "events"):
+        path = data[task]
+        samples.append(PromptBuilder(processor, cfg.data, cfg.media, path.parent, tools=tools).prepare(
+            read_rows(path)[0], len(samples)))
+    assert samples[0].images and samples[1].videos and "<tools>" in samples[0].prompt_text
+    return samples
+
+
 class Engines:
     """One float32 vllm_colocate engine at a time (a new family's closes the last), with its recipe, processor,
     model and two prompts shown the crop tool: one image, one video. The full tiny vocabulary: the small one
@@ -61,21 +81,12 @@ class Engines:
         if self.current is not None and self.current[0] == family:
             return self.current[1]
         self.close()
-        cfg = load_recipe(None, [f"model.name_or_path=tiny:{family}", "rollout.vllm_dtype=float32",
-                                 "rollout.vllm_max_model_len=2048", "data.max_prompt_length=1024",
-                                 f"training.output_dir={self.root / family}", "data.format_instruction=null",
-                                 "media.max_pixels=12544", "media.min_pixels=3136"])
+        cfg = tool_recipe(self.root, family)
         processor, model = load_processor(cfg.model), load_model(cfg.model)
         assert model.config.model_type == family
         engine = make_engine("vllm_colocate", model=model, processor=processor, cfg=cfg)
         assert engine.name == "vllm_colocate" and engine.info()["dtype"] == "float32"  # the tolerance's premise
-        tools = tool_schemas(ToolsConfig(functions=[ToolSpec("crop_image")]))
-        samples = []
-        for task in ("counting", "events"):
-            path = self.data[task]
-            samples.append(PromptBuilder(processor, cfg.data, cfg.media, path.parent, tools=tools).prepare(
-                read_rows(path)[0], len(samples)))
-        assert samples[0].images and samples[1].videos and "<tools>" in samples[0].prompt_text
+        samples = tool_prompts(processor, cfg, self.data)
         self.current = (family, (cfg, processor, model, engine, samples))
         return self.current[1]
 
@@ -202,10 +213,9 @@ class FirstTurnFromHF:
     """The engine ToolRollout wraps: the first turn from the hf engine with a scripted policy (a tiny random model
     never writes a tool call; vLLM's sampling cannot be scripted), every later turn from vLLM."""
 
-    name = "vllm_colocate"
-
     def __init__(self, hf: HFRolloutEngine, vllm):
         self.hf, self.vllm = hf, vllm
+        self.name = vllm.name
         self.eos = vllm.eos
 
     def generate(self, batch, n, sampling):
@@ -228,7 +238,12 @@ def test_tool_rollout_continues_on_vllm(colocated, checked_ids):
     """ToolRollout end to end with vLLM's turns: the scripted first turn calls crop_image, the crop comes back as an
     image (the video row: an error text), vLLM samples the next turn from the trajectory's ids (checked equal to the learner's); every model token
     of the trajectories (hf's and vLLM's) has the learner's logprob to 1e-5."""
-    cfg, processor, model, engine, samples = colocated
+    check_tool_rollout(*colocated, checked_ids)
+
+
+def check_tool_rollout(cfg, processor, model, engine, samples, checked_ids) -> None:
+    """The scripted first turn from hf, the second from ``engine`` (which records its prompt checks in
+    ``checked_ids``); every model token's logprob is the learner's to 1e-5."""
     tokenizer = processor.tokenizer
     headers = int((samples[0].inputs["input_ids"][0] == tokenizer.convert_tokens_to_ids("<|im_start|>")).sum())
     hf = HFRolloutEngine(model, processor)

@@ -687,10 +687,6 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         problems.append("algorithm.grpo.beta must be >= 0")
     if cfg.data.max_prompt_length < 1:
         problems.append("data.max_prompt_length must be >= 1")
-    if cfg.tools.functions and cfg.rollout.engine == "vllm_pool":
-        problems.append("tools.functions: multi-turn tool rollouts run on rollout.engine=hf or vllm_colocate (the "
-                        "vllm_pool servers take text prompts, and a trajectory must go on from its token ids); "
-                        "got rollout.engine=vllm_pool")
     if cfg.tools.functions and cfg.rollout.engine.startswith("vllm") and cfg.tools.max_total_tokens is not None \
             and cfg.rollout.vllm_max_model_len < cfg.data.max_prompt_length + cfg.tools.max_total_tokens:
         problems.append(f"rollout.vllm_max_model_len ({cfg.rollout.vllm_max_model_len}) is below data.max_prompt_length "

@@ -7,9 +7,9 @@ alone (:mod:`r1_mm.data.turns`); nothing is decoded and encoded again. Its :clas
 learner which tokens the model sampled (the only ones scored and trained on) and carries the tool images.
 
 Which engines: one that can continue a trajectory from token ids with the tool images
-(``continue_trajectory``, or ``continue_trajectories`` for a batch): the hf engine and ``vllm_colocate`` (which
-gets the ids with the images' placeholders unexpanded and checks that its expansion equals the learner's ids).
-``vllm_pool`` is refused at load for tool recipes (its servers take text prompts).
+(``continue_trajectory``, or ``continue_trajectories`` for a batch): the hf engine, ``vllm_colocate`` and
+``vllm_pool`` (both send the ids with the images' placeholders unexpanded and check that vLLM's expansion equals the
+learner's ids; the pool's servers take such token-ids prompts).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class ToolRollout(RolloutEngine):
     def __init__(self, engine: RolloutEngine, processor: Any, tools: ToolsConfig, media: MediaConfig):
         if not any(callable(getattr(engine, m, None)) for m in ("continue_trajectory", "continue_trajectories")):
             raise ValueError(f"rollout engine '{engine.name}' cannot continue a trajectory after a tool turn; "
-                             "agentic rollouts run on rollout.engine=hf or vllm_colocate")
+                             "agentic rollouts run on rollout.engine=hf, vllm_colocate or vllm_pool")
         self.engine = engine
         self.name = engine.name
         self.samples_from_policy = getattr(engine, "samples_from_policy", False)

@@ -1,5 +1,8 @@
 """What a rollout server's ``/generate`` request must be before any of it reaches the engine.
 
+A prompt is text (``"prompt"``) or token ids with every media placeholder unexpanded (``"prompt_token_ids"``: a
+tool trajectory's next turn, ``transport.encode_continuation``); either comes with its images and videos.
+
 Why here and not in vLLM: vLLM finds some of these mistakes only while it adds the request (and
 then with an error type the server cannot tell from an engine failure), and some never: a media
 placeholder without its image is sampled as a plain token and answers 200. Each mistake is the
@@ -46,6 +49,7 @@ class PromptLimits:
     placeholders: dict[str, int]  # modality -> placeholder token id (a modality without one is not counted)
     max_model_len: int
     tokenize: Callable[[str], list[int]]
+    vocab_size: int | None = None  # token ids a token-ids prompt may hold: 0 .. vocab_size - 1 (None: unchecked)
 
     @classmethod
     def of(cls, llm: Any) -> PromptLimits:
@@ -59,8 +63,12 @@ class PromptLimits:
             if token is not None:
                 placeholders[modality] = token
         tokenizer = llm.get_tokenizer()
+        # vLLM's own bound (renderers/base.py validate_token_ids): the larger of the tokenizer's and the model's
+        # vocabularies (a model may have rows its tokenizer does not spell, a tokenizer placeholders the model lacks)
+        tokenizer_max = getattr(tokenizer, "max_token_id", len(tokenizer) - 1)
+        vocab = max(int(tokenizer_max) + 1, int(config.get_vocab_size()))
         return cls(placeholders, int(config.max_model_len),
-                   lambda text: tokenizer.encode(text, add_special_tokens=False))
+                   lambda text: tokenizer.encode(text, add_special_tokens=False), vocab)
 
 
 def check_media(payload: dict[str, Any], index: int) -> None:
@@ -78,9 +86,16 @@ def check_media(payload: dict[str, Any], index: int) -> None:
                                   f"(RGB), got {arr.dtype.name} {tuple(arr.shape)}")
 
     if not isinstance(payload, dict):
-        raise BadRequest(400, f"prompt {index}: must be an object with 'prompt', 'images', 'videos'")
-    if not isinstance(payload.get("prompt"), str):
+        raise BadRequest(400, f"prompt {index}: must be an object with 'prompt' (or 'prompt_token_ids'), 'images', "
+                              "'videos'")
+    if ("prompt" in payload) == ("prompt_token_ids" in payload):
+        raise BadRequest(400, f"prompt {index}: needs exactly one of 'prompt' (text) and 'prompt_token_ids'")
+    if "prompt" in payload and not isinstance(payload["prompt"], str):
         raise BadRequest(400, f"prompt {index}: 'prompt' must be a string")
+    ids = payload.get("prompt_token_ids")
+    if "prompt_token_ids" in payload and (not isinstance(ids, list) or not ids
+                                          or not all(type(t) is int for t in ids)):
+        raise BadRequest(400, f"prompt {index}: 'prompt_token_ids' must be a non-empty list of integers")
     for key in ("images", "videos"):
         if not isinstance(payload.get(key, []), list):
             raise BadRequest(400, f"prompt {index}: '{key}' must be a list")
@@ -94,12 +109,21 @@ def check_media(payload: dict[str, Any], index: int) -> None:
 
 def check_prompt_text(payload: dict[str, Any], index: int, limits: PromptLimits) -> None:
     """As many placeholders as media, of each kind; not longer than the context before its media are
-    even expanded (vLLM checks the expanded length when it adds the request)."""
-    tokens = limits.tokenize(payload["prompt"])
+    even expanded (vLLM checks the expanded length when it adds the request). Token ids must be the
+    vocabulary's (vLLM would refuse them only while adding the request)."""
+    what = "the text has"
+    if "prompt_token_ids" in payload:
+        tokens, what = payload["prompt_token_ids"], "the token ids hold"
+        bad = next((t for t in tokens if t < 0 or (limits.vocab_size is not None and t >= limits.vocab_size)), None)
+        if bad is not None:
+            raise BadRequest(400, f"prompt {index}: token id {bad} is outside the vocabulary "
+                                  f"(0 .. {limits.vocab_size - 1 if limits.vocab_size is not None else '...'})")
+    else:
+        tokens = limits.tokenize(payload["prompt"])
     for modality, token in limits.placeholders.items():
         placed, sent = tokens.count(token), len(payload.get(f"{modality}s", []))
         if placed != sent:
-            raise BadRequest(400, f"prompt {index}: the text has {placed} {modality} placeholder(s) but {sent} "
+            raise BadRequest(400, f"prompt {index}: {what} {placed} {modality} placeholder(s) but {sent} "
                                   f"{modality}(s) were sent; each {modality} needs exactly one")
     if len(tokens) > limits.max_model_len:
         raise BadRequest(400, f"prompt {index}: {len(tokens)} prompt tokens (before its media are expanded), "

@@ -1,6 +1,8 @@
 """``r1-mm serve rollout``: one vLLM engine behind a small HTTP API for the ``vllm_pool`` engine.
 
-Endpoints: ``POST /generate`` (samples with raw media in, token ids + sampling logprobs out),
+Endpoints: ``POST /generate`` (samples with raw media in, token ids + sampling logprobs out; a prompt is text,
+or token ids with its media placeholders unexpanded for a tool trajectory's next turn, and the reply's
+``prompt_token_ids`` are vLLM's, placeholders expanded, for the client to check against its own),
 ``POST /update_weights`` (reload from a folder of safetensors the learner wrote to shared memory),
 ``GET /health`` (model, weights version, and whether the engine still works). vLLM's OpenAI server
 cannot take raw video frames, hence this server; it keeps vLLM's engine, batching and kernels as they are.
@@ -182,6 +184,7 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
     def health() -> Any:
         body = {"ok": state["broken"] is None, "model": model_name, "weights_version": state["weights_version"],
                 "workers": workers, "workers_in_process": in_process, "error": state["broken"], "batching": batching,
+                "max_model_len": limits.max_model_len,
                 "batches": dict(batcher.stats),
                 **engine_info(llm)}
         return JSONResponse(body, status_code=200 if state["broken"] is None else 503)
@@ -190,7 +193,10 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
     def generate(body: dict[str, Any]) -> dict[str, Any]:
         usable()
         prompts, params = check_generate(body, limits)  # the client's mistakes: 4xx, the engine never sees them
-        requests = [decode_request(p, mm_kwargs, present_video) for p in prompts]
+        try:
+            requests = [decode_request(p, mm_kwargs, present_video) for p in prompts]
+        except ValueError as exc:  # e.g. token ids with a video for a model whose videos go as images (from text)
+            raise BadRequest(400, str(exc)) from None
         try:
             outputs = batcher.submit(requests, params)
         except RequestRejected as exc:  # vLLM's input processing refused one prompt: only this request fails

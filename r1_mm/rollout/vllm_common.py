@@ -168,12 +168,18 @@ def continuation_request(sample: Sample, context: ToolContext, tokenizer: Any, m
     token-ids prompt (``BaseMultiModalProcessor.apply`` -> ``_apply_prompt_updates``): given Qwen-VL's run of
     N ``<|image_pad|>`` it would take each of them for an image of its own. Its expansion of these ids is
     checked against the learner's ids by the engine (:func:`check_prompt_ids`)."""
+    return media_request(continuation_ids(sample, context, tokenizer), [*sample.images, *context.images],
+                         [(v.frames, v.metadata()) for v in sample.videos], mm_kwargs, present_video)
+
+
+def continuation_ids(sample: Sample, context: ToolContext, tokenizer: Any) -> list[int]:
+    """The token ids of :func:`continuation_request`: the prompt's text tokenised as vLLM tokenises a text prompt,
+    then the trajectory's ids with every tool image's placeholder unexpanded."""
     if context.unexpanded_ids is None or len(context.images) != context.num_images:
         raise ValueError("this trajectory's tool turns were added without their images or unexpanded ids "
                          "(TrajectoryBuilder.add_tool_turn(inputs, images, unexpanded_ids)); vLLM cannot continue it")
     prompt = tokenizer(sample.prompt_text, add_special_tokens=True)["input_ids"]  # as vLLM's renderer does
-    return media_request(list(prompt) + list(context.unexpanded_ids), [*sample.images, *context.images],
-                         [(v.frames, v.metadata()) for v in sample.videos], mm_kwargs, present_video)
+    return list(prompt) + list(context.unexpanded_ids)
 
 
 def learner_ids(sample: Sample, ids: list[int]) -> list[int]:

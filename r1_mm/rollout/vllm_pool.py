@@ -7,6 +7,11 @@ server reloads them in place; same host only) or a broadcast group between learn
 server worker (NCCL on GPU, gloo on CPU; see weight_channel.py). Both are tested here on CPU.
 A server that dies is detected on the next request; ``rollout.pool_on_server_failure`` either
 restarts it (servers this engine started: same port, current weights) or stops the run naming it.
+
+Tool trajectories go on through :meth:`VLLMPoolEngine.continue_trajectories`: each next turn is one prompt of
+token ids with its media placeholders unexpanded (``transport.encode_continuation``), spread over the servers as
+``generate`` spreads prompts, and the expanded ids each server's vLLM sampled after are checked equal to the
+learner's (prompt ids + trajectory ids), as ``vllm_colocate`` checks its own.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +31,28 @@ import torch
 
 from r1_mm.config.recipe import ConfigError, RecipeConfig
 from r1_mm.core import topology
+from r1_mm.core.seeds import derive_seed
 from r1_mm.data.prompts import Sample
+from r1_mm.data.turns import ToolContext
 from r1_mm.models.weights import iter_policy_weights
 from r1_mm.rollout.base import (
     Completion,
     PromptCompletions,
     RolloutEngine,
     SamplingSettings,
+    eos_ids,
     media_token_ids,
 )
 from r1_mm.rollout.servers import ServerProcess, free_port, wait_until_ready
 from r1_mm.rollout.shm_segments import WeightSegment
-from r1_mm.rollout.transport import encode_sample
-from r1_mm.rollout.vllm_common import engine_dtype, media_limits, sampling_kwargs
+from r1_mm.rollout.transport import encode_continuation, encode_sample
+from r1_mm.rollout.vllm_common import (
+    check_prompt_ids,
+    engine_dtype,
+    learner_ids,
+    media_limits,
+    sampling_kwargs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +190,7 @@ class VLLMPoolEngine(RolloutEngine):
         r = cfg.rollout
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.suppressed_ids = media_token_ids(model.config)
+        self.eos = eos_ids(model, self.tokenizer)  # where a turn ends (ToolRollout reads it to glue tool turns on)
         self.rank, self.world = _dist()
         self.dtype = engine_dtype(r.vllm_dtype, model)
         self.limits = media_limits(cfg, model.config)
@@ -211,6 +227,10 @@ class VLLMPoolEngine(RolloutEngine):
         self.urls = urls
         self.client = httpx.Client(timeout=r.pool_request_timeout_s, headers=self.headers)
         self._check_server_dtypes()
+        # the servers' context length (their /health; the recipe's for a server too old to say): a continuation's room
+        lengths = [self.client.get(f"{url}/health").json().get("max_model_len") for url in self.urls]
+        self.max_model_len = min((int(n) if n is not None else r.vllm_max_model_len for n in lengths),
+                                 default=r.vllm_max_model_len)
         self.channel = None
         self.update_weights(model)  # the policy may differ from the checkpoint (LoRA, resumed run)
 
@@ -406,23 +426,75 @@ class VLLMPoolEngine(RolloutEngine):
                 "sampling": [sampling_kwargs(sampling, n, self.suppressed_ids, i) for i, _ in items]}
         return checked(self.client.post(f"{url}/generate", json=body), url, "a generate request").json()
 
-    def generate(self, batch: list[Sample], n: int, sampling: SamplingSettings) -> list[PromptCompletions]:
+    def _completion(self, c: dict[str, Any]) -> Completion:
+        return Completion(text=self.tokenizer.decode(c["token_ids"], skip_special_tokens=True), token_ids=c["token_ids"],
+                          logprobs=c["logprobs"], truncated=c["finish_reason"] == "length")
+
+    def _revive(self) -> None:
         for server in self.managed:
             if not server.alive():
                 self._recover(self.urls.index(server.url), ServerDied("process exited"))
-        shards: dict[int, list[tuple[int, Sample]]] = {}
-        for i, sample in enumerate(batch):
-            shards.setdefault((i + self.rank) % len(self.urls), []).append((i, sample))
+
+    def _spread(self, count: int, post: Any) -> tuple[dict[int, list[int]], dict[int, Any]]:
+        """Prompt ``i`` of ``count`` goes to server ``(i + rank) % servers``; ``post(url, indices)`` sends one
+        server's share. The shares and each server's reply, by server index."""
+        shards: dict[int, list[int]] = {}
+        for i in range(count):
+            shards.setdefault((i + self.rank) % len(self.urls), []).append(i)
         url_index = {url: k for k, url in enumerate(self.urls)}
-        replies = self._on_all(sorted(shards), lambda url: self._generate_on(url, shards[url_index[url]], n, sampling))
+        return shards, self._on_all(sorted(shards), lambda url: post(url, shards[url_index[url]]))
+
+    def generate(self, batch: list[Sample], n: int, sampling: SamplingSettings) -> list[PromptCompletions]:
+        self._revive()
+        shards, replies = self._spread(len(batch), lambda url, idx: self._generate_on(
+            url, [(i, batch[i]) for i in idx], n, sampling))
         results: dict[int, PromptCompletions] = {}
         for k, reply in replies.items():
-            for (i, sample), out in zip(shards[k], reply["outputs"], strict=True):
-                results[i] = PromptCompletions(sample=sample, completions=[Completion(
-                    text=self.tokenizer.decode(c["token_ids"], skip_special_tokens=True), token_ids=c["token_ids"],
-                    logprobs=c["logprobs"], truncated=c["finish_reason"] == "length") for c in out["completions"]],
-                    prompt_token_ids=out["prompt_token_ids"])
+            for i, out in zip(shards[k], reply["outputs"], strict=True):
+                results[i] = PromptCompletions(sample=batch[i], completions=[self._completion(c) for c in out["completions"]],
+                                               prompt_token_ids=out["prompt_token_ids"])
         return [results[i] for i in range(len(batch))]
+
+    def continue_trajectory(self, sample: Sample, ids: list[int], context: ToolContext,
+                            sampling: SamplingSettings, max_tokens: int) -> Completion:
+        """The next model turn of a trajectory (see :meth:`continue_trajectories`)."""
+        return self.continue_trajectories([(sample, ids, context, max_tokens)], sampling)[0]
+
+    def continue_trajectories(self, items: list[tuple[Sample, list[int], ToolContext, int]],
+                              sampling: SamplingSettings) -> list[Completion]:
+        """The next model turn of each trajectory ``(sample, ids, context, max_tokens)``: one prompt of token ids
+        with its images unexpanded plus the prompt's media and the tool images each (``encode_continuation``),
+        spread over the servers as :meth:`generate` spreads prompts, with ``vllm_colocate``'s seeds. The expanded
+        ids each server's vLLM sampled after are checked against the learner's (prompt ids + ``ids``): a mismatch
+        raises ``PromptMismatchError``. A trajectory that already fills the servers' context gets an empty
+        truncated turn, without a request."""
+        room = self.max_model_len
+        prompts, params, expected, slots = [], [], [], []
+        for i, (sample, ids, context, max_tokens) in enumerate(items):
+            full = learner_ids(sample, ids)
+            budget = min(max_tokens, room - len(full))
+            if budget <= 0:
+                continue
+            seed = None if sampling.seed is None else derive_seed(sampling.seed, "continue", len(ids), i)
+            params.append(sampling_kwargs(replace(sampling, max_tokens=budget, seed=seed), 1, self.suppressed_ids, i))
+            prompts.append(encode_continuation(sample, context, self.tokenizer))
+            expected.append(full)
+            slots.append(i)
+        out: list[Completion] = [Completion(text="", token_ids=[], logprobs=[], truncated=True) for _ in items]
+        if not prompts:
+            return out
+        self._revive()
+
+        def post(url: str, idx: list[int]) -> dict[str, Any]:
+            body = {"prompts": [prompts[j] for j in idx], "sampling": [params[j] for j in idx]}
+            return checked(self.client.post(f"{url}/generate", json=body), url, "a continuation request").json()
+
+        shards, replies = self._spread(len(prompts), post)
+        for k, reply in replies.items():
+            for j, result in zip(shards[k], reply["outputs"], strict=True):
+                check_prompt_ids(result["prompt_token_ids"], expected[j])
+                out[slots[j]] = self._completion(result["completions"][0])
+        return out
 
     def close(self) -> None:
         for server in self.managed:
