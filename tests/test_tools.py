@@ -380,3 +380,22 @@ def test_the_zoom_task_is_readable_only_after_a_crop(tmp_path):
         squares = (arr.max(-1) > 100).sum() // (16 * 16)  # each square 16 x 16 px, bright
         assert squares == int(row["solution"])
     assert counting_image(2, seed=0).size == (112, 112)
+
+
+def test_tool_images_count_against_vllms_images_per_prompt_at_load(tmp_path, synthetic_data):
+    """A continuation carries the prompt's images and every tool image: a row whose images plus the tools' most
+    (max_tool_calls x max_images_per_call) pass rollout.vllm_max_images_per_prompt is refused at load, in one line."""
+    from r1_mm.config.recipe import RecipeConfig
+    from r1_mm.data.loading import read_rows
+    from r1_mm.data.row_checks import row_problems
+
+    rows = read_rows(synthetic_data["counting"])
+    base = {"rollout": {"engine": "vllm_colocate"}, "rewards": {"functions": ["accuracy"]}}
+    ok = RecipeConfig.from_dict({**base, "tools": {"functions": ["crop_image"], "max_tool_calls": 4,
+                                                   "max_images_per_call": 1}})
+    assert row_problems(ok, rows, "rows.jsonl", synthetic_data["counting"].parent) == []
+    over = RecipeConfig.from_dict({**base, "tools": {"functions": ["crop_image"], "max_tool_calls": 2,
+                                                     "max_images_per_call": 4}})
+    (problem,) = row_problems(over, rows, "rows.jsonl", synthetic_data["counting"].parent)
+    assert "1 image(s) in the prompt + up to 8 tool images" in problem
+    assert "rollout.vllm_max_images_per_prompt=8" in problem

@@ -123,8 +123,12 @@ def _missing_media(root: Path | None) -> Callable[[dict[str, Any], int], str | N
     return problem
 
 
-def _too_many_media(rollout: Any) -> Callable[[dict[str, Any], int], str | None]:
+def _too_many_media(cfg: RecipeConfig) -> Callable[[dict[str, Any], int], str | None]:
+    """vLLM's per-prompt media limits against a row's media, plus, in a tool recipe, the images its tools may add to
+    the same prompt (tools.max_tool_calls x tools.max_images_per_call: a continuation carries them all)."""
+    rollout, tools = cfg.rollout, cfg.tools
     limits = {"image": rollout.vllm_max_images_per_prompt, "video": rollout.vllm_max_videos_per_prompt}
+    tool_images = tools.max_tool_calls * tools.max_images_per_call if tools.functions else 0
 
     def problem(row: dict[str, Any], index: int) -> str | None:
         images, videos = _refs(row)
@@ -133,6 +137,11 @@ def _too_many_media(rollout: Any) -> Callable[[dict[str, Any], int], str | None]
                 return (f"{len(refs)} {kind}s in one prompt, over rollout.vllm_max_{kind}s_per_prompt="
                         f"{limits[kind]} (rollout.engine={rollout.engine}, vLLM refuses the prompt); raise the limit "
                         "or split the row")
+        if tool_images and len(images) + tool_images > limits["image"]:
+            return (f"{len(images)} image(s) in the prompt + up to {tool_images} tool images (tools.max_tool_calls "
+                    f"{tools.max_tool_calls} x tools.max_images_per_call {tools.max_images_per_call}) is over "
+                    f"rollout.vllm_max_images_per_prompt={limits['image']} (rollout.engine={rollout.engine}: vLLM "
+                    "would refuse a trajectory's later turns); raise the limit or lower the tool limits")
         return None
     return problem
 
@@ -143,5 +152,5 @@ def row_problems(cfg: RecipeConfig, rows: list[dict[str, Any]], source: str, med
     if cfg.media.on_bad_media == "error":
         found += _first_of(rows, source, _missing_media(media_root))
     if cfg.rollout.engine.startswith("vllm"):
-        found += _first_of(rows, source, _too_many_media(cfg.rollout))
+        found += _first_of(rows, source, _too_many_media(cfg))
     return found
