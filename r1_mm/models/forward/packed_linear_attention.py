@@ -17,7 +17,9 @@ so it survives gradient checkpointing's recompute. Calls without a layout (gener
 forward) run the library's layer unchanged.
 
 The computation calls the layer's own submodules (projections, ``conv1d``: LoRA and ZeRO-3's
-parameter gathering see ordinary calls) and the modeling module's own ``torch_chunk_gated_delta_rule``,
+parameter gathering see ordinary calls; the layer's own ``A_log`` and ``dt_bias`` are read inside its forward,
+where ZeRO-3 has gathered them: grouped == naive training on 2 ZeRO-3 processes,
+tests/test_family_qwen3_5.py) and the modeling module's own ``torch_chunk_gated_delta_rule``,
 which transformers swaps for the flash-linear-attention kernel where one is installed: the same
 kernel as the library's forward, with initial states.
 """
