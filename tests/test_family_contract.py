@@ -102,10 +102,18 @@ def test_prompt_tokens_and_logprobs_after_three_syncs(tmp_path, synthetic_data, 
         engine.close()
 
 
+RELOAD_TOLERANCE_BF16 = 1e-2  # synced vs freshly loaded bf16 engine, same weights (see engine_from_synced_weights)
+
+
 def engine_from_synced_weights(engine, model, tmp_path, cfg, engine_name, outputs, samples, sampling):
     """A bf16 engine's logprobs differ from the float32 learner's by bf16's rounding, which could hide a small sync
-    error; so the synced engine must equal, exactly, a new engine that loads what the sync sent (the policy's
-    weights in checkpoint format, LoRA merged) from disk through vLLM's own loader. Returns the new engine."""
+    error; so the synced engine must sample the same tokens as a new engine that loads what the sync sent (the
+    policy's weights in checkpoint format, LoRA merged) from disk through vLLM's own loader, with the same logprobs
+    within RELOAD_TOLERANCE_BF16. On CPUs without AMX they were bit-equal (the earlier form of this check); on an AMX-BF16
+    Xeon they differ by up to 4.3e-3 with identical tokens (measured 2026-12-04, also at the code this check landed
+    with), a kernel-path difference between weights loaded at start and weights reloaded in place, not a sync
+    error: leaving a weight out of the sync moves them by > 5e-2 (InternVL's experts: 0.0675). Returns the new
+    engine."""
     import shutil
 
     from safetensors.torch import save_file
@@ -126,7 +134,8 @@ def engine_from_synced_weights(engine, model, tmp_path, cfg, engine_name, output
     for synced, loaded in zip(outputs, again, strict=True):
         for a, b in zip(synced.completions, loaded.completions, strict=True):
             assert a.token_ids == b.token_ids
-            assert torch.equal(torch.tensor(a.logprobs), torch.tensor(b.logprobs))
+            gap = float((torch.tensor(a.logprobs) - torch.tensor(b.logprobs)).abs().max())
+            assert gap <= RELOAD_TOLERANCE_BF16, gap
     return fresh
 
 

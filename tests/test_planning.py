@@ -202,3 +202,12 @@ def test_peak_memory_is_the_process_own():
     proc = subprocess.run([sys.executable, "-c", INHERIT], capture_output=True, text=True, timeout=120)
     own, inherited = map(int, proc.stdout.split())
     assert inherited > 600 * 2**20 and own < 300 * 2**20, (own, inherited)
+
+
+def test_plan_counts_a_tool_trajectory_at_its_whole_budget():
+    """A tool recipe's completion is a trajectory: the planner counts tools.max_total_tokens, not one turn's tokens."""
+    base = ["model.name_or_path=tiny:qwen2_5_vl", "rollout.max_completion_length=64"]
+    one = plan(load_recipe(None, base), gpus=8, zero_stage=3, mixed_bf16=True)
+    tools = plan(load_recipe(None, [*base, "tools.functions=[crop_image]", "tools.max_total_tokens=2048"]),
+                 gpus=8, zero_stage=3, mixed_bf16=True)
+    assert tools.total_bytes > one.total_bytes

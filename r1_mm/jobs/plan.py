@@ -287,6 +287,8 @@ def plan(cfg: RecipeConfig, *, gpus: int, zero_stage: int, mixed_bf16: bool = Fa
         "foreach AdamW: two parameter-sized temporaries during step()")
     _, micro = accumulation(cfg.training)
     prompt, completion = cfg.data.max_prompt_length, cfg.rollout.max_completion_length
+    if cfg.tools.functions:  # a tool trajectory: model turns and tool turns, up to its whole budget
+        completion = cfg.tools.max_total_tokens or cfg.tools.max_turns * completion
     packed = prompt + g * completion if cfg.training.forward_mode == "grouped" else g * (prompt + completion)
     tokens = micro * packed
     h, i, kv, layers = shape.hidden, shape.intermediate, shape.kv_dim, shape.text_layers
