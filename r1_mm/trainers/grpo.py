@@ -194,7 +194,7 @@ class GRPOTrainer(BaseTrainer):
                                           [c.trajectory is not None and c.trajectory.executed_calls > 0
                                            for c in rollout.completions]))
         if self.temporal_rewards is not None:
-            stats = self._temporal_bonus(rollout, rewards)
+            stats.update(self._temporal_bonus(rollout, rewards))
         if self.cfg.algorithm.grpo.length_bonus:
             stats.update(self._length_bonus(rollout, rewards))
         return rollout, rewards, stats
