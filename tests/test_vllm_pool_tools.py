@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from r1_mm.models.loading import load_model, load_processor
-from r1_mm.rollout import SamplingSettings, make_engine, vllm_pool
+from r1_mm.rollout import SamplingSettings, make_engine, vllm_common, vllm_pool
 from r1_mm.rollout.base import media_token_ids
 from r1_mm.rollout.request_checks import BadRequest, PromptLimits, check_generate
 from r1_mm.rollout.transport import encode_array, encode_continuation
@@ -136,7 +136,7 @@ def test_pool_continues_a_tool_trajectory_as_the_learner_scores_it(pooled, check
             print("pool round", round_, "engine vs the weights before the sync", float(stale.max()))
             assert float(stale.max()) > MOVED
     # (d) the check can fail: against ids one token short of the learner's, the server's expansion is refused
-    monkeypatch.setattr(vllm_pool, "learner_ids", lambda sample, ids: learner_ids(sample, ids)[:-1])
+    monkeypatch.setattr(vllm_common, "learner_ids", lambda sample, ids: learner_ids(sample, ids)[:-1])
     with pytest.raises(PromptMismatchError, match="differs from the learner's"):
         engine.continue_trajectories(items[:1], SamplingSettings(max_tokens=1, seed=5))
     # (e) a token outside the vocabulary, and a tool image without its placeholder: 400, nothing sampled

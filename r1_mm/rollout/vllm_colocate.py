@@ -25,13 +25,11 @@ import logging
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import torch
 
 from r1_mm.config.recipe import RecipeConfig
-from r1_mm.core.seeds import derive_seed
 from r1_mm.data.prompts import Sample
 from r1_mm.data.turns import ToolContext
 from r1_mm.models.loading import resolve_model_path
@@ -59,9 +57,9 @@ from r1_mm.rollout.vllm_common import (
     engine_info,
     engine_sizing,
     generate,
-    learner_ids,
     media_limits,
     normalisation_kwargs,
+    plan_continuations,
     processor_kwargs,
     reset_caches,
     sampling_kwargs,
@@ -210,26 +208,17 @@ class VLLMColocateEngine(RolloutEngine):
         checked against the learner's (prompt ids + ``ids``), so a sample never comes from a context the learner
         does not score. A trajectory that already fills ``rollout.vllm_max_model_len`` gets an empty truncated turn."""
         room = self.llm.llm_engine.vllm_config.model_config.max_model_len
-        requests, params, expected, slots = [], [], [], []
-        for i, (sample, ids, context, max_tokens) in enumerate(items):
-            full = learner_ids(sample, ids)
-            budget = min(max_tokens, room - len(full))
-            if budget <= 0:
-                continue
-            seed = None if sampling.seed is None else derive_seed(sampling.seed, "continue", len(ids), i)
-            params.append(sampling_kwargs(replace(sampling, max_tokens=budget, seed=seed), 1, self.suppressed_ids, i))
-            requests.append(continuation_request(sample, context, self.tokenizer, self.mm_kwargs, self.present_video))
-            expected.append(full)
-            slots.append(i)
-        out: list[Completion] = [Completion(text="", token_ids=[], logprobs=[], truncated=True) for _ in items]
-        if not requests:
+        planned, out = plan_continuations(items, sampling, room, self.suppressed_ids)
+        if not planned:
             return out
+        requests = [continuation_request(t.sample, t.context, self.tokenizer, self.mm_kwargs, self.present_video)
+                    for t in planned]
         self._wake_for_generation()
         try:
-            outputs = generate(self.llm, requests, params)
+            outputs = generate(self.llm, requests, [t.params for t in planned])
         finally:
             self._sleep()
-        for slot, want, result in zip(slots, expected, outputs, strict=True):
-            check_prompt_ids(result.prompt_token_ids, want)
-            out[slot] = completion_from_vllm(result.outputs[0], self.tokenizer)
+        for turn, result in zip(planned, outputs, strict=True):
+            check_prompt_ids(result.prompt_token_ids, turn.expected)
+            out[turn.slot] = completion_from_vllm(result.outputs[0], self.tokenizer)
         return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from r1_mm.core.seeds import derive_seed
@@ -180,6 +181,35 @@ def continuation_ids(sample: Sample, context: ToolContext, tokenizer: Any) -> li
                          "(TrajectoryBuilder.add_tool_turn(inputs, images, unexpanded_ids)); vLLM cannot continue it")
     prompt = tokenizer(sample.prompt_text, add_special_tokens=True)["input_ids"]  # as vLLM's renderer does
     return list(prompt) + list(context.unexpanded_ids)
+
+
+@dataclass
+class PlannedTurn:
+    """One trajectory's next turn as a vLLM engine sends it: its position among the engine's items, its sample and
+    tool context, its sampling parameters and the learner's ids its prompt must expand to."""
+
+    slot: int
+    sample: Sample
+    context: ToolContext
+    params: dict[str, Any]
+    expected: list[int]
+
+
+def plan_continuations(items: list[tuple[Sample, list[int], ToolContext, int]], sampling: SamplingSettings,
+                       room: int, suppressed_ids: list[int]) -> tuple[list[PlannedTurn], list[Completion]]:
+    """The turns both vLLM engines send for ``(sample, ids, context, max_tokens)`` items, and the results to fill in:
+    each turn asks for at most the tokens left within ``room`` (the engine's model length) and gets a seed of its
+    own; a trajectory with no room left gets an empty truncated turn and no request."""
+    planned: list[PlannedTurn] = []
+    for i, (sample, ids, context, max_tokens) in enumerate(items):
+        full = learner_ids(sample, ids)
+        budget = min(max_tokens, room - len(full))
+        if budget <= 0:
+            continue
+        seed = None if sampling.seed is None else derive_seed(sampling.seed, "continue", len(ids), i)
+        params = sampling_kwargs(replace(sampling, max_tokens=budget, seed=seed), 1, suppressed_ids, i)
+        planned.append(PlannedTurn(i, sample, context, params, full))
+    return planned, [Completion(text="", token_ids=[], logprobs=[], truncated=True) for _ in items]
 
 
 def learner_ids(sample: Sample, ids: list[int]) -> list[int]:

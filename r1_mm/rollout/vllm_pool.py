@@ -22,7 +22,6 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,6 @@ import torch
 
 from r1_mm.config.recipe import ConfigError, RecipeConfig
 from r1_mm.core import topology
-from r1_mm.core.seeds import derive_seed
 from r1_mm.data.prompts import Sample
 from r1_mm.data.turns import ToolContext
 from r1_mm.models.weights import iter_policy_weights
@@ -49,8 +47,8 @@ from r1_mm.rollout.transport import encode_continuation, encode_sample
 from r1_mm.rollout.vllm_common import (
     check_prompt_ids,
     engine_dtype,
-    learner_ids,
     media_limits,
+    plan_continuations,
     sampling_kwargs,
 )
 
@@ -468,32 +466,21 @@ class VLLMPoolEngine(RolloutEngine):
         ids each server's vLLM sampled after are checked against the learner's (prompt ids + ``ids``): a mismatch
         raises ``PromptMismatchError``. A trajectory that already fills the servers' context gets an empty
         truncated turn, without a request."""
-        room = self.max_model_len
-        prompts, params, expected, slots = [], [], [], []
-        for i, (sample, ids, context, max_tokens) in enumerate(items):
-            full = learner_ids(sample, ids)
-            budget = min(max_tokens, room - len(full))
-            if budget <= 0:
-                continue
-            seed = None if sampling.seed is None else derive_seed(sampling.seed, "continue", len(ids), i)
-            params.append(sampling_kwargs(replace(sampling, max_tokens=budget, seed=seed), 1, self.suppressed_ids, i))
-            prompts.append(encode_continuation(sample, context, self.tokenizer))
-            expected.append(full)
-            slots.append(i)
-        out: list[Completion] = [Completion(text="", token_ids=[], logprobs=[], truncated=True) for _ in items]
-        if not prompts:
+        planned, out = plan_continuations(items, sampling, self.max_model_len, self.suppressed_ids)
+        if not planned:
             return out
+        prompts = [encode_continuation(t.sample, t.context, self.tokenizer) for t in planned]
         self._revive()
 
         def post(url: str, idx: list[int]) -> dict[str, Any]:
-            body = {"prompts": [prompts[j] for j in idx], "sampling": [params[j] for j in idx]}
+            body = {"prompts": [prompts[j] for j in idx], "sampling": [planned[j].params for j in idx]}
             return checked(self.client.post(f"{url}/generate", json=body), url, "a continuation request").json()
 
         shards, replies = self._spread(len(prompts), post)
         for k, reply in replies.items():
             for j, result in zip(shards[k], reply["outputs"], strict=True):
-                check_prompt_ids(result["prompt_token_ids"], expected[j])
-                out[slots[j]] = self._completion(result["completions"][0])
+                check_prompt_ids(result["prompt_token_ids"], planned[j].expected)
+                out[planned[j].slot] = self._completion(result["completions"][0])
         return out
 
     def close(self) -> None:
