@@ -136,9 +136,18 @@ def test_learner_scores_a_trajectory_as_the_model_scores_the_whole_conversation(
 
     ids = [c[1] for c in cases]
     contexts = [c[2] for c in cases]
+    from r1_mm.models.forward.packed_attention import KERNEL_CALLS
+
+    scores, packed_calls = {}, {}
     with torch.no_grad():
-        scores = {mode: score_completions(model, samples, ids, 3, processor.tokenizer.pad_token_id, temperature=1.0,
-                                          mode=mode, contexts=contexts) for mode in ("grouped", "naive")}
+        for mode in ("grouped", "naive"):
+            before = KERNEL_CALLS["sdpa"]
+            scores[mode] = score_completions(model, samples, ids, 3, processor.tokenizer.pad_token_id,
+                                             temperature=1.0, mode=mode, contexts=contexts)
+            packed_calls[mode] = KERNEL_CALLS["sdpa"] - before
+    # the premise: the grouped scores came through the packed attention (once per text layer), the naive ones did not
+    assert packed_calls["grouped"] == model.config.get_text_config().num_hidden_layers and packed_calls["naive"] == 0
+    with torch.no_grad():
         for row, (sample, completion, context, messages, images) in enumerate(cases):
             if context is None:
                 continue
