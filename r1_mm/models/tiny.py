@@ -27,6 +27,8 @@ FAMILIES = tuple(FAMILY_NAMES)
 
 # Reasoning/answer tags are single tokens so that an RL demo can reach the answer format.
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+# With ``tools``: the tags of Qwen's tool calls and results, single tokens as in the real Qwen tokenizers.
+TOOL_TAG_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 
 
 @dataclass(frozen=True)
@@ -52,16 +54,21 @@ class TinySpec:
     # the text decoder's model_type when the family offers another than its default (InternVL: "qwen3" or
     # "qwen3_moe", InternVL3.5's dense and MoE decoders); None = the family's default
     text_model_type: str | None = None
+    # a tokenizer that can write Hermes tool calls (JSON punctuation, crop_image's names, the tool tags as single
+    # tokens) even with the small vocabulary: the zoom-in demo's policy must be able to call a tool
+    tools: bool = False
 
     @property
     def vocab_size(self) -> int:
-        return 96 if self.small_vocab else 1024
+        if self.small_vocab:
+            return 256 if self.tools else 96
+        return 1024
 
     def key(self) -> str:
-        optional = ("model_vocab_size", "text_model_type")
-        fields = {k: v for k, v in asdict(self).items() if not (k in optional and v is None)}  # keys of older specs stay
+        optional = ("model_vocab_size", "text_model_type", "tools")
+        fields = {k: v for k, v in asdict(self).items() if not (k in optional and not v)}  # keys of older specs stay
         blob = json.dumps(fields, sort_keys=True) + _BUILDER_VERSION
-        return f"{self.family}{'-small' if self.small_vocab else ''}-s{self.seed}-{hashlib.sha1(blob.encode()).hexdigest()[:8]}"
+        return f"{self.family}{'-small' if self.small_vocab else ''}{'-tools' if self.tools else ''}-s{self.seed}-{hashlib.sha1(blob.encode()).hexdigest()[:8]}"
 
 
 _BUILDER_VERSION = "4"  # 3: checkpoint-format names (LLaVA-OneVision's vision_model prefix); 4: expert layout
@@ -84,6 +91,31 @@ def _training_corpus() -> list[str]:
     return lines * 4
 
 
+def _tools_corpus() -> list[str]:
+    """Tool-call text (the Hermes format of Qwen's templates, crop_image's schema and results), so that the small
+    vocabulary can write a call in a few tokens."""
+    boxes = [[0, 0, 14, 14], [42, 0, 56, 14], [0, 42, 14, 56], [42, 42, 56, 56], [0, 0, 28, 28], [28, 28, 56, 56]]
+    lines = [
+        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with "
+        "function signatures within <tools></tools> XML tags:\n<tools>\n</tools>\n\nFor each function call, return "
+        'a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n'
+        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>',
+        '{"type": "function", "function": {"name": "crop_image", "description": "Zoom into a region of an image: '
+        'returns that region at full resolution.", "parameters": {"type": "object", "properties": {"bbox_2d": '
+        '{"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4, "description": "the region '
+        'to zoom into, [x1, y1, x2, y2]: top-left and bottom-right corners"}, "image_index": {"type": "integer", '
+        '"description": "which image of the question (0 = the first); default 0"}, "label": {"type": "string", '
+        '"description": "optional: what the region shows"}}, "required": ["bbox_2d"]}}}',
+        "How many squares are in the top-left corner? top-right bottom-left bottom-right",
+        "Error: unknown tool; the tools are: crop_image. Zoomed into of image 0 (56x56 px).",
+    ]
+    for box in boxes:
+        call = '{"name": "crop_image", "arguments": {"bbox_2d": ' + str(box) + "}}"
+        lines += [f"<tool_call>\n{call}\n</tool_call>"] * 8 + [
+            f"<tool_response>\nZoomed into {[float(v) for v in box]} of image 0.\n</tool_response>"]
+    return lines * 4
+
+
 def build_tokenizer(spec: TinySpec):
     """Train a byte-level BPE with digits split one per token, wrapped as a fast HF tokenizer."""
     family = get_family(spec.family)
@@ -95,11 +127,14 @@ def build_tokenizer(spec: TinySpec):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        # tools: no word split, so that a call's fixed JSON (`{"name": "crop_image", "arguments": {"bbox_2d": [`)
+        # becomes a few tokens and a tiny policy writes a whole call in about a dozen
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not spec.tools),
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=spec.vocab_size - len(QWEN_SPECIAL_TOKENS) - len(TAG_TOKENS) - len(extra_special_tokens),
+        vocab_size=spec.vocab_size - len(QWEN_SPECIAL_TOKENS) - len(TAG_TOKENS) - len(extra_special_tokens)
+        - (len(TOOL_TAG_TOKENS) if spec.tools else 0),
         min_frequency=2,
         # small vocab: only the corpus's own characters (digits are then ~1/8 of the vocabulary, which
         # makes answers reachable by a random policy); text outside that alphabet is dropped.
@@ -107,7 +142,9 @@ def build_tokenizer(spec: TinySpec):
         special_tokens=[],
         show_progress=False,
     )
-    tok.train_from_iterator(_training_corpus(), trainer=trainer)
+    tags = TAG_TOKENS + (TOOL_TAG_TOKENS if spec.tools else [])
+    corpus = _training_corpus() + (_tools_corpus() if spec.tools else [])
+    tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -118,7 +155,7 @@ def build_tokenizer(spec: TinySpec):
         clean_up_tokenization_spaces=False,
     )
     fast.add_special_tokens({"additional_special_tokens": specials})
-    fast.add_tokens(TAG_TOKENS)  # ordinary (decoded) tokens, but never split
+    fast.add_tokens(tags)  # ordinary (decoded) tokens, but never split
     fast.chat_template = family.chat_template
     fast.padding_side = "left"
     return fast
@@ -185,13 +222,14 @@ def tiny_model_path(spec: TinySpec | None = None, cache_dir: str | Path | None =
 
 
 def parse_tiny_name(name: str, seed: int = 0) -> TinySpec:
-    """``tiny:qwen2_5_vl`` / ``tiny:qwen2_vl:small`` / ``tiny:qwen2_5_vl:vocab=151936`` -> TinySpec.
+    """``tiny:qwen2_5_vl`` / ``tiny:qwen2_vl:small`` / ``tiny:qwen2_5_vl:small:tools`` /
+    ``tiny:qwen2_5_vl:vocab=151936`` -> TinySpec.
 
-    ``vocab=N`` pads the embedding and LM head to N rows (the real checkpoints' size) for runs that
+    ``tools``: the tokenizer can write Hermes tool calls (the zoom-in demo). ``vocab=N`` pads the embedding and LM head to N rows (the real checkpoints' size) for runs that
     must see the memory and time of a real vocabulary."""
     parts = name.split(":")
     if parts[0] != "tiny" or len(parts) < 2:
-        raise ValueError(f"'{name}' is not a tiny model name (expected tiny:<family>[:small][:vocab=N])")
+        raise ValueError(f"'{name}' is not a tiny model name (expected tiny:<family>[:small][:tools][:vocab=N])")
     family = parts[1]
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny model family '{family}' in '{name}'; known: {', '.join(FAMILIES)}")
@@ -202,7 +240,8 @@ def parse_tiny_name(name: str, seed: int = 0) -> TinySpec:
         if not flag[6:].isdigit():
             raise ValueError(f"tiny model option '{flag}' in '{name}' needs a number, e.g. vocab=151936")
         vocab = int(flag[6:])
-    unknown = flags - {"small"}
+    unknown = flags - {"small", "tools"}
     if unknown:
-        raise ValueError(f"unknown tiny model option(s) {sorted(unknown)} in '{name}'; known: small, vocab=N")
-    return TinySpec(family=family, small_vocab="small" in flags, seed=seed, model_vocab_size=vocab)
+        raise ValueError(f"unknown tiny model option(s) {sorted(unknown)} in '{name}'; known: small, tools, vocab=N")
+    return TinySpec(family=family, small_vocab="small" in flags, seed=seed, model_vocab_size=vocab,
+                    tools="tools" in flags)
