@@ -24,6 +24,7 @@ _EXPORTS = {
     "DPOTrainer": "r1_mm.trainers.preference",
     "TPOTrainer": "r1_mm.trainers.preference",
     "IterativeDPOTrainer": "r1_mm.trainers.iterative_dpo",
+    "SFTTrainer": "r1_mm.trainers.sft",
     "reward": "r1_mm.rewards.registry",
 }
 _ALIASES = {"DPOTrainer": "PreferenceTrainer", "TPOTrainer": "PreferenceTrainer"}

@@ -40,6 +40,10 @@ class AlgorithmSpec:
     so checkpoints must carry it."""
     uses_rewards: bool = False
     """Reward functions (verifiable or the critic) score its samples."""
+    runs_tools: bool = False
+    """Its trajectories may call the recipe's tools (``tools.functions``): GRPO samples them, SFT replays a row's."""
+    responses_in_rows: bool = False
+    """The training rows carry the response to learn (``algorithm.sft.response_field`` or ``turns_field``)."""
 
 
 ALGORITHMS: Registry[AlgorithmSpec] = Registry("algorithm")
@@ -56,7 +60,8 @@ def algorithm_spec(name: str) -> AlgorithmSpec:
 
 register_algorithm(AlgorithmSpec(
     "grpo", "Group Relative Policy Optimization on rewards (R1-Zero style), with DAPO/Dr.GRPO losses and T-GRPO",
-    groups=True, samples_while_training=True, reads_sampler_logprobs=True, policy_losses=True, uses_rewards=True))
+    groups=True, samples_while_training=True, reads_sampler_logprobs=True, policy_losses=True, uses_rewards=True,
+    runs_tools=True))
 register_algorithm(AlgorithmSpec(
     "dpo", "Direct Preference Optimization on chosen / rejected rows", pairs_in_rows=True, preference_loss=True))
 register_algorithm(AlgorithmSpec(
@@ -65,3 +70,6 @@ register_algorithm(AlgorithmSpec(
 register_algorithm(AlgorithmSpec(
     "iterative_dpo", "Rounds of sampling, scoring (e.g. the LMM critic), best-vs-worst pairs and DPO",
     samples_while_training=True, preference_loss=True, reference_each_round=True, uses_rewards=True))
+register_algorithm(AlgorithmSpec(
+    "sft", "Supervised fine-tuning on the rows' responses (or tool-calling turns): an SFT cold start before GRPO",
+    responses_in_rows=True, runs_tools=True))

@@ -254,6 +254,9 @@ class ToolsConfig:
     call_format: str = field(default="hermes", metadata={
         "help": "how the model writes a call: hermes = <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call> "
                 "(the Qwen-VL chat templates)"})
+    schemas_in_prompt: bool = field(default=True, metadata={
+        "help": "show the tools' schemas to the model (the chat template's tools system turn); false for a model "
+                "taught its tools beforehand (SFT), whose prompts then stay as short as without tools"})
     max_turns: int = field(default=3, metadata={
         "help": "model turns per trajectory, the final answer's included"})
     max_tool_calls: int = field(default=2, metadata={"help": "tool calls executed per trajectory"})
@@ -377,6 +380,20 @@ class IterativeDPOConfig:
         "help": "the reference restarts from the policy at each round"})
 
 
+@dataclass
+class SFTConfig:
+    """``algorithm.sft``: supervised fine-tuning on the rows' responses (a cold start before GRPO), through the
+    same prompts, media and chat template as GRPO, so what SFT teaches is what GRPO sees."""
+
+    response_field: str = field(default="response", metadata={
+        "help": "sft: the column holding a row's assistant response (text; the loss covers its tokens and the "
+                "end-of-turn token only, never the prompt's)"})
+    turns_field: str = field(default="turns", metadata={
+        "help": "sft with tools: the column holding a row's model turns (a list of texts; every turn but the last "
+                "makes tool calls, which the recipe's tools run, so the tool turns in between are exactly what a "
+                "GRPO rollout would see; they are context, not trained on). A row has this or response_field"})
+
+
 # keys that lived directly under algorithm: before the sections: where each one is now
 MOVED_ALGORITHM_KEYS = {
     "beta": "grpo.beta",
@@ -422,14 +439,15 @@ class AlgorithmConfig:
     """Which learner runs (``name``, an entry of :mod:`r1_mm.config.algorithms`), and one section of
     settings per algorithm family, each read only by its learner."""
 
-    name: Literal["grpo", "dpo", "tpo", "iterative_dpo"] = field(default="grpo", metadata={
+    name: Literal["grpo", "dpo", "tpo", "iterative_dpo", "sft"] = field(default="grpo", metadata={
         "help": "the learner: grpo (online RL), dpo / tpo (preference pairs), iterative_dpo (sampled pairs per "
-                "round)"})
+                "round), sft (supervised, on the rows' responses)"})
     grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={"help": "settings of grpo"})
     dpo: PreferenceConfig = field(default_factory=PreferenceConfig, metadata={
         "help": "settings of the preference loss: dpo, tpo, iterative_dpo"})
     iterative_dpo: IterativeDPOConfig = field(default_factory=IterativeDPOConfig, metadata={
         "help": "settings of iterative_dpo's rounds"})
+    sft: SFTConfig = field(default_factory=SFTConfig, metadata={"help": "settings of sft"})
 
 
 @dataclass
@@ -692,9 +710,9 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         problems.append(f"rollout.vllm_max_model_len ({cfg.rollout.vllm_max_model_len}) is below data.max_prompt_length "
                         f"+ tools.max_total_tokens ({cfg.data.max_prompt_length + cfg.tools.max_total_tokens}): vLLM "
                         "would cut trajectories the recipe allows")
-    if cfg.tools.functions and cfg.algorithm.name != "grpo":
-        problems.append(f"tools.functions: tool rollouts are trained by GRPO only; algorithm.name={cfg.algorithm.name} "
-                        "would never call them")
+    if cfg.tools.functions and not algorithm_spec(cfg.algorithm.name).runs_tools:
+        problems.append(f"tools.functions: tool trajectories are trained by GRPO and SFT only; algorithm.name="
+                        f"{cfg.algorithm.name} would never call them")
     if cfg.tools.max_total_tokens is not None and cfg.tools.max_total_tokens < 1:
         problems.append("tools.max_total_tokens must be >= 1 (or null)")
     for name in ("max_turns", "max_tool_calls", "max_images_per_call", "max_pixels_per_image", "max_total_pixels",

@@ -65,8 +65,11 @@ def tools_of(cfg: ToolsConfig) -> dict[str, Tool]:
 
 
 def tool_schemas(cfg: ToolsConfig) -> list[dict[str, Any]] | None:
-    """The function schemas the prompts show the model (None for a recipe without tools)."""
-    return [entry.schema() for entry in tools_of(cfg).values()] if cfg.functions else None
+    """The function schemas the prompts show the model (None for a recipe without tools, or one whose model was
+    taught its tools and is not shown them: ``tools.schemas_in_prompt: false``)."""
+    if not cfg.functions or not cfg.schemas_in_prompt:
+        return None
+    return [entry.schema() for entry in tools_of(cfg).values()]
 
 
 class ToolRollout(RolloutEngine):

@@ -117,6 +117,29 @@ def algorithm_columns(cfg: RecipeConfig) -> dict[str, set[str]]:
     return out
 
 
+def sft_problems(cfg: RecipeConfig, rows: list[dict[str, Any]], path: str | Path) -> list[str]:
+    """Every SFT row has its response (non-empty text) or its turns (a non-empty list of non-empty texts, which
+    need tools.functions to run their calls, and at most tools.max_turns of them)."""
+    a, tools = cfg.algorithm.sft, cfg.tools
+    for i, row in enumerate(rows):
+        where = f"{path}: row {i} (id {row_id(row, i)})"
+        if a.turns_field in row:
+            turns = row[a.turns_field]
+            if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+                return [f"{where}: field '{a.turns_field}' must be a non-empty list of non-empty strings, got {turns!r}"]
+            if len(turns) > 1 and not tools.functions:
+                return [f"{where} has {len(turns)} turns (tool calls) but the recipe has no tools.functions to run them"]
+            if len(turns) > tools.max_turns:
+                return [f"{where} has {len(turns)} turns, more than tools.max_turns ({tools.max_turns})"]
+            continue
+        text = row.get(a.response_field)
+        if not isinstance(text, str) or not text.strip():
+            return [f"{where}: needs '{a.response_field}' (a non-empty string; algorithm.sft.response_field) or "
+                    f"'{a.turns_field}' (a list of model turns; algorithm.sft.turns_field), got "
+                    f"{a.response_field}={text!r}"]
+    return []
+
+
 def row_problems(rows: list[dict[str, Any]], path: str | Path, needs: dict[str, set[str]]) -> list[str]:
     """The first row lacking a prompt or a needed column, per column (a key with a null value is a row
     the reward deliberately leaves unscored; a missing key is a data error)."""
@@ -224,6 +247,8 @@ def check(cfg: RecipeConfig, rows: list[dict[str, Any]] | None = None, source: s
         found = row_problems(rows, source, needs)
         if not found and algorithm_spec(cfg.algorithm.name).pairs_in_rows:
             found = preference_problems(rows, source)
+        if not found and algorithm_spec(cfg.algorithm.name).responses_in_rows:
+            found = sft_problems(cfg, rows, source)
         if not found:
             found = data_row_problems(cfg, rows, source, media_root) or route_problems(cfg.rewards.functions, rows, source)
         if not found:

@@ -248,7 +248,8 @@ def corner_box(corner: str, size: int, region: int) -> list[int]:
     return [x, y, x + region, y + region]
 
 
-def zoom_image(n: int, corner: str, *, seed: int, size: int = 448, region: int = 112) -> Image.Image:
+def zoom_image(n: int, corner: str, *, seed: int, size: int = 448, region: int = 112, box: int = 16,
+               gap: int = 2) -> Image.Image:
     """A large image with exactly ``n`` squares, all inside the ``region`` square at ``corner`` (a counting image
     of that size pasted there) and faint clutter elsewhere. At a prompt budget that shows the whole image at
     ``region`` pixels the squares shrink by size / region and the whole detail falls into one visual token; a crop
@@ -260,13 +261,42 @@ def zoom_image(n: int, corner: str, *, seed: int, size: int = 448, region: int =
         x, y = rng.randrange(size), rng.randrange(size)
         draw.point((x, y), fill=(40, 40, 40))
     x1, y1, _, _ = corner_box(corner, size, region)
-    img.paste(counting_image(n, seed=rng.randrange(2**31), size=region), (x1, y1))
+    img.paste(counting_image(n, seed=rng.randrange(2**31), size=region, box=box, gap=gap), (x1, y1))
     return img
+
+
+def crop_call(box: list[int]) -> str:
+    """A crop_image call in the Hermes format of Qwen's chat templates."""
+    return '<tool_call>\n{"name": "crop_image", "arguments": {"bbox_2d": ' + str(list(box)) + "}}\n</tool_call>"
+
+
+def make_zoom_sft_task(zoom_rows: str | Path, num_rows: int, *, shown: int, seed: int = 0,
+                       call_fraction: float = 0.5, min_count: int = 1, max_count: int = 4,
+                       name: str = "zoom_sft") -> Path:
+    """SFT rows that teach the call format and nothing else (issue 23's warm start): the first ``num_rows`` rows
+    of a :func:`make_zoom_task` file, a ``call_fraction`` of them with ``turns`` = [a crop_image call on the row's
+    region in the coordinates of the image as shown (``shown`` px square, crop_image's default), an answer], the
+    others one answer turn. The answers are random counts, not the solution: counting is left for GRPO to learn."""
+    from r1_mm.data.loading import read_rows
+
+    zoom_rows = Path(zoom_rows)
+    rng = random.Random(seed)
+    rows = []
+    for row in read_rows(zoom_rows)[:num_rows]:
+        size = Image.open(zoom_rows.parent / row["image"]).width
+        answer = f"<answer>{rng.randint(min_count, max_count)}</answer>"
+        if rng.random() < call_fraction:
+            box = [round(v * shown / size) for v in row["region"]]
+            turns = [crop_call(box), answer]
+        else:
+            turns = [answer]
+        rows.append({**row, "id": f"{name}-{row['id']}", "turns": turns})
+    return write_jsonl(rows, zoom_rows.parent / f"{name}.jsonl")
 
 
 def make_zoom_task(out_dir: str | Path, num_rows: int, *, seed: int = 0, size: int = 448, region: int = 112,
                    corners: tuple[str, ...] = CORNERS, min_count: int = 1, max_count: int = 5,
-                   name: str = "zoom") -> Path:
+                   box: int = 16, gap: int = 2, name: str = "zoom") -> Path:
     """Counting that needs a zoom (issue 23's demo task): "How many squares are in the <corner> corner?" on a
     ``size`` image whose squares all lie in the ``region`` square at that corner; ``region`` (the row's column,
     original pixels) is where a right crop_image call looks. problem_type ``counting``."""
@@ -277,7 +307,7 @@ def make_zoom_task(out_dir: str | Path, num_rows: int, *, seed: int = 0, size: i
     for i in range(num_rows):
         n, corner = rng.randint(min_count, max_count), rng.choice(corners)
         rel = f"images/{name}_{i:05d}.png"
-        zoom_image(n, corner, seed=rng.randrange(2**31), size=size, region=region).save(out_dir / rel)
+        zoom_image(n, corner, seed=rng.randrange(2**31), size=size, region=region, box=box, gap=gap).save(out_dir / rel)
         rows.append({"id": f"{name}-{i}", "image": rel, "prompt": f"How many squares are in the {corner} corner?",
                      "solution": str(n), "problem_type": "counting", "region": corner_box(corner, size, region)})
     return write_jsonl(rows, out_dir / f"{name}.jsonl")
