@@ -137,7 +137,7 @@ def gmpo_paper(logps, old, adv, mask, eps_low, eps_high):
     return -total / len(adv)
 
 
-def verl_geo_mean(old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high):
+def verl_geo_mean(old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high, rollout_is_weights=None):
     """verl's compute_policy_loss_geo_mean (advantages per token, as verl passes them)."""
     negative_approx_kl = log_prob - old_log_prob
     sgn_advantage = torch.sign(advantages)
@@ -147,7 +147,13 @@ def verl_geo_mean(old_log_prob, log_prob, advantages, response_mask, clip_low, c
     response_mask_sum = response_mask.sum(dim=-1)
     ratio = torch.exp((negative_approx_kl_min * response_mask).sum(dim=-1) / (response_mask_sum + 1e-8))
     advantage = (advantages * response_mask).sum(dim=-1) / (response_mask_sum + 1e-8)
-    return torch.mean(-advantage * ratio)
+    pg_losses = -advantage * ratio
+    if rollout_is_weights is not None:
+        seq_is_weights = torch.exp(
+            (torch.log(rollout_is_weights + 1e-10) * response_mask).sum(dim=-1) / (response_mask_sum + 1e-8)
+        )
+        pg_losses = pg_losses * seq_is_weights
+    return torch.mean(pg_losses)
 
 
 def test_gmpo_value_and_gradient_match_the_geometric_mean():
@@ -157,6 +163,16 @@ def test_gmpo_value_and_gradient_match_the_geometric_mean():
     torch.testing.assert_close(out.loss, gmpo_paper(logps, old, adv, mask, 0.2, 0.3), rtol=1e-12, atol=0)
     verl = verl_geo_mean(old, logps, adv[:, None] * mask, mask, 0.2, 0.3)
     torch.testing.assert_close(out.loss, verl, rtol=1e-7, atol=0)  # verl divides by |o| + 1e-8
+    # the rollout correction's weights: their geometric mean per completion, as verl applies them (not the
+    # arithmetic mean that multiplying the spread per-token value would give)
+    weights = torch.exp(0.5 * torch.randn(N, T, dtype=torch.float64, generator=torch.Generator().manual_seed(7)))
+    weighted = policy_loss(logps, old, adv, mask, settings, token_weights=weights).loss
+    torch.testing.assert_close(weighted, verl_geo_mean(old, logps, adv[:, None] * mask, mask, 0.2, 0.3, weights),
+                               rtol=1e-7, atol=0)
+    per_completion = [policy_loss(logps[i:i + 1], old[i:i + 1], adv[i:i + 1], mask[i:i + 1], settings).loss
+                      for i in range(N)]  # -A_i rho_i each
+    arithmetic = sum(loss * (weights[i] * mask[i]).sum() / mask[i].sum() for i, loss in enumerate(per_completion)) / N
+    assert abs(float(weighted - arithmetic)) > 1e-3
     # token (N, T) advantages give the same loss (averaged per completion, as verl does)
     torch.testing.assert_close(policy_loss(logps, old, adv[:, None] * mask, mask, settings).loss, out.loss,
                                rtol=1e-12, atol=0)

@@ -167,24 +167,31 @@ class Surrogate:
     clipped_high: torch.Tensor  # (N, T) bool
 
 
-# (logps, old_logps, ratio, advantages, mask, settings) -> Surrogate; ratio is importance_ratio's (N, T) or (N, 1)
-SurrogateFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LossSettings], Surrogate]
+# (logps, old_logps, ratio, advantages, mask, settings, token_weights) -> Surrogate; ratio is importance_ratio's
+# (N, T) or (N, 1); token_weights (N, T) or None: the rollout correction's importance weights, which the surrogate
+# applies (per token, or as its sequence ratio needs them)
+SurrogateFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LossSettings,
+                        torch.Tensor | None], Surrogate]
+
+
+def _weighted(per_token: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:
+    return per_token if token_weights is None else per_token * token_weights
 
 
 def clipped_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, ratio: torch.Tensor, adv: torch.Tensor,
-                      mask: torch.Tensor, s: LossSettings) -> Surrogate:
+                      mask: torch.Tensor, s: LossSettings, token_weights: torch.Tensor | None = None) -> Surrogate:
     """PPO's clipped surrogate: -min(r A, clip(r, 1 - epsilon_low, 1 + epsilon_high) A) (TRL's grpo / bnpo /
     dr_grpo / dapo). A token is clipped where the clip takes the gradient away: r below 1 - epsilon_low with
     A < 0, or above 1 + epsilon_high with A > 0."""
     clipped = torch.clamp(ratio, 1 - s.epsilon_low, 1 + s.epsilon_high)
-    per_token = -torch.min(ratio * adv, clipped * adv)
+    per_token = _weighted(-torch.min(ratio * adv, clipped * adv), token_weights)
     r, a, m = ratio.expand_as(logps), adv.expand_as(logps), mask.bool()
     return Surrogate(per_token, clipped_low=(r < 1 - s.epsilon_low) & (a < 0) & m,
                      clipped_high=(r > 1 + s.epsilon_high) & (a > 0) & m)
 
 
 def cispo_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, ratio: torch.Tensor, adv: torch.Tensor,
-                    mask: torch.Tensor, s: LossSettings) -> Surrogate:
+                    mask: torch.Tensor, s: LossSettings, token_weights: torch.Tensor | None = None) -> Surrogate:
     """CISPO (MiniMax-M1, arXiv 2506.13585, eq. 4-5): -sg(clip(r, 1 - epsilon_low, 1 + epsilon_high)) A log pi.
 
     The clipped importance weight carries no gradient, so every token keeps its gradient A w d(log pi)
@@ -194,12 +201,13 @@ def cispo_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, ratio: torch.T
     clipped where its weight was capped or floored, whatever its advantage's sign (verl's pg_clipfrac)."""
     weight = torch.clamp(ratio, 1 - s.epsilon_low, 1 + s.epsilon_high).detach()
     per_token = -weight * adv * torch.where(mask.bool(), logps, 0.0)  # padding never reaches the loss, even as NaN
+    per_token = _weighted(per_token, token_weights)
     r, m = ratio.expand_as(logps), mask.bool()
     return Surrogate(per_token, clipped_low=(r < 1 - s.epsilon_low) & m, clipped_high=(r > 1 + s.epsilon_high) & m)
 
 
 def sapo_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, ratio: torch.Tensor, adv: torch.Tensor,
-                   mask: torch.Tensor, s: LossSettings) -> Surrogate:
+                   mask: torch.Tensor, s: LossSettings, token_weights: torch.Tensor | None = None) -> Surrogate:
     """SAPO (Soft Adaptive Policy Optimization, Qwen, arXiv 2511.20347): -f(r) A with the soft gate
     f(r) = sigmoid(tau (r - 1)) 4 / tau in place of the hard clip; tau = sapo_temperature_pos where A > 0,
     sapo_temperature_neg elsewhere. At r = 1 the gate's slope is 1 (the plain policy gradient); away from
@@ -208,13 +216,13 @@ def sapo_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, ratio: torch.Te
     pos = torch.tensor(s.sapo_temperature_pos, dtype=ratio.dtype, device=ratio.device)
     neg = torch.tensor(s.sapo_temperature_neg, dtype=ratio.dtype, device=ratio.device)
     tau = torch.where(adv > 0, pos, neg)
-    per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+    per_token = _weighted(-torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv, token_weights)
     none = torch.zeros_like(mask, dtype=torch.bool)
     return Surrogate(per_token, clipped_low=none, clipped_high=none)
 
 
 def gmpo_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, ratio: torch.Tensor, adv: torch.Tensor,
-                   mask: torch.Tensor, s: LossSettings) -> Surrogate:
+                   mask: torch.Tensor, s: LossSettings, token_weights: torch.Tensor | None = None) -> Surrogate:
     """GMPO (Geometric-Mean Policy Optimization, arXiv 2507.20673, eq. 6): per completion
     -A (prod_t min(r_t A, clip(r_t) A)^(1/|o|)) sgn(A), i.e. -A exp(mean_t of the token log ratios, each
     clipped to [-epsilon_low, epsilon_high] on the side sgn(A) would profit from), as verl's
@@ -222,7 +230,10 @@ def gmpo_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, ratio: torch.Te
     token log ratios are first bounded to +-LOG_RATIO_BOUND like every other loss's (verl has that clamp
     commented out; equal inside it). The completion's value is spread over its tokens, so the grpo
     aggregation (token mean per completion, mean over completions) gives verl's mean over completions.
-    Token advantages (N, T) are averaged per completion, as verl does."""
+    Token advantages (N, T) are averaged per completion, as verl does; the rollout correction's token
+    weights enter as their geometric mean per completion (verl: log(w + 1e-10), so a token the mask mode
+    zeroes all but drops its completion). With top_entropy_quantile < 1 the completion's value is kept on
+    its high-entropy tokens only, i.e. scaled by their share of its tokens."""
     if s.importance_sampling_level != "token":
         raise ValueError("loss_type gmpo takes its own sequence ratio (the geometric mean of the token ratios): "
                          "importance_sampling_level must be token")
@@ -234,7 +245,11 @@ def gmpo_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, ratio: torch.Te
     bounded = torch.clamp(log_ratio, -s.epsilon_low, s.epsilon_high)
     kept = sign * torch.min(sign * log_ratio, sign * bounded)
     seq_ratio = torch.exp((kept * m).sum(-1) / n)
-    per_token = (-seq_adv * seq_ratio)[:, None].expand_as(logps)
+    per_seq = -seq_adv * seq_ratio
+    if token_weights is not None:
+        log_w = torch.log(token_weights.expand_as(logps) + 1e-10)
+        per_seq = per_seq * torch.exp((log_w * m).sum(-1) / n)
+    per_token = per_seq[:, None].expand_as(logps)
     b = mask.bool()
     return Surrogate(per_token, clipped_low=(sign < 0) & (log_ratio < -s.epsilon_low) & b,
                      clipped_high=(sign > 0) & (log_ratio > s.epsilon_high) & b)
@@ -298,9 +313,10 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
     finite loss. A zero-length completion (all-zero mask row) adds 0 to every numerator and counts as
     TRL counts it: one sequence in grpo's mean and dr_grpo's denominator, no tokens in bnpo / dapo.
 
-    ``token_weights`` multiplies the surrogate per token (truncated importance sampling between the
-    rollout engine's and the learner's logprobs). ``norm`` holds the whole step's denominators when
-    these rows are one micro-batch of it (default: these rows are the step). ``kl_logps``: the policy's
+    ``token_weights``: the truncated importance weights between the rollout engine's and the learner's
+    logprobs; they multiply the surrogate per token (gmpo: per completion, see gmpo_surrogate). ``norm``
+    holds the whole step's denominators when these rows are one micro-batch of it (default: these rows
+    are the step). ``kl_logps``: the policy's
     logprobs under the KL term's convention when it differs from the ratio's (untruncated when sampling
     truncates, see docs/sampling.md; default ``logps``).
 
@@ -317,10 +333,8 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
     mask = mask.to(logps.dtype)
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     ratio = importance_ratio(logps, old_logps, mask, settings.importance_sampling_level)
-    surrogate = loss_type.surrogate(logps, old_logps, ratio, adv, mask, settings)
+    surrogate = loss_type.surrogate(logps, old_logps, ratio, adv, mask, settings, token_weights)
     per_token = surrogate.per_token
-    if token_weights is not None:
-        per_token = per_token * token_weights
     entropy_mask = None
     if settings.top_entropy_quantile < 1.0 or settings.entropy_coef != 0.0:
         if entropy is None:
