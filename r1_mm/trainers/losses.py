@@ -159,8 +159,8 @@ def importance_ratio(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.T
 
 @dataclass
 class Surrogate:
-    """A loss type's policy term per token (before rollout-IS weights, the entropy mask and the KL term),
-    and which tokens its clipping acted on (the train/clip_ratio_* metrics)."""
+    """A loss type's policy term per token (the rollout correction's weights applied; before the entropy
+    mask and the KL term), and which tokens its clipping acted on (the train/clip_ratio_* metrics)."""
 
     per_token: torch.Tensor  # (N, T), or (N, 1) broadcast over the tokens
     clipped_low: torch.Tensor  # (N, T) bool
