@@ -130,4 +130,4 @@ def test_command_line_prints_one_line_and_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
-        "error: algorithm.grpo.loss_type 'zzz' is not a loss; known: bnpo, dapo, dr_grpo, grpo"]
+        "error: algorithm.grpo.loss_type 'zzz' is not a loss; known: bnpo, cispo, dapo, dr_grpo, gmpo, grpo, sapo"]

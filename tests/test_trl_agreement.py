@@ -216,3 +216,76 @@ def test_outlier_tokens_and_zero_length_completions_match_trl_within_verl_bounds
     torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-4, atol=1e-6)
     out.loss.backward()
     assert torch.isfinite(ours_logps.grad).all()
+
+
+# loss types beyond PPO's clip and entropy control: TRL's settings, and ours for the same loss. TRL's cispo caps
+# the IS weight at epsilon_high with no floor; ours clips to [1 - epsilon, 1 + epsilon_high] (MiniMax-M1's form):
+# epsilon = 1 (floor 0) and epsilon_high = TRL's - 1 are TRL's.
+VARIANTS = {
+    "cispo": (dict(loss_type="cispo", epsilon_high=1.3), dict(loss_type="cispo", epsilon_low=1.0, epsilon_high=0.3)),
+    "sapo": (dict(loss_type="sapo", sapo_temperature_pos=2.0, sapo_temperature_neg=3.0),
+             dict(loss_type="sapo", sapo_temperature_pos=2.0, sapo_temperature_neg=3.0)),
+    "dapo-top30-bonus": (dict(loss_type="dapo", top_entropy_quantile=0.3, entropy_coef=0.05),
+                         dict(loss_type="dapo", top_entropy_quantile=0.3, entropy_coef=0.05)),
+    "cispo-bonus": (dict(loss_type="cispo", epsilon_high=1.3, entropy_coef=0.05),
+                    dict(loss_type="cispo", epsilon_low=1.0, epsilon_high=0.3, entropy_coef=0.05)),
+    "sapo-top50-bonus": (dict(loss_type="sapo", top_entropy_quantile=0.5, entropy_coef=0.02),
+                         dict(loss_type="sapo", top_entropy_quantile=0.5, entropy_coef=0.02)),
+}
+
+
+@pytest.mark.parametrize("case", list(VARIANTS))
+def test_loss_variants_and_entropy_control_equal_trl(setup, case):
+    """TRL's own _compute_loss (cispo, sapo, top_entropy_quantile, entropy_coef) on the inputs of the test above:
+    equal loss from TRL's logprobs and entropies, equal loss (and parameter gradients, with the entropy mask
+    and the bonus) from our grouped forward's."""
+    path, processor, prompts, completions, rewards, tmp = setup
+    trl_args, ours_args = VARIANTS[case]
+    beta, max_len = 0.04, 8
+    trainer = trl_trainer(path, processor, tmp / f"variant-{case}", beta=beta, max_completion_length=max_len, **trl_args)
+    ours = AutoModelForImageTextToText.from_pretrained(path)
+    packed = pack_groups(ours, [dict(p) for p in prompts], completions, G, processor.tokenizer.pad_token_id)
+    logps, entropy = grouped_logprobs(ours, packed, temperature=TEMPERATURE, with_entropy=True)
+    mask = packed.completion_mask
+    gen = torch.Generator().manual_seed(2)
+    shift = torch.tensor([0.5, -0.5, 0.0, 0.4, -0.4, 0.1])[:, None]
+    old = (logps.detach() + shift + 0.3 * torch.randn(logps.shape, generator=gen)) * mask
+    ref = (logps.detach() + 0.2 * torch.randn(logps.shape, generator=gen)) * mask
+    advantages = grpo_advantages(rewards, GROUP_IDS, scale="group").values
+
+    inputs = trl_inputs(processor, prompts, completions, advantages, old, ref)
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    with torch.no_grad():
+        trl_logps, trl_entropy, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, input_ids, attention, inputs["completion_ids"].shape[1], compute_entropy=True,
+            pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+            num_images=inputs["num_images"], mm_token_type_ids=inputs["mm_token_type_ids"])
+    m = mask.bool()
+    torch.testing.assert_close(entropy[m], trl_entropy[m], atol=1e-5, rtol=0)
+
+    trl_loss = trainer._compute_loss(trainer.model, inputs)
+    settings = LossSettings(beta=beta, max_completion_length=max_len, **ours_args)
+    on_trl = policy_loss(trl_logps, old, advantages, mask, settings, ref_logps=ref, num_items=float(mask.sum()),
+                         entropy=trl_entropy)
+    torch.testing.assert_close(on_trl.loss, trl_loss.detach(), atol=1e-7, rtol=1e-6)
+    our = policy_loss(logps, old, advantages, mask, settings, ref_logps=ref, num_items=float(mask.sum()),
+                      entropy=entropy)
+    torch.testing.assert_close(our.loss, trl_loss.detach(), atol=1e-5, rtol=0)
+    assert abs(float(our.loss.detach())) > 1e-4
+    if settings.top_entropy_quantile < 1.0:  # the premise: the mask kept some tokens and dropped others
+        assert 0 < int(our.entropy_mask.sum()) < int(m.sum())
+    if settings.loss_type == "cispo":
+        assert our.clipped_high.any()  # the cap acted
+
+    if case == "dapo-top30-bonus":  # the bonus's gradient through our scorer's entropy is TRL's through full logits
+        # (one case: two backward passes through the model cost seconds)
+        trl_loss.backward()
+        our.loss.backward()
+        trl_params = dict(trainer.model.named_parameters())
+        compared = [name for name, p in ours.named_parameters() if p.grad is not None]
+        assert compared == [name for name, p in trl_params.items() if p.grad is not None]
+        for name in compared:
+            torch.testing.assert_close(dict(ours.named_parameters())[name].grad, trl_params[name].grad,
+                                       atol=1e-5, rtol=1e-4, msg=name)
+        assert float(ours.lm_head.weight.grad.abs().max()) > 1e-3

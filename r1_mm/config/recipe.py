@@ -288,10 +288,32 @@ class GRPOConfig:
     beta: float = field(default=0.04, metadata={
         "help": "weight of the k3 KL term to the reference; 0 = no KL (and no reference model)"})
     loss_type: str = field(default="dapo", metadata={
-        "help": "how per-token losses are aggregated: grpo, bnpo, dr_grpo or dapo (TRL's names)"})
-    epsilon: float = field(default=0.2, metadata={"help": "the ratio clip range's lower side (1 - epsilon)"})
+        "help": "the policy loss (a registered loss type; TRL's names): grpo, bnpo, dr_grpo, dapo = PPO's clipped "
+                "surrogate with per-sequence token means (grpo), batch token mean (bnpo), token sum / "
+                "max_completion_length (dr_grpo) or global token mean (dapo); cispo = MiniMax-M1's clipped IS weight "
+                "without gradient x A x log pi (token mean); sapo = soft gate sigmoid(tau (r - 1)) 4 / tau instead "
+                "of the clip (sapo_temperature_*; per-sequence mean); gmpo = geometric mean of the token ratios "
+                "per completion, clipped in log space (epsilon, epsilon_high are log-ratio bounds; the paper uses "
+                "0.4; token-level importance sampling only)"})
+    epsilon: float = field(default=0.2, metadata={
+        "help": "the ratio clip range's lower side (1 - epsilon); cispo: the IS weight's floor 1 - epsilon "
+                "(>= 1: none, as MiniMax-M1 trained); gmpo: the log ratio's lower bound -epsilon"})
     epsilon_high: float | None = field(default=None, metadata={
-        "help": "the clip range's upper side (1 + epsilon_high, clip-higher); null: epsilon"})
+        "help": "the clip range's upper side (1 + epsilon_high, clip-higher); cispo: the IS weight's cap "
+                "1 + epsilon_high (TRL's cispo epsilon_high is the cap itself, e.g. ScaleRL's 5.0 is 4.0 here); "
+                "gmpo: the log ratio's upper bound; null: epsilon"})
+    sapo_temperature_pos: float = field(default=1.0, metadata={
+        "help": "sapo: the soft gate's temperature on tokens with a positive advantage (larger: the gradient "
+                "decays faster away from ratio 1)"})
+    sapo_temperature_neg: float = field(default=1.05, metadata={
+        "help": "sapo: the soft gate's temperature on tokens with a non-positive advantage"})
+    entropy_coef: float = field(default=0.0, metadata={
+        "help": "entropy bonus: the loss minus this x the mean entropy (of the sampling distribution) over the "
+                "tokens that get the policy loss, the same for every loss_type (TRL's entropy_coef); 0 turns it off"})
+    top_entropy_quantile: float = field(default=1.0, metadata={
+        "help": "only the tokens whose entropy is in this top share of the micro-batch's tokens (over all "
+                "processes) get the policy loss (\"Beyond the 80/20 Rule\"; TRL's top_entropy_quantile: 0.2 = the "
+                "top 20%, 0 = the highest-entropy token, 1 = all); denominators and the KL term keep every token"})
     importance_sampling_level: Literal["token", "sequence"] = field(default="token", metadata={
         "help": "importance ratio per token, or per sequence from the mean token log ratio (GSPO)"})
     kl_importance_weighting: bool = field(default=True, metadata={
@@ -699,8 +721,13 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         problems.append("media.nframes must be >= 1")
     if cfg.media.fps <= 0:
         problems.append("media.fps must be > 0")
-    if cfg.algorithm.grpo.epsilon_high is not None and cfg.algorithm.grpo.epsilon_high < cfg.algorithm.grpo.epsilon:
+    grpo = cfg.algorithm.grpo
+    # clip-higher's sanity rule; cispo's epsilon is a floor that MiniMax-M1 turns off (>= 1) under a tighter cap
+    if grpo.epsilon_high is not None and grpo.epsilon_high < grpo.epsilon and grpo.loss_type != "cispo":
         problems.append("algorithm.grpo.epsilon_high must be >= algorithm.grpo.epsilon")
+    if grpo.loss_type == "gmpo" and grpo.importance_sampling_level != "token":
+        problems.append("algorithm.grpo.loss_type=gmpo takes its own sequence ratio (the geometric mean of the token "
+                        "ratios): algorithm.grpo.importance_sampling_level must be token")
     if cfg.algorithm.grpo.beta < 0:
         problems.append("algorithm.grpo.beta must be >= 0")
     if cfg.data.max_prompt_length < 1:
@@ -792,6 +819,9 @@ _BOUNDS: list[tuple[str, float | None, bool, float | None, bool]] = [
     ("algorithm.grpo.ref_sync_steps", 1, True, None, False),
     ("algorithm.grpo.ref_sync_mix_alpha", 0, False, 1, True),
     ("algorithm.grpo.rollout_is_cap", 0, False, None, False),
+    ("algorithm.grpo.sapo_temperature_pos", 0, False, None, False),
+    ("algorithm.grpo.sapo_temperature_neg", 0, False, None, False),
+    ("algorithm.grpo.top_entropy_quantile", 0, True, 1, True),
     ("algorithm.dpo.beta", 0, False, None, False),
     ("algorithm.dpo.label_smoothing", 0, True, 0.5, False),
     ("algorithm.dpo.nll_weight", 0, True, None, False),

@@ -25,16 +25,16 @@ from r1_mm.rewards.signature import PASSED_BY_RUNNER, explicit_parameters, neede
 def name_problems(cfg: RecipeConfig) -> list[str]:
     """Registry-backed names (third-party code can add to these registries, so they are not Literals)."""
     from r1_mm.rollout.engines import ENGINES
-    from r1_mm.trainers.losses import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATORS
+    from r1_mm.trainers.losses import ADVANTAGE_ESTIMATORS, LOSS_TYPES
 
     problems = []
     engines = ENGINES.names()
     if cfg.rollout.engine not in engines:
         problems.append(f"rollout.engine '{cfg.rollout.engine}' is not an engine" + suggest(cfg.rollout.engine, engines))
     if algorithm_spec(cfg.algorithm.name).policy_losses:
-        if cfg.algorithm.grpo.loss_type not in LOSS_AGGREGATORS:
+        if cfg.algorithm.grpo.loss_type not in LOSS_TYPES:
             problems.append(f"algorithm.grpo.loss_type '{cfg.algorithm.grpo.loss_type}' is not a loss"
-                            + suggest(cfg.algorithm.grpo.loss_type, list(LOSS_AGGREGATORS)))
+                            + suggest(cfg.algorithm.grpo.loss_type, list(LOSS_TYPES)))
         if cfg.algorithm.grpo.advantage_estimator not in ADVANTAGE_ESTIMATORS:
             problems.append(f"algorithm.grpo.advantage_estimator '{cfg.algorithm.grpo.advantage_estimator}' is not an estimator"
                             + suggest(cfg.algorithm.grpo.advantage_estimator, list(ADVANTAGE_ESTIMATORS)))

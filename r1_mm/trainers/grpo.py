@@ -134,7 +134,9 @@ class GRPOTrainer(BaseTrainer):
             epsilon_high=a.epsilon_high if a.epsilon_high is not None else a.epsilon, beta=a.beta,
             importance_sampling_level=a.importance_sampling_level,
             max_completion_length=cfg.rollout.max_completion_length,
-            kl_importance_weighting=a.kl_importance_weighting)
+            kl_importance_weighting=a.kl_importance_weighting, sapo_temperature_pos=a.sapo_temperature_pos,
+            sapo_temperature_neg=a.sapo_temperature_neg, entropy_coef=a.entropy_coef,
+            top_entropy_quantile=a.top_entropy_quantile)
         self.nonfinite_in_a_row = 0
         self._warned_no_sampler_logprobs = False
         self._last_exp: Experience | None = None
@@ -283,6 +285,19 @@ class GRPOTrainer(BaseTrainer):
             return None, {}
         return importance_weights(learner_logps, sampler, mask, a.rollout_is, a.rollout_is_cap, a.rollout_is_floor)
 
+    def _entropy_pool(self, entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """Every process's scored-token entropies of this micro-batch, for top_entropy_quantile's threshold
+        (TRL's get_high_entropy_mask); None when it is off. A collective: every process calls it."""
+        if self.loss_settings.top_entropy_quantile >= 1.0:
+            return None
+        acc = self.learner.accelerator
+        local = entropy.detach()[mask.bool()].float()
+        if acc.num_processes == 1:
+            return local
+        pad = -1e9  # entropies are >= 0: the padding cannot be a value
+        gathered = acc.gather(acc.pad_across_processes(local, dim=0, pad_index=pad))
+        return gathered[gathered != pad]
+
     def _step_norm(self, exp: Experience) -> LossNorm:
         """The whole step's denominators, from the loss mask alone (known before any forward)."""
         acc = self.learner.accelerator
@@ -339,7 +354,8 @@ class GRPOTrainer(BaseTrainer):
                             sums.add_means(is_stats, weight=float(mask.sum()))
                         out = policy_loss(logps, behaviour, part.advantages.to(acc.device), mask, self.loss_settings,
                                           ref_logps=ref_logps[k], token_weights=is_weights[k], norm=norm,
-                                          kl_logps=kl_logps)
+                                          kl_logps=kl_logps, entropy=entropy,
+                                          entropy_pool=self._entropy_pool(entropy, mask))
                         if not self._all_finite(out.loss):
                             self._nonfinite(k)
                             skipped = True
@@ -349,7 +365,8 @@ class GRPOTrainer(BaseTrainer):
                             sums.add_sum("train/loss", float(out.loss.detach()))
                             sums.add_token_means(mask, **{"train/entropy": entropy, "train/kl": out.per_token_kl,
                                                           "train/clip_ratio_low": out.clipped_low,
-                                                          "train/clip_ratio_high": out.clipped_high})
+                                                          "train/clip_ratio_high": out.clipped_high,
+                                                          "train/high_entropy_ratio": out.entropy_mask})
             if skipped:
                 sums.set("train/nonfinite_skipped", 1.0)
                 break
