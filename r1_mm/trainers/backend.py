@@ -339,6 +339,7 @@ class MicroBatches:
     parts: list[range]
     tokens: list[int]  # per part: the learner tokens it packs
     over_budget: int = 0  # groups alone in a micro-batch because they alone exceed the budget
+    fewest: int | None = None  # several processes under a budget: the fewest micro-batches any one needed
 
     def __iter__(self) -> Iterator[range]:
         return iter(self.parts)
@@ -351,15 +352,18 @@ class MicroBatches:
                "train/micro_batch_tokens_max": float(max(self.tokens, default=0))}
         if self.over_budget:
             out["train/over_budget_groups"] = float(self.over_budget)
+        if self.fewest is not None:  # below train/micro_batches: some process split further to agree
+            out["train/micro_batches_fewest"] = float(self.fewest)
         return out
 
 
-def agreed_count(accelerator: Accelerator | None, local: int) -> int:
-    """The largest micro-batch count of any process (a collective; every process calls it)."""
+def agreed_count(accelerator: Accelerator | None, local: int) -> tuple[int, int] | None:
+    """(the largest, the fewest) micro-batch count of any process; None with one process. A collective:
+    every process calls it."""
     if accelerator is None or accelerator.num_processes == 1:
-        return local
+        return None
     counts = accelerator.gather(torch.tensor([local], dtype=torch.long, device=accelerator.device))
-    return int(counts.max())
+    return int(counts.max()), int(counts.min())
 
 
 def micro_batches(cfg: RecipeConfig, tokens: Sequence[int], accelerator: Accelerator | None = None) -> MicroBatches:
@@ -390,8 +394,11 @@ def micro_batches(cfg: RecipeConfig, tokens: Sequence[int], accelerator: Acceler
     if over:
         logger.warning("%d group(s) of this step exceed training.max_tokens_per_micro_batch=%d (largest %d tokens): "
                        "each runs as a micro-batch of its own", len(over), budget, max(over))
-    parts = split_to_count(parts, tokens, agreed_count(accelerator, len(parts)))
-    return MicroBatches(parts, [sum(tokens[i] for i in r) for r in parts], over_budget=len(over))
+    agreed = agreed_count(accelerator, len(parts))
+    if agreed is not None:
+        parts = split_to_count(parts, tokens, agreed[0])
+    return MicroBatches(parts, [sum(tokens[i] for i in r) for r in parts], over_budget=len(over),
+                        fewest=agreed[1] if agreed is not None else None)
 
 
 @contextlib.contextmanager
