@@ -270,11 +270,13 @@ def test_gradient_accumulation_under_zero3_equals_the_whole_step(setup, initial_
 
 
 @pytest.mark.slow
-def test_token_budget_with_unequal_micro_batch_counts_under_zero3(setup, initial_weights, synthetic_data):
+@pytest.mark.parametrize("backend", ["zero3", "ddp"])
+def test_token_budget_with_unequal_micro_batch_counts(setup, initial_weights, synthetic_data, backend):
     """Process 0 holds two videos (each over the token budget: 2 micro-batches), process 1 two images (1
     micro-batch under the budget): both run 2 (process 1 splits its), nothing hangs (DeepSpeed's collectives
     time out after 2 minutes, the launch after 5), and the updates equal the whole step's in one micro-batch."""
     root, recipe, z3, _, cache = setup
+    config = z3 if backend == "zero3" else REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"
     images = [json.loads(line) for line in synthetic_data["counting"].read_text().splitlines()]
     videos = [json.loads(line) for line in synthetic_data["events"].read_text().splitlines()]
     for r in images:
@@ -287,11 +289,11 @@ def test_token_budget_with_unequal_micro_batch_counts_under_zero3(setup, initial
     # (<= 214) fit the budget, a video group (>= 232) does not
     runs = {}
     for name, extra in (("whole", []), ("budget", ["training.max_tokens_per_micro_batch=214"])):
-        out = root / f"token_budget_{name}"
-        runs[name] = (launch(z3, recipe, out, data, cache, "data.shuffle=false", "data.max_prompt_length=1024",
+        out = root / f"token_budget_{backend}_{name}"
+        runs[name] = (launch(config, recipe, out, data, cache, "data.shuffle=false", "data.max_prompt_length=1024",
                              "training.learning_rate=1.0e-2", *extra, timeout=300,
                              env_extra={"DEEPSPEED_TIMEOUT": "2"}), out)
-        assert_backend(out, "zero3")
+        assert_backend(out, backend)
     (whole, out_whole), (budget, out_budget) = runs["whole"], runs["budget"]
     for m in budget:  # the premise: the processes' own splits disagreed and both ran 2
         assert (m["train/micro_batches"], m["train/micro_batches_fewest"], m["train/over_budget_groups"]) == (2, 1, 2), m
