@@ -132,8 +132,11 @@ def configure_deepspeed(ds_config: dict[str, Any], cfg: RecipeConfig) -> None:
     if current in (None, "auto"):
         ds_config["gradient_accumulation_steps"] = steps
     elif int(current) != steps:
+        recipe_says = (f"training.max_tokens_per_micro_batch sets it per step (the engine gets the bound, "
+                       f"prompts_per_step={steps})" if cfg.training.max_tokens_per_micro_batch is not None
+                       else f"the recipe's training.gradient_accumulation_steps is {steps}")
         raise ConfigError(f"the DeepSpeed config sets gradient_accumulation_steps={current} (accelerate's value when a "
-                          f"JSON config omits it) but the recipe's training.gradient_accumulation_steps is {steps}: let "
+                          f"JSON config omits it) but {recipe_says}: let "
                           "the recipe decide (\"gradient_accumulation_steps\": \"auto\" in the DeepSpeed JSON, nothing "
                           "in the accelerate YAML) or make both equal")
     if ds_config.get("train_micro_batch_size_per_gpu") in (None, "auto"):
