@@ -119,13 +119,17 @@ def test_dpo_accumulated_equals_unaccumulated(tmp_path, synthetic_data, tiny_cac
     pairs.write_text("".join(json.dumps({**r, "image": str(data.parent / r["image"]), "chosen": str(r["solution"]),
                                          "rejected": "7 squares " * (i % 3 + 1)}) + "\n" for i, r in enumerate(rows)))
     runs = {}
-    for name, extra in (("whole", []), ("split", ["training.micro_batch_size=1"])):
+    # budget: pairs of 78-86 tokens (71-token prompts), so 160 packs 2, 1, 1 pairs, then 1, 1, 2
+    for name, extra in (("whole", []), ("split", ["training.micro_batch_size=1"]),
+                        ("budget", ["training.max_tokens_per_micro_batch=160"])):
         cfg = _grpo(tmp_path, pairs, name, "algorithm.name=dpo", "algorithm.dpo.nll_weight=0.5", *extra)
         PreferenceTrainer(cfg).train()
         runs[name] = tmp_path / name
-    whole, split = _metrics(runs["whole"]), _metrics(runs["split"])
-    for a, b in zip(whole, split, strict=True):
-        for key in ("train/loss", "train/nll", "rewards/margins", "train/entropy", "train/grad_norm"):
-            assert b[key] == pytest.approx(a[key], abs=2e-5, rel=1e-4), (a["step"], key)
+    whole = _metrics(runs["whole"])
+    assert [m["train/micro_batches"] for m in _metrics(runs["budget"])] == [3, 3]  # the premise: uneven splits
+    for other in ("split", "budget"):
+        for a, b in zip(whole, _metrics(runs[other]), strict=True):
+            for key in ("train/loss", "train/nll", "rewards/margins", "train/entropy", "train/grad_norm"):
+                assert b[key] == pytest.approx(a[key], abs=2e-5, rel=1e-4), (other, a["step"], key)
+        assert_same_updates(_final(runs["whole"]), _final(runs[other]), _start(tiny_cache))
     assert whole[-1]["rewards/margins"] != 0
-    assert_same_updates(_final(runs["whole"]), _final(runs["split"]), _start(tiny_cache))

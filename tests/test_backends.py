@@ -13,7 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import ACCELERATE_LAUNCH, REPO, assert_same_updates, deepspeed_launch_config
+from .conftest import (
+    ACCELERATE_LAUNCH,
+    REPO,
+    assert_same_updates,
+    deepspeed_launch_config,
+    stop_process_group,
+)
 
 BIN = Path(sys.executable).parent
 PLUGIN = REPO / "tests" / "plugins" / "test_rewards.py"
@@ -62,13 +68,23 @@ def cpu_precision(config: Path) -> list[str]:
 
 
 def launch(config: Path, recipe: Path, out: Path, data: Path, cache: Path, *overrides: str,
-           program: tuple[str, ...] = ("-m", "r1_mm.train")) -> list[dict]:
-    """The run's metrics; ``program`` is what accelerate launches (a script taking the same arguments)."""
+           program: tuple[str, ...] = ("-m", "r1_mm.train"), timeout: float = 600,
+           env_extra: dict[str, str] | None = None) -> list[dict]:
+    """The run's metrics; ``program`` is what accelerate launches (a script taking the same arguments).
+    After ``timeout`` seconds the launcher and its workers (one session) are stopped and the test fails."""
     cmd = [*ACCELERATE_LAUNCH, "--config_file", str(config), *cpu_precision(config), *program,
            str(recipe),
            f"data.train_path={data}", f"training.output_dir={out}", *overrides]
-    env = dict(__import__("os").environ, R1MM_CACHE=str(cache.parent))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=out.parent)
+    env = dict(__import__("os").environ, R1MM_CACHE=str(cache.parent), **(env_extra or {}))
+    popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=out.parent,
+                             start_new_session=True)
+    try:
+        stdout, stderr = popen.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_process_group(popen)
+        stdout, stderr = popen.communicate()
+        pytest.fail(f"the launch did not finish in {timeout:.0f} s (a hang?)\n{stdout[-3000:]}{stderr[-5000:]}")
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -251,6 +267,43 @@ def test_gradient_accumulation_under_zero3_equals_the_whole_step(setup, initial_
     final = {name: load_file(out / "checkpoints" / "step-000003" / "model" / "model.safetensors")
              for name, out in (("whole", out_whole), ("split", out_split))}
     assert_same_updates(final["whole"], final["split"], initial_weights)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["zero3", "ddp"])
+def test_token_budget_with_unequal_micro_batch_counts(setup, initial_weights, synthetic_data, backend):
+    """Process 0 holds two videos (each over the token budget: 2 micro-batches), process 1 two images (1
+    micro-batch under the budget): both run 2 (process 1 splits its), nothing hangs (DeepSpeed's collectives
+    time out after 2 minutes, the launch after 5), and the updates equal the whole step's in one micro-batch."""
+    root, recipe, z3, _, cache = setup
+    config = z3 if backend == "zero3" else REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"
+    images = [json.loads(line) for line in synthetic_data["counting"].read_text().splitlines()]
+    videos = [json.loads(line) for line in synthetic_data["events"].read_text().splitlines()]
+    for r in images:
+        r["image"] = str(synthetic_data["counting"].parent / r["image"])
+    for r in videos:
+        r["video"] = str(synthetic_data["events"].parent / r["video"])
+    data = root / "videos_and_images.jsonl"  # unshuffled, rows alternate between the 2 processes' shards
+    data.write_text("".join(json.dumps(r) + "\n" for r in (videos[0], images[0], videos[1], images[1])))
+    # prompts: images 83 tokens, videos 228-238 (16 frames); G=4 completions of 1-6 tokens: two image groups
+    # (<= 214) fit the budget, a video group (>= 232) does not
+    runs = {}
+    for name, extra in (("whole", []), ("budget", ["training.max_tokens_per_micro_batch=214"])):
+        out = root / f"token_budget_{backend}_{name}"
+        runs[name] = (launch(config, recipe, out, data, cache, "data.shuffle=false", "data.max_prompt_length=1024",
+                             "training.learning_rate=1.0e-2", *extra, timeout=300,
+                             env_extra={"DEEPSPEED_TIMEOUT": "2"}), out)
+        assert_backend(out, backend)
+    (whole, out_whole), (budget, out_budget) = runs["whole"], runs["budget"]
+    for m in budget:  # the premise: the processes' own splits disagreed and both ran 2
+        assert (m["train/micro_batches"], m["train/micro_batches_fewest"], m["train/over_budget_groups"]) == (2, 1, 2), m
+    assert all(m["train/micro_batches"] == 1 for m in whole)
+    for a, b in zip(whole, budget, strict=True):
+        for key in ("train/loss", "train/kl", "train/grad_norm", "rewards/total"):
+            assert b[key] == pytest.approx(a[key], abs=2e-5, rel=1e-4), (a["step"], key)
+    final = {name: load_file(out / "checkpoints" / "step-000003" / "model" / "model.safetensors")
+             for name, out in (("whole", out_whole), ("budget", out_budget))}
+    assert_same_updates(final["whole"], final["budget"], initial_weights)
 
 
 @pytest.mark.slow

@@ -75,6 +75,13 @@ def test_deepspeed_accumulation_comes_from_the_recipe():
     assert ds == {"gradient_accumulation_steps": 2, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.5}
     with pytest.raises(ConfigError, match="sets gradient_accumulation_steps=1 .* the recipe's"):
         configure_deepspeed({"gradient_accumulation_steps": 1}, cfg)
+    # a token budget: the engine gets the bound (one prompt per micro-batch), the count is set per step
+    budget = load_recipe(None, ["training.prompts_per_step=4", "training.max_tokens_per_micro_batch=1000"])
+    ds = {"gradient_accumulation_steps": "auto", "train_micro_batch_size_per_gpu": "auto"}
+    configure_deepspeed(ds, budget)
+    assert (ds["gradient_accumulation_steps"], ds["train_micro_batch_size_per_gpu"]) == (4, 1)
+    with pytest.raises(ConfigError, match="max_tokens_per_micro_batch sets it per step"):
+        configure_deepspeed({"gradient_accumulation_steps": 1}, budget)
 
 
 def test_flash_recipe_on_this_machine_stops_in_one_line_before_the_model_loads(tmp_path):

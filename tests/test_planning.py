@@ -211,3 +211,21 @@ def test_plan_counts_a_tool_trajectory_at_its_whole_budget():
     tools = plan(load_recipe(None, [*base, "tools.functions=[crop_image]", "tools.max_total_tokens=2048"]),
                  gpus=8, zero_stage=3, mixed_bf16=True)
     assert tools.total_bytes > one.total_bytes
+
+
+def test_plan_sizes_a_token_budget_micro_batch_by_the_budget():
+    """Under training.max_tokens_per_micro_batch a micro-batch holds as many worst-case groups as the budget
+    does (one at least, prompts_per_step at most), the same activations as that many prompts per micro-batch."""
+    base = ["model.name_or_path=tiny:qwen2_5_vl", "rollout.max_completion_length=64", "rollout.num_generations=4",
+            "data.max_prompt_length=512", "training.prompts_per_step=8"]
+    packed = 512 + 4 * 64
+
+    def lm(*extra):
+        lines = plan(load_recipe(None, [*base, *extra]), gpus=8, zero_stage=3, mixed_bf16=True).lines
+        return next(line for line in lines if line.name == "activations: language model")
+
+    for budget, groups in ((4 * packed + 5, 4), (packed - 1, 1), (100 * packed, 8)):
+        by_tokens = lm(f"training.max_tokens_per_micro_batch={budget}")
+        by_rows = lm(f"training.micro_batch_size={groups}")
+        assert (by_tokens.bytes, f"({groups} prompt(s)") == (by_rows.bytes, f"({groups} prompt(s)"), budget
+        assert f"({groups} prompt(s)" in by_tokens.note

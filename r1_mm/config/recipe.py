@@ -491,6 +491,14 @@ class TrainingConfig:
                 "full step's; set this or micro_batch_size (the other follows)"})
     micro_batch_size: int | None = field(default=None, metadata={
         "help": "prompts per micro-batch (default prompts_per_step); set this or gradient_accumulation_steps"})
+    max_tokens_per_micro_batch: int | None = field(default=None, metadata={
+        "help": "micro-batches by a token budget instead of a row count: consecutive prompt groups (a prompt with "
+                "its G completions; a preference pair) are packed while their learner tokens (prompt with its visual "
+                "tokens + the completions, as the forward_mode packs them) stay within this many, so long videos "
+                "and short images share a step; a group over the budget gets a micro-batch of its own (logged, "
+                "never dropped); gradients still accumulate to exactly the full step's. With several processes "
+                "all agree on the largest count (the others split their heaviest micro-batches). null: the fixed "
+                "split of gradient_accumulation_steps / micro_batch_size (exclusive with both)"})
     learning_rate: float = field(default=1e-5, metadata={"help": "the optimizer's peak learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "the optimizer's weight decay"})
     warmup_steps: int = field(default=0, metadata={
@@ -912,6 +920,12 @@ def _accumulation_problems(t: TrainingConfig) -> list[str]:
         if value is not None and value < 1:
             return [f"training.{name} must be >= 1"]
     steps, micro = t.gradient_accumulation_steps, t.micro_batch_size
+    if t.max_tokens_per_micro_batch is not None:
+        if t.max_tokens_per_micro_batch < 1:
+            return ["training.max_tokens_per_micro_batch must be >= 1"]
+        if steps is not None or micro is not None:
+            return ["training.max_tokens_per_micro_batch forms the micro-batches by tokens: leave "
+                    "training.gradient_accumulation_steps and training.micro_batch_size unset (null)"]
     if steps is not None and micro is not None and steps * micro != t.prompts_per_step:
         return [f"training.gradient_accumulation_steps ({steps}) x training.micro_batch_size ({micro}) must equal "
                 f"training.prompts_per_step ({t.prompts_per_step}); set only one of the two"]
@@ -923,7 +937,13 @@ def _accumulation_problems(t: TrainingConfig) -> list[str]:
 
 
 def accumulation(t: TrainingConfig) -> tuple[int, int]:
-    """(gradient_accumulation_steps, micro_batch_size) of a validated training section."""
+    """(gradient_accumulation_steps, micro_batch_size) of a validated training section.
+
+    With ``max_tokens_per_micro_batch`` the count changes from step to step (trainers/backend.py sets it per
+    step); this returns its bound, ``(prompts_per_step, 1)``: at most one micro-batch per prompt, the
+    nominal values the back-ends are configured with (DeepSpeed's accumulation steps and batch size)."""
+    if t.max_tokens_per_micro_batch is not None:
+        return t.prompts_per_step, 1
     if t.gradient_accumulation_steps is not None:
         return t.gradient_accumulation_steps, t.prompts_per_step // t.gradient_accumulation_steps
     if t.micro_batch_size is not None:

@@ -290,6 +290,8 @@ def plan(cfg: RecipeConfig, *, gpus: int, zero_stage: int, mixed_bf16: bool = Fa
     if cfg.tools.functions:  # a tool trajectory: model turns and tool turns, up to its whole budget
         completion = cfg.tools.max_total_tokens or cfg.tools.max_turns * completion
     packed = prompt + g * completion if cfg.training.forward_mode == "grouped" else g * (prompt + completion)
+    if cfg.training.max_tokens_per_micro_batch is not None:  # as many worst-case groups as the budget holds (one at least)
+        micro = max(1, min(cfg.training.prompts_per_step, cfg.training.max_tokens_per_micro_batch // packed))
     tokens = micro * packed
     h, i, kv, layers = shape.hidden, shape.intermediate, shape.kv_dim, shape.text_layers
     per_token_layer = (6 * h + 2 * kv + 4 * i) * b  # norms, q/k/v, attention output, MLP gate/up/act/down inputs

@@ -99,8 +99,10 @@ def collect(cfg: RecipeConfig, learner: Any, *, engine: Any) -> dict[str, Any]:
         "learner_engine": type(policy).__name__,
         "lora": cfg.model.lora,
         "gradient_checkpointing": cfg.model.gradient_checkpointing,
+        # under a token budget these are the bound (one prompt per micro-batch); the step's count is logged
         "gradient_accumulation_steps": steps,
         "micro_batch_size": micro,
+        "max_tokens_per_micro_batch": cfg.training.max_tokens_per_micro_batch,
         "reference": None if learner.reference is None else type(learner.reference).__name__,
         **partition_summary(policy),
         **_model_info(cfg, learner.unwrapped, acc.device, engine),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,8 +132,11 @@ def configure_deepspeed(ds_config: dict[str, Any], cfg: RecipeConfig) -> None:
     if current in (None, "auto"):
         ds_config["gradient_accumulation_steps"] = steps
     elif int(current) != steps:
+        recipe_says = (f"training.max_tokens_per_micro_batch sets it per step (the engine gets the bound, "
+                       f"prompts_per_step={steps})" if cfg.training.max_tokens_per_micro_batch is not None
+                       else f"the recipe's training.gradient_accumulation_steps is {steps}")
         raise ConfigError(f"the DeepSpeed config sets gradient_accumulation_steps={current} (accelerate's value when a "
-                          f"JSON config omits it) but the recipe's training.gradient_accumulation_steps is {steps}: let "
+                          f"JSON config omits it) but {recipe_says}: let "
                           "the recipe decide (\"gradient_accumulation_steps\": \"auto\" in the DeepSpeed JSON, nothing "
                           "in the accelerate YAML) or make both equal")
     if ds_config.get("train_micro_batch_size_per_gpu") in (None, "auto"):
@@ -286,18 +289,127 @@ def generate_groups(learner: Learner, engine: Any, samples: list, n: int, sampli
     return [r.completions for r in results]
 
 
-def micro_batches(count: int, cfg: RecipeConfig) -> list[range]:
-    """The step's prompts (or pairs) split into the recipe's micro-batches, in order."""
-    steps, size = accumulation(cfg.training)
-    if count != steps * size:
-        raise ValueError(f"a step of {count} prompts cannot be split into {steps} micro-batches of {size}")
-    return [range(start, start + size) for start in range(0, count, size)]
+def packed_tokens(prompt_tokens: int, completion_lengths: Sequence[int], mode: str) -> int:
+    """The tokens one prompt group (a prompt and its completions; a preference pair) puts through the
+    learner's forward, the unit of ``training.max_tokens_per_micro_batch``: ``grouped`` packs the prompt
+    once (its visual tokens included) and every completion (tool turns included) without padding; ``naive``
+    runs a row per completion, prompt repeated and padded to the group's longest completion."""
+    if mode == "grouped":
+        return prompt_tokens + sum(completion_lengths)
+    return len(completion_lengths) * (prompt_tokens + max(completion_lengths, default=0))
+
+
+def budget_split(tokens: Sequence[int], budget: int) -> list[range]:
+    """Consecutive groups packed into micro-batches while their tokens stay within ``budget``: order kept,
+    groups whole, a group over the budget alone in its own micro-batch. Greedy filling gives the fewest
+    micro-batches any split into consecutive runs can."""
+    parts, start, load = [], 0, 0
+    for i, n in enumerate(tokens):
+        if i > start and load + n > budget:
+            parts.append(range(start, i))
+            start, load = i, 0
+        load += n
+    if len(tokens):
+        parts.append(range(start, len(tokens)))
+    return parts
+
+
+def split_to_count(parts: Sequence[range], tokens: Sequence[int], count: int) -> list[range]:
+    """``parts`` split further until there are ``count`` of them: each time the heaviest part holding two
+    or more groups is cut where its halves' tokens are most even. Parts stay consecutive, non-empty and
+    within the budget they kept (a part only gets lighter)."""
+    parts = list(parts)
+    while len(parts) < count:
+        splittable = [k for k, r in enumerate(parts) if len(r) > 1]
+        if not splittable:
+            raise ValueError(f"{len(tokens)} groups cannot fill {count} micro-batches (one group at least in each)")
+        k = max(splittable, key=lambda k: sum(tokens[i] for i in parts[k]))
+        r = parts[k]
+        total = sum(tokens[i] for i in r)
+        prefix, best, cut = 0, None, r.start + 1
+        for c in range(r.start + 1, r.stop):
+            prefix += tokens[c - 1]
+            if best is None or abs(2 * prefix - total) < best:
+                best, cut = abs(2 * prefix - total), c
+        parts[k:k + 1] = [range(r.start, cut), range(cut, r.stop)]
+    return parts
+
+
+@dataclass(frozen=True)
+class MicroBatches:
+    """A step's split into micro-batches: consecutive ranges of its groups, and what each costs."""
+
+    parts: list[range]
+    tokens: list[int]  # per part: the learner tokens it packs
+    over_budget: int = 0  # groups alone in a micro-batch because they alone exceed the budget
+    fewest: int | None = None  # several processes under a budget: the fewest micro-batches any one needed
+
+    def __iter__(self) -> Iterator[range]:
+        return iter(self.parts)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def metrics(self) -> dict[str, float]:
+        out = {"train/micro_batches": float(len(self.parts)),
+               "train/micro_batch_tokens_max": float(max(self.tokens, default=0))}
+        if self.over_budget:
+            out["train/over_budget_groups"] = float(self.over_budget)
+        if self.fewest is not None:  # below train/micro_batches: some process split further to agree
+            out["train/micro_batches_fewest"] = float(self.fewest)
+        return out
+
+
+def agreed_count(accelerator: Accelerator | None, local: int) -> tuple[int, int] | None:
+    """(the largest, the fewest) micro-batch count of any process; None with one process. A collective:
+    every process calls it."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return None
+    counts = accelerator.gather(torch.tensor([local], dtype=torch.long, device=accelerator.device))
+    return int(counts.max()), int(counts.min())
+
+
+def micro_batches(cfg: RecipeConfig, tokens: Sequence[int], accelerator: Accelerator | None = None) -> MicroBatches:
+    """The step's groups (prompts with their completions, or pairs; ``tokens``: each one's
+    :func:`packed_tokens`) split into micro-batches, in order.
+
+    Without ``training.max_tokens_per_micro_batch``: the recipe's fixed split of equal row counts. With
+    it: :func:`budget_split`, and with several processes every process runs the same number of
+    micro-batches, the largest any of them needs; the others split their heaviest micro-batches further
+    (:func:`split_to_count`). Why the same number: each micro-batch is a forward and a backward, and under
+    DDP the last one all-reduces the gradients while under ZeRO-2/3 every backward reduce-scatters (ZeRO-3
+    also all-gathers the weights in every forward), so a process with fewer would leave the others
+    waiting in a collective forever. Why split rather than pad: a micro-batch without a group has no
+    forward to run those collectives in, and a zero-weighted extra backward on a real group would cost a
+    whole forward and backward; splitting costs nothing extra and keeps every micro-batch within the
+    budget. It always succeeds, since every process holds prompts_per_step groups and no process needs
+    more micro-batches than it has groups."""
+    budget = cfg.training.max_tokens_per_micro_batch
+    count = len(tokens)
+    if budget is None:
+        steps, size = accumulation(cfg.training)
+        if count != steps * size:
+            raise ValueError(f"a step of {count} prompts cannot be split into {steps} micro-batches of {size}")
+        parts = [range(start, start + size) for start in range(0, count, size)]
+        return MicroBatches(parts, [sum(tokens[i] for i in r) for r in parts])
+    parts = budget_split(tokens, budget)
+    over = [tokens[r.start] for r in parts if len(r) == 1 and tokens[r.start] > budget]
+    if over:
+        logger.warning("%d group(s) of this step exceed training.max_tokens_per_micro_batch=%d (largest %d tokens): "
+                       "each runs as a micro-batch of its own", len(over), budget, max(over))
+    agreed = agreed_count(accelerator, len(parts))
+    if agreed is not None:
+        parts = split_to_count(parts, tokens, agreed[0])
+    return MicroBatches(parts, [sum(tokens[i] for i in r) for r in parts], over_budget=len(over),
+                        fewest=agreed[1] if agreed is not None else None)
 
 
 @contextlib.contextmanager
-def accumulation_cycle(learner: Learner) -> Iterator[None]:
-    """One optimizer step's micro-batches: accelerate's accumulation counter restarts, so the last
-    micro-batch is the one that synchronises gradients (DDP all-reduce, DeepSpeed's boundary step)."""
+def accumulation_cycle(learner: Learner, count: int) -> Iterator[None]:
+    """One optimizer step's ``count`` micro-batches: accelerate's accumulation counter restarts and counts to
+    ``count`` (the step's own number under a token budget), so the last micro-batch, and only it, is the
+    one that synchronises gradients (DDP all-reduce, DeepSpeed's boundary step)."""
+    learner.accelerator.gradient_accumulation_steps = count
     learner.accelerator.step = 0
     yield
 
@@ -305,9 +417,14 @@ def accumulation_cycle(learner: Learner) -> Iterator[None]:
 def backward_share(learner: Learner, loss_share: torch.Tensor) -> None:
     """Backward of one micro-batch's share of the step's loss (shares sum to the step's loss).
 
-    accelerate (and DeepSpeed) divide every backward by the accumulation steps, meant for losses that
-    are means over a micro-batch; a share is already scaled, so that division is undone here."""
-    learner.accelerator.backward(loss_share * learner.accelerator.gradient_accumulation_steps)
+    accelerate (outside DeepSpeed: by its accumulation steps, set per step by :func:`accumulation_cycle`)
+    and DeepSpeed (by its engine's configured accumulation steps) divide every backward, meant for losses
+    that are means over a micro-batch; a share is already scaled, so that division is undone here."""
+    if learner.is_deepspeed:
+        divisor = learner.policy.gradient_accumulation_steps()
+    else:
+        divisor = learner.accelerator.gradient_accumulation_steps
+    learner.accelerator.backward(loss_share * divisor)
 
 
 def optimizer_step(learner: Learner, max_grad_norm: float | None) -> float | None:

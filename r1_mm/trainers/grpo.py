@@ -37,6 +37,7 @@ from r1_mm.trainers.backend import (
     generate_groups,
     micro_batches,
     optimizer_step,
+    packed_tokens,
     reference_model,
     sync_reference,
 )
@@ -298,6 +299,11 @@ class GRPOTrainer(BaseTrainer):
         gathered = acc.gather(acc.pad_across_processes(local, dim=0, pad_index=pad))
         return gathered[gathered != pad]
 
+    def _group_tokens(self, exp: Experience) -> list[int]:
+        """Per prompt group, the tokens the learner's forward packs for it (the micro-batch budget's unit)."""
+        return [packed_tokens(sample.num_prompt_tokens, [len(c.token_ids) for c in exp.completions[rows]],
+                              self.cfg.training.forward_mode) for _, sample, rows in exp.batch.groups()]
+
     def _step_norm(self, exp: Experience) -> LossNorm:
         """The whole step's denominators, from the loss mask alone (known before any forward)."""
         acc = self.learner.accelerator
@@ -326,7 +332,8 @@ class GRPOTrainer(BaseTrainer):
         cfg, learner = self.cfg, self.learner
         acc = learner.accelerator
         policy = learner.policy
-        micro = [exp.select(r) for r in micro_batches(len(exp.samples), cfg)]
+        split = micro_batches(cfg, self._group_tokens(exp), acc)
+        micro = [exp.select(r) for r in split]
         norm = self._step_norm(exp)
         old_logps: list[torch.Tensor | None] = [None] * len(micro)
         ref_logps: list[torch.Tensor | None] = [None] * len(micro)
@@ -342,7 +349,7 @@ class GRPOTrainer(BaseTrainer):
         for iteration in range(cfg.algorithm.grpo.num_iterations):
             policy.train()
             skipped = False
-            with accumulation_cycle(learner):
+            with accumulation_cycle(learner, len(micro)):
                 for k, part in enumerate(micro):
                     with acc.accumulate(policy):
                         logps, entropy, _, kl_logps = self._score(policy, part, with_entropy=True,
@@ -375,7 +382,7 @@ class GRPOTrainer(BaseTrainer):
             if iteration == 0:
                 sums.set("train/grad_norm", grad_norm if grad_norm is not None else float("nan"))
                 sums.set("train/lr", float(learner.scheduler.get_last_lr()[0]))
-        metrics = sums.result()
+        metrics = {**sums.result(), **split.metrics()}
         if "train/loss" in metrics:
             metrics.setdefault("train/kl", 0.0)  # beta = 0: no KL term
         self.engine.update_weights(learner.unwrapped)

@@ -21,6 +21,7 @@ from r1_mm.trainers.backend import (
     backward_share,
     micro_batches,
     optimizer_step,
+    packed_tokens,
     reference_model,
 )
 from r1_mm.trainers.base import BaseTrainer
@@ -105,8 +106,11 @@ class PreferenceTrainer(BaseTrainer):
         sums = StepMetrics()
         chosen_all, rejected_all = [], []
         learner.policy.train()
-        with accumulation_cycle(learner):
-            for part in micro_batches(len(batch), self.cfg):
+        split = micro_batches(self.cfg, [packed_tokens(s.num_prompt_tokens, [len(c), len(r)], self.cfg.training.forward_mode)
+                                         for s, c, r in zip(batch.samples, batch.chosen, batch.rejected, strict=True)],
+                              acc)
+        with accumulation_cycle(learner, len(split)):
+            for part in split:
                 pairs = batch.select(part.start, part.stop)
                 with acc.accumulate(learner.policy):
                     ref_chosen, ref_rejected = self.reference_logps(pairs)
@@ -121,7 +125,7 @@ class PreferenceTrainer(BaseTrainer):
                 rejected_all.append(out.rejected_rewards)
         grad_norm = optimizer_step(learner, self.cfg.training.max_grad_norm)
         chosen, rejected = acc.gather(torch.cat(chosen_all)), acc.gather(torch.cat(rejected_all))
-        metrics = sums.result()
+        metrics = {**sums.result(), **split.metrics()}
         metrics.update({
             "rewards/chosen": float(chosen.mean()), "rewards/rejected": float(rejected.mean()),
             "rewards/margins": float((chosen - rejected).mean()),

@@ -24,7 +24,13 @@ from r1_mm.models.forward.scoring import score_completions
 from r1_mm.rollout.agentic import ToolRollout
 from r1_mm.rollout.base import Completion, SamplingSettings
 from r1_mm.rollout.scripted import ScriptedEngine
-from r1_mm.trainers.backend import accumulation_cycle, backward_share, micro_batches, optimizer_step
+from r1_mm.trainers.backend import (
+    accumulation_cycle,
+    backward_share,
+    micro_batches,
+    optimizer_step,
+    packed_tokens,
+)
 from r1_mm.trainers.base import BaseTrainer
 from r1_mm.trainers.objects import RunObjects, with_objects
 from r1_mm.trainers.registry import register_trainer
@@ -130,9 +136,11 @@ class SFTTrainer(BaseTrainer):
         local = torch.tensor([float(sum(trained))], device=acc.device)
         total = float(acc.gather(local).sum()) / acc.num_processes  # mean tokens per process: shares sum to the mean
         sums = StepMetrics()
+        split = micro_batches(self.cfg, [packed_tokens(s.num_prompt_tokens, [len(c.token_ids)], self.cfg.training.forward_mode)
+                                         for s, c in zip(samples, completions, strict=True)], acc)
         learner.policy.train()
-        with accumulation_cycle(learner):
-            for part in micro_batches(len(samples), self.cfg):
+        with accumulation_cycle(learner, len(split)):
+            for part in split:
                 rows = list(part)
                 part_contexts = [contexts[i] for i in rows]
                 with acc.accumulate(learner.policy):
@@ -147,6 +155,7 @@ class SFTTrainer(BaseTrainer):
                 sums.add_token_means(mask, **{"train/entropy": entropy})
         grad_norm = optimizer_step(learner, self.cfg.training.max_grad_norm)
         metrics = sums.result()
+        metrics.update(split.metrics())
         metrics.update({
             "train/tokens": float(sum(trained)),
             "train/grad_norm": grad_norm if grad_norm is not None else float("nan"),
