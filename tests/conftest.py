@@ -57,11 +57,13 @@ def tiny_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_path(tiny_cache):
-    """tiny_path("qwen2_5_vl", small=False) -> folder of a saved tiny model (built once)."""
+    """tiny_path("qwen2_5_vl", small=False) -> folder of a saved tiny model (built once); ``tools``: a tokenizer
+    that writes tool calls (``tiny:<family>:small:tools``)."""
     from r1_mm.models.tiny import TinySpec, tiny_model_path
 
-    def get(family: str = "qwen2_5_vl", small: bool = False, seed: int = 0) -> Path:
-        return tiny_model_path(TinySpec(family=family, small_vocab=small, seed=seed), cache_dir=tiny_cache)
+    def get(family: str = "qwen2_5_vl", small: bool = False, seed: int = 0, tools: bool = False) -> Path:
+        spec = TinySpec(family=family, small_vocab=small, seed=seed, tools=tools)
+        return tiny_model_path(spec, cache_dir=tiny_cache)
 
     return get
 
