@@ -66,20 +66,63 @@ def make_demo_data(out: Path, rows: int, seed: int) -> Path:
     return make_counting_task(out, rows, seed=seed, min_count=1, max_count=4, size=56, box=20, gap=8)
 
 
+def make_zoom_demo_data(out: Path, rows: int, seed: int) -> tuple[Path, Path]:
+    """The zoom-in demo's rows and its SFT rows. 224x224 images whose 1-4 squares all sit in the 56x56 corner the
+    question names; shown at 56x56 (media.max_pixels) the corner is a quarter of one visual token, while
+    crop_image on it returns the counting demo's image (each square on one of its 2x2 tokens)."""
+    from r1_mm.testing.synthetic import make_zoom_sft_task, make_zoom_task
+
+    zoom = make_zoom_task(out, rows, seed=seed, size=224, region=56, min_count=1, max_count=4, box=20, gap=8)
+    # half the SFT rows call crop_image on the right corner, half answer at once: GRPO has a call rate to raise
+    sft = make_zoom_sft_task(zoom, rows, shown=56, seed=seed + 1, call_fraction=0.5, answers="solution")
+    return zoom, sft
+
+
+def _demo_zoom(out: Path, rows: int, sft_steps: int | None, overrides: list[str]) -> int:
+    """SFT (the call format) -> GRPO with crop_image, and the same GRPO without tools, then both curves."""
+    zoom, sft = make_zoom_demo_data(out / "data", rows, seed=0)
+    print(f"demo: synthetic zoom-in data in {zoom} (SFT rows: {sft})")
+    sft_args = [str(REPO_RECIPES / "demo_zoom_sft.yaml"), f"data.train_path={sft}", f"training.output_dir={out / 'sft'}",
+                "training.overwrite_output_dir=true"] + ([f"training.max_steps={sft_steps}"] if sft_steps else [])
+    code = _cmd_train(sft_args)
+    if code:
+        return code
+    runs = {"GRPO with crop_image": out / "tools", "GRPO without tools": out / "no_tools"}
+    for label, folder in runs.items():
+        print(f"demo: {label}")
+        extra = ["tools.functions=[]"] if folder.name == "no_tools" else []
+        code = _cmd_train([str(REPO_RECIPES / "demo_zoom_grpo.yaml"), f"data.train_path={zoom}",
+                           f"model.name_or_path={out / 'sft'}", f"training.output_dir={folder}",
+                           "training.overwrite_output_dir=true", *extra, *overrides])
+        if code:
+            return code
+    from r1_mm.run.plotting import plot_comparison
+
+    print(f"demo: curves in {plot_comparison(runs, out / 'comparison.png', ['rewards/accuracy/mean', 'tools/call_rate'])}")
+    return 0
+
+
 def _cmd_demo(argv: list[str]) -> int:
     from r1_mm.config.doc import OVERRIDES_EPILOG
 
     p = argparse.ArgumentParser(prog="r1-mm demo", description=(
-        "Build the tiny offline model and synthetic counting data, then run the demo recipe."),
+        "Build the tiny offline model and synthetic data, then run a demo: counting (GRPO alone teaches a random "
+        "tiny model to count) or zoom (a short SFT teaches the crop_image call, then GRPO with the tool against "
+        "GRPO without it)."),
         epilog=OVERRIDES_EPILOG)
-    p.add_argument("--out", default="runs/demo", help="run folder (data, metrics, checkpoints)")
+    p.add_argument("--task", choices=("counting", "zoom"), default="counting", help="which demo (default counting)")
+    p.add_argument("--out", default=None, help="run folder (data, metrics, checkpoints; default runs/demo, runs/demo_zoom)")
     p.add_argument("--recipe", default=str(REPO_RECIPES / "demo_counting_grpo.yaml"),
-                   help="the recipe to run (default: recipes/demo_counting_grpo.yaml); one whose file name has \"rollout\" only samples")
-    p.add_argument("--rows", type=int, default=512, help="synthetic rows to generate")
-    p.add_argument("overrides", nargs="*", help="section.field=value recipe overrides")
+                   help="counting: the recipe to run (default: recipes/demo_counting_grpo.yaml); one whose file name has "
+                        "\"rollout\" only samples")
+    p.add_argument("--rows", type=int, default=None, help="synthetic rows to generate (default 512; zoom 1024)")
+    p.add_argument("--sft-steps", type=int, default=None, help="zoom: SFT steps (default: the SFT recipe's)")
+    p.add_argument("overrides", nargs="*", help="section.field=value recipe overrides (zoom: of the GRPO runs)")
     args = p.parse_intermixed_args(argv)  # overrides before or after the options
-    out = Path(args.out)
-    data = make_demo_data(out / "data", args.rows, seed=0)
+    if args.task == "zoom":
+        return _demo_zoom(Path(args.out or "runs/demo_zoom"), args.rows or 1024, args.sft_steps, args.overrides)
+    out = Path(args.out or "runs/demo")
+    data = make_demo_data(out / "data", args.rows or 512, seed=0)
     print(f"demo: synthetic data in {data}")
     # the demo is meant to be run again: each run replaces the previous one's files (the data stay)
     overrides = [f"data.train_path={data}", f"training.output_dir={out}", "training.overwrite_output_dir=true",
@@ -115,9 +158,12 @@ def _cmd_make_tiny(argv: list[str]) -> int:
     p.add_argument("out", help="folder to write the model and processor to (loads with from_pretrained)")
     p.add_argument("--small-vocab", action="store_true",
                    help="a 96-token vocabulary in which digits and <think>/<answer> tags are single tokens")
+    p.add_argument("--tools", action="store_true",
+                   help="a tokenizer that writes tool calls in a few tokens (Hermes tags as single tokens; the zoom demo)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     args = p.parse_args(argv)
-    path = build_tiny_model(args.out, TinySpec(family=args.family, small_vocab=args.small_vocab, seed=args.seed))
+    path = build_tiny_model(args.out, TinySpec(family=args.family, small_vocab=args.small_vocab, seed=args.seed,
+                                               tools=args.tools))
     print(path)
     return 0
 

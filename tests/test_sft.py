@@ -88,7 +88,11 @@ def test_sft_lowers_the_loss_on_its_responses(tiny_path, counting_sft, tmp_path)
                        training={"max_steps": 12, "prompts_per_step": 4, "learning_rate": 3e-3})).train()
     losses = [json.loads(line)["train/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3
-    assert (out / "checkpoints" / "step-000012" / "model" / "config.json").exists()  # GRPO's model.name_or_path
+    # a GRPO recipe's model.name_or_path may be this run's folder: its last checkpoint's model
+    from r1_mm.config.recipe import ModelConfig
+    from r1_mm.models.loading import resolve_model_path
+
+    assert resolve_model_path(ModelConfig(name_or_path=str(out))) == str(out / "checkpoints" / "step-000012" / "model")
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,8 @@ class ModelConfig:
     """The policy (and its reference copy) and how it is loaded."""
 
     name_or_path: str = field(default="tiny:qwen2_5_vl", metadata={
-        "help": "hub id, local folder, or tiny:FAMILY[:small] for the built-in tiny models (r1-mm make-tiny)"})
+        "help": "hub id, local folder, an r1-mm run folder (its last checkpoint's model: GRPO after an SFT run), or "
+                "tiny:FAMILY[:small][:tools] for the built-in tiny models (r1-mm make-tiny)"})
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = field(default="float32", metadata={
         "help": "dtype the weights are loaded in (auto: the checkpoint's own)"})
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = field(

@@ -263,8 +263,9 @@ def plan(cfg: RecipeConfig, *, gpus: int, zero_stage: int, mixed_bf16: bool = Fa
     add = lambda name, value, note: out.lines.append(Line(name, float(value), note))  # noqa: E731
     shard3 = gpus if zero_stage >= 3 else 1
     a = cfg.algorithm
-    preference = algorithm_spec(a.name).preference_loss
-    g = 2 if preference else cfg.rollout.num_generations
+    spec = algorithm_spec(a.name)
+    preference = spec.preference_loss
+    g = 2 if preference else 1 if spec.responses_in_rows else cfg.rollout.num_generations  # SFT: the row's response
 
     trainable = shape.lora_params if cfg.model.lora else shape.total_params - (
         shape.vision_params if cfg.model.freeze_vision_tower else 0)

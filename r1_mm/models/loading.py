@@ -1,7 +1,8 @@
 """Load the policy, its frozen reference and the processor; apply freezing, LoRA and dtype.
 
 Model names are whatever ``from_pretrained`` accepts (hub id or local folder), plus the built-in
-``tiny:<family>[:small]`` models that ``r1_mm.testing`` builds offline.
+``tiny:<family>[:small]`` models that ``r1_mm.testing`` builds offline, plus an r1-mm run folder (its last
+checkpoint's model: how a GRPO recipe starts from an SFT run).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,12 +23,25 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:
-    """Built-in tiny names become a cached local folder (built on first use); others pass through."""
+    """Built-in tiny names become a cached local folder (built on first use); an r1-mm run folder becomes its last
+    checkpoint's model (a recipe chain: GRPO from an SFT run); others pass through."""
     if cfg.name_or_path.startswith("tiny:"):
         from r1_mm.models.tiny import parse_tiny_name, tiny_model_path
 
         return str(tiny_model_path(parse_tiny_name(cfg.name_or_path, seed=cfg.tiny_seed)))
-    return cfg.name_or_path
+    last = last_run_model(cfg.name_or_path)
+    return str(last) if last is not None else cfg.name_or_path
+
+
+def last_run_model(folder: str) -> Path | None:
+    """``folder/checkpoints/step-N/model`` with the largest N, when ``folder`` is a run folder (it holds no model of
+    its own, and its checkpoints hold plain transformers folders); None otherwise."""
+    root = Path(folder)
+    if not root.is_dir() or (root / "config.json").exists():
+        return None
+    models = [p for p in (root / "checkpoints").glob("step-*/model") if (p / "config.json").exists()]
+    steps = [(int(p.parent.name.split("-", 1)[1]), p) for p in models if p.parent.name.split("-", 1)[1].isdigit()]
+    return max(steps)[1] if steps else None
 
 
 def load_processor(cfg: ModelConfig) -> Any:

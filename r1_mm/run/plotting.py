@@ -149,3 +149,38 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, smooth: int 
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_comparison(runs: dict[str, str | Path], out: str | Path, panels: Sequence[str], *,
+                    smooth: int = 20) -> Path:
+    """Several runs on the same panels, one colour per run (``runs``: label -> run folder): an ablation's curves
+    side by side (the zoom-in demo: GRPO with tools and without). A panel a run does not log is left out for it;
+    each curve is drawn as its moving average, with the raw points faint behind it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loaded = {label: read_metrics(Path(folder)) for label, folder in runs.items()}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, panel in zip(axes.flat, panels, strict=True):
+        for n, (label, rows) in enumerate(loaded.items()):
+            steps, values = series(rows, panel)
+            if not values:
+                continue
+            window = smoothing_window(smooth, len(values))
+            ax.plot(steps, values, linestyle="none", marker="o", markersize=2, alpha=0.2, color=f"C{n}")
+            ax.plot(steps, smooth_values(values, window), color=f"C{n}", linewidth=1.6, label=label,
+                    gid=f"smooth:{label}:{panel}")
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+smooth_values = smooth  # plot_comparison's ``smooth`` argument shadows the function's name there

@@ -271,12 +271,13 @@ def crop_call(box: list[int]) -> str:
 
 
 def make_zoom_sft_task(zoom_rows: str | Path, num_rows: int, *, shown: int, seed: int = 0,
-                       call_fraction: float = 0.5, min_count: int = 1, max_count: int = 4,
+                       call_fraction: float = 0.5, answers: str = "random", min_count: int = 1, max_count: int = 4,
                        name: str = "zoom_sft") -> Path:
     """SFT rows that teach the call format and nothing else (issue 23's warm start): the first ``num_rows`` rows
     of a :func:`make_zoom_task` file, a ``call_fraction`` of them with ``turns`` = [a crop_image call on the row's
     region in the coordinates of the image as shown (``shown`` px square, crop_image's default), an answer], the
-    others one answer turn. The answers are random counts, not the solution: counting is left for GRPO to learn."""
+    others one answer turn. ``answers``: ``random`` counts (the call format alone is taught, counting is left for
+    GRPO) or the ``solution``."""
     from r1_mm.data.loading import read_rows
 
     zoom_rows = Path(zoom_rows)
@@ -284,7 +285,8 @@ def make_zoom_sft_task(zoom_rows: str | Path, num_rows: int, *, shown: int, seed
     rows = []
     for row in read_rows(zoom_rows)[:num_rows]:
         size = Image.open(zoom_rows.parent / row["image"]).width
-        answer = f"<answer>{rng.randint(min_count, max_count)}</answer>"
+        count = row["solution"] if answers == "solution" else rng.randint(min_count, max_count)
+        answer = f"<answer>{count}</answer>"
         if rng.random() < call_fraction:
             box = [round(v * shown / size) for v in row["region"]]
             turns = [crop_call(box), answer]
