@@ -18,6 +18,7 @@ def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_the_zoom_demo_calls_executes_and_rewards_the_tool(tmp_path):
     out = tmp_path / "zoom"
     # the hf engine here (no vLLM start-up), 2 GRPO steps per run; the SFT long enough to write calls
