@@ -102,6 +102,9 @@ class RolloutEngine(ABC):
     """Generates completions and receives new policy weights after each optimizer step."""
 
     name: str = "base"
+    # sampling on its own devices or processes, so it may run while the learner trains (asynchronous rollouts:
+    # concurrently); false: it shares the learner's device (or model) and runs between the learner's updates
+    generates_beside_learner: bool = False
 
     @abstractmethod
     def generate(self, batch: list[Sample], n: int, sampling: SamplingSettings) -> list[PromptCompletions]:
