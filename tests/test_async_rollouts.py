@@ -18,6 +18,7 @@ from r1_mm.trainers.async_rollouts import AsyncRollouts, RolloutTimeout
 from r1_mm.trainers.grpo import GRPOTrainer
 
 PLUGINS = Path(__file__).parent / "plugins"
+VLLM = ("rollout.vllm_dtype=float32", "rollout.vllm_max_model_len=2048", "data.max_prompt_length=1024")
 COMPARED = ("rewards/total", "train/loss", "train/grad_norm", "train/entropy", "completions/mean_length",
             "rollout/is_ratio_mean", "rollout/logprob_abs_diff_max")
 
@@ -97,10 +98,13 @@ def test_staleness_zero_through_the_producer_equals_the_synchronous_loop(tmp_pat
             assert mb[key] == ma[key], (ma["step"], key)
 
 
-def test_staleness_one_trains_on_the_previous_version_with_exact_is_weights(tmp_path, synthetic_data, monkeypatch):
-    """K=1 on the hf engine (interleaved): step t trains on samples of version t - 1. The importance weights are
-    exp(learner logp at version t - sampler logp) capped, the sampler's logprobs are version t - 1's (recomputed
-    from that version's weights) and the learner's are version t's."""
+@pytest.mark.parametrize(("engine", "sampler_atol"), [
+    ("hf", 1e-5), pytest.param("vllm_colocate", 1e-4, marks=pytest.mark.slow)])  # float32 vLLM vs learner: ~1e-5
+def test_staleness_one_trains_on_the_previous_version_with_exact_is_weights(tmp_path, synthetic_data, monkeypatch,
+                                                                           engine, sampler_atol):
+    """K=1 on the engines that share the learner's device (interleaved): step t trains on samples of version
+    t - 1. The importance weights are exp(learner logp at version t - sampler logp) capped, the sampler's
+    logprobs are version t - 1's (recomputed from that version's weights) and the learner's are version t's."""
     seen = []
     real = GRPOTrainer._rollout_correction
 
@@ -112,10 +116,11 @@ def test_staleness_one_trains_on_the_previous_version_with_exact_is_weights(tmp_
 
     monkeypatch.setattr(GRPOTrainer, "_rollout_correction", spy)
     cap = 1.5
-    cfg = recipe(tmp_path, synthetic_data["counting"], "rollout.max_staleness=1",
-                 f"algorithm.grpo.rollout_is_cap={cap}", "training.max_steps=4")
+    cfg = recipe(tmp_path, synthetic_data["counting"], "rollout.max_staleness=1", f"rollout.engine={engine}",
+                 f"algorithm.grpo.rollout_is_cap={cap}", "training.max_steps=4", *VLLM)
     trainer = GRPOTrainer(cfg)
     trainer.train()
+    assert trainer.engine.name == engine and not trainer.async_rollouts.concurrent
     metrics = read_metrics(cfg.training.output_dir)
     assert [m["async/staleness"] for m in metrics] == [0.0, 1.0, 1.0, 1.0]
     assert [m["async/policy_version"] for m in metrics] == [0.0, 0.0, 1.0, 2.0]
@@ -140,7 +145,7 @@ def test_staleness_one_trains_on_the_previous_version_with_exact_is_weights(tmp_
             at_sampling = trainer._score(model, exp)[0]
             model.load_state_dict(states[step])
             at_learner = trainer._score(model, exp)[0]
-        torch.testing.assert_close(at_sampling[m], sampler[m], atol=1e-5, rtol=0)  # behaviour = version t - 1
+        torch.testing.assert_close(at_sampling[m], sampler[m], atol=sampler_atol, rtol=0)  # behaviour = version t - 1
         torch.testing.assert_close(at_learner[m], learner_logps[m], atol=1e-6, rtol=0)  # learner = version t
         assert float((learner_logps - sampler)[m].abs().max()) > 1e-3  # the premise: the versions really differ
         expected = torch.exp(learner_logps - sampler).clamp(max=cap)
@@ -189,8 +194,7 @@ def test_pool_samples_while_the_learner_trains(tmp_path, synthetic_data, monkeyp
 
     monkeypatch.setattr(GRPOTrainer, "update", update)
     monkeypatch.setattr(AsyncRollouts, "take", take)
-    cfg = recipe(tmp_path, synthetic_data["counting"], "rollout.engine=vllm_pool", "rollout.pool_size=1",
-                 "rollout.vllm_dtype=float32", "rollout.vllm_max_model_len=2048", "data.max_prompt_length=1024",
+    cfg = recipe(tmp_path, synthetic_data["counting"], "rollout.engine=vllm_pool", "rollout.pool_size=1", *VLLM,
                  "rollout.max_staleness=1", "rollout.async_wait_timeout_s=600", "training.max_steps=5")
     trainer = GRPOTrainer(cfg)
     trainer.train()

@@ -107,9 +107,11 @@ class AsyncRollouts:
             while True:
                 with self.cond:
                     step = self.next_step
-                    while not self.stopping and step < self.max_steps and not self._may_start(step):
+                    # past the last step it waits for close(): servers it restarted (vllm_pool) die with their
+                    # starting thread, so it must outlive the steps the learner still trains
+                    while not self.stopping and (step >= self.max_steps or not self._may_start(step)):
                         self.cond.wait()
-                    if self.stopping or step >= self.max_steps:
+                    if self.stopping:
                         return
                 with self.engine_lock:
                     produced = self._make(step)
