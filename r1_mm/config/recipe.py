@@ -205,6 +205,11 @@ class RolloutConfig:
                 "at most this many optimizer steps old (vllm_pool: concurrently, on the servers; hf and "
                 "vllm_colocate: interleaved, between the learner's updates); the sampler's logprobs are the behaviour "
                 "policy of algorithm.grpo.rollout_is. 0: the synchronous loop"})
+    partial_rollout_tokens: int | None = field(default=None, metadata={
+        "help": "max_staleness > 0: partial rollouts; each step's sampling gives a completion at most this many new "
+                "tokens, and one not finished is continued after the next weight update, by the newer weights (each "
+                "token's version recorded, its sampler logprob used for the importance weights), until it ends or "
+                "reaches max_completion_length; null: off"})
     async_wait_timeout_s: float = field(default=3600.0, metadata={
         "help": "max_staleness > 0: seconds the learner waits for its next rollout batch before it stops the run "
                 "(a hung producer fails, it does not hang the run)"})
@@ -798,7 +803,9 @@ def _async_problems(cfg: RecipeConfig) -> list[str]:
     """Asynchronous rollouts (``rollout.max_staleness`` > 0): what they need to stay correct off-policy."""
     k = cfg.rollout.max_staleness
     if k == 0:
-        return []
+        return ([] if cfg.rollout.partial_rollout_tokens is None else
+                ["rollout.partial_rollout_tokens needs rollout.max_staleness >= 1 (a continued completion is sampled "
+                 "by two versions)"])
     if k < 0:
         return ["rollout.max_staleness must be >= 0"]
     if cfg.rollout.async_wait_timeout_s <= 0:
@@ -806,6 +813,14 @@ def _async_problems(cfg: RecipeConfig) -> list[str]:
     if not algorithm_spec(cfg.algorithm.name).reads_sampler_logprobs:
         return [f"rollout.max_staleness={k}: algorithm {cfg.algorithm.name} does not correct by the sampler's logprobs, "
                 "so it cannot train on rollouts of older weights (asynchronous rollouts are GRPO's)"]
+    partial = cfg.rollout.partial_rollout_tokens
+    if partial is not None:
+        if not 1 <= partial < cfg.rollout.max_completion_length:
+            return [f"rollout.partial_rollout_tokens ({partial}) must be in [1, rollout.max_completion_length) "
+                    f"([1, {cfg.rollout.max_completion_length}))"]
+        if cfg.algorithm.grpo.dynamic_sampling or cfg.tools.functions:
+            return ["rollout.partial_rollout_tokens: not with algorithm.grpo.dynamic_sampling or tools.functions "
+                    "(their extra prompts and tool turns would be continued across versions untested)"]
     if cfg.algorithm.grpo.rollout_is == "none":
         return [f"rollout.max_staleness={k} needs algorithm.grpo.rollout_is (e.g. token_truncate): samples up to {k} "
                 "versions old are corrected by the sampler's logprobs as the behaviour policy, none would train them "

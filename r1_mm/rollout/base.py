@@ -89,6 +89,9 @@ class Completion:
     # and what happened (what rewards and metrics read)
     context: ToolContext | None = None
     trajectory: TrajectoryRecord | None = None
+    # partial rollouts (rollout.partial_rollout_tokens): the policy version that sampled each token, where a
+    # completion was continued over weight updates (None: one version, the batch's policy_version)
+    token_versions: list[int] | None = None
 
 
 @dataclass

@@ -68,10 +68,15 @@ class AsyncRollouts:
     :meth:`close` at the end."""
 
     def __init__(self, produce: Callable[[int, int], Any], stream_state: Callable[[], dict[str, Any]], *,
-                 first_step: int, max_steps: int, max_staleness: int, concurrent: bool, timeout_s: float):
+                 first_step: int, max_steps: int, max_staleness: int, concurrent: bool, timeout_s: float,
+                 advance: Callable[[Any, int], None] | None = None, finish: Callable[[Any, int], Any] | None = None):
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
         self.produce, self.stream_state = produce, stream_state
+        # partial rollouts: ``advance(value, version)`` continues a made, untaken batch by one more segment (before
+        # each new step is made); ``finish(value, version)`` completes the batch the learner takes, with the weights
+        # of that moment. Both run holding the engine lock.
+        self.advance, self.finish = advance, finish
         self.max_steps, self.k, self.concurrent, self.timeout_s = max_steps, max_staleness, concurrent, timeout_s
         self.version = first_step  # the learner resumes (or starts) with the weights of its step
         self.next_step = first_step  # the next step the producer starts
@@ -95,7 +100,11 @@ class AsyncRollouts:
         with self.cond:
             version = self.version
             self.states[step] = self.stream_state()
+            in_flight = [self.ready[s] for s in sorted(self.ready)]
         started = time.time()
+        if self.advance is not None:
+            for produced in in_flight:  # a batch the learner took meanwhile waits for this lock to be finished
+                self.advance(produced.value, version)
         value = self.produce(step, version)
         finished = time.time()
         with self.cond:
@@ -153,6 +162,12 @@ class AsyncRollouts:
                 if self.error is not None:
                     raise RuntimeError(f"the rollout producer failed before step {step}'s batch") from self.error
                 produced = self.ready.pop(step)
+        if self.finish is not None:
+            with self.engine_lock:
+                finished = time.time()
+                produced.value = self.finish(produced.value, self.version)
+                with self.cond:
+                    self.busy.append((finished, time.time()))
         self.learner_waits.append((t0, time.time()))  # interleaved: sampling, so not training either
         if not self.version - self.k <= produced.version <= self.version:
             raise RuntimeError(f"step {step} got a batch of version {produced.version} while the learner holds "

@@ -21,6 +21,7 @@ from r1_mm.core.seeds import derive_seed
 from r1_mm.data import Sample
 from r1_mm.data.loading import has_split
 from r1_mm.data.media import media_preview
+from r1_mm.data.turns import TrajectoryBuilder
 from r1_mm.models.forward.scoring import score_completions
 from r1_mm.models.forward.truncated_scores import Truncation
 from r1_mm.rewards.reward_metrics import metric_labels, reward_metrics
@@ -100,6 +101,26 @@ def flat_groups(totals: torch.Tensor, batch: RolloutBatch) -> list[bool]:
     neither does a group of one completion."""
     return [rows.stop - rows.start < 2 or bool(torch.nan_to_num(totals[rows], nan=0.0).std() == 0)
             for _, _, rows in batch.groups()]
+
+
+@dataclass
+class PartialStep:
+    """A step's rollouts in the making (partial rollouts): its prompts, each completion so far (tokens, sampler
+    logprobs, each token's version) and the version of each sampling segment."""
+
+    step: int
+    samples: list[Sample]
+    groups: list[list[Completion]]
+    segments: list[int]
+
+    def __post_init__(self) -> None:
+        self.sample_of = {id(c): s for s, group in zip(self.samples, self.groups, strict=True) for c in group}
+        self.with_token_types = any("mm_token_type_ids" in s.inputs for s in self.samples)
+
+    @staticmethod
+    def unfinished(c: Completion, limit: int) -> bool:
+        """Stopped at a segment's budget: no end-of-sequence token yet, and room left."""
+        return c.truncated and len(c.token_ids) < limit
 
 
 class GRPOTrainer(BaseTrainer):
@@ -196,12 +217,23 @@ class GRPOTrainer(BaseTrainer):
                  version: int) -> tuple[RolloutBatch, RewardBatch, dict[str, float]]:
         """Step ``step``'s G completions per prompt from the engine's weights (version ``version``: ``step``
         when synchronous), scored (with T-GRPO's and the length bonus)."""
+        return self._scored(self._batch(samples, self._generate(samples, self.cfg.rollout.num_generations, step),
+                                        version), step)
+
+    def _batch(self, samples: list[Sample], groups: list[list[Completion]], version: int) -> RolloutBatch:
+        """The batch of ``groups``; a completion whose tokens carry versions (partial rollouts) gets its oldest."""
         acc = self.learner.accelerator
         rollout = RolloutBatch.from_groups(
-            samples, self._generate(samples, self.cfg.rollout.num_generations, step),
-            policy_version=version,
+            samples, groups, policy_version=version,
             first_group=acc.process_index * self.cfg.training.prompts_per_step,  # group ids unique across processes
             mask_truncated=self.cfg.algorithm.grpo.mask_truncated_completions)
+        if any(c.token_versions for c in rollout.completions):
+            oldest = [min(c.token_versions) if c.token_versions else version for c in rollout.completions]
+            rollout = dataclasses.replace(rollout, policy_version=torch.tensor(oldest, dtype=torch.long))
+        return rollout
+
+    def _scored(self, rollout: RolloutBatch, step: int) -> tuple[RolloutBatch, RewardBatch, dict[str, float]]:
+        """A sampled batch scored (with T-GRPO's and the length bonus)."""
         rewards = self.rewards.score_groups(rollout.samples, rollout.grouped_completions())
         stats: dict[str, float] = dict(getattr(self.engine, "stats", {}))  # agentic: tool calls, turns, errors
         if rollout.has_tool_turns and self.cfg.tools.accuracy_reward in rewards.names:
@@ -423,13 +455,76 @@ class GRPOTrainer(BaseTrainer):
             return self.collect(step, version)
 
         concurrent = bool(getattr(self.engine, "generates_beside_learner", False))
+        hooks: dict[str, Any] = {}
+        if self.cfg.rollout.partial_rollout_tokens is not None:
+            if not hasattr(self.engine, "continue_trajectory"):
+                raise ConfigError(f"rollout.partial_rollout_tokens: rollout engine {self.engine.name} cannot continue "
+                                  "a completion from its token ids")
+            hooks = {"advance": self._advance_partial, "finish": self._finish_partial}
+            produce = self._start_partial  # type: ignore[assignment]
         self.async_rollouts = AsyncRollouts(
             produce, self.stream.state_dict, first_step=self.step, max_steps=self.cfg.training.max_steps,
-            max_staleness=max_staleness, concurrent=concurrent, timeout_s=self.cfg.rollout.async_wait_timeout_s)
+            max_staleness=max_staleness, concurrent=concurrent, timeout_s=self.cfg.rollout.async_wait_timeout_s,
+            **hooks)
         if self.learner.accelerator.is_main_process:
             log.info("asynchronous rollouts: max_staleness %d, %s", max_staleness,
                      "concurrent producer thread" if concurrent else "interleaved with the learner's updates")
         return self.async_rollouts
+
+    # -- partial rollouts (rollout.partial_rollout_tokens) ---------------------------------------------
+    def _segment(self, partial: PartialStep, version: int, budget: int | None) -> None:
+        """Continue every unfinished completion of ``partial`` by at most ``budget`` new tokens (None: to the end),
+        sampled by version ``version``; each token keeps the version that sampled it."""
+        limit = self.cfg.rollout.max_completion_length
+        going = [c for group in partial.groups for c in group if partial.unfinished(c, limit)]
+        if not going:
+            return
+        sampling = self._sampling(partial.step, "partial", version, len(partial.segments))
+        items = []
+        for c in going:
+            builder = TrajectoryBuilder(with_token_types=partial.with_token_types)
+            builder.add_model_turn(c.token_ids, c.logprobs)
+            left = limit - len(c.token_ids)
+            items.append((partial.sample_of[id(c)], builder.ids, builder.context(),
+                          left if budget is None else min(budget, left)))
+        batched = getattr(self.engine, "continue_trajectories", None)
+        if callable(batched):
+            turns = batched(items, sampling)
+        else:
+            turns = [self.engine.continue_trajectory(s, ids, ctx, sampling, n) for s, ids, ctx, n in items]
+        for c, turn in zip(going, turns, strict=True):
+            c.token_ids = c.token_ids + turn.token_ids
+            c.logprobs = (c.logprobs or []) + (turn.logprobs or [])
+            c.token_versions = (c.token_versions or []) + [version] * len(turn.token_ids)
+            c.truncated = turn.truncated
+            c.text = self.processor.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        partial.segments.append(version)
+
+    def _start_partial(self, step: int, version: int) -> PartialStep:
+        """Step ``step``'s prompts drawn and each completion's first ``partial_rollout_tokens`` sampled."""
+        samples = self.stream.next_batch(self.cfg.training.prompts_per_step)
+        sampling = dataclasses.replace(self._sampling(step), max_tokens=self.cfg.rollout.partial_rollout_tokens)
+        groups = generate_groups(self.learner, self.engine, samples, self.cfg.rollout.num_generations, sampling)
+        for group in groups:
+            for c in group:
+                c.token_versions = [version] * len(c.token_ids)
+        return PartialStep(step, samples, groups, [version])
+
+    def _advance_partial(self, partial: PartialStep, version: int) -> None:
+        self._segment(partial, version, self.cfg.rollout.partial_rollout_tokens)
+
+    def _finish_partial(self, partial: PartialStep, version: int) -> Experience:
+        """The batch the learner takes: its unfinished completions sampled to the end by the current weights,
+        then scored."""
+        self._segment(partial, version, None)
+        rollout, rewards, stats = self._scored(self._batch(partial.samples, partial.groups, partial.segments[0]),
+                                               partial.step)
+        continued = [len(set(c.token_versions or [])) > 1 for c in rollout.completions]
+        tokens = [v for c in rollout.completions for v in (c.token_versions or [])]
+        stats.update({"async/partial_continued_frac": sum(continued) / max(len(continued), 1),
+                      "async/token_staleness_mean": (sum(partial.step - v for v in tokens) / len(tokens)) if tokens else 0.0,
+                      "dynamic_sampling/resampled_groups": 0})
+        return Experience(batch=rollout, rewards=rewards, stats=stats)
 
     def save(self, steps_done: int | None = None) -> Path:
         self._checkpoint_steps = self.step if steps_done is None else steps_done
