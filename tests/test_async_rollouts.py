@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from r1_mm.config.recipe import ConfigError, load_recipe
+from r1_mm.core.seeds import derive_seed
 from r1_mm.run.tracking import read_metrics
 from r1_mm.trainers.async_rollouts import AsyncRollouts, RolloutTimeout
 from r1_mm.trainers.grpo import GRPOTrainer
@@ -91,18 +92,26 @@ def test_staleness_zero_through_the_producer_equals_the_synchronous_loop(tmp_pat
     """The producer path (prompts drawn per step, seeds by the batch's step, versions, weight pushes) at K=0
     is the synchronous loop bit for bit; rollout.max_staleness=0 itself never builds a producer."""
     data = synthetic_data["counting"]
-    sync = GRPOTrainer(recipe(tmp_path, data, name="sync"))
+    sync = GRPOTrainer(recipe(tmp_path, data, "training.max_steps=2", name="sync"))
     sync.train()
     assert sync.async_staleness is None and sync.async_rollouts is None
-    through = GRPOTrainer(recipe(tmp_path, data, name="through"))
-    through.async_staleness = 0  # the producer at K=0
-    through.train()
-    a, b = read_metrics(tmp_path / "sync"), read_metrics(tmp_path / "through")
-    assert [m["async/staleness"] for m in b] == [0.0, 0.0, 0.0]  # the premise: the producer made every batch
-    assert len(a) == len(b) == 3
-    for ma, mb in zip(a, b, strict=True):
-        for key in COMPARED:
-            assert mb[key] == ma[key], (ma["step"], key)
+    a = read_metrics(tmp_path / "sync")
+    assert len(a) == 2
+    # interleaved, and on the producer thread: at K=0 the thread starts step s only after the learner pushed version
+    # s and waits for it, so even hf (which samples the learner's model) never runs beside the update. (That each
+    # batch is seeded by its own step, not the trainer's counter, is checked in the K=1 test: here they may agree.)
+    for name, thread in (("interleaved", False), ("thread", True)):
+        through = GRPOTrainer(recipe(tmp_path, data, "training.max_steps=2", name=name))
+        through.engine.generates_beside_learner = thread
+        through.async_staleness = 0  # the producer at K=0
+        through.train()
+        assert through.async_rollouts.concurrent is thread
+        b = read_metrics(tmp_path / name)
+        assert [m["async/staleness"] for m in b] == [0.0, 0.0]  # the premise: the producer made every batch
+        assert len(b) == 2
+        for ma, mb in zip(a, b, strict=True):
+            for key in COMPARED:
+                assert mb[key] == ma[key], (name, ma["step"], key)
 
 
 @pytest.mark.parametrize(("engine", "sampler_atol"), [
@@ -124,14 +133,23 @@ def test_staleness_one_trains_on_the_previous_version_with_exact_is_weights(tmp_
     monkeypatch.setattr(GRPOTrainer, "_rollout_correction", spy)
     cap = 1.5
     cfg = recipe(tmp_path, synthetic_data["counting"], "rollout.max_staleness=1", f"rollout.engine={engine}",
-                 f"algorithm.grpo.rollout_is_cap={cap}", "training.max_steps=4", *VLLM)
+                 f"algorithm.grpo.rollout_is_cap={cap}", "training.max_steps=3", *VLLM)
     trainer = GRPOTrainer(cfg)
+    seeds, real_generate = [], trainer.engine.generate
+
+    def generate(batch, n, sampling):
+        seeds.append(sampling.seed)
+        return real_generate(batch, n, sampling)
+
+    trainer.engine.generate = generate
     trainer.train()
     assert trainer.engine.name == engine and not trainer.async_rollouts.concurrent
+    # batch s is sampled during step s - 1, seeded by its own step s (the synchronous loop's seed for it)
+    assert seeds == [derive_seed(cfg.training.seed, "grpo.rollout", s, 0) for s in range(3)]
     metrics = read_metrics(cfg.training.output_dir)
-    assert [m["async/staleness"] for m in metrics] == [0.0, 1.0, 1.0, 1.0]
-    assert [m["async/policy_version"] for m in metrics] == [0.0, 0.0, 1.0, 2.0]
-    assert [m["async/staleness_hist/1"] for m in metrics] == [0.0, 1.0, 1.0, 1.0]
+    assert [m["async/staleness"] for m in metrics] == [0.0, 1.0, 1.0]
+    assert [m["async/policy_version"] for m in metrics] == [0.0, 0.0, 1.0]
+    assert [m["async/staleness_hist/1"] for m in metrics] == [0.0, 1.0, 1.0]
     assert all(0.0 <= m["async/learner_idle_frac"] <= 1.0 and 0.0 <= m["async/sampler_idle_frac"] <= 1.0
                for m in metrics)
     assert all(m["throughput/e2e_tokens_per_s"] > 0 for m in metrics)
@@ -158,7 +176,7 @@ def test_staleness_one_trains_on_the_previous_version_with_exact_is_weights(tmp_
         expected = torch.exp(learner_logps - sampler).clamp(max=cap)
         torch.testing.assert_close(weights[m], expected[m], atol=1e-6, rtol=1e-6)
         checked += 1
-    assert checked == 3
+    assert checked == 2
 
 
 def test_async_refuses_engines_without_sampler_logprobs(tmp_path, synthetic_data, monkeypatch):
@@ -294,11 +312,11 @@ def test_partial_rollouts_continue_after_the_update_with_each_tokens_version(tmp
     monkeypatch.setattr(GRPOTrainer, "_rollout_correction", spy)
     cap = 1.5
     cfg = recipe(tmp_path, synthetic_data["counting"], "rollout.max_staleness=1", "rollout.partial_rollout_tokens=1",
-                 f"algorithm.grpo.rollout_is_cap={cap}", "training.max_steps=3")
+                 f"algorithm.grpo.rollout_is_cap={cap}", "training.max_steps=2")
     trainer = GRPOTrainer(cfg)
     trainer.train()
     metrics = read_metrics(cfg.training.output_dir)
-    assert [m["async/staleness"] for m in metrics] == [0.0, 1.0, 1.0]  # by each completion's oldest token
+    assert [m["async/staleness"] for m in metrics] == [0.0, 1.0]  # by each completion's oldest token
     assert metrics[0]["async/partial_continued_frac"] == 0.0  # step 0: every segment by version 0
     assert all(m["async/partial_continued_frac"] > 0 for m in metrics[1:])
     states = {step: state for step, *_, state in seen}
