@@ -247,7 +247,7 @@ RESUME_RECIPE = """
 model: {{name_or_path: "tiny:qwen2_5_vl:small"}}
 data: {{format_instruction: null}}
 media: {{max_pixels: 3136, min_pixels: 3136}}
-rollout: {{num_generations: 4, max_completion_length: 3, max_staleness: 1}}
+rollout: {{num_generations: 4, max_completion_length: 3, max_staleness: 1, partial_rollout_tokens: {partial}}}
 rewards: {{functions: [{{name: "{plugin}:alternating"}}]}}
 training: {{max_steps: 8, prompts_per_step: 2, learning_rate: 1.0e-3, save_steps: 2, save_total_limit: 2,
            resume_from: latest}}
@@ -256,15 +256,18 @@ logging: {{progress_bar: false}}
 
 
 @pytest.mark.slow
-def test_sigkill_during_async_training_then_resume_trains_every_prompt_once(tmp_path, synthetic_data, tiny_cache):
+@pytest.mark.parametrize("partial", ["null", 1])
+def test_sigkill_during_async_training_then_resume_trains_every_prompt_once(tmp_path, synthetic_data, tiny_cache,
+                                                                           partial):
     """K=1 (hf, interleaved): when a checkpoint is written, the next step's prompts are already drawn and sampled.
     The checkpoint stores the stream before them, so after SIGKILL and resume they are drawn and sampled again:
     the same prompts at every step as an uninterrupted run, none twice, none skipped. (The metrics after the
-    resume differ: its first batch is sampled by the resumed weights, not one version older.)"""
+    resume differ: its first batch is sampled by the resumed weights, not one version older.) With partial
+    rollouts the next step's completions are half-sampled at the checkpoint: they are sampled again from the start."""
     from .test_resume import command, kill_tree, read
 
     recipe_file = tmp_path / "recipe.yaml"
-    recipe_file.write_text(RESUME_RECIPE.format(plugin=PLUGINS / "faulty.py"))
+    recipe_file.write_text(RESUME_RECIPE.format(plugin=PLUGINS / "faulty.py", partial=partial))
     env = {**os.environ, "R1MM_CACHE": str(tiny_cache.parent)}
     data = synthetic_data["counting"]  # 8 rows: 8 steps x 2 prompts cross an epoch boundary
     full = tmp_path / "full"
@@ -293,6 +296,8 @@ def test_sigkill_during_async_training_then_resume_trains_every_prompt_once(tmp_
     resumed_at = int(checkpoints[-1].removeprefix("step-"))
     assert b[resumed_at]["async/staleness"] == 0.0  # the in-flight batch was sampled again, by the resumed weights
     assert rows_b == rows_a and len(rows_a) == 8 * 2 * 4  # same prompts at every step
+    if partial != "null":
+        assert all(m["async/partial_continued_frac"] > 0 for m in a[1:])  # the premise: completions in flight
 
 
 def test_partial_rollouts_continue_after_the_update_with_each_tokens_version(tmp_path, synthetic_data, monkeypatch):
