@@ -319,11 +319,23 @@ def test_partial_rollouts_continue_after_the_update_with_each_tokens_version(tmp
     cfg = recipe(tmp_path, synthetic_data["counting"], "rollout.max_staleness=1", "rollout.partial_rollout_tokens=1",
                  f"algorithm.grpo.rollout_is_cap={cap}", "training.max_steps=2")
     trainer = GRPOTrainer(cfg)
+    histograms = []
+
+    class Run:  # W&B's run, as the metrics logger finds it
+        def log(self, values, step):
+            histograms.append((step, sorted(values)))
+
+    trainer.metrics.tracker = lambda name: Run() if name == "wandb" else None
     trainer.train()
     metrics = read_metrics(cfg.training.output_dir)
     assert [m["async/staleness"] for m in metrics] == [0.0, 1.0]  # by each completion's oldest token
     assert metrics[0]["async/partial_continued_frac"] == 0.0  # step 0: every segment by version 0
     assert all(m["async/partial_continued_frac"] > 0 for m in metrics[1:])
+    # step 1's tokens: the first of each completion one version old, the rest sampled after the update
+    hist = metrics[1]["async/staleness_hist/1"]
+    assert 0 < hist < 1 and metrics[1]["async/staleness_hist/0"] == pytest.approx(1 - hist)
+    assert metrics[1]["async/token_staleness_mean"] == pytest.approx(hist)
+    assert [step for step, keys in histograms if "async/token_staleness" in keys] == [0, 1]
     states = {step: state for step, *_, state in seen}
     model = trainer.learner.unwrapped
     two_versions = 0

@@ -193,11 +193,11 @@ class AsyncRollouts:
         with self.cond:
             return self.states[steps_done] if steps_done in self.states else self.stream_state()
 
-    def step_metrics(self, step: int, produced: Produced, groups: int) -> dict[str, float]:
-        """Staleness (and its histogram over 0..K: a batch is sampled by one version, so one bucket holds the
-        step's groups; W&B's charts of the buckets sum to the run's histogram), and over the time since the
-        previous step ended: the learner's idle share (waiting for a batch or for the engine, or sampling
-        itself when interleaved) and the sampler's (not generating)."""
+    def step_metrics(self, step: int, produced: Produced, token_staleness: list[int]) -> dict[str, float]:
+        """Staleness: the batch's (its oldest token's), the mean over its tokens and their histogram over 0..K
+        (the share of the step's tokens sampled k versions before it; without partial rollouts one bucket holds
+        them all); and over the time since the previous step ended, the learner's idle share (waiting for a
+        batch or for the engine, or sampling itself when interleaved) and the sampler's (not generating)."""
         now = time.time()
         start, self.last_boundary = self.last_boundary, now
         span = max(now - start, 1e-9)
@@ -209,9 +209,9 @@ class AsyncRollouts:
         staleness = step - produced.version
         out = {"async/staleness": float(staleness), "async/policy_version": float(produced.version),
                "async/learner_idle_frac": waited / span, "async/sampler_idle_frac": max(0.0, 1.0 - busy / span),
-               "async/groups": float(groups)}
+               "async/token_staleness_mean": sum(token_staleness) / max(len(token_staleness), 1)}
         for k in range(self.k + 1):
-            out[f"async/staleness_hist/{k}"] = 1.0 if k == staleness else 0.0
+            out[f"async/staleness_hist/{k}"] = token_staleness.count(k) / max(len(token_staleness), 1)
         return out
 
     def close(self) -> None:

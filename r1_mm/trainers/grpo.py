@@ -173,6 +173,7 @@ class GRPOTrainer(BaseTrainer):
         self.async_rollouts: AsyncRollouts | None = None
         self._checkpoint_steps = 0
         self._last_step_end: float | None = None
+        self._token_staleness: list[int] = []
 
     # -- rollouts ---------------------------------------------------------------------------------
     def _sampling(self, step: int, *stream: int | str) -> SamplingSettings:
@@ -520,9 +521,7 @@ class GRPOTrainer(BaseTrainer):
         rollout, rewards, stats = self._scored(self._batch(partial.samples, partial.groups, partial.segments[0]),
                                                partial.step)
         continued = [len(set(c.token_versions or [])) > 1 for c in rollout.completions]
-        tokens = [v for c in rollout.completions for v in (c.token_versions or [])]
         stats.update({"async/partial_continued_frac": sum(continued) / max(len(continued), 1),
-                      "async/token_staleness_mean": (sum(partial.step - v for v in tokens) / len(tokens)) if tokens else 0.0,
                       "dynamic_sampling/resampled_groups": 0})
         return Experience(batch=rollout, rewards=rewards, stats=stats)
 
@@ -629,7 +628,10 @@ class GRPOTrainer(BaseTrainer):
                         "throughput/e2e_tokens_per_s": tokens / max(now - self._last_step_end, 1e-9)})
         self._last_step_end = now
         if produced is not None:
-            metrics.update(self.async_rollouts.step_metrics(self.step, produced, exp.batch.num_prompts))
+            self._token_staleness = [self.step - v for c, version in zip(exp.completions, exp.batch.policy_version.tolist(),
+                                                                         strict=True)
+                                     for v in (c.token_versions or [version] * len(c.token_ids))]
+            metrics.update(self.async_rollouts.step_metrics(self.step, produced, self._token_staleness))
         self._last_exp = exp
         every = self.cfg.training.eval_steps
         if every and (self.objects.eval_dataset is not None or has_split(self.cfg.data, "eval")) and ((self.step + 1) % every == 0
@@ -640,6 +642,8 @@ class GRPOTrainer(BaseTrainer):
     def on_logged(self) -> None:
         if self._last_exp is not None:
             self.log_completions(self._last_exp)
+        if self._token_staleness:  # asynchronous: the step's tokens by staleness, as a W&B histogram
+            self.metrics.log_histogram("async/token_staleness", self._token_staleness, self.step)
 
     def progress(self, metrics: dict[str, float]) -> dict[str, str]:
         out = {"reward": f"{metrics['rewards/total']:.3f}", "kl": f"{metrics.get('train/kl', 0.0):.4f}",
