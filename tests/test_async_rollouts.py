@@ -4,6 +4,7 @@ sampler's logprobs, the pool samples while the learner trains, and resume after 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -336,6 +337,9 @@ def test_partial_rollouts_continue_after_the_update_with_each_tokens_version(tmp
     assert 0 < hist < 1 and metrics[1]["async/staleness_hist/0"] == pytest.approx(1 - hist)
     assert metrics[1]["async/token_staleness_mean"] == pytest.approx(hist)
     assert [step for step, keys in histograms if "async/token_staleness" in keys] == [0, 1]
+    rows = [json.loads(line) for line in (Path(cfg.training.output_dir) / "completions.jsonl").read_text().splitlines()]
+    assert {r["policy_version"] for r in rows if r["step"] == 1} == {0}  # completions.jsonl records the versions
+    assert all(r["token_versions"][0] == 0 and len(r["token_versions"]) == r["tokens"] for r in rows if r["step"] == 1)
     states = {step: state for step, *_, state in seen}
     model = trainer.learner.unwrapped
     two_versions = 0
