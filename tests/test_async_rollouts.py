@@ -73,10 +73,12 @@ def test_producer_bounds_staleness_and_fails_instead_of_hanging():
     assert [s for s, _ in made] == [0, 1, 2, 3] and all(s - 1 <= v <= s for s, v in made)
     assert made[1] == (1, 0)  # step 1 needs only version 0: started before the first push
 
-    stuck = AsyncRollouts(lambda step, version: time.sleep(5), dict, first_step=0, max_steps=2, max_staleness=1,
+    stuck = AsyncRollouts(lambda step, version: time.sleep(3), dict, first_step=0, max_steps=2, max_staleness=1,
                           concurrent=True, timeout_s=0.2)
     with pytest.raises(RolloutTimeout, match="step 0: no rollout batch after 0.2 s"):
         stuck.take(0)
+    with pytest.raises(RolloutTimeout, match="weight sync to version 1: the rollout engine stayed busy for 0.2 s"):
+        stuck.push(lambda: None)  # the producer holds the engine in its generate call
     stuck.close()
 
     def boom(step, version):

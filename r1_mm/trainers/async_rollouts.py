@@ -29,10 +29,11 @@ stores the state before step ``n``'s prompts, so batches in flight are drawn and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +91,18 @@ class AsyncRollouts:
         self.stopping = False
         self.thread: threading.Thread | None = None
         self.last_boundary = time.time()
+
+    @contextlib.contextmanager
+    def engine(self, what: str) -> Iterator[None]:
+        """The engine, for the learner (weight push, finishing a batch, eval): waited for at most ``timeout_s``
+        (the producer's current generate call ends first)."""
+        if not self.engine_lock.acquire(timeout=self.timeout_s):
+            raise RolloutTimeout(f"{what}: the rollout engine stayed busy for {self.timeout_s:g} s "
+                                 "(rollout.async_wait_timeout_s); the producer is stuck")
+        try:
+            yield
+        finally:
+            self.engine_lock.release()
 
     # -- producer ---------------------------------------------------------------------------------------
     def _may_start(self, step: int) -> bool:
@@ -163,7 +176,7 @@ class AsyncRollouts:
                     raise RuntimeError(f"the rollout producer failed before step {step}'s batch") from self.error
                 produced = self.ready.pop(step)
         if self.finish is not None:
-            with self.engine_lock:
+            with self.engine(f"finishing step {step}'s rollouts"):
                 finished = time.time()
                 produced.value = self.finish(produced.value, self.version)
                 with self.cond:
@@ -178,7 +191,7 @@ class AsyncRollouts:
         """Hand the learner's new weights to the engine (``sync``), between two of the producer's generate
         calls, and let the producer start the steps the new version allows."""
         t0 = time.time()
-        with self.engine_lock:
+        with self.engine(f"weight sync to version {self.version + 1}"):
             waited = time.time()
             sync()
             with self.cond:

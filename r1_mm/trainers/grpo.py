@@ -598,7 +598,7 @@ class GRPOTrainer(BaseTrainer):
             self._eval_samples = eval_rows(self.cfg, self.processor, shard=(acc.process_index, acc.num_processes),
                                            dataset=self.objects.eval_dataset)
         if self.async_rollouts is not None and self.async_rollouts.concurrent:
-            with self.async_rollouts.engine_lock:  # not while the producer samples
+            with self.async_rollouts.engine("eval"):  # not while the producer samples
                 return evaluate(self.engine, self._eval_samples, self.rewards, self.cfg, learner=self.learner)
         return evaluate(self.engine, self._eval_samples, self.rewards, self.cfg, learner=self.learner)
 
