@@ -201,6 +201,19 @@ class RolloutConfig:
                 "in argv or logs)"})
     pool_startup_timeout_s: float = field(default=600.0, metadata={
         "help": "vllm_pool: seconds a server may take to become healthy (start or restart)"})
+    max_staleness: int = field(default=0, metadata={
+        "help": "asynchronous rollouts: the next steps' rollouts are sampled while the learner trains, by weights "
+                "at most this many optimizer steps old (vllm_pool: concurrently, on the servers; hf and "
+                "vllm_colocate: interleaved, between the learner's updates); the sampler's logprobs are the behaviour "
+                "policy of algorithm.grpo.rollout_is. 0: the synchronous loop"})
+    partial_rollout_tokens: int | None = field(default=None, metadata={
+        "help": "max_staleness > 0: partial rollouts; each step's sampling gives a completion at most this many new "
+                "tokens, and one not finished is continued after the next weight update, by the newer weights (each "
+                "token's version recorded, its sampler logprob used for the importance weights), until it ends or "
+                "reaches max_completion_length; null: off"})
+    async_wait_timeout_s: float = field(default=3600.0, metadata={
+        "help": "max_staleness > 0: seconds the learner waits for its next rollout batch before it stops the run "
+                "(a hung producer fails, it does not hang the run)"})
 
 
 @dataclass
@@ -775,6 +788,7 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         problems.append(f"model.attn_implementation={cfg.model.attn_implementation} needs model.dtype bfloat16 or "
                         "float16 (flash-attention has no float32 kernels); or use attn_implementation=sdpa")
     names = [f.name for f in cfg.rewards.functions]
+    problems += _async_problems(cfg)
     if cfg.algorithm.grpo.length_bonus and cfg.algorithm.grpo.length_bonus_reward not in names:
         problems.append(f"algorithm.grpo.length_bonus_reward {cfg.algorithm.grpo.length_bonus_reward!r} must name one of "
                         f"rewards.functions ({', '.join(names) or 'none'}): its score decides which answers are correct")
@@ -784,6 +798,35 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     if problems:
         raise ConfigError("invalid recipe: " + "; ".join(problems))
     return cfg
+
+
+def _async_problems(cfg: RecipeConfig) -> list[str]:
+    """Asynchronous rollouts (``rollout.max_staleness`` > 0): what they need to stay correct off-policy."""
+    k = cfg.rollout.max_staleness
+    if k == 0:
+        return ([] if cfg.rollout.partial_rollout_tokens is None else
+                ["rollout.partial_rollout_tokens needs rollout.max_staleness >= 1 (a continued completion is sampled "
+                 "by two versions)"])
+    if k < 0:
+        return ["rollout.max_staleness must be >= 0"]
+    if cfg.rollout.async_wait_timeout_s <= 0:
+        return ["rollout.async_wait_timeout_s must be > 0"]
+    if not algorithm_spec(cfg.algorithm.name).reads_sampler_logprobs:
+        return [f"rollout.max_staleness={k}: algorithm {cfg.algorithm.name} does not correct by the sampler's logprobs, "
+                "so it cannot train on rollouts of older weights (asynchronous rollouts are GRPO's)"]
+    partial = cfg.rollout.partial_rollout_tokens
+    if partial is not None:
+        if not 1 <= partial < cfg.rollout.max_completion_length:
+            return [f"rollout.partial_rollout_tokens ({partial}) must be in [1, rollout.max_completion_length) "
+                    f"([1, {cfg.rollout.max_completion_length}))"]
+        if cfg.algorithm.grpo.dynamic_sampling or cfg.tools.functions:
+            return ["rollout.partial_rollout_tokens: not with algorithm.grpo.dynamic_sampling or tools.functions "
+                    "(their extra prompts and tool turns would be continued across versions untested)"]
+    if cfg.algorithm.grpo.rollout_is == "none":
+        return [f"rollout.max_staleness={k} needs algorithm.grpo.rollout_is (e.g. token_truncate): samples up to {k} "
+                "versions old are corrected by the sampler's logprobs as the behaviour policy, none would train them "
+                "as on-policy"]
+    return []
 
 
 # rollout settings that change the logprobs the engines report (vLLM's processed_logprobs are taken after

@@ -82,6 +82,7 @@ class ToolRollout(RolloutEngine):
         self.engine = engine
         self.name = engine.name
         self.samples_from_policy = getattr(engine, "samples_from_policy", False)
+        self.generates_beside_learner = getattr(engine, "generates_beside_learner", False)
         self.processor = processor
         self.cfg = tools
         self.media = media

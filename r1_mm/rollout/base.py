@@ -89,6 +89,9 @@ class Completion:
     # and what happened (what rewards and metrics read)
     context: ToolContext | None = None
     trajectory: TrajectoryRecord | None = None
+    # partial rollouts (rollout.partial_rollout_tokens): the policy version that sampled each token, where a
+    # completion was continued over weight updates (None: one version, the batch's policy_version)
+    token_versions: list[int] | None = None
 
 
 @dataclass
@@ -102,6 +105,9 @@ class RolloutEngine(ABC):
     """Generates completions and receives new policy weights after each optimizer step."""
 
     name: str = "base"
+    # sampling on its own devices or processes, so it may run while the learner trains (asynchronous rollouts:
+    # concurrently); false: it shares the learner's device (or model) and runs between the learner's updates
+    generates_beside_learner: bool = False
 
     @abstractmethod
     def generate(self, batch: list[Sample], n: int, sampling: SamplingSettings) -> list[PromptCompletions]:

@@ -1,7 +1,10 @@
 """The ``hf`` rollout engine: transformers ``generate`` on the learner's own model (CPU default).
 
 It needs no weight transfer (it samples from the live policy), which makes it the reference every
-other engine is compared with. The G samples of one prompt share one prefill: the vision tower and the
+other engine is compared with. Asynchronous rollouts (``rollout.max_staleness``) therefore interleave it
+with the learner instead of running it beside the update: it samples the next steps' batches between two
+updates, when the live model is a known version (no snapshot copy of the weights; see
+``r1_mm.trainers.async_rollouts``). The G samples of one prompt share one prefill: the vision tower and the
 prompt run once, and the resulting KV cache is repeated G times before decoding (``num_return_sequences``
 would instead repeat the pixels and prefill G times, which dominates a long video prompt).
 """

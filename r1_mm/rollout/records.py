@@ -69,9 +69,11 @@ def scored_rows(step: int, batch: RolloutBatch, per_function: Any, total: Any, a
         span = batch.rows(i)
         for j in range(span.start, span.stop):
             group = int(batch.group_ids[j])
-            rows.append({"step": step, "group": group,
-                         **completion_record(batch.samples[i], batch.completions[j], image_dir,
+            completion = batch.completions[j]
+            rows.append({"step": step, "group": group, "policy_version": int(batch.policy_version[j]),
+                         **completion_record(batch.samples[i], completion, image_dir,
                                              key=f"step{step}-group{group}-{j - span.start}"),
+                         **({"token_versions": completion.token_versions} if completion.token_versions else {}),
                          "rewards": {label: _number(per_function[j, k]) for k, label in enumerate(labels)},
                          "reward": _number(total[j]), "advantage": _number(advantages[j])})
     return rows

@@ -182,6 +182,7 @@ def _barrier() -> None:
 class VLLMPoolEngine(RolloutEngine):
     name = "vllm_pool"
     samples_from_policy = False
+    generates_beside_learner = True  # its own processes: asynchronous rollouts sample while the learner trains
 
     def __init__(self, model: torch.nn.Module, processor: Any, cfg: RecipeConfig, **_: Any):
         self.cfg = cfg

@@ -169,6 +169,15 @@ class MetricsLogger:
         for tracker in self.trackers:
             tracker.log(numbers, step=step)
 
+    def log_histogram(self, name: str, values: list[float], step: int) -> None:
+        """A W&B histogram of ``values`` (other trackers and metrics.jsonl get the caller's bucket metrics)."""
+        run = self.tracker("wandb") if self.enabled else None
+        if run is None or not values:
+            return
+        import wandb
+
+        run.log({name: wandb.Histogram(values)}, step=step)
+
     def log_completions_table(self, rows: list[dict[str, Any]], step: int) -> None:
         """A W&B table of sample completions, with the prompt's image or a strip of its sampled frames; a tool
         run adds its trajectories' tool images (a strip) and calls."""

@@ -21,6 +21,7 @@ from r1_mm.core.seeds import derive_seed
 from r1_mm.data import Sample
 from r1_mm.data.loading import has_split
 from r1_mm.data.media import media_preview
+from r1_mm.data.turns import TrajectoryBuilder
 from r1_mm.models.forward.scoring import score_completions
 from r1_mm.models.forward.truncated_scores import Truncation
 from r1_mm.rewards.reward_metrics import metric_labels, reward_metrics
@@ -31,6 +32,7 @@ from r1_mm.rollout.batch import RolloutBatch
 from r1_mm.rollout.engines import make_engine
 from r1_mm.rollout.records import append_rows, sampled_groups, scored_rows
 from r1_mm.trainers import temporal_contrast
+from r1_mm.trainers.async_rollouts import AsyncRollouts
 from r1_mm.trainers.backend import (
     accumulation_cycle,
     backward_share,
@@ -101,6 +103,26 @@ def flat_groups(totals: torch.Tensor, batch: RolloutBatch) -> list[bool]:
             for _, _, rows in batch.groups()]
 
 
+@dataclass
+class PartialStep:
+    """A step's rollouts in the making (partial rollouts): its prompts, each completion so far (tokens, sampler
+    logprobs, each token's version) and the version of each sampling segment."""
+
+    step: int
+    samples: list[Sample]
+    groups: list[list[Completion]]
+    segments: list[int]
+
+    def __post_init__(self) -> None:
+        self.sample_of = {id(c): s for s, group in zip(self.samples, self.groups, strict=True) for c in group}
+        self.with_token_types = any("mm_token_type_ids" in s.inputs for s in self.samples)
+
+    @staticmethod
+    def unfinished(c: Completion, limit: int) -> bool:
+        """Stopped at a segment's budget: no end-of-sequence token yet, and room left."""
+        return c.truncated and len(c.token_ids) < limit
+
+
 class GRPOTrainer(BaseTrainer):
     name = "grpo"
 
@@ -142,19 +164,30 @@ class GRPOTrainer(BaseTrainer):
         self._warned_no_sampler_logprobs = False
         self._last_exp: Experience | None = None
         self._eval_samples: list[Sample] | None = None
+        # asynchronous rollouts (r1_mm.trainers.async_rollouts): the staleness bound K, None = the synchronous loop;
+        # the producer is built at the first step (after a resume, at the step resumed from)
+        self.async_staleness: int | None = cfg.rollout.max_staleness or None
+        if self.async_staleness is not None and self.learner.accelerator.num_processes > 1:
+            raise ConfigError(f"rollout.max_staleness={self.async_staleness}: asynchronous rollouts run on one learner "
+                              "process for now (not verified across ranks); use max_staleness=0")
+        self.async_rollouts: AsyncRollouts | None = None
+        self._checkpoint_steps = 0
+        self._last_step_end: float | None = None
+        self._token_staleness: list[int] = []
 
     # -- rollouts ---------------------------------------------------------------------------------
-    def _sampling(self, *stream: int | str) -> SamplingSettings:
-        """This step's rollout seed on this process; ``stream`` names an extra rollout of the step
-        (temporal contrast's shuffled-frame groups), which must not replay the main one."""
-        seed = derive_seed(self.cfg.training.seed, "grpo.rollout", self.step,
+    def _sampling(self, step: int, *stream: int | str) -> SamplingSettings:
+        """Step ``step``'s rollout seed on this process (the step the batch is for, which asynchronous rollouts
+        sample ahead of the learner); ``stream`` names an extra rollout of the step (temporal contrast's
+        shuffled-frame groups), which must not replay the main one."""
+        seed = derive_seed(self.cfg.training.seed, "grpo.rollout", step,
                            self.learner.accelerator.process_index, *stream)
         return SamplingSettings.from_config(self.cfg.rollout, seed=seed)
 
-    def _generate(self, samples: list[Sample], n: int, *stream: int | str) -> list[list[Completion]]:
-        return generate_groups(self.learner, self.engine, samples, n, self._sampling(*stream))
+    def _generate(self, samples: list[Sample], n: int, step: int, *stream: int | str) -> list[list[Completion]]:
+        return generate_groups(self.learner, self.engine, samples, n, self._sampling(step, *stream))
 
-    def _temporal_bonus(self, rollout: RolloutBatch, rewards: RewardBatch) -> dict[str, float]:
+    def _temporal_bonus(self, rollout: RolloutBatch, rewards: RewardBatch, step: int) -> dict[str, float]:
         a = self.cfg.algorithm.grpo
         col = rewards.names.index(a.temporal_reward) if a.temporal_reward in rewards.names else None
         bonus_total, video_prompts, earned = torch.zeros(len(rollout)), 0, 0
@@ -165,8 +198,8 @@ class GRPOTrainer(BaseTrainer):
             n_shuffled = a.temporal_num_shuffled or max(1, (rows.stop - rows.start) // 2)  # half the ordered group
             rank = self.learner.accelerator.process_index
             shuffled = temporal_contrast.shuffled_frames_sample(
-                sample, self.processor, seed=derive_seed(self.cfg.training.seed, "grpo.temporal_shuffle", self.step, rank, i))
-            shuffled_group = self._generate([shuffled], n_shuffled, "temporal", i)[0]
+                sample, self.processor, seed=derive_seed(self.cfg.training.seed, "grpo.temporal_shuffle", step, rank, i))
+            shuffled_group = self._generate([shuffled], n_shuffled, step, "temporal", i)[0]
             shuffled_scores = self.temporal_rewards.score_groups([shuffled], [shuffled_group]).per_function[:, 0]
             ordered_scores = (rewards.per_function[rows, col] if col is not None else
                               self.temporal_rewards.score_groups([sample], [rollout.completions[rows]])
@@ -181,14 +214,27 @@ class GRPOTrainer(BaseTrainer):
         return {"temporal/video_prompts": video_prompts,
                 "temporal/bonus_rate": earned / video_prompts if video_prompts else 0.0}
 
-    def _rollout(self, samples: list[Sample]) -> tuple[RolloutBatch, RewardBatch, dict[str, float]]:
-        """G completions per prompt from the current policy, scored (with T-GRPO's and the length bonus)."""
+    def _rollout(self, samples: list[Sample], step: int,
+                 version: int) -> tuple[RolloutBatch, RewardBatch, dict[str, float]]:
+        """Step ``step``'s G completions per prompt from the engine's weights (version ``version``: ``step``
+        when synchronous), scored (with T-GRPO's and the length bonus)."""
+        return self._scored(self._batch(samples, self._generate(samples, self.cfg.rollout.num_generations, step),
+                                        version), step)
+
+    def _batch(self, samples: list[Sample], groups: list[list[Completion]], version: int) -> RolloutBatch:
+        """The batch of ``groups``; a completion whose tokens carry versions (partial rollouts) gets its oldest."""
         acc = self.learner.accelerator
         rollout = RolloutBatch.from_groups(
-            samples, self._generate(samples, self.cfg.rollout.num_generations),
-            policy_version=self.step,  # synchronous: sampled by the weights of this very step
+            samples, groups, policy_version=version,
             first_group=acc.process_index * self.cfg.training.prompts_per_step,  # group ids unique across processes
             mask_truncated=self.cfg.algorithm.grpo.mask_truncated_completions)
+        if any(c.token_versions for c in rollout.completions):
+            oldest = [min(c.token_versions) if c.token_versions else version for c in rollout.completions]
+            rollout = dataclasses.replace(rollout, policy_version=torch.tensor(oldest, dtype=torch.long))
+        return rollout
+
+    def _scored(self, rollout: RolloutBatch, step: int) -> tuple[RolloutBatch, RewardBatch, dict[str, float]]:
+        """A sampled batch scored (with T-GRPO's and the length bonus)."""
         rewards = self.rewards.score_groups(rollout.samples, rollout.grouped_completions())
         stats: dict[str, float] = dict(getattr(self.engine, "stats", {}))  # agentic: tool calls, turns, errors
         if rollout.has_tool_turns and self.cfg.tools.accuracy_reward in rewards.names:
@@ -197,7 +243,7 @@ class GRPOTrainer(BaseTrainer):
                                           [c.trajectory is not None and c.trajectory.executed_calls > 0
                                            for c in rollout.completions]))
         if self.temporal_rewards is not None:
-            stats.update(self._temporal_bonus(rollout, rewards))
+            stats.update(self._temporal_bonus(rollout, rewards, step))
         if self.cfg.algorithm.grpo.length_bonus:
             stats.update(self._length_bonus(rollout, rewards))
         return rollout, rewards, stats
@@ -216,11 +262,14 @@ class GRPOTrainer(BaseTrainer):
         rewards.add_bonus(bonus)
         return {"length_bonus/rate": float((bonus > 0).float().mean())}
 
-    def collect(self) -> Experience:
-        """Sample a batch; with dynamic sampling, replace groups whose rewards all agree (DAPO)."""
+    def collect(self, step: int | None = None, version: int | None = None) -> Experience:
+        """Sample step ``step``'s batch (default: the current one) with the engine's weights (version
+        ``version``, default ``step``); with dynamic sampling, replace groups whose rewards all agree (DAPO)."""
         cfg = self.cfg
+        step = self.step if step is None else step
+        version = step if version is None else version
         samples = self.stream.next_batch(cfg.training.prompts_per_step)
-        rollout, rewards, stats = self._rollout(samples)
+        rollout, rewards, stats = self._rollout(samples, step, version)
         resampled = 0
         if cfg.algorithm.grpo.dynamic_sampling:
             for _ in range(cfg.algorithm.grpo.max_resample_rounds):
@@ -228,7 +277,7 @@ class GRPOTrainer(BaseTrainer):
                 if not any(flat):
                     break
                 drop = [i for i, f in enumerate(flat) if f]
-                new_rollout, new_rewards, _ = self._rollout(self.stream.next_batch(len(drop)))
+                new_rollout, new_rewards, _ = self._rollout(self.stream.next_batch(len(drop)), step, version)
                 resampled += len(drop)
                 new_flat = flat_groups(new_rewards.total, new_rollout)
                 # informative new groups replace flat old ones; the rest keep the old (flat) groups
@@ -279,6 +328,9 @@ class GRPOTrainer(BaseTrainer):
             return None, {}
         sampler = sampling_logprobs(exp.batch.sampler_logprobs, learner_logps.shape[1], learner_logps.device)
         if sampler is None:
+            if self.async_rollouts is not None:
+                raise RuntimeError(f"rollout engine {self.engine.name} returned no sampling logprobs: asynchronous "
+                                   "rollouts (rollout.max_staleness > 0) cannot correct their staleness without them")
             if not self._warned_no_sampler_logprobs:
                 log.warning("rollout engine %s returns no sampling logprobs: rollout_is correction is off",
                             self.engine.name)
@@ -385,10 +437,97 @@ class GRPOTrainer(BaseTrainer):
         metrics = {**sums.result(), **split.metrics()}
         if "train/loss" in metrics:
             metrics.setdefault("train/kl", 0.0)  # beta = 0: no KL term
-        self.engine.update_weights(learner.unwrapped)
+        self._sync_weights()
         if cfg.algorithm.grpo.ref_sync_steps and (self.step + 1) % cfg.algorithm.grpo.ref_sync_steps == 0:
             sync_reference(learner, cfg.algorithm.grpo.ref_sync_mix_alpha)
         return metrics
+
+    def _sync_weights(self) -> None:
+        """The updated weights to the engine (asynchronous: between two of the producer's generate calls,
+        and the producer may then start the steps the new version allows)."""
+        if self.async_rollouts is None:
+            self.engine.update_weights(self.learner.unwrapped)
+        else:
+            self.async_rollouts.push(lambda: self.engine.update_weights(self.learner.unwrapped))
+
+    # -- asynchronous rollouts ----------------------------------------------------------------------
+    def _start_async(self, max_staleness: int) -> AsyncRollouts:
+        def produce(step: int, version: int) -> Experience:
+            return self.collect(step, version)
+
+        concurrent = bool(getattr(self.engine, "generates_beside_learner", False))
+        hooks: dict[str, Any] = {}
+        if self.cfg.rollout.partial_rollout_tokens is not None:
+            if not hasattr(self.engine, "continue_trajectory"):
+                raise ConfigError(f"rollout.partial_rollout_tokens: rollout engine {self.engine.name} cannot continue "
+                                  "a completion from its token ids")
+            hooks = {"advance": self._advance_partial, "finish": self._finish_partial}
+            produce = self._start_partial  # type: ignore[assignment]
+        self.async_rollouts = AsyncRollouts(
+            produce, self.stream.state_dict, first_step=self.step, max_steps=self.cfg.training.max_steps,
+            max_staleness=max_staleness, concurrent=concurrent, timeout_s=self.cfg.rollout.async_wait_timeout_s,
+            **hooks)
+        if self.learner.accelerator.is_main_process:
+            log.info("asynchronous rollouts: max_staleness %d, %s", max_staleness,
+                     "concurrent producer thread" if concurrent else "interleaved with the learner's updates")
+        return self.async_rollouts
+
+    # -- partial rollouts (rollout.partial_rollout_tokens) ---------------------------------------------
+    def _segment(self, partial: PartialStep, version: int, budget: int | None) -> None:
+        """Continue every unfinished completion of ``partial`` by at most ``budget`` new tokens (None: to the end),
+        sampled by version ``version``; each token keeps the version that sampled it."""
+        limit = self.cfg.rollout.max_completion_length
+        going = [c for group in partial.groups for c in group if partial.unfinished(c, limit)]
+        if not going:
+            return
+        sampling = self._sampling(partial.step, "partial", version, len(partial.segments))
+        items = []
+        for c in going:
+            builder = TrajectoryBuilder(with_token_types=partial.with_token_types)
+            builder.add_model_turn(c.token_ids, c.logprobs)
+            left = limit - len(c.token_ids)
+            items.append((partial.sample_of[id(c)], builder.ids, builder.context(),
+                          left if budget is None else min(budget, left)))
+        batched = getattr(self.engine, "continue_trajectories", None)
+        if callable(batched):
+            turns = batched(items, sampling)
+        else:
+            turns = [self.engine.continue_trajectory(s, ids, ctx, sampling, n) for s, ids, ctx, n in items]
+        for c, turn in zip(going, turns, strict=True):
+            c.token_ids = c.token_ids + turn.token_ids
+            c.logprobs = (c.logprobs or []) + (turn.logprobs or [])
+            c.token_versions = (c.token_versions or []) + [version] * len(turn.token_ids)
+            c.truncated = turn.truncated
+            c.text = self.processor.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        partial.segments.append(version)
+
+    def _start_partial(self, step: int, version: int) -> PartialStep:
+        """Step ``step``'s prompts drawn and each completion's first ``partial_rollout_tokens`` sampled."""
+        samples = self.stream.next_batch(self.cfg.training.prompts_per_step)
+        sampling = dataclasses.replace(self._sampling(step), max_tokens=self.cfg.rollout.partial_rollout_tokens)
+        groups = generate_groups(self.learner, self.engine, samples, self.cfg.rollout.num_generations, sampling)
+        for group in groups:
+            for c in group:
+                c.token_versions = [version] * len(c.token_ids)
+        return PartialStep(step, samples, groups, [version])
+
+    def _advance_partial(self, partial: PartialStep, version: int) -> None:
+        self._segment(partial, version, self.cfg.rollout.partial_rollout_tokens)
+
+    def _finish_partial(self, partial: PartialStep, version: int) -> Experience:
+        """The batch the learner takes: its unfinished completions sampled to the end by the current weights,
+        then scored."""
+        self._segment(partial, version, None)
+        rollout, rewards, stats = self._scored(self._batch(partial.samples, partial.groups, partial.segments[0]),
+                                               partial.step)
+        continued = [len(set(c.token_versions or [])) > 1 for c in rollout.completions]
+        stats.update({"async/partial_continued_frac": sum(continued) / max(len(continued), 1),
+                      "dynamic_sampling/resampled_groups": 0})
+        return Experience(batch=rollout, rewards=rewards, stats=stats)
+
+    def save(self, steps_done: int | None = None) -> Path:
+        self._checkpoint_steps = self.step if steps_done is None else steps_done
+        return super().save(steps_done)
 
     # -- loop -----------------------------------------------------------------------------------
     def rollout_metrics(self, exp: Experience) -> dict[str, float]:
@@ -436,8 +575,11 @@ class GRPOTrainer(BaseTrainer):
                                                 for r, images in zip(first, tool_images, strict=True)], self.step)
 
     def trainer_state(self) -> dict:
-        return {**super().trainer_state(), "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                "reward_failures": dict(self.rewards.failure_counts)}
+        state = {**super().trainer_state(), "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                 "reward_failures": dict(self.rewards.failure_counts)}
+        if self.async_rollouts is not None:  # the stream is ahead of the learner: resume before the untrained prompts
+            state["data"] = self.async_rollouts.data_state(self._checkpoint_steps)
+        return state
 
     def after_resume(self, state: dict) -> None:
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
@@ -455,20 +597,41 @@ class GRPOTrainer(BaseTrainer):
         if self._eval_samples is None:
             self._eval_samples = eval_rows(self.cfg, self.processor, shard=(acc.process_index, acc.num_processes),
                                            dataset=self.objects.eval_dataset)
+        if self.async_rollouts is not None and self.async_rollouts.concurrent:
+            with self.async_rollouts.engine("eval"):  # not while the producer samples
+                return evaluate(self.engine, self._eval_samples, self.rewards, self.cfg, learner=self.learner)
         return evaluate(self.engine, self._eval_samples, self.rewards, self.cfg, learner=self.learner)
 
     def train_step(self) -> dict[str, float]:
         t0 = time.time()
-        exp = self.collect()
+        if self._last_step_end is None:
+            self._last_step_end = t0
+        produced = None
+        if self.async_staleness is not None:
+            if self.async_rollouts is None:
+                self._start_async(self.async_staleness)
+            produced = self.async_rollouts.take(self.step)
+            exp = produced.value
+        else:
+            exp = self.collect()
         self.compute_advantages(exp)
         t_rollout = time.time() - t0
         metrics = self.rollout_metrics(exp)
         metrics.update(exp.stats)
         metrics.update(self.update(exp))
-        seconds = time.time() - t0
+        now = time.time()
+        seconds = now - t0
         tokens = sum(len(c.token_ids) for c in exp.completions)
         metrics.update({"time/step_s": seconds, "time/rollout_s": t_rollout,
-                        "throughput/completion_tokens_per_s": tokens / max(seconds, 1e-9)})
+                        "throughput/completion_tokens_per_s": tokens / max(seconds, 1e-9),
+                        # trained tokens over the wall time since the previous step ended (logging, waits included)
+                        "throughput/e2e_tokens_per_s": tokens / max(now - self._last_step_end, 1e-9)})
+        self._last_step_end = now
+        if produced is not None:
+            self._token_staleness = [self.step - v for c, version in zip(exp.completions, exp.batch.policy_version.tolist(),
+                                                                         strict=True)
+                                     for v in (c.token_versions or [version] * len(c.token_ids))]
+            metrics.update(self.async_rollouts.step_metrics(self.step, produced, self._token_staleness))
         self._last_exp = exp
         every = self.cfg.training.eval_steps
         if every and (self.objects.eval_dataset is not None or has_split(self.cfg.data, "eval")) and ((self.step + 1) % every == 0
@@ -479,11 +642,20 @@ class GRPOTrainer(BaseTrainer):
     def on_logged(self) -> None:
         if self._last_exp is not None:
             self.log_completions(self._last_exp)
+        if self._token_staleness:  # asynchronous: the step's tokens by staleness, as a W&B histogram
+            self.metrics.log_histogram("async/token_staleness", self._token_staleness, self.step)
 
     def progress(self, metrics: dict[str, float]) -> dict[str, str]:
-        return {"reward": f"{metrics['rewards/total']:.3f}", "kl": f"{metrics.get('train/kl', 0.0):.4f}"}
+        out = {"reward": f"{metrics['rewards/total']:.3f}", "kl": f"{metrics.get('train/kl', 0.0):.4f}",
+               "tok/s": f"{metrics.get('throughput/e2e_tokens_per_s', 0.0):.1f}"}
+        if "async/staleness" in metrics:
+            out.update({"stale": f"{metrics['async/staleness']:.0f}",
+                        "idle": f"L{metrics['async/learner_idle_frac']:.2f}/S{metrics['async/sampler_idle_frac']:.2f}"})
+        return out
 
     def close(self) -> None:
+        if self.async_rollouts is not None:
+            self.async_rollouts.close()
         self.engine.close()
 
 
