@@ -208,6 +208,32 @@ def test_grpo_trains_on_tool_trajectories(tmp_path, synthetic_data, tiny_cache, 
     assert all(row[-2] == "Image" and json.loads(row[-1])[0]["name"] == "crop_image" for row in table["data"])
 
 
+def test_asynchronous_tool_trajectories_train_with_exact_is_weights(tmp_path, synthetic_data, tiny_cache, monkeypatch,
+                                                                   scripted_engine_name):
+    """rollout.max_staleness=1 with tools: a trajectory's turns are all sampled by one version (the engine gets new
+    weights only between the producer's generate calls), step t trains on version t - 1's trajectories, every model
+    token's sampler logprob equals that version's weights' (tool tokens out of the mask), and the IS weights are
+    exp(learner at version t - sampler) capped."""
+    from r1_mm.run.tracking import read_metrics
+    from r1_mm.trainers.grpo import GRPOTrainer
+
+    from .test_async_rollouts import check_against_versions, spy_corrections
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    seen = spy_corrections(monkeypatch)
+    cfg = tool_recipe(tmp_path, synthetic_data, "rollout.max_staleness=1", "algorithm.grpo.rollout_is=token_truncate",
+                      "algorithm.grpo.rollout_is_cap=1.5", "training.max_steps=3", "training.learning_rate=1e-2",
+                      # rewards that differ within a group (the scripted answers all agree): the weights move
+                      f"rewards.functions=[{{name: '{Path(__file__).parent / 'plugins' / 'faulty.py'}:alternating'}}]")
+    trainer = GRPOTrainer(cfg)
+    trainer.train()
+    metrics = read_metrics(cfg.training.output_dir)
+    assert [m["async/staleness"] for m in metrics] == [0.0, 1.0, 1.0]
+    assert all(m["tools/call_rate"] == 1.0 for m in metrics)  # the premise: every trajectory called, on every step
+    assert all(exp.batch.has_tool_turns for _, exp, *_ in seen)
+    assert check_against_versions(trainer, seen, cap=1.5, sampler_atol=1e-5) == 2  # steps 1 and 2 trained stale samples
+
+
 def test_rollout_job_writes_whole_trajectories(tmp_path, synthetic_data, tiny_cache, monkeypatch, scripted_engine_name):
     """`r1-mm rollout` with tools: each completions.jsonl row holds its trajectory (calls, results, turns) and the
     tool images the model saw, as PNG files in the run folder; the step's tool metrics are logged."""
