@@ -8,7 +8,8 @@ So every sync goes out through transformers' own reverse conversion (:func:`chec
 table per model.
 
 Under ZeRO-3 parameters are gathered in buckets of ``bucket_mb`` (every rank must iterate: the
-gather is collective), so no process ever holds the whole model for a sync. LoRA deltas are merged
+gather is collective), so no process ever holds the whole model for a sync. Under FSDP2 each parameter is a
+DTensor (a shard per process, with the full shape) and is gathered alone (``full_tensor``, collective too). LoRA deltas are merged
 on the fly (W + scale * B @ A); the adapter modules themselves are never sent.
 """
 
@@ -168,7 +169,15 @@ def _emit(bucket: list[tuple[str, torch.nn.Parameter]], lora: dict[str, torch.nn
     with context, torch.no_grad():
         for name, param in bucket:
             tensor = param.detach()
+            if _is_dtensor(tensor):  # FSDP2: a shard here; every process gathers the full tensor
+                tensor = tensor.full_tensor()
             if name in lora:
                 tensor = _merged(tensor, lora[name])
             # a copy: gathered storage is released when the bucket's context closes
             yield hf_name(name), tensor.clone()
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
