@@ -132,17 +132,25 @@ def test_dpo_under_fsdp2(setup, initial_weights):
 
 
 @pytest.mark.slow
-def test_fsdp2_weight_sync_to_colocated_vllm(setup):
-    """One vLLM engine per FSDP2 process: after every step both processes gather the DTensor shards (the export
-    iterator, bucket by bucket) and load the full weights, so the engines' sampling logprobs keep matching the
-    learner's on weights that moved (lr 1e-2)."""
+def test_fsdp2_lora_weight_sync_to_colocated_vllm(setup, initial_weights):
+    """LoRA under FSDP2 with one vLLM engine per process: after every step both processes gather the DTensor
+    shards (the export iterator, bucket by bucket; the adapters' units unsharded for PEFT's merge) and load the
+    merged full weights, so the engines' sampling logprobs keep matching the learner's on weights that moved
+    (lr 1e-2); the adapter-disabled policy is the reference; the export holds the merged weights."""
     root, recipe, data, cache = setup
     out = root / "colocate"
-    metrics = launch(FSDP2, recipe, out, data, cache, "rollout.engine=vllm_colocate", "rollout.vllm_dtype=float32",
+    metrics = launch(FSDP2, recipe, out, data, cache, "rollout.engine=vllm_colocate", "rollout.vllm_dtype=float32", "model.lora=true",
                      "rollout.vllm_max_model_len=2048", "rollout.weight_sync_bucket_mb=1",
                      "training.learning_rate=1.0e-2", timeout=TIMEOUT)
     info = assert_fsdp2(out)
     assert info["rollout_engine"] == "vllm_colocate"
+    assert info["lora"] and info["reference"] is None  # the adapter-disabled policy is the reference
     assert metrics[-1]["train/kl"] > 1e-2  # the weights really moved, so a stale engine would show
     for m in metrics:  # float32 engine and learner: 1-2e-7 measured here; a step-stale engine is off by ~KL
         assert m["rollout/logprob_abs_diff_mean"] < 1e-5 and m["rollout/is_dropped_frac"] == 0.0, m
+    exported = final_export(out)
+    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in initial_weights.items()}
+    changed = [k for k in initial_weights if not torch.equal(exported[k], initial_weights[k])]
+    # LoRA touches only the targeted language-model projections; the merge put them into the base weights
+    assert changed and all(k.split(".")[-2] in {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"} for k in changed)

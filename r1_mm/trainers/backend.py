@@ -9,7 +9,8 @@ FSDP2 (``distributed_type: FSDP`` with ``fsdp_version: 2``, recipes/accelerate/f
 to ZeRO-3: accelerate's ``fully_shard`` of every decoder layer / vision block, the embeddings and head, and the
 root, so parameters, gradients and optimizer states are DTensors sharded over the processes. The reference
 model is sharded too (TRL's ``prepare_fsdp``: one FSDP unit, gathered for each scoring forward). Weights leave
-the learner gathered (``DTensor.full_tensor``, bucket by bucket: models/weights.py). FSDP1 is refused.
+the learner gathered (``DTensor.full_tensor``, bucket by bucket, LoRA merged: models/weights.py). FSDP1 is
+refused.
 """
 
 from __future__ import annotations
@@ -223,9 +224,6 @@ def build_learner(cfg: RecipeConfig, *, need_reference: bool, accelerator: Accel
     if not params:
         raise ValueError("no trainable parameters (frozen vision tower + no LoRA targets?)")
     fsdp = accelerator.distributed_type == DistributedType.FSDP
-    if fsdp and cfg.model.lora:
-        raise ConfigError("model.lora=true under FSDP2 is not supported yet (the adapter merge for weight export and "
-                          "the adapter-disabled reference are untested on DTensor parameters); use ZeRO-3 or DDP for LoRA")
     if fsdp and needs_master_weights(params) and accelerator.mixed_precision == "no":
         raise ConfigError(f"model.dtype={cfg.model.dtype} under FSDP2 with mixed_precision 'no' would update the "
                           "low-precision weights in place (no float32 master weights: FSDP2 swaps the optimizer's "
