@@ -27,11 +27,14 @@ BIN = Path(sys.executable).parent
     (True, False, True, {"cpu": True}),  # a user forcing the CPU on a GPU machine
     (False, False, False, {"cpu": True}),  # CPU machine: accelerate's multi-process CPU (gloo DDP) needs cpu=True
     (False, True, False, {}),  # CPU + DeepSpeed: cpu=True would silently run DDP; gloo is named instead
+    (True, "fsdp", False, {"cpu": False}),  # GPUs + FSDP: accelerate's own FSDP
+    (False, "fsdp", False, {}),  # CPU + FSDP: cpu=True would silently run DDP; gloo is named (FSDP set by r1-mm)
 ])
 def test_accelerator_construction_follows_machine_and_launch(cuda, deepspeed, use_cpu, expected):
     cfg = load_recipe(None, [f"training.use_cpu={str(use_cpu).lower()}", "training.prompts_per_step=4",
                              "training.gradient_accumulation_steps=2"])
-    kwargs = accelerator_kwargs(cfg, cuda=cuda, deepspeed_launch=deepspeed)
+    fsdp = deepspeed == "fsdp"
+    kwargs = accelerator_kwargs(cfg, cuda=cuda, deepspeed_launch=deepspeed is True, fsdp_launch=fsdp)
     assert kwargs["gradient_accumulation_steps"] == 2 and kwargs["step_scheduler_with_optimizer"] is False
     assert {k: v for k, v in kwargs.items() if k == "cpu"} == expected
     handlers = kwargs.get("kwargs_handlers", [])
@@ -66,6 +69,9 @@ def test_impossible_combinations_are_rejected_when_the_recipe_loads():
     cfg = load_recipe(None, ["training.use_cpu=true"])
     with pytest.raises(ConfigError, match="cannot apply to a DeepSpeed launch"):
         preflight(cfg, machine(deepspeed=True), read_model_config=False)
+    with pytest.raises(ConfigError, match="cannot apply to an FSDP launch"):
+        preflight(cfg, Machine(cuda=True, deepspeed_launch=False, has_package=lambda _: False, fsdp_launch=True),
+                  read_model_config=False)
 
 
 def test_deepspeed_accumulation_comes_from_the_recipe():

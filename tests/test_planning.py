@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from r1_mm.config.recipe import load_recipe
-from r1_mm.jobs.plan import GIB, launch_zero_stage, model_shape, plan
+from r1_mm.jobs.plan import GIB, launch_fsdp_version, launch_zero_stage, model_shape, plan
 
 from .conftest import REPO
 
@@ -82,6 +82,29 @@ def test_zero_stages_shard_what_they_shard():
     assert part[1]["gradients"] == weights and part[2]["gradients"] == weights / 8
     assert part[0]["optimizer states"] == 2 * weights  # DDP: torch AdamW's states in the parameters' dtype
     assert part[1]["optimizer states"] == part[3]["optimizer states"] == 12 * shape.total_params / 8  # fp32 master + states
+
+
+def test_fsdp2_shards_like_zero3_with_float32_trainable_weights():
+    """FSDP2 (recipes/accelerate/fsdp2.yaml, bf16): accelerate upcasts the trainable parameters to float32 (the
+    sharded master), so weights, gradients and AdamW's 2 states are float32 and sharded over the processes; the
+    frozen reference keeps the recipe's dtype, sharded too; the gathered units are a line of their own."""
+    cfg = load_recipe(None, ["model.name_or_path=tiny:qwen2_5_vl", "model.dtype=bfloat16"])
+    shape = model_shape(cfg)
+    n = shape.total_params
+    fsdp = plan(cfg, gpus=8, zero_stage=0, mixed_bf16=True, shape=shape, fsdp2=True)
+    part = {line.name: line.bytes for line in fsdp.lines}
+    assert (part["policy weights"], part["reference weights"]) == (4 * n / 8, 2 * n / 8)
+    assert (part["gradients"], part["optimizer states"]) == (4 * n / 8, 8 * n / 8)
+    assert 0 < part["FSDP2 gathered units"] < 2 * n  # a few units in bf16, never the whole model
+    assert "8 process(es), FSDP2" in fsdp.table()
+    frozen = {line.name: line.bytes for line in plan(load_recipe(None, [
+        "model.name_or_path=tiny:qwen2_5_vl", "model.dtype=bfloat16", "model.freeze_vision_tower=true"]),
+        gpus=8, zero_stage=0, mixed_bf16=True, shape=shape, fsdp2=True).lines}
+    v = shape.vision_params
+    assert frozen["policy weights"] == (4 * (n - v) + 2 * v) / 8  # the frozen tower is not upcast
+    assert launch_fsdp_version(REPO / "recipes" / "accelerate" / "fsdp2.yaml") == 2
+    assert launch_fsdp_version(REPO / "recipes" / "accelerate" / "zero3.yaml") is None
+    assert launch_zero_stage(REPO / "recipes" / "accelerate" / "fsdp2.yaml") == (0, True)
 
 
 def test_plan_reads_the_precision_the_launch_really_runs():

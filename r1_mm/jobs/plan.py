@@ -70,6 +70,7 @@ class MemoryPlan:
     zero_stage: int
     device: str
     lines: list[Line] = field(default_factory=list)
+    sharding: str = ""  # "FSDP2" for an FSDP2 launch; empty: the ZeRO stage says it
     video: str = ""  # the largest video's frames x tokens per frame, as the loader budgets it
     compute: str = ""  # active parameters per token (what compute scales with; all of a dense model's)
 
@@ -81,7 +82,8 @@ class MemoryPlan:
         return json.dumps({**asdict(self), "total_bytes": self.total_bytes}, indent=1)
 
     def table(self) -> str:
-        rows = [f"memory per learner process: {self.recipe}, {self.gpus} process(es), ZeRO stage {self.zero_stage}, "
+        sharding = self.sharding or f"ZeRO stage {self.zero_stage}"
+        rows = [f"memory per learner process: {self.recipe}, {self.gpus} process(es), {sharding}, "
                 f"{self.device}", *([f"visual tokens: {self.video}"] if self.video else []),
                 *([f"compute: {self.compute}"] if self.compute else []), "",
                 "| part | GiB | how |", "|---|---|---|"]
@@ -206,6 +208,19 @@ def launch_zero_stage(launch_config: str | Path | None) -> tuple[int, bool]:
     return int(ds.get("zero_stage", 0)), bf16
 
 
+def launch_fsdp_version(launch_config: str | Path | None) -> int | None:
+    """The FSDP version of an accelerate launch config (``fsdp_config.fsdp_version``, accelerate's default 1);
+    None when the launch is not FSDP."""
+    if launch_config is None:
+        return None
+    import yaml
+
+    data = yaml.safe_load(Path(launch_config).read_text()) or {}
+    if data.get("distributed_type") != "FSDP":
+        return None
+    return int((data.get("fsdp_config") or {}).get("fsdp_version", 1))
+
+
 @dataclass(frozen=True)
 class Precision:
     """Bytes per parameter that the learner really allocates under a launch (what each line multiplies)."""
@@ -239,6 +254,18 @@ def learner_precision(dtype: str, zero_stage: int, mixed_bf16: bool) -> Precisio
                      + ("float32 master + " if master else "") + "2 float32 AdamW states (DeepSpeed, no mixed precision)")
 
 
+def fsdp2_precision(dtype: str, mixed_bf16: bool) -> Precision:
+    """FSDP2 through accelerate (``fsdp2_prepare_model``): with bf16 mixed precision the trainable parameters
+    are upcast to float32 (those sharded float32 weights are the master copy: no other), computed in bf16
+    (``MixedPrecisionPolicy(param_dtype=bf16)``), their sharded gradients float32, AdamW's two states float32;
+    with mixed precision 'no' everything stays in the recipe's dtype (r1-mm refuses a bf16 model there: no
+    master weights). ``weights`` here is the trainable parameters' bytes; frozen ones keep the recipe's dtype."""
+    b = DTYPE_BYTES[dtype]
+    if mixed_bf16:
+        return Precision(4, 4, 8, 4, "8 bytes: 2 float32 AdamW states (FSDP2 bf16: the float32 sharded weights are the master)")
+    return Precision(b, b, 2 * b, b, f"{2 * b} bytes: 2 AdamW states in the parameters' dtype (FSDP2)")
+
+
 def measure_cpu_runtime(cfg: RecipeConfig) -> tuple[int, str]:
     """The learner's runtime on this machine and its libraries, with a note saying how it was found."""
     import subprocess
@@ -254,12 +281,19 @@ def measure_cpu_runtime(cfg: RecipeConfig) -> tuple[int, str]:
 
 def plan(cfg: RecipeConfig, *, gpus: int, zero_stage: int, mixed_bf16: bool = False, device: str = "gpu",
          gpu_memory_gib: float = 80.0, recipe: str = "", shape: ModelShape | None = None,
-         cpu_runtime: tuple[int, str] | None = None) -> MemoryPlan:
-    """cpu_runtime: (bytes, note) of the runtime for device="cpu"; measured when not given."""
+         cpu_runtime: tuple[int, str] | None = None, fsdp2: bool = False) -> MemoryPlan:
+    """cpu_runtime: (bytes, note) of the runtime for device="cpu"; measured when not given. ``fsdp2``: an FSDP2
+    launch (``zero_stage`` is then ignored): parameters, gradients and optimizer states sharded like ZeRO-3,
+    plus the units FSDP2 holds gathered while it computes."""
     shape = shape or model_shape(cfg)
-    precision = learner_precision(cfg.model.dtype, zero_stage, mixed_bf16)
-    b = precision.weights
-    out = MemoryPlan(recipe=recipe, gpus=gpus, zero_stage=zero_stage, device=device)
+    if fsdp2:
+        zero_stage = 3  # what is sharded: everything, over all processes
+        precision = fsdp2_precision(cfg.model.dtype, mixed_bf16)
+    else:
+        precision = learner_precision(cfg.model.dtype, zero_stage, mixed_bf16)
+    b = DTYPE_BYTES[cfg.model.dtype] if fsdp2 else precision.weights  # frozen weights, the reference
+    out = MemoryPlan(recipe=recipe, gpus=gpus, zero_stage=0 if fsdp2 else zero_stage, device=device,
+                     sharding="FSDP2" if fsdp2 else "")
     add = lambda name, value, note: out.lines.append(Line(name, float(value), note))  # noqa: E731
     shard3 = gpus if zero_stage >= 3 else 1
     a = cfg.algorithm
@@ -269,10 +303,16 @@ def plan(cfg: RecipeConfig, *, gpus: int, zero_stage: int, mixed_bf16: bool = Fa
 
     trainable = shape.lora_params if cfg.model.lora else shape.total_params - (
         shape.vision_params if cfg.model.freeze_vision_tower else 0)
-    add("policy weights", (shape.total_params + shape.lora_params) * b / shard3,
-        f"{shape.total_params / 1e9:.3f} B parameters x {b} bytes" + (", sharded" if shard3 > 1 else "")
-        + (f" (mixture of experts: every expert held; {shape.active / 1e9:.3f} B active per token)"
-           if shape.active_params else ""))
+    if fsdp2:
+        frozen = shape.total_params - trainable
+        add("policy weights", (trainable * precision.weights + frozen * b) / shard3,
+            f"{trainable / 1e9:.3f} B trainable x {precision.weights} bytes"
+            + (f" + {frozen / 1e9:.3f} B frozen x {b} bytes" if frozen else "") + (", sharded" if shard3 > 1 else ""))
+    else:
+        add("policy weights", (shape.total_params + shape.lora_params) * b / shard3,
+            f"{shape.total_params / 1e9:.3f} B parameters x {b} bytes" + (", sharded" if shard3 > 1 else "")
+            + (f" (mixture of experts: every expert held; {shape.active / 1e9:.3f} B active per token)"
+               if shape.active_params else ""))
     needs_reference = (not a.dpo.precomputed_reference) if preference else a.grpo.beta != 0.0
     if needs_reference and not cfg.model.lora:  # LoRA: the adapter-disabled policy is the reference
         add("reference weights", shape.total_params * b / shard3, "frozen copy" + (", sharded" if shard3 > 1 else ""))
@@ -286,6 +326,12 @@ def plan(cfg: RecipeConfig, *, gpus: int, zero_stage: int, mixed_bf16: bool = Fa
     # +230 MiB transient at 20 M trainable float32 parameters, the run's peak)
     add("optimizer step temporaries", 2 * precision.step_temporaries * trainable / (gpus if zero_stage >= 1 else 1),
         "foreach AdamW: two parameter-sized temporaries during step()")
+    if fsdp2 and gpus > 1:
+        compute = 2 if mixed_bf16 else b
+        layer = max(0, shape.total_params - shape.vision_params - 2 * shape.vocab * shape.hidden) // max(1, shape.text_layers)
+        add("FSDP2 gathered units", (2 * shape.vocab * shape.hidden + 2 * layer) * compute,
+            f"embeddings and head (one unit, kept gathered through forward and backward) and two decoder layers "
+            f"(the one computing, the one prefetched), full size x {compute} bytes")
     _, micro = accumulation(cfg.training)
     prompt, completion = cfg.data.max_prompt_length, cfg.rollout.max_completion_length
     if cfg.tools.functions:  # a tool trajectory: model turns and tool turns, up to its whole budget
@@ -343,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, default=1, help="learner processes the launch starts (one per GPU)")
     p.add_argument("--launch", help="accelerate launch config (its ZeRO stage and mixed precision are used)")
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="instead of --launch")
+    p.add_argument("--fsdp2", action="store_true", help="instead of --launch: an FSDP2 launch (--bf16 for its mixed precision)")
+    p.add_argument("--bf16", action="store_true", help="with --fsdp2 or --zero-stage: bf16 mixed precision")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (for a colocated vLLM's share)")
     p.add_argument("--cpu", action="store_true", help="estimate a CPU run (no CUDA context, no vLLM reservation)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -353,14 +401,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     stage, bf16 = launch_zero_stage(args.launch)
+    fsdp_version = launch_fsdp_version(args.launch)
+    if fsdp_version not in (None, 2):
+        print(f"error: the launch config runs FSDP version {fsdp_version}; r1-mm supports FSDP2 only "
+              "(fsdp_config: {fsdp_version: 2}, as recipes/accelerate/fsdp2.yaml)", file=sys.stderr)
+        return 2
+    fsdp2 = fsdp_version == 2 or args.fsdp2
     if args.zero_stage is not None:
         stage = args.zero_stage
+    if args.launch is None and args.bf16:
+        bf16 = True
     import contextlib
 
     try:
         with contextlib.redirect_stdout(sys.stderr):  # libraries imported on the way log to stdout (DeepSpeed)
             result = plan(cfg, gpus=args.gpus, zero_stage=stage, mixed_bf16=bf16, device="cpu" if args.cpu else "gpu",
-                          gpu_memory_gib=args.gpu_memory, recipe=Path(args.recipe).name)
+                          gpu_memory_gib=args.gpu_memory, recipe=Path(args.recipe).name, fsdp2=fsdp2)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

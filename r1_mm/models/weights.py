@@ -8,7 +8,8 @@ So every sync goes out through transformers' own reverse conversion (:func:`chec
 table per model.
 
 Under ZeRO-3 parameters are gathered in buckets of ``bucket_mb`` (every rank must iterate: the
-gather is collective), so no process ever holds the whole model for a sync. LoRA deltas are merged
+gather is collective), so no process ever holds the whole model for a sync. Under FSDP2 each parameter is a
+DTensor (a shard per process, with the full shape) and is gathered alone (``full_tensor``, collective too). LoRA deltas are merged
 on the fly (W + scale * B @ A); the adapter modules themselves are never sent.
 """
 
@@ -149,26 +150,43 @@ def iter_policy_weights(model: torch.nn.Module, bucket_mb: int = 256) -> Iterato
         bucket.append(item)
         size += _size_bytes(item[1])
         if size >= limit:
-            yield from convert(dict(_emit(bucket, lora))).items()
+            yield from convert(dict(_emit(bucket, lora, model))).items()
             bucket, size = [], 0
     if bucket:
-        yield from convert(dict(_emit(bucket, lora))).items()
+        yield from convert(dict(_emit(bucket, lora, model))).items()
 
 
-def _emit(bucket: list[tuple[str, torch.nn.Parameter]], lora: dict[str, torch.nn.Module]) -> Iterator[tuple[str, torch.Tensor]]:
+def _emit(bucket: list[tuple[str, torch.nn.Parameter]], lora: dict[str, torch.nn.Module],
+          root: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     to_gather = [p for _, p in bucket]
+    adapters = []
     for name, _ in bucket:
         if name in lora:
-            to_gather += _lora_params(lora[name])
+            adapters += _lora_params(lora[name])
+    to_gather += adapters
     context = contextlib.nullcontext()
     if any(_is_zero3(p) for p in to_gather):
         import deepspeed
 
         context = deepspeed.zero.GatheredParameters(to_gather, modifier_rank=None)
-    with context, torch.no_grad():
+    elif any(_is_dtensor(p) for p in adapters):
+        # FSDP2 + LoRA: PEFT's delta reads the adapter weights from its modules, so the units holding them are
+        # unsharded (collective) for the bucket; the base weights are gathered one by one below
+        from r1_mm.models.forward.token_scores import fsdp_gathered
+
+        context = fsdp_gathered(root, *adapters)
+    with torch.no_grad(), context:  # context inside: FSDP2 units reshard on exit only without gradients
         for name, param in bucket:
             tensor = param.detach()
+            if _is_dtensor(tensor):  # FSDP2: a shard here; every process gathers the full tensor
+                tensor = tensor.full_tensor()
             if name in lora:
                 tensor = _merged(tensor, lora[name])
             # a copy: gathered storage is released when the bucket's context closes
             yield hf_name(name), tensor.clone()
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)

@@ -46,11 +46,19 @@ def attention_implementations(model: torch.nn.Module) -> dict[str, str | None]:
 
 
 def partition_summary(model: torch.nn.Module) -> dict[str, int]:
-    """ZeRO-3 partitioning as this process sees it: parameters DeepSpeed manages, those split across
-    processes, and the elements held here vs the full model (equal when nothing is partitioned)."""
+    """ZeRO-3 / FSDP2 partitioning as this process sees it: parameters DeepSpeed manages, those split across
+    processes (ZeRO-3 partitions, FSDP2 DTensor shards), and the elements held here vs the full model (equal
+    when nothing is partitioned)."""
+    from torch.distributed.tensor import DTensor
+
     managed = partitioned = local = full = 0
     for p in model.parameters():
-        if hasattr(p, "ds_id"):
+        if isinstance(p, DTensor):  # FSDP2: this process's shard of a tensor of the full shape
+            shard = p.to_local().numel()
+            partitioned += int(shard < p.numel())
+            local += shard
+            full += p.numel()
+        elif hasattr(p, "ds_id"):
             managed += 1
             shard = p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None else p.numel()
             partitioned += int(shard < p.ds_numel)
@@ -107,12 +115,42 @@ def collect(cfg: RecipeConfig, learner: Any, *, engine: Any) -> dict[str, Any]:
         **partition_summary(policy),
         **_model_info(cfg, learner.unwrapped, acc.device, engine),
     }
+    if learner.is_fsdp:
+        info.update(fsdp_summary(acc, policy, learner.reference))
     if learner.is_deepspeed:
         engine_stage = getattr(policy, "zero_optimization_stage", None)
         info["deepspeed_engine_zero_stage"] = int(engine_stage()) if callable(engine_stage) else None
         ds = acc.state.deepspeed_plugin.deepspeed_config
         info["deepspeed_gradient_accumulation_steps"] = ds.get("gradient_accumulation_steps")
     return info
+
+
+def fsdp_summary(acc: Any, policy: torch.nn.Module, reference: torch.nn.Module | None) -> dict[str, Any]:
+    """FSDP as the launch configured it and as the model holds it: the version, the sharding (whether the
+    units reshard after forward: FULL_SHARD, else SHARD_GRAD_OP-like), the checkpoint format, how many FSDP2
+    units the policy was cut into, and whether every parameter (policy and reference) is a DTensor."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    plugin = acc.state.fsdp_plugin
+    params = list(policy.parameters())
+    ref_params = list(reference.parameters()) if reference is not None else []
+    mine = {"dtensor_parameters": sum(isinstance(p, DTensor) for p in params), "parameters": len(params),
+            **{k: v for k, v in partition_summary(policy).items() if k != "zero3_managed_parameters"}}
+    per_process: list[Any] = [None] * acc.num_processes  # every process's own view (collective)
+    torch.distributed.all_gather_object(per_process, mine)
+    return {
+        "fsdp_per_process": per_process,
+        "fsdp_version": int(plugin.fsdp_version),
+        "fsdp_reshard_after_forward": plugin.reshard_after_forward,
+        "fsdp_state_dict_type": str(plugin.state_dict_type).split(".")[-1],
+        "fsdp_root_is_fsdp_module": isinstance(policy, FSDPModule),
+        "fsdp_units": sum(isinstance(m, FSDPModule) for m in policy.modules()),
+        "dtensor_parameters": sum(isinstance(p, DTensor) for p in params),
+        "parameters": len(params),
+        "reference_dtensor_parameters": sum(isinstance(p, DTensor) for p in ref_params),
+        "reference_parameters": len(ref_params),
+    }
 
 
 def write(run_dir: str | Path, info: dict[str, Any]) -> Path:

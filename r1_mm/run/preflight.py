@@ -27,6 +27,7 @@ class Machine:
     cuda: bool
     deepspeed_launch: bool
     has_package: Callable[[str], bool]
+    fsdp_launch: bool = False
 
     @classmethod
     def current(cls) -> Machine:
@@ -34,7 +35,8 @@ class Machine:
 
         return cls(cuda=torch.cuda.is_available(),
                    deepspeed_launch=os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true",
-                   has_package=lambda name: importlib.util.find_spec(name) is not None)
+                   has_package=lambda name: importlib.util.find_spec(name) is not None,
+                   fsdp_launch=os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
 
 
 def problems(cfg: RecipeConfig, machine: Machine) -> list[str]:
@@ -56,6 +58,9 @@ def problems(cfg: RecipeConfig, machine: Machine) -> list[str]:
     if cfg.training.use_cpu and machine.deepspeed_launch:
         found.append("training.use_cpu=true cannot apply to a DeepSpeed launch (accelerate would silently run plain "
                      "DDP instead); drop training.use_cpu or launch with a DDP config")
+    if cfg.training.use_cpu and machine.fsdp_launch and not machine.deepspeed_launch:
+        found.append("training.use_cpu=true cannot apply to an FSDP launch (accelerate would run plain DDP on a CPU "
+                     "machine, and the GPUs on a GPU one); drop training.use_cpu or launch with a DDP config")
     return found
 
 

@@ -1,9 +1,16 @@
-"""Learner back-ends through accelerate: single process, DDP, DeepSpeed ZeRO-2/3 (all over gloo on CPU).
+"""Learner back-ends through accelerate: single process, DDP, DeepSpeed ZeRO-2/3, FSDP2 (all over gloo on CPU).
 
 The launch config (``accelerate launch --config_file recipes/accelerate/*.yaml``) picks the back-end
 and the machine picks the device; the recipe never does. What accelerate does not cover is delegated
 to TRL (a chosen dependency): its DeepSpeed preparation of the frozen reference model and its
 parameter gathering for generation.
+
+FSDP2 (``distributed_type: FSDP`` with ``fsdp_version: 2``, recipes/accelerate/fsdp2.yaml) is the alternative
+to ZeRO-3: accelerate's ``fully_shard`` of every decoder layer / vision block, the embeddings and head, and the
+root, so parameters, gradients and optimizer states are DTensors sharded over the processes. The reference
+model is sharded too (TRL's ``prepare_fsdp``: one FSDP unit, gathered for each scoring forward). Weights leave
+the learner gathered (``DTensor.full_tensor``, bucket by bucket, LoRA merged: models/weights.py). FSDP1 is
+refused.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from accelerate.utils import DistributedType
 
 from r1_mm.config.recipe import ConfigError, RecipeConfig, accumulation
 from r1_mm.models.loading import load_model, load_processor, prepare_model
-from r1_mm.trainers.master_weights import make_optimizer
+from r1_mm.trainers.master_weights import make_optimizer, needs_master_weights
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +51,10 @@ class Learner:
         return self.accelerator.distributed_type == DistributedType.DEEPSPEED
 
     @property
+    def is_fsdp(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    @property
     def zero_stage(self) -> int:
         if not self.is_deepspeed:
             return 0
@@ -62,22 +73,25 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: RecipeConfig) -> Any:
                          num_training_steps=max(1, cfg.training.max_steps * cfg.algorithm.grpo.num_iterations))
 
 
-def accelerator_kwargs(cfg: RecipeConfig, *, cuda: bool, deepspeed_launch: bool) -> dict[str, Any]:
+def accelerator_kwargs(cfg: RecipeConfig, *, cuda: bool, deepspeed_launch: bool,
+                       fsdp_launch: bool = False) -> dict[str, Any]:
     """How to construct the Accelerator so that the launch config's back-end really runs.
 
     With a GPU, accelerate's defaults are right (``training.use_cpu`` forces the CPU for DDP runs).
     Without one, accelerate needs telling: its multi-process CPU mode (gloo DDP) only starts with
     ``cpu=True``, but ``cpu=True`` also turns a DeepSpeed launch into plain DDP; and a DeepSpeed launch
     with ``cpu=False`` initialises a 2-process group while accelerate counts ONE process (both ranks
-    rank 0) unless the gloo backend is named.
+    rank 0) unless the gloo backend is named. An FSDP launch is started like a DeepSpeed one (gloo named;
+    accelerate then counts both processes but, with no accelerator device, never selects FSDP itself:
+    :func:`enable_fsdp_without_gpu`).
     """
     from accelerate.utils import InitProcessGroupKwargs
 
     steps, _ = accumulation(cfg.training)
     kwargs: dict[str, Any] = {"gradient_accumulation_steps": steps, "step_scheduler_with_optimizer": False}
     if cuda:
-        kwargs["cpu"] = cfg.training.use_cpu and not deepspeed_launch
-    elif deepspeed_launch:
+        kwargs["cpu"] = cfg.training.use_cpu and not deepspeed_launch and not fsdp_launch
+    elif deepspeed_launch or fsdp_launch:
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     else:
         kwargs["cpu"] = True
@@ -109,12 +123,53 @@ def precision_problem(cfg: RecipeConfig, *, mixed_precision: str, cuda: bool, de
     return None
 
 
+def fsdp_launched() -> bool:
+    import os
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def enable_fsdp_without_gpu(accelerator: Accelerator) -> None:
+    """accelerate selects FSDP only for accelerator devices (its ``MULTI_GPU``-like types); on CPU processes
+    over gloo it leaves ``distributed_type`` at NO although both processes are counted. torch's FSDP2 runs on
+    CPU over gloo, so the launch's FSDP plugin is put in place here, in both of accelerate's shared states
+    (the partial state decides collectives such as ``gather`` and barriers), as accelerate itself does on a GPU."""
+    from accelerate.state import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    if accelerator.num_processes < 2 or accelerator.distributed_type != DistributedType.NO:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* environment, as accelerate reads it
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def fsdp_problem(accelerator: Accelerator) -> str | None:
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return None
+    version = accelerator.state.fsdp_plugin.fsdp_version
+    if version != 2:
+        return (f"the launch runs FSDP version {version}; r1-mm supports FSDP2 only (fsdp_version: 2 in the launch's "
+                "fsdp_config, as recipes/accelerate/fsdp2.yaml): its DTensor parameters are what the weight export, "
+                "the reference model and checkpoints handle")
+    return None
+
+
 def make_accelerator(cfg: RecipeConfig) -> Accelerator:
     import os
 
     deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    accelerator = Accelerator(**accelerator_kwargs(cfg, cuda=torch.cuda.is_available(),
-                                                   deepspeed_launch=deepspeed_launch))
+    fsdp_launch = fsdp_launched() and not deepspeed_launch
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(**accelerator_kwargs(cfg, cuda=cuda, deepspeed_launch=deepspeed_launch,
+                                                   fsdp_launch=fsdp_launch))
+    if fsdp_launch and not cuda:
+        enable_fsdp_without_gpu(accelerator)
+    if problem := fsdp_problem(accelerator):
+        raise ConfigError(problem)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, cfg)
     if problem := precision_problem(cfg, mixed_precision=str(accelerator.mixed_precision),
@@ -168,7 +223,14 @@ def build_learner(cfg: RecipeConfig, *, need_reference: bool, accelerator: Accel
     params = [p for p in policy.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters (frozen vision tower + no LoRA targets?)")
-    optimizer = make_optimizer(params, deepspeed=accelerator.distributed_type == DistributedType.DEEPSPEED,
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and needs_master_weights(params) and accelerator.mixed_precision == "no":
+        raise ConfigError(f"model.dtype={cfg.model.dtype} under FSDP2 with mixed_precision 'no' would update the "
+                          "low-precision weights in place (no float32 master weights: FSDP2 swaps the optimizer's "
+                          "parameters for its DTensors); launch with mixed_precision: bf16 (accelerate then keeps float32 "
+                          "sharded weights and computes in bf16) or set model.dtype=float32")
+    # DeepSpeed keeps its own masters; FSDP2 gets plain AdamW over its (float32, see above) DTensor parameters
+    optimizer = make_optimizer(params, deepspeed=accelerator.distributed_type == DistributedType.DEEPSPEED or fsdp,
                                lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay)
     scheduler = _scheduler(optimizer, cfg)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
@@ -178,10 +240,12 @@ def build_learner(cfg: RecipeConfig, *, need_reference: bool, accelerator: Accel
             reference = None  # the adapter-disabled policy is the reference: no second copy
         else:
             reference = given_reference or load_model(cfg.model, trainable=False, grouped=grouped)
-            if accelerator.distributed_type == DistributedType.DEEPSPEED:
-                from r1_mm.models.trl_imports import trl_module
+            from r1_mm.models.trl_imports import trl_module
 
+            if accelerator.distributed_type == DistributedType.DEEPSPEED:
                 reference = trl_module("trl.models.utils").prepare_deepspeed(reference, accelerator)
+            elif fsdp:  # sharded like the policy (one FSDP unit: gathered whole for each scoring forward)
+                reference = trl_module("trl.models.utils").prepare_fsdp(reference.to(accelerator.device), accelerator)
             else:
                 reference = reference.to(accelerator.device)
     return Learner(accelerator=accelerator, processor=processor, policy=policy, reference=reference,
@@ -217,8 +281,47 @@ def generation_model(learner: Learner) -> Iterator[torch.nn.Module]:
     """
     from r1_mm.models.trl_imports import trl_module
 
-    with trl_module("trl.models.utils").unwrap_model_for_generation(learner.policy, learner.accelerator) as model:
+    gathered = fsdp_unsharded(learner.policy) if learner.is_fsdp else contextlib.nullcontext()
+    with gathered, trl_module("trl.models.utils").unwrap_model_for_generation(learner.policy,
+                                                                             learner.accelerator) as model:
         yield model
+
+
+def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def fsdp_unsharded(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Every FSDP2 unit of ``model`` gathered (all-gathered once, collective) and kept gathered across the
+    forwards inside (generate's per-token forwards then run no collective, so processes whose completions
+    end at different lengths never wait on each other); resharded after. TRL's generation unwrap gathers
+    nothing under FSDP2 (it relies on transformers' ``synced_gpus``, which a model prepared by accelerate
+    does not trigger)."""
+    units = fsdp_units(model)
+    groups = [g for m in units for g in m._get_fsdp_state()._fsdp_param_groups]
+    saved = [g.post_forward_mesh_info for g in groups]
+    for g in groups:  # what FSDPModule.set_reshard_after_forward(False) sets, restorable without side effects
+        g.post_forward_mesh_info = None
+    try:
+        for m in units:
+            m.unshard()
+        if any(is_dtensor(p) for p in model.parameters()):  # a shard left would make every token a collective
+            raise RuntimeError("FSDP2: parameters still sharded after unshard(); generation would hang on uneven lengths")
+        yield model
+    finally:
+        for g, info in zip(groups, saved, strict=True):
+            g.post_forward_mesh_info = info
+        for m in units:
+            m.reshard()
+
+
+def is_dtensor(tensor: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 @contextlib.contextmanager
@@ -248,7 +351,10 @@ def sync_reference(learner: Learner, alpha: float) -> None:
                                                    modifier_rank=0)
     with gather, torch.no_grad():
         for name, p in ref.named_parameters():
-            p.mul_(1 - alpha).add_(policy_params[name].detach().to(p.dtype), alpha=alpha)
+            source = policy_params[name].detach()
+            if is_dtensor(p):  # FSDP2: both sharded the same way (dim 0 over the same processes): local shards
+                p, source = p.to_local(), source.to_local()
+            p.mul_(1 - alpha).add_(source.to(p.dtype), alpha=alpha)
 
 
 def _reference_gather(learner: Learner, modifier_rank: int | None) -> tuple[torch.nn.Module, Any]:
@@ -264,6 +370,9 @@ def reference_state_dict(learner: Learner) -> dict[str, torch.Tensor] | None:
     """The reference's full weights on the main process (collective under ZeRO-3); None elsewhere."""
     ref, gather = _reference_gather(learner, None)
     with gather:
+        if learner.is_fsdp:  # every process gathers each tensor (collective); the main one keeps them
+            full = {n: p.detach().full_tensor().cpu() for n, p in ref.named_parameters()}
+            return full if learner.accelerator.is_main_process else None
         if not learner.accelerator.is_main_process:
             return None
         return {n: p.detach().cpu().clone() for n, p in ref.named_parameters()}
@@ -274,7 +383,12 @@ def load_reference_state(learner: Learner, tensors: dict[str, torch.Tensor]) -> 
     ref, gather = _reference_gather(learner, 0)
     with gather, torch.no_grad():
         for name, p in ref.named_parameters():
-            p.copy_(tensors[name].to(p.dtype))
+            value = tensors[name].to(device=p.device, dtype=p.dtype)
+            if is_dtensor(p):  # FSDP2: this process's shard of the full tensor every process loaded
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value, p.device_mesh, p.placements)
+            p.copy_(value)
 
 
 def generate_groups(learner: Learner, engine: Any, samples: list, n: int, sampling: Any) -> list[list]:
@@ -437,7 +551,8 @@ def optimizer_step(learner: Learner, max_grad_norm: float | None) -> float | Non
         norm = learner.policy.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else None
     elif max_grad_norm:
-        grad_norm = float(learner.accelerator.clip_grad_norm_(learner.policy.parameters(), max_grad_norm))
+        norm = learner.accelerator.clip_grad_norm_(learner.policy.parameters(), max_grad_norm)
+        grad_norm = float(norm.full_tensor() if is_dtensor(norm) else norm)  # FSDP2: the norm over all shards
     learner.optimizer.step()
     learner.scheduler.step()
     learner.optimizer.zero_grad(set_to_none=True)
