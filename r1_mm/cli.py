@@ -116,7 +116,9 @@ def _cmd_demo(argv: list[str]) -> int:
                    help="counting: the recipe to run (default: recipes/demo_counting_grpo.yaml); one whose file name has "
                         "\"rollout\" only samples")
     p.add_argument("--rows", type=int, default=None, help="synthetic rows to generate (default 512; zoom 1024)")
-    p.add_argument("--sft-steps", type=int, default=None, help="zoom: SFT steps (default: the SFT recipe's)")
+    p.add_argument("--sft-steps", type=int, default=None,
+                   help="SFT steps: zoom, its SFT stage's (default: the SFT recipe's); counting, an SFT cold start "
+                        "(recipes/demo_counting_sft.yaml) before GRPO, in OUT/sft and OUT/grpo (default: none)")
     p.add_argument("overrides", nargs="*", help="section.field=value recipe overrides (zoom: of the GRPO runs)")
     args = p.parse_intermixed_args(argv)  # overrides before or after the options
     if args.task == "zoom":
@@ -127,6 +129,19 @@ def _cmd_demo(argv: list[str]) -> int:
     # the demo is meant to be run again: each run replaces the previous one's files (the data stay)
     overrides = [f"data.train_path={data}", f"training.output_dir={out}", "training.overwrite_output_dir=true",
                  *args.overrides]
+    if args.sft_steps:  # an SFT cold start on the same rows (their counts as responses), then GRPO from it
+        from r1_mm.data.loading import read_rows
+        from r1_mm.testing.synthetic import write_jsonl
+
+        sft_rows = write_jsonl([{**r, "response": r["solution"]} for r in read_rows(data)], data.parent / "sft.jsonl")
+        code = _cmd_train([str(REPO_RECIPES / "demo_counting_sft.yaml"), f"data.train_path={sft_rows}",
+                           f"training.output_dir={out / 'sft'}", "training.overwrite_output_dir=true",
+                           f"training.max_steps={args.sft_steps}"])
+        if code:
+            return code
+        out = out / "grpo"
+        overrides = [f"data.train_path={data}", f"training.output_dir={out}", "training.overwrite_output_dir=true",
+                     f"model.name_or_path={out.parent / 'sft'}", *args.overrides]
     if "rollout" in Path(args.recipe).stem:
         return _cmd_rollout([args.recipe, *overrides])
     code = _cmd_train([args.recipe, *overrides])

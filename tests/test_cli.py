@@ -85,3 +85,17 @@ def test_sweep_prints_and_runs_every_combination(tmp_path, synthetic_data, capsy
         resolved = (tmp_path / "run" / name / "recipe.resolved.yaml").read_text()
         assert f"run_name: {name}" in resolved and "group: demo_counting_grpo" in resolved
         assert (tmp_path / "run" / name / "metrics.jsonl").exists()
+
+
+def test_demo_sft_cold_start_then_grpo_from_its_checkpoint(tmp_path):
+    """`r1-mm demo --sft-steps N`: SFT on the counting rows' answers, then GRPO starting from the SFT run's folder
+    (its last checkpoint's model, recorded in the GRPO run's resolved recipe and run_info)."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--rows", "16", "--sft-steps", "2", "training.max_steps=2",
+                 "training.save_steps=null", "logging.progress_bar=false"]) == 0
+    sft = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in sft] == [0, 1] and all(m["train/loss"] > 0 for m in sft)
+    grpo = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in grpo] == [0, 1]
+    info = json.loads((out / "grpo" / "run_info.json").read_text())
+    assert str(out / "sft" / "checkpoints" / "step-000002" / "model") in json.dumps(info)

@@ -87,7 +87,7 @@ def recipe_data(name: str, synthetic: dict[str, Path], tmp: Path) -> list[str]:
     elif name.startswith("critic_dpo"):  # image prompts, open-ended
         data = [{"image": r["image"], "prompt": "Describe the image."} for r in counting]
         root = image_root
-    elif name.startswith("demo_zoom_sft"):  # SFT rows: a response to learn
+    elif name.startswith(("demo_zoom_sft", "demo_counting_sft")):  # SFT rows: a response to learn
         data = [{**r, "response": f"<answer>{r['solution']}</answer>"} for r in counting]
         root = image_root
     elif name.startswith("demo"):

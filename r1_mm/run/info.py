@@ -76,6 +76,8 @@ def _model_info(cfg: RecipeConfig, model: torch.nn.Module, device: Any, engine: 
         "device": str(device),
         "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "model_class": type(model).__name__,
+        # the weights really loaded: a tiny name's cache folder, a run folder's last checkpoint (the SFT -> GRPO handoff)
+        "model_path": getattr(model, "name_or_path", None) or cfg.model.name_or_path,
         "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "attn_implementation": attention_implementations(model),
         "forward_mode": cfg.training.forward_mode,
