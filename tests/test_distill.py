@@ -222,7 +222,22 @@ def test_student_reverse_kl_to_the_teacher_falls(tmp_path, synthetic_data, tiny_
         return divergence(hidden, head, text, request)
 
     monkeypatch.setattr(token_scores, "_divergence", spy)
+    synced, sampling = [], []
+    sync, generate = trainer.engine.update_weights, distill_module.generate_groups
+
+    def generate_groups(*args, **kwargs):
+        sampling.append(True)
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            sampling.pop()
+
+    monkeypatch.setattr(distill_module, "generate_groups", generate_groups)
+    trainer.engine.update_weights = lambda model: synced.append(not sampling and model) or sync(model)
     trainer.train()
+    # every optimizer step's weights are sent to the engine (the hf engine also takes the live model when it
+    # samples; a vLLM engine would otherwise sample from the first weights for ever)
+    assert synced.count(trainer.learner.unwrapped) == steps
     assert len(teacher_calls) == steps and all(r is not None and r.hidden_only for r in teacher_calls)
     assert betas == [1.0] * steps
     metrics = read_metrics(cfg.training.output_dir)

@@ -200,6 +200,7 @@ class DistillTrainer(BaseTrainer):
                 sums.add_sum("train/loss", float(loss_sum.detach()) / max(total, 1.0))
                 sums.add_token_means(mask, **{"train/entropy": entropy})
         grad_norm = optimizer_step(learner, cfg.training.max_grad_norm)
+        self.engine.update_weights(learner.unwrapped)  # the next step samples from these weights (on-policy)
         metrics = sums.result()
         metrics.update(split.metrics())
         metrics.update({
