@@ -191,6 +191,27 @@ def test_a_teacher_with_another_tokenizer_is_refused_in_one_line(tmp_path, synth
     assert "\n" not in line and "its tokenizer is not the student's" in line
 
 
+def test_a_teacher_whose_processor_writes_other_prompt_ids_is_refused(tmp_path, synthetic_data, tiny_cache,
+                                                                       monkeypatch):
+    """The same tokenizer but another chat template (as a base checkpoint against an instruct one): refused
+    before the teacher's weights load, naming the input that differs."""
+    import shutil
+
+    from r1_mm.trainers.distill import DistillTrainer
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_model_path(TinySpec(small_vocab=True, seed=1), cache_dir=tiny_cache), teacher)
+    template = teacher / "chat_template.jinja"
+    template.write_text(template.read_text().replace("<|im_start|>", "<|im_start|> "))
+    assert "<|im_start|> " in template.read_text()
+    cfg = recipe(tmp_path, synthetic_data["counting"], str(teacher), "training.max_steps=1")
+    with pytest.raises(ConfigError) as info:
+        DistillTrainer(cfg)
+    line = str(info.value)
+    assert "\n" not in line and "prepares the first row differently" in line and "input_ids" in line
+
+
 # -- a short run -------------------------------------------------------------------------------------------
 def test_student_reverse_kl_to_the_teacher_falls(tmp_path, synthetic_data, tiny_cache, monkeypatch):
     """8 steps on the hf engine's samples (2 prompts x 4 completions of <= 6 tokens): the token-mean reverse KL
@@ -246,3 +267,24 @@ def test_student_reverse_kl_to_the_teacher_falls(tmp_path, synthetic_data, tiny_
     first, last = sum(kl[:4]) / 4, sum(kl[-4:]) / 4
     assert first > 0.005 and last < 0.7 * first, kl
     assert distill_module.train_distill  # registered under algorithm.name=distill
+
+
+def test_jsd_with_the_naive_forward_runs_the_configured_beta(tmp_path, synthetic_data, tiny_cache, monkeypatch):
+    from r1_mm.run.tracking import read_metrics
+    from r1_mm.trainers.distill import DistillTrainer
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    teacher_path = tiny_model_path(TinySpec(small_vocab=True, seed=1, hidden_size=96, num_layers=3),
+                                   cache_dir=tiny_cache)
+    cfg = recipe(tmp_path, synthetic_data["counting"], str(teacher_path), "training.max_steps=2",
+                 "algorithm.distill.loss=jsd", "algorithm.distill.beta=0.3", "training.forward_mode=naive",
+                 "rollout.num_generations=2", "rollout.max_completion_length=4")
+    betas = []
+    divergence = token_scores._divergence
+    monkeypatch.setattr(token_scores, "_divergence",
+                        lambda hidden, head, text, request: betas.append(request.divergence.beta)
+                        or divergence(hidden, head, text, request))
+    DistillTrainer(cfg).train()
+    assert betas == [0.3, 0.3]
+    metrics = read_metrics(cfg.training.output_dir)
+    assert all(m["train/jsd"] == m["train/loss"] > 0 for m in metrics) and len(metrics) == 2
