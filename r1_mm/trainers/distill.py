@@ -211,6 +211,15 @@ class DistillTrainer(BaseTrainer):
         })
         return metrics
 
+    def run_info_extra(self) -> dict[str, Any]:
+        from r1_mm.models.weights import unwrap
+
+        teacher = unwrap(self.teacher)
+        return {"teacher": type(self.teacher).__name__, "teacher_name_or_path": self.cfg.algorithm.distill.teacher,
+                "teacher_dtype": str(next(teacher.parameters()).dtype).replace("torch.", ""),
+                "teacher_head_rows": head_rows(teacher), "distill_loss": self.cfg.algorithm.distill.loss,
+                "distill_beta": self.beta}
+
     def after_resume(self, state: dict) -> None:
         if not getattr(self.engine, "samples_from_policy", False):
             self.engine.update_weights(self.learner.unwrapped)  # the engine still holds the starting weights
