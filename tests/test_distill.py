@@ -180,6 +180,20 @@ def test_recipe_needs_a_teacher_and_a_beta_in_range():
         load_recipe(None, ["algorithm.name=distill", "algorithm.distill.teacher=x", "algorithm.distill.beta=1.5"])
 
 
+def test_preflight_reads_the_teachers_config(tmp_path, synthetic_data, tiny_cache, monkeypatch):
+    """Before any weights: a teacher that cannot be read, or whose head is smaller than the student's vocabulary."""
+    from r1_mm.run.preflight import preflight
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    data = synthetic_data["counting"]
+    with pytest.raises(ConfigError, match=r"^algorithm.distill.teacher: .*/no-such-teacher"):
+        preflight(recipe(tmp_path, data, str(tmp_path / "no-such-teacher")))
+    smaller = recipe(tmp_path, data, "tiny:qwen2_5_vl:small", "model.name_or_path=tiny:qwen2_5_vl")
+    with pytest.raises(ConfigError, match=r"its vocabulary has 128 rows, fewer than the student's 512"):
+        preflight(smaller)
+    preflight(recipe(tmp_path, data, "tiny:qwen2_5_vl:small"))  # the same tokenizer: nothing to say
+
+
 def test_a_teacher_with_another_tokenizer_is_refused_in_one_line(tmp_path, synthetic_data, tiny_cache, monkeypatch):
     from r1_mm.trainers.distill import DistillTrainer
 

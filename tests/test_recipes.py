@@ -159,7 +159,11 @@ def test_recipe_passes_preflight_on_a_gpu_machine(path, tiny_cache, monkeypatch)
     monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
     # the tiny model has 8192 positions; the real checkpoints' (test below) are what the context must fit
     monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
-    cfg = load_recipe(path, [f"model.name_or_path=tiny:{tiny_family(load_recipe(path).model.name_or_path)}:small"])
+    original = load_recipe(path)
+    overrides = [f"model.name_or_path=tiny:{tiny_family(original.model.name_or_path)}:small"]
+    if original.algorithm.name == "distill":  # the teacher's config.json is read too
+        overrides.append(f"algorithm.distill.teacher=tiny:{tiny_family(original.algorithm.distill.teacher)}:small")
+    cfg = load_recipe(path, overrides)
     gpu = Machine(cuda=True, deepspeed_launch=True, has_package=lambda name: True)
     preflight(cfg, gpu)
 

@@ -453,6 +453,13 @@ class DistillConfig:
                 "rollout.temperature)"})
 
 
+def teacher_model_config(cfg: RecipeConfig) -> ModelConfig:
+    """The distillation teacher, loaded as the student is (attention, trust_remote_code), frozen, in its own dtype."""
+    d = cfg.algorithm.distill
+    return dataclasses.replace(cfg.model, name_or_path=d.teacher, dtype=d.teacher_dtype or cfg.model.dtype,
+                               lora=False, gradient_checkpointing=False, freeze_vision_tower=False)
+
+
 # keys that lived directly under algorithm: before the sections: where each one is now
 MOVED_ALGORITHM_KEYS = {
     "beta": "grpo.beta",

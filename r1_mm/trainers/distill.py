@@ -20,14 +20,13 @@ The teacher is a local model here; a teacher served by vLLM (its top-k logprobs)
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from r1_mm.config.recipe import ConfigError, ModelConfig, RecipeConfig
+from r1_mm.config.recipe import ConfigError, RecipeConfig, teacher_model_config
 from r1_mm.core.seeds import derive_seed
 from r1_mm.data import Sample
 from r1_mm.data.prompts import PromptBuilder
@@ -49,13 +48,6 @@ from r1_mm.trainers.distill_losses import divergence_beta
 from r1_mm.trainers.objects import RunObjects, with_objects
 from r1_mm.trainers.registry import register_trainer
 from r1_mm.trainers.step_metrics import StepMetrics
-
-
-def teacher_model_config(cfg: RecipeConfig) -> ModelConfig:
-    """The teacher is loaded as the student is (attention, trust_remote_code), frozen, in its own dtype."""
-    d = cfg.algorithm.distill
-    return dataclasses.replace(cfg.model, name_or_path=d.teacher, dtype=d.teacher_dtype or cfg.model.dtype,
-                               lora=False, gradient_checkpointing=False, freeze_vision_tower=False)
 
 
 def tokenizer_mismatch(student: Any, teacher: Any) -> str | None:
