@@ -342,3 +342,24 @@ def test_tiled_lm_head_equals_full_logits_under_zero3(setup, tmp_path, sampling)
     assert info["partitioned_parameters"] == info["zero3_managed_parameters"] > 0
     assert result["lm_head_grad"] > 0 and result["truncated"] == bool(sampling)
     assert result["logps"] < 1e-5 and result["entropy"] < 1e-5 and result["grad_rel"] < 1e-4, result
+
+
+@pytest.mark.slow
+def test_distillation_under_zero3(setup, initial_weights):
+    """algorithm: distill under the shipped ZeRO-3 config: the teacher (larger, another seed) is sharded as the
+    policy is, both heads are gathered by the tiled divergence, and the reverse KL falls."""
+    from r1_mm.models.tiny import TinySpec, tiny_model_path
+
+    root, recipe, _, data, cache = setup
+    teacher = tiny_model_path(TinySpec(small_vocab=True, seed=1, hidden_size=96, num_layers=3), cache_dir=cache)
+    out = root / "distill_zero3"
+    metrics = launch(REPO / "recipes" / "accelerate" / "zero3.yaml", recipe, out, data, cache,
+                     "algorithm.name=distill", f"algorithm.distill.teacher={teacher}", "rewards.functions=[]")
+    info = assert_backend(out, "zero3", engine="hf")
+    assert info["teacher"] == "DeepSpeedEngine" and info["teacher_head_rows"] > 0 and info["distill_beta"] == 1.0
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    kl = [m["train/reverse_kl"] for m in metrics]
+    assert kl[0] > 0.005 and kl[-1] < 0.8 * kl[0], kl
+    exported = load_file(out / "checkpoints" / "step-000003" / "model" / "model.safetensors")
+    assert set(exported) == set(initial_weights) and all(exported[k].shape == initial_weights[k].shape for k in exported)
+    assert any(not torch.equal(exported[k], initial_weights[k]) for k in exported)

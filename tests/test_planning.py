@@ -150,7 +150,8 @@ def test_paper_recipe_launch_config_and_plan_agree(path):
     assert precision_problem(recipe, mixed_precision=mixed, cuda=True, deepspeed=True) is None  # a GPU machine, described
     stage, bf16 = launch_zero_stage(launch)
     assert (stage, bf16) == (3, True)
-    cfg = load_recipe(path, ["model.name_or_path=tiny:qwen2_5_vl"])  # the shape does not change the bytes per parameter
+    # the shape does not change the bytes per parameter (a distillation teacher's neither)
+    cfg = load_recipe(path, ["model.name_or_path=tiny:qwen2_5_vl", "algorithm.distill.teacher=tiny:qwen2_5_vl"])
     shape = model_shape(cfg)
     got = {line.name: line for line in plan(cfg, gpus=8, zero_stage=stage, mixed_bf16=bf16, shape=shape).lines}
     assert got["policy weights"].bytes == (shape.total_params + shape.lora_params) * 2 / 8

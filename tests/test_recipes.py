@@ -66,6 +66,9 @@ def recipe_data(name: str, synthetic: dict[str, Path], tmp: Path) -> list[str]:
                 data.append({"video": r["video"], "problem": "Is the square to the left or the right of the frame centre?",
                              "solution": "left", "problem_type": "object_rel_direction"})
         root = video_root
+    elif name.startswith("distill"):  # prompts only: image and question (CLEVR-70k's columns)
+        data = [{"image": r["image"], "problem": r["prompt"]} for r in counting]
+        root = image_root
     elif name.startswith("deepeyes"):  # DeepEyes-47k converted: image, problem, short solution
         data = [{"image": r["image"], "problem": r["prompt"], "solution": r["solution"]} for r in counting]
         root = image_root
@@ -103,6 +106,8 @@ def cpu_overrides(name: str, cfg, tmp: Path) -> list[str]:
            "logging.report_to=[]", "logging.progress_bar=false"]
     if cfg.algorithm.grpo.length_bonus:  # make the 320-512 token band reachable with 8-token completions
         out += ["algorithm.grpo.length_bonus_min_tokens=1", "algorithm.grpo.length_bonus_max_tokens=8"]
+    if cfg.algorithm.name == "distill":  # the teacher's tiny model (the student's tokenizer)
+        out += [f"algorithm.distill.teacher=tiny:{tiny_family(cfg.algorithm.distill.teacher)}:small"]
     if cfg.algorithm.name == "iterative_dpo":
         # the judge is a model too: a deterministic local reward stands in for the critic server
         out += ["algorithm.iterative_dpo.round_prompts=2", f"rewards.functions=[{{name: '{PLUGIN}:alternating'}}]"]
@@ -122,7 +127,7 @@ def test_recipe_trains_two_steps_on_the_tiny_model(path, synthetic_data, tiny_ca
     # the override changed only what it names: the recipe's algorithm and rewards are what runs
     assert cfg.algorithm.name == original.algorithm.name
     assert cfg.training.learning_rate == original.training.learning_rate
-    if not original.rewards.functions:  # a rollout-only job (`r1-mm rollout`): samples, no update
+    if not original.rewards.functions and original.algorithm.name == "grpo":  # a rollout-only job (`r1-mm rollout`): samples, no update
         assert cli_main(["rollout", str(path), *overrides]) == 0
         completions = (tmp_path / "run" / "completions.jsonl").read_text().splitlines()
         assert len(completions) == 2 * cfg.training.prompts_per_step * cfg.rollout.num_generations
@@ -154,7 +159,11 @@ def test_recipe_passes_preflight_on_a_gpu_machine(path, tiny_cache, monkeypatch)
     monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
     # the tiny model has 8192 positions; the real checkpoints' (test below) are what the context must fit
     monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
-    cfg = load_recipe(path, [f"model.name_or_path=tiny:{tiny_family(load_recipe(path).model.name_or_path)}:small"])
+    original = load_recipe(path)
+    overrides = [f"model.name_or_path=tiny:{tiny_family(original.model.name_or_path)}:small"]
+    if original.algorithm.name == "distill":  # the teacher's config.json is read too
+        overrides.append(f"algorithm.distill.teacher=tiny:{tiny_family(original.algorithm.distill.teacher)}:small")
+    cfg = load_recipe(path, overrides)
     gpu = Machine(cuda=True, deepspeed_launch=True, has_package=lambda name: True)
     preflight(cfg, gpu)
 
@@ -163,7 +172,7 @@ def test_recipe_passes_preflight_on_a_gpu_machine(path, tiny_cache, monkeypatch)
 # for LLaVA-OneVision, a Qwen2-7B language model). No hub here, so the values are written down.
 CHECKPOINT_POSITIONS = {
     "Qwen/Qwen2-VL-2B-Instruct": 32768, "Qwen/Qwen2-VL-7B-Instruct": 32768,
-    "Qwen/Qwen2.5-VL-7B-Instruct": 128000, "Video-R1/Qwen2.5-VL-7B-COT-SFT": 128000,
+    "Qwen/Qwen2.5-VL-3B-Instruct": 128000, "Qwen/Qwen2.5-VL-7B-Instruct": 128000, "Video-R1/Qwen2.5-VL-7B-COT-SFT": 128000,
     "llava-hf/llava-onevision-qwen2-7b-ov-hf": 32768, "Qwen/Qwen3-VL-8B-Instruct": 262144,
 }
 

@@ -73,3 +73,6 @@ register_algorithm(AlgorithmSpec(
 register_algorithm(AlgorithmSpec(
     "sft", "Supervised fine-tuning on the rows' responses (or tool-calling turns): an SFT cold start before GRPO",
     responses_in_rows=True, runs_tools=True))
+register_algorithm(AlgorithmSpec(
+    "distill", "On-policy distillation: the student samples, a teacher with the same tokenizer scores every token "
+    "(per-token reverse KL or generalised JSD)", samples_while_training=True))

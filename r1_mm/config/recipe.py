@@ -430,6 +430,36 @@ class SFTConfig:
                 "GRPO rollout would see; they are context, not trained on). A row has this or response_field"})
 
 
+@dataclass
+class DistillConfig:
+    """``algorithm.distill``: on-policy distillation. The student (``model``) samples
+    ``rollout.num_generations`` completions per prompt; a frozen teacher with the same tokenizer scores every
+    token the student wrote, media included, and the loss is the per-token divergence of the student's
+    next-token distribution to the teacher's (token-mean over the step)."""
+
+    teacher: str = field(default="", metadata={
+        "help": "distill: the teacher (hub id, local folder or tiny:...); its tokenizer must be the student's (same "
+                "vocabulary and ids; its head may have more rows) and its processor must give the same prompt ids"})
+    teacher_dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = field(default=None, metadata={
+        "help": "dtype the teacher's weights are loaded in (null: model.dtype)"})
+    loss: Literal["reverse_kl", "jsd"] = field(default="reverse_kl", metadata={
+        "help": "reverse_kl: KL(student || teacher) per token, on the student's samples; jsd: the generalised "
+                "Jensen-Shannon divergence of TRL's GKD with beta"})
+    beta: float = field(default=0.5, metadata={
+        "help": "jsd only: the mixture weight of the teacher in [0, 1] (0: forward KL(teacher || student), 1: "
+                "reverse KL)"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "both models' logits are divided by it before the divergence (the sampling temperature is "
+                "rollout.temperature)"})
+
+
+def teacher_model_config(cfg: RecipeConfig) -> ModelConfig:
+    """The distillation teacher, loaded as the student is (attention, trust_remote_code), frozen, in its own dtype."""
+    d = cfg.algorithm.distill
+    return dataclasses.replace(cfg.model, name_or_path=d.teacher, dtype=d.teacher_dtype or cfg.model.dtype,
+                               lora=False, gradient_checkpointing=False, freeze_vision_tower=False)
+
+
 # keys that lived directly under algorithm: before the sections: where each one is now
 MOVED_ALGORITHM_KEYS = {
     "beta": "grpo.beta",
@@ -475,15 +505,16 @@ class AlgorithmConfig:
     """Which learner runs (``name``, an entry of :mod:`r1_mm.config.algorithms`), and one section of
     settings per algorithm family, each read only by its learner."""
 
-    name: Literal["grpo", "dpo", "tpo", "iterative_dpo", "sft"] = field(default="grpo", metadata={
+    name: Literal["grpo", "dpo", "tpo", "iterative_dpo", "sft", "distill"] = field(default="grpo", metadata={
         "help": "the learner: grpo (online RL), dpo / tpo (preference pairs), iterative_dpo (sampled pairs per "
-                "round), sft (supervised, on the rows' responses)"})
+                "round), sft (supervised, on the rows' responses), distill (on-policy distillation from a teacher)"})
     grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={"help": "settings of grpo"})
     dpo: PreferenceConfig = field(default_factory=PreferenceConfig, metadata={
         "help": "settings of the preference loss: dpo, tpo, iterative_dpo"})
     iterative_dpo: IterativeDPOConfig = field(default_factory=IterativeDPOConfig, metadata={
         "help": "settings of iterative_dpo's rounds"})
     sft: SFTConfig = field(default_factory=SFTConfig, metadata={"help": "settings of sft"})
+    distill: DistillConfig = field(default_factory=DistillConfig, metadata={"help": "settings of distill"})
 
 
 @dataclass
@@ -752,6 +783,13 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
                         "ratios): algorithm.grpo.importance_sampling_level must be token")
     if cfg.algorithm.grpo.beta < 0:
         problems.append("algorithm.grpo.beta must be >= 0")
+    distill = cfg.algorithm.distill
+    if cfg.algorithm.name == "distill" and not distill.teacher.strip():
+        problems.append("algorithm.distill.teacher is empty: distill needs a teacher (hub id, folder or tiny:...)")
+    if not 0.0 <= distill.beta <= 1.0:
+        problems.append("algorithm.distill.beta must be in [0, 1]")
+    if distill.temperature <= 0:
+        problems.append("algorithm.distill.temperature must be > 0")
     if cfg.data.max_prompt_length < 1:
         problems.append("data.max_prompt_length must be >= 1")
     if cfg.tools.functions and cfg.rollout.engine.startswith("vllm") and cfg.tools.max_total_tokens is not None \

@@ -5,7 +5,8 @@ from the recipe alone. The parameter counts are exact (the model is instantiated
 from its config.json: no weights are read or allocated); the rest follows the learner's own
 algorithm, so each line names the code it models:
 
-- weights of the policy and of the reference (``backend.build_learner``), sharded under ZeRO-3;
+- weights of the policy and of the reference (``backend.build_learner``), sharded under ZeRO-3; a
+  distillation teacher's (``trainers.distill``: its own config.json and dtype), sharded the same way;
 - gradients (sharded from ZeRO-2) and AdamW's two states per trainable parameter (sharded from ZeRO-1),
   plus DeepSpeed's float32 master copy, in the bytes the launch's mixed precision really allocates
   (``learner_precision``: ``--launch`` is read as accelerate reads it), and the two parameter-sized
@@ -54,6 +55,8 @@ print(peak_rss_bytes())
 """
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 HEAD_TILE_BYTES = 2 * 4096 * 4096 * 4  # token_scores: a float32 logits tile and its gradient tile
+# TRL's ChunkedDivergenceFunction: a float32 student tile and a teacher tile of TOKEN_CHUNK_SIZE x VOCAB_CHUNK_SIZE
+DIVERGENCE_TILE_BYTES = 2 * 4096 * 32768 * 4
 
 
 @dataclass
@@ -313,9 +316,20 @@ def plan(cfg: RecipeConfig, *, gpus: int, zero_stage: int, mixed_bf16: bool = Fa
             f"{shape.total_params / 1e9:.3f} B parameters x {b} bytes" + (", sharded" if shard3 > 1 else "")
             + (f" (mixture of experts: every expert held; {shape.active / 1e9:.3f} B active per token)"
                if shape.active_params else ""))
-    needs_reference = (not a.dpo.precomputed_reference) if preference else a.grpo.beta != 0.0
+    # GRPO's KL term (grpo.beta) needs one; SFT and distillation never load a reference
+    needs_reference = (not a.dpo.precomputed_reference) if preference else (
+        algorithm_spec(a.name).policy_losses and a.grpo.beta != 0.0)
     if needs_reference and not cfg.model.lora:  # LoRA: the adapter-disabled policy is the reference
         add("reference weights", shape.total_params * b / shard3, "frozen copy" + (", sharded" if shard3 > 1 else ""))
+    teacher = None
+    if a.name == "distill":  # trainers/distill.py: frozen, in its own dtype, sharded as the reference is
+        import dataclasses
+
+        teacher = model_shape(dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, name_or_path=a.distill.teacher, dtype=a.distill.teacher_dtype or cfg.model.dtype, lora=False)))
+        tb = DTYPE_BYTES[a.distill.teacher_dtype or cfg.model.dtype]
+        add("teacher weights", teacher.total_params * tb / shard3,
+            f"{teacher.total_params / 1e9:.3f} B parameters x {tb} bytes, frozen" + (", sharded" if shard3 > 1 else ""))
     add("gradients", trainable * precision.gradients / (gpus if zero_stage >= 2 else 1),
         f"{trainable / 1e9:.3f} B trainable x {precision.gradients} bytes" + (", sharded" if zero_stage >= 2 else ""))
     add("optimizer states", precision.optimizer * trainable / (gpus if zero_stage >= 1 else 1),
@@ -364,6 +378,9 @@ def plan(cfg: RecipeConfig, *, gpus: int, zero_stage: int, mixed_bf16: bool = Fa
     scored = micro * g * completion
     head = HEAD_TILE_BYTES + 2 * scored * h * 4 + (shape.vocab * h * 4 if trainable and not cfg.model.lora else 0)
     add("LM head (tiled)", head, f"{scored} scored tokens, tiles of 4096 x 4096; float32 head gradient")
+    if teacher is not None:  # the teacher's hidden states at the scored positions, and the two-head tiles
+        add("distillation divergence (tiled)", scored * teacher.hidden * 4 + DIVERGENCE_TILE_BYTES,
+            f"{scored} scored tokens: the teacher's last hidden states, float32 tiles of 4096 x 32768 for both heads")
     if device == "cpu":
         add("runtime", *(cpu_runtime or measure_cpu_runtime(cfg)))
     else:

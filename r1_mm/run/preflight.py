@@ -148,6 +148,34 @@ def check_model_config(cfg: RecipeConfig, config: Any = None, *, learner: bool =
     if vllm:
         found += context_length_problems(cfg, config)
         found += cpu_engine_dtype_problems(cfg, config)
+    if learner and cfg.algorithm.name == "distill":
+        found += teacher_problems(cfg, config, grouped=grouped)
+    return found
+
+
+def teacher_problems(cfg: RecipeConfig, config: Any, *, grouped: bool) -> list[str]:
+    """The distillation teacher's config.json, read before any weights load: reachable, served by the grouped
+    forward when it is on, and its LM head covering the student's vocabulary (the tokenizers themselves are
+    compared at load, ``trainers/distill.py``)."""
+    from r1_mm.config.recipe import teacher_model_config
+    from r1_mm.models.forward.packed_attention import PackedAttentionError, check_supported
+    from r1_mm.models.hub import read_model_config
+
+    teacher_cfg = teacher_model_config(cfg)
+    try:
+        teacher = read_model_config(teacher_cfg)
+    except ConfigError as exc:
+        return [f"algorithm.distill.teacher: {exc}"]
+    found = []
+    if grouped:
+        try:
+            check_supported(teacher, teacher_cfg.attn_implementation)
+        except PackedAttentionError as exc:
+            found.append(f"algorithm.distill.teacher {teacher_cfg.name_or_path}: {exc}")
+    rows, student_rows = _text_config(teacher).vocab_size, _text_config(config).vocab_size
+    if rows < student_rows:
+        found.append(f"algorithm.distill.teacher {teacher_cfg.name_or_path}: its vocabulary has {rows} rows, fewer than "
+                     f"the student's {student_rows}; the teacher must score every token the student can write")
     return found
 
 

@@ -133,6 +133,10 @@ class BaseTrainer:
     def on_logged(self) -> None:
         """Called after a step's metrics were written (e.g. to dump sample completions)."""
 
+    def run_info_extra(self) -> dict[str, Any]:
+        """What a subclass adds to run_info.json (e.g. the distillation teacher and how it is held)."""
+        return {}
+
     def trainer_state(self) -> dict[str, Any]:
         return {"data": self.stream.state_dict()}
 
@@ -163,6 +167,7 @@ class BaseTrainer:
     def write_run_info(self) -> None:
         """What really runs (back-end, ZeRO stage and partitioning, device, kernels, engine, versions)."""
         info = self.run.training_info(self.learner, engine=getattr(self, "engine", None))
+        info.update(self.run_info_extra())
         if self.learner.accelerator.is_main_process:
             self.run.write_info(info)
             log.info("run info: %s on %s, %d process(es), ZeRO stage %s, attention %s",

@@ -312,13 +312,21 @@ def grouped_logprobs(model: torch.nn.Module, packed: PackedGroups, *, temperatur
     return _grids(out, packed.to_completion_grid, with_full_logps)
 
 
-def naive_logprobs(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]], completions: list[list[int]],
-                   num_generations: int, pad_id: int, *, temperature: float = 1.0, with_entropy: bool = False,
-                   suppressed_ids: list[int] | None = None, truncation: Truncation | None = None,
-                   with_full_logps: bool = False, contexts: list[ToolContext | None] | None = None) -> tuple:
-    """The library way: B*G full sequences (left-padded prompt + right-padded completion), media repeated;
-    a trajectory's tool images follow its prompt's, and the model places them itself. Returns what
-    ``grouped_logprobs`` returns."""
+@dataclass
+class NaiveBatch:
+    """The library way's inputs: B*G full sequences, and which of their positions score which tokens."""
+
+    kwargs: dict[str, Any]
+    positions: torch.Tensor  # (B*G, C) flat index of the position before each completion token
+    completion_ids: torch.Tensor  # (B*G, C)
+    completion_mask: torch.Tensor  # (B*G, C) the completions' tokens
+    scored: torch.Tensor  # (B*G, C) the scored tokens (a trajectory's tool turns are 0)
+
+
+def naive_batch(prompts: list[dict[str, torch.Tensor]], completions: list[list[int]], num_generations: int,
+                pad_id: int, contexts: list[ToolContext | None] | None = None) -> NaiveBatch:
+    """B*G full sequences (left-padded prompt + right-padded completion), media repeated; a trajectory's tool
+    images follow its prompt's, and the model places them itself."""
     g = num_generations
     device = prompts[0]["input_ids"].device
     prompts = [_strip_padding(p) for p in prompts]
@@ -363,7 +371,19 @@ def naive_logprobs(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]
     width = p_max + c
     positions = (torch.arange(rows, device=device)[:, None] * width + p_max - 1
                  + torch.arange(c, device=device)[None, :])  # the position before each completion token
-    if all(context is None for context in contexts):  # every token scored (padding zeroed after)
+    return NaiveBatch(kwargs, positions, comp_ids, comp_mask, scored)
+
+
+def naive_logprobs(model: torch.nn.Module, prompts: list[dict[str, torch.Tensor]], completions: list[list[int]],
+                   num_generations: int, pad_id: int, *, temperature: float = 1.0, with_entropy: bool = False,
+                   suppressed_ids: list[int] | None = None, truncation: Truncation | None = None,
+                   with_full_logps: bool = False, contexts: list[ToolContext | None] | None = None) -> tuple:
+    """The library way (:func:`naive_batch`). Returns what ``grouped_logprobs`` returns."""
+    batch = naive_batch(prompts, completions, num_generations, pad_id, contexts)
+    kwargs, positions, comp_ids, comp_mask, scored = (batch.kwargs, batch.positions, batch.completion_ids,
+                                                      batch.completion_mask, batch.scored)
+    rows, c = comp_ids.shape
+    if contexts is None or all(context is None for context in contexts):  # every token scored (padding zeroed after)
         out = token_scores.score(model, kwargs, _request(positions.reshape(-1), comp_ids.reshape(-1), temperature,
                                                          with_entropy, suppressed_ids, truncation, with_full_logps))
         mask = comp_mask.to(out.logps.dtype)

@@ -13,7 +13,12 @@ ZeRO-3-partitioned head for both passes. r1-mm uses it as is and adds what it do
 - any set of positions, repeats allowed: the prompt's last position scores the first token of each
   of its G completions;
 - top-k / top-p truncation (the distribution the engines sample from): then the head runs through
-  ``truncated_scores`` instead, which also returns the untruncated logprobs the KL term uses.
+  ``truncated_scores`` instead, which also returns the untruncated logprobs the KL term uses;
+- distillation: a teacher's forward returns its last hidden states at the scored positions
+  (``hidden_only``), and the student's then returns the per-token divergence to the teacher's
+  next-token distribution (``divergence``): TRL's ``ChunkedDivergenceFunction`` projects both models'
+  hidden states through their heads in tiles, so neither (tokens x vocabulary) logits exist, and
+  gathers ZeRO-3-partitioned heads in forward and backward.
 
 The head runs inside the model's own forward (an instance-level forward wrapper, installed once at
 load time), because under DeepSpeed ZeRO-3 gradient reduction of the head relies on the engine's
@@ -39,6 +44,18 @@ SUPPRESS_LOGIT = -1.0e4
 
 
 @dataclass(frozen=True)
+class DivergenceTarget:
+    """The teacher's side of a per-token divergence: its hidden states at the request's positions (from its own
+    forward with ``hidden_only``) and its LM head; ``beta`` as TRL's GKD: 0 forward KL(teacher || student), 1
+    reverse KL(student || teacher), in between the generalised JSD with mixture (1 - beta) p_s + beta p_t."""
+
+    hidden: torch.Tensor  # (N, H_teacher), no gradient
+    head: torch.nn.Module  # the teacher's LM head: at least the student's vocabulary rows (extra rows unused)
+    config: Any  # the teacher's text config (final_logit_softcapping, logit_scale)
+    beta: float
+
+
+@dataclass(frozen=True)
 class ScoreRequest:
     """Which positions score which targets, under what distribution."""
 
@@ -49,6 +66,8 @@ class ScoreRequest:
     with_entropy: bool = False
     truncation: Truncation = Truncation()  # the sampler's top-p / top-k: logps renormalised over its kept set
     with_full_logps: bool = False  # also the untruncated logprobs (the KL-to-reference convention)
+    hidden_only: bool = False  # return the last hidden states at ``positions`` instead (a teacher's side)
+    divergence: DivergenceTarget | None = None  # return the per-token divergence to a teacher instead
 
 
 @dataclass
@@ -59,6 +78,8 @@ class TokenScores(ModelOutput):
     logps: torch.Tensor | None = None  # (N,) float32
     entropy: torch.Tensor | None = None  # (N,) float32, when requested (of the truncated distribution)
     full_logps: torch.Tensor | None = None  # (N,) untruncated logprobs, when requested
+    hidden: torch.Tensor | None = None  # (N, H) last hidden states, with ``hidden_only``
+    divergence: torch.Tensor | None = None  # (N,) float32 divergence to the teacher, with ``divergence``
 
 
 class TokenScoringError(RuntimeError):
@@ -127,8 +148,12 @@ def _scoring_forward(self: Any, *args: Any, r1mm_score: ScoreRequest | None = No
     kwargs.pop("logits_to_keep", None)
     hidden = self.base_model(*args, **kwargs).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, r1mm_score.positions)
+    if r1mm_score.hidden_only:
+        return TokenScores(hidden=hidden)
     lm_head = self.get_output_embeddings()
     text = self.config.get_text_config()
+    if r1mm_score.divergence is not None:
+        return _divergence(hidden, lm_head, text, r1mm_score)
     outputs = ("log_probs", "entropy") if r1mm_score.with_entropy else ("log_probs",)
     with maybe_gather_lm_head_ctx(lm_head.weight, getattr(lm_head, "bias", None)), \
             fsdp_gathered(self, lm_head.weight, getattr(lm_head, "bias", None)):
@@ -149,6 +174,36 @@ def _scoring_forward(self: Any, *args: Any, r1mm_score: ScoreRequest | None = No
             full = logps if r1mm_score.with_full_logps else None
     return TokenScores(logps=logps.float(), entropy=None if entropy is None else entropy.float(),
                        full_logps=None if full is None else full.float())
+
+
+def _head_spec(text: Any) -> tuple[float | None, float]:
+    return getattr(text, "final_logit_softcapping", None), float(getattr(text, "logit_scale", None) or 1.0)
+
+
+def _divergence(hidden: torch.Tensor, lm_head: torch.nn.Module, text: Any, request: ScoreRequest) -> TokenScores:
+    """Per-token divergence to the teacher and the student's entropy, both under the request's temperature
+    and suppressed tokens (masked in both models' distributions: neither engine samples them)."""
+    from r1_mm.models.trl_imports import trl_module
+
+    ChunkedDivergenceFunction = trl_module("trl.kernels.chunked_divergence").ChunkedDivergenceFunction
+    maybe_gather_lm_head_ctx = trl_module("trl.trainer.utils").maybe_gather_lm_head_ctx
+    target = request.divergence
+    teacher_head = target.head
+    with (maybe_gather_lm_head_ctx(lm_head.weight, getattr(lm_head, "bias", None)),
+          maybe_gather_lm_head_ctx(teacher_head.weight, getattr(teacher_head, "bias", None))):
+        vocab, teacher_vocab = lm_head.weight.shape[0], teacher_head.weight.shape[0]
+        if teacher_vocab < vocab:
+            raise TokenScoringError(f"the teacher's head has {teacher_vocab} rows, fewer than the student's {vocab}")
+        if request.suppressed_ids and max(request.suppressed_ids) >= vocab:
+            raise TokenScoringError(f"suppressed token ids {request.suppressed_ids} exceed the head's vocabulary {vocab}")
+        bias = _suppression_bias(lm_head, vocab, request.suppressed_ids)
+        teacher_bias = _suppression_bias(teacher_head, teacher_vocab, request.suppressed_ids)
+    softcap, scale = _head_spec(text)
+    teacher_softcap, teacher_scale = _head_spec(target.config)
+    divergence, entropy = ChunkedDivergenceFunction.apply(
+        hidden, lm_head.weight, bias, target.hidden.to(hidden.device), teacher_head.weight, teacher_bias,
+        float(target.beta), float(request.temperature), scale, softcap, teacher_scale, teacher_softcap)
+    return TokenScores(divergence=divergence.float(), entropy=entropy.float())
 
 
 def install(model: torch.nn.Module) -> torch.nn.Module:

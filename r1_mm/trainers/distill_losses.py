@@ -1,0 +1,61 @@
+"""Per-token divergences of on-policy distillation, on full logits: the reference the tiled path is tested against.
+
+The learner never builds (tokens x vocabulary) logits: ``token_scores`` runs TRL's ``ChunkedDivergenceFunction``
+inside the student's forward. These functions are what it computes, written out once, and are themselves tested
+against TRL's ``GKDTrainer.generalized_jsd_loss`` and the textbook formulas (tests/test_distill.py).
+
+Conventions (TRL's GKD, Agarwal et al. 2024, "On-Policy Distillation of Language Models", Eq. 1): with
+``p_s`` the student's and ``p_t`` the teacher's next-token distribution at the same position,
+
+- ``reverse_kl``: KL(p_s || p_t) = sum_v p_s (log p_s - log p_t), mode-seeking: the student is pushed off the
+  tokens the teacher finds unlikely, on the student's own samples (Thinking Machines' on-policy distillation);
+- ``jsd`` with ``beta``: beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = (1 - beta) p_s + beta p_t;
+  beta = 0 is the forward KL(p_t || p_s) and beta = 1 the reverse KL (the limits TRL special-cases).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LOSSES = ("reverse_kl", "jsd")
+
+
+def divergence_beta(loss: str, beta: float) -> float:
+    """The generalised-JSD ``beta`` that computes ``loss`` (reverse KL is beta = 1)."""
+    if loss == "reverse_kl":
+        return 1.0
+    if loss == "jsd":
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
+        return float(beta)
+    raise ValueError(f"unknown distillation loss {loss!r}; known: {', '.join(LOSSES)}")
+
+
+def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(p_s || p_t) per position: logits (..., V) -> (...)."""
+    s, t = _log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature)
+    return (s.exp() * (s - t)).sum(-1)
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """The generalised JSD per position (see the module docstring): logits (..., V) -> (...)."""
+    s, t = _log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature)
+    if beta == 0.0:
+        return (t.exp() * (t - s)).sum(-1)
+    if beta == 1.0:
+        return (s.exp() * (s - t)).sum(-1)
+    m = torch.logsumexp(torch.stack([s + math.log1p(-beta), t + math.log(beta)]), dim=0)
+    return beta * (t.exp() * (t - m)).sum(-1) + (1.0 - beta) * (s.exp() * (s - m)).sum(-1)
+
+
+def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss: str, beta: float,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """The recipe's loss (``algorithm.distill.loss`` and ``beta``) per position."""
+    return generalized_jsd(student_logits, teacher_logits, divergence_beta(loss, beta), temperature)
