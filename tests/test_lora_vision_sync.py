@@ -11,8 +11,10 @@ from r1_mm.config.recipe import ConfigError, ModelConfig, load_recipe
 from r1_mm.models.families.base import UnsupportedModelError
 from r1_mm.models.forward.grouped import grouped_logprobs, pack_groups
 from r1_mm.models.loading import apply_lora, vision_modules
+from r1_mm.rollout import SamplingSettings, make_engine
 
 from .test_grouped_forward import G, compare, completions, load, prompts_for
+from .test_vllm_engines import learner_logprobs, samples_for
 
 VISION = ("visual", "vision_tower", "vision_model", "multi_modal_projector")
 
@@ -71,3 +73,63 @@ def test_adapter_sync_needs_lora_and_the_colocated_engine():
         load_recipe(None, ["rollout.engine=vllm_pool", "model.lora=true", "rollout.weight_sync_lora=adapter"])
     with pytest.raises(ConfigError, match="lora_vision"):
         load_recipe(None, ["model.lora_vision=true"])
+
+
+@pytest.mark.slow
+def test_adapter_only_sync_to_the_colocated_engine(tmp_path, synthetic_data, tiny_cache, monkeypatch):
+    """One engine: the adapters (language model and vision tower) reach vLLM as a LoRA, never as full weights;
+    its logprobs equal the learner's, and differ from the base model's (the adapter was really served)."""
+    import r1_mm.rollout.vllm_colocate as colocate
+    from r1_mm.models.loading import load_model, load_processor
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
+    cfg = load_recipe(None, ["model.name_or_path=tiny:qwen2_5_vl:small", "rollout.vllm_dtype=float32",
+                             "rollout.vllm_max_model_len=2048", "data.max_prompt_length=1024",
+                             f"training.output_dir={tmp_path / 'run'}", "data.format_instruction=null",
+                             "model.lora=true", "model.lora_r=4", "model.lora_alpha=4", "model.lora_vision=true",
+                             "rollout.engine=vllm_colocate", "rollout.weight_sync_lora=adapter"])
+    processor, model = load_processor(cfg.model), load_model(cfg.model)
+    engine = make_engine("vllm_colocate", model=model, processor=processor, cfg=cfg)
+    full_syncs: list[int] = []
+    real_reload = colocate.reload_in_place
+    monkeypatch.setattr(colocate, "reload_in_place", lambda *a, **k: (full_syncs.append(1), real_reload(*a, **k)))
+    samples = samples_for(cfg, processor, synthetic_data)[:1]  # the counting image
+    sampling = SamplingSettings(max_tokens=8, seed=3)
+    move_adapters(model, 1)  # an update that moves every adapter, the vision tower's too
+    engine.update_weights(model)
+    assert full_syncs == []  # the adapter alone went to the engine
+    adapter_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+    assert engine.last_sync_bytes == adapter_bytes < engine.full_weight_bytes / 10
+    assert engine.info()["sync_bytes"] == adapter_bytes
+    out = engine.generate(samples, 2, sampling)[0]
+    sampler = [torch.tensor(c.logprobs) for c in out.completions]
+    learner = learner_logprobs(model, processor, samples[0], out.completions)
+    with model.disable_adapter():
+        base = learner_logprobs(model, processor, samples[0], out.completions)
+    gap = max(float((s - lp).abs().max()) for s, lp in zip(sampler, learner, strict=True))
+    assert gap < 1e-5, gap  # float32 both sides (measured 5e-7)
+    # the premise: the engine served the adapter (without it, the logprobs are the base model's)
+    assert max(float((s - b).abs().max()) for s, b in zip(sampler, base, strict=True)) > 1e-3
+    # the vision adapters were served too: after moving them alone, the engine follows the learner, and the learner
+    # with the previous vision adapters gives other logprobs on the same tokens
+    previous = {n: p.detach().clone() for n, p in lora_params(model, vision=True).items()}
+    move_adapters(model, 2, vision=True)
+    engine.update_weights(model)
+    assert full_syncs == [] and engine.lora_request.lora_int_id == 3
+    again = engine.generate(samples, 2, sampling)[0]
+    sampler = [torch.tensor(c.logprobs) for c in again.completions]
+    learner_now = learner_logprobs(model, processor, samples[0], again.completions)
+    gap_now = max(float((s - lp).abs().max()) for s, lp in zip(sampler, learner_now, strict=True))
+    moved = {n: p.detach().clone() for n, p in lora_params(model, vision=True).items()}
+    with torch.no_grad():
+        for n, p in lora_params(model, vision=True).items():
+            p.copy_(previous[n])
+    stale = learner_logprobs(model, processor, samples[0], again.completions)
+    with torch.no_grad():
+        for n, p in lora_params(model, vision=True).items():
+            p.copy_(moved[n])
+    vision_effect = max(float((s - lp).abs().max()) for s, lp in zip(sampler, stale, strict=True))
+    print(f"adapter sync: {adapter_bytes} bytes vs {engine.full_weight_bytes} full; gaps {gap:.2e} {gap_now:.2e}; "
+          f"vision adapters' effect {vision_effect:.2e}")
+    assert gap_now < 1e-5 and vision_effect > 1e-3
+    engine.close()
