@@ -4,6 +4,8 @@ once, and the sampler's logprobs equal the learner's."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -77,30 +79,45 @@ def test_adapter_sync_needs_lora_and_the_colocated_engine():
 
 @pytest.mark.slow
 def test_adapter_only_sync_to_the_colocated_engine(tmp_path, synthetic_data, tiny_cache, monkeypatch):
-    """One engine: the adapters (language model and vision tower) reach vLLM as a LoRA, never as full weights;
-    its logprobs equal the learner's, and differ from the base model's (the adapter was really served)."""
+    """One engine: a GRPO step moves the adapters (the vision tower's too) and they reach vLLM as a LoRA, never as
+    full weights; its logprobs equal the learner's, and differ from the base model's (the adapter was served)."""
     import r1_mm.rollout.vllm_colocate as colocate
-    from r1_mm.models.loading import load_model, load_processor
+    from r1_mm.run.tracking import read_metrics
+    from r1_mm.trainers.grpo import GRPOTrainer
 
     monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
-    cfg = load_recipe(None, ["model.name_or_path=tiny:qwen2_5_vl:small", "rollout.vllm_dtype=float32",
-                             "rollout.vllm_max_model_len=2048", "data.max_prompt_length=1024",
-                             f"training.output_dir={tmp_path / 'run'}", "data.format_instruction=null",
-                             "model.lora=true", "model.lora_r=4", "model.lora_alpha=4", "model.lora_vision=true",
-                             "rollout.engine=vllm_colocate", "rollout.weight_sync_lora=adapter"])
-    processor, model = load_processor(cfg.model), load_model(cfg.model)
-    engine = make_engine("vllm_colocate", model=model, processor=processor, cfg=cfg)
+    plugins = Path(__file__).parent / "plugins"
+    cfg = load_recipe(None, [
+        "model.name_or_path=tiny:qwen2_5_vl:small", f"data.train_path={synthetic_data['counting']}",
+        f"training.output_dir={tmp_path / 'run'}", "data.format_instruction=null", "rollout.num_generations=4",
+        "rollout.max_completion_length=3", "training.prompts_per_step=2", "training.max_steps=1",
+        "training.learning_rate=1e-2", "logging.progress_bar=false",
+        f"rewards.functions=[{{name: '{plugins}/faulty.py:alternating'}}]",
+        "rollout.vllm_dtype=float32", "rollout.vllm_max_model_len=2048", "data.max_prompt_length=1024",
+        "model.lora=true", "model.lora_r=4", "model.lora_alpha=4", "model.lora_vision=true",
+        "rollout.engine=vllm_colocate", "rollout.weight_sync_lora=adapter"])
+    trainer = GRPOTrainer(cfg)
+    engine, model, processor = trainer.engine, trainer.learner.unwrapped, trainer.processor
+    assert engine.name == "vllm_colocate" and engine.lora_request is not None
     full_syncs: list[int] = []
     real_reload = colocate.reload_in_place
     monkeypatch.setattr(colocate, "reload_in_place", lambda *a, **k: (full_syncs.append(1), real_reload(*a, **k)))
-    samples = samples_for(cfg, processor, synthetic_data)[:1]  # the counting image
-    sampling = SamplingSettings(max_tokens=8, seed=3)
-    move_adapters(model, 1)  # an update that moves every adapter, the vision tower's too
-    engine.update_weights(model)
+    vision_b = {n: p.detach().clone() for n, p in lora_params(model, vision=True).items() if "lora_B" in n}
+    monkeypatch.setattr(engine, "close", lambda: None)  # kept open past train() for the checks below
+    trainer.train()
+    # the GRPO step's gradient reached every vision adapter (B starts at zero; A has no gradient until B moves)
+    moved = lora_params(model, vision=True)
+    assert not [n for n, b in vision_b.items() if torch.equal(moved[n].detach(), b)]
     assert full_syncs == []  # the adapter alone went to the engine
     adapter_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+    assert read_metrics(cfg.training.output_dir)[-1]["sync/bytes"] == adapter_bytes
     assert engine.last_sync_bytes == adapter_bytes < engine.full_weight_bytes / 10
     assert engine.info()["sync_bytes"] == adapter_bytes
+    samples = samples_for(cfg, processor, synthetic_data)[:1]  # the counting image
+    sampling = SamplingSettings(max_tokens=8, seed=3)
+    move_adapters(model, 1)  # larger moves than one step's, so the premises below have room
+    engine.update_weights(model)
+    assert full_syncs == []
     out = engine.generate(samples, 2, sampling)[0]
     sampler = [torch.tensor(c.logprobs) for c in out.completions]
     learner = learner_logprobs(model, processor, samples[0], out.completions)
@@ -113,23 +130,24 @@ def test_adapter_only_sync_to_the_colocated_engine(tmp_path, synthetic_data, tin
     # the vision adapters were served too: after moving them alone, the engine follows the learner, and the learner
     # with the previous vision adapters gives other logprobs on the same tokens
     previous = {n: p.detach().clone() for n, p in lora_params(model, vision=True).items()}
+    version = engine.lora_request.lora_int_id
     move_adapters(model, 2, vision=True)
     engine.update_weights(model)
-    assert full_syncs == [] and engine.lora_request.lora_int_id == 3
+    assert full_syncs == [] and engine.lora_request.lora_int_id == version + 1
     again = engine.generate(samples, 2, sampling)[0]
     sampler = [torch.tensor(c.logprobs) for c in again.completions]
     learner_now = learner_logprobs(model, processor, samples[0], again.completions)
     gap_now = max(float((s - lp).abs().max()) for s, lp in zip(sampler, learner_now, strict=True))
-    moved = {n: p.detach().clone() for n, p in lora_params(model, vision=True).items()}
+    current = {n: p.detach().clone() for n, p in lora_params(model, vision=True).items()}
     with torch.no_grad():
         for n, p in lora_params(model, vision=True).items():
             p.copy_(previous[n])
     stale = learner_logprobs(model, processor, samples[0], again.completions)
     with torch.no_grad():
         for n, p in lora_params(model, vision=True).items():
-            p.copy_(moved[n])
+            p.copy_(current[n])
     vision_effect = max(float((s - lp).abs().max()) for s, lp in zip(sampler, stale, strict=True))
     print(f"adapter sync: {adapter_bytes} bytes vs {engine.full_weight_bytes} full; gaps {gap:.2e} {gap_now:.2e}; "
           f"vision adapters' effect {vision_effect:.2e}")
     assert gap_now < 1e-5 and vision_effect > 1e-3
-    engine.close()
+    type(engine).close(engine)
