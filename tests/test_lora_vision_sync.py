@@ -13,7 +13,7 @@ from r1_mm.config.recipe import ConfigError, ModelConfig, load_recipe
 from r1_mm.models.families.base import UnsupportedModelError
 from r1_mm.models.forward.grouped import grouped_logprobs, pack_groups
 from r1_mm.models.loading import apply_lora, vision_modules
-from r1_mm.rollout import SamplingSettings, make_engine
+from r1_mm.rollout import SamplingSettings
 
 from .test_grouped_forward import G, compare, completions, load, prompts_for
 from .test_vllm_engines import learner_logprobs, samples_for
