@@ -62,6 +62,45 @@ def test_vision_lora_sits_on_the_tower_and_grouped_equals_naive(tiny_path, synth
     assert all(p.grad is not None for p in vision.values())
 
 
+def test_merged_export_and_adapter_file_with_vision_lora(tiny_path, tmp_path):
+    """The merged sync (rollout.weight_sync_lora=merged, and checkpoints) folds the vision adapters in too; the
+    adapter sync's file holds exactly the adapters, the vision tower's included."""
+
+    from r1_mm.models.weights import (
+        checkpoint_format,
+        iter_policy_weights,
+        policy_weight_bytes,
+    )
+
+    model, _ = load(tiny_path, "qwen2_5_vl")
+    lora = apply_lora(model, ModelConfig(lora=True, lora_vision=True, lora_r=4, lora_alpha=4))
+    move_adapters(lora, 0)
+    merged = dict(iter_policy_weights(lora, bucket_mb=1))
+    base = dict(iter_policy_weights(lora, bucket_mb=1, merge_lora=False))
+    reference = checkpoint_format(model)(lora.merge_and_unload(safe_merge=True).state_dict())
+    assert set(merged) == set(reference) == set(base)
+    assert all(torch.allclose(merged[k], reference[k], atol=1e-6) for k in reference)
+    qkv = next(k for k in reference if k.startswith("visual.blocks.0.attn.qkv.weight"))
+    assert not torch.allclose(merged[qkv], base[qkv])  # the premise: the vision adapter changed the merged weight
+    assert policy_weight_bytes(lora) == sum(t.numel() * t.element_size() for t in merged.values())
+
+
+def test_adapter_file_holds_the_vision_adapters(tiny_path, tmp_path):
+    from safetensors import safe_open
+
+    from r1_mm.models.weights import save_lora_adapter
+
+    model, _ = load(tiny_path, "qwen2_5_vl")
+    lora = apply_lora(model, ModelConfig(lora=True, lora_vision=True, lora_r=4, lora_alpha=4))
+    size = save_lora_adapter(lora, tmp_path)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as saved:
+        keys = list(saved.keys())
+    assert any(k.startswith("base_model.model.model.visual.blocks.0.attn.qkv.lora_A") for k in keys)
+    assert any(".visual.merger.mlp.0.lora_B" in k for k in keys)
+    assert len(keys) == len([n for n, _ in lora.named_parameters() if "lora_" in n])
+    assert size == sum(p.numel() * p.element_size() for n, p in lora.named_parameters() if "lora_" in n)
+
+
 def test_vision_lora_is_refused_for_families_without_targets(tiny_path):
     model, _ = load(tiny_path, "gemma3")
     with pytest.raises(UnsupportedModelError, match="lora_vision.*gemma3"):
@@ -78,7 +117,8 @@ def test_adapter_sync_needs_lora_and_the_colocated_engine():
 
 
 @pytest.mark.slow
-def test_adapter_only_sync_to_the_colocated_engine(tmp_path, synthetic_data, tiny_cache, monkeypatch):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])  # one vLLM start each (~35 s)
+def test_adapter_only_sync_to_the_colocated_engine(tmp_path, synthetic_data, tiny_cache, monkeypatch, family):
     """One engine: a GRPO step moves the adapters (the vision tower's too) and they reach vLLM as a LoRA, never as
     full weights; its logprobs equal the learner's, and differ from the base model's (the adapter was served)."""
     import r1_mm.rollout.vllm_colocate as colocate
@@ -88,7 +128,7 @@ def test_adapter_only_sync_to_the_colocated_engine(tmp_path, synthetic_data, tin
     monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))
     plugins = Path(__file__).parent / "plugins"
     cfg = load_recipe(None, [
-        "model.name_or_path=tiny:qwen2_5_vl:small", f"data.train_path={synthetic_data['counting']}",
+        f"model.name_or_path=tiny:{family}:small", f"data.train_path={synthetic_data['counting']}",
         f"training.output_dir={tmp_path / 'run'}", "data.format_instruction=null", "rollout.num_generations=4",
         "rollout.max_completion_length=3", "training.prompts_per_step=2", "training.max_steps=1",
         "training.learning_rate=1e-2", "logging.progress_bar=false",
@@ -107,7 +147,8 @@ def test_adapter_only_sync_to_the_colocated_engine(tmp_path, synthetic_data, tin
     trainer.train()
     # the GRPO step's gradient reached every vision adapter (B starts at zero; A has no gradient until B moves)
     moved = lora_params(model, vision=True)
-    assert not [n for n, b in vision_b.items() if torch.equal(moved[n].detach(), b)]
+    last = f"deepstack_merger_list.{model.config.get_text_config().num_hidden_layers - 1}."  # Qwen3-VL: see above
+    assert not [n for n, b in vision_b.items() if last not in n and torch.equal(moved[n].detach(), b)]
     assert full_syncs == []  # the adapter alone went to the engine
     adapter_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
     assert read_metrics(cfg.training.output_dir)[-1]["sync/bytes"] == adapter_bytes
