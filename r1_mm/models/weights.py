@@ -207,6 +207,9 @@ def save_lora_adapter(model: torch.nn.Module, folder: Any) -> int:
         else:
             raise ValueError("rollout.weight_sync_lora=adapter: the policy has no LoRA adapter (model.lora)")
     params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    if trained := [n for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n]:
+        raise ValueError(f"rollout.weight_sync_lora=adapter: weights outside the adapters train ({trained[0]}, ...), "
+                         "an adapter alone would not carry them; use rollout.weight_sync_lora=merged")
     if any(_is_zero3(p) or _is_dtensor(p) for p in params):
         raise ValueError("rollout.weight_sync_lora=adapter runs without ZeRO-3 / FSDP2 (sharded adapters); use merged")
     peft_model.save_pretrained(str(folder), safe_serialization=True)

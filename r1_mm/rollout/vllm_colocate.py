@@ -133,7 +133,8 @@ class VLLMColocateEngine(RolloutEngine):
         self.full_weight_bytes = policy_weight_bytes(model)
         self.lora_request: Any = None  # the adapter version generate names (rollout.weight_sync_lora=adapter)
         self.lora_version = 0
-        self.base_loaded = False  # adapter sync: the engine holds the policy's frozen base weights
+        self.adapter_bytes = 0
+        self.base_loaded: torch.nn.Module | None = None  # adapter sync: whose frozen base weights the engine holds
         self.policy: torch.nn.Module | None = None
         self.weights_discarded = False
         self._sleep()
@@ -164,11 +165,12 @@ class VLLMColocateEngine(RolloutEngine):
     def update_weights(self, model: torch.nn.Module) -> None:
         t0 = time.perf_counter()
         if self.sleeping and self.weights_discarded:
-            self.base_loaded = False  # a level-2 sleep discarded the base weights too
+            self.base_loaded = None  # a level-2 sleep discarded the base weights too
             self.llm.wake_up(tags=["weights"])  # the KV cache stays asleep while the learner holds the device
         if self.adapter_sync:
-            sent = 0 if self.base_loaded else self._send_weights(model, merge_lora=False)
-            self.base_loaded = True
+            # the base weights are frozen under LoRA: sent once per policy object (and after a level-2 sleep)
+            sent = 0 if self.base_loaded is model else self._send_weights(model, merge_lora=False)
+            self.base_loaded = model
             sent += self._load_adapter(model)
         else:
             sent = self._send_weights(model, merge_lora=True)
@@ -190,7 +192,7 @@ class VLLMColocateEngine(RolloutEngine):
                 self.llm.llm_engine.remove_lora(self.lora_request.lora_int_id)
             if not self.llm.llm_engine.add_lora(request):
                 raise RuntimeError(f"vLLM refused the policy's LoRA adapter (version {self.lora_version})")
-            self.lora_request = request
+            self.lora_request, self.adapter_bytes = request, size
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return size
@@ -243,7 +245,9 @@ class VLLMColocateEngine(RolloutEngine):
         return {**engine_info(self.llm), "on_gpu": self.on_gpu, "sleep_mode": self.sleep_mode,
                 "workers_in_process": self.in_process,
                 "weight_sync_lora": self.cfg.rollout.weight_sync_lora if self.cfg.model.lora else None,
-                "sync_bytes": self.last_sync_bytes, "full_sync_bytes": self.full_weight_bytes}
+                # what one sync after a step sends (the adapter alone, or the full weights), and a full sync's size
+                "sync_bytes": self.adapter_bytes if self.adapter_sync else self.full_weight_bytes,
+                "full_sync_bytes": self.full_weight_bytes}
 
     def generate(self, batch: list[Sample], n: int, sampling: SamplingSettings) -> list[PromptCompletions]:
         self._wake_for_generation()
