@@ -126,6 +126,10 @@ class VLLMColocateEngine(RolloutEngine):
             kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1,
                           enable_tower_connector_lora=cfg.model.lora_vision)
         self.llm = LLM(**kwargs)
+        if self.adapter_sync and cfg.model.lora_vision and not all(self.llm.collective_rpc(_serves_tower_lora)):
+            # vLLM only warns and drops the vision adapters of a model without tower LoRA
+            raise ValueError("model.lora_vision with rollout.weight_sync_lora=adapter: vLLM serves no LoRA on this "
+                             "model's vision tower; use rollout.weight_sync_lora=merged")
         self.in_process = workers_in_process(self.llm)
         self.segment: WeightSegment | None = None if self.in_process else WeightSegment()
         self.last_sync_s = 0.0
@@ -288,3 +292,8 @@ class VLLMColocateEngine(RolloutEngine):
             check_prompt_ids(result.prompt_token_ids, turn.expected)
             out[turn.slot] = completion_from_vllm(result.outputs[0], self.tokenizer)
         return out
+
+
+def _serves_tower_lora(worker: Any) -> bool:
+    """On a vLLM worker: whether its LoRA manager applies adapters to the vision tower and connector."""
+    return bool(worker.model_runner.lora_manager.supports_tower_connector_lora())
