@@ -46,13 +46,17 @@ class ModelConfig:
         "help": "recompute activations in backward (non-reentrant) to save memory"})
     lora: bool = field(default=False, metadata={
         "help": "train LoRA adapters on the language model's linear layers instead of all weights"})
+    lora_vision: bool = field(default=False, metadata={
+        "help": "model.lora: also put adapters on the vision tower's and projector's linear layers (the family's "
+                "lora_vision_targets: Qwen2-VL, Qwen2.5-VL, Qwen3-VL; other families are refused)"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha / r)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA adapters' input, in [0, 1)"})
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                                  "gate_up_proj", "in_proj_qkv", "in_proj_z", "out_proj"],
-        metadata={"help": "names of the linear layers that get adapters (the vision tower's are left out); the "
+        metadata={"help": "names of the language model's linear layers that get adapters (the vision tower's: "
+                          "model.lora_vision); the "
                           "default covers every family's attention and MLP projections (GLM's fused gate_up_proj, "
                           "Qwen3.5's linear-attention in_proj_qkv / in_proj_z / out_proj)"})
     tiny_seed: int = field(default=0, metadata={"help": "seed of the built-in tiny models' random weights (tiny:...)"})
@@ -168,6 +172,10 @@ class RolloutConfig:
         "help": "vLLM's scheduler limit of sequences per step (null: vLLM's default, on GPUs 256-1024)"})
     weight_sync_bucket_mb: int = field(default=256, metadata={
         "help": "vLLM engines: parameters are gathered (ZeRO-3) and sent to the engine in buckets this large"})
+    weight_sync_lora: Literal["merged", "adapter"] = field(default="merged", metadata={
+        "help": "model.lora with vllm_colocate: merged: every sync sends the full weights with the adapters merged; "
+                "adapter: only the adapters are sent and vLLM serves them as a LoRA (one process, no ZeRO-3/FSDP; "
+                "vision adapters need vLLM's experimental tower LoRA, Qwen-VL families)"})
     pool_servers: list[str] = field(default_factory=list, metadata={
         "help": "vllm_pool: base URLs of running `r1-mm serve rollout`s; empty: the run starts its own"})
     pool_size: int = field(default=2, metadata={
@@ -816,6 +824,11 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         problems.append(f"rollout.vllm_max_model_len ({cfg.rollout.vllm_max_model_len}) is below "
                         f"data.max_prompt_length + rollout.max_completion_length ({needed}): vLLM would reject "
                         "the longest prompts the data allows")
+    if cfg.model.lora_vision and not cfg.model.lora:
+        problems.append("model.lora_vision adds vision adapters to model.lora: set model.lora=true")
+    if cfg.rollout.weight_sync_lora == "adapter" and not (cfg.model.lora and cfg.rollout.engine == "vllm_colocate"):
+        problems.append("rollout.weight_sync_lora=adapter needs model.lora=true and rollout.engine=vllm_colocate "
+                        "(vllm_pool and hf take merged weights)")
     problems += _accumulation_problems(cfg.training)
     problems += _bound_problems(cfg)
     problems += _unscored_sampling_problems(cfg)

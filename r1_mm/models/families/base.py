@@ -98,6 +98,9 @@ class ModelFamily:
     # processor expands (Gemma 3: <start_of_image>, boi_token_index); None: the usual *_token_id / *_token_index
     # (the rollout server counts these against the request's media, rollout/request_checks.py)
     prompt_placeholder_fields: Mapping[str, tuple[str, ...]] | None = None
+    # model.lora_vision: the vision tower's and projector's linear layers that get LoRA adapters, as name suffixes
+    # inside the modules models.loading.vision_modules finds (e.g. "attn.qkv", "merger.mlp.0"); empty: refused
+    lora_vision_targets: tuple[str, ...] = ()
     note: str = ""
 
     def __post_init__(self) -> None:

@@ -24,4 +24,6 @@ FAMILY = ModelFamily(
     model_type="qwen2_5_vl", tools=TESTED,  # tests/test_tool_turns.py, tests/test_agentic_rollout.py
     display_name="Qwen2.5-VL", build_tiny=build_tiny, chat_template=QWEN_VL_CHAT_TEMPLATE,
     prepare=rope_index.install,
+    lora_vision_targets=("attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "merger.mlp.0",
+                         "merger.mlp.2"),
     support=dict.fromkeys(("grouped", "hf", "vllm_colocate", "vllm_pool", "weight_sync", "video", "lora"), TESTED))

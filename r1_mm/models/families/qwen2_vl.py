@@ -20,4 +20,5 @@ def build_tiny(spec: Any, tokenizer: Any) -> tuple[Any, Any]:
 FAMILY = ModelFamily(
     model_type="qwen2_vl", display_name="Qwen2-VL", build_tiny=build_tiny, chat_template=QWEN_VL_CHAT_TEMPLATE,
     prepare=rope_index.install,
+    lora_vision_targets=("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "merger.mlp.0", "merger.mlp.2"),
     support=dict.fromkeys(("grouped", "hf", "vllm_colocate", "vllm_pool", "weight_sync", "video", "lora"), TESTED))

@@ -71,6 +71,8 @@ def build_tiny(spec: Any, tokenizer: Any) -> tuple[Any, Any]:
 FAMILY = ModelFamily(
     model_type="qwen3_vl", tools=TESTED,  # tests/test_tool_turns.py, tests/test_agentic_rollout.py
     display_name="Qwen3-VL", build_tiny=build_tiny, chat_template=QWEN_VL_CHAT_TEMPLATE,
+    # blocks, merger and the deepstack mergers (deepstack_merger_list.N.linear_fc1/2)
+    lora_vision_targets=("attn.qkv", "attn.proj", "linear_fc1", "linear_fc2"),
     support={
         "grouped": TESTED, "hf": TESTED, "vllm_colocate": TESTED, "vllm_pool": TESTED, "weight_sync": TESTED,
         "video": TESTED,
