@@ -176,7 +176,7 @@ def _emit(bucket: list[tuple[str, torch.nn.Parameter]], lora: dict[str, torch.nn
     elif any(_is_dtensor(p) for p in adapters):
         # FSDP2 + LoRA: PEFT's delta reads the adapter weights from its modules, so the units holding them are
         # unsharded (collective) for the bucket; the base weights are gathered one by one below
-        from r1_mm.models.forward.token_scores import fsdp_gathered
+        from r1_mm.models.fsdp import fsdp_gathered
 
         context = fsdp_gathered(root, *adapters)
     with torch.no_grad(), context:  # context inside: FSDP2 units reshard on exit only without gradients

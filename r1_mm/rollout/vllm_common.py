@@ -315,11 +315,12 @@ def generate(llm: Any, requests: list[dict[str, Any]], sampling: list[dict[str, 
 
     seeds = [kw.get("seed") for kw in sampling]
     params = [engine_params(kw) for kw in sampling]
+    adapter = {"lora_request": lora_request} if lora_request is not None else {}  # merged weights: vLLM's own call
     if request_seeds_supported() or all(seed is None for seed in seeds):
-        return llm.generate(requests, params, use_tqdm=False, lora_request=lora_request)
+        return llm.generate(requests, params, use_tqdm=False, **adapter)
     with torch.random.fork_rng(devices=[]):
         seed_engine_stream(seeds, llm)
-        return llm.generate(requests, params, use_tqdm=False, lora_request=lora_request)
+        return llm.generate(requests, params, use_tqdm=False, **adapter)
 
 
 def engine_params(kwargs: dict[str, Any]) -> Any:

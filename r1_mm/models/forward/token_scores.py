@@ -28,10 +28,8 @@ library's forward) are the original forward, untouched.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import types
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +37,7 @@ import torch
 from transformers.utils import ModelOutput
 
 from r1_mm.models.forward.truncated_scores import VOCAB_TILE, HeadSpec, TruncatedLogProbFunction, Truncation
+from r1_mm.models.fsdp import fsdp_gathered
 
 SUPPRESS_LOGIT = -1.0e4
 
@@ -106,34 +105,6 @@ def _suppression_bias(lm_head: torch.nn.Module, vocab: int, suppressed: tuple[in
         raise TokenScoringError("an LM head with a bias cannot be combined with suppressed media tokens under ZeRO-3 "
                                 "(its gradient would bypass the partition); use ZeRO-2 or DDP for this model")
     return bias + mask.to(bias.dtype)
-
-
-@contextlib.contextmanager
-def fsdp_gathered(model: torch.nn.Module, *params: torch.Tensor | None) -> Iterator[None]:
-    """FSDP2's counterpart of TRL's ``maybe_gather_lm_head_ctx``: the head's weight is read directly, never
-    through the head's forward, so FSDP2's pre-forward hook (its all-gather) does not fire for it and the
-    kernel would get a DTensor shard. The FSDP2 units owning ``params`` are unsharded here (a collective, on
-    every process alike); the module attributes then hold the full tensors. With gradients on they stay
-    unsharded until FSDP2's post-backward, which reduce-scatters their gradients (its final backward callback
-    also covers a unit whose forward never ran); without, they are resharded on exit."""
-    from torch.distributed.tensor import DTensor
-
-    sharded = {id(p) for p in params if isinstance(p, DTensor)}
-    if not sharded:
-        yield
-        return
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [m for m in model.modules() if isinstance(m, FSDPModule) and any(
-        id(fp.sharded_param) in sharded for g in m._get_fsdp_state()._fsdp_param_groups for fp in g.fsdp_params)]
-    for unit in units:
-        unit.unshard()
-    try:
-        yield
-    finally:
-        if not torch.is_grad_enabled():
-            for unit in units:
-                unit.reshard()
 
 
 def _scoring_forward(self: Any, *args: Any, r1mm_score: ScoreRequest | None = None, **kwargs: Any) -> Any:
