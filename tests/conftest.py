@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -79,6 +80,16 @@ def synthetic_data(tmp_path_factory) -> dict[str, Path]:
         "events": synthetic.make_event_video_task(root, 4, seed=3),
         "multi_image": synthetic.make_multi_image_task(root, 4, seed=4),
     }
+
+
+def rows_with_absolute_media(path: Path) -> list[dict]:
+    """A synthetic task's rows with their image / video paths made absolute (rows of several tasks in one file)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        for key in ("image", "video"):
+            if key in row:
+                row[key] = str(path.parent / row[key])
+    return rows
 
 
 def assert_same_updates(whole: dict, split: dict, start: dict) -> None:

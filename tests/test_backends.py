@@ -18,6 +18,7 @@ from .conftest import (
     REPO,
     assert_same_updates,
     deepspeed_launch_config,
+    rows_with_absolute_media,
     stop_process_group,
 )
 
@@ -277,12 +278,8 @@ def test_token_budget_with_unequal_micro_batch_counts(setup, initial_weights, sy
     time out after 2 minutes, the launch after 5), and the updates equal the whole step's in one micro-batch."""
     root, recipe, z3, _, cache = setup
     config = z3 if backend == "zero3" else REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"
-    images = [json.loads(line) for line in synthetic_data["counting"].read_text().splitlines()]
-    videos = [json.loads(line) for line in synthetic_data["events"].read_text().splitlines()]
-    for r in images:
-        r["image"] = str(synthetic_data["counting"].parent / r["image"])
-    for r in videos:
-        r["video"] = str(synthetic_data["events"].parent / r["video"])
+    images = rows_with_absolute_media(synthetic_data["counting"])
+    videos = rows_with_absolute_media(synthetic_data["events"])
     data = root / "videos_and_images.jsonl"  # unshuffled, rows alternate between the 2 processes' shards
     data.write_text("".join(json.dumps(r) + "\n" for r in (videos[0], images[0], videos[1], images[1])))
     # prompts: images 83 tokens, videos 228-238 (16 frames); G=4 completions of 1-6 tokens: two image groups

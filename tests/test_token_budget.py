@@ -15,7 +15,7 @@ from r1_mm.trainers import grpo as grpo_module
 from r1_mm.trainers.backend import budget_split, micro_batches, packed_tokens, split_to_count
 from r1_mm.trainers.losses import LossNorm
 
-from .conftest import REPO
+from .conftest import REPO, rows_with_absolute_media
 
 
 def _cfg(*extra):
@@ -69,12 +69,8 @@ def test_fixed_split_unchanged_and_the_field_validates():
 def step(tmp_path_factory, synthetic_data, tiny_cache):
     """A GRPO trainer and one collected step of 4 prompts: an image, a video, two images (G=3)."""
     root = tmp_path_factory.mktemp("token_budget")
-    images = [json.loads(line) for line in synthetic_data["counting"].read_text().splitlines()]
-    videos = [json.loads(line) for line in synthetic_data["events"].read_text().splitlines()]
-    for r in images:
-        r["image"] = str(synthetic_data["counting"].parent / r["image"])
-    for r in videos:
-        r["video"] = str(synthetic_data["events"].parent / r["video"])
+    images = rows_with_absolute_media(synthetic_data["counting"])
+    videos = rows_with_absolute_media(synthetic_data["events"])
     data = root / "mixed.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in (images[0], videos[0], images[1], images[2])))
     mp = pytest.MonkeyPatch()
