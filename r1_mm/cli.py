@@ -239,6 +239,31 @@ def _cmd_plot(argv: list[str]) -> int:
     return 0
 
 
+def _cmd_compare(argv: list[str]) -> int:
+    from r1_mm.run.compare import reached, table
+    from r1_mm.run.plotting import plot_comparison
+
+    p = argparse.ArgumentParser(prog="r1-mm compare", description=(
+        "When did each run reach a target: the first step at which the trailing mean of a metric reaches a "
+        "threshold, and the training seconds up to it (a markdown table; the first run is the reference)."))
+    p.add_argument("runs", nargs="+", help="run folders, each optionally LABEL=RUN_DIR")
+    p.add_argument("--metric", default="rewards/accuracy/mean", help="the metric (default rewards/accuracy/mean)")
+    p.add_argument("--threshold", type=float, default=0.8, help="the target value of the trailing mean (default 0.8)")
+    p.add_argument("--window", type=int, default=20, help="steps in the trailing mean (default 20)")
+    p.add_argument("--out", help="also draw the runs' curves of the metric side by side to this PNG")
+    args = p.parse_args(argv)
+    runs = dict(r.split("=", 1) if "=" in r else (r, r) for r in args.runs)
+    try:
+        results = [reached(label, folder, args.metric, args.threshold, args.window) for label, folder in runs.items()]
+        print(table(results, args.metric, args.threshold, args.window))
+        if args.out:
+            print(f"curves: {plot_comparison(runs, args.out, [args.metric], smooth=args.window)}")
+    except (ValueError, OSError) as exc:  # no metrics.jsonl, no rows, a metric the run never logs
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _json_object(text: str, flag: str) -> dict[str, Any]:
     """A command-line option that holds a JSON object; a ConfigError naming the option otherwise."""
     import json
@@ -539,6 +564,7 @@ COMMANDS = {
     "rollout": (_cmd_rollout, "sample completions for a recipe's data without training"),
     "demo": (_cmd_demo, "build the tiny model and synthetic data, then run the demo recipe"),
     "plot": (_cmd_plot, "draw a run's metrics to a PNG"),
+    "compare": (_cmd_compare, "when did each run reach a target (trailing mean of a metric >= threshold)"),
     "make-tiny": (_cmd_make_tiny, "build a tiny offline model of a supported family (make-tiny --help lists them)"),
     "check-model": (_cmd_check_model, "check a model's sampler/learner contract on synthetic rows (exit 1 on a mismatch)"),
     "make-data": (_cmd_make_data, "write a synthetic image/video task"),
