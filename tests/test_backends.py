@@ -138,14 +138,40 @@ def initial_weights(tiny_cache):
 
 @pytest.mark.slow
 def test_ddp_two_processes(setup, initial_weights):
+    """GRPO under DDP with the LR schedule per optimizer step, and top_entropy_quantile's threshold taken over
+    both processes' tokens: on each process, the tokens that kept the policy term are exactly those at or above
+    the (1 - q) quantile of the union of both processes' scored-token entropies (recomputed here from each
+    process's own entropies, recorded by tests/scripts/train_recording_entropy_threshold.py)."""
+    import numpy as np
+
     root, recipe, _, data, cache = setup
     out = root / "ddp"
+    quantile = 0.5
     metrics = launch(REPO / "recipes" / "accelerate" / "cpu_2proc.yaml", recipe, out, data, cache,
-                     "model.gradient_checkpointing=true", "training.lr_scheduler=linear")
+                     "model.gradient_checkpointing=true", "training.lr_scheduler=linear",
+                     f"algorithm.grpo.top_entropy_quantile={quantile}",
+                     program=(str(REPO / "tests" / "scripts" / "train_recording_entropy_threshold.py"),))
     assert_backend(out, "ddp", engine="hf")
     check_run(metrics, out, initial_weights)
     # the schedule advances once per optimizer step, not once per process (3 steps, linear decay to 0)
     assert [m["train/lr"] for m in metrics] == pytest.approx([1e-3 * (1 - k / 3) for k in (1, 2, 3)], abs=1e-9)
+
+    ranks = [json.loads((out / f"entropy_threshold.rank{r}.json").read_text())["calls"] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 3  # one micro-batch per step, 3 steps
+    local_differs = 0
+    for call0, call1 in zip(*ranks, strict=True):
+        union = np.array(call0["local"] + call1["local"], dtype=np.float32)
+        assert call0["pool_size"] == call1["pool_size"] == len(union) and len(call0["local"]) and len(call1["local"])
+        expected = np.float32(np.quantile(union.astype(np.float64), 1.0 - quantile))
+        for call in (call0, call1):
+            assert call["quantile"] == quantile
+            assert call["threshold"] == pytest.approx(float(expected), abs=1e-6)
+            assert call["kept"] == [bool(v >= expected) for v in np.array(call["local"], dtype=np.float32)]
+            local = np.array(call["local"], dtype=np.float32)
+            own = np.float32(np.quantile(local.astype(np.float64), 1.0 - quantile))
+            local_differs += [bool(v >= own) for v in local] != call["kept"]
+    assert local_differs > 0  # a process's own quantile would have kept other tokens: the gather mattered
+    assert all(0.0 < m["train/high_entropy_ratio"] < 1.0 for m in metrics), metrics
 
 
 @pytest.mark.slow
