@@ -277,56 +277,49 @@ def test_iterative_dpo_under_zero3(setup, initial_weights):
 
 
 @pytest.mark.slow
-def test_gradient_accumulation_under_zero3_equals_the_whole_step(setup, initial_weights):
-    """4 prompts per step as 1 micro-batch or as 2 (DeepSpeed's own accumulation boundary): same updates."""
-    root, recipe, z3, data, cache = setup
-    runs = {}
-    for name, extra in (("whole", []), ("split", ["training.gradient_accumulation_steps=2"])):
-        out = root / f"accumulate_{name}"
-        runs[name] = (launch(z3, recipe, out, data, cache, "training.prompts_per_step=4", "data.shuffle=false",
-                             "training.learning_rate=1.0e-2", *extra), out)
-        info = assert_backend(out, "zero3")
-        assert info["deepspeed_gradient_accumulation_steps"] == (2 if extra else 1)
-    (whole, out_whole), (split, out_split) = runs["whole"], runs["split"]
-    for a, b in zip(whole, split, strict=True):
-        for key in ("train/loss", "train/kl", "train/grad_norm", "rewards/total"):
-            assert b[key] == pytest.approx(a[key], abs=2e-5, rel=1e-4), (a["step"], key)
-    final = {name: load_file(out / "checkpoints" / "step-000003" / "model" / "model.safetensors")
-             for name, out in (("whole", out_whole), ("split", out_split))}
-    assert_same_updates(final["whole"], final["split"], initial_weights)
+def test_micro_batches_equal_the_whole_step(setup, initial_weights, synthetic_data):
+    """One step's prompts in one micro-batch or in several: the same losses, gradient norms and weight updates,
+    under ZeRO-3 and under FSDP2 (accumulation over DTensor shards, the reference sharded too). The split is a
+    token budget with unequal counts: process 0 holds two videos (each over the budget: 2 micro-batches),
+    process 1 two images (1 micro-batch under the budget), so both run 2 (process 1 splits its) and nothing
+    hangs (DeepSpeed's collectives time out after 2 minutes, the launch after 5). Under ZeRO-3 that is also
+    gradient accumulation at DeepSpeed's own boundary (its engine configured for 2 micro-batches, the bound),
+    the same micro-batches a fixed training.gradient_accumulation_steps=2 gives here (the fixed split itself:
+    test_token_budget.py). DDP runs the same agreement logic with fewer collectives: no run of its own."""
+    from .test_fsdp2 import FSDP2, assert_fsdp2
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", ["zero3", "ddp"])
-def test_token_budget_with_unequal_micro_batch_counts(setup, initial_weights, synthetic_data, backend):
-    """Process 0 holds two videos (each over the token budget: 2 micro-batches), process 1 two images (1
-    micro-batch under the budget): both run 2 (process 1 splits its), nothing hangs (DeepSpeed's collectives
-    time out after 2 minutes, the launch after 5), and the updates equal the whole step's in one micro-batch."""
     root, recipe, z3, _, cache = setup
-    config = z3 if backend == "zero3" else REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"
     images = rows_with_absolute_media(synthetic_data["counting"])
     videos = rows_with_absolute_media(synthetic_data["events"])
     data = root / "videos_and_images.jsonl"  # unshuffled, rows alternate between the 2 processes' shards
     data.write_text("".join(json.dumps(r) + "\n" for r in (videos[0], images[0], videos[1], images[1])))
     # prompts: images 83 tokens, videos 228-238 (16 frames); G=4 completions of 1-6 tokens: two image groups
     # (<= 214) fit the budget, a video group (>= 232) does not
+    budget = "training.max_tokens_per_micro_batch=214"
     runs = {}
-    for name, extra in (("whole", []), ("budget", ["training.max_tokens_per_micro_batch=214"])):
-        out = root / f"token_budget_{backend}_{name}"
+    for name, config, extra in (("zero3_whole", z3, []), ("zero3_budget", z3, [budget]),
+                                ("fsdp2_budget", FSDP2, [budget])):
+        out = root / f"micro_batches_{name}"
         runs[name] = (launch(config, recipe, out, data, cache, "data.shuffle=false", "data.max_prompt_length=1024",
                              "training.learning_rate=1.0e-2", *extra, timeout=300,
                              env_extra={"DEEPSPEED_TIMEOUT": "2"}), out)
-        assert_backend(out, backend)
-    (whole, out_whole), (budget, out_budget) = runs["whole"], runs["budget"]
-    for m in budget:  # the premise: the processes' own splits disagreed and both ran 2
-        assert (m["train/micro_batches"], m["train/micro_batches_fewest"], m["train/over_budget_groups"]) == (2, 1, 2), m
+        if name.startswith("zero3"):
+            info = assert_backend(out, "zero3")
+            assert info["deepspeed_gradient_accumulation_steps"] == (2 if name == "zero3_budget" else 1)
+        else:
+            assert assert_fsdp2(out)["reference"] is not None
+    whole, out_whole = runs["zero3_whole"]
     assert all(m["train/micro_batches"] == 1 for m in whole)
-    for a, b in zip(whole, budget, strict=True):
-        for key in ("train/loss", "train/kl", "train/grad_norm", "rewards/total"):
-            assert b[key] == pytest.approx(a[key], abs=2e-5, rel=1e-4), (a["step"], key)
-    final = {name: load_file(out / "checkpoints" / "step-000003" / "model" / "model.safetensors")
-             for name, out in (("whole", out_whole), ("budget", out_budget))}
-    assert_same_updates(final["whole"], final["budget"], initial_weights)
+    whole_final = load_file(out_whole / "checkpoints" / "step-000003" / "model" / "model.safetensors")
+    for name in ("zero3_budget", "fsdp2_budget"):
+        split, out_split = runs[name]
+        for m in split:  # the premise: the processes' own splits disagreed and both ran 2
+            assert (m["train/micro_batches"], m["train/micro_batches_fewest"], m["train/over_budget_groups"]) == (2, 1, 2), m
+        for a, b in zip(whole, split, strict=True):
+            for key in ("train/loss", "train/kl", "train/grad_norm", "rewards/total"):
+                assert b[key] == pytest.approx(a[key], abs=2e-5, rel=1e-4), (name, a["step"], key)
+        final = load_file(out_split / "checkpoints" / "step-000003" / "model" / "model.safetensors")
+        assert_same_updates(whole_final, final, initial_weights)
 
 
 @pytest.mark.slow
