@@ -128,6 +128,52 @@ def check_run(metrics: list[dict], out: Path, initial: dict[str, torch.Tensor], 
     return changed
 
 
+def sft_rows(data: Path, path: Path) -> Path:
+    """The counting rows (8, absolute image paths) with a response each, for algorithm: sft."""
+    rows = rows_with_absolute_media(data)
+    for row in rows:
+        row["response"] = f"<think>I count the squares.</think><answer>{row['solution']}</answer>"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+SFT = ("algorithm.name=sft", "rewards.functions=[]", "data.shuffle=false", "training.max_steps=2")
+
+
+def single_process_sft(recipe: Path, out: Path, data: Path, cache: Path, *overrides: str) -> tuple[list[dict], dict]:
+    """The same SFT run in this process, on one process: 4 prompts per step (what 2 processes of 2 see, the
+    shards alternating over the unshuffled rows), one micro-batch. Its metrics and final exported weights."""
+    from r1_mm.config.recipe import load_recipe
+    from r1_mm.trainers.sft import SFTTrainer
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("R1MM_CACHE", str(cache.parent))
+    try:
+        cfg = load_recipe(str(recipe), [f"data.train_path={data}", f"training.output_dir={out}", *SFT, *overrides,
+                                        "training.prompts_per_step=4"])
+        trainer = SFTTrainer(cfg)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    finally:
+        mp.undo()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return metrics, load_file(out / "checkpoints" / "step-000002" / "model" / "model.safetensors")
+
+
+def assert_same_sft(single: list[dict], multi: list[dict]) -> None:
+    """Two processes' SFT steps equal the single process's: the gradient norm and learning rate (global), and
+    the step's tokens split between the processes (train/tokens is process 0's share). The premise: SFT's
+    metrics, no reward."""
+    assert [m["step"] for m in multi] == [m["step"] for m in single] == [0, 1]
+    for a, b in zip(single, multi, strict=True):
+        assert "train/tokens" in b and not any(k.startswith("rewards/") for k in b), b
+        assert 0 < b["train/tokens"] < a["train/tokens"]
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], abs=1e-5, rel=1e-5), (a["step"], a, b)
+        assert b["train/lr"] == pytest.approx(a["train/lr"], abs=1e-12)
+
+
 @pytest.fixture(scope="module")
 def initial_weights(tiny_cache):
     from r1_mm.models.tiny import TinySpec, tiny_model_path
@@ -226,6 +272,32 @@ def test_zero3_lora_with_colocated_vllm(setup, initial_weights):
     check_run(metrics, out, initial_weights)
     for m in metrics:
         assert m["rollout/logprob_abs_diff_mean"] < 0.05 and m["rollout/is_dropped_frac"] == 0.0
+
+
+LORA_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.mark.slow
+def test_lora_sft_under_zero3_equals_one_process(setup, initial_weights):
+    """algorithm: sft with LoRA on 2 ZeRO-3 processes (every parameter partitioned) equals the
+    same run on one process: gradient norms per step, and the merged weights exported after 2 steps. The
+    premise: ZeRO-3 partitioned, SFT ran, the adapters trained (the targeted projections moved) and the base
+    stayed frozen (every other tensor bit-identical to the initial model)."""
+    root, recipe, z3, data, cache = setup
+    rows = sft_rows(data, root / "sft.jsonl")
+    out = root / "lora_sft_zero3"
+    multi = launch(z3, recipe, out, rows, cache, *SFT, "model.lora=true", "training.learning_rate=1.0e-2")
+    info = assert_backend(out, "zero3")
+    assert info["algorithm"] == "sft" and info["lora"] and info["reference"] is None
+    single, single_final = single_process_sft(recipe, root / "lora_sft_single", rows, cache, "model.lora=true",
+                                              "training.learning_rate=1.0e-2")
+    assert_same_sft(single, multi)
+    final = load_file(out / "checkpoints" / "step-000002" / "model" / "model.safetensors")
+    assert set(final) == set(initial_weights) and all(final[k].shape == initial_weights[k].shape for k in final)
+    for weights in (final, single_final):
+        changed = [k for k in initial_weights if not torch.equal(weights[k], initial_weights[k])]
+        assert changed and all(k.split(".")[-2] in LORA_TARGETS for k in changed), changed
+    assert_same_updates(single_final, final, initial_weights)
 
 
 @pytest.mark.slow
