@@ -128,6 +128,52 @@ def check_run(metrics: list[dict], out: Path, initial: dict[str, torch.Tensor], 
     return changed
 
 
+def sft_rows(data: Path, path: Path) -> Path:
+    """The counting rows (8, absolute image paths) with a response each, for algorithm: sft."""
+    rows = rows_with_absolute_media(data)
+    for row in rows:
+        row["response"] = f"<think>I count the squares.</think><answer>{row['solution']}</answer>"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+SFT = ("algorithm.name=sft", "rewards.functions=[]", "data.shuffle=false", "training.max_steps=2")
+
+
+def single_process_sft(recipe: Path, out: Path, data: Path, cache: Path, *overrides: str) -> tuple[list[dict], dict]:
+    """The same SFT run in this process, on one process: 4 prompts per step (what 2 processes of 2 see, the
+    shards alternating over the unshuffled rows), one micro-batch. Its metrics and final exported weights."""
+    from r1_mm.config.recipe import load_recipe
+    from r1_mm.trainers.sft import SFTTrainer
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("R1MM_CACHE", str(cache.parent))
+    try:
+        cfg = load_recipe(str(recipe), [f"data.train_path={data}", f"training.output_dir={out}", *SFT, *overrides,
+                                        "training.prompts_per_step=4"])
+        trainer = SFTTrainer(cfg)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    finally:
+        mp.undo()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return metrics, load_file(out / "checkpoints" / "step-000002" / "model" / "model.safetensors")
+
+
+def assert_same_sft(single: list[dict], multi: list[dict]) -> None:
+    """Two processes' SFT steps equal the single process's: the gradient norm and learning rate (global), and
+    the step's tokens split between the processes (train/tokens is process 0's share). The premise: SFT's
+    metrics, no reward."""
+    assert [m["step"] for m in multi] == [m["step"] for m in single] == [0, 1]
+    for a, b in zip(single, multi, strict=True):
+        assert "train/tokens" in b and not any(k.startswith("rewards/") for k in b), b
+        assert 0 < b["train/tokens"] < a["train/tokens"]
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], abs=1e-5, rel=1e-5), (a["step"], a, b)
+        assert b["train/lr"] == pytest.approx(a["train/lr"], abs=1e-12)
+
+
 @pytest.fixture(scope="module")
 def initial_weights(tiny_cache):
     from r1_mm.models.tiny import TinySpec, tiny_model_path
@@ -138,14 +184,40 @@ def initial_weights(tiny_cache):
 
 @pytest.mark.slow
 def test_ddp_two_processes(setup, initial_weights):
+    """GRPO under DDP with the LR schedule per optimizer step, and top_entropy_quantile's threshold taken over
+    both processes' tokens: on each process, the tokens that kept the policy term are exactly those at or above
+    the (1 - q) quantile of the union of both processes' scored-token entropies (recomputed here from each
+    process's own entropies, recorded by tests/scripts/train_recording_entropy_threshold.py)."""
+    import numpy as np
+
     root, recipe, _, data, cache = setup
     out = root / "ddp"
+    quantile = 0.5
     metrics = launch(REPO / "recipes" / "accelerate" / "cpu_2proc.yaml", recipe, out, data, cache,
-                     "model.gradient_checkpointing=true", "training.lr_scheduler=linear")
+                     "model.gradient_checkpointing=true", "training.lr_scheduler=linear",
+                     f"algorithm.grpo.top_entropy_quantile={quantile}",
+                     program=(str(REPO / "tests" / "scripts" / "train_recording_entropy_threshold.py"),))
     assert_backend(out, "ddp", engine="hf")
     check_run(metrics, out, initial_weights)
     # the schedule advances once per optimizer step, not once per process (3 steps, linear decay to 0)
     assert [m["train/lr"] for m in metrics] == pytest.approx([1e-3 * (1 - k / 3) for k in (1, 2, 3)], abs=1e-9)
+
+    ranks = [json.loads((out / f"entropy_threshold.rank{r}.json").read_text())["calls"] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 3  # one micro-batch per step, 3 steps
+    local_differs = 0
+    for call0, call1 in zip(*ranks, strict=True):
+        union = np.array(call0["local"] + call1["local"], dtype=np.float32)
+        assert call0["pool_size"] == call1["pool_size"] == len(union) and len(call0["local"]) and len(call1["local"])
+        expected = np.float32(np.quantile(union.astype(np.float64), 1.0 - quantile))
+        for call in (call0, call1):
+            assert call["quantile"] == quantile
+            assert call["threshold"] == pytest.approx(float(expected), abs=1e-6)
+            assert call["kept"] == [bool(v >= expected) for v in np.array(call["local"], dtype=np.float32)]
+            local = np.array(call["local"], dtype=np.float32)
+            own = np.float32(np.quantile(local.astype(np.float64), 1.0 - quantile))
+            local_differs += [bool(v >= own) for v in local] != call["kept"]
+    assert local_differs > 0  # a process's own quantile would have kept other tokens: the gather mattered
+    assert all(0.0 < m["train/high_entropy_ratio"] < 1.0 for m in metrics), metrics
 
 
 @pytest.mark.slow
@@ -202,6 +274,32 @@ def test_zero3_lora_with_colocated_vllm(setup, initial_weights):
         assert m["rollout/logprob_abs_diff_mean"] < 0.05 and m["rollout/is_dropped_frac"] == 0.0
 
 
+LORA_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.mark.slow
+def test_lora_sft_under_zero3_equals_one_process(setup, initial_weights):
+    """algorithm: sft with LoRA on 2 ZeRO-3 processes (every parameter partitioned) equals the
+    same run on one process: gradient norms per step, and the merged weights exported after 2 steps. The
+    premise: ZeRO-3 partitioned, SFT ran, the adapters trained (the targeted projections moved) and the base
+    stayed frozen (every other tensor bit-identical to the initial model)."""
+    root, recipe, z3, data, cache = setup
+    rows = sft_rows(data, root / "sft.jsonl")
+    out = root / "lora_sft_zero3"
+    multi = launch(z3, recipe, out, rows, cache, *SFT, "model.lora=true", "training.learning_rate=1.0e-2")
+    info = assert_backend(out, "zero3")
+    assert info["algorithm"] == "sft" and info["lora"] and info["reference"] is None
+    single, single_final = single_process_sft(recipe, root / "lora_sft_single", rows, cache, "model.lora=true",
+                                              "training.learning_rate=1.0e-2")
+    assert_same_sft(single, multi)
+    final = load_file(out / "checkpoints" / "step-000002" / "model" / "model.safetensors")
+    assert set(final) == set(initial_weights) and all(final[k].shape == initial_weights[k].shape for k in final)
+    for weights in (final, single_final):
+        changed = [k for k in initial_weights if not torch.equal(weights[k], initial_weights[k])]
+        assert changed and all(k.split(".")[-2] in LORA_TARGETS for k in changed), changed
+    assert_same_updates(single_final, final, initial_weights)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["zero3_partitioned", "ddp"])
 def test_dpo_with_lora_on_two_processes(setup, initial_weights, config):
@@ -251,56 +349,49 @@ def test_iterative_dpo_under_zero3(setup, initial_weights):
 
 
 @pytest.mark.slow
-def test_gradient_accumulation_under_zero3_equals_the_whole_step(setup, initial_weights):
-    """4 prompts per step as 1 micro-batch or as 2 (DeepSpeed's own accumulation boundary): same updates."""
-    root, recipe, z3, data, cache = setup
-    runs = {}
-    for name, extra in (("whole", []), ("split", ["training.gradient_accumulation_steps=2"])):
-        out = root / f"accumulate_{name}"
-        runs[name] = (launch(z3, recipe, out, data, cache, "training.prompts_per_step=4", "data.shuffle=false",
-                             "training.learning_rate=1.0e-2", *extra), out)
-        info = assert_backend(out, "zero3")
-        assert info["deepspeed_gradient_accumulation_steps"] == (2 if extra else 1)
-    (whole, out_whole), (split, out_split) = runs["whole"], runs["split"]
-    for a, b in zip(whole, split, strict=True):
-        for key in ("train/loss", "train/kl", "train/grad_norm", "rewards/total"):
-            assert b[key] == pytest.approx(a[key], abs=2e-5, rel=1e-4), (a["step"], key)
-    final = {name: load_file(out / "checkpoints" / "step-000003" / "model" / "model.safetensors")
-             for name, out in (("whole", out_whole), ("split", out_split))}
-    assert_same_updates(final["whole"], final["split"], initial_weights)
+def test_micro_batches_equal_the_whole_step(setup, initial_weights, synthetic_data):
+    """One step's prompts in one micro-batch or in several: the same losses, gradient norms and weight updates,
+    under ZeRO-3 and under FSDP2 (accumulation over DTensor shards, the reference sharded too). The split is a
+    token budget with unequal counts: process 0 holds two videos (each over the budget: 2 micro-batches),
+    process 1 two images (1 micro-batch under the budget), so both run 2 (process 1 splits its) and nothing
+    hangs (DeepSpeed's collectives time out after 2 minutes, the launch after 5). Under ZeRO-3 that is also
+    gradient accumulation at DeepSpeed's own boundary (its engine configured for 2 micro-batches, the bound),
+    the same micro-batches a fixed training.gradient_accumulation_steps=2 gives here (the fixed split itself:
+    test_token_budget.py). DDP runs the same agreement logic with fewer collectives: no run of its own."""
+    from .test_fsdp2 import FSDP2, assert_fsdp2
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", ["zero3", "ddp"])
-def test_token_budget_with_unequal_micro_batch_counts(setup, initial_weights, synthetic_data, backend):
-    """Process 0 holds two videos (each over the token budget: 2 micro-batches), process 1 two images (1
-    micro-batch under the budget): both run 2 (process 1 splits its), nothing hangs (DeepSpeed's collectives
-    time out after 2 minutes, the launch after 5), and the updates equal the whole step's in one micro-batch."""
     root, recipe, z3, _, cache = setup
-    config = z3 if backend == "zero3" else REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"
     images = rows_with_absolute_media(synthetic_data["counting"])
     videos = rows_with_absolute_media(synthetic_data["events"])
     data = root / "videos_and_images.jsonl"  # unshuffled, rows alternate between the 2 processes' shards
     data.write_text("".join(json.dumps(r) + "\n" for r in (videos[0], images[0], videos[1], images[1])))
     # prompts: images 83 tokens, videos 228-238 (16 frames); G=4 completions of 1-6 tokens: two image groups
     # (<= 214) fit the budget, a video group (>= 232) does not
+    budget = "training.max_tokens_per_micro_batch=214"
     runs = {}
-    for name, extra in (("whole", []), ("budget", ["training.max_tokens_per_micro_batch=214"])):
-        out = root / f"token_budget_{backend}_{name}"
+    for name, config, extra in (("zero3_whole", z3, []), ("zero3_budget", z3, [budget]),
+                                ("fsdp2_budget", FSDP2, [budget])):
+        out = root / f"micro_batches_{name}"
         runs[name] = (launch(config, recipe, out, data, cache, "data.shuffle=false", "data.max_prompt_length=1024",
                              "training.learning_rate=1.0e-2", *extra, timeout=300,
                              env_extra={"DEEPSPEED_TIMEOUT": "2"}), out)
-        assert_backend(out, backend)
-    (whole, out_whole), (budget, out_budget) = runs["whole"], runs["budget"]
-    for m in budget:  # the premise: the processes' own splits disagreed and both ran 2
-        assert (m["train/micro_batches"], m["train/micro_batches_fewest"], m["train/over_budget_groups"]) == (2, 1, 2), m
+        if name.startswith("zero3"):
+            info = assert_backend(out, "zero3")
+            assert info["deepspeed_gradient_accumulation_steps"] == (2 if name == "zero3_budget" else 1)
+        else:
+            assert assert_fsdp2(out)["reference"] is not None
+    whole, out_whole = runs["zero3_whole"]
     assert all(m["train/micro_batches"] == 1 for m in whole)
-    for a, b in zip(whole, budget, strict=True):
-        for key in ("train/loss", "train/kl", "train/grad_norm", "rewards/total"):
-            assert b[key] == pytest.approx(a[key], abs=2e-5, rel=1e-4), (a["step"], key)
-    final = {name: load_file(out / "checkpoints" / "step-000003" / "model" / "model.safetensors")
-             for name, out in (("whole", out_whole), ("budget", out_budget))}
-    assert_same_updates(final["whole"], final["budget"], initial_weights)
+    whole_final = load_file(out_whole / "checkpoints" / "step-000003" / "model" / "model.safetensors")
+    for name in ("zero3_budget", "fsdp2_budget"):
+        split, out_split = runs[name]
+        for m in split:  # the premise: the processes' own splits disagreed and both ran 2
+            assert (m["train/micro_batches"], m["train/micro_batches_fewest"], m["train/over_budget_groups"]) == (2, 1, 2), m
+        for a, b in zip(whole, split, strict=True):
+            for key in ("train/loss", "train/kl", "train/grad_norm", "rewards/total"):
+                assert b[key] == pytest.approx(a[key], abs=2e-5, rel=1e-4), (name, a["step"], key)
+        final = load_file(out_split / "checkpoints" / "step-000003" / "model" / "model.safetensors")
+        assert_same_updates(whole_final, final, initial_weights)
 
 
 @pytest.mark.slow

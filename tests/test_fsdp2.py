@@ -154,3 +154,25 @@ def test_fsdp2_lora_weight_sync_to_colocated_vllm(setup, initial_weights):
     # LoRA touches only the targeted language-model projections; the merge put them into the base weights
     assert changed and all(k.split(".")[-2] in {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                 "down_proj"} for k in changed)
+
+
+@pytest.mark.slow
+def test_sft_under_fsdp2_with_gradient_accumulation_equals_one_process(setup, initial_weights, synthetic_data):
+    """algorithm: sft under FSDP2, each process's 2 prompts as 2 micro-batches (gradient accumulation over the
+    DTensor shards), equals the same run on one process in one micro-batch of 4: gradient norms per step and
+    the weights exported after 2 steps. The premise: FSDP2 sharded every parameter, SFT ran, 2 micro-batches."""
+    from .test_backends import SFT, assert_same_sft, sft_rows, single_process_sft
+
+    root, recipe, _, cache = setup
+    rows = sft_rows(synthetic_data["counting"], root / "sft.jsonl")
+    out = root / "sft"
+    multi = launch(FSDP2, recipe, out, rows, cache, *SFT, "training.gradient_accumulation_steps=2", timeout=TIMEOUT)
+    info = assert_fsdp2(out)
+    assert info["algorithm"] == "sft" and info["reference"] is None and info["gradient_accumulation_steps"] == 2
+    assert all(m["train/micro_batches"] == 2 for m in multi), multi
+    single, single_final = single_process_sft(recipe, root / "sft_single", rows, cache)
+    assert all(m["train/micro_batches"] == 1 for m in single)
+    assert_same_sft(single, multi)
+    final = final_export(out, 2)
+    assert {k: v.shape for k, v in final.items()} == {k: v.shape for k, v in initial_weights.items()}  # gathered
+    assert_same_updates(single_final, final, initial_weights)

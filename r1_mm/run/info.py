@@ -107,6 +107,7 @@ def collect(cfg: RecipeConfig, learner: Any, *, engine: Any) -> dict[str, Any]:
         "main_address": topology.current().main_address,
         "mixed_precision": str(acc.mixed_precision),
         "learner_engine": type(policy).__name__,
+        "algorithm": cfg.algorithm.name,
         "lora": cfg.model.lora,
         "gradient_checkpointing": cfg.model.gradient_checkpointing,
         # under a token budget these are the bound (one prompt per micro-batch); the step's count is logged
