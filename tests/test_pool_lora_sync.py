@@ -52,9 +52,10 @@ def test_servers_without_lora_are_refused_in_one_line():
 def gaps(model, processor, sample, completions) -> tuple[float, float]:
     """max |sampler - learner| and max |sampler - learner without its adapters| over the completions' tokens."""
     sampler = [torch.tensor(c.logprobs) for c in completions]
-    learner = learner_logprobs(model, processor, sample, completions)
-    with model.disable_adapter():
-        base = learner_logprobs(model, processor, sample, completions)
+    with torch.no_grad():
+        learner = learner_logprobs(model, processor, sample, completions)
+        with model.disable_adapter():
+            base = learner_logprobs(model, processor, sample, completions)
     gap = max(float((s - lp).abs().max()) for s, lp in zip(sampler, learner, strict=True))
     base_gap = max(float((s - b).abs().max()) for s, b in zip(sampler, base, strict=True))
     return gap, base_gap
@@ -143,10 +144,10 @@ def test_adapter_only_sync_to_the_pool(tmp_path, synthetic_data, tiny_cache, mon
         # text-only LoRA on the same server, as a server the user started (rollout.pool_servers): checked for LoRA,
         # base weights once, then the adapter alone
         text_cfg = recipe(tmp_path / "text", synthetic_data, f"rollout.pool_servers=[{url}]")
-        from r1_mm.models.loading import apply_lora, load_model
+        from r1_mm.models.loading import load_model
 
-        text_model = apply_lora(load_model(text_cfg.model), text_cfg.model)
-        assert not lora_params(text_model, vision=True)
+        text_model = load_model(text_cfg.model)  # LoRA applied (model.lora), on the language model alone
+        assert lora_params(text_model, vision=False) and not lora_params(text_model, vision=True)
         move_adapters(text_model, 3)
         text_engine = make_engine("vllm_pool", model=text_model, processor=processor, cfg=text_cfg)
         try:

@@ -43,7 +43,7 @@ from r1_mm.config.recipe import ConfigError, RecipeConfig
 from r1_mm.core import topology
 from r1_mm.data.prompts import Sample
 from r1_mm.data.turns import ToolContext
-from r1_mm.models.weights import iter_policy_weights, policy_weight_bytes, save_lora_adapter
+from r1_mm.models.weights import iter_policy_weights, lora_adapter_of, policy_weight_bytes, save_lora_adapter
 from r1_mm.rollout.base import (
     Completion,
     PromptCompletions,
@@ -455,6 +455,7 @@ class VLLMPoolEngine(RolloutEngine):
         """The policy's PEFT adapter to every server as LoRA version ``version + 1`` (rank 0 sends; every rank names
         it from now on); the bytes of its tensors."""
         version = self.version + 1
+        _, params = lora_adapter_of(model)  # every rank: a policy rank 0 cannot send is refused on all of them
         if self.rank == 0:
             folder = Path(tempfile.mkdtemp(prefix="r1mm_lora_"))
             try:
@@ -467,7 +468,7 @@ class VLLMPoolEngine(RolloutEngine):
                                     "safetensors": base64.b64encode(data).decode("ascii")}
             self._on_all(list(range(len(self.urls))), self._load_adapter)
         self.adapter = f"policy-v{version}"
-        self.adapter_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+        self.adapter_bytes = sum(p.numel() * p.element_size() for p in params)
         return self.adapter_bytes
 
     def _load_adapter(self, url: str) -> None:
