@@ -86,10 +86,11 @@ def test_adapter_only_sync_to_the_pool(tmp_path, synthetic_data, tiny_cache, mon
         moved = lora_params(model, vision=True)
         assert not [n for n, b in vision_b.items() if torch.equal(moved[n].detach(), b)]  # the step moved them
         adapter_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+        v2_state = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
         after_step = health()
         assert after_step["weight_reloads"] == 1  # no full-weight reload since the start: the adapter alone
         assert after_step["lora"]["adapter"] == engine.adapter == "policy-v2"
-        assert after_step["lora"]["loaded_ids"] == [2]  # a new LoRA id per version, the old one removed
+        assert after_step["lora"]["loaded_ids"] == [1, 2]  # a new LoRA id per version, the previous one kept
         assert read_metrics(cfg.training.output_dir)[-1]["sync/bytes"] == adapter_bytes
         assert engine.last_sync_bytes == adapter_bytes < engine.full_weight_bytes / 10
         assert engine.info()["sync_bytes"] == adapter_bytes and engine.info()["full_sync_bytes"] == engine.full_weight_bytes
@@ -107,10 +108,30 @@ def test_adapter_only_sync_to_the_pool(tmp_path, synthetic_data, tiny_cache, mon
         assert base_gap > 1e-3  # the premise: the server served the adapter (without it: the base model's logprobs)
         served = health()
         assert served["weight_reloads"] == 1 and served["lora"]["adapter"] == engine.adapter == "policy-v3"
-        # a request naming another adapter than the one loaded is refused, not served with the current one
+        assert served["lora"]["loaded_ids"] == [2, 3]  # version 1 removed
+        # a request naming an adapter the server no longer holds is refused, not served with the current one
         stale = engine.client.post(f"{url}/generate", json={"prompts": [{"prompt": "hi", "images": []}],
-                                                            "sampling": [{"max_tokens": 1}], "adapter": "policy-v2"})
-        assert stale.status_code == 409 and "policy-v2" in stale.text, stale.text
+                                                            "sampling": [{"max_tokens": 1}], "adapter": "policy-v1"})
+        assert stale.status_code == 409 and "policy-v1" in stale.text, stale.text
+        # the previous version is still served as itself (for a learner rank that has not switched yet): its samples'
+        # logprobs are the learner's with version 2's adapters, not version 3's
+        engine.adapter = "policy-v2"
+        try:
+            previous_out = engine.generate(samples, 2, sampling)[0]
+        finally:
+            engine.adapter = "policy-v3"
+        current_state = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.copy_(v2_state[n])
+        previous_gap, _ = gaps(model, processor, samples[0], previous_out.completions)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.copy_(current_state[n])
+        previous_vs_current, _ = gaps(model, processor, samples[0], previous_out.completions)
+        assert previous_gap < TOLERANCE and previous_vs_current > 1e-3, (previous_gap, previous_vs_current)
 
         # the vision adapters were served too: moved alone, the server follows the learner, and the learner with the
         # previous vision adapters gives other logprobs on the same tokens
@@ -163,7 +184,7 @@ def test_adapter_only_sync_to_the_pool(tmp_path, synthetic_data, tiny_cache, mon
             text_engine.close()  # stops nothing: the server is not its own
         print(f"pool adapter sync: {adapter_bytes} bytes (text-only {text_bytes}) vs {engine.full_weight_bytes} full; "
               f"gaps: after the step {step_gap:.2e}, moved {gap:.2e}, vision moved {vision_gap:.2e}, restarted "
-              f"{revived_gap:.2e}, text-only {text_gap:.2e}; base-model gap {base_gap:.2e}, vision effect "
+              f"{revived_gap:.2e}, text-only {text_gap:.2e}, previous version {previous_gap:.2e}; base-model gap {base_gap:.2e}, vision effect "
               f"{vision_effect:.2e}")
     finally:
         type(engine).close(engine)

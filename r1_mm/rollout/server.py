@@ -5,8 +5,9 @@ or token ids with its media placeholders unexpanded for a tool trajectory's next
 ``prompt_token_ids`` are vLLM's, placeholders expanded, for the client to check against its own),
 ``POST /update_weights`` (reload from a folder of safetensors the learner wrote to shared memory),
 ``POST /load_adapter`` (a server started with ``--enable-lora``: the policy's PEFT adapter, in the body, loaded as a
-new LoRA version that replaces the last; a generate request names the adapter it wants and is refused with 409 when
-the server holds another), ``GET /health`` (model, weights version, the LoRA state, and whether the engine still
+new LoRA version; the previous version stays loaded beside it, for requests of learner ranks that have not switched
+yet, older ones are removed; a generate request names the adapter it wants and is refused with 409 when the server
+holds neither), ``GET /health`` (model, weights version, the LoRA state, and whether the engine still
 works). vLLM's OpenAI server
 cannot take raw video frames, hence this server; it keeps vLLM's engine, batching and kernels as they are.
 
@@ -179,23 +180,27 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
 
     app = FastAPI(title="r1-mm rollout server")
     lock = threading.Lock()  # one engine: generate and reload never overlap
+    # adapters: the loaded LoRA versions by name, oldest first (the current one and the one before it)
     state: dict[str, Any] = {"weights_version": 0, "broken": None, "last_good": model_dir, "weight_reloads": 0,
-                             "adapter": None, "adapter_loads": 0}
+                             "adapter": None, "adapters": {}, "adapter_loads": 0, "loaded_ids": []}
     lora_config = llm.llm_engine.vllm_config.lora_config  # None: started without --enable-lora
     # vLLM only warns and drops the vision adapters of a model without tower LoRA: the learner checks this
     tower_lora = bool(lora_config is not None and lora_config.enable_tower_connector_lora
                       and all(llm.collective_rpc(serves_tower_lora)))
     adapter_root = Path(tempfile.mkdtemp(prefix="r1mm_server_lora_")) if lora_config is not None else None
+    if adapter_root is not None:
+        import atexit
+
+        atexit.register(shutil.rmtree, adapter_root, ignore_errors=True)
 
     def lora_for(name: str | None) -> Any:
         """The LoRARequest a generate request names (None: the base weights); called under the engine lock."""
         if name is None:
             return None
-        current = state["adapter"]
-        if current is None or current.lora_name != name:
+        if name not in state["adapters"]:
             raise BadRequest(409, f"the request names adapter {name!r} but this server holds "
-                                  f"{None if current is None else current.lora_name!r}")
-        return current
+                                  f"{list(state['adapters']) or 'none'}")
+        return state["adapters"][name]
 
     batcher = ContinuousBatcher(llm, lock, to_params=engine_params, seed_engine=lambda seeds: seed_engine_stream(seeds, llm),
                                 enabled=batching, lora_for=lora_for)
@@ -243,7 +248,8 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
                     "max_lora_rank": lora_config.max_lora_rank, "tower_connector_lora": tower_lora,
                     "adapter": None if state["adapter"] is None else state["adapter"].lora_name,
                     "adapter_version": None if state["adapter"] is None else state["adapter"].lora_int_id,
-                    "adapter_loads": state["adapter_loads"], "loaded_ids": sorted(llm.llm_engine.list_loras())},
+                    # vLLM's own list of loaded LoRA ids, read after the last load (under the engine lock)
+                    "adapter_loads": state["adapter_loads"], "loaded_ids": state["loaded_ids"]},
                 **engine_info(llm)}
         return JSONResponse(body, status_code=200 if state["broken"] is None else 503)
 
@@ -348,9 +354,10 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
 
     @app.post("/load_adapter")
     def load_adapter(body: dict[str, Any]) -> dict[str, Any]:
-        """The policy's LoRA adapter as version ``version`` (LoRA id and name ``policy-v<version>``), replacing the
-        one loaded: a new id each version, so vLLM never serves a cached older adapter. A failed load restores
-        the previous adapter (or the server says it is broken)."""
+        """The policy's LoRA adapter as version ``version`` (LoRA id and name ``policy-v<version>``): a new id each
+        version, so vLLM never serves a cached older adapter. The previous version stays loaded (a learner rank that
+        has not switched yet still gets the weights its request names), older ones are removed. A failed load
+        changes nothing."""
         from vllm.lora.request import LoRARequest
 
         usable()
@@ -363,31 +370,28 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
         (folder / "adapter_model.safetensors").write_bytes(data)
         request = LoRARequest(f"policy-v{version}", version, str(folder))
         with lock:
-            previous = state["adapter"]
-            if previous is not None:
-                llm.llm_engine.remove_lora(previous.lora_int_id)
+            adapters: dict[str, Any] = state["adapters"]
+            # the same version again (a retry): its old copy goes first, so vLLM does not keep the cached one
+            replaced = adapters.pop(request.lora_name, None)
+            if replaced is not None:
+                llm.llm_engine.remove_lora(replaced.lora_int_id)
+                shutil.rmtree(replaced.lora_path, ignore_errors=True)
             try:
                 if not llm.llm_engine.add_lora(request):
                     raise RuntimeError("vLLM refused it")
             except Exception as exc:
                 shutil.rmtree(folder, ignore_errors=True)
-                state["adapter"] = None
-                try:
-                    if previous is not None and not llm.llm_engine.add_lora(previous):
-                        raise RuntimeError("vLLM refused it")
-                except Exception as restore_exc:
-                    state["broken"] = (f"loading adapter version {version} failed ({type(exc).__name__}: {exc}) and "
-                                       f"the previous adapter could not be restored ({restore_exc})")
-                    raise BadRequest(503, state["broken"]) from None
-                state["adapter"] = previous
-                raise BadRequest(422, f"loading adapter version {version} failed ({type(exc).__name__}: {exc}); the "
-                                      f"previous adapter ({None if previous is None else previous.lora_name}) was "
-                                      "restored") from None
+                raise BadRequest(422, f"loading adapter version {version} failed ({type(exc).__name__}: {exc}); "
+                                      f"the server still holds {list(adapters) or 'no adapter'}") from None
+            adapters[request.lora_name] = request
+            while len(adapters) > 2:  # the current version and the one before it
+                old = adapters.pop(next(iter(adapters)))
+                llm.llm_engine.remove_lora(old.lora_int_id)
+                shutil.rmtree(old.lora_path, ignore_errors=True)
             reset_caches(llm)  # cached prefixes and encoder outputs of the previous adapter
             state["adapter"] = request
             state["adapter_loads"] += 1
-        if previous is not None:  # loaded by now; kept until replaced, so a failed load can restore it
-            shutil.rmtree(previous.lora_path, ignore_errors=True)
+            state["loaded_ids"] = sorted(llm.llm_engine.list_loras())
         return {"adapter": request.lora_name, "adapter_version": version, "bytes": len(data)}
 
     return SizeLimit(app, max_request_bytes)
@@ -455,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.executor == "mp":
         kwargs["distributed_executor_backend"] = "mp"
     if args.enable_lora:
-        kwargs.update(enable_lora=True, max_lora_rank=args.max_lora_rank, max_loras=1,
+        # two adapters in vLLM's cache (the current version and the previous one, see /load_adapter) plus the one
+        # being added; one per engine step (a batch mixing versions runs them in turn)
+        kwargs.update(enable_lora=True, max_lora_rank=args.max_lora_rank, max_loras=1, max_cpu_loras=3,
                       enable_tower_connector_lora=args.lora_vision)
     elif args.lora_vision:
         p.error("--lora-vision needs --enable-lora")
