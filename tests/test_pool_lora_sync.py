@@ -49,6 +49,38 @@ def test_servers_without_lora_are_refused_in_one_line():
         load_recipe(None, ["rollout.engine=hf", "model.lora=true", "rollout.weight_sync_lora=adapter"])
 
 
+def test_adapter_bodies_are_checked_before_the_engine(tmp_path):
+    """/load_adapter's body: a version >= 1, a rank within --max-lora-rank, base64 safetensors of PEFT LoRA weights."""
+    import base64
+
+    from safetensors.torch import save_file
+
+    from r1_mm.rollout.request_checks import BadRequest
+    from r1_mm.rollout.server import check_adapter
+
+    def body(tensors: dict, **over) -> dict:
+        save_file(tensors, tmp_path / "a.safetensors")
+        data = base64.b64encode((tmp_path / "a.safetensors").read_bytes()).decode()
+        return {"version": 2, "config": {"r": 4}, "safetensors": data, **over}
+
+    good = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 8)}
+    version, config, data = check_adapter(body(good), max_rank=8)
+    assert version == 2 and config == {"r": 4} and data[:8]
+
+    def refused(payload, status: int) -> str:
+        with pytest.raises(BadRequest) as info:
+            check_adapter(payload, max_rank=8)
+        assert info.value.status == status
+        return str(info.value)
+
+    assert "up to 8" in refused(body(good, config={"r": 16}), 422)
+    assert "integer >= 1" in refused(body(good, version=0), 400)
+    assert "integer >= 1" in refused(body(good, version=True), 400)
+    assert "PEFT LoRA weights" in refused(body({"model.layers.0.self_attn.q_proj.weight": torch.zeros(2)}), 422)
+    assert "not base64 safetensors" in refused({**body(good), "safetensors": "%%%"}, 400)
+    assert "needs 'version'" in refused({"version": 1}, 400)
+
+
 def gaps(model, processor, sample, completions) -> tuple[float, float]:
     """max |sampler - learner| and max |sampler - learner without its adapters| over the completions' tokens."""
     sampler = [torch.tensor(c.logprobs) for c in completions]
@@ -144,7 +176,7 @@ def test_adapter_only_sync_to_the_pool(tmp_path, synthetic_data, tiny_cache, mon
         with torch.no_grad():
             for n, p in lora_params(model, vision=True).items():
                 p.copy_(previous[n])
-        stale_lp = learner_logprobs(model, processor, samples[0], again.completions)
+            stale_lp = learner_logprobs(model, processor, samples[0], again.completions)
         with torch.no_grad():
             for n, p in lora_params(model, vision=True).items():
                 p.copy_(current[n])
