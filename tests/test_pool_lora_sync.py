@@ -195,8 +195,10 @@ def test_adapter_only_sync_to_the_pool(tmp_path, synthetic_data, tiny_cache, mon
         assert revived_gap < TOLERANCE and revived_base_gap > 1e-3, (revived_gap, revived_base_gap)
 
         # text-only LoRA on the same server, as a server the user started (rollout.pool_servers): checked for LoRA,
-        # base weights once, then the adapter alone
-        text_cfg = recipe(tmp_path / "text", synthetic_data, f"rollout.pool_servers=[{url}]")
+        # base weights once (over the broadcast group this time), then the adapter alone
+        text_cfg = recipe(tmp_path / "text", synthetic_data, f"rollout.pool_servers=[{url}]",
+                          "rollout.pool_weight_sync=broadcast")
+        before_text = health()["weight_reloads"]
         from r1_mm.models.loading import load_model
 
         text_model = load_model(text_cfg.model)  # LoRA applied (model.lora), on the language model alone
@@ -205,6 +207,7 @@ def test_adapter_only_sync_to_the_pool(tmp_path, synthetic_data, tiny_cache, mon
         text_engine = make_engine("vllm_pool", model=text_model, processor=processor, cfg=text_cfg)
         try:
             reloads = health()["weight_reloads"]
+            assert text_engine.sync_mode == "broadcast" and reloads == before_text + 1  # the base weights
             move_adapters(text_model, 4)
             text_engine.update_weights(text_model)
             text_out = text_engine.generate(samples, 2, sampling)[0]

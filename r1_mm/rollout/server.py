@@ -319,6 +319,7 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
                 checksums = llm.collective_rpc("r1mm_receive_weights", kwargs={
                     "specs": specs, "timeout_s": float(body.get("timeout_s", DEFAULT_TIMEOUT_S))})
                 reset_caches(llm)
+                state["weight_reloads"] += 1
             except Exception as exc:  # the group is half-way through a broadcast: no way back
                 state["broken"] = f"broadcast weight update failed: {type(exc).__name__}: {exc}"
                 raise BadRequest(503, state["broken"]) from None
