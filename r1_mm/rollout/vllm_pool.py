@@ -17,8 +17,9 @@ With ``rollout.weight_sync_lora=adapter`` (model.lora) the servers run with vLLM
 the rank slot and tower LoRA ``vllm_colocate`` uses; servers given in rollout.pool_servers are checked for it at start):
 the frozen base weights go in once per policy object by the route above (unmerged), and each sync sends only the PEFT
 adapter, in the body of ``POST /load_adapter`` (a few MB: no shared memory or broadcast group needed, remote servers
-included), which every server loads as a new LoRA version ``policy-v<version>`` (a new LoRA id). Every generate names
-that adapter and a server holding another refuses it. A restarted server gets the base weights' folder and the
+included), which every server loads as a new LoRA version ``policy-v<version>`` (a new LoRA id; the previous version
+stays loaded for a rank whose request predates the sync, older ones are removed). Every generate names its adapter and
+a server holding neither refuses it (409) rather than sample from other weights. A restarted server gets the base weights' folder and the
 current adapter. ``last_sync_bytes`` is what a sync sent (the adapter's tensors, or the full weights).
 """
 
@@ -521,7 +522,7 @@ class VLLMPoolEngine(RolloutEngine):
         return self._post_generate(url, body, "a generate request")
 
     def _post_generate(self, url: str, body: dict[str, Any], what: str) -> dict[str, Any]:
-        """One /generate, naming the current adapter (adapter sync): the server serves that one or refuses."""
+        """One /generate, naming the current adapter (adapter sync): the server serves that one or refuses (409)."""
         if self.adapter_sync:
             body = {**body, "adapter": self.adapter}
         reply = checked(self.client.post(f"{url}/generate", json=body), url, what).json()
