@@ -107,11 +107,12 @@ def test_vision_lora_is_refused_for_families_without_targets(tiny_path):
         apply_lora(model, ModelConfig(lora=True, lora_vision=True))
 
 
-def test_adapter_sync_needs_lora_and_the_colocated_engine():
+def test_adapter_sync_needs_lora_and_a_vllm_engine():
     with pytest.raises(ConfigError, match="weight_sync_lora=adapter"):
         load_recipe(None, ["rollout.engine=vllm_colocate", "rollout.weight_sync_lora=adapter"])
     with pytest.raises(ConfigError, match="weight_sync_lora=adapter"):
-        load_recipe(None, ["rollout.engine=vllm_pool", "model.lora=true", "rollout.weight_sync_lora=adapter"])
+        load_recipe(None, ["rollout.engine=hf", "model.lora=true", "rollout.weight_sync_lora=adapter"])
+    load_recipe(None, ["rollout.engine=vllm_pool", "model.lora=true", "rollout.weight_sync_lora=adapter"])  # test_pool_lora_sync
     with pytest.raises(ConfigError, match="lora_vision"):
         load_recipe(None, ["model.lora_vision=true"])
 

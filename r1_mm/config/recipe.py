@@ -173,9 +173,10 @@ class RolloutConfig:
     weight_sync_bucket_mb: int = field(default=256, metadata={
         "help": "vLLM engines: parameters are gathered (ZeRO-3) and sent to the engine in buckets this large"})
     weight_sync_lora: Literal["merged", "adapter"] = field(default="merged", metadata={
-        "help": "model.lora with vllm_colocate: merged: every sync sends the full weights with the adapters merged; "
-                "adapter: only the adapters are sent and vLLM serves them as a LoRA (one process, no ZeRO-3/FSDP; "
-                "vision adapters need vLLM's experimental tower LoRA, Qwen-VL families)"})
+        "help": "model.lora with vllm_colocate or vllm_pool: merged: every sync sends the full weights with the "
+                "adapters merged; adapter: only the adapters are sent and vLLM serves them as a LoRA (no ZeRO-3/FSDP; "
+                "vision adapters need vLLM's experimental tower LoRA, Qwen-VL families; vllm_pool: its servers run "
+                "with --enable-lora, rollout.pool_servers are checked for it)"})
     pool_servers: list[str] = field(default_factory=list, metadata={
         "help": "vllm_pool: base URLs of running `r1-mm serve rollout`s; empty: the run starts its own"})
     pool_size: int = field(default=2, metadata={
@@ -826,9 +827,10 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
                         "the longest prompts the data allows")
     if cfg.model.lora_vision and not cfg.model.lora:
         problems.append("model.lora_vision adds vision adapters to model.lora: set model.lora=true")
-    if cfg.rollout.weight_sync_lora == "adapter" and not (cfg.model.lora and cfg.rollout.engine == "vllm_colocate"):
-        problems.append("rollout.weight_sync_lora=adapter needs model.lora=true and rollout.engine=vllm_colocate "
-                        "(vllm_pool and hf take merged weights)")
+    if cfg.rollout.weight_sync_lora == "adapter" and not (cfg.model.lora
+                                                          and cfg.rollout.engine in ("vllm_colocate", "vllm_pool")):
+        problems.append("rollout.weight_sync_lora=adapter needs model.lora=true and rollout.engine=vllm_colocate or "
+                        "vllm_pool (hf takes merged weights)")
     problems += _accumulation_problems(cfg.training)
     problems += _bound_problems(cfg)
     problems += _unscored_sampling_problems(cfg)

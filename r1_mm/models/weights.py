@@ -200,6 +200,15 @@ def save_lora_adapter(model: torch.nn.Module, folder: Any) -> int:
     """The policy's PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) written to ``folder``, as
     vLLM's ``LoRARequest`` reads it; returns the bytes of the adapter tensors. One process only: a ZeRO-3 or FSDP2
     shard is refused (its adapter would have to be gathered first)."""
+    peft_model, params = lora_adapter_of(model)
+    peft_model.save_pretrained(str(folder), safe_serialization=True)
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def lora_adapter_of(model: torch.nn.Module) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    """The PEFT model inside the policy and its adapter weights, or ValueError when an adapter-only sync cannot carry
+    the policy (no adapter, other weights training, sharded adapters). Every rank can ask (vllm_pool: before rank 0
+    alone writes the adapter)."""
     peft_model = model
     while not hasattr(peft_model, "peft_config"):
         if hasattr(peft_model, "module") and isinstance(peft_model.module, torch.nn.Module):
@@ -212,8 +221,7 @@ def save_lora_adapter(model: torch.nn.Module, folder: Any) -> int:
                          "an adapter alone would not carry them; use rollout.weight_sync_lora=merged")
     if any(_is_zero3(p) or _is_dtensor(p) for p in params):
         raise ValueError("rollout.weight_sync_lora=adapter runs without ZeRO-3 / FSDP2 (sharded adapters); use merged")
-    peft_model.save_pretrained(str(folder), safe_serialization=True)
-    return sum(p.numel() * p.element_size() for p in params)
+    return peft_model, params
 
 
 def policy_weight_bytes(model: torch.nn.Module) -> int:

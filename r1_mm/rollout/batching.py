@@ -15,7 +15,9 @@ requests it starts with: a lone client is reproducible, clients that overlap are
 (``enabled=False`` serves one request at a time).
 
 Weight reloads take the engine lock, which the loop holds from idle to idle, so no request ever
-samples from two weight versions.
+samples from two weight versions. A request may name a LoRA adapter (``adapter``): ``lora_for(name)`` turns the name
+into vLLM's ``LoRARequest`` when the request is admitted, under that lock, so an adapter replaced in between is
+refused (``lora_for`` raises) instead of reloaded from a folder that is gone.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class RequestRejected(ValueError):
 class _Pending:
     requests: list[Any]
     params: list[dict[str, Any]]
+    adapter: str | None = None  # the LoRA adapter the request names (resolved on admission: lora_for)
     future: Future = field(default_factory=Future)
     ids: list[str] = field(default_factory=list)
     done: dict[str, Any] = field(default_factory=dict)
@@ -57,20 +60,22 @@ class ContinuousBatcher:
     ``seed_engine(seeds)`` decide how sampling is seeded (see the module docstring)."""
 
     def __init__(self, llm: Any, lock: threading.Lock, *, to_params: Callable[[dict[str, Any]], Any],
-                 seed_engine: Callable[[list[Any]], None], enabled: bool = True):
+                 seed_engine: Callable[[list[Any]], None], enabled: bool = True,
+                 lora_for: Callable[[str | None], Any] = lambda name: None):
         self.llm, self.lock, self.to_params, self.seed_engine = llm, lock, to_params, seed_engine
+        self.lora_for = lora_for
         self.enabled = enabled
         self.queue: queue.Queue[_Pending] = queue.Queue()
         self.stats = {"requests": 0, "engine_runs": 0, "most_requests_in_flight": 0, "joined_a_running_batch": 0}
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
-    def submit(self, requests: list[Any], params: list[dict[str, Any]]) -> list[Any]:
+    def submit(self, requests: list[Any], params: list[dict[str, Any]], adapter: str | None = None) -> list[Any]:
         if len(requests) != len(params):  # checked here too: a mismatch must never reach the engine thread
             raise ValueError(f"{len(requests)} prompts but {len(params)} sampling parameter sets")
         if not requests:
             return []
-        pending = _Pending(requests, params)
+        pending = _Pending(requests, params, adapter)
         if not self.enabled:
             with self.lock:
                 self._run_alone(pending)
@@ -87,9 +92,15 @@ class ContinuousBatcher:
         """Add one client's prompts to the engine; a request vLLM refuses fails alone (RequestRejected
         naming the prompt), its prompts already added are taken out again, and the engine runs on."""
         added: list[str] = []
+        try:  # under the engine lock: the adapter cannot change before the request's prompts are added
+            lora = self.lora_for(pending.adapter)
+        except Exception as exc:
+            pending.future.set_exception(exc)
+            return
+        adapter = {"lora_request": lora} if lora is not None else {}
         for index, (request, kwargs) in enumerate(zip(pending.requests, pending.params, strict=True)):
             try:  # one prompt at a time: the failure names its prompt
-                added += self.llm.enqueue([request], [self.to_params(kwargs)], use_tqdm=False)
+                added += self.llm.enqueue([request], [self.to_params(kwargs)], use_tqdm=False, **adapter)
             except Exception as exc:  # vLLM's input processing (e.g. media the model cannot take)
                 if added:
                     self.llm.llm_engine.abort_request(added, internal=True)

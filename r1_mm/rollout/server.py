@@ -4,7 +4,11 @@ Endpoints: ``POST /generate`` (samples with raw media in, token ids + sampling l
 or token ids with its media placeholders unexpanded for a tool trajectory's next turn, and the reply's
 ``prompt_token_ids`` are vLLM's, placeholders expanded, for the client to check against its own),
 ``POST /update_weights`` (reload from a folder of safetensors the learner wrote to shared memory),
-``GET /health`` (model, weights version, and whether the engine still works). vLLM's OpenAI server
+``POST /load_adapter`` (a server started with ``--enable-lora``: the policy's PEFT adapter, in the body, loaded as a
+new LoRA version; the previous version stays loaded beside it, for requests of learner ranks that have not switched
+yet, older ones are removed; a generate request names the adapter it wants and is refused with 409 when the server
+holds neither), ``GET /health`` (model, weights version, the LoRA state, and whether the engine still
+works). vLLM's OpenAI server
 cannot take raw video frames, hence this server; it keeps vLLM's engine, batching and kernels as they are.
 
 What a learner (or anything else that can reach the port) sends is checked before it touches the
@@ -16,11 +20,14 @@ pixel arrays of the right form, and with an API key every request must carry it.
 from __future__ import annotations
 
 import argparse
+import base64
 import hmac
 import json
 import logging
 import os
+import shutil
 import struct
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -66,6 +73,35 @@ def expected_specs(model_dir: Path) -> dict[str, list[int]]:
     if embed is not None and "lm_head.weight" not in specs:
         specs["lm_head.weight"] = specs[embed]
     return specs
+
+
+def check_adapter(body: Any, max_rank: int) -> tuple[int, dict[str, Any], bytes]:
+    """A ``/load_adapter`` body: its version (the LoRA id, > 0), the PEFT ``adapter_config.json`` and the
+    ``adapter_model.safetensors`` bytes, whose tensors must all be PEFT LoRA weights, of a rank the engine takes."""
+    if not isinstance(body, dict) or not isinstance(body.get("config"), dict) or not isinstance(body.get("safetensors"), str):
+        raise BadRequest(400, "load_adapter needs 'version', 'config' (adapter_config.json) and 'safetensors' (base64)")
+    version = body.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BadRequest(400, f"load_adapter: 'version' must be an integer >= 1, not {version!r}")
+    rank = body["config"].get("r")
+    if not isinstance(rank, int) or not 0 < rank <= max_rank:
+        raise BadRequest(422, f"adapter rank {rank!r}: this server takes LoRA ranks up to {max_rank} (--max-lora-rank)")
+    try:
+        data = base64.b64decode(body["safetensors"], validate=True)
+        (size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + size])
+    except Exception as exc:
+        raise BadRequest(400, f"load_adapter: 'safetensors' is not base64 safetensors ({type(exc).__name__})") from None
+    names = [n for n in header if n != "__metadata__"]
+    if not names or any("lora_" not in n or not n.startswith("base_model.model.") for n in names):
+        raise BadRequest(422, f"load_adapter: tensors must be PEFT LoRA weights (base_model.model....lora_A/B), got "
+                              f"{[n for n in names if 'lora_' not in n][:3] or names[:3]}")
+    return version, body["config"], data
+
+
+def serves_tower_lora(worker: Any) -> bool:
+    """On a vLLM worker: whether its LoRA manager applies adapters to the vision tower and connector."""
+    return bool(worker.model_runner.lora_manager.supports_tower_connector_lora())
 
 
 def check_update(folder: Path, expected: dict[str, list[int]]) -> None:
@@ -144,9 +180,30 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
 
     app = FastAPI(title="r1-mm rollout server")
     lock = threading.Lock()  # one engine: generate and reload never overlap
+    # adapters: the loaded LoRA versions by name, oldest first (the current one and the one before it)
+    state: dict[str, Any] = {"weights_version": 0, "broken": None, "last_good": model_dir, "weight_reloads": 0,
+                             "adapter": None, "adapters": {}, "adapter_loads": 0, "loaded_ids": []}
+    lora_config = llm.llm_engine.vllm_config.lora_config  # None: started without --enable-lora
+    # vLLM only warns and drops the vision adapters of a model without tower LoRA: the learner checks this
+    tower_lora = bool(lora_config is not None and lora_config.enable_tower_connector_lora
+                      and all(llm.collective_rpc(serves_tower_lora)))
+    adapter_root = Path(tempfile.mkdtemp(prefix="r1mm_server_lora_")) if lora_config is not None else None
+    if adapter_root is not None:
+        import atexit
+
+        atexit.register(shutil.rmtree, adapter_root, ignore_errors=True)
+
+    def lora_for(name: str | None) -> Any:
+        """The LoRARequest a generate request names (None: the base weights); called under the engine lock."""
+        if name is None:
+            return None
+        if name not in state["adapters"]:
+            raise BadRequest(409, f"the request names adapter {name!r} but this server holds "
+                                  f"{list(state['adapters']) or 'none'}")
+        return state["adapters"][name]
+
     batcher = ContinuousBatcher(llm, lock, to_params=engine_params, seed_engine=lambda seeds: seed_engine_stream(seeds, llm),
-                                enabled=batching)
-    state: dict[str, Any] = {"weights_version": 0, "broken": None, "last_good": model_dir}
+                                enabled=batching, lora_for=lora_for)
     expected = expected_specs(model_dir) if model_dir is not None else {}
     limits = PromptLimits.of(llm)
     workers = llm.llm_engine.vllm_config.parallel_config.world_size_across_dp
@@ -179,13 +236,20 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
         # once the copies this HTTP thread queued on its own CUDA stream are done
         reload_folder_in_place(llm, folder)
         reset_caches(llm)
+        state["weight_reloads"] += 1
 
     @app.get("/health")
     def health() -> Any:
         body = {"ok": state["broken"] is None, "model": model_name, "weights_version": state["weights_version"],
                 "workers": workers, "workers_in_process": in_process, "error": state["broken"], "batching": batching,
                 "max_model_len": limits.max_model_len,
-                "batches": dict(batcher.stats),
+                "batches": dict(batcher.stats), "weight_reloads": state["weight_reloads"],
+                "lora": None if lora_config is None else {
+                    "max_lora_rank": lora_config.max_lora_rank, "tower_connector_lora": tower_lora,
+                    "adapter": None if state["adapter"] is None else state["adapter"].lora_name,
+                    "adapter_version": None if state["adapter"] is None else state["adapter"].lora_int_id,
+                    # vLLM's own list of loaded LoRA ids, read after the last load (under the engine lock)
+                    "adapter_loads": state["adapter_loads"], "loaded_ids": state["loaded_ids"]},
                 **engine_info(llm)}
         return JSONResponse(body, status_code=200 if state["broken"] is None else 503)
 
@@ -197,15 +261,22 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
             requests = [decode_request(p, mm_kwargs, present_video) for p in prompts]
         except ValueError as exc:  # e.g. token ids with a video for a model whose videos go as images (from text)
             raise BadRequest(400, str(exc)) from None
+        adapter = body.get("adapter")
+        if adapter is not None and not isinstance(adapter, str):
+            raise BadRequest(400, "'adapter' must be the name of the loaded LoRA adapter")
+        if adapter is not None and lora_config is None:
+            raise BadRequest(409, f"the request names adapter {adapter!r} but this server runs without --enable-lora")
         try:
-            outputs = batcher.submit(requests, params)
+            outputs = batcher.submit(requests, params, adapter)
+        except BadRequest:  # the adapter it names is not the one loaded
+            raise
         except RequestRejected as exc:  # vLLM's input processing refused one prompt: only this request fails
             raise BadRequest(400, str(exc)) from None
         except Exception as exc:
             state["broken"] = f"generate failed: {type(exc).__name__}: {exc}"
             log.exception("engine failed during generate; the server now reports itself broken")
             raise BadRequest(503, state["broken"]) from None
-        return {"weights_version": state["weights_version"], "outputs": [{
+        return {"weights_version": state["weights_version"], "adapter": adapter, "outputs": [{
             "prompt_token_ids": list(o.prompt_token_ids),
             "completions": [{"token_ids": list(c.token_ids), "finish_reason": c.finish_reason,
                              "logprobs": None if c.logprobs is None else
@@ -248,6 +319,7 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
                 checksums = llm.collective_rpc("r1mm_receive_weights", kwargs={
                     "specs": specs, "timeout_s": float(body.get("timeout_s", DEFAULT_TIMEOUT_S))})
                 reset_caches(llm)
+                state["weight_reloads"] += 1
             except Exception as exc:  # the group is half-way through a broadcast: no way back
                 state["broken"] = f"broadcast weight update failed: {type(exc).__name__}: {exc}"
                 raise BadRequest(503, state["broken"]) from None
@@ -281,6 +353,48 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
             state["weights_version"] = int(body.get("version", state["weights_version"] + 1))
         return {"weights_version": state["weights_version"]}
 
+    @app.post("/load_adapter")
+    def load_adapter(body: dict[str, Any]) -> dict[str, Any]:
+        """The policy's LoRA adapter as version ``version`` (LoRA id and name ``policy-v<version>``): a new id each
+        version, so vLLM never serves a cached older adapter. The previous version stays loaded (a learner rank that
+        has not switched yet still gets the weights its request names), older ones are removed. A failed load
+        changes nothing."""
+        from vllm.lora.request import LoRARequest
+
+        usable()
+        if lora_config is None or adapter_root is None:
+            raise BadRequest(409, "this server runs without --enable-lora: it cannot load an adapter")
+        version, config, data = check_adapter(body, lora_config.max_lora_rank)
+        folder = adapter_root / f"v{version}-{state['adapter_loads'] + 1}"
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        (folder / "adapter_model.safetensors").write_bytes(data)
+        request = LoRARequest(f"policy-v{version}", version, str(folder))
+        with lock:
+            adapters: dict[str, Any] = state["adapters"]
+            # the same version again (a retry): its old copy goes first, so vLLM does not keep the cached one
+            replaced = adapters.pop(request.lora_name, None)
+            if replaced is not None:
+                llm.llm_engine.remove_lora(replaced.lora_int_id)
+                shutil.rmtree(replaced.lora_path, ignore_errors=True)
+            try:
+                if not llm.llm_engine.add_lora(request):
+                    raise RuntimeError("vLLM refused it")
+            except Exception as exc:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise BadRequest(422, f"loading adapter version {version} failed ({type(exc).__name__}: {exc}); "
+                                      f"the server still holds {list(adapters) or 'no adapter'}") from None
+            adapters[request.lora_name] = request
+            while len(adapters) > 2:  # the current version and the one before it
+                old = adapters.pop(next(iter(adapters)))
+                llm.llm_engine.remove_lora(old.lora_int_id)
+                shutil.rmtree(old.lora_path, ignore_errors=True)
+            reset_caches(llm)  # cached prefixes and encoder outputs of the previous adapter
+            state["adapter"] = request
+            state["adapter_loads"] += 1
+            state["loaded_ids"] = sorted(llm.llm_engine.list_loras())
+        return {"adapter": request.lora_name, "adapter_version": version, "bytes": len(data)}
+
     return SizeLimit(app, max_request_bytes)
 
 
@@ -307,6 +421,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-batching", action="store_true",
                    help="run concurrent generate requests one after the other (CPU: sampling then does not "
                         "depend on which requests arrive together)")
+    p.add_argument("--enable-lora", action="store_true",
+                   help="serve the policy's LoRA adapter over the base weights (vllm_pool with "
+                        "rollout.weight_sync_lora=adapter): POST /load_adapter, generate requests name it")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="with --enable-lora: the largest adapter rank (vLLM's "
+                   "slots: 1, 8, 16, 32, 64, 128, 256, 320, 512; default 16)")
+    p.add_argument("--lora-vision", action="store_true",
+                   help="with --enable-lora: adapters on the vision tower and connector too (vLLM's experimental "
+                        "enable_tower_connector_lora, Qwen-VL families; /health says whether the model serves them)")
     p.add_argument("--api-key-env", default=API_KEY_ENV,
                    help="environment variable holding the API key clients must send (unset: no key)")
     args = p.parse_args(argv)
@@ -337,6 +459,13 @@ def main(argv: list[str] | None = None) -> int:
     kwargs.update(normalisation_kwargs(processor))
     if args.executor == "mp":
         kwargs["distributed_executor_backend"] = "mp"
+    if args.enable_lora:
+        # two adapters in vLLM's cache (the current version and the previous one, see /load_adapter) plus the one
+        # being added; one per engine step (a batch mixing versions runs them in turn)
+        kwargs.update(enable_lora=True, max_lora_rank=args.max_lora_rank, max_loras=1, max_cpu_loras=3,
+                      enable_tower_connector_lora=args.lora_vision)
+    elif args.lora_vision:
+        p.error("--lora-vision needs --enable-lora")
     if torch.cuda.is_available():
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     else:

@@ -65,6 +65,7 @@ from r1_mm.rollout.vllm_common import (
     engine_info,
     engine_sizing,
     generate,
+    lora_rank_slot,
     media_limits,
     normalisation_kwargs,
     plan_continuations,
@@ -121,9 +122,7 @@ class VLLMColocateEngine(RolloutEngine):
         if self.adapter_sync:
             if not cfg.model.lora:
                 raise ValueError("rollout.weight_sync_lora=adapter needs model.lora=true")
-            # vLLM takes a rank slot from a fixed list; a smaller adapter fits in it
-            rank = next((k for k in (1, 8, 16, 32, 64, 128, 256, 320, 512) if k >= cfg.model.lora_r), cfg.model.lora_r)
-            kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1,
+            kwargs.update(enable_lora=True, max_lora_rank=lora_rank_slot(cfg.model.lora_r), max_loras=1,
                           enable_tower_connector_lora=cfg.model.lora_vision)
         self.llm = LLM(**kwargs)
         if self.adapter_sync and cfg.model.lora_vision and not all(self.llm.collective_rpc(_serves_tower_lora)):

@@ -288,6 +288,12 @@ def engine_sizing(max_num_batched_tokens: int | None, max_num_seqs: int | None) 
     return {k: int(v) for k, v in limits.items() if v is not None}
 
 
+def lora_rank_slot(rank: int) -> int:
+    """vLLM's ``max_lora_rank`` for an adapter of rank ``rank``: vLLM takes a slot from a fixed list, and a smaller
+    adapter fits in it."""
+    return next((k for k in (1, 8, 16, 32, 64, 128, 256, 320, 512) if k >= rank), rank)
+
+
 def engine_dtype(vllm_dtype: str, model: Any) -> str:
     """The dtype a vLLM engine samples in: ``rollout.vllm_dtype`` when the recipe names one, else the
     learner's own (its parameters' most common floating dtype).

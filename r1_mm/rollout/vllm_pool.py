@@ -12,14 +12,26 @@ Tool trajectories go on through :meth:`VLLMPoolEngine.continue_trajectories`: ea
 token ids with its media placeholders unexpanded (``transport.encode_continuation``), spread over the servers as
 ``generate`` spreads prompts, and the expanded ids each server's vLLM sampled after are checked equal to the
 learner's (prompt ids + trajectory ids), as ``vllm_colocate`` checks its own.
+
+With ``rollout.weight_sync_lora=adapter`` (model.lora) the servers run with vLLM's LoRA support (``--enable-lora``,
+the rank slot and tower LoRA ``vllm_colocate`` uses; servers given in rollout.pool_servers are checked for it at start):
+the frozen base weights go in once per policy object by the route above (unmerged), and each sync sends only the PEFT
+adapter, in the body of ``POST /load_adapter`` (a few MB: no shared memory or broadcast group needed, remote servers
+included), which every server loads as a new LoRA version ``policy-v<version>`` (a new LoRA id; the previous version
+stays loaded for a rank whose request predates the sync, older ones are removed). Every generate names its adapter and
+a server holding neither refuses it (409) rather than sample from other weights. A restarted server gets the base weights' folder and the
+current adapter. ``last_sync_bytes`` is what a sync sent (the adapter's tensors, or the full weights).
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,7 +44,7 @@ from r1_mm.config.recipe import ConfigError, RecipeConfig
 from r1_mm.core import topology
 from r1_mm.data.prompts import Sample
 from r1_mm.data.turns import ToolContext
-from r1_mm.models.weights import iter_policy_weights
+from r1_mm.models.weights import iter_policy_weights, lora_adapter_of, policy_weight_bytes, save_lora_adapter
 from r1_mm.rollout.base import (
     Completion,
     PromptCompletions,
@@ -47,6 +59,7 @@ from r1_mm.rollout.transport import encode_continuation, encode_sample
 from r1_mm.rollout.vllm_common import (
     check_prompt_ids,
     engine_dtype,
+    lora_rank_slot,
     media_limits,
     plan_continuations,
     sampling_kwargs,
@@ -92,6 +105,28 @@ def server_devices(pool_size: int, tensor_parallel: int, learners_here: int, gpu
             "(rollout.pool_servers)")
     first = learners_here
     return [list(range(first + i * tensor_parallel, first + (i + 1) * tensor_parallel)) for i in range(pool_size)]
+
+
+def adapter_sync(cfg: RecipeConfig) -> bool:
+    """Whether syncs send the LoRA adapter alone (rollout.weight_sync_lora=adapter with model.lora)."""
+    return cfg.model.lora and cfg.rollout.weight_sync_lora == "adapter"
+
+
+def lora_problem(url: str, health: dict[str, Any], cfg: RecipeConfig) -> str | None:
+    """Why a server cannot serve this run's adapter (its /health's ``lora``), or None."""
+    lora = health.get("lora")
+    if not lora:
+        return (f"rollout server {url} runs without LoRA, but rollout.weight_sync_lora=adapter sends it adapters: start "
+                f"it with `r1-mm serve rollout --enable-lora --max-lora-rank {lora_rank_slot(cfg.model.lora_r)}"
+                f"{' --lora-vision' if cfg.model.lora_vision else ''}`, or use rollout.weight_sync_lora=merged")
+    if int(lora.get("max_lora_rank") or 0) < cfg.model.lora_r:
+        return (f"rollout server {url} takes LoRA ranks up to {lora.get('max_lora_rank')}, below model.lora_r="
+                f"{cfg.model.lora_r}: restart it with --max-lora-rank {lora_rank_slot(cfg.model.lora_r)}")
+    if cfg.model.lora_vision and not lora.get("tower_connector_lora"):
+        return (f"rollout server {url} serves no LoRA on the vision tower (started without --lora-vision, or vLLM has "
+                "no tower LoRA for this model), but model.lora_vision trains vision adapters; use "
+                "rollout.weight_sync_lora=merged")
+    return None
 
 
 def learners_on_this_machine() -> int:
@@ -144,7 +179,9 @@ class ManagedServer(ServerProcess):
                 *[arg for flag, value in (("--max-num-batched-tokens", r.vllm_max_num_batched_tokens),
                                           ("--max-num-seqs", r.vllm_max_num_seqs)) if value is not None
                   for arg in (flag, str(value))],
-                *([] if r.pool_server_batching else ["--no-batching"])]
+                *([] if r.pool_server_batching else ["--no-batching"]),
+                *(["--enable-lora", "--max-lora-rank", str(lora_rank_slot(self.cfg.model.lora_r))]
+                  + (["--lora-vision"] if self.cfg.model.lora_vision else []) if adapter_sync(self.cfg) else [])]
 
     def probe(self) -> bool:
         return health_ok(self.url, auth_headers(self.cfg))
@@ -201,6 +238,16 @@ class VLLMPoolEngine(RolloutEngine):
                              "server must reload the current weights, which only the shared-memory copy keeps")
         self.managed: list[ManagedServer] = []
         self.version = 0
+        self.adapter_sync = adapter_sync(cfg)
+        if r.weight_sync_lora == "adapter" and not cfg.model.lora:
+            raise ValueError("rollout.weight_sync_lora=adapter needs model.lora=true")
+        self.adapter: str | None = None  # the LoRA adapter every generate names (adapter sync)
+        self.adapter_payload: dict[str, Any] | None = None  # its /load_adapter body (rank 0): a restart reloads it
+        self.base_loaded: torch.nn.Module | None = None  # adapter sync: whose frozen base weights the servers hold
+        self.weights_folder: Path | None = None  # the full weights last written to shared memory (restarts reload it)
+        self.full_weight_bytes = policy_weight_bytes(model)
+        self.last_sync_bytes = 0
+        self.adapter_bytes = 0
         self.last_sync_s = 0.0
         self.restarts = 0
         self.segment = WeightSegment()
@@ -226,6 +273,11 @@ class VLLMPoolEngine(RolloutEngine):
         self.urls = urls
         self.client = httpx.Client(timeout=r.pool_request_timeout_s, headers=self.headers)
         self._check_server_dtypes()
+        if self.adapter_sync:  # servers started elsewhere may lack LoRA: refused here, before any sync
+            for url in self.urls:
+                problem = lora_problem(url, self.client.get(f"{url}/health").json(), self.cfg)
+                if problem:
+                    raise ConfigError(problem)
         # the servers' context length (their /health; the recipe's for a server too old to say): a continuation's room
         lengths = [self.client.get(f"{url}/health").json().get("max_model_len") for url in self.urls]
         self.max_model_len = min((int(n) if n is not None else r.vllm_max_model_len for n in lengths),
@@ -264,15 +316,20 @@ class VLLMPoolEngine(RolloutEngine):
     def info(self) -> dict[str, Any]:
         health = [self.client.get(f"{url}/health").json() for url in self.urls]
         return {"servers": self.urls, "weight_sync": self.sync_mode, "sync_host": getattr(self, "sync_host", None),
-                "server_engines": [{k: h.get(k) for k in SERVER_ENGINE_KEYS} for h in health]}
+                "server_engines": [{k: h.get(k) for k in SERVER_ENGINE_KEYS} for h in health],
+                "weight_sync_lora": self.cfg.rollout.weight_sync_lora if self.cfg.model.lora else None,
+                "adapter": self.adapter,
+                # what one sync after a step sends (the adapter alone, or the full weights), and a full sync's size
+                "sync_bytes": self.adapter_bytes if self.adapter_sync else self.full_weight_bytes,
+                "full_sync_bytes": self.full_weight_bytes}
 
     # -- weights --------------------------------------------------------------------------------
-    def _write_weights(self, model: torch.nn.Module) -> Path | None:
+    def _write_weights(self, model: torch.nn.Module, merge_lora: bool = True) -> Path | None:
         """All ranks gather (collective under ZeRO-3); rank 0 writes safetensors buckets to shared memory."""
         from r1_mm.rollout.reload import write_weight_files
 
         bucket_mb = self.cfg.rollout.weight_sync_bucket_mb
-        weights = iter_policy_weights(model, bucket_mb)
+        weights = iter_policy_weights(model, bucket_mb, merge_lora=merge_lora)
         if self.rank != 0:
             for _ in weights:  # the gather is collective: every rank iterates
                 pass
@@ -306,7 +363,7 @@ class VLLMPoolEngine(RolloutEngine):
                 join.result().raise_for_status()
         return channel
 
-    def _broadcast_weights(self, model: torch.nn.Module) -> None:
+    def _broadcast_weights(self, model: torch.nn.Module, merge_lora: bool = True) -> None:
         """All ranks gather (collective under ZeRO-3); rank 0 broadcasts each tensor to every server worker.
 
         Each collective has a deadline (rollout.pool_sync_timeout_s), and rank 0 stops as soon as a server's
@@ -345,7 +402,7 @@ class VLLMPoolEngine(RolloutEngine):
                 replies = [pool.submit(self.client.post, f"{url}/update_weights_broadcast",
                                        json={"specs": specs, "version": self.version + 1, "timeout_s": timeout_s})
                            for url in self.urls]
-            stream = iter_policy_weights(model, self.cfg.rollout.weight_sync_bucket_mb)
+            stream = iter_policy_weights(model, self.cfg.rollout.weight_sync_bucket_mb, merge_lora=merge_lora)
             for i, ((name, tensor), (spec_name, _, _)) in enumerate(zip(stream, specs, strict=True)):
                 if self.channel is not None:
                     assert name == spec_name, (name, spec_name)
@@ -368,22 +425,60 @@ class VLLMPoolEngine(RolloutEngine):
 
     def update_weights(self, model: torch.nn.Module) -> None:
         t0 = time.perf_counter()
-        if self.sync_mode == "broadcast":
-            self._broadcast_weights(model)
-            self.version += 1
-            _barrier()
-            self.last_sync_s = time.perf_counter() - t0
-            return
-        folder = self._write_weights(model)
-        if self.rank == 0:
-            version = self.version + 1
-            self._on_all(list(range(len(self.urls))), lambda url: self._push(url, folder, version))
-            for old in self.weights_root.glob("v*"):
-                if old != folder:
-                    shutil.rmtree(old, ignore_errors=True)  # keep only the current weights (restarts need them)
+        sent = 0
+        if not self.adapter_sync or self.base_loaded is not model:
+            # merged: every sync; adapter sync: the frozen base weights (unmerged), once per policy object
+            self._send_full(model, merge_lora=not self.adapter_sync)
+            sent += self.full_weight_bytes
+            self.base_loaded = model if self.adapter_sync else None
+        if self.adapter_sync:
+            sent += self._send_adapter(model)
         self.version += 1
         _barrier()  # no rank samples before every server holds the new weights
         self.last_sync_s = time.perf_counter() - t0
+        self.last_sync_bytes = sent
+
+    def _send_full(self, model: torch.nn.Module, merge_lora: bool) -> None:
+        if self.sync_mode == "broadcast":
+            self._broadcast_weights(model, merge_lora)
+            return
+        folder = self._write_weights(model, merge_lora)
+        if self.rank == 0:
+            assert folder is not None
+            version = self.version + 1
+            self._on_all(list(range(len(self.urls))), lambda url: self._push(url, folder, version))
+            self.weights_folder = folder
+            for old in self.weights_root.glob("v*"):
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)  # keep only the current weights (restarts need them)
+
+    def _send_adapter(self, model: torch.nn.Module) -> int:
+        """The policy's PEFT adapter to every server as LoRA version ``version + 1`` (rank 0 sends; every rank names
+        it from now on); the bytes of its tensors."""
+        version = self.version + 1
+        _, params = lora_adapter_of(model)  # every rank: a policy rank 0 cannot send is refused on all of them
+        if self.rank == 0:
+            folder = Path(tempfile.mkdtemp(prefix="r1mm_lora_"))
+            try:
+                save_lora_adapter(model, folder)
+                config = json.loads((folder / "adapter_config.json").read_text())
+                data = (folder / "adapter_model.safetensors").read_bytes()
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            self.adapter_payload = {"version": version, "config": config,
+                                    "safetensors": base64.b64encode(data).decode("ascii")}
+            self._on_all(list(range(len(self.urls))), self._load_adapter)
+        self.adapter = f"policy-v{version}"
+        self.adapter_bytes = sum(p.numel() * p.element_size() for p in params)
+        return self.adapter_bytes
+
+    def _load_adapter(self, url: str) -> None:
+        assert self.adapter_payload is not None
+        reply = checked(self.client.post(f"{url}/load_adapter", json=self.adapter_payload,
+                                         timeout=self.cfg.rollout.pool_sync_timeout_s), url, "an adapter load").json()
+        if reply.get("adapter") != f"policy-v{self.adapter_payload['version']}":
+            raise RuntimeError(f"rollout server {url} loaded adapter {reply.get('adapter')!r}, not version "
+                               f"{self.adapter_payload['version']}")
 
     # -- failures -------------------------------------------------------------------------------
     def _on_all(self, indices: list[int], fn: Any) -> dict[int, Any]:
@@ -413,9 +508,10 @@ class VLLMPoolEngine(RolloutEngine):
             raise RuntimeError(f"rollout server {url} died ({type(cause).__name__}: {cause}); {why}") from cause
         log.warning("rollout server %s failed (%s); restarting it with the current weights", url, cause)
         server.restart()
-        current = self.weights_root / f"v{self.version}"
-        if current.exists():
-            self._push(url, current, self.version)
+        if self.weights_folder is not None and self.weights_folder.exists():
+            self._push(url, self.weights_folder, self.version)
+        if self.adapter_payload is not None:  # adapter sync: the current adapter over those base weights
+            self._load_adapter(url)
         self.restarts += 1
 
     # -- generation -----------------------------------------------------------------------------
@@ -423,7 +519,16 @@ class VLLMPoolEngine(RolloutEngine):
                      sampling: SamplingSettings) -> dict[str, Any]:
         body = {"prompts": [encode_sample(s) for _, s in items],
                 "sampling": [sampling_kwargs(sampling, n, self.suppressed_ids, i) for i, _ in items]}
-        return checked(self.client.post(f"{url}/generate", json=body), url, "a generate request").json()
+        return self._post_generate(url, body, "a generate request")
+
+    def _post_generate(self, url: str, body: dict[str, Any], what: str) -> dict[str, Any]:
+        """One /generate, naming the current adapter (adapter sync): the server serves that one or refuses (409)."""
+        if self.adapter_sync:
+            body = {**body, "adapter": self.adapter}
+        reply = checked(self.client.post(f"{url}/generate", json=body), url, what).json()
+        if self.adapter_sync and reply.get("adapter") != self.adapter:
+            raise RuntimeError(f"rollout server {url} served adapter {reply.get('adapter')!r}, not {self.adapter!r}")
+        return reply
 
     def _completion(self, c: dict[str, Any]) -> Completion:
         return Completion(text=self.tokenizer.decode(c["token_ids"], skip_special_tokens=True), token_ids=c["token_ids"],
@@ -475,7 +580,7 @@ class VLLMPoolEngine(RolloutEngine):
 
         def post(url: str, idx: list[int]) -> dict[str, Any]:
             body = {"prompts": [prompts[j] for j in idx], "sampling": [planned[j].params for j in idx]}
-            return checked(self.client.post(f"{url}/generate", json=body), url, "a continuation request").json()
+            return self._post_generate(url, body, "a continuation request")
 
         shards, replies = self._spread(len(prompts), post)
         for k, reply in replies.items():

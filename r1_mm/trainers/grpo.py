@@ -619,7 +619,7 @@ class GRPOTrainer(BaseTrainer):
         metrics = self.rollout_metrics(exp)
         metrics.update(exp.stats)
         metrics.update(self.update(exp))
-        # what the last weight sync sent (vllm_colocate: the adapter alone with rollout.weight_sync_lora=adapter)
+        # what the last weight sync sent (vllm engines: the adapter alone with rollout.weight_sync_lora=adapter)
         engine = getattr(self.engine, "engine", self.engine)  # under a tool rollout's wrapper
         if getattr(engine, "last_sync_bytes", None):
             metrics["sync/bytes"] = float(engine.last_sync_bytes)
