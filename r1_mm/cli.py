@@ -70,11 +70,15 @@ def make_zoom_demo_data(out: Path, rows: int, seed: int) -> tuple[Path, Path]:
     """The zoom-in demo's rows and its SFT rows. 224x224 images whose 1-4 squares all sit in the 56x56 corner the
     question names; shown at 56x56 (media.max_pixels) the corner is a quarter of one visual token, while
     crop_image on it returns the counting demo's image (each square on one of its 2x2 tokens)."""
-    from r1_mm.testing.synthetic import make_zoom_sft_task, make_zoom_task
+    from r1_mm.data.loading import read_rows
+    from r1_mm.testing.synthetic import make_zoom_crop_task, make_zoom_sft_task, make_zoom_task, write_jsonl
 
     zoom = make_zoom_task(out, rows, seed=seed, size=224, region=56, min_count=1, max_count=4, box=20, gap=8)
-    # half the SFT rows call crop_image on the right corner, half answer at once: GRPO has a call rate to raise
-    sft = make_zoom_sft_task(zoom, rows, shown=56, seed=seed + 1, call_fraction=0.5, answers="solution")
+    # half the zoom rows call crop_image on the right corner, half answer at once: GRPO has a call rate to raise;
+    # beside them, counting on the crops themselves: what the tool shows must be readable for a call to pay
+    calls = make_zoom_sft_task(zoom, rows, shown=56, seed=seed + 1, call_fraction=0.5, answers="solution")
+    crops = make_zoom_crop_task(zoom, rows)
+    sft = write_jsonl(read_rows(calls) + read_rows(crops), zoom.parent / "zoom_sft_mix.jsonl")
     return zoom, sft
 
 
@@ -246,13 +250,13 @@ def _cmd_compare(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="r1-mm compare", description=(
         "When did each run reach a target: the first step at which the trailing mean of a metric reaches a "
         "threshold, and the training seconds up to it (a markdown table; the first run is the reference)."))
-    p.add_argument("runs", nargs="+", help="run folders, each optionally LABEL=RUN_DIR")
+    p.add_argument("runs", nargs="+", help="run folders, each optionally LABEL=RUN_DIR (split at the last =)")
     p.add_argument("--metric", default="rewards/accuracy/mean", help="the metric (default rewards/accuracy/mean)")
     p.add_argument("--threshold", type=float, default=0.8, help="the target value of the trailing mean (default 0.8)")
     p.add_argument("--window", type=int, default=20, help="steps in the trailing mean (default 20)")
     p.add_argument("--out", help="also draw the runs' curves of the metric side by side to this PNG")
     args = p.parse_args(argv)
-    runs = dict(r.split("=", 1) if "=" in r else (r, r) for r in args.runs)
+    runs = dict(r.rsplit("=", 1) if "=" in r else (r, r) for r in args.runs)  # a label may hold "=" (K=1)
     try:
         results = [reached(label, folder, args.metric, args.threshold, args.window) for label, folder in runs.items()]
         print(table(results, args.metric, args.threshold, args.window))

@@ -54,10 +54,10 @@ def test_cli_prints_the_table_with_ratios_and_draws_the_curves(tmp_path, capsys)
     fast = write_run(tmp_path / "fast", [0.0] * 2 + [1.0] * 8, step_s=0.25)
     never = write_run(tmp_path / "never", [0.5] * 10)
     png = tmp_path / "cmp.png"
-    assert main(["compare", f"sync={slow}", f"async={fast}", f"flat={never}", "--window", "2", "--out", str(png)]) == 0
+    assert main(["compare", f"sync={slow}", f"async K=1={fast}", f"flat={never}", "--window", "2", "--out", str(png)]) == 0
     out = capsys.readouterr().out
     assert "| sync | 10 | 5.0 | 8 | 4.0 | 1.00 | 1.000 |" in out
-    assert "| async | 10 | 2.5 | 4 | 1.0 | 0.50 | 1.000 |" in out
+    assert "| async K=1 | 10 | 2.5 | 4 | 1.0 | 0.50 | 1.000 |" in out
     assert "| flat | 10 | 5.0 | not reached | - | - | 0.500 |" in out
     assert png.stat().st_size > 0
 

@@ -296,6 +296,23 @@ def make_zoom_sft_task(zoom_rows: str | Path, num_rows: int, *, shown: int, seed
     return write_jsonl(rows, zoom_rows.parent / f"{name}.jsonl")
 
 
+def make_zoom_crop_task(zoom_rows: str | Path, num_rows: int, *, name: str = "zoom_crops") -> Path:
+    """Counting rows on the crops a right crop_image call returns (each zoom row's ``region`` cut from its image, at
+    full resolution), with the same question and ``turns`` = [the answer]: SFT rows that teach counting on what the
+    tool shows, which calling alone does not (the counting demo's SFT cold start learns that count in ~100 steps;
+    the zoom rows' one answer digit after a ~20-token call barely moves the loss)."""
+    from r1_mm.data.loading import read_rows
+
+    zoom_rows = Path(zoom_rows)
+    (zoom_rows.parent / "crops").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for row in read_rows(zoom_rows)[:num_rows]:
+        rel = f"crops/{Path(row['image']).stem}.png"
+        Image.open(zoom_rows.parent / row["image"]).crop(tuple(row["region"])).save(zoom_rows.parent / rel)
+        rows.append({**row, "id": f"{name}-{row['id']}", "image": rel, "turns": [f"<answer>{row['solution']}</answer>"]})
+    return write_jsonl(rows, zoom_rows.parent / f"{name}.jsonl")
+
+
 def make_zoom_task(out_dir: str | Path, num_rows: int, *, seed: int = 0, size: int = 448, region: int = 112,
                    corners: tuple[str, ...] = CORNERS, min_count: int = 1, max_count: int = 5,
                    box: int = 16, gap: int = 2, name: str = "zoom") -> Path:
