@@ -359,6 +359,8 @@ def worker(args) -> dict:
     import torch
 
     system, case = args.worker
+    if args.threads:
+        torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     data = Path(args.data) / f"{case}.jsonl"
     if system in ("trl", "trl_vllm"):
@@ -460,6 +462,9 @@ def main() -> None:
                     help="engine of async_k0 / async (vllm_pool: the only one that samples beside the learner)")
     ap.add_argument("--sync-engine", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads of every learner process (0: torch's default, one per core). On a loaded "
+                         "machine 2 threads wait for each other at every operation; 1 removes that, at a cost")
     ap.add_argument("--dump", default=None, help="where the workers' per-step records go (JSON, rewritten after each "
                     "worker; default: runs.json in the data folder)")
     ap.add_argument("--report", default=None, help="print the table of such a file (a run cut short included)")
@@ -485,7 +490,7 @@ def main() -> None:
     for case in cases:
         make_rows(root, case, max(8, args.prompts * (args.steps + 1)), args.image_size, args.frame_size, args.frames)
     model_path(args.vocab)  # built once before the workers race for it
-    common = ["--data", str(root), "--steps", str(args.steps), "--prompts", str(args.prompts), "--tokens",
+    common = ["--threads", str(args.threads), "--data", str(root), "--steps", str(args.steps), "--prompts", str(args.prompts), "--tokens",
               str(args.tokens), "--image-size", str(args.image_size), "--frame-size", str(args.frame_size),
               "--frames", str(args.frames), "--vocab", str(args.vocab or 0)]
 
