@@ -27,7 +27,8 @@ Shared settings: the tiny Qwen2.5-VL of bench/grpo_step.py (``bench_model_path``
 generate, ``min_tokens`` for vLLM; r1-mm has no such recipe field, so the workers patch its engines' sampling
 arguments, as documented in ``force_length``); temperature 1, top_p 1; the reward is r1-mm's ``numeric``
 (``require_tag: false``) on both sides (TRL calls the same function); dapo loss, beta 0.04, epsilon_high 0.28,
-learning rate 1e-5 (constant), AdamW.
+learning rate 1e-5 (constant), AdamW; no gradient checkpointing (r1-mm's default; TRL's GRPOConfig defaults to
+it, so the script turns it off).
 
 Cases: ``image``: synthetic counting images of ``--image-size`` px (896: 32 x 32 = 1,024 visual tokens);
 ``video``: 16-frame synthetic videos (``--frame-size`` px frames, 308: 8 temporal patches x 121 = 968 visual
@@ -54,7 +55,8 @@ thread are counted where they happened):
 Usage (the table and the command go in bench/README.md):
 
     .venv/bin/python bench/grpo_e2e.py                  # image + video cases, 3 interleaved rounds x 4 steps
-    .venv/bin/python bench/grpo_e2e.py --quick          # image case, 2 rounds x 3 steps (under 10 minutes)
+    .venv/bin/python bench/grpo_e2e.py --quick          # image case, 2 rounds x 3 steps (12.7 min here)
+    .venv/bin/python bench/grpo_e2e.py --quick --rounds 1   # one round: what fits 10 minutes on this machine
     .venv/bin/python bench/grpo_e2e.py --trl-engine hf  # skip the probe of TRL's vLLM colocate mode
 
 Rounds interleave the systems (trl, sync, async_k0, async, trl, ...) so load from other work falls on all.
@@ -239,7 +241,7 @@ def trl_worker(args, case: str, data: Path, use_vllm: bool) -> dict:
     force = {"min_tokens": args.tokens} if use_vllm else {"min_new_tokens": args.tokens}
     config = GRPOConfig(
         output_dir=str(Path(tempfile.mkdtemp()) / "trl"), use_cpu=True, bf16=False, report_to=[], save_strategy="no",
-        logging_steps=1, disable_tqdm=True, seed=0, loss_type="dapo", beta=BETA, epsilon_high=EPSILON_HIGH,
+        logging_steps=1, disable_tqdm=True, seed=0, gradient_checkpointing=False, loss_type="dapo", beta=BETA, epsilon_high=EPSILON_HIGH,
         learning_rate=LEARNING_RATE, lr_scheduler_type="constant", num_generations=G,
         per_device_train_batch_size=args.prompts * G, gradient_accumulation_steps=1, max_completion_length=args.tokens,
         max_steps=args.steps, temperature=1.0, top_p=1.0, generation_kwargs=force, dataloader_num_workers=0,
