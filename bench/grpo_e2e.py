@@ -55,8 +55,7 @@ thread are counted where they happened):
 Usage (the table and the command go in bench/README.md):
 
     .venv/bin/python bench/grpo_e2e.py                  # image + video cases, 3 interleaved rounds x 4 steps
-    .venv/bin/python bench/grpo_e2e.py --quick          # image case, 2 rounds x 3 steps (12.7 min here)
-    .venv/bin/python bench/grpo_e2e.py --quick --rounds 1   # one round: what fits 10 minutes on this machine
+    .venv/bin/python bench/grpo_e2e.py --quick          # image case, 1 round x 3 steps (under 10 minutes here)
     .venv/bin/python bench/grpo_e2e.py --trl-engine hf  # skip the probe of TRL's vLLM colocate mode
 
 Rounds interleave the systems (trl, sync, async_k0, async, trl, ...) so load from other work falls on all.
@@ -447,10 +446,10 @@ def table(results: dict, cases: list[str], systems: list[str], unsupported: dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="image case only, 2 rounds x 3 steps")
+    ap.add_argument("--quick", action="store_true", help="image case only, 1 round x 3 steps (under 10 minutes here)")
     ap.add_argument("--cases", default=None, help="image,video (default; --quick: image)")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved repetitions of every system (default 3; quick 2)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved repetitions of every system (default 3; quick 1)")
     ap.add_argument("--steps", type=int, default=None, help="steps per run, the first one a warm-up (default 4; quick 3)")
     ap.add_argument("--prompts", type=int, default=1, help="prompts per step (G completions each)")
     ap.add_argument("--tokens", type=int, default=64, help="completion tokens (forced)")
@@ -484,7 +483,7 @@ def main() -> None:
     unknown = [s for s in systems if s not in SYSTEMS + EXTRA_SYSTEMS]
     if unknown:
         ap.error(f"unknown system(s) {unknown}; choose from {SYSTEMS + EXTRA_SYSTEMS}")
-    rounds = args.rounds or (2 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 3)
     args.steps = args.steps or (3 if args.quick else 4)
     if args.steps < 2:
         ap.error("--steps must be >= 2 (the first step is a warm-up, left out)")
