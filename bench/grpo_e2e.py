@@ -391,7 +391,7 @@ def last_error(stderr: str) -> str:
     error = errors[-1] if errors else (lines[-1] if lines else "no output")
     frames = [ln for ln in lines if ln.startswith("File ") and "/trl/" in ln]
     if frames:
-        where = frames[-1].split("/site-packages/")[-1].replace('", line', ", line")
+        where = "trl/" + frames[-1].split("/trl/", 1)[-1].replace('", line', ", line")  # the path from the package on
         error += f" (raised under {where})"
     return error
 

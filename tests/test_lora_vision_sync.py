@@ -25,6 +25,21 @@ def lora_params(model, vision: bool) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if "lora_" in n and any(v in n for v in VISION) == vision}
 
 
+def logprobs_with_vision_adapters(model, processor, sample, completions,
+                                  adapters: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The learner's logprobs of ``completions`` with the vision adapters set to ``adapters`` (then put back): what a
+    sampler that missed the last vision-adapter update would give."""
+    current = {n: p.detach().clone() for n, p in lora_params(model, vision=True).items()}
+    with torch.no_grad():
+        for n, p in lora_params(model, vision=True).items():
+            p.copy_(adapters[n])
+        try:
+            return learner_logprobs(model, processor, sample, completions)
+        finally:
+            for n, p in lora_params(model, vision=True).items():
+                p.copy_(current[n])
+
+
 def move_adapters(model, seed: int, vision: bool | None = None) -> None:
     """Every LoRA weight (or the vision ones / the language ones) moved: B starts at zero, so an untouched adapter
     would change nothing and a test could not tell it was served."""
@@ -180,14 +195,7 @@ def test_adapter_only_sync_to_the_colocated_engine(tmp_path, synthetic_data, tin
     sampler = [torch.tensor(c.logprobs) for c in again.completions]
     learner_now = learner_logprobs(model, processor, samples[0], again.completions)
     gap_now = max(float((s - lp).abs().max()) for s, lp in zip(sampler, learner_now, strict=True))
-    current = {n: p.detach().clone() for n, p in lora_params(model, vision=True).items()}
-    with torch.no_grad():
-        for n, p in lora_params(model, vision=True).items():
-            p.copy_(previous[n])
-    stale = learner_logprobs(model, processor, samples[0], again.completions)
-    with torch.no_grad():
-        for n, p in lora_params(model, vision=True).items():
-            p.copy_(current[n])
+    stale = logprobs_with_vision_adapters(model, processor, samples[0], again.completions, previous)
     vision_effect = max(float((s - lp).abs().max()) for s, lp in zip(sampler, stale, strict=True))
     print(f"adapter sync: {adapter_bytes} bytes vs {engine.full_weight_bytes} full; gaps {gap:.2e} {gap_now:.2e}; "
           f"vision adapters' effect {vision_effect:.2e}")

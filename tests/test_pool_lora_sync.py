@@ -16,7 +16,7 @@ from r1_mm.config.recipe import ConfigError, load_recipe
 from r1_mm.rollout import SamplingSettings, make_engine
 from r1_mm.rollout.vllm_pool import lora_problem
 
-from .test_lora_vision_sync import lora_params, move_adapters
+from .test_lora_vision_sync import logprobs_with_vision_adapters, lora_params, move_adapters
 from .test_vllm_engines import learner_logprobs, samples_for
 
 TOLERANCE = 1e-5  # float32 on both sides, as test_lora_vision_sync.py (colocated: measured 5e-7)
@@ -172,14 +172,7 @@ def test_adapter_only_sync_to_the_pool(tmp_path, synthetic_data, tiny_cache, mon
         engine.update_weights(model)
         again = engine.generate(samples, 2, sampling)[0]
         vision_gap, _ = gaps(model, processor, samples[0], again.completions)
-        current = {n: p.detach().clone() for n, p in lora_params(model, vision=True).items()}
-        with torch.no_grad():
-            for n, p in lora_params(model, vision=True).items():
-                p.copy_(previous[n])
-            stale_lp = learner_logprobs(model, processor, samples[0], again.completions)
-        with torch.no_grad():
-            for n, p in lora_params(model, vision=True).items():
-                p.copy_(current[n])
+        stale_lp = logprobs_with_vision_adapters(model, processor, samples[0], again.completions, previous)
         sampler = [torch.tensor(c.logprobs) for c in again.completions]
         vision_effect = max(float((s - lp).abs().max()) for s, lp in zip(sampler, stale_lp, strict=True))
         assert vision_gap < TOLERANCE and vision_effect > 1e-3, (vision_gap, vision_effect)
