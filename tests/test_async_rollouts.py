@@ -89,6 +89,76 @@ def check_against_versions(trainer, seen, cap: float, sampler_atol: float) -> in
     return stale_steps
 
 
+def spy_policy_loss(monkeypatch) -> list:
+    """Every policy_loss call of the run: (logps, old_logps, token_weights), detached."""
+    import r1_mm.trainers.grpo as grpo
+
+    calls, real = [], grpo.policy_loss
+
+    def spy(logps, old_logps, *args, **kwargs):
+        weights = kwargs.get("token_weights")
+        calls.append((logps.detach().clone(), old_logps.detach().clone(),
+                      None if weights is None else weights.detach().clone()))
+        return real(logps, old_logps, *args, **kwargs)
+
+    monkeypatch.setattr(grpo, "policy_loss", spy)
+    return calls
+
+
+def check_ratio_against_sampler(seen, losses, cap: float) -> None:
+    """clip_against sampler: the loss's old logprobs are the sampler's on every scored token (so the PPO ratio and
+    its clip are against the policy that sampled), and the token weights times that ratio at the step's start are
+    the capped IS weights (the ratio is not counted twice)."""
+    assert len(losses) == len(seen)
+    for (_, exp, learner_logps, mask, weights, _), (logps, old, token_weights) in zip(seen, losses, strict=True):
+        m = mask.bool()
+        sampler = torch.zeros_like(learner_logps)
+        for i, c in enumerate(exp.batch.completions):
+            sampler[i, :len(c.logprobs)] = torch.tensor(c.logprobs)
+        torch.testing.assert_close(old[m], sampler[m], atol=0, rtol=0)
+        torch.testing.assert_close(old[~m], learner_logps[~m], atol=0, rtol=0)  # padding: ratio 1
+        torch.testing.assert_close(logps[m], learner_logps[m], atol=1e-6, rtol=0)
+        ratio = torch.exp(logps - old)
+        torch.testing.assert_close((token_weights * ratio)[m], weights[m], atol=1e-5, rtol=1e-5)
+        assert float(weights[m].max()) <= cap + 1e-6
+
+
+def test_clip_against_resolves_and_refuses_sequence_weights():
+    """auto: the learner in the synchronous loop (unchanged), the sampler when rollouts may be stale; a sequence-level
+    rollout_is with a per-token ratio against the sampler would weight twice: refused at load, naming both fields."""
+    from r1_mm.config.recipe import clip_against
+
+    assert clip_against(load_recipe(None, [])) == "learner"
+    assert clip_against(load_recipe(None, ["rollout.max_staleness=1"])) == "sampler"
+    assert clip_against(load_recipe(None, ["rollout.max_staleness=1", "algorithm.grpo.clip_against=learner"])) == "learner"
+    assert clip_against(load_recipe(None, ["algorithm.grpo.clip_against=sampler"])) == "sampler"
+    with pytest.raises(ConfigError, match=r"clip_against=auto with rollout.max_staleness > 0 .*rollout_is=sequence_truncate"):
+        load_recipe(None, ["rollout.max_staleness=1", "algorithm.grpo.rollout_is=sequence_truncate"])
+    with pytest.raises(ConfigError, match=r"clip_against=sampler .*rollout_is=sequence_mask"):
+        load_recipe(None, ["algorithm.grpo.clip_against=sampler", "algorithm.grpo.rollout_is=sequence_mask"])
+    load_recipe(None, ["rollout.max_staleness=1", "algorithm.grpo.rollout_is=sequence_truncate",
+                       "algorithm.grpo.clip_against=learner"])  # the decoupled objective keeps sequence weights
+
+
+def test_sampler_anchor_bounds_the_ratio_once():
+    """The ratio against the sampler times the returned weights is the capped (truncate) or kept (mask) IS weight;
+    padding keeps the learner's logprobs (ratio 1) and weight 0."""
+    from r1_mm.trainers.rollout_correction import importance_weights, sampler_anchor
+
+    learner = torch.tensor([[-0.1, -2.0, -1.0, -3.0]])
+    sampler = torch.tensor([[-1.5, -0.5, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    for mode, expected in (("token_truncate", [2.0, 0.2231, 1.0]), ("token_mask", [0.0, 0.0, 1.0])):
+        weights, _ = importance_weights(learner, sampler, mask, mode, cap=2.0, floor=0.5)
+        anchor, bound = sampler_anchor(learner, sampler, mask, weights)
+        assert anchor.tolist() == [[-1.5, -0.5, -1.0, -3.0]]
+        effective = bound * torch.exp(learner - anchor)
+        torch.testing.assert_close(effective[0, :3], torch.tensor(expected), atol=1e-4, rtol=0)
+        assert float(bound[0, 3]) == 0.0
+    anchor, bound = sampler_anchor(learner, sampler, mask, None)
+    assert bound is None and anchor[0, 0] == -1.5
+
+
 def test_recipe_refuses_what_async_cannot_correct():
     with pytest.raises(ConfigError, match="max_staleness=1 needs algorithm.grpo.rollout_is"):
         load_recipe(None, ["rollout.max_staleness=1", "algorithm.grpo.rollout_is=none"])
@@ -186,8 +256,11 @@ def test_staleness_one_trains_on_the_previous_version_with_exact_is_weights(tmp_
         return real_generate(batch, n, sampling)
 
     trainer.engine.generate = generate
+    losses = spy_policy_loss(monkeypatch)
     trainer.train()
     assert trainer.engine.name == engine and not trainer.async_rollouts.concurrent
+    assert trainer.clip_against == "sampler"  # auto at max_staleness > 0
+    assert json.loads((Path(cfg.training.output_dir) / "run_info.json").read_text())["clip_against"] == "sampler"
     # batch s is sampled during step s - 1, seeded by its own step s (the synchronous loop's seed for it)
     assert seeds == [derive_seed(cfg.training.seed, "grpo.rollout", s, 0) for s in range(3)]
     metrics = read_metrics(cfg.training.output_dir)
@@ -199,6 +272,7 @@ def test_staleness_one_trains_on_the_previous_version_with_exact_is_weights(tmp_
     assert all(m["throughput/e2e_tokens_per_s"] > 0 for m in metrics)
     assert all({*exp.batch.policy_version.tolist()} == {max(step - 1, 0)} for step, exp, *_ in seen)
     assert check_against_versions(trainer, seen, cap, sampler_atol) == 2  # steps 1 and 2: version t - 1's samples
+    check_ratio_against_sampler(seen, losses, cap)
 
 
 def test_async_refuses_engines_without_sampler_logprobs(tmp_path, synthetic_data, monkeypatch):

@@ -392,6 +392,14 @@ class GRPOConfig:
         "help": "rollout_is: the largest importance weight (truncate) or ratio kept (mask)"})
     rollout_is_floor: float | None = field(default=None, metadata={
         "help": "rollout_is mask modes: the smallest ratio kept; null: 0"})
+    clip_against: Literal["auto", "learner", "sampler"] = field(default="auto", metadata={
+        "help": "the policy the PPO ratio and its epsilon clip are taken against. learner: the learner's own "
+                "logprobs at the step's start (verl's decoupled mode; the sampler enters only through rollout_is's "
+                "weights, and with num_iterations 1 the clip never acts); sampler: the rollout engine's sampling "
+                "logprobs (verl's bypass mode, Tinker's PPO), so the clip bounds how far the policy has moved since "
+                "it sampled, which stale samples need (README, asynchronous rollouts); rollout_is then bounds that ratio (truncate: "
+                "at rollout_is_cap; mask: tokens outside [floor, cap] dropped), token modes only. auto: sampler "
+                "when rollout.max_staleness > 0, else learner"})
 
 
 @dataclass
@@ -842,6 +850,7 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
                         "float16 (flash-attention has no float32 kernels); or use attn_implementation=sdpa")
     names = [f.name for f in cfg.rewards.functions]
     problems += _async_problems(cfg)
+    problems += _clip_against_problems(cfg)
     if cfg.algorithm.grpo.length_bonus and cfg.algorithm.grpo.length_bonus_reward not in names:
         problems.append(f"algorithm.grpo.length_bonus_reward {cfg.algorithm.grpo.length_bonus_reward!r} must name one of "
                         f"rewards.functions ({', '.join(names) or 'none'}): its score decides which answers are correct")
@@ -851,6 +860,32 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     if problems:
         raise ConfigError("invalid recipe: " + "; ".join(problems))
     return cfg
+
+
+def clip_against(cfg: RecipeConfig) -> str:
+    """``algorithm.grpo.clip_against`` with ``auto`` resolved: the sampler when rollouts may be stale.
+
+    Why the sampler for stale samples: with the learner as the anchor and one update per batch the ratio is 1 and
+    the clip never acts, so nothing bounds how far a step moves the policy from the one that sampled; the update
+    is right in expectation but the policy's overshoots are corrected one version late. On the counting demo at
+    max_staleness 1 that oscillated into a collapse in 3 of 3 seeds where the synchronous loop held, and anchoring
+    the clip to the sampler held (README, asynchronous rollouts)."""
+    chosen = cfg.algorithm.grpo.clip_against
+    if chosen != "auto":
+        return chosen
+    return "sampler" if cfg.rollout.max_staleness > 0 else "learner"
+
+
+def _clip_against_problems(cfg: RecipeConfig) -> list[str]:
+    if not algorithm_spec(cfg.algorithm.name).reads_sampler_logprobs or clip_against(cfg) != "sampler":
+        return []
+    mode = cfg.algorithm.grpo.rollout_is
+    if mode.startswith("sequence"):
+        how = "auto with rollout.max_staleness > 0" if cfg.algorithm.grpo.clip_against == "auto" else "sampler"
+        return [f"algorithm.grpo.clip_against={how} takes the ratio against the sampler per token, which "
+                f"algorithm.grpo.rollout_is={mode}'s sequence weights would count a second time: use a token_ mode, or "
+                "clip_against: learner"]
+    return []
 
 
 def _async_problems(cfg: RecipeConfig) -> list[str]:
@@ -896,7 +931,8 @@ def _unscored_sampling_problems(cfg: RecipeConfig) -> list[str]:
     with engine-specific prompt ids), so that ratio is not 1 even at identical weights and the
     correction would reweight every token by the penalty, not by off-policy drift. Nothing else reads
     the sampler's logprobs (DPO variants, ``rollout_is: none``), so the setting stays allowed there."""
-    if not algorithm_spec(cfg.algorithm.name).reads_sampler_logprobs or cfg.algorithm.grpo.rollout_is == "none":
+    if not algorithm_spec(cfg.algorithm.name).reads_sampler_logprobs or (
+            cfg.algorithm.grpo.rollout_is == "none" and clip_against(cfg) == "learner"):
         return []
     return [f"rollout.{name}={getattr(cfg.rollout, name)} changes the rollout engines' logprobs in a way the learner "
             f"does not reproduce, so algorithm.grpo.rollout_is={cfg.algorithm.grpo.rollout_is} would reweight tokens by a ratio "

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from r1_mm.config.recipe import ConfigError, RecipeConfig, RewardSpec
+from r1_mm.config.recipe import ConfigError, RecipeConfig, RewardSpec, clip_against
 from r1_mm.core.seeds import derive_seed
 from r1_mm.data import Sample
 from r1_mm.data.loading import has_split
@@ -48,7 +48,7 @@ from r1_mm.trainers.length_bonus import length_band_bonus
 from r1_mm.trainers.losses import ADVANTAGE_ESTIMATORS, LossNorm, LossSettings, policy_loss
 from r1_mm.trainers.objects import RunObjects, with_objects
 from r1_mm.trainers.registry import register_trainer
-from r1_mm.trainers.rollout_correction import importance_weights, sampling_logprobs
+from r1_mm.trainers.rollout_correction import importance_weights, sampler_anchor, sampling_logprobs
 from r1_mm.trainers.step_metrics import StepMetrics
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,7 @@ class GRPOTrainer(BaseTrainer):
             kl_importance_weighting=a.kl_importance_weighting, sapo_temperature_pos=a.sapo_temperature_pos,
             sapo_temperature_neg=a.sapo_temperature_neg, entropy_coef=a.entropy_coef,
             top_entropy_quantile=a.top_entropy_quantile)
+        self.clip_against = clip_against(cfg)  # the PPO ratio's anchor: the learner at the step's start or the sampler
         self.nonfinite_in_a_row = 0
         self._warned_no_sampler_logprobs = False
         self._last_exp: Experience | None = None
@@ -174,6 +175,9 @@ class GRPOTrainer(BaseTrainer):
         self._checkpoint_steps = 0
         self._last_step_end: float | None = None
         self._token_staleness: list[int] = []
+
+    def run_info_extra(self) -> dict[str, Any]:
+        return {"clip_against": self.clip_against, "max_staleness": self.cfg.rollout.max_staleness}
 
     # -- rollouts ---------------------------------------------------------------------------------
     def _sampling(self, step: int, *stream: int | str) -> SamplingSettings:
@@ -320,6 +324,14 @@ class GRPOTrainer(BaseTrainer):
         flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=self.learner.accelerator.device)
         return float(self.learner.accelerator.reduce(flag, reduction="sum")) == 0.0
 
+    def _sampler_logps(self, exp: Experience, learner_logps: torch.Tensor) -> torch.Tensor:
+        """The engine's sampling logprobs (N, C), which clip_against: sampler cannot do without."""
+        sampler = sampling_logprobs(exp.batch.sampler_logprobs, learner_logps.shape[1], learner_logps.device)
+        if sampler is None:
+            raise RuntimeError(f"rollout engine {self.engine.name} returned no sampling logprobs: "
+                               "algorithm.grpo.clip_against=sampler takes the PPO ratio against them")
+        return sampler
+
     def _rollout_correction(self, exp: Experience, learner_logps: torch.Tensor,
                             mask: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, float]]:
         """Truncated IS weights between the engine's sampling logprobs and the learner's (None = off)."""
@@ -397,6 +409,7 @@ class GRPOTrainer(BaseTrainer):
                     with reference_model(learner) as ref:
                         ref_logps[k] = self._score(ref, part, truncated=False)[0]
         is_weights: list[torch.Tensor | None] = [None] * len(micro)
+        anchors: list[torch.Tensor | None] = [None] * len(micro)  # clip_against sampler: the ratio's old logprobs
         sums = StepMetrics()
         for iteration in range(cfg.algorithm.grpo.num_iterations):
             policy.train()
@@ -411,6 +424,11 @@ class GRPOTrainer(BaseTrainer):
                         if iteration == 0:
                             is_weights[k], is_stats = self._rollout_correction(part, behaviour, mask)
                             sums.add_means(is_stats, weight=float(mask.sum()))
+                            if self.clip_against == "sampler":
+                                anchors[k], is_weights[k] = sampler_anchor(
+                                    behaviour, self._sampler_logps(part, behaviour), mask, is_weights[k])
+                        if anchors[k] is not None:
+                            behaviour = anchors[k]
                         out = policy_loss(logps, behaviour, part.advantages.to(acc.device), mask, self.loss_settings,
                                           ref_logps=ref_logps[k], token_weights=is_weights[k], norm=norm,
                                           kl_logps=kl_logps, entropy=entropy,
@@ -468,7 +486,8 @@ class GRPOTrainer(BaseTrainer):
             max_staleness=max_staleness, concurrent=concurrent, timeout_s=self.cfg.rollout.async_wait_timeout_s,
             **hooks)
         if self.learner.accelerator.is_main_process:
-            log.info("asynchronous rollouts: max_staleness %d, %s", max_staleness,
+            log.info("asynchronous rollouts: max_staleness %d, PPO ratio against the %s, %s", max_staleness,
+                     self.clip_against,
                      "concurrent producer thread" if concurrent else "interleaved with the learner's updates")
         return self.async_rollouts
 

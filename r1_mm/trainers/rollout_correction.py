@@ -57,3 +57,20 @@ def importance_weights(learner_logps: torch.Tensor, sampler_logps: torch.Tensor,
         "rollout/is_dropped_frac": float((dropped & valid).sum() / n),
     }
     return weights.detach(), stats
+
+
+def sampler_anchor(learner_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor,
+                   weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """For a PPO ratio taken against the sampler (``algorithm.grpo.clip_against: sampler``): the old logprobs the
+    ratio uses, and the token weights that bound it.
+
+    The old logprobs are the sampler's on scored tokens and the learner's elsewhere (padding keeps a ratio of 1).
+    The ratio pi_learner / pi_sampler then already is the importance weight, so ``weights`` (the token modes'
+    exp(learner - sampler), capped or masked) are divided by that ratio at the step's start: what multiplies the
+    advantage is min(ratio, cap) (truncate) or the ratio where kept, 0 where dropped (mask), never the ratio twice."""
+    scored = mask.bool()
+    anchor = torch.where(scored, sampler_logps, learner_logps).detach()
+    if weights is None:
+        return anchor, None
+    ratio = torch.exp((learner_logps - anchor).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)).detach()
+    return anchor, torch.where(scored, weights / ratio, torch.zeros_like(weights))
