@@ -24,6 +24,24 @@ from .test_distill import recipe
 TEACHER = TinySpec(small_vocab=True, seed=1, hidden_size=96, num_layers=3)
 
 
+SHARPNESS = 6.0
+
+
+def sharpened_teacher(folder, tiny_cache):
+    """The tiny teacher with its final norm's gain times SHARPNESS (its logits times SHARPNESS): a random tiny model's
+    next-token distribution is close to uniform, and so close to the student's that the sampled-token estimate of
+    their reverse KL (~0.02 nats) drowns in its own noise over a few steps; a sharper teacher is far enough away."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_model_path(TEACHER, cache_dir=tiny_cache), folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * SHARPNESS
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, synthetic_data, tiny_cache):
     """(ServedTeacher, the teacher's folder): the run's own code starts the server from algorithm.distill.teacher."""
@@ -32,20 +50,27 @@ def served(tmp_path_factory, synthetic_data, tiny_cache):
     from r1_mm.models.loading import load_processor
     from r1_mm.trainers.served_teacher import ServedTeacher
 
-    os.environ["R1MM_CACHE"] = str(tiny_cache.parent)
-    teacher_path = tiny_model_path(TEACHER, cache_dir=tiny_cache)
+    previous = os.environ.get("R1MM_CACHE")
+    os.environ["R1MM_CACHE"] = str(tiny_cache.parent)  # the server resolves nothing tiny:, the student does
+    teacher_path = sharpened_teacher(tmp_path_factory.mktemp("teacher") / "teacher", tiny_cache)
     cfg = recipe(tmp_path_factory.mktemp("served"), synthetic_data["counting"], str(teacher_path),
                  "algorithm.distill.teacher_engine=vllm", "algorithm.distill.teacher_dtype=float32",
                  "rollout.vllm_max_model_len=1024")
     from r1_mm.config.recipe import ModelConfig
 
     teacher = ServedTeacher(cfg, load_processor(ModelConfig(name_or_path="tiny:qwen2_5_vl:small")))
+    process = teacher.managed[0].process
     try:
         assert len(teacher.managed) == 1 and teacher.managed[0].alive()
+        assert httpx.get(f"{teacher.urls[0]}/health").json()["model"] == str(teacher_path)
         yield teacher, teacher_path
     finally:
         teacher.close()
-    assert not teacher.managed[0].alive()
+        if previous is None:
+            os.environ.pop("R1MM_CACHE", None)
+        else:
+            os.environ["R1MM_CACHE"] = previous
+    assert process.poll() is not None  # close() stopped the server the run started
 
 
 def image_samples(processor, synthetic_data, n=2):
@@ -102,13 +127,14 @@ def test_served_logprobs_are_the_local_teachers_on_an_image_prompt(served, synth
             assert all(step[0][1] >= lp - 1e-6 for step, lp in zip(got["top_logprobs"], got["logprobs"], strict=True))
     # the image matters: the local teacher with other pixels gives other logprobs than the served ones
     other = local_logprobs(model, samples[0], completions[0][0], pixel_values=torch.zeros_like(samples[0].inputs["pixel_values"]))
-    assert float((other - torch.tensor(outputs[0]["completions"][0]["logprobs"])).abs().max()) > 1e-3
+    image_effect = float((other - torch.tensor(outputs[0]["completions"][0]["logprobs"])).abs().max())
+    assert image_effect > 1e-3
     # the client: the same numbers, an empty completion left empty, and the prompt ids checked
     scored = teacher.score(samples, [[completions[0][0], []], [completions[1][0]]])
     assert scored[0][1] == [] and len(scored[0][0]) == 7
     torch.testing.assert_close(torch.tensor(scored[0][0]), torch.tensor(outputs[0]["completions"][0]["logprobs"]),
                                atol=1e-6, rtol=0)
-    print(f"served vs local teacher: max |logprob difference| {worst:.2e}")
+    print(f"served vs local teacher: max |logprob difference| {worst:.2e}; zeroing the pixels moves them {image_effect:.2e}")
 
 
 def test_score_refuses_client_mistakes(served, synthetic_data):
@@ -141,12 +167,13 @@ def test_a_server_with_another_tokenizer_is_refused_in_one_line(served, tmp_path
     ServedTeacher(cfg, build_tokenizer(TinySpec(small_vocab=True, seed=5))).close()  # same vocabulary: accepted
 
 
-@pytest.mark.slow
-def test_student_reverse_kl_estimate_to_the_served_teacher_falls(served, tmp_path, synthetic_data, tiny_cache):
-    """Steps on the hf engine's samples against the served teacher (given by URL). Premise: every step sent one
-    score request covering every completion token; the estimate logged is the token mean of log p_s - log p_t.
-    Measured: the estimate over the first and last steps, and the exact reverse KL (the local teacher's full
-    distribution, on the same fixed completions) before and after training."""
+def test_student_reverse_kl_estimate_to_the_served_teacher_falls(served, tmp_path, synthetic_data):
+    """16 steps on the hf engine's samples (2 prompts x 8 completions of <= 8 tokens, lr 5e-3) against the served
+    teacher, given by URL. Premise: every step sent one score request covering every completion token, and the
+    local teacher is not loaded. Measured with training seeds 0-2: the logged estimate (token mean of
+    log p_s - log p_t on the student's samples) falls from 0.68-0.71 over the first 4 steps to 0.30-0.32 over the
+    last 4, and the exact reverse KL (the local teacher's full distribution, on fixed completions) from 0.67 to
+    0.26-0.30 (about 5 s here)."""
     from r1_mm.models.forward.scoring import score_divergence
     from r1_mm.rollout.base import media_token_ids
     from r1_mm.run.tracking import read_metrics
@@ -154,10 +181,10 @@ def test_student_reverse_kl_estimate_to_the_served_teacher_falls(served, tmp_pat
 
     teacher, path = served
     url = teacher.urls[0]
-    steps = 8
+    steps = 16
     cfg = recipe(tmp_path, synthetic_data["counting"], "", "algorithm.distill.teacher_engine=vllm",
                  f"algorithm.distill.teacher_servers=[{url}]", f"training.max_steps={steps}",
-                 "rollout.max_completion_length=6")
+                 "rollout.max_completion_length=8", "rollout.num_generations=8", "training.learning_rate=5e-3")
     trainer = DistillTrainer(cfg)
     assert trainer.teacher is None and trainer.served is not None and trainer.served.urls == [url]
 
@@ -189,5 +216,5 @@ def test_student_reverse_kl_estimate_to_the_served_teacher_falls(served, tmp_pat
     assert all("train/reverse_kl" not in m for m in metrics)
     first, last = float(np.mean(est[:4])), float(np.mean(est[-4:]))
     print(f"reverse-KL estimate {est}; first 4 {first:.4f}, last 4 {last:.4f}; exact KL {kl_before:.4f} -> {kl_after:.4f}")
-    assert first > 0.005 and last < 0.7 * first, est
-    assert kl_after < 0.7 * kl_before, (kl_before, kl_after)
+    assert first > 0.1 and last < 0.6 * first, est
+    assert kl_after < 0.6 * kl_before, (kl_before, kl_after)
