@@ -165,6 +165,12 @@ def test_a_server_with_another_tokenizer_is_refused_in_one_line(served, tmp_path
         ServedTeacher(cfg, build_tokenizer(TinySpec()))  # the 1024-token vocabulary, not the small one
     assert "\n" not in str(info.value) and "its tokenizer is not the student's" in str(info.value)
     ServedTeacher(cfg, build_tokenizer(TinySpec(small_vocab=True, seed=5))).close()  # same vocabulary: accepted
+    # a teacher the run would start itself: its tokenizer is read first, and no server starts
+    own = recipe(tmp_path, synthetic_data["counting"], "tiny:qwen2_5_vl", "algorithm.distill.teacher_engine=vllm")
+    with pytest.raises(ConfigError) as info:
+        ServedTeacher(own, build_tokenizer(TinySpec(small_vocab=True)))
+    assert "\n" not in str(info.value) and "tiny:qwen2_5_vl: its tokenizer is not the student's" in str(info.value)
+    assert not (tmp_path / "run" / "teacher_servers").exists()
 
 
 def test_student_reverse_kl_estimate_to_the_served_teacher_falls(served, tmp_path, synthetic_data):

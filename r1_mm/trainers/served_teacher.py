@@ -9,7 +9,8 @@ completions, spread over the servers, and gets back the teacher's logprob of eve
 
 Checked before the first step: every server's tokenizer is the student's (``/health``'s fingerprint, the vocabulary
 and EOS / BOS ids). Checked on every reply: the prompt ids the teacher's vLLM expanded are the learner's, and one
-logprob came back per completion token.
+logprob came back per completion token. A server that fails stops the run, naming it (no restart: a teacher
+server holds no state the run could not give a new one, but nothing restarts it yet).
 
 What differs from a local teacher (``teacher_engine: local``): the served logprobs are normalised over the teacher's
 whole vocabulary, including the media placeholder tokens the learner suppresses and the head rows past the student's
@@ -72,7 +73,9 @@ class ServedTeacher:
         self.client: httpx.Client | None = None
         try:
             urls = [u.rstrip("/").removesuffix("/v1") for u in d.teacher_servers]
+            want = tokenizer_fingerprint(student_tokenizer)
             if not urls:
+                self._check_tokenizer(want)  # before a server starts for nothing
                 urls = self._start_own_server() if self.rank == 0 else []
                 if self.world > 1:
                     shared = [urls]
@@ -83,7 +86,6 @@ class ServedTeacher:
                 wait_healthy(url, r.pool_startup_timeout_s, headers=headers)
             self.urls = urls
             self.client = httpx.Client(timeout=r.pool_request_timeout_s, headers=headers)
-            want = tokenizer_fingerprint(student_tokenizer)
             for url in urls:
                 health = self.client.get(f"{url}/health").json()
                 if health.get("tokenizer") != want:
@@ -94,6 +96,16 @@ class ServedTeacher:
         except BaseException:
             self.close()
             raise
+
+    def _check_tokenizer(self, want: str) -> None:
+        """The teacher's own tokenizer (its processor, no weights) against the student's fingerprint."""
+        from r1_mm.models.loading import load_processor
+
+        tcfg = teacher_model_config(self.cfg)
+        got = tokenizer_fingerprint(load_processor(tcfg))
+        if got != want:
+            raise ConfigError(f"algorithm.distill.teacher {tcfg.name_or_path}: its tokenizer is not the student's "
+                              f"(fingerprint {got} vs {want}); distillation compares the two models token id by token id")
 
     def _start_own_server(self) -> list[str]:
         cfg = self.cfg
