@@ -134,6 +134,16 @@ def test_served_logprobs_are_the_local_teachers_on_an_image_prompt(served, synth
     assert scored[0][1] == [] and len(scored[0][0]) == 7
     torch.testing.assert_close(torch.tensor(scored[0][0]), torch.tensor(outputs[0]["completions"][0]["logprobs"]),
                                atol=1e-6, rtol=0)
+    # a prompt the teacher's vLLM would expand to other ids than the learner's is refused, naming the row
+    import dataclasses
+
+    from r1_mm.rollout.vllm_common import PromptMismatchError
+
+    ids = samples[0].inputs["input_ids"].clone()
+    ids[0, -1] = (int(ids[0, -1]) + 1) % 80
+    shifted = dataclasses.replace(samples[0], inputs={**samples[0].inputs, "input_ids": ids})
+    with pytest.raises(PromptMismatchError, match=f"prompt {samples[0].row_id}: the teacher would score another"):
+        teacher.score([shifted], [[completions[0][0]]])
     print(f"served vs local teacher: max |logprob difference| {worst:.2e}; zeroing the pixels moves them {image_effect:.2e}")
 
 

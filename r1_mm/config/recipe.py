@@ -444,7 +444,9 @@ class DistillConfig:
     """``algorithm.distill``: on-policy distillation. The student (``model``) samples
     ``rollout.num_generations`` completions per prompt; a frozen teacher with the same tokenizer scores every
     token the student wrote, media included, and the loss is the per-token divergence of the student's
-    next-token distribution to the teacher's (token-mean over the step)."""
+    next-token distribution to the teacher's (token-mean over the step). A teacher served by vLLM
+    (``teacher_engine: vllm``) gives the sampled tokens' logprobs only: the loss is then the sampled-token estimate
+    of the reverse KL (``trainers/distill_losses.sampled_reverse_kl``)."""
 
     teacher: str = field(default="", metadata={
         "help": "distill: the teacher (hub id, local folder or tiny:...); its tokenizer must be the student's (same "

@@ -35,7 +35,7 @@ from r1_mm.core import topology
 from r1_mm.data import Sample
 from r1_mm.rollout.servers import free_port
 from r1_mm.rollout.transport import encode_sample, tokenizer_fingerprint
-from r1_mm.rollout.vllm_common import check_prompt_ids, learner_ids
+from r1_mm.rollout.vllm_common import PromptMismatchError, check_prompt_ids, learner_ids
 from r1_mm.rollout.vllm_pool import (
     ManagedServer,
     _dist,
@@ -152,7 +152,11 @@ class ServedTeacher:
             replies = {k: f.result() for k, f in futures.items()}
         for k, idx in shards.items():
             for i, reply in zip(idx, replies[k], strict=True):
-                check_prompt_ids(reply["prompt_token_ids"], learner_ids(samples[i], []))
+                try:
+                    check_prompt_ids(reply["prompt_token_ids"], learner_ids(samples[i], []))
+                except PromptMismatchError as exc:
+                    raise PromptMismatchError(f"teacher server {self.urls[k]}, prompt {samples[i].row_id}: the "
+                                              f"teacher would score another prompt than the student's ({exc})") from None
                 scored = iter(reply["completions"])
                 for j, ids in enumerate(completions[i]):
                     if not ids:
