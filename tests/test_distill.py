@@ -18,7 +18,13 @@ from r1_mm.models.forward.grouped import pack_groups
 from r1_mm.models.forward.scoring import score_divergence
 from r1_mm.models.tiny import TinySpec, build_tokenizer, tiny_model_path
 from r1_mm.rollout.base import media_token_ids
-from r1_mm.trainers.distill_losses import divergence_beta, generalized_jsd, reverse_kl, token_divergence
+from r1_mm.trainers.distill_losses import (
+    divergence_beta,
+    generalized_jsd,
+    reverse_kl,
+    sampled_reverse_kl,
+    token_divergence,
+)
 
 G = 2
 BETAS = [0.0, 0.1, 0.5, 0.9, 1.0]
@@ -61,6 +67,44 @@ def test_divergences_are_the_textbook_formulas(beta):
     torch.testing.assert_close(token_divergence(s, t, "reverse_kl", 0.3), reverse_kl(s, t))
     with pytest.raises(ValueError, match="unknown distillation loss"):
         divergence_beta("forward_kl", 0.5)
+
+
+def test_sampled_reverse_kl_by_hand():
+    """A served teacher's loss on two tokens: estimate = log p_s - log p_t, loss = estimate * log p_s, and the
+    gradient with respect to log p_s is the estimate (the advantage is detached)."""
+    student = torch.tensor([-1.0, -2.0], requires_grad=True)
+    teacher = torch.tensor([-1.5, -1.0])
+    loss, estimate = sampled_reverse_kl(student, teacher)
+    torch.testing.assert_close(estimate, torch.tensor([0.5, -1.0]))
+    torch.testing.assert_close(loss.detach(), torch.tensor([-0.5, 2.0]))
+    assert not estimate.requires_grad
+    (grad,) = torch.autograd.grad(loss.sum(), student)
+    torch.testing.assert_close(grad, torch.tensor([0.5, -1.0]))
+
+
+def test_sampled_reverse_kl_expects_the_full_reverse_kl_and_its_gradient():
+    """Over y ~ p_s, enumerated exactly for 4 positions of a 7-token vocabulary: the estimate's mean is KL(p_s || p_t)
+    and the loss's mean gradient (with respect to the student's logits) is the full reverse KL's gradient."""
+    gen = torch.Generator().manual_seed(0)
+    student_logits = (torch.randn(4, 7, generator=gen, dtype=torch.float64) * 2).requires_grad_()
+    teacher_logits = torch.randn(4, 7, generator=gen, dtype=torch.float64) * 2
+    s, t = torch.log_softmax(student_logits, -1), torch.log_softmax(teacher_logits, -1)
+    loss, estimate = sampled_reverse_kl(s, t)  # every token y at every position, as if it had been sampled
+    p = s.detach().exp()
+    expected_loss = (p * loss).sum()
+    per_position = (s.exp() * (s - t)).sum(-1)  # KL(p_s || p_t) in float64 (reverse_kl computes in float32)
+    torch.testing.assert_close(per_position.float(), reverse_kl(student_logits, teacher_logits), atol=1e-6, rtol=1e-6)
+    full = per_position.sum()
+    torch.testing.assert_close((p * estimate).sum(-1), per_position.detach(), atol=1e-12, rtol=0)
+    (got,) = torch.autograd.grad(expected_loss, student_logits, retain_graph=True)
+    (want,) = torch.autograd.grad(full, student_logits, retain_graph=True)
+    assert float(want.abs().max()) > 0.05  # a real gradient to match
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    # and by sampling: 200,000 draws per position agree to Monte Carlo precision
+    draws = torch.multinomial(p, 200_000, replacement=True, generator=gen)
+    sampled_loss, _ = sampled_reverse_kl(s.gather(1, draws), t.gather(1, draws))
+    (mc,) = torch.autograd.grad(sampled_loss.mean(1).sum(), student_logits)
+    assert float((mc - want).abs().max()) < 0.02 * float(want.abs().max()) + 5e-3
 
 
 # -- the tiled path through both models -------------------------------------------------------------------
@@ -171,6 +215,25 @@ def recipe(tmp_path: Path, data: Path, teacher: str, *overrides: str):
         "rollout.num_generations=4", "rollout.max_completion_length=8", "training.prompts_per_step=2",
         "training.learning_rate=1e-3", "logging.progress_bar=false", "logging.report_to=[]",
         "algorithm.name=distill", f"algorithm.distill.teacher={teacher}", *overrides])
+
+
+def test_a_served_teacher_takes_reverse_kl_at_temperature_1_only():
+    """A served teacher gives sampled-token logprobs at temperature 1: jsd, another distill temperature and greedy
+    rollouts are refused at load, each in one line; teacher_servers without teacher_engine=vllm too."""
+    base = ["algorithm.name=distill", "algorithm.distill.teacher_engine=vllm",
+            "algorithm.distill.teacher_servers=[http://127.0.0.1:1]"]
+    load_recipe(None, base)  # servers given: the teacher's name may stay empty
+    for extra, message in [("algorithm.distill.loss=jsd", "needs the teacher's full distribution"),
+                           ("algorithm.distill.temperature=0.5", "temperature must be 1 with a served teacher"),
+                           ("rollout.temperature=0", "rollout.temperature must be > 0")]:
+        with pytest.raises(ConfigError, match=message) as info:
+            load_recipe(None, [*base, extra])
+        assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="teacher_servers needs algorithm.distill.teacher_engine=vllm"):
+        load_recipe(None, ["algorithm.name=distill", "algorithm.distill.teacher=x",
+                           "algorithm.distill.teacher_servers=[http://127.0.0.1:1]"])
+    with pytest.raises(ConfigError, match="algorithm.distill.teacher is empty"):
+        load_recipe(None, ["algorithm.name=distill", "algorithm.distill.teacher_engine=vllm"])
 
 
 def test_recipe_needs_a_teacher_and_a_beta_in_range():

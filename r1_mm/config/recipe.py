@@ -452,7 +452,9 @@ class DistillConfig:
     """``algorithm.distill``: on-policy distillation. The student (``model``) samples
     ``rollout.num_generations`` completions per prompt; a frozen teacher with the same tokenizer scores every
     token the student wrote, media included, and the loss is the per-token divergence of the student's
-    next-token distribution to the teacher's (token-mean over the step)."""
+    next-token distribution to the teacher's (token-mean over the step). A teacher served by vLLM
+    (``teacher_engine: vllm``) gives the sampled tokens' logprobs only: the loss is then the sampled-token estimate
+    of the reverse KL (``trainers/distill_losses.sampled_reverse_kl``)."""
 
     teacher: str = field(default="", metadata={
         "help": "distill: the teacher (hub id, local folder or tiny:...); its tokenizer must be the student's (same "
@@ -467,7 +469,16 @@ class DistillConfig:
                 "reverse KL)"})
     temperature: float = field(default=1.0, metadata={
         "help": "both models' logits are divided by it before the divergence (the sampling temperature is "
-                "rollout.temperature)"})
+                "rollout.temperature); 1 with a served teacher"})
+    teacher_engine: Literal["local", "vllm"] = field(default="local", metadata={
+        "help": "local: the teacher is loaded beside the student and scores every token against its full "
+                "distribution; vllm: the teacher runs in `r1-mm serve rollout` servers (teacher_servers, or one the "
+                "run starts from `teacher`) and returns the logprob of each sampled token only, so the loss is the "
+                "sampled-token estimate of the reverse KL (reverse_kl only)"})
+    teacher_servers: list[str] = field(default_factory=list, metadata={
+        "help": "teacher_engine=vllm: base URLs of running `r1-mm serve rollout --model <teacher>` servers (their "
+                "/health's tokenizer must be the student's); empty: the run starts one on its machine from `teacher` "
+                "(rollout.vllm_* sizes, teacher_dtype)"})
 
 
 def teacher_model_config(cfg: RecipeConfig) -> ModelConfig:
@@ -801,8 +812,22 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     if cfg.algorithm.grpo.beta < 0:
         problems.append("algorithm.grpo.beta must be >= 0")
     distill = cfg.algorithm.distill
-    if cfg.algorithm.name == "distill" and not distill.teacher.strip():
+    if cfg.algorithm.name == "distill" and not distill.teacher.strip() and not (
+            distill.teacher_engine == "vllm" and distill.teacher_servers):
         problems.append("algorithm.distill.teacher is empty: distill needs a teacher (hub id, folder or tiny:...)")
+    if distill.teacher_servers and distill.teacher_engine != "vllm":
+        problems.append("algorithm.distill.teacher_servers needs algorithm.distill.teacher_engine=vllm")
+    if cfg.algorithm.name == "distill" and distill.teacher_engine == "vllm":
+        if distill.loss != "reverse_kl":
+            problems.append(f"algorithm.distill.loss={distill.loss} needs the teacher's full distribution at every "
+                            "position; a served teacher (teacher_engine=vllm) gives the sampled token's logprob only: "
+                            "use loss=reverse_kl or teacher_engine=local")
+        if cfg.rollout.temperature <= 0:
+            problems.append("a served teacher (algorithm.distill.teacher_engine=vllm) estimates the reverse KL on the "
+                            "student's samples: rollout.temperature must be > 0")
+        if distill.temperature != 1.0:
+            problems.append("algorithm.distill.temperature must be 1 with a served teacher (teacher_engine=vllm): its "
+                            "logprobs are the raw model's, at temperature 1")
     if not 0.0 <= distill.beta <= 1.0:
         problems.append("algorithm.distill.beta must be in [0, 1]")
     if distill.temperature <= 0:

@@ -322,7 +322,8 @@ def plan(cfg: RecipeConfig, *, gpus: int, zero_stage: int, mixed_bf16: bool = Fa
     if needs_reference and not cfg.model.lora:  # LoRA: the adapter-disabled policy is the reference
         add("reference weights", shape.total_params * b / shard3, "frozen copy" + (", sharded" if shard3 > 1 else ""))
     teacher = None
-    if a.name == "distill":  # trainers/distill.py: frozen, in its own dtype, sharded as the reference is
+    # trainers/distill.py: frozen, in its own dtype, sharded as the reference is (a served teacher: in its servers)
+    if a.name == "distill" and a.distill.teacher_engine == "local":
         import dataclasses
 
         teacher = model_shape(dataclasses.replace(cfg, model=dataclasses.replace(

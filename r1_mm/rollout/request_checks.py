@@ -159,3 +159,38 @@ def check_generate(body: Any, limits: PromptLimits) -> tuple[list[dict[str, Any]
         check_media(payload, i)
         check_prompt_text(payload, i, limits)
     return prompts, [check_sampling(kwargs, i) for i, kwargs in enumerate(sampling)]
+
+
+MAX_SCORE_TOP_K = 20  # vLLM's default max_logprobs
+
+
+def check_score(body: Any, limits: PromptLimits) -> tuple[list[dict[str, Any]], list[list[list[int]]], int]:
+    """A ``/score`` request: its prompts (as ``/generate``'s), per prompt the completions (token-id lists) to score
+    after it, and ``top_k`` (the teacher's k most likely tokens per position besides the scored one; 0 by default);
+    or BadRequest naming the first problem."""
+    if not isinstance(body, dict) or not isinstance(body.get("prompts"), list) or not isinstance(body.get("completions"), list):
+        raise BadRequest(400, "score needs 'prompts' and 'completions' (per prompt, a list of token-id lists)")
+    prompts, completions = body["prompts"], body["completions"]
+    if len(prompts) != len(completions):
+        raise BadRequest(400, f"{len(prompts)} prompts but {len(completions)} completion lists: one per prompt")
+    if not prompts:
+        raise BadRequest(400, "no prompts")
+    top_k = body.get("top_k", 0)
+    if type(top_k) is not int or not 0 <= top_k <= MAX_SCORE_TOP_K:
+        raise BadRequest(400, f"'top_k' must be an integer in [0, {MAX_SCORE_TOP_K}], not {top_k!r}")
+    for i, (payload, group) in enumerate(zip(prompts, completions, strict=True)):
+        check_media(payload, i)
+        check_prompt_text(payload, i, limits)
+        if not isinstance(group, list) or not group:
+            raise BadRequest(400, f"prompt {i}: 'completions' must hold a non-empty list of token-id lists")
+        for k, ids in enumerate(group):
+            if not isinstance(ids, list) or not ids or not all(type(t) is int for t in ids):
+                raise BadRequest(400, f"prompt {i}: completion {k} must be a non-empty list of integers")
+            bad = next((t for t in ids if t < 0 or (limits.vocab_size is not None and t >= limits.vocab_size)), None)
+            if bad is not None:
+                raise BadRequest(400, f"prompt {i}: completion {k}: token id {bad} is outside the vocabulary")
+            for modality, token in limits.placeholders.items():
+                if token in ids:
+                    raise BadRequest(400, f"prompt {i}: completion {k} holds the {modality} placeholder {token}, "
+                                          "which has no media")
+    return prompts, completions, top_k

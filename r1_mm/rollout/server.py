@@ -3,6 +3,8 @@
 Endpoints: ``POST /generate`` (samples with raw media in, token ids + sampling logprobs out; a prompt is text,
 or token ids with its media placeholders unexpanded for a tool trajectory's next turn, and the reply's
 ``prompt_token_ids`` are vLLM's, placeholders expanded, for the client to check against its own),
+``POST /score`` (a served distillation teacher: per prompt, the logprob the model gives each token of the
+completions sent after it, from vLLM's ``prompt_logprobs``; see ``score`` below),
 ``POST /update_weights`` (reload from a folder of safetensors the learner wrote to shared memory),
 ``POST /load_adapter`` (a server started with ``--enable-lora``: the policy's PEFT adapter, in the body, loaded as a
 new LoRA version; the previous version stays loaded beside it, for requests of learner ranks that have not switched
@@ -32,7 +34,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from r1_mm.rollout.request_checks import BadRequest, PromptLimits, check_generate
+from r1_mm.rollout.request_checks import BadRequest, PromptLimits, check_generate, check_score
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +169,7 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
 
     from r1_mm.rollout.batching import ContinuousBatcher, RequestRejected
     from r1_mm.rollout.reload import reload_folder_in_place, workers_in_process
-    from r1_mm.rollout.transport import decode_request
+    from r1_mm.rollout.transport import decode_request, tokenizer_fingerprint
     from r1_mm.rollout.vllm_common import (
         engine_info,
         engine_params,
@@ -182,7 +184,8 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
     lock = threading.Lock()  # one engine: generate and reload never overlap
     # adapters: the loaded LoRA versions by name, oldest first (the current one and the one before it)
     state: dict[str, Any] = {"weights_version": 0, "broken": None, "last_good": model_dir, "weight_reloads": 0,
-                             "adapter": None, "adapters": {}, "adapter_loads": 0, "loaded_ids": []}
+                             "adapter": None, "adapters": {}, "adapter_loads": 0, "loaded_ids": [],
+                             "score_requests": 0, "scored_tokens": 0}
     lora_config = llm.llm_engine.vllm_config.lora_config  # None: started without --enable-lora
     # vLLM only warns and drops the vision adapters of a model without tower LoRA: the learner checks this
     tower_lora = bool(lora_config is not None and lora_config.enable_tower_connector_lora
@@ -206,6 +209,8 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
                                 enabled=batching, lora_for=lora_for)
     expected = expected_specs(model_dir) if model_dir is not None else {}
     limits = PromptLimits.of(llm)
+    tokenizer = llm.get_tokenizer()
+    fingerprint = tokenizer_fingerprint(tokenizer)
     workers = llm.llm_engine.vllm_config.parallel_config.world_size_across_dp
     in_process = workers_in_process(llm)
     mm_kwargs = processor_kwargs(llm.llm_engine.vllm_config.model_config.hf_config)
@@ -244,6 +249,8 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
                 "workers": workers, "workers_in_process": in_process, "error": state["broken"], "batching": batching,
                 "max_model_len": limits.max_model_len,
                 "batches": dict(batcher.stats), "weight_reloads": state["weight_reloads"],
+                "tokenizer": fingerprint, "score_requests": state["score_requests"],
+                "scored_tokens": state["scored_tokens"],
                 "lora": None if lora_config is None else {
                     "max_lora_rank": lora_config.max_lora_rank, "tower_connector_lora": tower_lora,
                     "adapter": None if state["adapter"] is None else state["adapter"].lora_name,
@@ -282,6 +289,71 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
                              "logprobs": None if c.logprobs is None else
                              [float(step[t].logprob) for step, t in zip(c.logprobs, c.token_ids, strict=True)]}
                             for c in o.outputs]} for o in outputs]}
+
+    @app.post("/score")
+    def score(body: dict[str, Any]) -> dict[str, Any]:
+        """The served model's logprob of every completion token, for a distillation teacher.
+
+        Body: ``prompts`` (as ``/generate``'s: text or token ids with unexpanded placeholders, and the media),
+        ``completions`` (per prompt, a list of token-id lists) and ``top_k`` (0 by default). Each completion runs as
+        one vLLM request of prompt ids + completion ids (a text prompt tokenised as vLLM's renderer tokenises it)
+        with ``max_tokens=1`` and ``prompt_logprobs=top_k``; the reply gives, per completion, the logprob of each of
+        its tokens (and with ``top_k`` the k most likely ``[id, logprob]`` at each position), and per prompt the
+        prompt's ids as vLLM expanded them, for the client to check against its own.
+
+        What the numbers are (vLLM 0.32, ``v1/worker/gpu_model_runner.py`` ``_get_prompt_logprobs_dict``): the
+        model's ``compute_logits`` at each prompt position, then ``Sampler.compute_logprobs``, a float32
+        ``log_softmax`` over the model's whole vocabulary; prompt positions skip every sampling processor (no
+        temperature, penalty, logit bias or top-p/top-k, whatever ``logprobs_mode`` says): the raw model's
+        distribution at temperature 1, as a local teacher's ``log_softmax(logits)``.
+
+        Media: the completions of one prompt are added together, and vLLM shares an image's processed inputs and
+        vision-encoder embeddings between requests by the image's hash (its multimodal processor cache and
+        ``v1/core/encoder_cache_manager.py``), so the vision tower runs once per image (vLLM's code; not measured
+        here); the language model's prefill of the prompt repeats per completion, since vLLM skips prefix-cache
+        reads for requests with prompt logprobs (``SamplingParams.skip_reading_prefix_cache``)."""
+        usable()
+        prompts, completions, top_k = check_score(body, limits)
+        requests, owners = [], []
+        try:
+            for i, (payload, group) in enumerate(zip(prompts, completions, strict=True)):
+                if "prompt" in payload:
+                    base = list(tokenizer(payload["prompt"], add_special_tokens=True)["input_ids"])
+                else:
+                    base = list(payload["prompt_token_ids"])
+                media = {k: v for k, v in payload.items() if k not in ("prompt", "prompt_token_ids")}
+                for ids in group:
+                    requests.append(decode_request({**media, "prompt_token_ids": base + list(ids)}, mm_kwargs,
+                                                   present_video))
+                    owners.append((i, len(ids)))
+        except ValueError as exc:  # e.g. a video for a model whose videos go as images (from text only)
+            raise BadRequest(400, str(exc)) from None
+        params = [{"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": top_k, "detokenize": False}] * len(requests)
+        try:
+            outputs = batcher.submit(requests, params, None)
+        except RequestRejected as exc:  # e.g. longer than max_model_len once its media are expanded
+            raise BadRequest(400, str(exc)) from None
+        except Exception as exc:
+            state["broken"] = f"score failed: {type(exc).__name__}: {exc}"
+            log.exception("engine failed during score; the server now reports itself broken")
+            raise BadRequest(503, state["broken"]) from None
+        replies: list[dict[str, Any]] = [{"prompt_token_ids": None, "completions": []} for _ in prompts]
+        for (i, n), out in zip(owners, outputs, strict=True):
+            ids = list(out.prompt_token_ids)
+            steps = out.prompt_logprobs[len(ids) - n:]  # position j holds the logprob of token j given the ones before
+            completion = {"logprobs": [float(step[t].logprob) for step, t in zip(steps, ids[len(ids) - n:], strict=True)]}
+            if top_k:
+                completion["top_logprobs"] = [[[int(t), float(lp.logprob)] for t, lp in sorted(
+                    step.items(), key=lambda kv: kv[1].rank)[:top_k]] for step in steps]
+            reply = replies[i]
+            if reply["prompt_token_ids"] is None:
+                reply["prompt_token_ids"] = ids[:len(ids) - n]
+            elif reply["prompt_token_ids"] != ids[:len(ids) - n]:
+                raise BadRequest(500, f"prompt {i}: vLLM expanded the prompt differently for two of its completions")
+            reply["completions"].append(completion)
+        state["score_requests"] += 1
+        state["scored_tokens"] += sum(n for _, n in owners)
+        return {"weights_version": state["weights_version"], "outputs": replies}
 
     @app.post("/open_weight_channel")
     def open_weight_channel(body: dict[str, Any]) -> dict[str, Any]:

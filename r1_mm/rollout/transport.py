@@ -9,7 +9,9 @@ guarantee that for video). A tool trajectory's next turn goes as token ids inste
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
+import json
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -60,3 +62,13 @@ def decode_request(payload: dict[str, Any], mm_kwargs: dict[str, Any] | None = N
     return media_request(prompt, [Image.fromarray(decode_array(a)) for a in payload.get("images", [])],
                          [(decode_array(v["frames"]), v["metadata"]) for v in payload.get("videos", [])], mm_kwargs,
                          present_video)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """What makes two tokenizers give every token the same id, as one short string: a hash of the vocabulary
+    (token -> id, added tokens included) and the EOS / BOS ids. A served teacher reports it in its ``/health``, and
+    a distillation run compares it with the student's (the pad token is left out: scoring never reads it)."""
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    text = json.dumps([sorted(tok.get_vocab().items()), getattr(tok, "eos_token_id", None),
+                       getattr(tok, "bos_token_id", None)], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

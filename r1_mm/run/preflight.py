@@ -148,8 +148,11 @@ def check_model_config(cfg: RecipeConfig, config: Any = None, *, learner: bool =
     if vllm:
         found += context_length_problems(cfg, config)
         found += cpu_engine_dtype_problems(cfg, config)
-    if learner and cfg.algorithm.name == "distill":
-        found += teacher_problems(cfg, config, grouped=grouped)
+    d = cfg.algorithm.distill
+    # a teacher in servers given by URL may name a folder of their machine; one the run starts is read here
+    if learner and cfg.algorithm.name == "distill" and not (d.teacher_engine == "vllm" and d.teacher_servers):
+        served = d.teacher_engine == "vllm"  # the learner never runs a served teacher's forward
+        found += teacher_problems(cfg, config, grouped=grouped and not served)
     return found
 
 

@@ -15,7 +15,15 @@ hidden states at the scored positions; the student's forward projects both throu
 but must share the tokenizer (the same vocabulary and ids; the teacher's head may have more rows, e.g.
 Qwen2.5-VL-7B's 152,064 against 3B's 151,936: the rows past the student's are never read).
 
-The teacher is a local model here; a teacher served by vLLM (its top-k logprobs) is not implemented.
+The teacher is local (``algorithm.distill.teacher_engine: local``, above) or served by vLLM (``vllm``:
+``r1-mm serve rollout`` servers, given by ``teacher_servers`` or one the run starts from ``teacher``;
+``served_teacher.py``). A served teacher returns only the logprob of each token the student sampled (its
+``/score``: vLLM's prompt logprobs, the raw model at temperature 1), so the loss is the sampled-token estimate of the
+reverse KL (``distill_losses.sampled_reverse_kl``: advantage -(log p_s - log p_t) per token, detached, times
+log p_s, token mean), with the student's logprobs taken under its sampling distribution (rollout.temperature, the
+suppressed media tokens, top-p / top-k), whose samples these are; ``train/reverse_kl_estimate`` is the token mean of
+log p_s - log p_t. Refused at load: a served teacher with ``loss: jsd`` (it needs full distributions), with
+``algorithm.distill.temperature`` other than 1, and a server whose tokenizer is not the student's.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ from r1_mm.config.recipe import ConfigError, RecipeConfig, teacher_model_config
 from r1_mm.core.seeds import derive_seed
 from r1_mm.data import Sample
 from r1_mm.data.prompts import PromptBuilder
-from r1_mm.models.forward.scoring import score_divergence
+from r1_mm.models.forward.scoring import score_completions, score_divergence
+from r1_mm.models.forward.truncated_scores import Truncation
 from r1_mm.models.loading import load_model, load_processor, prepare_processor
 from r1_mm.rollout.base import Completion, RolloutEngine, SamplingSettings, media_token_ids
 from r1_mm.rollout.engines import make_engine
@@ -44,7 +53,7 @@ from r1_mm.trainers.backend import (
     packed_tokens,
 )
 from r1_mm.trainers.base import BaseTrainer
-from r1_mm.trainers.distill_losses import divergence_beta
+from r1_mm.trainers.distill_losses import divergence_beta, sampled_reverse_kl
 from r1_mm.trainers.objects import RunObjects, with_objects
 from r1_mm.trainers.registry import register_trainer
 from r1_mm.trainers.step_metrics import StepMetrics
@@ -99,11 +108,20 @@ class DistillTrainer(BaseTrainer):
         torch.manual_seed(cfg.training.seed)
         super().__init__(cfg, need_reference=False, objects=objects)
         cfg = self.cfg
+        self.served = None
+        self.teacher = None
         try:
-            self.teacher = self._load_teacher()
+            if cfg.algorithm.distill.teacher_engine == "vllm":
+                from r1_mm.trainers.served_teacher import ServedTeacher
+
+                self.served = ServedTeacher(cfg, self.processor)
+            else:
+                self.teacher = self._load_teacher()
             self.engine: RolloutEngine = make_engine(cfg.rollout.engine, model=self.learner.unwrapped,
                                                      processor=self.processor, cfg=cfg)
         except BaseException:
+            if self.served is not None:
+                self.served.close()
             self.run.close()
             raise
         if model is not None and not getattr(self.engine, "samples_from_policy", False):
@@ -176,34 +194,65 @@ class DistillTrainer(BaseTrainer):
                                                   cfg.training.forward_mode)
                                     for s, group in zip(samples, groups, strict=True)], acc)
         d = cfg.algorithm.distill
+        teacher_logps = None
+        if self.served is not None:  # one request per server for the whole step
+            teacher_logps = self.served.score(samples, [[list(c.token_ids) for c in group] for group in groups])
         sums = StepMetrics()
         learner.policy.train()
         with accumulation_cycle(learner, len(split)):
             for part in split:
                 rows = list(part)
                 with acc.accumulate(learner.policy):
-                    divergence, entropy, mask = score_divergence(
-                        learner.policy, self.teacher, [samples[i] for i in rows],
-                        [c.token_ids for i in rows for c in groups[i]], g, self.pad_id, beta=self.beta,
-                        temperature=d.temperature, mode=cfg.training.forward_mode, suppressed_ids=self.suppressed_ids)
+                    if teacher_logps is None:
+                        divergence, entropy, mask = score_divergence(
+                            learner.policy, self.teacher, [samples[i] for i in rows],
+                            [c.token_ids for i in rows for c in groups[i]], g, self.pad_id, beta=self.beta,
+                            temperature=d.temperature, mode=cfg.training.forward_mode,
+                            suppressed_ids=self.suppressed_ids)
+                        extra = {}
+                    else:
+                        divergence, entropy, mask, estimate = self._sampled_loss(
+                            [samples[i] for i in rows], [c.token_ids for i in rows for c in groups[i]],
+                            [lp for i in rows for lp in teacher_logps[i]])
+                        extra = {"train/reverse_kl_estimate": estimate}
                     mask = mask.to(divergence.dtype)
                     loss_sum = (divergence * mask).sum()
                     backward_share(learner, loss_sum / max(total, 1.0))
                 sums.add_sum("train/loss", float(loss_sum.detach()) / max(total, 1.0))
-                sums.add_token_means(mask, **{"train/entropy": entropy})
+                sums.add_token_means(mask, **{"train/entropy": entropy}, **extra)
         grad_norm = optimizer_step(learner, cfg.training.max_grad_norm)
         self.engine.update_weights(learner.unwrapped)  # the next step samples from these weights (on-policy)
         metrics = sums.result()
         metrics.update(split.metrics())
+        if self.served is None:  # a served teacher's loss is a surrogate: its divergence is reverse_kl_estimate
+            metrics[f"train/{d.loss}"] = metrics["train/loss"]
         metrics.update({
-            f"train/{d.loss}": metrics["train/loss"],
             "train/tokens": float(local.item()),
             "train/grad_norm": grad_norm if grad_norm is not None else float("nan"),
             "train/lr": float(learner.scheduler.get_last_lr()[0]),
         })
         return metrics
 
+    def _sampled_loss(self, samples: list[Sample], completions: list[list[int]],
+                      teacher_logps: list[list[float]]) -> tuple[torch.Tensor, ...]:
+        """A served teacher's loss per token (``sampled_reverse_kl``), the student's entropy, the scored mask and
+        the per-token estimate of the reverse KL; the student's logprobs under its sampling distribution (as GRPO
+        scores them: the temperature, the suppressed media tokens, the sampler's top-p / top-k)."""
+        r = self.cfg.rollout
+        logps, entropy, mask = score_completions(
+            self.learner.policy, samples, completions, self.cfg.rollout.num_generations, self.pad_id,
+            temperature=max(r.temperature, 1e-6), mode=self.cfg.training.forward_mode, with_entropy=True,
+            suppressed_ids=self.suppressed_ids, truncation=Truncation(r.top_p, r.top_k))
+        teacher = torch.zeros_like(logps, dtype=torch.float32)
+        for row, values in enumerate(teacher_logps):
+            teacher[row, :len(values)] = torch.tensor(values, dtype=torch.float32)
+        loss, estimate = sampled_reverse_kl(logps, teacher)
+        return loss, entropy, mask, estimate
+
     def run_info_extra(self) -> dict[str, Any]:
+        if self.served is not None:
+            return {"teacher": "served", "teacher_name_or_path": self.cfg.algorithm.distill.teacher or None,
+                    **self.served.info(), "distill_loss": "sampled_reverse_kl"}
         from r1_mm.models.weights import unwrap
 
         teacher = unwrap(self.teacher)
@@ -217,12 +266,17 @@ class DistillTrainer(BaseTrainer):
             self.engine.update_weights(self.learner.unwrapped)  # the engine still holds the starting weights
 
     def progress(self, metrics: dict[str, float]) -> dict[str, str]:
+        if "train/reverse_kl_estimate" in metrics:
+            return {"kl_est": f"{metrics['train/reverse_kl_estimate']:.4f}"}
         return {"loss": f"{metrics['train/loss']:.4f}"}
 
     def close(self) -> None:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
+        served = getattr(self, "served", None)
+        if served is not None:
+            served.close()
 
 
 @register_trainer("distill")

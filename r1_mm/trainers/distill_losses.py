@@ -59,3 +59,24 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                      temperature: float = 1.0) -> torch.Tensor:
     """The recipe's loss (``algorithm.distill.loss`` and ``beta``) per position."""
     return generalized_jsd(student_logits, teacher_logits, divergence_beta(loss, beta), temperature)
+
+
+def sampled_reverse_kl(student_logps: torch.Tensor, teacher_logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token loss with a served teacher, which gives only the logprob of each token the student sampled
+    (Thinking Machines' "On-Policy Distillation", 2025): ``(loss, estimate)``, both shaped as the inputs.
+
+    With ``y_t`` the student's sampled token, ``student_logps`` = log p_s(y_t) (with gradient) and ``teacher_logps`` =
+    log p_t(y_t): the per-token advantage is ``A_t = -(log p_s(y_t) - log p_t(y_t))``, detached, and the loss
+    ``-A_t * log p_s(y_t)`` (the trainer takes its token mean). ``estimate`` = log p_s(y_t) - log p_t(y_t), detached:
+    a single-sample estimate of the reverse KL(p_s || p_t) at that position, unbiased when y_t ~ p_s.
+
+    What its gradient estimates: at one position, E_{y ~ p_s}[(log p_s(y) - log p_t(y)) grad log p_s(y)] =
+    sum_y grad p_s(y) (log p_s(y) - log p_t(y)) = grad KL(p_s || p_t) (the term sum_y p_s grad log p_s = grad 1 is 0).
+    Over a sequence this is the gradient of the sum of the per-position reverse KLs along the sampled prefix with
+    discount 0: each token's advantage is its own log-ratio only, and the dependence of later positions'
+    distributions on earlier tokens is not differentiated through (tests/test_distill.py checks the one-position
+    identity by enumeration). The loss's value itself is no divergence; log ``estimate``.
+    """
+    estimate = (student_logps.detach() - teacher_logps.to(student_logps.dtype)).detach()
+    advantage = -estimate
+    return -advantage * student_logps, estimate
