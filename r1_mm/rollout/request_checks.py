@@ -146,15 +146,23 @@ def check_sampling(kwargs: Any, index: int) -> dict[str, Any]:
     return params
 
 
-def check_generate(body: Any, limits: PromptLimits) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The prompts and their sampling arguments, or BadRequest naming the first problem."""
-    if not isinstance(body, dict) or not isinstance(body.get("prompts"), list) or not isinstance(body.get("sampling"), list):
-        raise BadRequest(400, "generate needs 'prompts' and 'sampling', two lists of the same length")
-    prompts, sampling = body["prompts"], body["sampling"]
-    if len(prompts) != len(sampling):
-        raise BadRequest(400, f"{len(prompts)} prompts but {len(sampling)} sampling entries: one per prompt")
+def _prompts_and(body: Any, key: str, shape: str, entries: str) -> tuple[list[Any], list[Any]]:
+    """A request's ``prompts`` and its list ``key`` of one entry per prompt, or BadRequest (``shape``: what the
+    route needs; ``entries``: what the second list's items are called)."""
+    if not isinstance(body, dict) or not isinstance(body.get("prompts"), list) or not isinstance(body.get(key), list):
+        raise BadRequest(400, shape)
+    prompts, second = body["prompts"], body[key]
+    if len(prompts) != len(second):
+        raise BadRequest(400, f"{len(prompts)} prompts but {len(second)} {entries}: one per prompt")
     if not prompts:
         raise BadRequest(400, "no prompts")
+    return prompts, second
+
+
+def check_generate(body: Any, limits: PromptLimits) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The prompts and their sampling arguments, or BadRequest naming the first problem."""
+    prompts, sampling = _prompts_and(body, "sampling", "generate needs 'prompts' and 'sampling', two lists of the "
+                                     "same length", "sampling entries")
     for i, payload in enumerate(prompts):
         check_media(payload, i)
         check_prompt_text(payload, i, limits)
@@ -168,13 +176,8 @@ def check_score(body: Any, limits: PromptLimits) -> tuple[list[dict[str, Any]], 
     """A ``/score`` request: its prompts (as ``/generate``'s), per prompt the completions (token-id lists) to score
     after it, and ``top_k`` (the teacher's k most likely tokens per position besides the scored one; 0 by default);
     or BadRequest naming the first problem."""
-    if not isinstance(body, dict) or not isinstance(body.get("prompts"), list) or not isinstance(body.get("completions"), list):
-        raise BadRequest(400, "score needs 'prompts' and 'completions' (per prompt, a list of token-id lists)")
-    prompts, completions = body["prompts"], body["completions"]
-    if len(prompts) != len(completions):
-        raise BadRequest(400, f"{len(prompts)} prompts but {len(completions)} completion lists: one per prompt")
-    if not prompts:
-        raise BadRequest(400, "no prompts")
+    prompts, completions = _prompts_and(body, "completions", "score needs 'prompts' and 'completions' (per prompt, "
+                                        "a list of token-id lists)", "completion lists")
     top_k = body.get("top_k", 0)
     if type(top_k) is not int or not 0 <= top_k <= MAX_SCORE_TOP_K:
         raise BadRequest(400, f"'top_k' must be an integer in [0, {MAX_SCORE_TOP_K}], not {top_k!r}")
