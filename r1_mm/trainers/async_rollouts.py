@@ -7,7 +7,9 @@ version ``t`` (before its update). Step ``s``'s rollouts are started only once t
 sample is ever older than K, by construction (checked again when the learner takes it). When the producer
 keeps up, every batch after the first K is exactly K versions old. The learner's importance weights use the
 sampler's logprobs as the behaviour policy (``algorithm.grpo.rollout_is``), so the update stays correct
-off-policy.
+off-policy, and the PPO clip is taken against them too (``algorithm.grpo.clip_against``, auto), so one update
+cannot move the policy far from the one that sampled (README: at the demo's step size the learner-anchored clip,
+which never acts, let K=1 oscillate into collapse).
 
 Two schedules, chosen by the engine (``generates_beside_learner``):
 
