@@ -56,6 +56,7 @@ from r1_mm.trainers.base import BaseTrainer
 from r1_mm.trainers.distill_losses import divergence_beta, sampled_reverse_kl
 from r1_mm.trainers.objects import RunObjects, with_objects
 from r1_mm.trainers.registry import register_trainer
+from r1_mm.trainers.rollout_correction import sampling_logprobs
 from r1_mm.trainers.step_metrics import StepMetrics
 
 
@@ -243,9 +244,7 @@ class DistillTrainer(BaseTrainer):
             self.learner.policy, samples, completions, self.cfg.rollout.num_generations, self.pad_id,
             temperature=max(r.temperature, 1e-6), mode=self.cfg.training.forward_mode, with_entropy=True,
             suppressed_ids=self.suppressed_ids, truncation=Truncation(r.top_p, r.top_k))
-        teacher = torch.zeros_like(logps, dtype=torch.float32)
-        for row, values in enumerate(teacher_logps):
-            teacher[row, :len(values)] = torch.tensor(values, dtype=torch.float32)
+        teacher = sampling_logprobs(teacher_logps, logps.shape[1], logps.device)  # (N, C), zero-padded
         loss, estimate = sampled_reverse_kl(logps, teacher)
         return loss, entropy, mask, estimate
 

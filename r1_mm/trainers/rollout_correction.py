@@ -16,7 +16,8 @@ MODES = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_
 
 
 def sampling_logprobs(per_completion: list[list[float] | None], width: int, device: torch.device) -> torch.Tensor | None:
-    """(N, width) padded sampler logprobs, or None when the engine gave none for some completion."""
+    """(N, width) zero-padded per-completion logprobs (the sampler's; a served teacher's in distillation), or None
+    when one completion has none (an engine that reports no logprobs)."""
     if any(lp is None for lp in per_completion):
         return None
     out = torch.zeros(len(per_completion), width, device=device)
