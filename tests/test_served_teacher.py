@@ -183,6 +183,18 @@ def test_a_server_with_another_tokenizer_is_refused_in_one_line(served, tmp_path
     assert not (tmp_path / "run" / "teacher_servers").exists()
 
 
+def test_a_served_teacher_refuses_several_learner_processes_before_any_server(tmp_path, synthetic_data, monkeypatch):
+    """Not verified across ranks: two processes are refused in one line, before the run starts a teacher server."""
+    import r1_mm.trainers.served_teacher as served_teacher
+
+    monkeypatch.setattr(served_teacher, "_dist", lambda: (0, 2))
+    cfg = recipe(tmp_path, synthetic_data["counting"], "tiny:qwen2_5_vl:small", "algorithm.distill.teacher_engine=vllm")
+    with pytest.raises(ConfigError) as info:
+        served_teacher.ServedTeacher(cfg, build_tokenizer(TinySpec(small_vocab=True)))
+    assert "\n" not in str(info.value) and "one learner process for now (2 here" in str(info.value)
+    assert not (tmp_path / "run" / "teacher_servers").exists()
+
+
 def test_student_reverse_kl_estimate_to_the_served_teacher_falls(served, tmp_path, synthetic_data):
     """16 steps on the hf engine's samples (2 prompts x 8 completions of <= 8 tokens, lr 5e-3) against the served
     teacher, given by URL. Premise: every step sent one score request covering every completion token, and the

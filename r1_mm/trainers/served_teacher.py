@@ -1,9 +1,10 @@
 """A distillation teacher served by vLLM (``algorithm.distill.teacher_engine: vllm``): the client of ``POST /score``.
 
 The teacher runs in ``r1-mm serve rollout`` servers, either given by URL (``algorithm.distill.teacher_servers``) or
-one this run starts beside learner rank 0 from ``algorithm.distill.teacher`` (the vllm_pool engine's
-``ManagedServer``, on the teacher's weights and dtype, its log under ``<output_dir>/teacher_servers``). Each step,
-every rank sends its prompts (as the pool sends them to ``/generate``: text and raw media arrays) with the student's
+one this run starts beside the learner from ``algorithm.distill.teacher`` (the vllm_pool engine's
+``ManagedServer``, on the teacher's weights and dtype, its log under ``<output_dir>/teacher_servers``). One learner
+process for now: more are refused before any server starts (not verified across ranks). Each step, the learner
+sends its prompts (as the pool sends them to ``/generate``: text and raw media arrays) with the student's
 completions, spread over the servers, and gets back the teacher's logprob of every completion token
 (``server.py``'s ``score``: vLLM's ``prompt_logprobs``, the raw model's log-softmax at temperature 1).
 
@@ -68,7 +69,10 @@ class ServedTeacher:
     def __init__(self, cfg: RecipeConfig, student_tokenizer: Any):
         self.cfg = cfg
         d, r = cfg.algorithm.distill, cfg.rollout
-        self.rank, self.world = _dist()
+        self.rank, world = _dist()
+        if world > 1:  # before any server starts
+            raise ConfigError(f"algorithm.distill.teacher_engine=vllm runs with one learner process for now ({world} "
+                              "here: not verified across ranks); use teacher_engine=local or one process")
         self.managed: list[TeacherServer] = []
         self.client: httpx.Client | None = None
         try:
@@ -76,11 +80,7 @@ class ServedTeacher:
             want = tokenizer_fingerprint(student_tokenizer)
             if not urls:
                 self._check_tokenizer(want)  # before a server starts for nothing
-                urls = self._start_own_server() if self.rank == 0 else []
-                if self.world > 1:
-                    shared = [urls]
-                    torch.distributed.broadcast_object_list(shared, src=0)
-                    urls = shared[0]
+                urls = self._start_own_server()
             headers = auth_headers(cfg)
             for url in urls:
                 wait_healthy(url, r.pool_startup_timeout_s, headers=headers)
