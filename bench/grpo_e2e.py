@@ -313,7 +313,10 @@ def r1mm_worker(args, case: str, data: Path, engine: str, staleness: int) -> dic
         f"algorithm.grpo.beta={BETA}", f"algorithm.grpo.epsilon_high={EPSILON_HIGH}",
         f"rollout.engine={engine}", f"rollout.max_staleness={staleness}", "rollout.pool_size=1",
         "rollout.vllm_dtype=float32", "rollout.vllm_max_model_len=4096"]
+    if engine == "vllm_pool" and args.pool_cpu_cores:
+        overrides.append(f"rollout.pool_cpu_cores=['{args.pool_cpu_cores}']")
     trainer = GRPOTrainer(load_recipe(None, overrides))
+    layout = getattr(trainer.engine, "cpu_layout", None)
     spans = Spans()
     shapes: dict = {}
     original_generate = trainer._generate
@@ -352,6 +355,9 @@ def r1mm_worker(args, case: str, data: Path, engine: str, staleness: int) -> dic
         record["metrics"] = {k: m[k] for k in ("time/step_s", "time/rollout_s", "async/learner_idle_frac",
                                                "async/sampler_idle_frac", "async/staleness") if k in m}
     steps = steps[:args.steps]
+    if layout:  # as the engine laid it out (rollout.pool_cpu_cores)
+        engine += (f" (server core {','.join(map(str, layout['server_cores'][0]))}, learner core "
+                   f"{','.join(map(str, layout['learner_cores']))})")
     return {"trainer": f"{type(trainer).__module__}.{type(trainer).__qualname__}", "engine": engine,
             "generation": engine, "max_staleness": staleness, "steps": steps, **shapes}
 
@@ -466,6 +472,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads of every learner process (0: torch's default, one per core). On a loaded "
                          "machine 2 threads wait for each other at every operation; 1 removes that, at a cost")
+    ap.add_argument("--pool-cpu-cores", default=None,
+                    help="vllm_pool systems: the server's cores (rollout.pool_cpu_cores, e.g. 1); their learner takes "
+                         "the others. The CPU stand-in for a sampler on hardware of its own; other systems use every core")
     ap.add_argument("--dump", default=None, help="where the workers' per-step records go (JSON, rewritten after each "
                     "worker; default: runs.json in the data folder)")
     ap.add_argument("--report", default=None, help="print the table of such a file (a run cut short included)")
@@ -493,7 +502,8 @@ def main() -> None:
     model_path(args.vocab)  # built once before the workers race for it
     common = ["--threads", str(args.threads), "--data", str(root), "--steps", str(args.steps), "--prompts", str(args.prompts), "--tokens",
               str(args.tokens), "--image-size", str(args.image_size), "--frame-size", str(args.frame_size),
-              "--frames", str(args.frames), "--vocab", str(args.vocab or 0)]
+              "--frames", str(args.frames), "--vocab", str(args.vocab or 0),
+              *(["--pool-cpu-cores", args.pool_cpu_cores] if args.pool_cpu_cores else [])]
 
     trl_engine, notes = args.trl_engine, []
     if "trl" in systems and "image" in cases and trl_engine == "auto":
@@ -517,7 +527,7 @@ def main() -> None:
     unsupported = [[c, "trl"] for c in cases if c != "image" and "trl" in systems]
     dump_path = Path(args.dump) if args.dump else root / "runs.json"
     dump = {"header": {"vocab": args.vocab, "prompts": args.prompts, "tokens": args.tokens, "rounds": rounds,
-                       "steps": args.steps}, "cases": cases, "systems": systems, "notes": notes,
+                       "steps": args.steps, "pool_cpu_cores": args.pool_cpu_cores}, "cases": cases, "systems": systems, "notes": notes,
             "unsupported": unsupported, "runs": []}
     print(f"per-step records: {dump_path} (after each worker; --report {dump_path} prints the table from it)",
           file=sys.stderr, flush=True)
@@ -549,7 +559,9 @@ def report(dump: dict) -> None:
     rounds = f"{done} interleaved round(s)" + (f" (of {h['rounds']}: cut short)" if done < h["rounds"] else "")
     print(f"GRPO step end to end, tiny Qwen2.5-VL (4 layers, vocabulary {h['vocab'] or 'tiny'}), float32, G={G}, "
           f"{h['prompts']} prompt(s) per step, {h['tokens']}-token completions (forced), T=1, top_p=1, "
-          f"{rounds} x {h['steps'] - 1} timed step(s) after a warm-up step, {first['torch_threads']} torch threads, CPU")
+          f"{rounds} x {h['steps'] - 1} timed step(s) after a warm-up step, {first['torch_threads']} torch threads, CPU"
+          + (f"; vllm_pool servers on core(s) {h['pool_cpu_cores']}, their learners on the others"
+             if h.get("pool_cpu_cores") else ""))
     for note in dump["notes"]:
         print(note)
     for case, _ in unsupported:

@@ -300,7 +300,12 @@ def test_pool_samples_while_the_learner_trains(tmp_path, synthetic_data, monkeyp
     importance weights saw the older sampler (its logprobs differ from the learner's by more than the ~1e-5 of
     float32 engines at identical weights), each token's sampler logprob being what its version's weights give.
     With partial rollouts the servers continue completions from their token ids (continue_trajectories) after
-    the update."""
+    the update. Without, the server runs on core 1 and the learner on core 0 (rollout.pool_cpu_cores, the CPU
+    stand-in for a pool on GPUs of its own), which both sides' own state confirms."""
+    pinned = partial is None
+    if pinned:
+        assert {0, 1} <= os.sched_getaffinity(0), "this test pins the server to core 1 and the learner to core 0"
+        affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()  # the test process's, put back
     updates, produced = [], []
     real_update, real_take = GRPOTrainer.update, AsyncRollouts.take
 
@@ -321,9 +326,22 @@ def test_pool_samples_while_the_learner_trains(tmp_path, synthetic_data, monkeyp
     seen = spy_corrections(monkeypatch)
     cfg = recipe(tmp_path, synthetic_data["counting"], "rollout.engine=vllm_pool", "rollout.pool_size=1", *VLLM,
                  "rollout.max_staleness=1", "rollout.async_wait_timeout_s=600", "training.max_steps=5",
-                 f"rollout.partial_rollout_tokens={'null' if partial is None else partial}")
-    trainer = GRPOTrainer(cfg)
-    trainer.train()
+                 f"rollout.partial_rollout_tokens={'null' if partial is None else partial}",
+                 *(["rollout.pool_cpu_cores=[1]"] if pinned else []))
+    try:
+        trainer = GRPOTrainer(cfg)
+        if pinned:
+            assert os.sched_getaffinity(0) == {0} and torch.get_num_threads() == 1  # the learner, on core 0 alone
+        trainer.train()
+    finally:
+        if pinned:
+            os.sched_setaffinity(0, affinity)
+            torch.set_num_threads(threads)
+    if pinned:
+        info = json.loads((Path(cfg.training.output_dir) / "run_info.json").read_text())["rollout_engine_info"]
+        assert info["cpu_layout"] == {"learner_cores": [0], "learner_threads": 1, "server_cores": [[1]]}
+        # the server's own report (its /health: its affinity and torch's threads there)
+        assert [(e["cpu_cores"], e["torch_threads"]) for e in info["server_engines"]] == [([1], 1)]
     assert trainer.async_rollouts.concurrent and trainer.async_rollouts.thread is None  # it ran, and was joined
     metrics = read_metrics(cfg.training.output_dir)
     stale = [m["async/staleness"] for m in metrics]

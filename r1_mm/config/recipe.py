@@ -19,6 +19,7 @@ import yaml
 
 from r1_mm.config.algorithms import algorithm_spec
 from r1_mm.config.visual_budget import budget_problem
+from r1_mm.core import cpu_cores
 from r1_mm.core.registry import suggest
 
 
@@ -181,6 +182,11 @@ class RolloutConfig:
         "help": "vllm_pool: base URLs of running `r1-mm serve rollout`s; empty: the run starts its own"})
     pool_size: int = field(default=2, metadata={
         "help": "vllm_pool: servers the pool starts itself (beside rank 0) when pool_servers is empty"})
+    pool_cpu_cores: list[str | int] = field(default_factory=list, metadata={
+        "help": "vllm_pool on a CPU machine: the cores of each server the run starts, one entry per server ('1', "
+                "'2-3'); the learner processes take the others. The CPU stand-in for servers on GPUs of their own: "
+                "without it servers and learners share every core, and overlapping them (max_staleness > 0) slows "
+                "both. Empty: no pinning"})
     pool_gpu_memory_utilization: float = field(default=0.9, metadata={
         "help": "vllm_pool: servers started by the run take this share of each of their own GPUs"})
     pool_host: str | None = field(default=None, metadata={
@@ -876,6 +882,7 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     names = [f.name for f in cfg.rewards.functions]
     problems += _async_problems(cfg)
     problems += _clip_against_problems(cfg)
+    problems += _pool_cpu_core_problems(cfg)
     if cfg.algorithm.grpo.length_bonus and cfg.algorithm.grpo.length_bonus_reward not in names:
         problems.append(f"algorithm.grpo.length_bonus_reward {cfg.algorithm.grpo.length_bonus_reward!r} must name one of "
                         f"rewards.functions ({', '.join(names) or 'none'}): its score decides which answers are correct")
@@ -911,6 +918,21 @@ def _clip_against_problems(cfg: RecipeConfig) -> list[str]:
                 f"algorithm.grpo.rollout_is={mode}'s sequence weights would count a second time: use a token_ mode, or "
                 "clip_against: learner"]
     return []
+
+
+def _pool_cpu_core_problems(cfg: RecipeConfig) -> list[str]:
+    """rollout.pool_cpu_cores as a recipe: for servers the run starts, one entry each, each a core list (the
+    machine's own cores are checked by preflight)."""
+    r = cfg.rollout
+    if not r.pool_cpu_cores:
+        return []
+    if r.engine != "vllm_pool" or r.pool_servers:
+        return ["rollout.pool_cpu_cores pins the servers a vllm_pool run starts itself: it needs rollout.engine="
+                "vllm_pool and no rollout.pool_servers"]
+    if len(r.pool_cpu_cores) != r.pool_size:
+        return [f"rollout.pool_cpu_cores has {len(r.pool_cpu_cores)} entr{'y' if len(r.pool_cpu_cores) == 1 else 'ies'} "
+                f"for rollout.pool_size={r.pool_size} servers: give one core list per server"]
+    return cpu_cores.layout_problems(r.pool_cpu_cores)
 
 
 def _async_problems(cfg: RecipeConfig) -> list[str]:

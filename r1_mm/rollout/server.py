@@ -164,9 +164,11 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
     they run one after the other (on CPU, sampling is then reproducible whatever the timing). ``processor``:
     the model's, as the learner loads it; a family whose vLLM model has no video modality needs it to send
     videos (``vllm_common.video_presenter``)."""
+    import torch
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
+    from r1_mm.core.cpu_cores import allowed_cores
     from r1_mm.rollout.batching import ContinuousBatcher, RequestRejected
     from r1_mm.rollout.reload import reload_folder_in_place, workers_in_process
     from r1_mm.rollout.transport import decode_request, tokenizer_fingerprint
@@ -250,6 +252,8 @@ def build_app(llm: Any, model_name: str, *, model_dir: Path | None = None, api_k
                 "max_model_len": limits.max_model_len,
                 "batches": dict(batcher.stats), "weight_reloads": state["weight_reloads"],
                 "tokenizer": fingerprint, "score_requests": state["score_requests"],
+                # where this process runs (rollout.pool_cpu_cores pins it; on GPU machines: every core)
+                "cpu_cores": sorted(allowed_cores()), "torch_threads": torch.get_num_threads(),
                 "scored_tokens": state["scored_tokens"],
                 "lora": None if lora_config is None else {
                     "max_lora_rank": lora_config.max_lora_rank, "tower_connector_lora": tower_lora,

@@ -108,6 +108,7 @@ class ServerProcess:
         self.startup_timeout_s = startup_timeout_s
         self.log_mode = log_mode
         self.process: subprocess.Popen | None = None
+        self.cpus: list[int] | None = None  # CPU machines: the cores the process runs on (None: the parent's)
         self._log: IO[Any] | None = None
         self._atexit_registered = False
 
@@ -129,13 +130,20 @@ class ServerProcess:
         self._log = self.log_path.open(self.log_mode) if self.log_path else None
         self.process = subprocess.Popen(self.command(), env=self.environment(),
                                         stdout=self._log if self._log is not None else subprocess.DEVNULL,
-                                        stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=self._before_exec)
         if not self._atexit_registered:
             atexit.register(self.stop)
             self._atexit_registered = True
         if wait:
             self.wait_ready(timeout_s)
         return self
+
+    def _before_exec(self) -> None:
+        """In the child before exec: die with the parent; run on ``cpus`` when given (its threads follow)."""
+        die_with_parent()
+        if self.cpus:
+            os.sched_setaffinity(0, self.cpus)
 
     def wait_ready(self, timeout_s: float | None = None) -> ServerProcess:
         """Until ``probe`` passes. The process exiting meanwhile is an error naming its log; at the

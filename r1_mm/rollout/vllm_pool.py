@@ -41,7 +41,7 @@ import httpx
 import torch
 
 from r1_mm.config.recipe import ConfigError, RecipeConfig
-from r1_mm.core import topology
+from r1_mm.core import cpu_cores, topology
 from r1_mm.data.prompts import Sample
 from r1_mm.data.turns import ToolContext
 from r1_mm.models.weights import iter_policy_weights, lora_adapter_of, policy_weight_bytes, save_lora_adapter
@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 
 
 SERVER_ENGINE_KEYS = ("max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "dtype", "seeding", "executor",
-                      "workers", "batching")
+                      "workers", "batching", "cpu_cores", "torch_threads")
 API_KEY_HINT = "the variable named by rollout.pool_api_key_env to the servers' key"
 
 
@@ -143,21 +143,27 @@ class ManagedServer(ServerProcess):
     readiness = "healthy"
 
     def __init__(self, cfg: RecipeConfig, port: int, log_dir: Path, host: str = "127.0.0.1",
-                 devices: list[int] | None = None, dtype: str | None = None, limits: dict[str, int] | None = None):
+                 devices: list[int] | None = None, dtype: str | None = None, limits: dict[str, int] | None = None,
+                 cpus: list[int] | None = None):
         super().__init__(log_dir / f"rollout-server-{port}.log", startup_timeout_s=cfg.rollout.pool_startup_timeout_s,
                          log_mode="a")
         self.cfg, self.port, self.host = cfg, port, host
         self.devices = devices or []
+        self.cpus = cpus or None
         self.dtype = dtype or cfg.rollout.vllm_dtype  # the engine passes the learner's (engine_dtype)
         # media per prompt (the engine passes vllm_common.media_limits: room for a video's frames sent as images)
         self.limits = limits or {"image": cfg.rollout.vllm_max_images_per_prompt,
                                  "video": cfg.rollout.vllm_max_videos_per_prompt}
 
     def environment(self) -> dict[str, str]:
-        """The server's environment: its GPUs only, numbered from 0 inside the server."""
+        """The server's environment: its GPUs only, numbered from 0 inside the server; on its own CPU cores
+        (rollout.pool_cpu_cores), one thread per core and vLLM's own binding off (it would reserve one of them)."""
         env = dict(os.environ)
         if self.devices:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in self.devices)
+        if self.cpus:
+            env["OMP_NUM_THREADS"] = str(len(self.cpus))
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         return env
 
     @property
@@ -252,6 +258,7 @@ class VLLMPoolEngine(RolloutEngine):
         self.restarts = 0
         self.segment = WeightSegment()
         self.weights_root = self.segment.path
+        self.cpu_layout = self._pin_learner()
         try:
             self._connect(model)
         except BaseException:  # close() never runs for an engine that did not finish starting
@@ -285,6 +292,19 @@ class VLLMPoolEngine(RolloutEngine):
         self.channel = None
         self.update_weights(model)  # the policy may differ from the checkpoint (LoRA, resumed run)
 
+    def _pin_learner(self) -> dict[str, Any] | None:
+        """rollout.pool_cpu_cores: the learner processes on the servers' machine take the cores the servers do not
+        (the CPU stand-in for servers on GPUs of their own), before any server starts; what each side got."""
+        entries = self.cfg.rollout.pool_cpu_cores
+        if not entries or topology.current().machine_rank != 0:
+            return None
+        cores = cpu_cores.learner_cores(entries, cpu_cores.allowed_cores())
+        threads = cpu_cores.pin_this_process(cores, learners_on_this_machine())
+        log.info("rollout.pool_cpu_cores: learner on core(s) %s with %d torch thread(s); servers on %s",
+                 cpu_cores.compact(cores), threads, ", ".join(map(str, entries)))
+        return {"learner_cores": cores, "learner_threads": threads,
+                "server_cores": [cpu_cores.parse_cores(e) for e in entries]}
+
     def _start_own_servers(self) -> list[str]:
         """Rank 0 starts them on its machine, listening where every learner rank reaches them."""
         log_dir = Path(self.cfg.training.output_dir) / "rollout_servers"
@@ -296,8 +316,9 @@ class VLLMPoolEngine(RolloutEngine):
         r = self.cfg.rollout
         devices = server_devices(r.pool_size, r.vllm_tensor_parallel_size, learners_on_this_machine(),
                                  torch.cuda.device_count() if torch.cuda.is_available() else 0)
-        self.managed = [ManagedServer(self.cfg, free_port(host), log_dir, host, devices[i], self.dtype, self.limits)
-                        for i in range(r.pool_size)]
+        cpus = [cpu_cores.parse_cores(e) for e in r.pool_cpu_cores] or [None] * r.pool_size
+        self.managed = [ManagedServer(self.cfg, free_port(host), log_dir, host, devices[i], self.dtype, self.limits,
+                                      cpus[i]) for i in range(r.pool_size)]
         for server in self.managed:
             server.start(wait=False)  # all start at once, then each is waited for
         for server in self.managed:
@@ -317,6 +338,7 @@ class VLLMPoolEngine(RolloutEngine):
         health = [self.client.get(f"{url}/health").json() for url in self.urls]
         return {"servers": self.urls, "weight_sync": self.sync_mode, "sync_host": getattr(self, "sync_host", None),
                 "server_engines": [{k: h.get(k) for k in SERVER_ENGINE_KEYS} for h in health],
+                "cpu_layout": self.cpu_layout,
                 "weight_sync_lora": self.cfg.rollout.weight_sync_lora if self.cfg.model.lora else None,
                 "adapter": self.adapter,
                 # what one sync after a step sends (the adapter alone, or the full weights), and a full sync's size

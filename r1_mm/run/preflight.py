@@ -28,6 +28,7 @@ class Machine:
     deepspeed_launch: bool
     has_package: Callable[[str], bool]
     fsdp_launch: bool = False
+    cpu_cores: set[int] | None = None  # the cores this process may use (None: read from the process)
 
     @classmethod
     def current(cls) -> Machine:
@@ -52,6 +53,7 @@ def problems(cfg: RecipeConfig, machine: Machine) -> list[str]:
                          f"the GPU lock) or use model.attn_implementation=sdpa")
     found += engine_parallelism_problems(cfg)
     found += engine_sizing_problems(cfg)
+    found += pool_cpu_core_problems(cfg, machine)
     unwritable = run_folder.writable_problem(cfg.training.output_dir, "training.output_dir")
     if unwritable:
         found.append(unwritable)
@@ -180,6 +182,21 @@ def teacher_problems(cfg: RecipeConfig, config: Any, *, grouped: bool) -> list[s
         found.append(f"algorithm.distill.teacher {teacher_cfg.name_or_path}: its vocabulary has {rows} rows, fewer than "
                      f"the student's {student_rows}; the teacher must score every token the student can write")
     return found
+
+
+def pool_cpu_core_problems(cfg: RecipeConfig, machine: Machine) -> list[str]:
+    """rollout.pool_cpu_cores on this machine: a CPU machine's cores (GPU servers get GPUs of their own), each
+    one this process may use, at least one left for the learners."""
+    from r1_mm.core import cpu_cores
+
+    entries = cfg.rollout.pool_cpu_cores
+    if not entries:
+        return []
+    if machine.cuda:
+        return ["rollout.pool_cpu_cores is for CPU machines; on this CUDA machine the pool's servers get GPUs of their "
+                "own (after the learners'): drop rollout.pool_cpu_cores"]
+    return cpu_cores.layout_problems(entries, machine.cpu_cores if machine.cpu_cores is not None
+                                     else cpu_cores.allowed_cores())
 
 
 def cpu_engine_dtype_problems(cfg: RecipeConfig, config: Any) -> list[str]:
