@@ -176,6 +176,22 @@ def test_recipe_refuses_what_async_cannot_correct():
                            "algorithm.grpo.dynamic_sampling=true"])
 
 
+def test_async_on_more_than_one_learner_process_stops_at_preflight():
+    """Not verified across ranks, so a launch of several processes is refused before any model loads (the
+    trainer's own check, after the model, stays as a backstop)."""
+    from r1_mm.run.preflight import Machine, problems
+
+    def machine(processes: int) -> Machine:
+        return Machine(cuda=False, deepspeed_launch=False, has_package=lambda _: True, processes=processes)
+
+    cfg = load_recipe(None, ["rollout.max_staleness=1", "training.output_dir=/tmp/r1mm-async-preflight"])
+    found = [p for p in problems(cfg, machine(2)) if "max_staleness" in p]
+    assert len(found) == 1 and "one learner process" in found[0] and "this launch has 2" in found[0]
+    assert not [p for p in problems(cfg, machine(1)) if "max_staleness" in p]
+    sync = load_recipe(None, ["training.output_dir=/tmp/r1mm-async-preflight"])
+    assert not [p for p in problems(sync, machine(2)) if "max_staleness" in p]
+
+
 def test_producer_bounds_staleness_and_fails_instead_of_hanging():
     """The schedule alone (no model): K=1 concurrent, versions pushed by the 'learner'; a stuck producer
     raises RolloutTimeout at the deadline; a failing one re-raises in the learner."""

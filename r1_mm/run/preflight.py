@@ -29,6 +29,7 @@ class Machine:
     has_package: Callable[[str], bool]
     fsdp_launch: bool = False
     cpu_cores: set[int] | None = None  # the cores this process may use (None: read from the process)
+    processes: int = 1  # learner processes of the launch (torchrun's WORLD_SIZE)
 
     @classmethod
     def current(cls) -> Machine:
@@ -37,7 +38,8 @@ class Machine:
         return cls(cuda=torch.cuda.is_available(),
                    deepspeed_launch=os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true",
                    has_package=lambda name: importlib.util.find_spec(name) is not None,
-                   fsdp_launch=os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
+                   fsdp_launch=os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true",
+                   processes=int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def problems(cfg: RecipeConfig, machine: Machine) -> list[str]:
@@ -54,6 +56,10 @@ def problems(cfg: RecipeConfig, machine: Machine) -> list[str]:
     found += engine_parallelism_problems(cfg)
     found += engine_sizing_problems(cfg)
     found += pool_cpu_core_problems(cfg, machine)
+    if cfg.rollout.max_staleness > 0 and machine.processes > 1:
+        found.append(f"rollout.max_staleness={cfg.rollout.max_staleness}: asynchronous rollouts run on one learner "
+                     f"process for now (not verified across ranks), and this launch has {machine.processes}: launch "
+                     "one process or use max_staleness=0")
     unwritable = run_folder.writable_problem(cfg.training.output_dir, "training.output_dir")
     if unwritable:
         found.append(unwritable)
