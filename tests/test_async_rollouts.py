@@ -349,6 +349,10 @@ def test_pool_samples_while_the_learner_trains(tmp_path, synthetic_data, monkeyp
         if pinned:
             assert os.sched_getaffinity(0) == {0} and torch.get_num_threads() == 1  # the learner, on core 0 alone
         trainer.train()
+        assert trainer.async_rollouts.concurrent and trainer.async_rollouts.thread is None  # it ran, and was joined
+        trainer.close()  # the pool ends: the process is back on its cores with its threads
+        if pinned:
+            assert (os.sched_getaffinity(0), torch.get_num_threads()) == (affinity, threads)
     finally:
         if pinned:
             os.sched_setaffinity(0, affinity)
@@ -358,7 +362,6 @@ def test_pool_samples_while_the_learner_trains(tmp_path, synthetic_data, monkeyp
         assert info["cpu_layout"] == {"learner_cores": [0], "learner_threads": 1, "server_cores": [[1]]}
         # the server's own report (its /health: its affinity and torch's threads there)
         assert [(e["cpu_cores"], e["torch_threads"]) for e in info["server_engines"]] == [([1], 1)]
-    assert trainer.async_rollouts.concurrent and trainer.async_rollouts.thread is None  # it ran, and was joined
     metrics = read_metrics(cfg.training.output_dir)
     stale = [m["async/staleness"] for m in metrics]
     assert stale[0] == 0.0 and all(s in (0.0, 1.0) for s in stale) and stale.count(1.0) >= 2

@@ -14,6 +14,7 @@ so a pinned learner also sets its thread count.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 
 def parse_cores(text: str | int) -> list[int]:
@@ -81,6 +82,19 @@ def pin_this_process(cores: list[int], processes_sharing: int = 1) -> int:
     threads = max(1, len(cores) // max(1, processes_sharing))
     torch.set_num_threads(threads)
     return threads
+
+
+def restorer(cores: set[int]) -> Callable[[], None]:
+    """A call that puts this process back on ``cores`` with torch's thread count of now (when the pinning ends)."""
+    import torch
+
+    threads = torch.get_num_threads()
+
+    def restore() -> None:
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(threads)
+
+    return restore
 
 
 def compact(cores: set[int] | list[int]) -> str:

@@ -33,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -258,6 +259,7 @@ class VLLMPoolEngine(RolloutEngine):
         self.restarts = 0
         self.segment = WeightSegment()
         self.weights_root = self.segment.path
+        self._unpin: Callable[[], None] | None = None
         self.cpu_layout = self._pin_learner()
         try:
             self._connect(model)
@@ -298,7 +300,9 @@ class VLLMPoolEngine(RolloutEngine):
         entries = self.cfg.rollout.pool_cpu_cores
         if not entries or topology.current().machine_rank != 0:
             return None
-        cores = cpu_cores.learner_cores(entries, cpu_cores.allowed_cores())
+        before = cpu_cores.allowed_cores()
+        cores = cpu_cores.learner_cores(entries, before)
+        self._unpin = cpu_cores.restorer(before)
         threads = cpu_cores.pin_this_process(cores, learners_on_this_machine())
         log.info("rollout.pool_cpu_cores: learner on core(s) %s with %d torch thread(s); servers on %s",
                  cpu_cores.compact(cores), threads, ", ".join(map(str, entries)))
@@ -617,3 +621,6 @@ class VLLMPoolEngine(RolloutEngine):
         if getattr(self, "client", None) is not None:
             self.client.close()
         self.segment.remove()
+        if self._unpin is not None:  # the process's cores and threads as they were before the pool pinned it
+            self._unpin()
+            self._unpin = None
