@@ -8,7 +8,9 @@ the learners the rest is the CPU stand-in for its own GPUs: what asynchronous ro
 
 Linux only (``os.sched_setaffinity``); a server gets its cores before it execs (``ServerProcess``), a learner
 process pins itself (``pin_this_process``). torch sizes its thread pool by the affinity a process starts with,
-so a pinned learner also sets its thread count.
+so a pinned learner also sets its thread count, through ``torch._C.set_num_threads``: vLLM's CPU worker replaces
+``torch.set_num_threads`` with a no-op in the process it runs in (vllm/v1/worker/cpu_worker.py), so in a process
+that ran a colocated engine before (a test session, a demo running several recipes) the public call did nothing.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def pin_this_process(cores: list[int], processes_sharing: int = 1) -> int:
 
     os.sched_setaffinity(0, cores)
     threads = max(1, len(cores) // max(1, processes_sharing))
-    torch.set_num_threads(threads)
+    torch._C.set_num_threads(threads)  # not torch.set_num_threads: see the module's docstring
     return threads
 
 
@@ -92,7 +94,7 @@ def restorer(cores: set[int]) -> Callable[[], None]:
 
     def restore() -> None:
         os.sched_setaffinity(0, cores)
-        torch.set_num_threads(threads)
+        torch._C.set_num_threads(threads)
 
     return restore
 
