@@ -68,6 +68,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -349,6 +350,7 @@ def r1mm_worker(args, case: str, data: Path, engine: str, staleness: int) -> dic
     finally:
         trainer.close()
     metrics = read_metrics(run_dir)
+    shutil.rmtree(out, ignore_errors=True)  # the run's final checkpoint: 627 MB at the real vocabulary, every worker
     steps = spans.steps(lambda a, b: phase_split(spans, a, b, trl=False))
     for record, m in zip(steps, metrics, strict=True):
         record["tokens"] = round(m["throughput/completion_tokens_per_s"] * m["time/step_s"])
