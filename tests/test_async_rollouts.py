@@ -177,8 +177,8 @@ def test_recipe_refuses_what_async_cannot_correct():
 
 
 def test_async_on_more_than_one_learner_process_stops_at_preflight():
-    """Not verified across ranks, so a launch of several processes is refused before any model loads (the
-    trainer's own check, after the model, stays as a backstop)."""
+    """Not verified across ranks, so a launch of several processes is refused before any model loads (every
+    trainer runs preflight first; the trainer's own later check was its twin and is gone)."""
     from r1_mm.run.preflight import Machine, problems
 
     def machine(processes: int) -> Machine:

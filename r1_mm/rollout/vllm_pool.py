@@ -320,7 +320,7 @@ class VLLMPoolEngine(RolloutEngine):
         r = self.cfg.rollout
         devices = server_devices(r.pool_size, r.vllm_tensor_parallel_size, learners_on_this_machine(),
                                  torch.cuda.device_count() if torch.cuda.is_available() else 0)
-        cpus = [cpu_cores.parse_cores(e) for e in r.pool_cpu_cores] or [None] * r.pool_size
+        cpus = self.cpu_layout["server_cores"] if self.cpu_layout else [None] * r.pool_size  # as _pin_learner laid out
         self.managed = [ManagedServer(self.cfg, free_port(host), log_dir, host, devices[i], self.dtype, self.limits,
                                       cpus[i]) for i in range(r.pool_size)]
         for server in self.managed:

@@ -167,10 +167,8 @@ class GRPOTrainer(BaseTrainer):
         self._eval_samples: list[Sample] | None = None
         # asynchronous rollouts (r1_mm.trainers.async_rollouts): the staleness bound K, None = the synchronous loop;
         # the producer is built at the first step (after a resume, at the step resumed from)
+        # (one learner process only: more are refused by preflight, before the model loads)
         self.async_staleness: int | None = cfg.rollout.max_staleness or None
-        if self.async_staleness is not None and self.learner.accelerator.num_processes > 1:
-            raise ConfigError(f"rollout.max_staleness={self.async_staleness}: asynchronous rollouts run on one learner "
-                              "process for now (not verified across ranks); use max_staleness=0")
         self.async_rollouts: AsyncRollouts | None = None
         self._checkpoint_steps = 0
         self._last_step_end: float | None = None
