@@ -183,15 +183,17 @@ def test_a_server_with_another_tokenizer_is_refused_in_one_line(served, tmp_path
     assert not (tmp_path / "run" / "teacher_servers").exists()
 
 
-def test_a_served_teacher_refuses_several_learner_processes_before_any_server(tmp_path, synthetic_data, monkeypatch):
-    """Not verified across ranks: two processes are refused in one line, before the run starts a teacher server."""
-    import r1_mm.trainers.served_teacher as served_teacher
+def test_a_served_teacher_refuses_several_learner_processes_before_any_server(tmp_path, synthetic_data):
+    """Not verified across ranks: two processes are refused in one line by preflight, before the model loads and
+    before the run starts a teacher server."""
+    from r1_mm.run.preflight import Machine, problems
 
-    monkeypatch.setattr(served_teacher, "_dist", lambda: (0, 2))
     cfg = recipe(tmp_path, synthetic_data["counting"], "tiny:qwen2_5_vl:small", "algorithm.distill.teacher_engine=vllm")
-    with pytest.raises(ConfigError) as info:
-        served_teacher.ServedTeacher(cfg, build_tokenizer(TinySpec(small_vocab=True)))
-    assert "\n" not in str(info.value) and "one learner process for now (2 here" in str(info.value)
+    machine = Machine(cuda=False, deepspeed_launch=False, has_package=lambda _: True, processes=2)
+    found = [p for p in problems(cfg, machine) if "teacher_engine" in p]
+    assert len(found) == 1 and "\n" not in found[0] and "one learner process for now (2 here" in found[0]
+    assert not [p for p in problems(cfg, Machine(cuda=False, deepspeed_launch=False, has_package=lambda _: True))
+                if "teacher_engine" in p]
     assert not (tmp_path / "run" / "teacher_servers").exists()
 
 

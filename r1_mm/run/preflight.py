@@ -60,6 +60,9 @@ def problems(cfg: RecipeConfig, machine: Machine) -> list[str]:
         found.append(f"rollout.max_staleness={cfg.rollout.max_staleness}: asynchronous rollouts run on one learner "
                      f"process for now (not verified across ranks), and this launch has {machine.processes}: launch "
                      "one process or use max_staleness=0")
+    if cfg.algorithm.name == "distill" and cfg.algorithm.distill.teacher_engine == "vllm" and machine.processes > 1:
+        found.append(f"algorithm.distill.teacher_engine=vllm runs with one learner process for now ({machine.processes} "
+                     "here: not verified across ranks); use teacher_engine=local or one process")
     unwritable = run_folder.writable_problem(cfg.training.output_dir, "training.output_dir")
     if unwritable:
         found.append(unwritable)

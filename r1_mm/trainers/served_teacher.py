@@ -69,10 +69,7 @@ class ServedTeacher:
     def __init__(self, cfg: RecipeConfig, student_tokenizer: Any):
         self.cfg = cfg
         d, r = cfg.algorithm.distill, cfg.rollout
-        self.rank, world = _dist()
-        if world > 1:  # before any server starts
-            raise ConfigError(f"algorithm.distill.teacher_engine=vllm runs with one learner process for now ({world} "
-                              "here: not verified across ranks); use teacher_engine=local or one process")
+        self.rank, _ = _dist()  # one learner process: more are refused by preflight, before the model loads
         self.managed: list[TeacherServer] = []
         self.client: httpx.Client | None = None
         try:
